@@ -1,0 +1,307 @@
+"""Jobs: submit, list, detail, cancel, metrics, events, checkpoints and their files."""
+
+from __future__ import annotations
+
+import pydantic
+from django.http import FileResponse, HttpResponseRedirect
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
+from rest_framework import serializers, status
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from api.errors import SpecInvalid
+from api.serializers import ErrorSerializer, StrictSerializer
+from api.tenancy import tenant_of
+from opentinker.spec import JobKind, JobSpec, JobState
+from portal import storage
+from portal.actors import Actor
+from portal.errors import NotFound
+from portal.models import Job, Scope
+from portal.selectors.jobs import (
+    checkpoint_get,
+    checkpoint_list,
+    event_list,
+    job_get,
+    job_list,
+    metric_series,
+)
+from portal.services.jobs import job_cancel, job_submit
+
+ERRORS = {code: ErrorSerializer for code in (400, 401, 403, 404, 413, 429)}
+
+
+class Pagination(LimitOffsetPagination):
+    default_limit = 50
+    max_limit = 200
+
+
+def actor_of(request) -> Actor:
+    return Actor.for_request(request.user, tenant_of(request).token)
+
+
+class JobOutputSerializer(serializers.ModelSerializer):
+    organization = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
+    kind = serializers.ChoiceField(choices=[k.value for k in JobKind])
+    state = serializers.ChoiceField(choices=[s.value for s in JobState])
+    spec = serializers.JSONField()
+    pool = serializers.CharField(allow_null=True)
+
+    class Meta:
+        model = Job
+        fields = [
+            "id", "name", "kind", "state", "state_reason", "spec", "organization", "created_by", "priority",
+            "gpus", "pool", "attempt", "created_at", "updated_at", "started_at", "finished_at",
+        ]
+        read_only_fields = fields
+
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        data["pool"] = data["pool"] or None
+        return data
+
+
+class JobListApi(APIView):
+    read_scope = Scope.JOBS_READ
+    write_scope = Scope.JOBS_WRITE
+
+    class FilterSerializer(StrictSerializer):
+        state = serializers.MultipleChoiceField(choices=[s.value for s in JobState], required=False)
+        kind = serializers.ChoiceField(choices=[k.value for k in JobKind], required=False)
+        name = serializers.CharField(required=False, max_length=100)
+        limit = serializers.IntegerField(required=False, min_value=1, max_value=Pagination.max_limit)
+        offset = serializers.IntegerField(required=False, min_value=0)
+
+    @extend_schema(
+        operation_id="jobs_list",
+        parameters=[FilterSerializer],
+        responses={200: JobOutputSerializer(many=True), **ERRORS},
+    )
+    def get(self, request):
+        tenant = tenant_of(request)
+        f = self.FilterSerializer(data=_query_dict(request, multi=("state",)))
+        f.is_valid(raise_exception=True)
+        qs = job_list(
+            tenant.organization,
+            state=sorted(f.validated_data.get("state", [])) or None,
+            kind=f.validated_data.get("kind"),
+            name=f.validated_data.get("name"),
+        )
+        paginator = Pagination()
+        page = paginator.paginate_queryset(qs, request, view=self)
+        return paginator.get_paginated_response(JobOutputSerializer(page, many=True).data)
+
+    @extend_schema(
+        operation_id="jobs_submit",
+        request=JobSpec,
+        responses={201: JobOutputSerializer, **ERRORS},
+        description="Submit a job. The body is a JobSpec. Nothing is stored unless the whole spec is valid and "
+        "within the organization's quota (429 when the queue limit is reached).",
+    )
+    def post(self, request):
+        tenant = tenant_of(request)
+        if not isinstance(request.data, dict):
+            raise serializers.ValidationError({"body": ["expected a JSON object (a JobSpec)"]})
+        try:
+            spec = JobSpec.model_validate(request.data)
+        except pydantic.ValidationError as e:
+            raise SpecInvalid(e) from None
+        job = job_submit(organization=tenant.organization, actor=actor_of(request), spec=spec)
+        return Response(JobOutputSerializer(job).data, status=status.HTTP_201_CREATED)
+
+
+def _query_dict(request, multi: tuple[str, ...] = ()) -> dict:
+    data = {}
+    for key in request.query_params:
+        values = request.query_params.getlist(key)
+        data[key] = values if key in multi else values[-1]
+    return data
+
+
+class JobDetailApi(APIView):
+    read_scope = Scope.JOBS_READ
+
+    @extend_schema(operation_id="jobs_get", responses={200: JobOutputSerializer, **ERRORS})
+    def get(self, request, job_id):
+        job = job_get(tenant_of(request).organization, job_id)
+        return Response(JobOutputSerializer(job).data)
+
+
+class JobCancelApi(APIView):
+    write_scope = Scope.JOBS_WRITE
+
+    class InputSerializer(StrictSerializer):
+        reason = serializers.CharField(required=False, allow_blank=True, max_length=500, default="")
+
+    @extend_schema(
+        operation_id="jobs_cancel",
+        request=InputSerializer,
+        responses={200: JobOutputSerializer, 409: ErrorSerializer, **ERRORS},
+        description="A queued job is cancelled at once; a running one becomes `cancelling` and stops at its "
+        "next step boundary, keeping its checkpoints.",
+    )
+    def post(self, request, job_id):
+        tenant = tenant_of(request)
+        job = job_get(tenant.organization, job_id)
+        s = self.InputSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        job = job_cancel(job=job, actor=actor_of(request), reason=s.validated_data["reason"])
+        return Response(JobOutputSerializer(job).data)
+
+
+class MetricSeriesSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    steps = serializers.ListField(child=serializers.IntegerField())
+    values = serializers.ListField(child=serializers.FloatField())
+    downsampled = serializers.BooleanField()
+
+
+class MetricsOutputSerializer(serializers.Serializer):
+    series = MetricSeriesSerializer(many=True)
+
+
+class JobMetricsApi(APIView):
+    read_scope = Scope.JOBS_READ
+
+    class FilterSerializer(StrictSerializer):
+        name = serializers.ListField(
+            child=serializers.CharField(max_length=100), required=False, max_length=50,
+            help_text="Metric names (repeat the parameter); all metrics when absent.",
+        )
+        step_min = serializers.IntegerField(required=False, min_value=0)
+        step_max = serializers.IntegerField(required=False, min_value=0)
+        max_points = serializers.IntegerField(required=False, min_value=1, max_value=5000, default=1000)
+
+        def validate(self, attrs):
+            if "step_min" in attrs and "step_max" in attrs and attrs["step_min"] > attrs["step_max"]:
+                raise serializers.ValidationError({"step_min": ["must not be greater than step_max"]})
+            return attrs
+
+    @extend_schema(
+        operation_id="jobs_metrics",
+        parameters=[
+            OpenApiParameter("name", OpenApiTypes.STR, many=True, description="Metric name; repeatable."),
+            OpenApiParameter("step_min", OpenApiTypes.INT),
+            OpenApiParameter("step_max", OpenApiTypes.INT),
+            OpenApiParameter("max_points", OpenApiTypes.INT, description="Downsample each series to this many."),
+        ],
+        responses={200: MetricsOutputSerializer, **ERRORS},
+    )
+    def get(self, request, job_id):
+        job = job_get(tenant_of(request).organization, job_id)
+        f = self.FilterSerializer(data=_query_dict(request, multi=("name",)))
+        f.is_valid(raise_exception=True)
+        d = f.validated_data
+        series = metric_series(
+            job, names=d.get("name"), step_min=d.get("step_min"), step_max=d.get("step_max"),
+            max_points=d["max_points"],
+        )
+        return Response(MetricsOutputSerializer({"series": series}).data)
+
+
+class EventSerializer(serializers.Serializer):
+    seq = serializers.IntegerField()
+    kind = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    actor = serializers.CharField(source="actor_label")
+    from_state = serializers.CharField()
+    to_state = serializers.CharField()
+    message = serializers.CharField()
+    data = serializers.JSONField()
+
+
+class EventPageSerializer(serializers.Serializer):
+    results = EventSerializer(many=True)
+    next_after = serializers.IntegerField(allow_null=True)
+
+
+class JobEventsApi(APIView):
+    read_scope = Scope.JOBS_READ
+
+    class FilterSerializer(StrictSerializer):
+        after = serializers.IntegerField(required=False, min_value=0, default=0)
+        limit = serializers.IntegerField(required=False, min_value=1, max_value=500, default=100)
+
+    @extend_schema(
+        operation_id="jobs_events",
+        parameters=[FilterSerializer],
+        responses={200: EventPageSerializer, **ERRORS},
+        description="Events in order, after the given sequence number; `next_after` is null on the last page.",
+    )
+    def get(self, request, job_id):
+        job = job_get(tenant_of(request).organization, job_id)
+        f = self.FilterSerializer(data=_query_dict(request))
+        f.is_valid(raise_exception=True)
+        limit = f.validated_data["limit"]
+        events = event_list(job, after=f.validated_data["after"], limit=limit)
+        next_after = events[-1].seq if len(events) == limit else None
+        return Response(EventPageSerializer({"results": events, "next_after": next_after}).data)
+
+
+class CheckpointFileSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    size = serializers.IntegerField()
+    sha256 = serializers.CharField()
+    download_url = serializers.URLField()
+
+
+class CheckpointSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    step = serializers.IntegerField()
+    uri = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    size_bytes = serializers.IntegerField()
+    files = serializers.SerializerMethodField()
+
+    @extend_schema_field(CheckpointFileSerializer(many=True))
+    def get_files(self, obj):
+        request = self.context["request"]
+        return [
+            {
+                "name": f["name"],
+                "size": f.get("size", 0),
+                "sha256": f.get("sha256", ""),
+                "download_url": request.build_absolute_uri(
+                    f"/api/v1/jobs/{obj.job_id}/checkpoints/{obj.pk}/files/{f['name']}"
+                ),
+            }
+            for f in obj.files
+        ]
+
+
+class CheckpointListSerializer(serializers.Serializer):
+    results = CheckpointSerializer(many=True)
+
+
+class JobCheckpointsApi(APIView):
+    read_scope = Scope.JOBS_READ
+
+    @extend_schema(operation_id="jobs_checkpoints", responses={200: CheckpointListSerializer, **ERRORS})
+    def get(self, request, job_id):
+        job = job_get(tenant_of(request).organization, job_id)
+        data = CheckpointSerializer(checkpoint_list(job), many=True, context={"request": request}).data
+        return Response({"results": data})
+
+
+class CheckpointFileApi(APIView):
+    read_scope = Scope.JOBS_READ
+
+    @extend_schema(
+        operation_id="jobs_checkpoint_file",
+        responses={
+            (200, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY, description="The file."),
+            302: OpenApiResponse(description="Redirect to a short-lived signed URL (S3)."),
+            **ERRORS,
+        },
+    )
+    def get(self, request, job_id, checkpoint_id, name):
+        job = job_get(tenant_of(request).organization, job_id)
+        checkpoint = checkpoint_get(job, checkpoint_id)
+        if name not in {f["name"] for f in checkpoint.files}:
+            raise NotFound("no such file")
+        uri = storage.file_uri(checkpoint.uri, name)
+        if uri.startswith("s3://"):
+            return HttpResponseRedirect(storage.presigned_url(uri))
+        return FileResponse(storage.local_path(uri).open("rb"), as_attachment=True, filename=name.rsplit("/")[-1])

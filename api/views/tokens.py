@@ -1,0 +1,97 @@
+"""API tokens: create (secret shown once), list, show, revoke."""
+
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from api.serializers import StrictSerializer
+from api.tenancy import tenant_of
+from api.views.jobs import ERRORS, Pagination
+from portal.models import ApiToken, Scope
+from portal.selectors.orgs import token_get, token_list
+from portal.services.tokens import MAX_EXPIRY_DAYS, token_create, token_revoke
+
+
+class TokenOutputSerializer(serializers.ModelSerializer):
+    user = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    scopes = serializers.ListField(child=serializers.ChoiceField(choices=Scope.values))
+
+    class Meta:
+        model = ApiToken
+        fields = ["id", "name", "lookup", "scopes", "user", "created_at", "expires_at", "last_used_at", "revoked_at"]
+        read_only_fields = fields
+
+
+class CreatedTokenSerializer(TokenOutputSerializer):
+    token = serializers.CharField(help_text="The secret. Shown only in this response: store it now.")
+
+    class Meta(TokenOutputSerializer.Meta):
+        fields = [*TokenOutputSerializer.Meta.fields, "token"]
+        read_only_fields = fields
+
+
+class TokenListApi(APIView):
+    # Every member manages their own tokens; what a token may carry is capped by the member's role.
+    read_scope = None
+    write_scope = None
+
+    class InputSerializer(StrictSerializer):
+        name = serializers.CharField(max_length=100)
+        scopes = serializers.ListField(child=serializers.CharField(max_length=20), max_length=10)
+        expires_in_days = serializers.IntegerField(
+            required=False, allow_null=True, min_value=1, max_value=MAX_EXPIRY_DAYS, default=None
+        )
+
+    @extend_schema(operation_id="tokens_list", responses={200: TokenOutputSerializer(many=True), **ERRORS})
+    def get(self, request):
+        tenant = tenant_of(request)
+        paginator = Pagination()
+        page = paginator.paginate_queryset(token_list(tenant.membership), request, view=self)
+        return paginator.get_paginated_response(TokenOutputSerializer(page, many=True).data)
+
+    @extend_schema(
+        operation_id="tokens_create",
+        request=InputSerializer,
+        responses={201: CreatedTokenSerializer, **ERRORS},
+        description="Create a token for the current organization. Through a token this needs `org:admin`, "
+        "and the new token can never hold a scope its creator lacks.",
+    )
+    def post(self, request):
+        tenant = tenant_of(request)
+        s = self.InputSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        if tenant.token is not None:
+            # A token minting tokens is a privilege escalation path: require org:admin and no widening.
+            if Scope.ORG_ADMIN not in tenant.scopes:
+                return _forbidden("creating tokens with a token needs the org:admin scope")
+            wider = sorted(set(s.validated_data["scopes"]) - tenant.scopes)
+            if wider:
+                return _forbidden(f"a token cannot create a token with more scopes: {', '.join(wider)}", "scopes")
+        token, secret = token_create(membership=tenant.membership, **s.validated_data)
+        data = TokenOutputSerializer(token).data | {"token": secret}
+        return Response(data, status=status.HTTP_201_CREATED)
+
+
+def _forbidden(message: str, field: str | None = None) -> Response:
+    fields = {field: [message]} if field else {}
+    return Response({"error": {"code": "permission_denied", "message": message, "fields": fields}}, status=403)
+
+
+class TokenDetailApi(APIView):
+    read_scope = None
+    write_scope = None
+
+    @extend_schema(operation_id="tokens_get", responses={200: TokenOutputSerializer, **ERRORS})
+    def get(self, request, token_id: int):
+        token = token_get(tenant_of(request).membership, token_id)
+        return Response(TokenOutputSerializer(token).data)
+
+    @extend_schema(operation_id="tokens_revoke", responses={204: None, **ERRORS})
+    def delete(self, request, token_id: int):
+        tenant = tenant_of(request)
+        token = token_get(tenant.membership, token_id)
+        token_revoke(by=tenant.membership, token=token)
+        return Response(status=status.HTTP_204_NO_CONTENT)

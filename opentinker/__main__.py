@@ -1,0 +1,7 @@
+"""``python -m opentinker``: the same as the ``opentinker`` command."""
+
+import sys
+
+from opentinker.cli import main
+
+sys.exit(main())

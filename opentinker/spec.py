@@ -1,0 +1,282 @@
+"""The job specification: the one contract between the platform and ``gpu_runtime``.
+
+A JobSpec goes in through ``POST /api/v1/jobs`` (validated here, nothing else re-validates its shape) and is
+handed unchanged to ``python -m gpu_runtime run``. ``spec_version`` lets both sides refuse a spec they do not
+understand instead of silently misreading it.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+SPEC_VERSION = 1
+
+# Named model presets: built from a config and a tokenizer shipped with the project, so nothing is downloaded.
+# Parameter counts are approximate and shown to users picking a model.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-qwen2": {"family": "qwen2", "params": "3M", "description": "A few million parameters; CPU demos and tests."},
+    "qwen2.5-0.5b-shape": {
+        "family": "qwen2",
+        "params": "494M",
+        "description": "Qwen2.5-0.5B shape, randomly initialized; GPU throughput work.",
+    },
+}
+
+# URI schemes a model or dataset may be read from (object storage the platform can reach).
+STORAGE_SCHEMES = ("s3://", "file://")
+
+ENV_REF_RE = re.compile(
+    r"^(?P<owner>[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?)/(?P<name>[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?)"
+    r"@(?P<version>(?:0|[1-9]\d*)\.(?:0|[1-9]\d*)\.(?:0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?|latest)$"
+)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
+
+
+class JobKind(str, enum.Enum):
+    RL = "rl"
+    SFT = "sft"
+    EVAL = "eval"
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    ADMITTED = "admitted"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+# Which algorithm names a job kind accepts.
+RL_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "ppo")
+KIND_ALGORITHMS: dict[JobKind, tuple[str, ...]] = {
+    JobKind.RL: RL_ALGORITHMS,
+    JobKind.SFT: ("sft",),
+    JobKind.EVAL: ("eval",),
+}
+
+
+class _Strict(BaseModel):
+    # Unknown fields are an error, never silently dropped: a typo in a hyperparameter must not train with the
+    # default instead.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSpec(_Strict):
+    rank: int = Field(16, ge=1, le=512)
+    alpha: float = Field(32.0, gt=0, le=4096)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], max_length=32
+    )
+
+
+class ModelSpec(_Strict):
+    base: str = Field(
+        ...,
+        min_length=1,
+        max_length=512,
+        description="A preset name (see GET /api/v1/models) or an object-store URI (s3://..., file://...) "
+        "of a Hugging Face causal LM directory.",
+    )
+    lora: LoraSpec | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @field_validator("base")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v in MODEL_PRESETS or v.startswith(STORAGE_SCHEMES):
+            return v
+        raise ValueError(
+            f"unknown model {v!r}: use a preset ({', '.join(sorted(MODEL_PRESETS))}) "
+            f"or an object-store URI ({', '.join(STORAGE_SCHEMES)})"
+        )
+
+    @property
+    def is_preset(self) -> bool:
+        return self.base in MODEL_PRESETS
+
+
+class EnvironmentRef(BaseModel):
+    """A parsed ``owner/name@version`` reference to a registry package."""
+
+    owner: str
+    name: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.owner}/{self.name}@{self.version}"
+
+
+def parse_environment_ref(ref: str) -> EnvironmentRef | None:
+    """Return the parsed registry reference, or None for a remote URL."""
+    m = ENV_REF_RE.match(ref)
+    return EnvironmentRef(**m.groupdict()) if m else None
+
+
+class EnvironmentSpec(_Strict):
+    ref: str = Field(
+        ...,
+        max_length=300,
+        description="A registry reference `owner/name@version` (version may be `latest`) "
+        "or the https:// URL of a remote (OpenEnv-compatible) environment server.",
+    )
+    config: dict[str, Any] = Field(default_factory=dict, description="Passed to the environment's constructor.")
+
+    @field_validator("ref")
+    @classmethod
+    def _valid_ref(cls, v: str) -> str:
+        if v.startswith(("https://", "http://")):
+            if any(c.isspace() for c in v):
+                raise ValueError("environment URL must not contain whitespace")
+            return v
+        if ENV_REF_RE.match(v):
+            return v
+        raise ValueError("environment must be `owner/name@version` (e.g. opentinker/arithmetic@1.0.0) or a URL")
+
+    @property
+    def registry_ref(self) -> EnvironmentRef | None:
+        return None if self.ref.startswith(("https://", "http://")) else parse_environment_ref(self.ref)
+
+
+class DatasetSpec(_Strict):
+    uri: str = Field(..., max_length=1024, description="Chat JSONL in object storage (s3://... or file://...).")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not v.startswith(STORAGE_SCHEMES):
+            raise ValueError(f"dataset uri must start with one of {', '.join(STORAGE_SCHEMES)}")
+        return v
+
+
+class AlgorithmSpec(_Strict):
+    """Algorithm and hyperparameters. Defaults follow common GRPO practice on small models."""
+
+    name: str = Field("grpo", description=f"One of {', '.join(RL_ALGORITHMS)} (rl), sft, eval.")
+    steps: int = Field(100, ge=1, le=1_000_000)
+    batch_size: int = Field(8, ge=1, le=8192, description="Prompts (episodes) per step.")
+    group_size: int = Field(4, ge=1, le=256, description="Samples per prompt, for group baselines.")
+    learning_rate: float = Field(1e-5, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1, le=131_072)
+    temperature: float = Field(1.0, gt=0, le=10)
+    top_p: float = Field(1.0, gt=0, le=1)
+    kl_coef: float = Field(0.0, ge=0, le=100)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_placement: Literal["loss", "reward"] = "loss"
+    clip_ratio_low: float = Field(0.2, ge=0, le=1)
+    clip_ratio_high: float = Field(0.2, ge=0, le=10)
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    norm_adv_by_std: bool = True
+    epochs: int = Field(1, ge=1, le=100, description="Passes over each batch (PPO epochs).")
+    minibatches: int = Field(1, ge=1, le=1024)
+    micro_batch_size: int = Field(4, ge=1, le=4096)
+    gae_gamma: float = Field(1.0, ge=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    dynamic_sampling: bool = False
+    tis_cap: float | None = Field(None, gt=0, le=100, description="Truncated importance sampling cap.")
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6)
+
+
+class ResourcesSpec(_Strict):
+    gpus: int = Field(0, ge=0, le=1024, description="GPUs for this job; 0 runs on CPU slots.")
+    gpu_type: str | None = Field(None, max_length=64)
+    cpus: int = Field(1, ge=1, le=1024)
+    memory_gb: float = Field(4, gt=0, le=16_384)
+    max_hours: float = Field(1.0, gt=0, le=24 * 31, description="Wall-clock limit; the job is stopped after it.")
+    pool: str | None = Field(None, max_length=64, description="Pool name; empty lets the scheduler choose.")
+
+
+class CheckpointSpec(_Strict):
+    every_steps: int = Field(50, ge=1, le=1_000_000)
+    keep_last: int = Field(3, ge=1, le=1000)
+    save_final: bool = True
+
+
+class JobSpec(_Strict):
+    spec_version: Literal[1] = SPEC_VERSION
+    kind: JobKind
+    name: str | None = Field(None, description="A label for humans; defaults to the kind and model.")
+    model: ModelSpec
+    environment: EnvironmentSpec | None = Field(None, validate_default=True)
+    dataset: DatasetSpec | None = Field(None, validate_default=True)
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    priority: int = Field(0, ge=-10, le=10, description="Within the organization's own queue.")
+    resume_from: str | None = Field(None, max_length=1024, description="A checkpoint URI to resume from.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not NAME_RE.match(v):
+            raise ValueError("name must be 1-100 letters, digits, spaces, dots, dashes or underscores")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_algorithm_for_kind(cls, data: Any) -> Any:
+        # sft and eval have one algorithm each: let the user leave it out.
+        if isinstance(data, dict) and data.get("kind") in ("sft", "eval"):
+            algo = data.get("algorithm")
+            if algo is None:
+                data = {**data, "algorithm": {"name": data["kind"]}}
+            elif isinstance(algo, dict) and "name" not in algo:
+                data = {**data, "algorithm": {**algo, "name": data["kind"]}}
+        return data
+
+    # Cross-field rules are field validators (not a model validator) so that an error names its field.
+    @field_validator("environment")
+    @classmethod
+    def _environment_for_kind(cls, v: EnvironmentSpec | None, info: ValidationInfo) -> EnvironmentSpec | None:
+        kind = info.data.get("kind")
+        if v is None and kind in (JobKind.RL, JobKind.EVAL):
+            raise ValueError(f"a {kind.value} job needs an environment")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_for_kind(cls, v: DatasetSpec | None, info: ValidationInfo) -> DatasetSpec | None:
+        if v is None and info.data.get("kind") is JobKind.SFT:
+            raise ValueError("an sft job needs a dataset")
+        return v
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm_for_kind(cls, v: AlgorithmSpec, info: ValidationInfo) -> AlgorithmSpec:
+        kind = info.data.get("kind")
+        if kind is not None and v.name not in KIND_ALGORITHMS[kind]:
+            allowed = ", ".join(KIND_ALGORITHMS[kind])
+            raise ValueError(f"{v.name!r} is not valid for a {kind.value} job; use one of {allowed}")
+        return v
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"{self.kind.value}-{self.model.base.rsplit('/', 1)[-1]}"[:100]
+
+
+def example_rl_spec() -> JobSpec:
+    """The example job of the README and ``make demo``: arithmetic, tiny-qwen2, GRPO, on CPU."""
+    return JobSpec(
+        kind=JobKind.RL,
+        name="arithmetic-grpo",
+        model=ModelSpec(base="tiny-qwen2"),
+        environment=EnvironmentSpec(ref="opentinker/arithmetic@1.0.0"),
+        algorithm=AlgorithmSpec(name="grpo", steps=20, batch_size=4, group_size=4, learning_rate=1e-4,
+                                max_new_tokens=8),
+        resources=ResourcesSpec(gpus=0, cpus=2, memory_gb=4, max_hours=0.5),
+        checkpoint=CheckpointSpec(every_steps=5, keep_last=2),
+        seed=1,
+    )

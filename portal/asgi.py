@@ -1,0 +1,8 @@
+"""ASGI entry point: uvicorn serves the portal and the API (ASGI is needed for Server-Sent Events)."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+application = get_asgi_application()

@@ -1,0 +1,80 @@
+"""Typed settings from the environment (12-factor), with the embedded defaults' files as a fallback.
+
+Precedence: the process environment, then ``var/services.env`` (written by ``manage.py opentinker up``), then
+``var/secrets.env`` (generated once for the embedded default). Production sets everything in the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, value = line.partition("=")
+                values[key.strip()] = value.strip()
+    return values
+
+
+class Env:
+    def __init__(self, *files: Path) -> None:
+        self._file_values: dict[str, str] = {}
+        for f in reversed(files):  # earlier files win
+            self._file_values.update(_read_env_file(f))
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        if key in os.environ:
+            return os.environ[key]
+        return self._file_values.get(key, default)
+
+    def str(self, key: str, default: str | None = None) -> str:
+        value = self.get(key, default)
+        if value is None:
+            raise ImproperlyConfigured(f"{key} must be set")
+        return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.get(key)
+        if value is None or value == "":
+            return default
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ImproperlyConfigured(f"{key} must be a boolean (true/false), got {value!r}")
+
+    def int(self, key: str, default: int) -> int:
+        value = self.get(key)
+        if value is None or value == "":
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ImproperlyConfigured(f"{key} must be an integer, got {value!r}") from None
+
+    def list(self, key: str, default: list[str]) -> list[str]:
+        value = self.get(key)
+        if value is None:
+            return default
+        return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def ensure_embedded_secrets(path: Path) -> None:
+    """Generate the embedded default's secrets once, so a restart keeps sessions and tokens valid."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        f"SECRET_KEY={secrets.token_urlsafe(50)}\nTOKEN_PEPPER={secrets.token_urlsafe(32)}\n"
+    )
+    tmp.chmod(0o600)
+    os.replace(tmp, path)

@@ -1,0 +1,108 @@
+"""Reads of jobs and their metrics, events and checkpoints, always within one organization."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from django.db import connection
+from django.db.models import QuerySet
+
+from portal.errors import NotFound
+from portal.models import Checkpoint, Job, JobEvent, Organization
+
+MAX_POINTS = 5000
+
+
+def job_list(
+    organization: Organization, *, state: list[str] | None = None, kind: str | None = None, name: str | None = None
+) -> QuerySet:
+    qs = Job.objects.filter(organization=organization).select_related("organization", "created_by")
+    if state:
+        qs = qs.filter(state__in=state)
+    if kind:
+        qs = qs.filter(kind=kind)
+    if name:
+        qs = qs.filter(name__icontains=name)
+    return qs.order_by("-created_at", "id")
+
+
+def job_get(organization: Organization, job_id: str | uuid.UUID) -> Job:
+    try:
+        job_uuid = uuid.UUID(str(job_id))
+    except ValueError:
+        raise NotFound("no such job") from None
+    try:
+        return job_list(organization).get(pk=job_uuid)
+    except Job.DoesNotExist:
+        raise NotFound("no such job") from None
+
+
+@dataclass
+class MetricSeries:
+    name: str
+    steps: list[int]
+    values: list[float]
+    downsampled: bool
+
+
+def metric_series(
+    job: Job,
+    *,
+    names: list[str] | None = None,
+    step_min: int | None = None,
+    step_max: int | None = None,
+    max_points: int = 1000,
+) -> list[MetricSeries]:
+    """Points per metric name; a series longer than max_points is averaged into max_points equal step buckets.
+
+    Bucketing runs in PostgreSQL (width_bucket) so a million-point series never leaves the database.
+    """
+    max_points = max(1, min(max_points, MAX_POINTS))
+    where = ["job_id = %s"]
+    params: list = [job.pk]
+    if names:
+        where.append("name = ANY(%s)")
+        params.append(list(names))
+    if step_min is not None:
+        where.append("step >= %s")
+        params.append(step_min)
+    if step_max is not None:
+        where.append("step <= %s")
+        params.append(step_max)
+    cond = " AND ".join(where)
+    sql = f"""
+        WITH pts AS (SELECT name, step, value FROM portal_metric WHERE {cond}),
+        bounds AS (SELECT name, min(step) AS lo, max(step) AS hi, count(*) AS n FROM pts GROUP BY name)
+        SELECT p.name, b.n > %s AS down,
+               CASE WHEN b.n > %s THEN width_bucket(p.step, b.lo, b.hi + 1, %s) ELSE p.step END AS bucket,
+               max(p.step) AS step, avg(p.value) AS value
+        FROM pts p JOIN bounds b USING (name)
+        GROUP BY p.name, down, bucket
+        ORDER BY p.name, step
+    """  # noqa: S608 -- only fixed fragments are formatted in; every value is a bound parameter
+    series: dict[str, MetricSeries] = {}
+    with connection.cursor() as cur:
+        cur.execute(sql, [*params, max_points, max_points, max_points])
+        for name, down, _bucket, step, value in cur.fetchall():
+            s = series.setdefault(name, MetricSeries(name=name, steps=[], values=[], downsampled=down))
+            s.steps.append(step)
+            s.values.append(value)
+    return list(series.values())
+
+
+def event_list(job: Job, *, after: int = 0, limit: int = 100) -> list[JobEvent]:
+    return list(
+        JobEvent.objects.filter(job=job, seq__gt=after).select_related("actor_user").order_by("seq")[:limit]
+    )
+
+
+def checkpoint_list(job: Job) -> QuerySet:
+    return Checkpoint.objects.filter(job=job).order_by("step")
+
+
+def checkpoint_get(job: Job, checkpoint_id: int) -> Checkpoint:
+    try:
+        return checkpoint_list(job).get(pk=checkpoint_id)
+    except Checkpoint.DoesNotExist:
+        raise NotFound("no such checkpoint") from None

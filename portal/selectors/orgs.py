@@ -1,0 +1,56 @@
+"""Reads of organizations, memberships, invitations and tokens, scoped to the caller's organization."""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from portal.errors import NotFound
+from portal.models import ApiToken, Invitation, Membership, Organization, Role
+from portal.roles import role_at_least
+
+
+def membership_get(*, organization: Organization, user) -> Membership | None:
+    return Membership.objects.select_related("organization", "user").filter(
+        organization=organization, user=user
+    ).first()
+
+
+def membership_list_for_user(user) -> QuerySet:
+    return Membership.objects.filter(user=user).select_related("organization").order_by("organization__slug")
+
+
+def member_list(organization: Organization) -> QuerySet:
+    return Membership.objects.filter(organization=organization).select_related("user").order_by("created_at")
+
+
+def member_get(organization: Organization, member_id: int) -> Membership:
+    try:
+        return member_list(organization).get(pk=member_id)
+    except Membership.DoesNotExist:
+        raise NotFound("no such member") from None
+
+
+def invitation_list(organization: Organization) -> QuerySet:
+    return Invitation.objects.filter(organization=organization, accepted_at__isnull=True, revoked_at__isnull=True)
+
+
+def invitation_get(organization: Organization, invitation_id: int) -> Invitation:
+    try:
+        return invitation_list(organization).get(pk=invitation_id)
+    except Invitation.DoesNotExist:
+        raise NotFound("no such invitation") from None
+
+
+def token_list(membership: Membership) -> QuerySet:
+    """Admins see every token of the organization; others see their own."""
+    qs = ApiToken.objects.filter(organization=membership.organization).select_related("user")
+    if not role_at_least(membership.role, Role.ADMIN):
+        qs = qs.filter(user=membership.user)
+    return qs.order_by("-created_at")
+
+
+def token_get(membership: Membership, token_id: int) -> ApiToken:
+    try:
+        return token_list(membership).get(pk=token_id)
+    except ApiToken.DoesNotExist:
+        raise NotFound("no such token") from None

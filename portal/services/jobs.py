@@ -1,0 +1,179 @@
+"""Job submission, the job state machine and cancellation.
+
+Every state change goes through ``job_transition``, which locks the row, checks the transition is allowed and
+records an event saying who, when and why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from opentinker.spec import TERMINAL_STATES, JobSpec, JobState
+from portal.actors import Actor
+from portal.errors import Conflict, DomainError, QuotaExceeded
+from portal.models import Job, JobEvent, Organization, Quota
+
+S = JobState
+# The job state machine. `running -> queued` and `admitted -> queued` are re-queues (preemption, lost worker);
+# `cancelling` waits for the runtime to stop at its next step boundary.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    S.QUEUED: frozenset({S.ADMITTED, S.CANCELLED, S.FAILED}),
+    S.ADMITTED: frozenset({S.RUNNING, S.QUEUED, S.CANCELLED, S.FAILED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLING, S.QUEUED}),
+    S.CANCELLING: frozenset({S.CANCELLED, S.FAILED, S.SUCCEEDED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+MAX_REASON = 500
+
+
+def _check_request_size(spec: JobSpec, quota: Quota) -> None:
+    res = spec.resources
+    if res.gpus > quota.max_gpus_per_job:
+        raise QuotaExceeded(
+            f"the job asks for {res.gpus} GPUs; your organization may use at most {quota.max_gpus_per_job} "
+            f"({quota.max_gpus} nominal + {quota.borrowing_limit_gpus} borrowed)",
+            field="resources.gpus",
+        )
+    if res.cpus > quota.max_cpus_per_job:
+        raise QuotaExceeded(
+            f"the job asks for {res.cpus} CPUs; at most {quota.max_cpus_per_job} per job", field="resources.cpus"
+        )
+    if res.gpus and res.gpus * res.max_hours > quota.gpu_hours_per_month:
+        raise QuotaExceeded(
+            f"{res.gpus} GPUs x {res.max_hours} h = {res.gpus * res.max_hours:g} GPU-hours is more than your "
+            f"monthly {quota.gpu_hours_per_month} GPU-hours",
+            field="resources.max_hours",
+        )
+    if res.pool and quota.allowed_pools and res.pool not in quota.allowed_pools:
+        raise DomainError(
+            f"pool {res.pool!r} is not open to your organization (allowed: {', '.join(quota.allowed_pools)})",
+            field="resources.pool",
+        )
+
+
+def _check_references(spec: JobSpec, organization: Organization) -> None:
+    # Imported here: env_registry builds on the domain, and the domain only needs it at submission.
+    from env_registry.selectors import environment_resolve
+    from portal.errors import NotFound
+
+    ref = spec.environment.registry_ref if spec.environment else None
+    if ref is not None:
+        try:
+            environment_resolve(organization, ref)
+        except NotFound as e:
+            raise DomainError(str(e), field="environment.ref") from None
+    for field, uri in (("model.base", spec.model.base), ("dataset.uri", spec.dataset.uri if spec.dataset else "")):
+        if uri.startswith(("s3://", "file://")) and not uri.startswith(settings.OBJECT_STORE_URL):
+            raise DomainError(f"{uri!r} is outside this platform's object store", field=field)
+
+
+def job_submit(*, organization: Organization, actor: Actor, spec: JobSpec) -> Job:
+    with transaction.atomic():
+        # Locking the quota row serializes submissions of one organization, so two racing submissions
+        # cannot both take the last queue slot.
+        quota = Quota.objects.select_for_update().get(organization=organization)
+        _check_request_size(spec, quota)
+        _check_references(spec, organization)
+        waiting = Job.objects.filter(organization=organization, state__in=[S.QUEUED, S.ADMITTED]).count()
+        if waiting >= quota.max_queued_jobs:
+            raise QuotaExceeded(
+                f"your organization already has {waiting} jobs waiting (limit {quota.max_queued_jobs}); "
+                "wait for some to start or cancel them"
+            )
+        job = Job.objects.create(
+            organization=organization,
+            created_by=actor.user,
+            name=spec.display_name,
+            kind=spec.kind.value,
+            state=S.QUEUED.value,
+            spec=spec.model_dump(mode="json"),
+            spec_version=spec.spec_version,
+            priority=spec.priority,
+            gpus=spec.resources.gpus,
+            pool=spec.resources.pool or "",
+        )
+        _record(job, actor, kind=JobEvent.Kind.STATE, to_state=S.QUEUED, message="submitted")
+        return job
+
+
+def _record(
+    job: Job,
+    actor: Actor,
+    *,
+    kind: str,
+    message: str = "",
+    from_state: JobState | None = None,
+    to_state: JobState | None = None,
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    """Append an event. The caller holds the job's row lock (or just created it)."""
+    seq = job.next_event_seq
+    Job.objects.filter(pk=job.pk).update(next_event_seq=seq + 1)
+    job.next_event_seq = seq + 1
+    return JobEvent.objects.create(
+        job=job,
+        seq=seq,
+        kind=kind,
+        actor_user=actor.user,
+        actor_token=actor.token,
+        actor_label=actor.label,
+        from_state=from_state.value if from_state else "",
+        to_state=to_state.value if to_state else "",
+        message=message[:2000],
+        data=data or {},
+    )
+
+
+def job_event_add(*, job: Job, actor: Actor, kind: str, message: str, data: dict[str, Any] | None = None) -> JobEvent:
+    with transaction.atomic():
+        job = Job.objects.select_for_update().get(pk=job.pk)
+        return _record(job, actor, kind=kind, message=message, data=data)
+
+
+def job_transition(
+    *, job: Job, to: JobState, actor: Actor, reason: str = "", data: dict[str, Any] | None = None
+) -> Job:
+    with transaction.atomic():
+        locked = Job.objects.select_for_update().get(pk=job.pk)
+        return _transition_locked(locked, to, actor, reason, data)
+
+
+def _transition_locked(
+    job: Job, to: JobState, actor: Actor, reason: str, data: dict[str, Any] | None = None
+) -> Job:
+    current = JobState(job.state)
+    if to not in TRANSITIONS[current]:
+        raise Conflict(f"a {current.value} job cannot become {to.value}")
+    now = timezone.now()
+    job.state = to.value
+    job.state_reason = reason[:MAX_REASON]
+    if to is S.RUNNING:
+        job.started_at = job.started_at or now
+    if to is S.QUEUED:
+        job.attempt += 1
+    if to in TERMINAL_STATES:
+        job.finished_at = now
+    job.save(update_fields=["state", "state_reason", "started_at", "attempt", "finished_at", "updated_at"])
+    _record(job, actor, kind=JobEvent.Kind.STATE, from_state=current, to_state=to, message=reason, data=data)
+    return job
+
+
+def job_cancel(*, job: Job, actor: Actor, reason: str = "") -> Job:
+    """Cancel now if the job has not started; otherwise ask the runtime to stop at its next step boundary."""
+    reason = reason.strip()[:MAX_REASON] or f"cancelled by {actor.label}"
+    with transaction.atomic():
+        # Decide under the row lock: the scheduler may be admitting or starting this job right now.
+        job = Job.objects.select_for_update().get(pk=job.pk)
+        state = JobState(job.state)
+        if state is S.CANCELLING:
+            return job  # already asked: cancelling twice is not an error
+        if state in TERMINAL_STATES:
+            raise Conflict(f"the job already finished ({state.value})")
+        target = S.CANCELLING if state is S.RUNNING else S.CANCELLED
+        return _transition_locked(job, target, actor, reason)

@@ -1,0 +1,93 @@
+"""API tokens: `otk_<lookup>_<secret>`, shown once, stored as HMAC-SHA256 under a pepper."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import datetime, timedelta
+
+from django.utils import timezone
+
+from portal.errors import DomainError, Forbidden
+from portal.models import ApiToken, Membership, Scope
+from portal.roles import role_at_least, scopes_for
+from portal.services.secrets import secret_hash, secret_matches
+
+TOKEN_RE = re.compile(r"^otk_(?P<lookup>[0-9a-f]{12})_(?P<secret>[A-Za-z0-9_-]{43})$")
+MAX_TOKENS_PER_USER = 100
+MAX_EXPIRY_DAYS = 366
+# last_used_at is a hint, not an audit log: writing it at most once a minute keeps reads cheap.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+def token_create(
+    *, membership: Membership, name: str, scopes: list[str], expires_in_days: int | None = None
+) -> tuple[ApiToken, str]:
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise DomainError("name must be 1-100 characters", field="name")
+    if not scopes:
+        raise DomainError("give at least one scope", field="scopes")
+    unknown = sorted(set(scopes) - set(Scope.values))
+    if unknown:
+        raise DomainError(f"unknown scopes: {', '.join(unknown)}", field="scopes")
+    allowed = scopes_for(membership.role, is_staff=membership.user.is_staff)
+    beyond = sorted(set(scopes) - allowed)
+    if beyond:
+        raise Forbidden(f"your role ({membership.role}) cannot grant: {', '.join(beyond)}", field="scopes")
+    if expires_in_days is not None and not 1 <= expires_in_days <= MAX_EXPIRY_DAYS:
+        raise DomainError(f"expires_in_days must be between 1 and {MAX_EXPIRY_DAYS}", field="expires_in_days")
+    if ApiToken.objects.filter(user=membership.user, revoked_at__isnull=True).count() >= MAX_TOKENS_PER_USER:
+        raise DomainError(f"you have {MAX_TOKENS_PER_USER} active tokens; revoke some first")
+    lookup = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    token = ApiToken.objects.create(
+        organization=membership.organization,
+        user=membership.user,
+        name=name,
+        lookup=lookup,
+        secret_hash=secret_hash(secret),
+        scopes=sorted(set(scopes)),
+        expires_at=timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None,
+    )
+    return token, f"otk_{lookup}_{secret}"
+
+
+def token_authenticate(raw: str, *, now: datetime | None = None) -> tuple[ApiToken, Membership] | None:
+    """Return the live token and its owner's current membership, or None for any kind of bad token."""
+    m = TOKEN_RE.match(raw)
+    if not m:
+        return None
+    token = ApiToken.objects.select_related("user", "organization").filter(lookup=m["lookup"]).first()
+    # Hash even when the lookup is unknown, so timing does not tell which lookups exist.
+    if token is None:
+        secret_matches(m["secret"], "0" * 64)
+        return None
+    if not secret_matches(m["secret"], token.secret_hash):
+        return None
+    now = now or timezone.now()
+    if token.revoked_at is not None or (token.expires_at is not None and token.expires_at <= now):
+        return None
+    if not token.user.is_active:
+        return None
+    membership = Membership.objects.filter(organization=token.organization, user=token.user).first()
+    if membership is None:
+        return None
+    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
+        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        token.last_used_at = now
+    return token, membership
+
+
+def token_effective_scopes(token: ApiToken, membership: Membership) -> frozenset[str]:
+    # A token never does more than its owner's current role allows: demoting a user narrows their tokens.
+    return frozenset(token.scopes) & scopes_for(membership.role, is_staff=membership.user.is_staff)
+
+
+def token_revoke(*, by: Membership, token: ApiToken) -> ApiToken:
+    if token.user_id != by.user_id and not role_at_least(by.role, "admin"):
+        raise Forbidden("only the token's owner or an organization admin can revoke it")
+    if token.revoked_at is None:
+        token.revoked_at = timezone.now()
+        token.save(update_fields=["revoked_at"])
+    return token

@@ -1,0 +1,231 @@
+"""Django settings, all from the environment (see portal/env.py and README "Configuration").
+
+Two modes share one code path:
+- ``OPENTINKER_MODE=embedded`` (default): servers started by ``manage.py opentinker up`` under ``var/``,
+  secrets generated once into ``var/secrets.env``, plain HTTP on localhost.
+- ``OPENTINKER_MODE=production``: every secret and URL must come from the environment; HTTPS-only cookies,
+  HSTS, SSL redirect. ``manage.py check --deploy`` is clean in this mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+
+from portal.env import Env, ensure_embedded_secrets
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+_probe = Env()
+VAR_DIR = Path(_probe.str("OPENTINKER_VAR_DIR", str(BASE_DIR / "var")))
+MODE = _probe.str("OPENTINKER_MODE", "embedded")
+if MODE not in ("embedded", "production"):
+    raise ValueError(f"OPENTINKER_MODE must be 'embedded' or 'production', got {MODE!r}")
+EMBEDDED = MODE == "embedded"
+
+if EMBEDDED:
+    ensure_embedded_secrets(VAR_DIR / "secrets.env")
+    env = Env(VAR_DIR / "services.env", VAR_DIR / "secrets.env")
+else:
+    env = Env()
+
+SECRET_KEY = env.str("SECRET_KEY")
+# The pepper keys the HMAC of API-token secrets; it lives outside the database so a database dump alone
+# cannot be used to check guesses offline.
+TOKEN_PEPPER = env.str("TOKEN_PEPPER")
+DEBUG = env.bool("DEBUG", False)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if EMBEDDED else [])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", [])
+
+_database_url = env.get("DATABASE_URL")
+if not _database_url:
+    raise ValueError(
+        "DATABASE_URL is not set and no embedded database is running: run `python manage.py opentinker up` "
+        "(or `make demo`), or set DATABASE_URL to your PostgreSQL server"
+    )
+DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=env.int("DB_CONN_MAX_AGE", 0))}
+if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    raise ValueError("OpenTinker runs on PostgreSQL only (DATABASE_URL must start with postgres://)")
+DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = 10
+
+REDIS_URL = env.str("REDIS_URL", "")
+if not REDIS_URL:
+    raise ValueError(
+        "REDIS_URL is not set and no embedded Valkey is running: run `python manage.py opentinker up`, "
+        "or set REDIS_URL to your Redis/Valkey server"
+    )
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+
+OBJECT_STORE_URL = env.str("OBJECT_STORE_URL", f"file://{VAR_DIR / 'objects'}")
+S3_ENDPOINT_URL = env.get("S3_ENDPOINT_URL") or None  # for S3-compatible stores other than AWS
+# Signed download links for checkpoints stay valid this long.
+OBJECT_STORE_LINK_SECONDS = env.int("OBJECT_STORE_LINK_SECONDS", 900)
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "portal",
+    "env_registry",
+    "api",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "portal.urls"
+ASGI_APPLICATION = "portal.asgi.application"
+WSGI_APPLICATION = "portal.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 10}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+# The embedded default serves static files straight from the apps (no collectstatic step);
+# production serves the collected, compressed and hashed copies.
+WHITENOISE_USE_FINDERS = EMBEDDED
+STATIC_ROOT = None if EMBEDDED else Path(env.str("STATIC_ROOT", str(BASE_DIR / "staticfiles")))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if EMBEDDED
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Request size limits. API bodies are capped by api.parsers (API_MAX_BODY_BYTES, answered with 413);
+# these cap form posts and uploads everywhere else.
+API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", 256 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
+DATA_UPLOAD_MAX_NUMBER_FIELDS = 500
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "api.auth.ApiTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["api.permissions.HasScope"],
+    "DEFAULT_PARSER_CLASSES": ["api.parsers.LimitedJSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "api.errors.exception_handler",
+    "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"user": env.str("API_RATE_LIMIT", "1200/min")},
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "OpenTinker API",
+    "DESCRIPTION": "Reinforcement learning as a service for LLM agents: jobs, metrics, checkpoints, tokens.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Swagger UI and ReDoc from the sidecar package: the docs work with no CDN and no outside network.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    "ENUM_NAME_OVERRIDES": {
+        "JobStateEnum": "opentinker.spec.JobState",
+        "JobKindEnum": "opentinker.spec.JobKind",
+        "MembershipRoleEnum": "portal.models.orgs.Role",
+    },
+    "APPEND_COMPONENTS": {
+        "securitySchemes": {
+            "ApiToken": {"type": "http", "scheme": "bearer", "bearerFormat": "otk_<lookup>_<secret>"}
+        }
+    },
+    "SECURITY": [{"ApiToken": []}],
+}
+
+# Celery: the database row is the truth, a message only nudges (see ARCHITECTURE.md).
+CELERY_BROKER_URL = REDIS_URL
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_ACKS_LATE = False  # opted into per idempotent task
+CELERY_TASK_TIME_LIMIT = 300
+CELERY_TASK_SOFT_TIME_LIMIT = 240
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Longer than any task's time limit, so a slow task is never delivered to a second worker while it runs.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_TIMEZONE = "UTC"
+
+# Defaults for a new organization's quota (platform staff change them per organization).
+DEFAULT_QUOTA = {
+    "max_gpus": env.int("DEFAULT_QUOTA_MAX_GPUS", 1),
+    "borrowing_limit_gpus": env.int("DEFAULT_QUOTA_BORROWING_GPUS", 0),
+    "gpu_hours_per_month": env.int("DEFAULT_QUOTA_GPU_HOURS", 100),
+    "max_queued_jobs": env.int("DEFAULT_QUOTA_MAX_QUEUED", 20),
+    "max_cpus_per_job": env.int("DEFAULT_QUOTA_MAX_CPUS", 8),
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}
+
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_HTTPONLY = False  # htmx reads the token from the cookie
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+if not EMBEDDED:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", True)
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", 31_536_000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", True)
+    if len(SECRET_KEY) < 50 or SECRET_KEY.startswith("django-insecure"):
+        raise ValueError("SECRET_KEY must be at least 50 random characters in production")
+    if len(TOKEN_PEPPER) < 32:
+        raise ValueError("TOKEN_PEPPER must be at least 32 random characters in production")

@@ -1,0 +1,1 @@
+"""Server-rendered pages for tenants (the portal). The domain never imports this package."""

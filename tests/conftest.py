@@ -1,0 +1,94 @@
+"""Shared fixtures: the three actors of every API test module.
+
+- alice: owner of org "acme"
+- bob: a teammate in "acme" with a lesser role (member; some tests make him a viewer)
+- charlie: outsider, owner of org "globex", who must get 404 for every object of acme
+"""
+
+from __future__ import annotations
+
+import pytest
+from rest_framework.test import APIClient
+
+from portal.models import Membership, Role
+from portal.services.orgs import organization_create
+from portal.services.tokens import token_create
+
+ALL_SCOPES = ["jobs:read", "jobs:write", "envs:read", "envs:write", "org:admin"]
+
+
+@pytest.fixture
+def make_user(django_user_model):
+    def make(username: str, *, staff: bool = False, password: str = "correct-horse-battery"):
+        return django_user_model.objects.create_user(
+            username=username, email=f"{username}@example.com", password=password, is_staff=staff
+        )
+
+    return make
+
+
+@pytest.fixture
+def alice(make_user):
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(make_user):
+    return make_user("bob")
+
+
+@pytest.fixture
+def charlie(make_user):
+    return make_user("charlie")
+
+
+@pytest.fixture
+def acme(alice, bob):
+    org = organization_create(slug="acme", name="Acme", owner=alice)
+    Membership.objects.create(organization=org, user=bob, role=Role.MEMBER)
+    return org
+
+
+@pytest.fixture
+def globex(charlie):
+    return organization_create(slug="globex", name="Globex", owner=charlie)
+
+
+def _membership(user, org):
+    return Membership.objects.select_related("user", "organization").get(user=user, organization=org)
+
+
+@pytest.fixture
+def make_token():
+    def make(user, org, scopes=None, **kwargs) -> str:
+        membership = _membership(user, org)
+        if scopes is None:
+            from portal.roles import scopes_for
+
+            scopes = sorted(set(ALL_SCOPES) & scopes_for(membership.role, is_staff=False))
+        _, secret = token_create(membership=membership, name=f"{user.username}-test", scopes=scopes, **kwargs)
+        return secret
+
+    return make
+
+
+def client_for(secret: str | None) -> APIClient:
+    client = APIClient()
+    if secret:
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    return client
+
+
+@pytest.fixture
+def as_alice(alice, acme, make_token):
+    return client_for(make_token(alice, acme))
+
+
+@pytest.fixture
+def as_bob(bob, acme, make_token):
+    return client_for(make_token(bob, acme))
+
+
+@pytest.fixture
+def as_charlie(charlie, globex, make_token):
+    return client_for(make_token(charlie, globex))

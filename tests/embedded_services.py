@@ -1,0 +1,53 @@
+"""pytest plugin (``-p tests.embedded_services``): real PostgreSQL + Valkey for the whole test session.
+
+Unless DATABASE_URL and REDIS_URL are both already set (CI services, a developer's own servers), start the
+embedded servers in a throwaway directory and export their URLs. It has to happen in
+``pytest_load_initial_conftests`` ahead of pytest-django, which imports the settings (and so reads
+DATABASE_URL) in that same hook. xdist workers inherit the exported URLs and so share this one pair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from portal.embedded import EmbeddedServices
+
+_services: EmbeddedServices | None = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config, parser, args):
+    global _services
+    if _services is not None or (os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL")):
+        return
+    root = Path(tempfile.mkdtemp(prefix="otk-test-"))
+    root.chmod(0o755)  # mkdtemp makes it 0700; as root, postgres runs as a system user that must traverse it
+    services = EmbeddedServices(root, fast=True)
+    try:
+        urls = services.start()
+    except BaseException:
+        with contextlib.suppress(Exception):  # keep the start error, not a follow-up one
+            _shutdown(services)
+        raise
+    _services = services
+    os.environ.update(urls.as_env())
+
+
+def pytest_unconfigure(config):
+    global _services
+    if _services is not None:
+        services, _services = _services, None
+        _shutdown(services)
+
+
+def _shutdown(services: EmbeddedServices) -> None:
+    try:
+        services.stop()
+    finally:
+        shutil.rmtree(services.root, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Celery tasks (scheduler, launcher, supervisor, reaper, usage). The Celery app object is portal.celery.app."""
