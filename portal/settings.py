@@ -162,6 +162,8 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "OpenTinker API",
     "DESCRIPTION": "Reinforcement learning as a service for LLM agents: jobs, metrics, checkpoints, tokens.",
     "VERSION": "1.0.0",
+    # 3.1 speaks JSON Schema 2020-12, which is what pydantic emits for the JobSpec body.
+    "OAS_VERSION": "3.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     # Swagger UI and ReDoc from the sidecar package: the docs work with no CDN and no outside network.
@@ -172,7 +174,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "JobStateEnum": "opentinker.spec.JobState",
         "JobKindEnum": "opentinker.spec.JobKind",
-        "MembershipRoleEnum": "portal.models.orgs.Role",
+        "RoleEnum": "portal.models.orgs.Role",
     },
     "APPEND_COMPONENTS": {
         "securitySchemes": {

@@ -8,6 +8,7 @@ DATABASE_URL) in that same hook. xdist workers inherit the exported URLs and so 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -19,11 +20,12 @@ import pytest
 from portal.embedded import EmbeddedServices
 
 _services: EmbeddedServices | None = None
+_owner: object = None  # the pytest config that started them (an in-process inner run must not stop them)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config, parser, args):
-    global _services
+    global _services, _owner
     if _services is not None or (os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL")):
         return
     root = Path(tempfile.mkdtemp(prefix="otk-test-"))
@@ -35,11 +37,19 @@ def pytest_load_initial_conftests(early_config, parser, args):
         with contextlib.suppress(Exception):  # keep the start error, not a follow-up one
             _shutdown(services)
         raise
-    _services = services
+    _services, _owner = services, early_config
+    # pytest_unconfigure never comes when startup fails after this hook (a conftest import error, bad
+    # settings in pytest-django's hook): then the interpreter's exit stops the servers
+    atexit.register(_stop_at_exit)
     os.environ.update(urls.as_env())
 
 
 def pytest_unconfigure(config):
+    if config is _owner:
+        _stop_at_exit()
+
+
+def _stop_at_exit() -> None:
     global _services
     if _services is not None:
         services, _services = _services, None

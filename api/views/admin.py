@@ -56,7 +56,7 @@ class AdminOrgListApi(APIView):
 class AdminQuotaApi(APIView):
     permission_classes = [StaffOnly]
 
-    class InputSerializer(StrictSerializer):
+    class QuotaUpdateInput(StrictSerializer):
         max_gpus = serializers.IntegerField(required=False, min_value=0, max_value=4096)
         borrowing_limit_gpus = serializers.IntegerField(required=False, min_value=0, max_value=4096)
         gpu_hours_per_month = serializers.IntegerField(required=False, min_value=0, max_value=10_000_000)
@@ -73,13 +73,13 @@ class AdminQuotaApi(APIView):
 
     @extend_schema(
         operation_id="admin_quota_update",
-        request=InputSerializer,
+        request=QuotaUpdateInput,
         responses={200: QuotaSerializer, **ERRORS},
         description="Change some of an organization's quota fields; the others keep their values.",
     )
     def patch(self, request, slug: str):
         org = _org(slug)
-        s = self.InputSerializer(data=request.data)
+        s = self.QuotaUpdateInput(data=request.data)
         s.is_valid(raise_exception=True)
         quota = quota_set(organization=org, by=request.user, **s.validated_data)
         return Response(QuotaSerializer(quota).data)

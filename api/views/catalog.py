@@ -37,17 +37,17 @@ class EnvironmentSerializer(serializers.ModelSerializer):
 class EnvironmentListApi(APIView):
     read_scope = Scope.ENVS_READ
 
-    class FilterSerializer(StrictSerializer):
+    class EnvironmentListFilter(StrictSerializer):
         q = serializers.CharField(required=False, max_length=100)
         tag = serializers.CharField(required=False, max_length=32)
         limit = serializers.IntegerField(required=False, min_value=1, max_value=Pagination.max_limit)
         offset = serializers.IntegerField(required=False, min_value=0)
 
     @extend_schema(
-        operation_id="envs_list", parameters=[FilterSerializer], responses={200: EnvironmentSerializer(many=True)}
+        operation_id="envs_list", parameters=[EnvironmentListFilter], responses={200: EnvironmentSerializer(many=True)}
     )
     def get(self, request):
-        f = self.FilterSerializer(data=_query_dict(request))
+        f = self.EnvironmentListFilter(data=_query_dict(request))
         f.is_valid(raise_exception=True)
         qs = package_visible_list(
             tenant_of(request).organization, q=f.validated_data.get("q", ""), tag=f.validated_data.get("tag", "")

@@ -67,7 +67,7 @@ class JobListApi(APIView):
     read_scope = Scope.JOBS_READ
     write_scope = Scope.JOBS_WRITE
 
-    class FilterSerializer(StrictSerializer):
+    class JobListFilter(StrictSerializer):
         state = serializers.MultipleChoiceField(choices=[s.value for s in JobState], required=False)
         kind = serializers.ChoiceField(choices=[k.value for k in JobKind], required=False)
         name = serializers.CharField(required=False, max_length=100)
@@ -76,12 +76,12 @@ class JobListApi(APIView):
 
     @extend_schema(
         operation_id="jobs_list",
-        parameters=[FilterSerializer],
+        parameters=[JobListFilter],
         responses={200: JobOutputSerializer(many=True), **ERRORS},
     )
     def get(self, request):
         tenant = tenant_of(request)
-        f = self.FilterSerializer(data=_query_dict(request, multi=("state",)))
+        f = self.JobListFilter(data=_query_dict(request, multi=("state",)))
         f.is_valid(raise_exception=True)
         qs = job_list(
             tenant.organization,
@@ -132,12 +132,12 @@ class JobDetailApi(APIView):
 class JobCancelApi(APIView):
     write_scope = Scope.JOBS_WRITE
 
-    class InputSerializer(StrictSerializer):
+    class JobCancelInput(StrictSerializer):
         reason = serializers.CharField(required=False, allow_blank=True, max_length=500, default="")
 
     @extend_schema(
         operation_id="jobs_cancel",
-        request=InputSerializer,
+        request=JobCancelInput,
         responses={200: JobOutputSerializer, 409: ErrorSerializer, **ERRORS},
         description="A queued job is cancelled at once; a running one becomes `cancelling` and stops at its "
         "next step boundary, keeping its checkpoints.",
@@ -145,7 +145,7 @@ class JobCancelApi(APIView):
     def post(self, request, job_id):
         tenant = tenant_of(request)
         job = job_get(tenant.organization, job_id)
-        s = self.InputSerializer(data=request.data)
+        s = self.JobCancelInput(data=request.data)
         s.is_valid(raise_exception=True)
         job = job_cancel(job=job, actor=actor_of(request), reason=s.validated_data["reason"])
         return Response(JobOutputSerializer(job).data)
@@ -165,7 +165,7 @@ class MetricsOutputSerializer(serializers.Serializer):
 class JobMetricsApi(APIView):
     read_scope = Scope.JOBS_READ
 
-    class FilterSerializer(StrictSerializer):
+    class JobMetricsFilter(StrictSerializer):
         name = serializers.ListField(
             child=serializers.CharField(max_length=100), required=False, max_length=50,
             help_text="Metric names (repeat the parameter); all metrics when absent.",
@@ -191,7 +191,7 @@ class JobMetricsApi(APIView):
     )
     def get(self, request, job_id):
         job = job_get(tenant_of(request).organization, job_id)
-        f = self.FilterSerializer(data=_query_dict(request, multi=("name",)))
+        f = self.JobMetricsFilter(data=_query_dict(request, multi=("name",)))
         f.is_valid(raise_exception=True)
         d = f.validated_data
         series = metric_series(
@@ -220,19 +220,19 @@ class EventPageSerializer(serializers.Serializer):
 class JobEventsApi(APIView):
     read_scope = Scope.JOBS_READ
 
-    class FilterSerializer(StrictSerializer):
+    class JobEventsFilter(StrictSerializer):
         after = serializers.IntegerField(required=False, min_value=0, default=0)
         limit = serializers.IntegerField(required=False, min_value=1, max_value=500, default=100)
 
     @extend_schema(
         operation_id="jobs_events",
-        parameters=[FilterSerializer],
+        parameters=[JobEventsFilter],
         responses={200: EventPageSerializer, **ERRORS},
         description="Events in order, after the given sequence number; `next_after` is null on the last page.",
     )
     def get(self, request, job_id):
         job = job_get(tenant_of(request).organization, job_id)
-        f = self.FilterSerializer(data=_query_dict(request))
+        f = self.JobEventsFilter(data=_query_dict(request))
         f.is_valid(raise_exception=True)
         limit = f.validated_data["limit"]
         events = event_list(job, after=f.validated_data["after"], limit=limit)

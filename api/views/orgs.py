@@ -34,7 +34,7 @@ class MeSerializer(serializers.Serializer):
     email = serializers.EmailField()
     is_staff = serializers.BooleanField()
     organization = OrgRefSerializer()
-    role = serializers.ChoiceField(choices=Role.values)
+    role = serializers.ChoiceField(choices=Role.choices)
     scopes = serializers.ListField(child=serializers.CharField())
     organizations = OrgRefSerializer(many=True, help_text="Every organization the user belongs to.")
 
@@ -81,13 +81,13 @@ class OrgApi(APIView):
 
 
 class OrgCreateApi(APIView):
-    class InputSerializer(StrictSerializer):
+    class OrgCreateInput(StrictSerializer):
         slug = serializers.CharField(max_length=40)
         name = serializers.CharField(max_length=100)
 
     @extend_schema(
         operation_id="orgs_create",
-        request=InputSerializer,
+        request=OrgCreateInput,
         responses={201: OrgRefSerializer, **ERRORS},
         description="Create an organization with the caller as its owner (browser sessions only).",
     )
@@ -96,7 +96,7 @@ class OrgCreateApi(APIView):
             raise PermissionDenied()
         if request.auth is not None:
             raise PermissionDenied("organizations are created from a signed-in browser session, not a token")
-        s = self.InputSerializer(data=request.data)
+        s = self.OrgCreateInput(data=request.data)
         s.is_valid(raise_exception=True)
         org = organization_create(owner=request.user, **s.validated_data)
         return Response(OrgRefSerializer(org).data, status=status.HTTP_201_CREATED)
@@ -141,20 +141,20 @@ class MemberListApi(APIView):
 class MemberDetailApi(APIView):
     write_scope = Scope.ORG_ADMIN
 
-    class InputSerializer(StrictSerializer):
-        role = serializers.ChoiceField(choices=Role.values)
+    class MemberRoleInput(StrictSerializer):
+        role = serializers.ChoiceField(choices=Role.choices)
 
     @extend_schema(operation_id="members_get", responses={200: MemberSerializer, **ERRORS})
     def get(self, request, member_id: int):
         return Response(MemberSerializer(member_get(tenant_of(request).organization, member_id)).data)
 
     @extend_schema(
-        operation_id="members_set_role", request=InputSerializer, responses={200: MemberSerializer, **ERRORS}
+        operation_id="members_set_role", request=MemberRoleInput, responses={200: MemberSerializer, **ERRORS}
     )
     def patch(self, request, member_id: int):
         tenant = tenant_of(request)
         target = member_get(tenant.organization, member_id)
-        s = self.InputSerializer(data=request.data)
+        s = self.MemberRoleInput(data=request.data)
         s.is_valid(raise_exception=True)
         target = membership_set_role(by=tenant.membership, target=target, role=s.validated_data["role"])
         return Response(MemberSerializer(target).data)
@@ -185,9 +185,9 @@ class InvitationListApi(APIView):
     read_scope = Scope.ORG_ADMIN
     write_scope = Scope.ORG_ADMIN
 
-    class InputSerializer(StrictSerializer):
+    class InvitationCreateInput(StrictSerializer):
         email = serializers.EmailField(max_length=254)
-        role = serializers.ChoiceField(choices=Role.values, default=Role.MEMBER)
+        role = serializers.ChoiceField(choices=Role.choices, default=Role.MEMBER)
 
     @extend_schema(operation_id="invitations_list", responses={200: InvitationSerializer(many=True), **ERRORS})
     def get(self, request):
@@ -197,12 +197,12 @@ class InvitationListApi(APIView):
 
     @extend_schema(
         operation_id="invitations_create",
-        request=InputSerializer,
+        request=InvitationCreateInput,
         responses={201: CreatedInvitationSerializer, **ERRORS},
     )
     def post(self, request):
         tenant = tenant_of(request)
-        s = self.InputSerializer(data=request.data)
+        s = self.InvitationCreateInput(data=request.data)
         s.is_valid(raise_exception=True)
         invitation, secret = invitation_create(by=tenant.membership, **s.validated_data)
         data = InvitationSerializer(invitation).data | {"accept_token": secret}
@@ -220,19 +220,19 @@ class InvitationDetailApi(APIView):
 
 
 class InvitationAcceptApi(APIView):
-    class InputSerializer(StrictSerializer):
+    class InvitationAcceptInput(StrictSerializer):
         token = serializers.CharField(max_length=100)
 
     @extend_schema(
         operation_id="invitations_accept",
-        request=InputSerializer,
+        request=InvitationAcceptInput,
         responses={201: OrgRefSerializer, **ERRORS},
         description="Join the organization of an invitation sent to the signed-in user's e-mail address.",
     )
     def post(self, request):
         if request.auth is not None:
             raise PermissionDenied("invitations are accepted from a signed-in browser session, not a token")
-        s = self.InputSerializer(data=request.data)
+        s = self.InvitationAcceptInput(data=request.data)
         s.is_valid(raise_exception=True)
         membership = invitation_accept(secret=s.validated_data["token"], user=request.user)
         return Response(OrgRefSerializer(membership.organization).data, status=status.HTTP_201_CREATED)

@@ -38,7 +38,7 @@ class TokenListApi(APIView):
     read_scope = None
     write_scope = None
 
-    class InputSerializer(StrictSerializer):
+    class TokenCreateInput(StrictSerializer):
         name = serializers.CharField(max_length=100)
         scopes = serializers.ListField(child=serializers.CharField(max_length=20), max_length=10)
         expires_in_days = serializers.IntegerField(
@@ -54,14 +54,14 @@ class TokenListApi(APIView):
 
     @extend_schema(
         operation_id="tokens_create",
-        request=InputSerializer,
+        request=TokenCreateInput,
         responses={201: CreatedTokenSerializer, **ERRORS},
         description="Create a token for the current organization. Through a token this needs `org:admin`, "
         "and the new token can never hold a scope its creator lacks.",
     )
     def post(self, request):
         tenant = tenant_of(request)
-        s = self.InputSerializer(data=request.data)
+        s = self.TokenCreateInput(data=request.data)
         s.is_valid(raise_exception=True)
         if tenant.token is not None:
             # A token minting tokens is a privilege escalation path: require org:admin and no widening.
