@@ -11,7 +11,10 @@ READ_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 class HasScope(BasePermission):
-    """A view sets `read_scope` / `write_scope` (or `scopes = {method: scope}`); None means authenticated only."""
+    """A view sets `read_scope` / `write_scope` (or `scopes = {method: scope}`).
+
+    None means any authenticated member.
+    """
 
     message = "your token or role lacks the scope this needs"
 

@@ -21,7 +21,10 @@ v1 = [
     path("jobs/<str:job_id>/metrics", jobs.JobMetricsApi.as_view()),
     path("jobs/<str:job_id>/events", jobs.JobEventsApi.as_view()),
     path("jobs/<str:job_id>/checkpoints", jobs.JobCheckpointsApi.as_view()),
-    path("jobs/<str:job_id>/checkpoints/<int:checkpoint_id>/files/<path:name>", jobs.CheckpointFileApi.as_view()),
+    path(
+        "jobs/<str:job_id>/checkpoints/<int:checkpoint_id>/files/<path:name>",
+        jobs.CheckpointFileApi.as_view(),
+    ),
     path("envs", catalog.EnvironmentListApi.as_view()),
     path("envs/<str:owner>/<str:name>", catalog.EnvironmentDetailApi.as_view()),
     path("models", catalog.ModelListApi.as_view()),

@@ -18,9 +18,11 @@ def _semver_key(version: str) -> tuple:
 
 
 def package_visible_list(organization: Organization, *, q: str = "", tag: str = "") -> QuerySet:
-    qs = EnvironmentPackage.objects.filter(
-        Q(organization=organization) | Q(visibility=Visibility.PUBLIC)
-    ).select_related("organization").prefetch_related("versions")
+    qs = (
+        EnvironmentPackage.objects.filter(Q(organization=organization) | Q(visibility=Visibility.PUBLIC))
+        .select_related("organization")
+        .prefetch_related("versions")
+    )
     if q:
         qs = qs.filter(Q(name__icontains=q) | Q(description__icontains=q))
     if tag:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import enum
 import getpass
 import json
 import math
@@ -109,6 +110,8 @@ def _cell(value: Any, max_len: int = 60) -> str:
         return fmt_time(value)
     if isinstance(value, float):
         return fmt_float(value)
+    if isinstance(value, enum.Enum):
+        return str(value.value)
     if isinstance(value, list | tuple):
         return ",".join(str(v) for v in value) or "-"
     text = " ".join(str(value).split())
@@ -141,7 +144,8 @@ def fmt_bytes(n: int | None) -> str:
 
 
 def fmt_state(value: Any) -> str:
-    return value.value if isinstance(value, JobState) else str(value)
+    """A job state or kind: known ones are enums (whose str() is the class-qualified name), new ones str."""
+    return str(value.value) if isinstance(value, enum.Enum) else str(value)
 
 
 def fmt_event(event: JobEvent) -> str:
@@ -156,8 +160,10 @@ def fmt_event(event: JobEvent) -> str:
 def more_hint(page: Page[Any], offset: int) -> None:
     shown = len(page.results)
     if offset + shown < page.count:
-        print(f"(showing {offset + 1}-{offset + shown} of {page.count}; use --limit/--offset for more)",
-              file=sys.stderr)
+        print(
+            f"(showing {offset + 1}-{offset + shown} of {page.count}; use --limit/--offset for more)",
+            file=sys.stderr,
+        )
 
 
 # --- commands -----------------------------------------------------------------------------------------------
@@ -238,15 +244,17 @@ def cmd_whoami(ctx: Context) -> int:
         print_json(me)
         return 0
     org = me.organization
-    print_fields([
-        ("server", client.base_url),
-        ("username", me.username),
-        ("email", me.email),
-        ("organization", f"{org.slug} ({org.name})" if org and org.name else org.slug if org else None),
-        ("role", me.role),
-        ("scopes", " ".join(me.scopes)),
-        ("staff", "yes" if me.is_staff else None),
-    ])
+    print_fields(
+        [
+            ("server", client.base_url),
+            ("username", me.username),
+            ("email", me.email),
+            ("organization", f"{org.slug} ({org.name})" if org and org.name else org.slug if org else None),
+            ("role", me.role),
+            ("scopes", " ".join(me.scopes)),
+            *([("staff", "yes")] if me.is_staff else []),
+        ]
+    )
     return 0
 
 
@@ -306,21 +314,23 @@ def cmd_jobs_show(ctx: Context) -> int:
 
 def print_job(job: Job) -> None:
     state = fmt_state(job.state) + (f" ({job.state_reason})" if job.state_reason else "")
-    print_fields([
-        ("id", job.id),
-        ("name", job.name),
-        ("kind", fmt_state(job.kind)),
-        ("state", state),
-        ("organization", job.organization),
-        ("created by", job.created_by),
-        ("priority", job.priority),
-        ("gpus", job.gpus),
-        ("pool", job.pool),
-        ("attempt", job.attempt),
-        ("created", job.created_at),
-        ("started", job.started_at),
-        ("finished", job.finished_at),
-    ])
+    print_fields(
+        [
+            ("id", job.id),
+            ("name", job.name),
+            ("kind", fmt_state(job.kind)),
+            ("state", state),
+            ("organization", job.organization),
+            ("created by", job.created_by),
+            ("priority", job.priority),
+            ("gpus", job.gpus),
+            ("pool", job.pool),
+            ("attempt", job.attempt),
+            ("created", job.created_at),
+            ("started", job.started_at),
+            ("finished", job.finished_at),
+        ]
+    )
     if job.spec:
         print("spec:")
         text = yaml.safe_dump(job.spec, sort_keys=False, default_flow_style=False)
@@ -344,8 +354,11 @@ def cmd_jobs_metrics(ctx: Context) -> int:
     if ctx.json:
         print_json(series)
         return 0
-    print_table(["NAME", "POINTS", "LAST STEP", "LAST", "MIN", "MAX"], map(_metric_row, series),
-                empty="No metrics recorded yet.")
+    print_table(
+        ["NAME", "POINTS", "LAST STEP", "LAST", "MIN", "MAX"],
+        map(_metric_row, series),
+        empty="No metrics recorded yet.",
+    )
     return 0
 
 
@@ -429,8 +442,11 @@ def cmd_tokens_create(ctx: Context) -> int:
         # The secret alone on stdout, so `TOKEN=$(opentinker tokens create ...)` works; the rest on stderr.
         print(created.token)
         expires = fmt_time(created.expires_at) + " UTC" if created.expires_at else "never"
-        print(f"Created token {created.name!r} (id {created.id}, scopes {' '.join(created.scopes)}, "
-              f"expires {expires}).", file=sys.stderr)
+        print(
+            f"Created token {created.name!r} (id {created.id}, scopes {' '.join(created.scopes)}, "
+            f"expires {expires}).",
+            file=sys.stderr,
+        )
     print("warning: this is the only time the token is shown; store it somewhere safe now.", file=sys.stderr)
     return 0
 
@@ -474,15 +490,17 @@ def cmd_quota(ctx: Context) -> int:
     if ctx.json:
         print_json(q)
         return 0
-    print_fields([
-        ("max GPUs", q.max_gpus),
-        ("borrowing limit GPUs", q.borrowing_limit_gpus),
-        ("GPU hours per month", q.gpu_hours_per_month),
-        ("max queued jobs", q.max_queued_jobs),
-        ("fair-share weight", q.fair_share_weight),
-        ("allowed pools", q.allowed_pools),
-        ("updated", q.updated_at),
-    ])
+    print_fields(
+        [
+            ("max GPUs", q.max_gpus),
+            ("borrowing limit GPUs", q.borrowing_limit_gpus),
+            ("GPU hours per month", q.gpu_hours_per_month),
+            ("max queued jobs", q.max_queued_jobs),
+            ("fair-share weight", q.fair_share_weight),
+            ("allowed pools", q.allowed_pools),
+            ("updated", q.updated_at),
+        ]
+    )
     return 0
 
 
@@ -509,8 +527,11 @@ def cmd_models(ctx: Context) -> int:
     if ctx.json:
         print_json(models)
         return 0
-    print_table(["NAME", "FAMILY", "PARAMS", "DESCRIPTION"],
-                ([m.name, m.family, m.params, m.description] for m in models), empty="No models.")
+    print_table(
+        ["NAME", "FAMILY", "PARAMS", "DESCRIPTION"],
+        ([m.name, m.family, m.params, m.description] for m in models),
+        empty="No models.",
+    )
     return 0
 
 
@@ -598,8 +619,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add(tokens, "create", cmd_tokens_create, "create a token; its secret is shown once")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--scope", action="append", required=True, metavar="S",
-                   help="jobs:read, jobs:write, envs:read, envs:write or org:admin; repeat for several")
+    p.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        metavar="S",
+        help="jobs:read, jobs:write, envs:read, envs:write or org:admin; repeat for several",
+    )
     p.add_argument("--expires-in-days", type=_positive_int, metavar="N")
     p = add(tokens, "list", cmd_tokens_list, "list your tokens")
     p.add_argument("--limit", type=_positive_int, default=50)

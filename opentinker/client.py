@@ -350,34 +350,6 @@ class JobsAPI:
             body = load_spec(spec).model_dump(mode="json")
         return _parse(Job, self._c._call("POST", "/jobs", json=body))
 
-    def list(
-        self,
-        state: JobState | str | None = None,
-        kind: JobKind | str | None = None,
-        name: str | None = None,
-        limit: int = 50,
-        offset: int = 0,
-    ) -> Page[Job]:
-        params = _drop_none({"state": state, "kind": kind, "name": name, "limit": limit, "offset": offset})
-        return self._c._get_model("/jobs", Page[Job], params=params)
-
-    def iter(
-        self,
-        state: JobState | str | None = None,
-        kind: JobKind | str | None = None,
-        name: str | None = None,
-        page_size: int = 100,
-    ) -> Iterator[Job]:
-        """Every matching job, fetching pages as needed."""
-        offset = 0
-        while True:
-            page = self.list(state=state, kind=kind, name=name, limit=page_size, offset=offset)
-            yield from page.results
-            offset += len(page.results)
-            # ``next`` is only a "there is more" signal: its absolute URL may name an internal host.
-            if not page.results or page.next is None:
-                return
-
     def get(self, job_id: str) -> Job:
         return self._c._get_model(f"/jobs/{_seg(job_id)}", Job)
 
@@ -482,6 +454,36 @@ class JobsAPI:
                 os.unlink(tmp)
             raise
         return dest
+
+    # list/iter come last: a method named ``list`` shadows the builtin in annotations below it.
+
+    def list(
+        self,
+        state: JobState | str | None = None,
+        kind: JobKind | str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Page[Job]:
+        params = _drop_none({"state": state, "kind": kind, "name": name, "limit": limit, "offset": offset})
+        return self._c._get_model("/jobs", Page[Job], params=params)
+
+    def iter(
+        self,
+        state: JobState | str | None = None,
+        kind: JobKind | str | None = None,
+        name: str | None = None,
+        page_size: int = 100,
+    ) -> Iterator[Job]:
+        """Every matching job, fetching pages as needed."""
+        offset = 0
+        while True:
+            page = self.list(state=state, kind=kind, name=name, limit=page_size, offset=offset)
+            yield from page.results
+            offset += len(page.results)
+            # ``next`` is only a "there is more" signal: its absolute URL may name an internal host.
+            if not page.results or page.next is None:
+                return
 
 
 class TokensAPI:

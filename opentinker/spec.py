@@ -18,7 +18,11 @@ SPEC_VERSION = 1
 # Named model presets: built from a config and a tokenizer shipped with the project, so nothing is downloaded.
 # Parameter counts are approximate and shown to users picking a model.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny-qwen2": {"family": "qwen2", "params": "3M", "description": "A few million parameters; CPU demos and tests."},
+    "tiny-qwen2": {
+        "family": "qwen2",
+        "params": "3M",
+        "description": "A few million parameters; CPU demos and tests.",
+    },
     "qwen2.5-0.5b-shape": {
         "family": "qwen2",
         "params": "494M",
@@ -36,13 +40,13 @@ ENV_REF_RE = re.compile(
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 
 
-class JobKind(str, enum.Enum):
+class JobKind(enum.StrEnum):
     RL = "rl"
     SFT = "sft"
     EVAL = "eval"
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     ADMITTED = "admitted"
     RUNNING = "running"
@@ -132,7 +136,9 @@ class EnvironmentSpec(_Strict):
         description="A registry reference `owner/name@version` (version may be `latest`) "
         "or the https:// URL of a remote (OpenEnv-compatible) environment server.",
     )
-    config: dict[str, Any] = Field(default_factory=dict, description="Passed to the environment's constructor.")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Passed to the environment's constructor."
+    )
 
     @field_validator("ref")
     @classmethod
@@ -143,7 +149,9 @@ class EnvironmentSpec(_Strict):
             return v
         if ENV_REF_RE.match(v):
             return v
-        raise ValueError("environment must be `owner/name@version` (e.g. opentinker/arithmetic@1.0.0) or a URL")
+        raise ValueError(
+            "environment must be `owner/name@version` (e.g. opentinker/arithmetic@1.0.0) or a URL"
+        )
 
     @property
     def registry_ref(self) -> EnvironmentRef | None:
@@ -151,7 +159,9 @@ class EnvironmentSpec(_Strict):
 
 
 class DatasetSpec(_Strict):
-    uri: str = Field(..., max_length=1024, description="Chat JSONL in object storage (s3://... or file://...).")
+    uri: str = Field(
+        ..., max_length=1024, description="Chat JSONL in object storage (s3://... or file://...)."
+    )
 
     @field_validator("uri")
     @classmethod
@@ -194,7 +204,9 @@ class ResourcesSpec(_Strict):
     gpu_type: str | None = Field(None, max_length=64)
     cpus: int = Field(1, ge=1, le=1024)
     memory_gb: float = Field(4, gt=0, le=16_384)
-    max_hours: float = Field(1.0, gt=0, le=24 * 31, description="Wall-clock limit; the job is stopped after it.")
+    max_hours: float = Field(
+        1.0, gt=0, le=24 * 31, description="Wall-clock limit; the job is stopped after it."
+    )
     pool: str | None = Field(None, max_length=64, description="Pool name; empty lets the scheduler choose.")
 
 
@@ -274,8 +286,9 @@ def example_rl_spec() -> JobSpec:
         name="arithmetic-grpo",
         model=ModelSpec(base="tiny-qwen2"),
         environment=EnvironmentSpec(ref="opentinker/arithmetic@1.0.0"),
-        algorithm=AlgorithmSpec(name="grpo", steps=20, batch_size=4, group_size=4, learning_rate=1e-4,
-                                max_new_tokens=8),
+        algorithm=AlgorithmSpec(
+            name="grpo", steps=20, batch_size=4, group_size=4, learning_rate=1e-4, max_new_tokens=8
+        ),
         resources=ResourcesSpec(gpus=0, cpus=2, memory_gb=4, max_hours=0.5),
         checkpoint=CheckpointSpec(every_steps=5, keep_last=2),
         seed=1,

@@ -25,8 +25,14 @@ class OrganizationAdmin(admin.ModelAdmin):
 
 @admin.register(Quota)
 class QuotaAdmin(admin.ModelAdmin):
-    list_display = ["organization", "max_gpus", "borrowing_limit_gpus", "gpu_hours_per_month", "max_queued_jobs",
-                    "fair_share_weight"]
+    list_display = [
+        "organization",
+        "max_gpus",
+        "borrowing_limit_gpus",
+        "gpu_hours_per_month",
+        "max_queued_jobs",
+        "fair_share_weight",
+    ]
     search_fields = ["organization__slug"]
 
 
@@ -55,7 +61,16 @@ class JobEventInline(admin.TabularInline):
     model = JobEvent
     extra = 0
     can_delete = False
-    readonly_fields = ["seq", "kind", "created_at", "actor_label", "from_state", "to_state", "message", "data"]
+    readonly_fields = [
+        "seq",
+        "kind",
+        "created_at",
+        "actor_label",
+        "from_state",
+        "to_state",
+        "message",
+        "data",
+    ]
     exclude = ["actor_user", "actor_token"]
 
     def has_add_permission(self, request, obj=None) -> bool:

@@ -456,12 +456,14 @@ class EmbeddedServices:
             return
         # A killed postmaster's backends exit on their own within moments; until they do they hold the old
         # shared memory, so wait for them (they all run in PGDATA), then kill stragglers.
-        leftovers = [p for p in psutil.process_iter() if _runs_in(p.pid, self.pg_data)]
-        _gone, alive = psutil.wait_procs(leftovers, timeout=5)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=5)
+        leftovers = [p.pid for p in psutil.process_iter() if _runs_in(p.pid, self.pg_data)]
+        deadline = time.monotonic() + 5
+        while (alive := [pid for pid in leftovers if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 5)
         # Postgres refuses to start while the pid in the file exists: after a reboot it may be reused by
         # anything, and a killed postmaster may linger as a zombie while its parent (PID 1) is slow to reap.
         pidfile.unlink(missing_ok=True)

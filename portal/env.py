@@ -73,8 +73,6 @@ def ensure_embedded_secrets(path: Path) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        f"SECRET_KEY={secrets.token_urlsafe(50)}\nTOKEN_PEPPER={secrets.token_urlsafe(32)}\n"
-    )
+    tmp.write_text(f"SECRET_KEY={secrets.token_urlsafe(50)}\nTOKEN_PEPPER={secrets.token_urlsafe(32)}\n")
     tmp.chmod(0o600)
     os.replace(tmp, path)

@@ -1,7 +1,7 @@
 """Object storage for checkpoints and artifacts: a local directory (`file://`) or S3 (`s3://`).
 
-The platform only reads here (download links); the runtime writes. A URI is only ever served when it lies under
-the configured OBJECT_STORE_URL, so a forged checkpoint record cannot make the API read arbitrary files.
+The platform only reads here (download links); the runtime writes. A URI is only ever served when it lies
+under the configured OBJECT_STORE_URL, so a forged checkpoint record cannot make the API read arbitrary files.
 """
 
 from __future__ import annotations

@@ -17,9 +17,15 @@ from portal.services.tokens import token_create
 ALL_SCOPES = ["jobs:read", "jobs:write", "envs:read", "envs:write", "org:admin"]
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    # PBKDF2's deliberate slowness costs ~0.3 s per user; tests create many.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def make_user(django_user_model):
-    def make(username: str, *, staff: bool = False, password: str = "correct-horse-battery"):
+    def make(username: str, *, staff: bool = False, password: str = "correct-horse-battery"):  # noqa: S107
         return django_user_model.objects.create_user(
             username=username, email=f"{username}@example.com", password=password, is_staff=staff
         )

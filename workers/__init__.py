@@ -1,1 +1,4 @@
-"""Celery tasks (scheduler, launcher, supervisor, reaper, usage). The Celery app object is portal.celery.app."""
+"""Celery tasks (scheduler, launcher, supervisor, reaper, usage).
+
+The Celery app object is portal.celery.app.
+"""

@@ -24,7 +24,16 @@ class EnvironmentSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = EnvironmentPackage
-        fields = ["owner", "name", "description", "visibility", "tags", "latest_version", "versions", "updated_at"]
+        fields = [
+            "owner",
+            "name",
+            "description",
+            "visibility",
+            "tags",
+            "latest_version",
+            "versions",
+            "updated_at",
+        ]
 
     def get_versions(self, obj) -> list[str]:
         return [v.version for v in version_list(obj)]
@@ -44,13 +53,17 @@ class EnvironmentListApi(APIView):
         offset = serializers.IntegerField(required=False, min_value=0)
 
     @extend_schema(
-        operation_id="envs_list", parameters=[EnvironmentListFilter], responses={200: EnvironmentSerializer(many=True)}
+        operation_id="envs_list",
+        parameters=[EnvironmentListFilter],
+        responses={200: EnvironmentSerializer(many=True)},
     )
     def get(self, request):
         f = self.EnvironmentListFilter(data=_query_dict(request))
         f.is_valid(raise_exception=True)
         qs = package_visible_list(
-            tenant_of(request).organization, q=f.validated_data.get("q", ""), tag=f.validated_data.get("tag", "")
+            tenant_of(request).organization,
+            q=f.validated_data.get("q", ""),
+            tag=f.validated_data.get("tag", ""),
         )
         paginator = Pagination()
         page = paginator.paginate_queryset(qs, request, view=self)

@@ -27,7 +27,7 @@ from portal.selectors.jobs import (
     job_list,
     metric_series,
 )
-from portal.services.jobs import job_cancel, job_submit
+from portal.services.jobs import MAX_IDEMPOTENCY_KEY, job_cancel, job_submit
 
 ERRORS = {code: ErrorSerializer for code in (400, 401, 403, 404, 413, 429)}
 
@@ -52,8 +52,22 @@ class JobOutputSerializer(serializers.ModelSerializer):
     class Meta:
         model = Job
         fields = [
-            "id", "name", "kind", "state", "state_reason", "spec", "organization", "created_by", "priority",
-            "gpus", "pool", "attempt", "created_at", "updated_at", "started_at", "finished_at",
+            "id",
+            "name",
+            "kind",
+            "state",
+            "state_reason",
+            "spec",
+            "organization",
+            "created_by",
+            "priority",
+            "gpus",
+            "pool",
+            "attempt",
+            "created_at",
+            "updated_at",
+            "started_at",
+            "finished_at",
         ]
         read_only_fields = fields
 
@@ -96,9 +110,17 @@ class JobListApi(APIView):
     @extend_schema(
         operation_id="jobs_submit",
         request=JobSpec,
-        responses={201: JobOutputSerializer, **ERRORS},
-        description="Submit a job. The body is a JobSpec. Nothing is stored unless the whole spec is valid and "
-        "within the organization's quota (429 when the queue limit is reached).",
+        parameters=[
+            OpenApiParameter(
+                "Idempotency-Key",
+                OpenApiTypes.STR,
+                OpenApiParameter.HEADER,
+                description="Retrying with the same key returns the job the first request created (200).",
+            )
+        ],
+        responses={200: JobOutputSerializer, 201: JobOutputSerializer, 409: ErrorSerializer, **ERRORS},
+        description="Submit a job; the body is a JobSpec. Nothing is stored unless the whole spec is valid "
+        "and within the organization's quota (429 when the queue limit is reached).",
     )
     def post(self, request):
         tenant = tenant_of(request)
@@ -108,8 +130,17 @@ class JobListApi(APIView):
             spec = JobSpec.model_validate(request.data)
         except pydantic.ValidationError as e:
             raise SpecInvalid(e) from None
-        job = job_submit(organization=tenant.organization, actor=actor_of(request), spec=spec)
-        return Response(JobOutputSerializer(job).data, status=status.HTTP_201_CREATED)
+        key = request.headers.get("Idempotency-Key", "")
+        if len(key) > MAX_IDEMPOTENCY_KEY:
+            raise serializers.ValidationError(
+                {"Idempotency-Key": [f"at most {MAX_IDEMPOTENCY_KEY} characters"]}
+            )
+        job, created = job_submit(
+            organization=tenant.organization, actor=actor_of(request), spec=spec, idempotency_key=key
+        )
+        return Response(
+            JobOutputSerializer(job).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        )
 
 
 def _query_dict(request, multi: tuple[str, ...] = ()) -> dict:
@@ -167,7 +198,9 @@ class JobMetricsApi(APIView):
 
     class JobMetricsFilter(StrictSerializer):
         name = serializers.ListField(
-            child=serializers.CharField(max_length=100), required=False, max_length=50,
+            child=serializers.CharField(max_length=100),
+            required=False,
+            max_length=50,
             help_text="Metric names (repeat the parameter); all metrics when absent.",
         )
         step_min = serializers.IntegerField(required=False, min_value=0)
@@ -185,7 +218,9 @@ class JobMetricsApi(APIView):
             OpenApiParameter("name", OpenApiTypes.STR, many=True, description="Metric name; repeatable."),
             OpenApiParameter("step_min", OpenApiTypes.INT),
             OpenApiParameter("step_max", OpenApiTypes.INT),
-            OpenApiParameter("max_points", OpenApiTypes.INT, description="Downsample each series to this many."),
+            OpenApiParameter(
+                "max_points", OpenApiTypes.INT, description="Downsample each series to this many."
+            ),
         ],
         responses={200: MetricsOutputSerializer, **ERRORS},
     )
@@ -195,7 +230,10 @@ class JobMetricsApi(APIView):
         f.is_valid(raise_exception=True)
         d = f.validated_data
         series = metric_series(
-            job, names=d.get("name"), step_min=d.get("step_min"), step_max=d.get("step_max"),
+            job,
+            names=d.get("name"),
+            step_min=d.get("step_min"),
+            step_max=d.get("step_max"),
             max_points=d["max_points"],
         )
         return Response(MetricsOutputSerializer({"series": series}).data)
@@ -228,7 +266,8 @@ class JobEventsApi(APIView):
         operation_id="jobs_events",
         parameters=[JobEventsFilter],
         responses={200: EventPageSerializer, **ERRORS},
-        description="Events in order, after the given sequence number; `next_after` is null on the last page.",
+        description="Events in order after sequence number `after`. `next_after` is the `after` to send for "
+        "the next page, or null when this page is the last one so far.",
     )
     def get(self, request, job_id):
         job = job_get(tenant_of(request).organization, job_id)
@@ -304,4 +343,6 @@ class CheckpointFileApi(APIView):
         uri = storage.file_uri(checkpoint.uri, name)
         if uri.startswith("s3://"):
             return HttpResponseRedirect(storage.presigned_url(uri))
-        return FileResponse(storage.local_path(uri).open("rb"), as_attachment=True, filename=name.rsplit("/")[-1])
+        return FileResponse(
+            storage.local_path(uri).open("rb"), as_attachment=True, filename=name.rsplit("/")[-1]
+        )

@@ -12,7 +12,13 @@ from api.serializers import StrictSerializer
 from api.tenancy import tenant_of
 from api.views.jobs import ERRORS, Pagination
 from portal.models import Invitation, Membership, Organization, Quota, Role, Scope
-from portal.selectors.orgs import invitation_get, invitation_list, member_get, member_list, membership_list_for_user
+from portal.selectors.orgs import (
+    invitation_get,
+    invitation_list,
+    member_get,
+    member_list,
+    membership_list_for_user,
+)
 from portal.services.orgs import (
     invitation_accept,
     invitation_create,
@@ -108,8 +114,14 @@ class QuotaSerializer(serializers.ModelSerializer):
     class Meta:
         model = Quota
         fields = [
-            "max_gpus", "borrowing_limit_gpus", "gpu_hours_per_month", "max_queued_jobs", "max_cpus_per_job",
-            "fair_share_weight", "allowed_pools", "updated_at",
+            "max_gpus",
+            "borrowing_limit_gpus",
+            "gpu_hours_per_month",
+            "max_queued_jobs",
+            "max_cpus_per_job",
+            "fair_share_weight",
+            "allowed_pools",
+            "updated_at",
         ]
         read_only_fields = ["updated_at"]
 
@@ -189,10 +201,14 @@ class InvitationListApi(APIView):
         email = serializers.EmailField(max_length=254)
         role = serializers.ChoiceField(choices=Role.choices, default=Role.MEMBER)
 
-    @extend_schema(operation_id="invitations_list", responses={200: InvitationSerializer(many=True), **ERRORS})
+    @extend_schema(
+        operation_id="invitations_list", responses={200: InvitationSerializer(many=True), **ERRORS}
+    )
     def get(self, request):
         paginator = Pagination()
-        page = paginator.paginate_queryset(invitation_list(tenant_of(request).organization), request, view=self)
+        page = paginator.paginate_queryset(
+            invitation_list(tenant_of(request).organization), request, view=self
+        )
         return paginator.get_paginated_response(InvitationSerializer(page, many=True).data)
 
     @extend_schema(

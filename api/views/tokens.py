@@ -21,7 +21,17 @@ class TokenOutputSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = ApiToken
-        fields = ["id", "name", "lookup", "scopes", "user", "created_at", "expires_at", "last_used_at", "revoked_at"]
+        fields = [
+            "id",
+            "name",
+            "lookup",
+            "scopes",
+            "user",
+            "created_at",
+            "expires_at",
+            "last_used_at",
+            "revoked_at",
+        ]
         read_only_fields = fields
 
 
@@ -40,7 +50,7 @@ class TokenListApi(APIView):
 
     class TokenCreateInput(StrictSerializer):
         name = serializers.CharField(max_length=100)
-        scopes = serializers.ListField(child=serializers.CharField(max_length=20), max_length=10)
+        scopes = serializers.ListField(child=serializers.ChoiceField(choices=Scope.choices), max_length=10)
         expires_in_days = serializers.IntegerField(
             required=False, allow_null=True, min_value=1, max_value=MAX_EXPIRY_DAYS, default=None
         )
@@ -69,7 +79,9 @@ class TokenListApi(APIView):
                 return _forbidden("creating tokens with a token needs the org:admin scope")
             wider = sorted(set(s.validated_data["scopes"]) - tenant.scopes)
             if wider:
-                return _forbidden(f"a token cannot create a token with more scopes: {', '.join(wider)}", "scopes")
+                return _forbidden(
+                    f"a token cannot create a token with more scopes: {', '.join(wider)}", "scopes"
+                )
         token, secret = token_create(membership=tenant.membership, **s.validated_data)
         data = TokenOutputSerializer(token).data | {"token": secret}
         return Response(data, status=status.HTTP_201_CREATED)
@@ -77,7 +89,9 @@ class TokenListApi(APIView):
 
 def _forbidden(message: str, field: str | None = None) -> Response:
     fields = {field: [message]} if field else {}
-    return Response({"error": {"code": "permission_denied", "message": message, "fields": fields}}, status=403)
+    return Response(
+        {"error": {"code": "permission_denied", "message": message, "fields": fields}}, status=403
+    )
 
 
 class TokenDetailApi(APIView):

@@ -6,52 +6,102 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('portal', '0001_initial'),
+        ("portal", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='EnvironmentPackage',
+            name="EnvironmentPackage",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=64)),
-                ('description', models.CharField(blank=True, default='', max_length=500)),
-                ('visibility', models.CharField(choices=[('private', "Private (its publisher and the organization's admins)"), ('organization', 'Organization'), ('public', 'Public (marketplace)')], default='private', max_length=12)),
-                ('tags', django.contrib.postgres.fields.ArrayField(base_field=models.CharField(max_length=32), blank=True, default=list, size=None)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('organization', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='environments', to='portal.organization')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=64)),
+                ("description", models.CharField(blank=True, default="", max_length=500)),
+                (
+                    "visibility",
+                    models.CharField(
+                        choices=[
+                            ("private", "Private (its publisher and the organization's admins)"),
+                            ("organization", "Organization"),
+                            ("public", "Public (marketplace)"),
+                        ],
+                        default="private",
+                        max_length=12,
+                    ),
+                ),
+                (
+                    "tags",
+                    django.contrib.postgres.fields.ArrayField(
+                        base_field=models.CharField(max_length=32), blank=True, default=list, size=None
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "organization",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="environments",
+                        to="portal.organization",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['organization__slug', 'name'],
+                "ordering": ["organization__slug", "name"],
             },
         ),
         migrations.CreateModel(
-            name='EnvironmentVersion',
+            name="EnvironmentVersion",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('version', models.CharField(max_length=64)),
-                ('manifest', models.JSONField(default=dict)),
-                ('archive_uri', models.CharField(blank=True, default='', max_length=1024)),
-                ('sha256', models.CharField(blank=True, default='', max_length=64)),
-                ('status', models.CharField(choices=[('pending', 'Waiting for validation'), ('valid', 'Valid'), ('invalid', 'Failed validation')], default='pending', max_length=10)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('package', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='versions', to='env_registry.environmentpackage')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("version", models.CharField(max_length=64)),
+                ("manifest", models.JSONField(default=dict)),
+                ("archive_uri", models.CharField(blank=True, default="", max_length=1024)),
+                ("sha256", models.CharField(blank=True, default="", max_length=64)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Waiting for validation"),
+                            ("valid", "Valid"),
+                            ("invalid", "Failed validation"),
+                        ],
+                        default="pending",
+                        max_length=10,
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "package",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="versions",
+                        to="env_registry.environmentpackage",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['package', '-created_at'],
+                "ordering": ["package", "-created_at"],
             },
         ),
         migrations.AddConstraint(
-            model_name='environmentpackage',
-            constraint=models.UniqueConstraint(fields=('organization', 'name'), name='uniq_env_package'),
+            model_name="environmentpackage",
+            constraint=models.UniqueConstraint(fields=("organization", "name"), name="uniq_env_package"),
         ),
         migrations.AddConstraint(
-            model_name='environmentversion',
-            constraint=models.UniqueConstraint(fields=('package', 'version'), name='uniq_env_version'),
+            model_name="environmentversion",
+            constraint=models.UniqueConstraint(fields=("package", "version"), name="uniq_env_version"),
         ),
     ]

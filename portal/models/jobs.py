@@ -35,6 +35,8 @@ class Job(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Set from the Idempotency-Key header: a retried submission returns this job instead of a second one.
+    idempotency_key = models.CharField(max_length=100, blank=True, default="")
     # Next JobEvent.seq; kept on the row so events of one job are numbered without gaps under concurrency.
     next_event_seq = models.PositiveIntegerField(default=1)
 
@@ -44,6 +46,13 @@ class Job(models.Model):
             models.Index(fields=["organization", "state"]),
             models.Index(fields=["organization", "-created_at"]),
             models.Index(fields=["state", "priority", "created_at"]),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "idempotency_key"],
+                condition=~models.Q(idempotency_key=""),
+                name="uniq_job_idempotency_key",
+            )
         ]
 
     def __str__(self) -> str:
@@ -65,7 +74,9 @@ class JobEvent(models.Model):
     actor_user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
-    actor_token = models.ForeignKey(ApiToken, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    actor_token = models.ForeignKey(
+        ApiToken, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
     actor_label = models.CharField(max_length=100, default="system")
     from_state = models.CharField(max_length=12, blank=True, default="")
     to_state = models.CharField(max_length=12, blank=True, default="")
@@ -76,9 +87,15 @@ class JobEvent(models.Model):
         ordering = ["job", "seq"]
         constraints = [models.UniqueConstraint(fields=["job", "seq"], name="uniq_job_event_seq")]
 
+    def __str__(self) -> str:
+        return f"{self.job_id} #{self.seq} {self.kind}"
+
 
 class Metric(models.Model):
-    """One point of one metric at one step. Unique per (job, step, name) so a retried batch never duplicates."""
+    """One point of one metric at one step.
+
+    Unique per (job, name, step), so a retried batch or a resumed job never duplicates a point.
+    """
 
     id = models.BigAutoField(primary_key=True)
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="metrics")
@@ -89,6 +106,9 @@ class Metric(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["job", "name", "step"], name="uniq_metric_point")]
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.step}={self.value}"
 
 
 class Checkpoint(models.Model):
@@ -102,3 +122,6 @@ class Checkpoint(models.Model):
     class Meta:
         ordering = ["job", "step"]
         constraints = [models.UniqueConstraint(fields=["job", "step"], name="uniq_checkpoint_step")]
+
+    def __str__(self) -> str:
+        return f"checkpoint of {self.job_id} at step {self.step}"

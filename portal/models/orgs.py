@@ -27,7 +27,7 @@ class Organization(models.Model):
     slug = models.CharField(max_length=40, unique=True, validators=[SLUG_VALIDATOR])
     name = models.CharField(max_length=100)
     created_at = models.DateTimeField(auto_now_add=True)
-    # Platform organizations (e.g. `opentinker`, owner of the built-in environments) cannot be joined by sign-up.
+    # Platform organizations (e.g. `opentinker`, owner of the built-ins) cannot be joined by sign-up.
     is_platform = models.BooleanField(default=False)
 
     class Meta:
@@ -57,7 +57,9 @@ class Invitation(models.Model):
     role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
     # Only the HMAC of the invitation secret is stored, like API tokens.
     secret_hash = models.CharField(max_length=64, unique=True)
-    invited_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+")
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField()
     accepted_at = models.DateTimeField(null=True, blank=True)

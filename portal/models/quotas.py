@@ -24,7 +24,9 @@ class Quota(models.Model):
     max_cpus_per_job = models.PositiveIntegerField(
         default=8, validators=[MinValueValidator(1), MaxValueValidator(1024)]
     )
-    fair_share_weight = models.FloatField(default=1.0, validators=[MinValueValidator(0.01), MaxValueValidator(1000)])
+    fair_share_weight = models.FloatField(
+        default=1.0, validators=[MinValueValidator(0.01), MaxValueValidator(1000)]
+    )
     allowed_pools = ArrayField(
         models.CharField(max_length=64), default=list, blank=True, help_text="Empty means every pool."
     )

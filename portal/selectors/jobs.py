@@ -15,7 +15,11 @@ MAX_POINTS = 5000
 
 
 def job_list(
-    organization: Organization, *, state: list[str] | None = None, kind: str | None = None, name: str | None = None
+    organization: Organization,
+    *,
+    state: list[str] | None = None,
+    kind: str | None = None,
+    name: str | None = None,
 ) -> QuerySet:
     qs = Job.objects.filter(organization=organization).select_related("organization", "created_by")
     if state:

@@ -10,9 +10,11 @@ from portal.roles import role_at_least
 
 
 def membership_get(*, organization: Organization, user) -> Membership | None:
-    return Membership.objects.select_related("organization", "user").filter(
-        organization=organization, user=user
-    ).first()
+    return (
+        Membership.objects.select_related("organization", "user")
+        .filter(organization=organization, user=user)
+        .first()
+    )
 
 
 def membership_list_for_user(user) -> QuerySet:
@@ -31,7 +33,9 @@ def member_get(organization: Organization, member_id: int) -> Membership:
 
 
 def invitation_list(organization: Organization) -> QuerySet:
-    return Invitation.objects.filter(organization=organization, accepted_at__isnull=True, revoked_at__isnull=True)
+    return Invitation.objects.filter(
+        organization=organization, accepted_at__isnull=True, revoked_at__isnull=True
+    )
 
 
 def invitation_get(organization: Organization, invitation_id: int) -> Invitation:

@@ -30,6 +30,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.CANCELLED: frozenset(),
 }
 MAX_REASON = 500
+MAX_IDEMPOTENCY_KEY = 100
 
 
 def _check_request_size(spec: JobSpec, quota: Quota) -> None:
@@ -42,7 +43,8 @@ def _check_request_size(spec: JobSpec, quota: Quota) -> None:
         )
     if res.cpus > quota.max_cpus_per_job:
         raise QuotaExceeded(
-            f"the job asks for {res.cpus} CPUs; at most {quota.max_cpus_per_job} per job", field="resources.cpus"
+            f"the job asks for {res.cpus} CPUs; at most {quota.max_cpus_per_job} per job",
+            field="resources.cpus",
         )
     if res.gpus and res.gpus * res.max_hours > quota.gpu_hours_per_month:
         raise QuotaExceeded(
@@ -68,16 +70,28 @@ def _check_references(spec: JobSpec, organization: Organization) -> None:
             environment_resolve(organization, ref)
         except NotFound as e:
             raise DomainError(str(e), field="environment.ref") from None
-    for field, uri in (("model.base", spec.model.base), ("dataset.uri", spec.dataset.uri if spec.dataset else "")):
+    for field, uri in (
+        ("model.base", spec.model.base),
+        ("dataset.uri", spec.dataset.uri if spec.dataset else ""),
+    ):
         if uri.startswith(("s3://", "file://")) and not uri.startswith(settings.OBJECT_STORE_URL):
             raise DomainError(f"{uri!r} is outside this platform's object store", field=field)
 
 
-def job_submit(*, organization: Organization, actor: Actor, spec: JobSpec) -> Job:
+def job_submit(
+    *, organization: Organization, actor: Actor, spec: JobSpec, idempotency_key: str = ""
+) -> tuple[Job, bool]:
+    """Store a queued job; returns (job, created). A repeated idempotency key returns the first job."""
     with transaction.atomic():
         # Locking the quota row serializes submissions of one organization, so two racing submissions
-        # cannot both take the last queue slot.
+        # cannot both take the last queue slot (nor both use one idempotency key).
         quota = Quota.objects.select_for_update().get(organization=organization)
+        if idempotency_key:
+            existing = Job.objects.filter(organization=organization, idempotency_key=idempotency_key).first()
+            if existing is not None:
+                if existing.spec != spec.model_dump(mode="json"):
+                    raise Conflict("this Idempotency-Key was used for a different job spec")
+                return existing, False
         _check_request_size(spec, quota)
         _check_references(spec, organization)
         waiting = Job.objects.filter(organization=organization, state__in=[S.QUEUED, S.ADMITTED]).count()
@@ -97,9 +111,10 @@ def job_submit(*, organization: Organization, actor: Actor, spec: JobSpec) -> Jo
             priority=spec.priority,
             gpus=spec.resources.gpus,
             pool=spec.resources.pool or "",
+            idempotency_key=idempotency_key,
         )
         _record(job, actor, kind=JobEvent.Kind.STATE, to_state=S.QUEUED, message="submitted")
-        return job
+        return job, True
 
 
 def _record(
@@ -130,7 +145,9 @@ def _record(
     )
 
 
-def job_event_add(*, job: Job, actor: Actor, kind: str, message: str, data: dict[str, Any] | None = None) -> JobEvent:
+def job_event_add(
+    *, job: Job, actor: Actor, kind: str, message: str, data: dict[str, Any] | None = None
+) -> JobEvent:
     with transaction.atomic():
         job = Job.objects.select_for_update().get(pk=job.pk)
         return _record(job, actor, kind=kind, message=message, data=data)

@@ -46,7 +46,9 @@ class FakeApi:
         path = request.url.raw_path.decode().split("?")[0]
         queue = self.routes.get((request.method, path))
         if not queue:
-            return httpx.Response(418, json={"error": {"code": "unrouted", "message": f"no route {request.url}"}})
+            return httpx.Response(
+                418, json={"error": {"code": "unrouted", "message": f"no route {request.url}"}}
+            )
         reply = queue.pop(0) if len(queue) > 1 else queue[0]
         if isinstance(reply, Exception):
             raise reply
@@ -64,7 +66,9 @@ def ok(body: Any, status: int = 200) -> httpx.Response:
     return httpx.Response(status, json=body)
 
 
-def api_error(status: int, code: str, message: str, fields: dict[str, list[str]] | None = None) -> httpx.Response:
+def api_error(
+    status: int, code: str, message: str, fields: dict[str, list[str]] | None = None
+) -> httpx.Response:
     err: dict[str, Any] = {"code": code, "message": message}
     if fields is not None:
         err["fields"] = fields
@@ -94,8 +98,12 @@ def job_json(**overrides: Any) -> dict[str, Any]:
 
 
 def page(results: list[Any], count: int | None = None, next_url: str | None = None) -> dict[str, Any]:
-    return {"count": len(results) if count is None else count, "next": next_url, "previous": None,
-            "results": results}
+    return {
+        "count": len(results) if count is None else count,
+        "next": next_url,
+        "previous": None,
+        "results": results,
+    }
 
 
 ME = {
@@ -201,8 +209,10 @@ def test_submit_reads_spec_files(api: FakeApi, tmp_path: Path, suffix: str) -> N
     if suffix == ".json":
         path.write_text(json.dumps(data))
     else:
-        path.write_text("kind: rl\nname: from-yaml\nmodel: {base: tiny-qwen2}\n"
-                        "environment: {ref: opentinker/arithmetic@1.0.0}\n")
+        path.write_text(
+            "kind: rl\nname: from-yaml\nmodel: {base: tiny-qwen2}\n"
+            "environment: {ref: opentinker/arithmetic@1.0.0}\n"
+        )
     api.on("POST", "/jobs", ok(job_json(), 201))
     with api.client() as client:
         client.jobs.submit(str(path))
@@ -247,7 +257,9 @@ def test_submit_without_validation_sends_a_dict_as_is(api: FakeApi) -> None:
 
 
 def test_list_sends_filters_and_parses_a_page(api: FakeApi) -> None:
-    api.on("GET", "/jobs", ok(page([job_json(state="running")], count=31, next_url=f"{BASE}/api/v1/jobs?o=30")))
+    api.on(
+        "GET", "/jobs", ok(page([job_json(state="running")], count=31, next_url=f"{BASE}/api/v1/jobs?o=30"))
+    )
     with api.client() as client:
         result = client.jobs.list(state=JobState.RUNNING, kind="rl", limit=10, offset=20)
     assert dict(api.last.url.params) == {"state": "running", "kind": "rl", "limit": "10", "offset": "20"}
@@ -288,15 +300,20 @@ def test_cancel_posts_the_reason(api: FakeApi) -> None:
 
 
 def test_metrics_repeats_name_and_parses_series(api: FakeApi) -> None:
-    body = {"series": [
-        {"name": "reward", "steps": [1, 2, 3], "values": [0.1, None, 0.5], "downsampled": False},
-        {"name": "loss", "steps": [1], "values": [2.0], "downsampled": True},
-    ]}
+    body = {
+        "series": [
+            {"name": "reward", "steps": [1, 2, 3], "values": [0.1, None, 0.5], "downsampled": False},
+            {"name": "loss", "steps": [1], "values": [2.0], "downsampled": True},
+        ]
+    }
     api.on("GET", "/jobs/j1/metrics", ok(body))
     with api.client() as client:
         series = client.jobs.metrics("j1", names=["reward", "loss"], step_min=1, max_points=500)
     assert api.last.url.params.multi_items() == [
-        ("name", "reward"), ("name", "loss"), ("step_min", "1"), ("max_points", "500")
+        ("name", "reward"),
+        ("name", "loss"),
+        ("step_min", "1"),
+        ("max_points", "500"),
     ]
     assert all(isinstance(s, MetricSeries) for s in series)
     assert series[0].points() == [(1, 0.1), (2, None), (3, 0.5)]
@@ -305,12 +322,23 @@ def test_metrics_repeats_name_and_parses_series(api: FakeApi) -> None:
 
 def test_events_and_iter_events(api: FakeApi) -> None:
     def event(seq: int) -> dict[str, Any]:
-        return {"seq": seq, "kind": "state", "created_at": "2025-03-01T12:00:00Z", "actor": "scheduler",
-                "from_state": "queued", "to_state": "admitted", "message": "", "data": {}}
+        return {
+            "seq": seq,
+            "kind": "state",
+            "created_at": "2025-03-01T12:00:00Z",
+            "actor": "scheduler",
+            "from_state": "queued",
+            "to_state": "admitted",
+            "message": "",
+            "data": {},
+        }
 
-    api.on("GET", "/jobs/j1/events",
-           ok({"results": [event(1), event(2)], "next_after": 2}),
-           ok({"results": [event(3)], "next_after": None}))
+    api.on(
+        "GET",
+        "/jobs/j1/events",
+        ok({"results": [event(1), event(2)], "next_after": 2}),
+        ok({"results": [event(3)], "next_after": None}),
+    )
     with api.client() as client:
         first = client.jobs.events("j1", after=0, limit=2)
         rest = list(client.jobs.iter_events("j1", after=2, page_size=2))
@@ -322,11 +350,18 @@ def test_events_and_iter_events(api: FakeApi) -> None:
 
 def test_wait_polls_until_terminal_and_reports_each_event_once(api: FakeApi) -> None:
     def events(seqs: list[int]) -> httpx.Response:
-        return ok({"results": [{"seq": s, "kind": "state", "to_state": "x"} for s in seqs],
-                   "next_after": seqs[-1] if seqs else None})
+        return ok(
+            {
+                "results": [{"seq": s, "kind": "state", "to_state": "x"} for s in seqs],
+                "next_after": seqs[-1] if seqs else None,
+            }
+        )
 
-    api.on("GET", "/jobs/j1/events", events([1]), events([]), events([2, 3]), events([]))
-    api.on("GET", "/jobs/j1", ok(job_json(id="j1", state="running")), ok(job_json(id="j1", state="succeeded")))
+    # Poll 1: event 1, running. Poll 2: event 2, succeeded, then a final drain finds event 3.
+    api.on("GET", "/jobs/j1/events", events([1]), events([2]), events([3]))
+    api.on(
+        "GET", "/jobs/j1", ok(job_json(id="j1", state="running")), ok(job_json(id="j1", state="succeeded"))
+    )
     seen: list[int] = []
     sleeps: list[float] = []
     with api.client() as client:
@@ -336,7 +371,7 @@ def test_wait_polls_until_terminal_and_reports_each_event_once(api: FakeApi) -> 
     assert seen == [1, 2, 3]
     assert sleeps == [0.25]
     afters = [r.url.params.get("after") for r in api.requests if r.url.path.endswith("/events")]
-    assert afters[0] is None and afters[-1] == "3"
+    assert afters == [None, "1", "2"]
 
 
 def test_checkpoints_parse(api: FakeApi) -> None:
@@ -353,8 +388,11 @@ def test_checkpoints_parse(api: FakeApi) -> None:
 
 def test_download_follows_a_redirect_without_leaking_the_token(api: FakeApi, tmp_path: Path) -> None:
     presigned = "https://storage.test/bucket/ck1/adapter.safetensors?X-Amz-Signature=abc"
-    api.on("GET", "/jobs/j1/checkpoints/ck1/files/adapter.safetensors",
-           httpx.Response(302, headers={"location": presigned}))
+    api.on(
+        "GET",
+        "/jobs/j1/checkpoints/ck1/files/adapter.safetensors",
+        httpx.Response(302, headers={"location": presigned}),
+    )
     storage_requests: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -365,8 +403,9 @@ def test_download_follows_a_redirect_without_leaking_the_token(api: FakeApi, tmp
 
     dest = tmp_path / "out" / "adapter.safetensors"
     with Client(BASE, TOKEN, transport=httpx.MockTransport(handler)) as client:
-        path = client.jobs.download("j1", "ck1", "adapter.safetensors", dest,
-                                    sha256=hashlib.sha256(CHECKPOINT_BYTES).hexdigest())
+        path = client.jobs.download(
+            "j1", "ck1", "adapter.safetensors", dest, sha256=hashlib.sha256(CHECKPOINT_BYTES).hexdigest()
+        )
     assert path == dest and dest.read_bytes() == CHECKPOINT_BYTES
     assert api.last.headers["authorization"] == f"Bearer {TOKEN}"
     assert "authorization" not in storage_requests[0].headers
@@ -391,8 +430,12 @@ def test_download_error_keeps_an_existing_file(api: FakeApi, tmp_path: Path) -> 
 
 
 def test_download_retries_a_503(api: FakeApi, tmp_path: Path) -> None:
-    api.on("GET", "/jobs/j1/checkpoints/ck1/files/dir/a.bin",
-           api_error(503, "unavailable", "busy"), httpx.Response(200, content=b"data"))
+    api.on(
+        "GET",
+        "/jobs/j1/checkpoints/ck1/files/dir/a.bin",
+        api_error(503, "unavailable", "busy"),
+        httpx.Response(200, content=b"data"),
+    )
     with api.client() as client:
         client.jobs.download("j1", "ck1", "dir/a.bin", tmp_path / "a.bin")
     assert len(api.requests) == 2 and (tmp_path / "a.bin").read_bytes() == b"data"
@@ -424,19 +467,56 @@ def test_create_token_without_expiry_sends_null(api: FakeApi) -> None:
     api.on("POST", "/tokens", ok({**TOKEN_JSON, "token": "otk_x_y"}, 201))
     with api.client() as client:
         client.tokens.create("ci", ["jobs:read", "jobs:write"])
-    assert json.loads(api.last.content) == {"name": "ci", "scopes": ["jobs:read", "jobs:write"],
-                                            "expires_in_days": None}
+    assert json.loads(api.last.content) == {
+        "name": "ci",
+        "scopes": ["jobs:read", "jobs:write"],
+        "expires_in_days": None,
+    }
 
 
 def test_org_quota_members_models(api: FakeApi) -> None:
-    api.on("GET", "/org", ok({"slug": "acme", "name": "Acme", "role": "admin", "created_at": "2025-01-01T00:00:00Z"}))
-    api.on("GET", "/org/quota", ok({"max_gpus": 8, "borrowing_limit_gpus": 4, "gpu_hours_per_month": 1000,
-                                    "max_queued_jobs": 20, "fair_share_weight": 1.5, "allowed_pools": ["a100"],
-                                    "updated_at": "2025-01-01T00:00:00Z"}))
-    api.on("GET", "/org/members", ok(page([{"id": 1, "username": "alice", "email": "a@x", "role": "admin",
-                                            "joined_at": "2025-01-01T00:00:00Z"}])))
-    api.on("GET", "/models", ok({"results": [{"name": "tiny-qwen2", "family": "qwen2", "params": "3M",
-                                              "description": "tiny"}]}))
+    api.on(
+        "GET",
+        "/org",
+        ok({"slug": "acme", "name": "Acme", "role": "admin", "created_at": "2025-01-01T00:00:00Z"}),
+    )
+    api.on(
+        "GET",
+        "/org/quota",
+        ok(
+            {
+                "max_gpus": 8,
+                "borrowing_limit_gpus": 4,
+                "gpu_hours_per_month": 1000,
+                "max_queued_jobs": 20,
+                "fair_share_weight": 1.5,
+                "allowed_pools": ["a100"],
+                "updated_at": "2025-01-01T00:00:00Z",
+            }
+        ),
+    )
+    api.on(
+        "GET",
+        "/org/members",
+        ok(
+            page(
+                [
+                    {
+                        "id": 1,
+                        "username": "alice",
+                        "email": "a@x",
+                        "role": "admin",
+                        "joined_at": "2025-01-01T00:00:00Z",
+                    }
+                ]
+            )
+        ),
+    )
+    api.on(
+        "GET",
+        "/models",
+        ok({"results": [{"name": "tiny-qwen2", "family": "qwen2", "params": "3M", "description": "tiny"}]}),
+    )
     with api.client() as client:
         assert client.org().slug == "acme"
         quota = client.quota()
@@ -449,8 +529,15 @@ def test_org_quota_members_models(api: FakeApi) -> None:
 
 
 def test_envs_list_and_get(api: FakeApi) -> None:
-    env = {"owner": "opentinker", "name": "arithmetic", "description": "sums", "visibility": "public",
-           "tags": ["math"], "latest_version": "1.0.0", "versions": ["1.0.0"]}
+    env = {
+        "owner": "opentinker",
+        "name": "arithmetic",
+        "description": "sums",
+        "visibility": "public",
+        "tags": ["math"],
+        "latest_version": "1.0.0",
+        "versions": ["1.0.0"],
+    }
     api.on("GET", "/envs", ok(page([env])))
     api.on("GET", "/envs/opentinker/arithmetic", ok(env))
     with api.client() as client:
@@ -491,10 +578,19 @@ def test_error_statuses_map_to_exceptions(api: FakeApi, status: int, exc_class: 
 
 
 def test_validation_error_fields_are_in_the_message(api: FakeApi) -> None:
-    api.on("POST", "/jobs", api_error(400, "invalid", "Invalid job spec.", {
-        "resources.gpus": ["Exceeds your quota of 8 GPUs."],
-        "environment.ref": ["Unknown environment.", "Check the version."],
-    }))
+    api.on(
+        "POST",
+        "/jobs",
+        api_error(
+            400,
+            "invalid",
+            "Invalid job spec.",
+            {
+                "resources.gpus": ["Exceeds your quota of 8 GPUs."],
+                "environment.ref": ["Unknown environment.", "Check the version."],
+            },
+        ),
+    )
     with api.client() as client, pytest.raises(errors.ValidationError) as info:
         client.jobs.submit(example_rl_spec())
     assert info.value.fields == {
@@ -555,13 +651,20 @@ def test_post_is_never_retried(api: FakeApi) -> None:
 
 def test_post_timeout_is_not_retried_and_says_it_may_have_applied(api: FakeApi) -> None:
     api.on("POST", "/jobs", httpx.ReadTimeout("timed out"))
-    with api.client() as client, pytest.raises(errors.ApiConnectionError, match="may or may not have been applied"):
+    with (
+        api.client() as client,
+        pytest.raises(errors.ApiConnectionError, match="may or may not have been applied"),
+    ):
         client.jobs.submit(example_rl_spec())
     assert len(api.requests) == 1
 
 
 def test_non_json_success_is_a_clear_error(api: FakeApi) -> None:
-    api.on("GET", "/me", httpx.Response(200, text="<html>login page</html>", headers={"content-type": "text/html"}))
+    api.on(
+        "GET",
+        "/me",
+        httpx.Response(200, text="<html>login page</html>", headers={"content-type": "text/html"}),
+    )
     with api.client() as client, pytest.raises(errors.OpenTinkerError, match="did not answer with JSON"):
         client.me()
 
@@ -583,7 +686,9 @@ def test_redirected_post_is_refused(api: FakeApi) -> None:
 # --- configuration ---------------------------------------------------------------------------------------
 
 
-def test_from_env_prefers_env_vars_over_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_from_env_prefers_env_vars_over_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"url": "https://saved.test", "token": "otk_saved_x"}))
     monkeypatch.setenv("OPENTINKER_CONFIG", str(cfg))
@@ -624,6 +729,8 @@ assert not heavy, heavy
 print("ok")
 """
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
