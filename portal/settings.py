@@ -175,6 +175,7 @@ SPECTACULAR_SETTINGS = {
         "JobStateEnum": "opentinker.spec.JobState",
         "JobKindEnum": "opentinker.spec.JobKind",
         "RoleEnum": "portal.models.orgs.Role",
+        "ScopeEnum": "portal.models.tokens.Scope",
     },
     "APPEND_COMPONENTS": {
         "securitySchemes": {

@@ -17,7 +17,7 @@ from portal.services.tokens import MAX_EXPIRY_DAYS, token_create, token_revoke
 
 class TokenOutputSerializer(serializers.ModelSerializer):
     user = serializers.SlugRelatedField(slug_field="username", read_only=True)
-    scopes = serializers.ListField(child=serializers.ChoiceField(choices=Scope.values))
+    scopes = serializers.ListField(child=serializers.ChoiceField(choices=Scope.choices))
 
     class Meta:
         model = ApiToken

@@ -1,0 +1,79 @@
+"""`make demo`'s runner: everything up, the login and a working token printed, everything stopped on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from portal.embedded import EmbeddedServices
+
+BASE = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_demo_runs_in_the_foreground_and_stops_everything(tmp_path):
+    var = tmp_path / "var"
+    env = {**os.environ, "OPENTINKER_VAR_DIR": str(var)}
+    env.pop("DATABASE_URL")
+    env.pop("REDIS_URL")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "portal.demo", "--port", "0"],
+        cwd=BASE,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        out = "".join(lines)
+        url = re.search(r"OpenTinker is up:\s+(\S+)", out).group(1)
+        user, password = re.search(r"Sign in:\s+(\S+) / (\S+)", out).groups()
+        token = re.search(r"API token:\s+(otk_\S+)", out).group(1)
+        assert user == "demo" and len(password) >= 12
+
+        me = httpx.get(f"{url}/api/v1/me", headers={"Authorization": f"Bearer {token}"}).json()
+        assert me["organization"]["slug"] == "demo" and me["role"] == "owner"
+        login_page = httpx.get(f"{url}/accounts/login/")
+        assert login_page.status_code == 200 and 'name="password"' in login_page.text
+        assert (var / "services.env").exists()
+        # The Celery worker is up and connected to the broker.
+        assert _wait_for(lambda: "celery" in _children(proc.pid))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, rest
+    assert "Stopped." in rest
+    status = EmbeddedServices(var).status()
+    assert not status["postgres"]["running"] and not status["valkey"]["running"]
+    assert not (var / "services.env").exists()
+    assert _children(proc.pid) == ""
+
+
+def _children(pid: int) -> str:
+    return subprocess.run(["ps", "--ppid", str(pid), "-o", "args="], capture_output=True, text=True).stdout
+
+
+def _wait_for(predicate, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
