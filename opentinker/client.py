@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -232,9 +233,11 @@ class Client:
         body = self._call("GET", path, params=params)
         return [_parse(model, item) for item in _list_field(body, "results")]
 
-    def _call(self, method: str, path: str, *, params: Any = None, json: Any = None) -> Any:
+    def _call(
+        self, method: str, path: str, *, params: Any = None, json: Any = None, headers: Any = None
+    ) -> Any:
         """Send a request and return its decoded JSON body (None for 204)."""
-        response = self._send(method, path, params=params, json=json, stream=False)
+        response = self._send(method, path, params=params, json=json, headers=headers, stream=False)
         if response.status_code == 204 or not response.content:
             return None
         try:
@@ -256,12 +259,22 @@ class Client:
             response.close()
 
     def _send(
-        self, method: str, path: str, *, params: Any = None, json: Any = None, stream: bool
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Any = None,
+        json: Any = None,
+        headers: Any = None,
+        stream: bool,
     ) -> httpx.Response:
-        attempts = 1 + (max(self.max_retries, 0) if method == "GET" else 0)
+        # A POST carrying an Idempotency-Key is as safe to retry as a GET: the server answers a repeat
+        # with the first result.
+        retry_safe = method == "GET" or bool(headers and headers.get("Idempotency-Key"))
+        attempts = 1 + (max(self.max_retries, 0) if retry_safe else 0)
         for attempt in range(attempts):
             last = attempt == attempts - 1
-            request = self._http.build_request(method, path, params=params, json=json)
+            request = self._http.build_request(method, path, params=params, json=json, headers=headers)
             try:
                 # Redirects only for GET: httpx turns a redirected POST into a GET. httpx drops the
                 # Authorization header when a redirect leaves the origin (e.g. to a presigned storage URL).
@@ -341,14 +354,19 @@ class JobsAPI:
     def __init__(self, client: Client) -> None:
         self._c = client
 
-    def submit(self, spec: SpecSource, *, validate: bool = True) -> Job:
+    def submit(self, spec: SpecSource, *, validate: bool = True, idempotency_key: str | None = None) -> Job:
         """Submit a job. The spec is validated locally first; ``validate=False`` sends a dict as-is (for
-        fields a newer server knows and this SDK does not)."""
+        fields a newer server knows and this SDK does not).
+
+        Every submission carries an Idempotency-Key (a fresh one unless given), so a submission lost to a
+        network error is retried without ever creating a second job.
+        """
         if not validate and isinstance(spec, Mapping):
             body: Any = dict(spec)
         else:
             body = load_spec(spec).model_dump(mode="json")
-        return _parse(Job, self._c._call("POST", "/jobs", json=body))
+        key = idempotency_key or str(uuid.uuid4())
+        return _parse(Job, self._c._call("POST", "/jobs", json=body, headers={"Idempotency-Key": key}))
 
     def get(self, job_id: str) -> Job:
         return self._c._get_model(f"/jobs/{_seg(job_id)}", Job)

@@ -642,21 +642,43 @@ def test_connection_error_after_retries(api: FakeApi) -> None:
     assert len(api.requests) == 3
 
 
-def test_post_is_never_retried(api: FakeApi) -> None:
-    api.on("POST", "/jobs", api_error(503, "unavailable", "busy"), ok(job_json(), 201))
+def test_post_without_idempotency_key_is_never_retried(api: FakeApi) -> None:
+    api.on("POST", "/jobs/j1/cancel", api_error(503, "unavailable", "busy"), ok(job_json(), 200))
     with api.client() as client, pytest.raises(errors.ServerError):
-        client.jobs.submit(example_rl_spec())
+        client.jobs.cancel("j1")
     assert len(api.requests) == 1
 
 
 def test_post_timeout_is_not_retried_and_says_it_may_have_applied(api: FakeApi) -> None:
-    api.on("POST", "/jobs", httpx.ReadTimeout("timed out"))
+    api.on("POST", "/jobs/j1/cancel", httpx.ReadTimeout("timed out"))
     with (
         api.client() as client,
         pytest.raises(errors.ApiConnectionError, match="may or may not have been applied"),
     ):
-        client.jobs.submit(example_rl_spec())
+        client.jobs.cancel("j1")
     assert len(api.requests) == 1
+
+
+def test_submit_is_retried_with_one_idempotency_key(api: FakeApi) -> None:
+    api.on(
+        "POST",
+        "/jobs",
+        httpx.ReadTimeout("timed out"),
+        api_error(503, "unavailable", "busy"),
+        ok(job_json(), 201),
+    )
+    with api.client() as client:
+        job = client.jobs.submit(example_rl_spec())
+    assert job.id == job_json()["id"]
+    keys = {r.headers["Idempotency-Key"] for r in api.requests}
+    assert len(api.requests) == 3 and len(keys) == 1
+
+
+def test_submit_uses_the_given_idempotency_key(api: FakeApi) -> None:
+    api.on("POST", "/jobs", ok(job_json(), 200))
+    with api.client() as client:
+        client.jobs.submit(example_rl_spec(), idempotency_key="nightly-2026-11-25")
+    assert api.requests[0].headers["Idempotency-Key"] == "nightly-2026-11-25"
 
 
 def test_non_json_success_is_a_clear_error(api: FakeApi) -> None:
