@@ -159,4 +159,4 @@ def test_cli_end_to_end(live_server, alice, acme, charlie, globex, make_token, t
         == 0
     )
     hidden = _cli("jobs", "show", job_id, config=other)
-    assert hidden.returncode == 1 and "not found" in hidden.stderr.lower()
+    assert hidden.returncode == 1 and hidden.stderr == "error: no such job (HTTP 404)\n"

@@ -1,4 +1,4 @@
-"""`make demo`'s runner: everything up, the login and a working token printed, everything stopped on SIGTERM."""
+"""`make demo`'s runner: everything up, the login and a working token printed, all stopped on SIGTERM."""
 
 from __future__ import annotations
 

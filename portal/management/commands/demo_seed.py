@@ -16,7 +16,7 @@ from portal.services.tokens import token_create
 
 DEMO_USER = "demo"
 DEMO_ORG = "demo"
-TOKEN_NAME = "demo-cli"
+TOKEN_NAME = "demo-cli"  # noqa: S105 (a label, not a secret)
 
 
 class Command(BaseCommand):
