@@ -30,8 +30,36 @@ class LimitedJSONParser(JSONParser):
         if not raw:
             return {}
         try:
-            return json.loads(raw.decode("utf-8"))
+            data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
         except UnicodeDecodeError:
             raise ParseError("request body is not UTF-8") from None
         except json.JSONDecodeError as e:
             raise ParseError(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        except RecursionError:
+            raise ParseError(f"JSON is nested more than {MAX_DEPTH} levels deep") from None
+        _check_values(data)
+        return data
+
+
+MAX_DEPTH = 32
+
+
+def _refuse_constant(name: str):
+    # NaN and Infinity are not JSON; Python's json accepts them unless told otherwise.
+    raise ParseError(f"{name} is not valid JSON; use a number or null")
+
+
+def _check_values(value, depth: int = 0) -> None:
+    """Refuse what PostgreSQL's jsonb cannot store (NUL characters) and absurd nesting."""
+    if depth > MAX_DEPTH:
+        raise ParseError(f"JSON is nested more than {MAX_DEPTH} levels deep")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ParseError("strings must not contain NUL (\\u0000) characters")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_values(key, depth + 1)
+            _check_values(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_values(item, depth + 1)

@@ -230,6 +230,13 @@ class JobSpec(_Strict):
     priority: int = Field(0, ge=-10, le=10, description="Within the organization's own queue.")
     resume_from: str | None = Field(None, max_length=1024, description="A checkpoint URI to resume from.")
 
+    @field_validator("resume_from")
+    @classmethod
+    def _resume_uri(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(STORAGE_SCHEMES):
+            raise ValueError(f"resume_from must be a checkpoint URI ({', '.join(STORAGE_SCHEMES)})")
+        return v
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str | None) -> str | None:

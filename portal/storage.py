@@ -6,6 +6,7 @@ under the configured OBJECT_STORE_URL, so a forged checkpoint record cannot make
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
@@ -21,9 +22,29 @@ def _join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + str(rel)
 
 
+def normalize(uri: str) -> str:
+    """`scheme://netloc/path` with `.`, `..` and doubled slashes resolved, and no trailing slash."""
+    parsed = urlparse(uri)
+    path = posixpath.normpath("/" + parsed.path.lstrip("/")) if parsed.path else "/"
+    return f"{parsed.scheme}://{parsed.netloc}{path.rstrip('/')}"
+
+
+def _under(uri: str, prefix: str) -> bool:
+    # Compare whole path segments: `store-other/` is not inside `store/`.
+    return normalize(uri).startswith(normalize(prefix) + "/")
+
+
 def _inside_store(uri: str) -> bool:
-    root = settings.OBJECT_STORE_URL.rstrip("/") + "/"
-    return uri.startswith(root)
+    return _under(uri, settings.OBJECT_STORE_URL)
+
+
+def organization_prefix(slug: str) -> str:
+    """Where an organization's uploads, checkpoints and artifacts live; its jobs may read only here."""
+    return f"{normalize(settings.OBJECT_STORE_URL)}/orgs/{slug}"
+
+
+def organization_may_read(uri: str, slug: str) -> bool:
+    return _under(uri, organization_prefix(slug))
 
 
 def file_uri(prefix_uri: str, name: str) -> str:

@@ -59,7 +59,9 @@ class TokenListApi(APIView):
     def get(self, request):
         tenant = tenant_of(request)
         paginator = Pagination()
-        page = paginator.paginate_queryset(token_list(tenant.membership), request, view=self)
+        page = paginator.paginate_queryset(
+            token_list(tenant.membership, manage_all=_manages_all(tenant)), request, view=self
+        )
         return paginator.get_paginated_response(TokenOutputSerializer(page, many=True).data)
 
     @extend_schema(
@@ -87,6 +89,11 @@ class TokenListApi(APIView):
         return Response(data, status=status.HTTP_201_CREATED)
 
 
+def _manages_all(tenant) -> bool:
+    # Seeing and revoking teammates' tokens is org:admin work, whether through a session or a token.
+    return Scope.ORG_ADMIN in tenant.scopes
+
+
 def _forbidden(message: str, field: str | None = None) -> Response:
     fields = {field: [message]} if field else {}
     return Response(
@@ -100,12 +107,14 @@ class TokenDetailApi(APIView):
 
     @extend_schema(operation_id="tokens_get", responses={200: TokenOutputSerializer, **ERRORS})
     def get(self, request, token_id: int):
-        token = token_get(tenant_of(request).membership, token_id)
+        tenant = tenant_of(request)
+        token = token_get(tenant.membership, token_id, manage_all=_manages_all(tenant))
         return Response(TokenOutputSerializer(token).data)
 
     @extend_schema(operation_id="tokens_revoke", responses={204: None, **ERRORS})
     def delete(self, request, token_id: int):
         tenant = tenant_of(request)
-        token = token_get(tenant.membership, token_id)
-        token_revoke(by=tenant.membership, token=token)
+        manage_all = _manages_all(tenant)
+        token = token_get(tenant.membership, token_id, manage_all=manage_all)
+        token_revoke(by=tenant.membership, token=token, manage_all=manage_all)
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from django.db.models import QuerySet
 
 from portal.errors import NotFound
-from portal.models import ApiToken, Invitation, Membership, Organization, Role
-from portal.roles import role_at_least
+from portal.models import ApiToken, Invitation, Membership, Organization
 
 
 def membership_get(*, organization: Organization, user) -> Membership | None:
@@ -45,16 +44,16 @@ def invitation_get(organization: Organization, invitation_id: int) -> Invitation
         raise NotFound("no such invitation") from None
 
 
-def token_list(membership: Membership) -> QuerySet:
-    """Admins see every token of the organization; others see their own."""
+def token_list(membership: Membership, *, manage_all: bool) -> QuerySet:
+    """With org:admin (`manage_all`), every token of the organization; otherwise the caller's own."""
     qs = ApiToken.objects.filter(organization=membership.organization).select_related("user")
-    if not role_at_least(membership.role, Role.ADMIN):
+    if not manage_all:
         qs = qs.filter(user=membership.user)
     return qs.order_by("-created_at")
 
 
-def token_get(membership: Membership, token_id: int) -> ApiToken:
+def token_get(membership: Membership, token_id: int, *, manage_all: bool) -> ApiToken:
     try:
-        return token_list(membership).get(pk=token_id)
+        return token_list(membership, manage_all=manage_all).get(pk=token_id)
     except ApiToken.DoesNotExist:
         raise NotFound("no such token") from None

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from opentinker.spec import TERMINAL_STATES, JobSpec, JobState
+from portal import storage
 from portal.actors import Actor
 from portal.errors import Conflict, DomainError, QuotaExceeded
 from portal.models import Job, JobEvent, Organization, Quota
@@ -70,12 +70,16 @@ def _check_references(spec: JobSpec, organization: Organization) -> None:
             environment_resolve(organization, ref)
         except NotFound as e:
             raise DomainError(str(e), field="environment.ref") from None
-    for field, uri in (
-        ("model.base", spec.model.base),
-        ("dataset.uri", spec.dataset.uri if spec.dataset else ""),
-    ):
-        if uri.startswith(("s3://", "file://")) and not uri.startswith(settings.OBJECT_STORE_URL):
-            raise DomainError(f"{uri!r} is outside this platform's object store", field=field)
+    uris = {
+        "model.base": "" if spec.model.is_preset else spec.model.base,
+        "dataset.uri": spec.dataset.uri if spec.dataset else "",
+        "resume_from": spec.resume_from or "",
+    }
+    prefix = storage.organization_prefix(organization.slug)
+    for field, uri in uris.items():
+        # A job reads only its own organization's objects: never another tenant's checkpoints or data.
+        if uri and not storage.organization_may_read(uri, organization.slug):
+            raise DomainError(f"{uri!r} is not in your organization's storage ({prefix}/...)", field=field)
 
 
 def job_submit(

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from portal.errors import DomainError, Forbidden
 from portal.models import ApiToken, Membership, Scope
-from portal.roles import role_at_least, scopes_for
+from portal.roles import scopes_for
 from portal.services.secrets import secret_hash, secret_matches
 
 TOKEN_RE = re.compile(r"^otk_(?P<lookup>[0-9a-f]{12})_(?P<secret>[A-Za-z0-9_-]{43})$")
@@ -84,9 +84,10 @@ def token_effective_scopes(token: ApiToken, membership: Membership) -> frozenset
     return frozenset(token.scopes) & scopes_for(membership.role, is_staff=membership.user.is_staff)
 
 
-def token_revoke(*, by: Membership, token: ApiToken) -> ApiToken:
-    if token.user_id != by.user_id and not role_at_least(by.role, "admin"):
-        raise Forbidden("only the token's owner or an organization admin can revoke it")
+def token_revoke(*, by: Membership, token: ApiToken, manage_all: bool) -> ApiToken:
+    """`manage_all`: the caller acts with org:admin (an admin's session, or a token holding that scope)."""
+    if token.user_id != by.user_id and not manage_all:
+        raise Forbidden("only the token's owner or an organization admin (org:admin) can revoke it")
     if token.revoked_at is None:
         token.revoked_at = timezone.now()
         token.save(update_fields=["revoked_at"])

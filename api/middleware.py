@@ -1,0 +1,42 @@
+"""Body size limits for the API, enforced before anything reads the body."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.http import JsonResponse
+
+BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def _error(status: int, code: str, message: str) -> JsonResponse:
+    return JsonResponse({"error": {"code": code, "message": message, "fields": {}}}, status=status)
+
+
+class ApiBodyLimitMiddleware:
+    """Answer 413 for API bodies over API_MAX_BODY_BYTES and 411 for bodies of unknown length.
+
+    It runs before Django or DRF buffer the body, so an oversized request costs nothing and gets the API's
+    JSON error shape rather than Django's HTML 400 page. A chunked body has no length to check up front;
+    clients (our SDK, curl, browsers) always send Content-Length for JSON, so the API requires it.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if request.path.startswith("/api/") and request.method in BODY_METHODS:
+            limit = settings.API_MAX_BODY_BYTES
+            length = request.META.get("CONTENT_LENGTH")
+            if not length:
+                if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+                    return _error(411, "length_required", "send the body with a Content-Length header")
+            else:
+                try:
+                    size = int(length)
+                except ValueError:
+                    return _error(400, "parse_error", "Content-Length is not a number")
+                if size > limit:
+                    return _error(
+                        413, "payload_too_large", f"request body is {size} bytes; the limit is {limit} bytes"
+                    )
+        return self.get_response(request)
