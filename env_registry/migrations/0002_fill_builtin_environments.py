@@ -14,7 +14,7 @@ BUILTINS = [
         "manifest": {
             "name": "arithmetic",
             "version": "1.0.0",
-            "entrypoint": "opentinker.envs.arithmetic:ArithmeticEnv",
+            "entrypoint": "opentinker.env.builtin.arithmetic:ArithmeticEnv",
             "protocol": "single-turn",
             "roles": ["agent"],
             "license": "Apache-2.0",
