@@ -13,7 +13,7 @@ def _error(status: int, code: str, message: str) -> JsonResponse:
 
 
 class ApiBodyLimitMiddleware:
-    """Answer 413 for API bodies over API_MAX_BODY_BYTES and 411 for bodies of unknown length.
+    """Answer 404 for API paths holding NUL characters, 413 for API bodies over API_MAX_BODY_BYTES and 411 for bodies of unknown length.
 
     It runs before Django or DRF buffer the body, so an oversized request costs nothing and gets the API's
     JSON error shape rather than Django's HTML 400 page. A chunked body has no length to check up front;
@@ -24,6 +24,9 @@ class ApiBodyLimitMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
+        if request.path.startswith("/api/") and "\x00" in request.path:
+            # PostgreSQL cannot even compare a string holding NUL; no object's id or name contains one.
+            return _error(404, "not_found", "not found")
         if request.path.startswith("/api/") and request.method in BODY_METHODS:
             limit = settings.API_MAX_BODY_BYTES
             length = request.META.get("CONTENT_LENGTH")

@@ -9,6 +9,20 @@ def healthz(request):
     return JsonResponse({"status": "ok"})
 
 
+def not_found(request, exception=None):
+    # Programs get the API's JSON error shape for unknown API URLs; people get Django's page.
+    if request.path.startswith("/api/"):
+        return JsonResponse(
+            {"error": {"code": "not_found", "message": "not found", "fields": {}}}, status=404
+        )
+    from django.views.defaults import page_not_found
+
+    return page_not_found(request, exception)
+
+
+handler404 = not_found
+
+
 urlpatterns = [
     path("healthz", healthz),
     path("api/", include("api.urls")),

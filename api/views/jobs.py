@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pydantic
 from django.http import FileResponse, HttpResponseRedirect
 from drf_spectacular.types import OpenApiTypes
@@ -127,7 +129,8 @@ class JobListApi(APIView):
         if not isinstance(request.data, dict):
             raise serializers.ValidationError({"body": ["expected a JSON object (a JobSpec)"]})
         try:
-            spec = JobSpec.model_validate(request.data)
+            # Strict JSON validation: `true`, `1.5` or `"2"` for an integer field is an error, not a guess.
+            spec = JobSpec.model_validate_json(json.dumps(request.data), strict=True)
         except pydantic.ValidationError as e:
             raise SpecInvalid(e) from None
         key = request.headers.get("Idempotency-Key", "")

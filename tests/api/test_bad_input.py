@@ -78,15 +78,6 @@ class Bad:
     content_type: str = JSON
 
 
-OVERSIZED_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG portal/settings.py DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES, while the installed DRF "
-    "(3.18) Request._parse reads request.body for JSONParser subclasses before calling the parser: Django "
-    "raises RequestDataTooBig first, so a body over API_MAX_BODY_BYTES gets Django's HTML "
-    "'Bad Request (400)' page, never api/parsers.py's JSON 413 payload_too_large.",
-)
-
-
 def _generic_cases(endpoint: str) -> list:
     big = settings.API_MAX_BODY_BYTES
     obj = "(object|dictionary|no data)"
@@ -110,7 +101,26 @@ def _generic_cases(endpoint: str) -> list:
             endpoint,
             Bad(with_(endpoint, padding="x" * (big + 1)), 413, "payload_too_large", None, "limit"),
             id=f"{endpoint}-oversized",
-            marks=OVERSIZED_BUG,
+        ),
+        pytest.param(
+            endpoint,
+            Bad(Raw('{"a": NaN}'), 400, "parse_error", None, "NaN is not valid JSON"),
+            id=f"{endpoint}-nan",
+        ),
+        pytest.param(
+            endpoint,
+            Bad(Raw('{"a": -Infinity}'), 400, "parse_error", None, "Infinity is not valid JSON"),
+            id=f"{endpoint}-infinity",
+        ),
+        pytest.param(
+            endpoint,
+            Bad({"a": "x\x00y"}, 400, "parse_error", None, "NUL"),
+            id=f"{endpoint}-nul-character",
+        ),
+        pytest.param(
+            endpoint,
+            Bad(Raw('{"a": ' + "[" * 5000 + "]" * 5000 + "}"), 400, "parse_error", None, "nested"),
+            id=f"{endpoint}-deeply-nested",
         ),
         pytest.param(
             endpoint,
@@ -137,11 +147,19 @@ def _generic_cases(endpoint: str) -> list:
     ]
 
 
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 def J(**changes: Any) -> dict[str, Any]:  # a short name keeps the case table readable
     return with_("jobs", **changes)
 
 
 STORE = settings.OBJECT_STORE_URL
+STORAGE_WORDS = "not in your organization's storage"
 JOB_CASES = [
     ("empty-body", Raw(""), 400, "invalid", "kind", "required"),
     # types and ranges (pydantic, field paths like resources.gpus)
@@ -214,7 +232,7 @@ JOB_CASES = [
         400,
         "invalid",
         "model.base",
-        "outside this platform's object store",
+        STORAGE_WORDS,
     ),
     (
         "dataset-outside-store",
@@ -222,7 +240,7 @@ JOB_CASES = [
         400,
         "invalid",
         "dataset.uri",
-        "outside this platform's object store",
+        STORAGE_WORDS,
     ),
     (
         "dataset-not-a-uri",
@@ -231,6 +249,47 @@ JOB_CASES = [
         "invalid",
         "dataset.uri",
         "must start with",
+    ),
+    (
+        "model-uri-dot-dot-escapes-store",
+        J(model={"base": f"{STORE}/orgs/acme/../../../etc"}),
+        400,
+        "invalid",
+        "model.base",
+        STORAGE_WORDS,
+    ),
+    (
+        "model-uri-sibling-of-store",
+        J(model={"base": f"{STORE}-other/m"}),
+        400,
+        "invalid",
+        "model.base",
+        STORAGE_WORDS,
+    ),
+    (
+        "model-uri-of-another-org",
+        J(model={"base": f"{STORE}/orgs/globex/jobs/x/step-5"}),
+        400,
+        "invalid",
+        "model.base",
+        STORAGE_WORDS,
+    ),
+    (
+        "resume-from-other-bucket",
+        J(resume_from="s3://other-bucket/ckpt"),
+        400,
+        "invalid",
+        "resume_from",
+        STORAGE_WORDS,
+    ),
+    ("resume-from-not-a-uri", J(resume_from="/etc/passwd"), 400, "invalid", "resume_from", "checkpoint URI"),
+    (
+        "config-nested-too-deep",
+        J(environment={"ref": "opentinker/arithmetic@1.0.0", "config": {"x": nested(40)}}),
+        400,
+        "parse_error",
+        None,
+        "nested",
     ),
     (
         "sft-without-dataset",
@@ -286,7 +345,6 @@ TOKEN_CASES = [
     ("empty-body", Raw(""), 400, "invalid", "name", "required"),
     ("name-missing", with_("tokens", name=DELETE), 400, "invalid", "name", "required"),
     ("name-too-long", with_("tokens", name="n" * 101), 400, "invalid", "name", "no more than 100"),
-    ("name-nul", with_("tokens", name="a\x00b"), 400, "invalid", "name", "null characters"),
     ("scopes-not-list", with_("tokens", scopes="jobs:read"), 400, "invalid", "scopes", "list"),
     ("scope-unknown", with_("tokens", scopes=["root:all"]), 400, "invalid", "scopes.0", "not a valid choice"),
     ("scopes-empty", with_("tokens", scopes=[]), 400, "invalid", "scopes", "at least one scope"),
@@ -362,7 +420,6 @@ QUOTA_CASES = [
         "fair_share_weight",
         "greater than or",
     ),
-    ("weight-nan", Raw('{"fair_share_weight": NaN}'), 400, "invalid", "fair_share_weight", "valid number"),
     (
         "weight-nan-string",
         with_("quota", fair_share_weight="nan"),
@@ -495,105 +552,42 @@ def test_unknown_org_slug_for_admin_quota_is_404(clients):
     assert db_state() == before
 
 
-# ----------------------------------------------------------------------------------------------------
-# Bugs found (strict xfail: each turns into a failure, and so a reminder, the day it is fixed)
-
-BUGS = [
-    pytest.param(
-        Raw(
-            '{"kind": "rl", "model": {"base": "tiny-qwen2"}, "environment": {"ref": '
-            '"opentinker/arithmetic@1.0.0", "config": {"x": NaN}}}'
+@pytest.mark.parametrize(
+    ("headers", "status", "code", "words"),
+    [
+        pytest.param({"CONTENT_LENGTH": str(10**9)}, 413, "payload_too_large", "limit", id="declared-huge"),
+        pytest.param(
+            {"CONTENT_LENGTH": "lots"}, 400, "parse_error", "Content-Length", id="length-not-a-number"
         ),
-        400,
-        "parse_error",
-        None,
-        "NaN|JSON",
-        id="nan-is-not-json",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG api/parsers.py LimitedJSONParser.parse calls json.loads without "
-            "parse_constant, so NaN/Infinity (not JSON) are accepted (DRF's own JSONParser refuses them "
-            "under STRICT_JSON); environment.config {'x': NaN} is then stored silently as null (201).",
+        pytest.param(
+            {"CONTENT_LENGTH": "", "HTTP_TRANSFER_ENCODING": "chunked"},
+            411,
+            "length_required",
+            "Content-Length",
+            id="chunked-without-length",
         ),
-    ),
-    pytest.param(
-        J(environment={"ref": "opentinker/arithmetic@1.0.0", "config": {"prompt": "a\x00b"}}),
-        400,
-        "invalid",
-        "environment.config",
-        "null|NUL",
-        id="nul-character-in-config",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG opentinker/spec.py JobSpec (and api/views/jobs.py JobListApi.post): a NUL "
-            "character anywhere in the spec's strings (environment.config, resources.gpu_type, "
-            "model.lora.target_modules) passes validation and PostgreSQL jsonb rejects it on insert: "
-            "DataError 'unsupported Unicode escape sequence' -> 500 instead of 400.",
-        ),
-    ),
-    pytest.param(
-        Raw(
-            '{"kind": "rl", "model": {"base": "tiny-qwen2"}, "environment": {"ref": '
-            '"opentinker/arithmetic@1.0.0", "config": {"x": ' + "[" * 5000 + "]" * 5000 + "}}}"
-        ),
-        400,
-        "parse_error",
-        None,
-        "JSON|deep|nest",
-        id="deeply-nested-json",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG api/parsers.py LimitedJSONParser.parse catches only UnicodeDecodeError and "
-            "JSONDecodeError: a 10 KB body nested 5000 deep raises RecursionError from json.loads -> 500 "
-            "instead of 400 parse_error.",
-        ),
-    ),
-    pytest.param(
-        J(model={"base": f"{STORE}/../../../etc"}),
-        400,
-        "invalid",
-        "model.base",
-        "outside",
-        id="model-uri-dot-dot-escapes-store",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG portal/services/jobs.py _check_references: `uri.startswith(OBJECT_STORE_URL)` "
-            "accepts OBJECT_STORE_URL + '/../../../etc' (201); unlike portal/storage.py it neither "
-            "normalizes '..' nor requires the '/' after the root.",
-        ),
-    ),
-    pytest.param(
-        J(model={"base": f"{STORE}-other/model"}),
-        400,
-        "invalid",
-        "model.base",
-        "outside",
-        id="model-uri-sibling-of-store",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG portal/services/jobs.py _check_references: a sibling prefix such as "
-            "OBJECT_STORE_URL + '-other/model' passes the startswith check (no trailing '/') (201).",
-        ),
-    ),
-    pytest.param(
-        J(resume_from="s3://other-bucket/ckpt"),
-        400,
-        "invalid",
-        "resume_from",
-        "outside",
-        id="resume-from-outside-store",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG portal/services/jobs.py _check_references checks model.base and dataset.uri but "
-            "not resume_from (opentinker/spec.py has no scheme check either): any URI is accepted (201).",
-        ),
-    ),
-]
-
-
-@pytest.mark.parametrize(("body", "status", "code", "field", "words"), BUGS)
-def test_known_bugs(clients, body, status, code, field, words):
+    ],
+)
+@pytest.mark.parametrize("endpoint", list(ENDPOINTS))
+def test_body_length_headers(clients, endpoint, headers, status, code, words):
     before = db_state()
-    resp = send(clients["jobs"], "jobs", body)
-    assert_error(resp, status, code, field, words)
+    resp = send(clients[endpoint], endpoint, valid_body(endpoint), **headers)
+    assert_error(resp, status, code, None, words)
+    assert db_state() == before
+
+
+@pytest.mark.parametrize(
+    ("who", "method", "url"),
+    [
+        pytest.param("alice", "GET", "/api/v1/envs/acme/a%00b", id="env-name"),
+        pytest.param("alice", "GET", "/api/v1/envs/a%00b/arithmetic", id="env-owner"),
+        pytest.param("staff", "GET", "/api/v1/admin/orgs/a%00b/quota", id="admin-slug-get"),
+        pytest.param("staff", "PATCH", "/api/v1/admin/orgs/a%00b/quota", id="admin-slug-patch"),
+    ],
+)
+def test_nul_in_a_path_parameter_is_404(clients, who, method, url):
+    client = clients["jobs" if who == "alice" else "quota"]
+    before = db_state()
+    resp = client.generic(method, url, json.dumps({"max_gpus": 2}), content_type=JSON)
+    assert_error(resp, 404, "not_found", None, "not found|no environment")
     assert db_state() == before

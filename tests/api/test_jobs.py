@@ -14,6 +14,7 @@ from opentinker.spec import JobState, example_rl_spec
 from portal.actors import Actor
 from portal.models import Checkpoint, Job, JobEvent, Membership, Metric, Role
 from portal.services.jobs import job_transition
+from portal.storage import organization_prefix
 
 pytestmark = pytest.mark.django_db
 
@@ -57,7 +58,7 @@ def test_list_filters_and_pagination(as_alice, as_charlie):
         as_alice,
         kind="sft",
         environment=None,
-        dataset={"uri": f"{settings.OBJECT_STORE_URL}/d.jsonl"},
+        dataset={"uri": f"{organization_prefix('acme')}/data/d.jsonl"},
         algorithm={"name": "sft"},
         name="tune",
     )
