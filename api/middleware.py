@@ -1,4 +1,4 @@
-"""Body size limits for the API, enforced before anything reads the body."""
+"""Guards on raw API requests (path and body size), enforced before anything reads the body."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ def _error(status: int, code: str, message: str) -> JsonResponse:
     return JsonResponse({"error": {"code": code, "message": message, "fields": {}}}, status=status)
 
 
-class ApiBodyLimitMiddleware:
-    """Answer 404 for API paths holding NUL characters, 413 for API bodies over API_MAX_BODY_BYTES and 411 for bodies of unknown length.
+class ApiRequestGuardMiddleware:
+    """Refuse malformed API requests before anything reads them.
+
+    404 for paths holding NUL characters, 413 for bodies over API_MAX_BODY_BYTES, 411 for bodies of unknown
+    length.
 
     It runs before Django or DRF buffer the body, so an oversized request costs nothing and gets the API's
     JSON error shape rather than Django's HTML 400 page. A chunked body has no length to check up front;
