@@ -1,0 +1,140 @@
+"""k-in-a-row board games for two roles (tic-tac-toe, gomoku), shared rules and a rule-based player.
+
+Moves are written ``row col`` (1-based; the first two integers of the answer count, so ``(2, 3)`` works).
+Raw rewards (reward mode ``custom`` by default, ``reward_mode`` in config may pick ``zero-sum``):
+win +1 to the winner and -1 to the loser, draw 0 to both; an illegal move (unreadable, off the board, or an
+occupied cell) costs its player ``illegal_penalty`` (default 0.5) and the same player moves again; the
+``max_illegal``-th illegal move of one player (default 3) forfeits the game (-1 to it, +1 to the other).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+from opentinker.env.base import Observation
+from opentinker.env.multiagent import MultiAgentEnvironment, MultiStepResult
+
+DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))  # horizontal, vertical, diagonal, anti-diagonal
+_MOVE_RE = re.compile(r"\d+")
+
+
+class KInARow(MultiAgentEnvironment):
+    roles = ("x", "o")
+    size: ClassVar[int] = 3
+    k: ClassVar[int] = 3
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        self.n = int(config.get("size", self.size))
+        if not self.k <= self.n <= 19:
+            raise ValueError(f"size must be {self.k}-19")
+        self.illegal_penalty = float(config.get("illegal_penalty", 0.5))
+        self.max_illegal = int(config.get("max_illegal", 3))
+        self.board: list[list[str]] = []
+        self.illegal: dict[str, int] = {}
+        self.moves = 0
+
+    @property
+    def system_prompt(self) -> str:  # type: ignore[override]
+        return (
+            f"You play {self.name} on a {self.n}x{self.n} board: get {self.k} in a row (across, down or "
+            "diagonally). Answer with your move as `row col` (1-based), nothing else."
+        )
+
+    def render(self) -> str:
+        head = "   " + " ".join(f"{c + 1:>2}" for c in range(self.n))
+        rows = [f"{r + 1:>2} " + " ".join(f"{cell:>2}" for cell in row) for r, row in enumerate(self.board)]
+        return "\n".join([head, *rows])
+
+    def mark(self, role: str) -> str:
+        return role.upper()
+
+    def other(self, role: str) -> str:
+        return self.roles[1 - self.roles.index(role)]
+
+    def reset(self, seed: int) -> dict[str, Observation]:
+        self.board = [["." for _ in range(self.n)] for _ in range(self.n)]
+        self.illegal = dict.fromkeys(self.roles, 0)
+        self.moves = 0
+        self._next = 0
+        return {
+            "x": Observation(f"You are X and move first.\n{self.render()}\nYour move:"),
+            "o": Observation("You are O; X moves first."),
+        }
+
+    def parse_move(self, action: str) -> tuple[int, int] | str:
+        nums = _MOVE_RE.findall(action)
+        if len(nums) < 2:
+            return "write your move as `row col`"
+        r, c = int(nums[0]) - 1, int(nums[1]) - 1
+        if not (0 <= r < self.n and 0 <= c < self.n):
+            return f"{r + 1} {c + 1} is off the board"
+        if self.board[r][c] != ".":
+            return f"{r + 1} {c + 1} is taken"
+        return r, c
+
+    def line_length(self, r: int, c: int, mark: str, dr: int, dc: int) -> int:
+        """Stones of `mark` in a line through (r, c) along (dr, dc), counting (r, c) itself."""
+        count = 1
+        for sign in (1, -1):
+            rr, cc = r + sign * dr, c + sign * dc
+            while 0 <= rr < self.n and 0 <= cc < self.n and self.board[rr][cc] == mark:
+                count += 1
+                rr, cc = rr + sign * dr, cc + sign * dc
+        return count
+
+    def wins(self, r: int, c: int, mark: str) -> bool:
+        return any(self.line_length(r, c, mark, dr, dc) >= self.k for dr, dc in DIRECTIONS)
+
+    def step(self, actions: dict[str, str]) -> MultiStepResult:
+        (role,) = actions  # round-robin: exactly one mover
+        if role not in self.active_roles():
+            raise ValueError(f"it is not {role}'s turn")
+        opp = self.other(role)
+        move = self.parse_move(actions[role])
+        if isinstance(move, str):
+            self.illegal[role] += 1
+            info = {"illegal": move, "player": role}
+            if self.illegal[role] >= self.max_illegal:
+                return MultiStepResult(
+                    {}, {role: -1.0, opp: 1.0}, True, {**info, "winner": opp, "forfeit": role}
+                )
+            obs = Observation(f"Illegal move: {move}. Try again.\n{self.render()}\nYour move:")
+            return MultiStepResult({role: obs}, {role: -self.illegal_penalty}, False, info)
+        r, c = move
+        self.board[r][c] = self.mark(role)
+        self.moves += 1
+        info: dict[str, Any] = {"move": [r + 1, c + 1], "player": role}
+        if self.wins(r, c, self.mark(role)):
+            return MultiStepResult({}, {role: 1.0, opp: -1.0}, True, {**info, "winner": role})
+        if self.moves == self.n * self.n:
+            return MultiStepResult({}, {role: 0.0, opp: 0.0}, True, {**info, "winner": None})
+        self.advance()
+        text = f"{self.mark(role)} played {r + 1} {c + 1}.\n{self.render()}\nYour move:"
+        return MultiStepResult({opp: Observation(text)}, {}, False, info)
+
+    def rule_based_action(self, role: str) -> str:
+        """Win if possible, else block the opponent's win, else the cell making the longest lines (own lines
+        weighted over the opponent's), ties to the cell nearest the center, then reading order."""
+        me, them = self.mark(role), self.mark(self.other(role))
+        center = (self.n - 1) / 2
+        best: tuple[float, ...] | None = None
+        best_cell = (0, 0)
+        for r in range(self.n):
+            for c in range(self.n):
+                if self.board[r][c] != ".":
+                    continue
+                mine = max(self.line_length(r, c, me, dr, dc) for dr, dc in DIRECTIONS)
+                theirs = max(self.line_length(r, c, them, dr, dc) for dr, dc in DIRECTIONS)
+                key = (
+                    mine >= self.k,
+                    theirs >= self.k,
+                    2 * mine + theirs,
+                    -abs(r - center) - abs(c - center),
+                    -r,
+                    -c,
+                )
+                if best is None or key > best:
+                    best, best_cell = key, (r, c)
+        return f"{best_cell[0] + 1} {best_cell[1] + 1}"

@@ -1,0 +1,283 @@
+"""Run registry environments in a separate, limited process.
+
+Package code is not trusted. It runs in a child interpreter with CPU time, address space, file size, open
+file and process limits; a wall-clock timeout on every call; a private working directory; a clean
+environment (no platform secrets in `os.environ`); the platform's packages blocked from import; and, where
+the OS allows (root, or CAP_SYS_ADMIN), its own network namespace with no interfaces up and its own mount
+namespace with every file system read-only but its working directory. It runs in its own process group, and
+where a `pids` cgroup (v1) is writable in its own cgroup too: the cgroup caps the process count even for root
+(RLIMIT_NPROC does not), and everything in either is killed when the sandbox closes. Without root neither
+the network nor the file system is isolated: `info["network_isolated"]` and `info["filesystem_read_only"]`
+say which applies, and deployments run workers as root inside a container or add a seccomp/network policy.
+
+A crash, hang, limit hit or exception raises `SandboxError` with a clear reason; the protocol turns that into
+a failed episode (`StopReason.ENV_ERROR`), and the caller keeps running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from opentinker.env.base import Environment, Observation, StepResult
+
+PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
+_STDERR_TAIL = 2000
+
+
+class SandboxError(RuntimeError):
+    """The sandboxed environment failed; the message says how (timeout, limit, crash, exception)."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    cpu_s: int = 60  # CPU seconds over the sandbox's life (SIGXCPU, then SIGKILL)
+    memory_mb: int = 1024  # address space
+    file_mb: int = 16  # largest file it may write
+    open_files: int = 64
+    max_processes: int = 16
+    call_timeout_s: float = 10.0  # wall clock per call, including start-up and import
+    isolate_network: bool = True
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+class Sandbox:
+    """One environment instance in its own process; `call(method, *args)` runs one method with a timeout."""
+
+    METHODS = (
+        "reset",
+        "step",
+        "parse_action",
+        "close",
+        "active_roles",
+        "system_prompt_for",
+        "rule_based_action",
+    )
+
+    def __init__(
+        self,
+        entrypoint: str,
+        config: dict[str, Any] | None = None,
+        *,
+        package_dir: str | os.PathLike[str] | None = None,
+        limits: SandboxLimits | None = None,
+    ) -> None:
+        self.limits = limits or SandboxLimits()
+        self.workdir = Path(tempfile.mkdtemp(prefix="opentinker-sandbox-"))
+        self.stderr_path = self.workdir / ".stderr"
+        self.cgroup = self._make_cgroup()
+        argv = [sys.executable, "-u", "-m", "opentinker.env.sandbox_worker"]
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(self.workdir),
+            "TMPDIR": str(self.workdir),
+            "LANG": "C.UTF-8",
+        }
+        self._stderr = self.stderr_path.open("wb")
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            cwd=self.workdir,
+            env=env,
+            start_new_session=True,  # its own process group, killed as one
+            preexec_fn=self._join_cgroup if self.cgroup else None,
+        )
+        self.dead: str | None = None
+        spec = {
+            "entrypoint": entrypoint,
+            "config": config or {},
+            "package_dir": str(package_dir or self.workdir),
+            "project_root": PROJECT_ROOT,
+            "limits": asdict(self.limits),
+            "methods": list(self.METHODS),
+        }
+        self.info: dict[str, Any] = self._request(spec, "start")
+
+    def _make_cgroup(self) -> Path | None:
+        if not (PIDS_CGROUP / "cgroup.procs").exists():
+            return None
+        path = PIDS_CGROUP / f"opentinker-{uuid.uuid4().hex[:12]}"
+        try:
+            path.mkdir()
+            (path / "pids.max").write_text(str(self.limits.max_processes + 1))  # + the worker
+        except OSError:
+            return None
+        return path
+
+    def _join_cgroup(self) -> None:
+        assert self.cgroup is not None
+        (self.cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    def call(self, method: str, *args: Any) -> Any:
+        if method not in self.METHODS:
+            raise ValueError(f"unknown sandbox method {method}")
+        return self._request({"method": method, "args": list(args)}, method)
+
+    def _request(self, payload: dict[str, Any], what: str) -> Any:
+        if self.dead:
+            raise SandboxError(f"environment is no longer running ({self.dead})")
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write((json.dumps(payload) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, TypeError, ValueError) as e:
+            raise self._fail(f"{what}: could not send the request ({type(e).__name__}: {e})") from None
+        line = self._readline(self.limits.call_timeout_s)
+        if line is None:
+            raise self._fail(f"{what} timed out after {self.limits.call_timeout_s:g}s")
+        if not line:
+            raise self._fail(f"{what}: the environment process died ({self._exit_reason()})")
+        reply = json.loads(line)
+        if "error" in reply:
+            if what == "start":
+                raise self._fail(reply["error"])
+            raise SandboxError(f"{what} raised {reply['error']}")
+        return reply["ok"]
+
+    def _readline(self, timeout: float) -> bytes | None:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        buf = b""
+        fd = self.proc.stdout.fileno()
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return buf if buf.endswith(b"\n") else b""
+            buf += chunk
+        return buf
+
+    def _exit_reason(self) -> str:
+        try:
+            code = self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return "unresponsive"
+        if code < 0:
+            name = _signal_name(code)
+            hint = {"SIGXCPU": "CPU time limit", "SIGKILL": "killed", "SIGXFSZ": "file size limit"}.get(
+                name, ""
+            )
+            return f"{name}{f', {hint}' if hint else ''}"
+        tail = self.stderr_tail()
+        if "MemoryError" in tail:
+            return f"exit code {code}, out of memory (limit {self.limits.memory_mb} MB)"
+        return f"exit code {code}" + (f": {tail.strip().splitlines()[-1]}" if tail.strip() else "")
+
+    def stderr_tail(self) -> str:
+        try:
+            data = self.stderr_path.read_bytes()[-_STDERR_TAIL:]
+        except OSError:
+            return ""
+        return data.decode(errors="replace")
+
+    def _fail(self, reason: str) -> SandboxError:
+        self.kill()
+        self.dead = reason
+        return SandboxError(reason)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        if self.cgroup:
+            # Anything still in the cgroup (escaped the process group) is killed too.
+            for pid in (self.cgroup / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+
+    def close(self) -> None:
+        if not self.dead and self.proc.poll() is None:
+            with contextlib.suppress(SandboxError):
+                self._request({"method": "close", "args": []}, "close")
+        self.dead = self.dead or "closed"
+        self.kill()
+        for stream in (self.proc.stdin, self.proc.stdout, self._stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
+        if self.cgroup:
+            for _ in range(50):
+                try:
+                    self.cgroup.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _observation(d: dict[str, Any] | None) -> Observation | None:
+    return None if d is None else Observation(d["text"], d.get("role", "user"), d.get("info") or {})
+
+
+class SandboxedEnvironment(Environment):
+    """A single-agent `Environment` whose code runs in a `Sandbox`; drop-in for the protocols."""
+
+    def __init__(
+        self,
+        entrypoint: str,
+        config: dict[str, Any] | None = None,
+        *,
+        package_dir: str | os.PathLike[str] | None = None,
+        limits: SandboxLimits | None = None,
+    ) -> None:
+        super().__init__(**(config or {}))
+        self.sandbox = Sandbox(entrypoint, config, package_dir=package_dir, limits=limits)
+        info = self.sandbox.info
+        if info["multi_agent"]:
+            self.sandbox.close()
+            raise SandboxError(f"{entrypoint} is a multi-agent environment")
+        self.name = info["name"]  # type: ignore[misc]
+        self.system_prompt = info["system_prompt"]  # type: ignore[misc]
+        self.roles = tuple(info["roles"]) or ("agent",)  # type: ignore[misc]
+        if info["tool_schemas"]:
+            self.tool_schemas = info["tool_schemas"]
+
+    def reset(self, seed: int) -> Observation:
+        obs = _observation(self.sandbox.call("reset", seed))
+        if obs is None:
+            raise SandboxError("reset returned no observation")
+        return obs
+
+    def step(self, action: str) -> StepResult:
+        r = self.sandbox.call("step", action)
+        return StepResult(
+            _observation(r["observation"]), float(r["reward"]), bool(r["done"]), r.get("info") or {}
+        )
+
+    def parse_action(self, text: str) -> str:
+        return str(self.sandbox.call("parse_action", text))
+
+    def close(self) -> None:
+        self.sandbox.close()
