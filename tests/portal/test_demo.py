@@ -43,7 +43,9 @@ def test_demo_runs_in_the_foreground_and_stops_everything(tmp_path):
             if "Ctrl-C stops everything" in line:
                 break
         out = "".join(lines)
-        url = re.search(r"OpenTinker is up:\s+(\S+)", out).group(1)
+        up = re.search(r"OpenTinker is up:\s+(\S+)", out)
+        assert up, f"the demo did not come up:\n{out}{_rest(proc)}"
+        url = up.group(1)
         user, password = re.search(r"Sign in:\s+(\S+) / (\S+)", out).groups()
         token = re.search(r"API token:\s+(otk_\S+)", out).group(1)
         assert user == "demo" and len(password) >= 12
@@ -64,6 +66,12 @@ def test_demo_runs_in_the_foreground_and_stops_everything(tmp_path):
     assert not status["postgres"]["running"] and not status["valkey"]["running"]
     assert not (var / "services.env").exists()
     assert _children(proc.pid) == ""
+
+
+def _rest(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        return ""
+    return proc.stdout.read()
 
 
 def _children(pid: int) -> str:
