@@ -30,8 +30,9 @@ class HFChatCodec:
         self.stop_ids = frozenset([self.eos_id])
 
     def _ids(self, messages: list[Message], **kw: Any) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, tokenize=True, **kw)
-        return list(out["input_ids"] if isinstance(out, dict) else out)
+        # return_dict=False: transformers 5 otherwise returns a BatchEncoding (a UserDict, not a dict).
+        out = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kw)
+        return list(out)
 
     def encode_prompt(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
         return self._ids(messages, tools=tools, add_generation_prompt=True)

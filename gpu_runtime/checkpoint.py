@@ -1,0 +1,114 @@
+"""Checkpoints: Hugging Face layout plus everything needed for an exact resume.
+
+<prefix>/step_000005/
+    model.safetensors, config.json, tokenizer files     (full fine-tuning: loadable by from_pretrained)
+    adapter_model.safetensors, adapter_config.json      (LoRA: a PEFT adapter, mergeable into the base)
+    trainer_state.pt                                    optimizer, scheduler, RNG (and critic) state
+    meta.json                                           step, data state; written last = complete
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpu_runtime import storage
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+@dataclass
+class Loaded:
+    step: int
+    weights: dict[str, torch.Tensor]
+    adapter: bool
+    state: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def save(
+    prefix: str,
+    step: int,
+    *,
+    weights: dict[str, torch.Tensor],
+    adapter: bool,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    config: Any = None,
+    tokenizer: Any = None,
+    peft_config: Any = None,
+    keep_last: int | None = None,
+) -> tuple[str, list[dict[str, Any]]]:
+    """Write one checkpoint; returns its URI and its file records [{name, size, sha256}]."""
+    staging = Path(tempfile.mkdtemp(prefix="otk-ckpt-"))
+    weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    if adapter:
+        save_file(weights, staging / "adapter_model.safetensors", metadata={"format": "pt"})
+        if peft_config is not None:
+            peft_config.save_pretrained(staging)
+    else:
+        _save_tied(weights, staging / "model.safetensors")
+    if config is not None:
+        config.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    torch.save(state, staging / "trainer_state.pt")
+    (staging / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+    files = [
+        {"name": str(p.relative_to(staging)), "size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(staging.rglob("*"))
+        if p.is_file()
+    ]
+    uri = storage.join(prefix, step_name(step))
+    storage.publish_dir(staging, uri)
+    if keep_last is not None:
+        names = storage.list_dirs(prefix)
+        for old in names[:-keep_last]:
+            storage.remove_dir(storage.join(prefix, old))
+    return uri, files
+
+
+def _save_tied(weights: dict[str, torch.Tensor], path: Path) -> None:
+    # safetensors refuses tensors sharing memory (tied embeddings): a shared tensor is stored as a copy, so
+    # every key of the model's state dict is present and a strict load works.
+    seen: set[int] = set()
+    out = {}
+    for k, v in weights.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    save_file(out, path, metadata={"format": "pt"})
+
+
+def resolve(uri: str) -> str:
+    """A checkpoint directory URI: `uri` itself, or the latest complete checkpoint under a prefix."""
+    names = storage.list_dirs(uri)
+    if names and all(n.startswith("step_") for n in names):
+        return storage.join(uri, names[-1])
+    return uri
+
+
+def load(uri: str) -> Loaded:
+    local = storage.download_prefix(resolve(uri))
+    meta = json.loads((local / "meta.json").read_text())
+    adapter = (local / "adapter_model.safetensors").exists()
+    weights = load_file(local / ("adapter_model.safetensors" if adapter else "model.safetensors"))
+    state = torch.load(local / "trainer_state.pt", weights_only=False)
+    return Loaded(step=int(meta["step"]), weights=weights, adapter=adapter, state=state, meta=meta)

@@ -1,0 +1,92 @@
+"""`python -m gpu_runtime run spec.yaml|spec.json [--sink jsonl|http] [--resume URI]`.
+
+The HTTP sink reads `OPENTINKER_INGEST_URL` and `OPENTINKER_JOB_TOKEN` (set by the platform's launcher, so
+the token never appears in a process listing). Checkpoints go to `--checkpoint-prefix`, else
+`OPENTINKER_CHECKPOINT_PREFIX`, else `file://./var/checkpoints/<job name>-<time>`.
+Exit codes: 0 succeeded, 1 failed, 2 usage, 3 cancelled, 4 max_hours reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from opentinker.spec import JobSpec
+
+
+def load_spec(path: str) -> JobSpec:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        return JobSpec.model_validate(yaml.safe_load(text))
+    return JobSpec.model_validate(json.loads(text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpu_runtime")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run one job")
+    run.add_argument("spec")
+    run.add_argument("--sink", choices=["jsonl", "http"], default="jsonl")
+    run.add_argument("--resume", default=None, help="checkpoint URI (a step directory or a prefix)")
+    run.add_argument("--checkpoint-prefix", default=None)
+    run.add_argument("--ray", action="store_true", help="run workers as Ray actors (RAY_ADDRESS or local)")
+    run.add_argument("--world-size", type=int, default=1, help="trainer ranks (FSDP2); >1 implies --ray")
+    args = p.parse_args(argv)
+
+    spec = load_spec(args.spec)
+    if args.sink == "http":
+        from gpu_runtime.sink import HttpSink
+
+        sink = HttpSink(os.environ["OPENTINKER_INGEST_URL"], os.environ["OPENTINKER_JOB_TOKEN"])
+    else:
+        from gpu_runtime.sink import JsonlSink
+
+        sink = JsonlSink()
+    run_name = f"{spec.display_name.replace(' ', '_')}-{int(time.time())}"
+    prefix = (
+        args.checkpoint_prefix
+        or os.environ.get("OPENTINKER_CHECKPOINT_PREFIX")
+        or f"file://{Path('var/checkpoints').resolve()}/{run_name}"
+    )
+    resume = args.resume or spec.resume_from
+    return run_job(
+        spec, sink, prefix, resume=resume, use_ray=args.ray or args.world_size > 1, world_size=args.world_size
+    )
+
+
+def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> int:
+    from gpu_runtime.controller import EXIT_FAILED, Controller, LocalGroup, RayGroup
+
+    started = time.monotonic()
+    group = None
+    try:
+        if use_ray:
+            import ray
+
+            if not ray.is_initialized():
+                address = os.environ.get("RAY_ADDRESS")
+                ray.init(address=address, **({} if address else {"num_cpus": 2}), log_to_driver=False)
+            group = RayGroup(spec, world_size)
+        else:
+            group = LocalGroup(spec)
+        result = Controller(spec, sink, group, prefix).run(resume=resume, start_time=started)
+        return result.exit_code
+    except Exception as e:
+        sink.log(traceback.format_exc())
+        sink.event("failed", error=f"{type(e).__name__}: {e}")
+        return EXIT_FAILED
+    finally:
+        if group is not None:
+            group.shutdown()
+        sink.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

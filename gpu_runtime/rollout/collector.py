@@ -1,0 +1,139 @@
+"""Collect episodes: the environment's interaction protocol drives each episode, the engine batches them.
+
+`opentinker.env.protocol` runs one episode at a time through a `generate(prompt_ids, max_new)` callback. To
+batch across episodes, each episode runs in its own thread and its generate call parks in `_Batcher`; when
+every live episode is waiting, one batched `engine.generate` serves them all. Multi-turn episodes that finish
+early simply leave the batch. Environments thus keep the exact same code path as in evaluation and inference.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from gpu_runtime.batch import Sample
+from gpu_runtime.rollout.base import RolloutEngine, SamplingParams
+from opentinker.env.base import Environment
+from opentinker.env.protocol import Episode, Generation, TurnProtocol
+
+
+class _Batcher:
+    """Episode threads park their generate requests here; the calling thread serves them in batches.
+
+    All torch work stays on the calling thread: torch ops issued from many short-lived threads each start an
+    OpenMP team, and their spinning workers slowed the trainer's next update several-fold on 2 cores.
+    """
+
+    def __init__(self, engine: RolloutEngine, sampling: SamplingParams, n_episodes: int) -> None:
+        self.engine = engine
+        self.sampling = sampling
+        self.cv = threading.Condition()
+        self.active = n_episodes
+        self.pending: dict[int, tuple[list[int], int]] = {}
+        self.results: dict[int, Generation | BaseException] = {}
+        self.calls = 0
+
+    def generate(self, key: int, prompt: list[int], max_new: int) -> Generation:
+        # `key` is the episode's index: an episode has at most one request in flight, and batches are ordered
+        # by it (not by thread arrival), so sampling is reproducible for a given torch seed.
+        with self.cv:
+            self.pending[key] = (prompt, max_new)
+            self.cv.notify_all()
+            while key not in self.results:
+                self.cv.wait()
+            out = self.results.pop(key)
+        if isinstance(out, BaseException):  # one engine error, re-raised in every waiting episode's thread
+            raise RuntimeError(f"rollout engine failed: {out!r}") from out
+        return out
+
+    def episode_done(self) -> None:
+        with self.cv:
+            self.active -= 1
+            self.cv.notify_all()
+
+    def serve(self) -> None:
+        """Until every episode has ended: wait for all live episodes to be waiting, generate for them."""
+        while True:
+            with self.cv:
+                self.cv.wait_for(
+                    lambda: self.active == 0 or (self.pending and len(self.pending) >= self.active)
+                )
+                if self.active == 0:
+                    return
+                batch, self.pending = self.pending, {}
+            results = self._run(batch)
+            with self.cv:
+                self.results.update(results)
+                self.cv.notify_all()
+
+    def _run(self, batch: dict[int, tuple[list[int], int]]) -> dict[int, Generation | BaseException]:
+        self.calls += 1
+        by_budget: dict[int, list[int]] = {}
+        for key, (_, max_new) in sorted(batch.items()):
+            by_budget.setdefault(max_new, []).append(key)
+        results: dict[int, Generation | BaseException] = {}
+        for max_new, keys in by_budget.items():
+            try:
+                res = self.engine.generate(
+                    [batch[k][0] for k in keys], replace(self.sampling, max_new_tokens=max_new)
+                )
+                for i, k in enumerate(keys):
+                    results[k] = Generation(res.token_ids[i], res.logprobs[i], res.finished[i])
+            except Exception as e:  # every waiting episode gets the error, none hangs
+                for k in keys:
+                    results[k] = e
+        return results
+
+
+def run_episodes(
+    make_env: Callable[[], Environment],
+    protocol: TurnProtocol,
+    codec: object,
+    engine: RolloutEngine,
+    sampling: SamplingParams,
+    seeds: list[int],
+) -> list[Episode]:
+    """Run one episode per seed (repeat a seed for a group), batched; results in the order of `seeds`."""
+    batcher = _Batcher(engine, sampling, len(seeds))
+
+    def one(index: int) -> Episode:
+        env = make_env()
+        try:
+            gen = functools.partial(batcher.generate, index)
+            return protocol.run(env, gen, codec, seeds[index])
+        finally:
+            batcher.episode_done()
+            env.close()
+
+    with ThreadPoolExecutor(max_workers=max(1, len(seeds))) as pool:
+        futures = [pool.submit(one, i) for i in range(len(seeds))]
+        batcher.serve()
+        return [f.result() for f in futures]
+
+
+def episode_to_sample(ep: Episode, group_id: int) -> Sample:
+    """Token-level rewards: each turn's reward on the turn's last generated token (per-turn credit for
+    token-level estimators); rewards without a turn go on the last generated token."""
+    n = len(ep.token_ids)
+    token_rewards = [0.0] * n
+    gen_positions = [i for i, m in enumerate(ep.mask) if m]
+    for t in ep.turns:
+        if t.end > t.start:
+            token_rewards[t.end - 1] += t.reward
+        elif gen_positions:
+            token_rewards[gen_positions[-1]] += t.reward
+    if gen_positions:
+        token_rewards[gen_positions[-1]] += ep.final_reward
+    return Sample(
+        token_ids=list(ep.token_ids),
+        mask=list(ep.mask),
+        rollout_logprobs=[float(x) for x in ep.logprobs],
+        token_rewards=token_rewards,
+        reward=float(ep.reward),
+        group_id=group_id,
+        role=ep.role,
+        truncated=any(t.truncated for t in ep.turns),
+    )

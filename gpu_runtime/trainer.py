@@ -1,0 +1,361 @@
+"""The trainer: one rank of the policy (and critic) model, FSDP2-sharded when a process group is up.
+
+The controller drives it with three calls per step, identical on every rank (FSDP runs collectives in each
+forward and backward, so every rank must make the same number of them — shards are padded with dummy
+micro-batches to guarantee it):
+
+- `logprobs(samples, n_micro)`: old/ref log-probs and critic values before any update (frozen);
+- `train_minibatch(samples, norm, n_micro)`: forward/backward over micro-batches, then one optimizer step;
+- `full_state_dict()` / checkpoint calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gpu_runtime.algorithms import LossNorm, aggregate, kl_estimate, policy_loss, sft_loss, value_loss
+from gpu_runtime.batch import MicroBatch, Sample, collate, split_micro, unshift
+from gpu_runtime.models import load_model
+from opentinker.spec import JobSpec
+
+VALUE_CLIP = 0.2  # PPO value clipping range (not in the spec yet)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    algorithm: str
+    lr: float
+    temperature: float
+    clip_low: float
+    clip_high: float
+    kl_coef: float
+    kl_estimator: str
+    kl_in_loss: bool
+    loss_agg: str
+    tis_cap: float | None
+    max_grad_norm: float
+    lora: dict[str, Any] | None
+    critic: bool
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> TrainerConfig:
+        a = spec.algorithm
+        return cls(
+            algorithm=a.name,
+            lr=a.learning_rate,
+            temperature=a.temperature,
+            clip_low=a.clip_ratio_low,
+            clip_high=a.clip_ratio_high,
+            kl_coef=a.kl_coef,
+            kl_estimator=a.kl_estimator,
+            kl_in_loss=a.kl_placement == "loss" and a.kl_coef > 0,
+            loss_agg=a.loss_agg,
+            tis_cap=a.tis_cap,
+            max_grad_norm=a.max_grad_norm,
+            lora=spec.model.lora.model_dump() if spec.model.lora else None,
+            critic=a.name == "ppo",
+        )
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(model: nn.Module, layers: nn.ModuleList | None) -> None:
+    # FSDP2: each decoder layer is one unit (all-gathered just in time), the root holds embeddings and head.
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in layers or []:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) and "DecoderLayer" in type(m[0]).__name__:
+            return m
+    return None
+
+
+def token_logprobs(
+    model: nn.Module, mb: MicroBatch, temperature: float, *, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(token_t | tokens_<t) under the SAMPLING temperature (the rollout sampled from softmax(z/T); the
+    trainer must score the same distribution, checklist item 4).
+    Returns [B, T-1] log-probs (and entropies)."""
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+    logp_all = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, mb.target_ids.unsqueeze(-1)).squeeze(-1)
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, ent
+
+
+class ValueModel(nn.Module):
+    """PPO critic: the policy's transformer body with a scalar head; V is read where the next token is
+    predicted, so values line up with the shifted targets."""
+
+    def __init__(self, causal_lm: nn.Module) -> None:
+        super().__init__()
+        self.body = copy.deepcopy(causal_lm.model)
+        self.head = nn.Linear(causal_lm.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.head(h[:, :-1].float()).squeeze(-1)
+
+
+class Trainer:
+    def __init__(self, spec: JobSpec, *, device: str = "cpu") -> None:
+        self.spec = spec
+        self.cfg = TrainerConfig.from_spec(spec)
+        self.device = device
+        self.rank, self.world_size = _world()
+        loaded = load_model(spec.model.base, seed=spec.seed)
+        self.tokenizer = loaded.tokenizer
+        model = loaded.model.to(device)
+        self.ref: nn.Module | None = None
+        if self.cfg.kl_coef > 0 and not self.cfg.lora:
+            # Full fine-tuning: a frozen copy of the initial policy. With LoRA the base model with the
+            # adapter disabled *is* the reference, so no copy is kept.
+            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        self.critic: ValueModel | None = ValueModel(model).to(device) if self.cfg.critic else None
+        if self.cfg.lora:
+            from peft import LoraConfig, get_peft_model
+
+            lc = self.cfg.lora
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=lc["rank"],
+                    lora_alpha=lc["alpha"],
+                    lora_dropout=lc["dropout"],
+                    target_modules=lc["target_modules"],
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        self.model = model
+        if self.world_size > 1:
+            _shard(self.model, _decoder_layers(self.model))
+            if self.ref is not None:
+                _shard(self.ref, _decoder_layers(self.ref))
+            if self.critic is not None:
+                _shard(self.critic, _decoder_layers(self.critic))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        # Constant schedule; a LambdaLR so the scheduler state is part of every checkpoint from day one.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        self.critic_opt = (
+            torch.optim.AdamW(self.critic.parameters(), lr=self.cfg.lr * 10)
+            if self.critic is not None
+            else None
+        )
+
+    # ---- frozen passes -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def logprobs(self, samples: list[Sample], n_micro: int, *, old: bool, ref: bool, values: bool) -> None:
+        """Fill `old_logprobs` / `ref_logprobs` / `values` of `samples` in place (frozen before updating)."""
+        self.model.eval()
+        for chunk in split_micro(samples, n_micro):
+            mb = collate(chunk)
+            lengths = [len(s.token_ids) for s in chunk]
+            if old:
+                lp, _ = token_logprobs(self.model, mb, self.cfg.temperature)
+                for s, row in zip(chunk, unshift(lp, lengths), strict=True):
+                    s.old_logprobs = row
+            if ref:
+                lp = self._ref_logprobs(mb)
+                for s, row in zip(chunk, unshift(lp, lengths), strict=True):
+                    s.ref_logprobs = row
+            if values and self.critic is not None:
+                v = self.critic(mb.input_ids, mb.attention_mask)
+                for s, row in zip(chunk, unshift(v, lengths), strict=True):
+                    s.values = row
+        self.model.train()
+
+    def _ref_logprobs(self, mb: MicroBatch) -> torch.Tensor:
+        if self.ref is not None:
+            return token_logprobs(self.ref, mb, self.cfg.temperature)[0]
+        with self.model.disable_adapter():  # LoRA: the base model is the reference
+            return token_logprobs(self.model, mb, self.cfg.temperature)[0]
+
+    # ---- updates -------------------------------------------------------------------------------------
+    def train_minibatch(self, samples: list[Sample], norm: LossNorm, n_micro: int) -> dict[str, float]:
+        """Accumulate gradients over `n_micro` micro-batches, then take one optimizer step.
+
+        Returns sums over this rank's generated tokens (the controller adds ranks up and divides once).
+        """
+        c = self.cfg
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = dict.fromkeys(("tokens", "loss", "kl", "entropy", "clip", "gap", "ratio", "is_weight"), 0.0)
+        for chunk in split_micro(samples, n_micro):
+            mb = collate(chunk)
+            m = mb.loss_mask
+            logp, ent = token_logprobs(self.model, mb, c.temperature, entropy=True)
+            if c.algorithm == "sft":
+                tok_loss = sft_loss(logp)
+                old = logp.detach()
+                kl = torch.zeros_like(logp)
+                out = None
+            else:
+                # One epoch, one mini-batch (on-policy): old log-probs ARE the current ones, so the ratio is
+                # exactly 1 by construction rather than up to the noise of a second forward pass.
+                old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
+                out = policy_loss(
+                    logp,
+                    old,
+                    mb.advantages,
+                    clip_low=c.clip_low,
+                    clip_high=c.clip_high,
+                    rollout_logp=mb.rollout_logprobs,
+                    tis_cap=c.tis_cap,
+                )
+                tok_loss = out.loss
+                kl = torch.zeros_like(logp)
+                if mb.ref_logprobs is not None:
+                    kl = kl_estimate(logp, mb.ref_logprobs, c.kl_estimator)
+                    if c.kl_in_loss:
+                        tok_loss = tok_loss + c.kl_coef * kl
+            loss = aggregate(tok_loss, m, c.loss_agg, norm)
+            loss.backward()
+            with torch.no_grad():
+                sums["tokens"] += float(m.sum())
+                sums["loss"] += float(loss) / norm.world_size
+                sums["kl"] += float((kl.detach() * m).sum())
+                sums["entropy"] += float((ent * m).sum())
+                sums["gap"] += float(((old - mb.rollout_logprobs).abs() * m).sum())
+                if out is not None:
+                    sums["clip"] += float((out.clipped * m).sum())
+                    sums["ratio"] += float((out.ratio * m).sum())
+                    sums["is_weight"] += float((out.is_weight * m).sum())
+        sums["grad_norm"] = self._step(self.model, self.optimizer)
+        self.scheduler.step()
+        sums["lr"] = self.scheduler.get_last_lr()[0]
+        return sums
+
+    def train_critic(self, samples: list[Sample], norm: LossNorm, n_micro: int) -> dict[str, float]:
+        assert self.critic is not None and self.critic_opt is not None
+        self.critic_opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for chunk in split_micro(samples, n_micro):
+            mb = collate(chunk)
+            v = self.critic(mb.input_ids, mb.attention_mask)
+            old_v = mb.values if mb.values is not None else v.detach()
+            loss = aggregate(value_loss(v, old_v, mb.returns, VALUE_CLIP), mb.loss_mask, "token-mean", norm)
+            loss.backward()
+            total += float(loss.detach()) / norm.world_size
+        gn = self._step(self.critic, self.critic_opt)
+        return {"value_loss": total, "value_grad_norm": gn}
+
+    def _step(self, model: nn.Module, opt: torch.optim.Optimizer) -> float:
+        params = [p for p in model.parameters() if p.requires_grad]
+        gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if hasattr(gn, "full_tensor"):  # DTensor under FSDP2
+            gn = gn.full_tensor()
+        gn = float(gn)
+        if math.isfinite(gn):
+            opt.step()
+        else:  # a non-finite gradient would poison the weights and Adam's moments: skip the step
+            opt.zero_grad(set_to_none=True)
+        return gn
+
+    # ---- weights and state ---------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) policy weights in Hugging Face names, LoRA merged: what the rollout engine loads.
+
+        Every rank must call it (FSDP all-gathers); only rank 0 gets the tensors."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        lora = self.cfg.lora is not None
+        if lora:
+            self.model.merge_adapter()
+        try:
+            if self.world_size > 1:
+                sd = get_model_state_dict(
+                    self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+                )
+            else:
+                sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        finally:
+            if lora:
+                self.model.unmerge_adapter()
+        if lora:
+            sd = {
+                k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+                for k, v in sd.items()
+                if "lora_" not in k
+            }
+        return sd
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def train_state(self) -> dict[str, Any]:
+        """Optimizer, scheduler and RNG state for exact resume (full, rank-independent tensors)."""
+        state: dict[str, Any] = {
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+            },
+        }
+        if self.world_size > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            state["optimizer"] = get_optimizer_state_dict(
+                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
+        if self.critic is not None and self.critic_opt is not None:
+            state["critic"] = {k: v.detach().clone() for k, v in self.critic.state_dict().items()}
+            state["critic_optimizer"] = self.critic_opt.state_dict()
+        return state
+
+    def load(self, weights: dict[str, torch.Tensor], state: dict[str, Any], *, adapter: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        if adapter:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, weights)
+        elif self.world_size > 1:
+            set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(weights)
+        if self.world_size > 1:
+            set_optimizer_state_dict(
+                self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+            )
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        if self.critic is not None and "critic" in state:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_opt.load_state_dict(state["critic_optimizer"])
