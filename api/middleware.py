@@ -6,6 +6,18 @@ from django.conf import settings
 from django.http import JsonResponse
 
 BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+# Environment package uploads (multipart) have their own, larger limit: the archive's plus the form's
+# overhead.
+ENV_UPLOAD_PATH = "/api/v1/envs"
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+def body_limit(request) -> int:
+    if request.path == ENV_UPLOAD_PATH and request.method == "POST":
+        from env_registry.archive import MAX_ARCHIVE_BYTES
+
+        return getattr(settings, "ENV_ARCHIVE_MAX_BYTES", MAX_ARCHIVE_BYTES) + MULTIPART_OVERHEAD_BYTES
+    return settings.API_MAX_BODY_BYTES
 
 
 def _error(status: int, code: str, message: str) -> JsonResponse:
@@ -31,7 +43,7 @@ class ApiRequestGuardMiddleware:
             # PostgreSQL cannot even compare a string holding NUL; no object's id or name contains one.
             return _error(404, "not_found", "not found")
         if request.path.startswith("/api/") and request.method in BODY_METHODS:
-            limit = settings.API_MAX_BODY_BYTES
+            limit = body_limit(request)
             length = request.META.get("CONTENT_LENGTH")
             if not length:
                 if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():

@@ -1,7 +1,7 @@
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from api.views import admin, catalog, jobs, orgs, tokens
+from api.views import admin, catalog, envs, ingest, jobs, orgs, stream, tokens, usage
 
 v1 = [
     path("me", orgs.MeApi.as_view()),
@@ -21,15 +21,31 @@ v1 = [
     path("jobs/<str:job_id>/metrics", jobs.JobMetricsApi.as_view()),
     path("jobs/<str:job_id>/events", jobs.JobEventsApi.as_view()),
     path("jobs/<str:job_id>/checkpoints", jobs.JobCheckpointsApi.as_view()),
+    path("jobs/<str:job_id>/stream", stream.JobStreamApi.as_view()),
     path(
         "jobs/<str:job_id>/checkpoints/<int:checkpoint_id>/files/<path:name>",
         jobs.CheckpointFileApi.as_view(),
     ),
-    path("envs", catalog.EnvironmentListApi.as_view()),
-    path("envs/<str:owner>/<str:name>", catalog.EnvironmentDetailApi.as_view()),
+    path("ingest/jobs/<str:job_id>/metrics", ingest.IngestMetricsApi.as_view()),
+    path("ingest/jobs/<str:job_id>/events", ingest.IngestEventsApi.as_view()),
+    path("ingest/jobs/<str:job_id>/logs", ingest.IngestLogsApi.as_view()),
+    path("ingest/jobs/<str:job_id>/checkpoints", ingest.IngestCheckpointsApi.as_view()),
+    path("ingest/jobs/<str:job_id>/heartbeat", ingest.IngestHeartbeatApi.as_view()),
+    path("ingest/jobs/<str:job_id>/state", ingest.IngestStateApi.as_view()),
+    path("envs", envs.EnvironmentListApi.as_view()),
+    path("envs/<str:owner>/<str:name>", envs.EnvironmentDetailApi.as_view()),
+    path("envs/<str:owner>/<str:name>/star", envs.EnvironmentStarApi.as_view()),
+    path("envs/<str:owner>/<str:name>/fork", envs.EnvironmentForkApi.as_view()),
+    path("envs/<str:owner>/<str:name>/versions/<str:version>/archive", envs.EnvironmentArchiveApi.as_view()),
     path("models", catalog.ModelListApi.as_view()),
     path("admin/orgs", admin.AdminOrgListApi.as_view()),
     path("admin/orgs/<str:slug>/quota", admin.AdminQuotaApi.as_view()),
+    path("admin/pools", admin.AdminPoolListApi.as_view()),
+    path("admin/pools/<str:pool>", admin.AdminPoolDetailApi.as_view()),
+    path("admin/queue", admin.AdminQueueApi.as_view()),
+    path("admin/jobs/<str:job_id>/preempt", admin.AdminPreemptApi.as_view()),
+    path("admin/usage", admin.AdminUsageApi.as_view()),
+    path("org/usage", usage.OrgUsageApi.as_view()),
 ]
 
 urlpatterns = [

@@ -6,6 +6,7 @@ jobs resolve their `owner/name@version` reference against them at submission.
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
 
@@ -24,6 +25,13 @@ class EnvironmentPackage(models.Model):
     description = models.CharField(max_length=500, blank=True, default="")
     visibility = models.CharField(max_length=12, choices=Visibility.choices, default=Visibility.PRIVATE)
     tags = ArrayField(models.CharField(max_length=32), default=list, blank=True)
+    # The README.md of the newest upload, raw; rendered (escaped) by the API.
+    readme = models.TextField(blank=True, default="")
+    forked_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="forks"
+    )
+    # Jobs submitted against any version of this package (server-owned).
+    usage_count = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -47,7 +55,14 @@ class EnvironmentVersion(models.Model):
     # Built-ins ship with the SDK and have no archive; uploaded packages have one, checked by its sha256.
     archive_uri = models.CharField(max_length=1024, blank=True, default="")
     sha256 = models.CharField(max_length=64, blank=True, default="")
+    size_bytes = models.PositiveBigIntegerField(default=0)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    # Why validation failed (shown to the publisher and to anyone who can see the package).
+    validation_error = models.TextField(blank=True, default="")
+    validated_at = models.DateTimeField(null=True, blank=True)
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -56,3 +71,17 @@ class EnvironmentVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.package}@{self.version}"
+
+
+class Star(models.Model):
+    """One user's star on a package (per user, not per organization); idempotent to add or remove."""
+
+    package = models.ForeignKey(EnvironmentPackage, on_delete=models.CASCADE, related_name="stars")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["package", "user"], name="uniq_env_star")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} * {self.package}"

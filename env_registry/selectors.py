@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from django.db.models import Q, QuerySet
+import re
+
+from django.db.models import Count, Q, QuerySet
 
 from env_registry.models import EnvironmentPackage, EnvironmentVersion, Visibility
 from opentinker.spec import EnvironmentRef
 from portal.errors import NotFound
 from portal.models import Organization
+
+NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?$")
+SORTS = {
+    "stars": ("-star_count", "organization__slug", "name"),
+    "usage": ("-usage_count", "organization__slug", "name"),
+    "recent": ("-updated_at", "organization__slug", "name"),
+    "name": ("organization__slug", "name"),
+}
 
 
 def _semver_key(version: str) -> tuple:
@@ -17,17 +27,26 @@ def _semver_key(version: str) -> tuple:
     return (*parts, pre == "", pre)
 
 
-def package_visible_list(organization: Organization, *, q: str = "", tag: str = "") -> QuerySet:
+def package_visible_list(
+    organization: Organization, *, q: str = "", tag: str = "", sort: str = "name"
+) -> QuerySet:
+    """Packages of the organization (any visibility) and everyone's public ones; `q` searches text."""
     qs = (
         EnvironmentPackage.objects.filter(Q(organization=organization) | Q(visibility=Visibility.PUBLIC))
-        .select_related("organization")
+        .select_related("organization", "forked_from__organization")
         .prefetch_related("versions")
+        .annotate(star_count=Count("stars", distinct=True))
     )
     if q:
-        qs = qs.filter(Q(name__icontains=q) | Q(description__icontains=q))
+        qs = qs.filter(
+            Q(name__icontains=q)
+            | Q(description__icontains=q)
+            | Q(organization__slug__iexact=q)
+            | Q(tags__contains=[q.lower()])
+        )
     if tag:
         qs = qs.filter(tags__contains=[tag])
-    return qs.order_by("organization__slug", "name")
+    return qs.order_by(*SORTS[sort])
 
 
 def package_get(organization: Organization, *, owner: str, name: str) -> EnvironmentPackage:
@@ -55,3 +74,22 @@ def environment_resolve(organization: Organization, ref: EnvironmentRef) -> Envi
                 raise NotFound(f"{ref} is {v.get_status_display().lower()}; jobs may only use valid versions")
             return v
     raise NotFound(f"{ref.owner}/{ref.name} has no version {ref.version}")
+
+
+def version_get(package: EnvironmentPackage, version: str) -> EnvironmentVersion:
+    for v in package.versions.all():
+        if v.version == version:
+            return v
+    raise NotFound(f"{package.organization.slug}/{package.name} has no version {version}")
+
+
+def package_starred_by(package: EnvironmentPackage, user) -> bool:
+    return package.stars.filter(user=user).exists()
+
+
+def package_forked_from_ref(package: EnvironmentPackage, organization: Organization) -> str | None:
+    """`owner/name` of the fork's source, only while the caller can still see that source."""
+    src = package.forked_from
+    if src is None or (src.organization_id != organization.pk and src.visibility != Visibility.PUBLIC):
+        return None
+    return f"{src.organization.slug}/{src.name}"

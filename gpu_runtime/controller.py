@@ -29,11 +29,14 @@ from gpu_runtime.algorithms import (
     rloo_advantages,
 )
 from gpu_runtime.batch import Sample
+from gpu_runtime.data import SFTDataset
+from gpu_runtime.models import load_tokenizer
 from gpu_runtime.sink import Sink
 from gpu_runtime.workers import RankWorker, RolloutWorker
 from opentinker.spec import JobSpec
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED, EXIT_TIME_LIMIT = 0, 1, 3, 4
+SFT_MAX_LEN = 4096  # tokens per SFT conversation (longer ones are cut; not in the spec yet)
 
 
 def derive_seed(*parts: int) -> int:
@@ -53,7 +56,8 @@ class LocalGroup:
     def __init__(self, spec: JobSpec) -> None:
         js = spec.model_dump_json()
         self.ranks = [RankWorker(js)]
-        self.rollout = RolloutWorker(js)
+        # SFT without an environment has nothing to roll out.
+        self.rollout = RolloutWorker(js) if spec.environment is not None else None
         self.world_size = 1
 
     def call(self, method: str, per_rank: list[tuple]) -> list[Any]:
@@ -101,7 +105,11 @@ class RayGroup:
         self.ranks = [
             rank_cls.options(**opts(r)).remote(js, r, world_size, master) for r in range(world_size)
         ]
-        self.rollout = ray.remote(RolloutWorker).options(**opts(world_size)).remote(js)
+        self.rollout = (
+            ray.remote(RolloutWorker).options(**opts(world_size)).remote(js)
+            if spec.environment is not None
+            else None
+        )
 
     def call(self, method: str, per_rank: list[tuple]) -> list[Any]:
         refs = [getattr(a, method).remote(*args) for a, args in zip(self.ranks, per_rank, strict=True)]
@@ -117,7 +125,8 @@ class RayGroup:
             self.call("shutdown", [() for _ in self.ranks])
         finally:
             for a in [*self.ranks, self.rollout]:
-                self.ray.kill(a)
+                if a is not None:
+                    self.ray.kill(a)
             remove_placement_group(self.pg)
 
 
@@ -144,6 +153,12 @@ class Controller:
         self.loss_agg = "seq-mean-token-sum-norm" if a.name == "dr_grpo" else a.loss_agg
         self.kl_in_reward = a.kl_coef > 0 and a.kl_placement == "reward"
         self.dynamic_sampling = a.dynamic_sampling or a.name == "dapo"
+        self.sft_data: SFTDataset | None = None
+        if spec.kind.value == "sft":
+            assert spec.dataset is not None
+            self.sft_data = SFTDataset.from_uri(
+                spec.dataset.uri, load_tokenizer(spec.model.base), seed=spec.seed, max_len=SFT_MAX_LEN
+            )
 
     # ---- helpers -----------------------------------------------------------------------------------------
     def _shards(self, samples: list[Sample]) -> tuple[list[list[Sample]], int]:
@@ -153,6 +168,8 @@ class Controller:
         return shards, n_micro
 
     def _sync_weights(self) -> None:
+        if self.group.rollout is None:
+            return
         sd = self.group.call("full_state_dict", [() for _ in range(self.group.world_size)])[0]
         self.group.rollout_call("load_weights", sd)
 
@@ -329,6 +346,37 @@ class Controller:
             metrics["value_loss"] = sums["value_loss"] / (a.epochs * a.minibatches)
         return metrics
 
+    def sft_step(self, step: int) -> dict[str, float]:
+        """One optimizer step of supervised fine-tuning: negative log-likelihood of the assistant tokens,
+        token-mean over the whole batch (all micro-batches and ranks, checklist item 1)."""
+        assert self.sft_data is not None
+        a = self.spec.algorithm
+        t0 = time.perf_counter()
+        samples = self.sft_data.batch(step, a.batch_size)
+        norm = LossNorm(
+            tokens=sum(s.n_generated for s in samples),
+            seqs=len(samples),
+            norm_len=a.max_new_tokens,
+            world_size=self.group.world_size,
+        )
+        shards, n_micro = self._shards(samples)
+        sums: dict[str, float] = {}
+        for out in self.group.call("train_minibatch", [(sh, norm, n_micro) for sh in shards]):
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v
+        dt = time.perf_counter() - t0
+        n_tok = sum(len(s.token_ids) for s in samples)
+        return {
+            "loss": sums["loss"],
+            "grad_norm": sums["grad_norm"] / self.group.world_size,
+            "lr": sums["lr"] / self.group.world_size,
+            "entropy": sums["entropy"] / max(sums["tokens"], 1.0),
+            "tokens/trained": sums["tokens"],
+            "time/update": dt,
+            "time/step": dt,
+            "tokens_per_s": n_tok / max(dt, 1e-9),
+        }
+
     @staticmethod
     def _reward_metrics(samples: list[Sample]) -> dict[str, float]:
         if not samples:
@@ -383,7 +431,7 @@ class Controller:
                 self.save(step - 1)
                 self.sink.event("time_limit", step=step - 1, max_hours=spec.resources.max_hours)
                 return RunResult(EXIT_TIME_LIMIT, "time_limit", step - 1, history)
-            m = self.rl_step(step)
+            m = self.sft_step(step) if self.sft_data is not None else self.rl_step(step)
             history.append(m)
             self.sink.metrics(step, m)
             if step % spec.checkpoint.every_steps == 0 and step != a.steps:

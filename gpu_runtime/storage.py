@@ -91,3 +91,13 @@ def download_prefix(uri: str) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, obj["Key"], str(target))
     return dest
+
+
+def read_bytes(uri: str) -> bytes:
+    """The contents of one object (a dataset file): `file://` path or `s3://bucket/key`."""
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://")).read_bytes()
+    if uri.startswith("s3://"):
+        bucket, key = _s3_split(uri)
+        return _s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+    raise ValueError(f"unsupported storage URI {uri!r}")

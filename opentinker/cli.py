@@ -36,7 +36,7 @@ from opentinker.client import (
 )
 from opentinker.errors import OpenTinkerError, ValidationError
 from opentinker.spec import JobState
-from opentinker.types import Job, JobEvent, MetricSeries, Page, Token
+from opentinker.types import EnvironmentPackage, Job, JobEvent, MetricSeries, Page, StreamEvent, Token
 
 DEFAULT_URL = "http://localhost:8000"
 ClientFactory = Callable[[str, str], Client]
@@ -397,6 +397,39 @@ def cmd_jobs_events(ctx: Context) -> int:
     return 0
 
 
+def cmd_jobs_watch(ctx: Context) -> int:
+    """Print a job's live stream until it finishes; exit 0 if it succeeded, 1 otherwise."""
+    final = None
+    try:
+        for ev in ctx.client().jobs.watch(ctx.args.id, last_event_id=ctx.args.last_event_id):
+            if ctx.json:
+                print(json.dumps(_to_jsonable(ev.model_dump(exclude={"data"}))), flush=True)
+            else:
+                for line in fmt_stream_event(ev):
+                    print(line, flush=True)
+            if ev.type == "end":
+                final = ev.state
+    except KeyboardInterrupt:
+        print(f"Stopped watching; job {ctx.args.id} carries on.", file=sys.stderr)
+        return 130
+    return 0 if final == JobState.SUCCEEDED.value else 1
+
+
+def fmt_stream_event(ev: StreamEvent) -> list[str]:
+    if ev.type == "metrics":
+        by_step: dict[int, list[str]] = {}
+        for p in ev.points:
+            by_step.setdefault(p.step, []).append(f"{p.name}={fmt_float(p.value)}")
+        return [f"step {step}  {'  '.join(values)}" for step, values in sorted(by_step.items())]
+    if ev.type in ("event", "state") and ev.event is not None:
+        return [fmt_event(ev.event)]
+    if ev.type == "log":
+        return [f"[{x.stream}] {x.line}" for x in ev.lines]
+    if ev.type == "end":
+        return [f"Job finished: {ev.state}"]
+    return []
+
+
 def cmd_jobs_checkpoints(ctx: Context) -> int:
     checkpoints = ctx.client().jobs.checkpoints(ctx.args.id)
     if ctx.json:
@@ -506,7 +539,7 @@ def cmd_quota(ctx: Context) -> int:
 
 def cmd_envs_list(ctx: Context) -> int:
     a = ctx.args
-    page = ctx.client().envs.list(q=a.query, tag=a.tag, limit=a.limit, offset=a.offset)
+    page = ctx.client().envs.list(q=a.query, tag=a.tag, limit=a.limit, offset=a.offset, sort=a.sort)
     if ctx.json:
         print_json(page)
         return 0
@@ -519,6 +552,84 @@ def cmd_envs_list(ctx: Context) -> int:
         empty="No environments.",
     )
     more_hint(page, a.offset)
+    return 0
+
+
+def _env_ref(text: str) -> tuple[str, str]:
+    owner, sep, name = text.partition("/")
+    if not sep or not owner or not name or "/" in name:
+        raise UsageError(f"expected OWNER/NAME, got {text!r}")
+    return owner, name
+
+
+def print_env(env: EnvironmentPackage) -> None:
+    print_fields(
+        [
+            ("environment", f"{env.owner}/{env.name}"),
+            ("description", env.description),
+            ("visibility", env.visibility),
+            ("tags", env.tags),
+            ("latest valid", env.latest_version),
+            ("stars", env.stars),
+            ("used by jobs", env.usage_count),
+            ("forked from", env.forked_from),
+        ]
+    )
+    rows = []
+    for v in env.versions:
+        if isinstance(v, dict):
+            rows.append(
+                [v.get("version"), v.get("status"), (v.get("sha256") or "")[:12], v.get("validation_error")]
+            )
+        else:
+            rows.append([v, "", "", ""])
+    print()
+    print_table(["VERSION", "STATUS", "SHA256", "VALIDATION ERROR"], rows, empty="No versions.")
+
+
+def cmd_envs_push(ctx: Context) -> int:
+    a = ctx.args
+    env = ctx.client().envs.push(a.directory, visibility=a.visibility)
+    if ctx.json:
+        print_json(env)
+    newest = env.version_info() or {}
+    ref = f"{env.owner}/{env.name}@{newest.get('version', '?')}"
+    status = newest.get("status", "?")
+    if not ctx.json:
+        print(f"published {ref}: {status}")
+    if status == "invalid":
+        print(f"error: {ref} failed validation: {newest.get('validation_error')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_envs_show(ctx: Context) -> int:
+    env = ctx.client().envs.get(*_env_ref(ctx.args.ref))
+    if ctx.json:
+        print_json(env)
+    else:
+        print_env(env)
+    return 0
+
+
+def cmd_envs_star(ctx: Context) -> int:
+    owner, name = _env_ref(ctx.args.ref)
+    envs = ctx.client().envs
+    stars = envs.unstar(owner, name) if ctx.args.remove else envs.star(owner, name)
+    if ctx.json:
+        print_json({"starred": not ctx.args.remove, "stars": stars})
+    else:
+        print(f"{'unstarred' if ctx.args.remove else 'starred'} {owner}/{name} ({stars} stars)")
+    return 0
+
+
+def cmd_envs_fork(ctx: Context) -> int:
+    owner, name = _env_ref(ctx.args.ref)
+    env = ctx.client().envs.fork(owner, name, ctx.args.name)
+    if ctx.json:
+        print_json(env)
+    else:
+        print(f"forked {owner}/{name} into {env.owner}/{env.name} ({env.visibility})")
     return 0
 
 
@@ -606,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(jobs, "events", cmd_jobs_events, "list a job's events")
     p.add_argument("id", metavar="ID")
     p.add_argument("--after", type=_non_negative_int, metavar="SEQ", help="only events after this seq")
+    p = add(jobs, "watch", cmd_jobs_watch, "follow a job live (metrics, events, logs) until it finishes")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--last-event-id", metavar="ID", help="resume after this stream event id")
     p = add(jobs, "checkpoints", cmd_jobs_checkpoints, "list a job's checkpoints")
     p.add_argument("id", metavar="ID")
     p = add(jobs, "download", cmd_jobs_download, "download a checkpoint file")
@@ -633,14 +747,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(tokens, "revoke", cmd_tokens_revoke, "revoke a token")
     p.add_argument("id", metavar="ID")
 
-    envs = sub.add_parser("envs", parents=[common], help="browse the environment registry").add_subparsers(
+    envs = sub.add_parser("envs", parents=[common], help="browse and publish environments").add_subparsers(
         dest="envs_command", required=True, metavar="COMMAND"
     )
     p = add(envs, "list", cmd_envs_list, "list environments you can use")
     p.add_argument("--query", "-q", help="search text")
     p.add_argument("--tag")
+    p.add_argument("--sort", choices=["name", "stars", "usage", "recent"])
     p.add_argument("--limit", type=_positive_int, default=50)
     p.add_argument("--offset", type=_non_negative_int, default=0)
+    p = add(envs, "push", cmd_envs_push, "pack a package directory and publish it as a new version")
+    p.add_argument("directory", metavar="DIR", help="holds opentinker.json (or manifest.json) and the source")
+    p.add_argument("--visibility", choices=["private", "organization", "public"])
+    p = add(envs, "show", cmd_envs_show, "show an environment, its versions and their validation")
+    p.add_argument("ref", metavar="OWNER/NAME")
+    p = add(envs, "star", cmd_envs_star, "star an environment (--remove to unstar)")
+    p.add_argument("ref", metavar="OWNER/NAME")
+    p.add_argument("--remove", action="store_true")
+    p = add(envs, "fork", cmd_envs_fork, "copy an environment into your organization (private)")
+    p.add_argument("ref", metavar="OWNER/NAME")
+    p.add_argument("--name", help="the fork's name (default: the same name)")
     return parser
 
 

@@ -50,6 +50,7 @@ from opentinker.types import (
     Organization,
     Page,
     Quota,
+    StreamEvent,
     Token,
 )
 
@@ -251,8 +252,8 @@ class Client:
             ) from None
 
     @contextlib.contextmanager
-    def _stream(self, path: str) -> Iterator[httpx.Response]:
-        response = self._send("GET", path, stream=True)
+    def _stream(self, path: str, headers: Any = None) -> Iterator[httpx.Response]:
+        response = self._send("GET", path, headers=headers, stream=True)
         try:
             yield response
         finally:
@@ -332,6 +333,49 @@ def _parse(model: type[M], data: Any) -> M:
             code="bad_response",
             fields=pydantic_fields(exc),
         ) from None
+
+
+def _sse_events(lines: Iterator[str]) -> Iterator[StreamEvent]:
+    """Parse a text/event-stream (the WHATWG format); ``retry:`` comes out as a ``retry`` event."""
+    kind, data, event_id = "message", [], None
+    for line in lines:
+        if not line:
+            if data:
+                yield _stream_event(kind, event_id, "\n".join(data))
+            kind, data, event_id = "message", [], None
+            continue
+        if line.startswith(":"):
+            continue  # a comment: keep-alive
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            kind = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id":
+            event_id = value
+        elif name == "retry" and value.isdigit():
+            yield StreamEvent(type="retry", data={"ms": int(value)})
+
+
+def _stream_event(kind: str, event_id: str | None, raw: str) -> StreamEvent:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = {"text": raw}
+    if not isinstance(data, dict):
+        data = {"value": data}
+    fields: dict[str, Any] = {"type": kind, "id": event_id, "data": data}
+    if kind == "metrics":
+        fields["points"] = data.get("points") or []
+    elif kind in ("event", "state"):
+        fields["event"] = data
+        fields["state"] = data.get("state")
+    elif kind == "log":
+        fields["lines"] = data.get("lines") or []
+    elif kind == "end":
+        fields["state"] = data.get("state")
+    return _parse(StreamEvent, fields)
 
 
 def _seg(value: object) -> str:
@@ -430,6 +474,46 @@ class JobsAPI:
                 raise OpenTinkerError(f"job {job_id} still {job.state} after {timeout:g}s", code="timeout")
             self._c._sleep(poll_interval)
 
+    def watch(
+        self, job_id: str, last_event_id: str | None = None, *, max_reconnects: int = 10
+    ) -> Iterator[StreamEvent]:
+        """Follow a job live (Server-Sent Events) until it finishes: first its history, then what happens.
+
+        A lost connection is resumed where it stopped (``Last-Event-ID``), so no event is missed; pass an
+        event's ``id`` as ``last_event_id`` to resume a watch later. The last event is of type ``end``.
+        Gives up after ``max_reconnects`` failed reconnections in a row.
+        """
+        path = f"/jobs/{_seg(job_id)}/stream"
+        failures = 0
+        delay = self._c.backoff  # until the server says otherwise (SSE `retry:`)
+        while True:
+            headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+            if last_event_id:
+                headers["Last-Event-ID"] = last_event_id
+            try:
+                with self._c._stream(path, headers=headers) as response:
+                    for event in _sse_events(response.iter_lines()):
+                        if event.type == "retry":
+                            delay = float(event.data.get("ms", 0)) / 1000 or delay
+                            continue
+                        failures = 0
+                        if event.id:
+                            last_event_id = event.id
+                        yield event
+                        if event.type == "end":
+                            return
+            except (httpx.TransportError, ApiConnectionError) as exc:
+                error: Exception = exc
+            else:
+                error = ApiConnectionError("the stream ended early")  # closed without `end`: resume
+            failures += 1
+            if failures > max_reconnects:
+                raise ApiConnectionError(
+                    f"lost the stream of job {job_id} {failures} times in a row ({error})",
+                    code="connection_error",
+                ) from None
+            self._c._sleep(min(delay * 2 ** (failures - 1), 30.0))
+
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
         return self._c._get_results(f"/jobs/{_seg(job_id)}/checkpoints", Checkpoint)
 
@@ -527,10 +611,116 @@ class EnvsAPI:
         self._c = client
 
     def list(
-        self, q: str | None = None, tag: str | None = None, limit: int = 50, offset: int = 0
+        self,
+        q: str | None = None,
+        tag: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        sort: str | None = None,
     ) -> Page[EnvironmentPackage]:
-        params = _drop_none({"q": q, "tag": tag, "limit": limit, "offset": offset})
+        """Search; ``sort`` is ``stars``, ``usage``, ``recent`` or ``name`` (the default)."""
+        params = _drop_none({"q": q, "tag": tag, "limit": limit, "offset": offset, "sort": sort})
         return self._c._get_model("/envs", Page[EnvironmentPackage], params=params)
 
     def get(self, owner: str, name: str) -> EnvironmentPackage:
         return self._c._get_model(f"/envs/{_seg(owner)}/{_seg(name)}", EnvironmentPackage)
+
+    def push(self, directory: str | os.PathLike[str], *, visibility: str | None = None) -> EnvironmentPackage:
+        """Pack ``directory`` (its ``opentinker.json`` or ``manifest.json``) and publish it as a new version.
+
+        The server validates it in its sandbox; the returned package shows each version's ``status``.
+        """
+        data = pack_environment(directory)
+        form = {"visibility": visibility} if visibility else None
+        request = self._c._http.build_request(
+            "POST", "/envs", files={"archive": ("package.tar.gz", data, "application/gzip")}, data=form
+        )
+        try:
+            # Never retried: a retried upload of the same version would answer 409.
+            response = self._c._http.send(request)
+        except httpx.TransportError as exc:
+            raise self._c._connection_error("POST", request, exc) from None
+        return _parse(EnvironmentPackage, _raise_for_status(response, stream=False).json())
+
+    def update(
+        self,
+        owner: str,
+        name: str,
+        *,
+        description: str | None = None,
+        visibility: str | None = None,
+        tags: list[str] | None = None,
+    ) -> EnvironmentPackage:
+        body = _drop_none({"description": description, "visibility": visibility, "tags": tags})
+        return _parse(
+            EnvironmentPackage, self._c._call("PATCH", f"/envs/{_seg(owner)}/{_seg(name)}", json=body)
+        )
+
+    def star(self, owner: str, name: str) -> int:
+        """Star it (idempotent); returns its star count."""
+        return int(self._c._call("PUT", f"/envs/{_seg(owner)}/{_seg(name)}/star")["stars"])
+
+    def unstar(self, owner: str, name: str) -> int:
+        return int(self._c._call("DELETE", f"/envs/{_seg(owner)}/{_seg(name)}/star")["stars"])
+
+    def fork(self, owner: str, name: str, new_name: str | None = None) -> EnvironmentPackage:
+        """Copy its newest valid version into your organization as a private package."""
+        body = _drop_none({"name": new_name})
+        return _parse(
+            EnvironmentPackage, self._c._call("POST", f"/envs/{_seg(owner)}/{_seg(name)}/fork", json=body)
+        )
+
+
+# --- environment packages -----------------------------------------------------------------------------------
+
+MANIFEST_FILES = ("opentinker.json", "manifest.json")
+MAX_PACKAGE_BYTES = 20 * 1024 * 1024
+_SKIP_DIRS = frozenset(
+    {"__pycache__", ".git", ".venv", "venv", "node_modules", ".mypy_cache", ".pytest_cache"}
+)
+
+
+def pack_environment(directory: str | os.PathLike[str]) -> bytes:
+    """A deterministic ``.tar.gz`` of a package directory, with its manifest stored as ``opentinker.json``.
+
+    Skips caches, VCS folders, hidden files and links (the server refuses links); refuses a directory
+    without a manifest, or over the upload limit, before sending anything.
+    """
+    import gzip
+    import io
+    import tarfile
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise ValidationError(f"{root} is not a directory", code="invalid")
+    manifest = next((root / m for m in MANIFEST_FILES if (root / m).is_file()), None)
+    if manifest is None:
+        raise ValidationError(f"{root} has no {' or '.join(MANIFEST_FILES)}", code="invalid")
+    try:
+        json.loads(manifest.read_text())
+    except ValueError as exc:
+        raise ValidationError(f"{manifest} is not valid JSON: {exc}", code="invalid") from None
+    files: list[tuple[str, Path]] = [("opentinker.json", manifest)]
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part in _SKIP_DIRS or part.startswith(".") for part in rel.parts):
+            continue
+        if path.is_symlink() or not path.is_file() or path.suffix == ".pyc":
+            continue
+        if len(rel.parts) == 1 and rel.name in MANIFEST_FILES:
+            continue
+        files.append((rel.as_posix(), path))
+    raw = io.BytesIO()
+    # mtime 0 and fixed owners: the same directory packs to the same bytes (and sha256).
+    with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        for name, path in files:
+            data = path.read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    data = raw.getvalue()
+    if len(data) > MAX_PACKAGE_BYTES:
+        raise ValidationError(
+            f"the package is {len(data)} bytes packed; the limit is {MAX_PACKAGE_BYTES}", code="too_large"
+        )
+    return data

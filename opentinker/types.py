@@ -76,6 +76,36 @@ class EventPage(ApiModel):
     next_after: int | None = None
 
 
+class MetricPoint(ApiModel):
+    step: int
+    name: str
+    value: float | None = None
+
+
+class LogLine(ApiModel):
+    seq: int
+    stream: str = "stdout"
+    line: str = ""
+    created_at: datetime | None = None
+
+
+class StreamEvent(ApiModel):
+    """One event of a job's live stream (``client.jobs.watch``).
+
+    ``type`` is ``metrics`` (``points``), ``event`` or ``state`` (``event``; ``state`` is the new state),
+    ``log`` (``lines``), ``sync`` (history sent, live from here) or ``end`` (``state`` is the final state; the
+    stream is over). Newer servers may send other types; ``data`` always holds the raw payload.
+    """
+
+    type: str
+    id: str | None = None
+    points: list[MetricPoint] = Field(default_factory=list)
+    event: JobEvent | None = None
+    lines: list[LogLine] = Field(default_factory=list)
+    state: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
 class MetricSeries(ApiModel):
     name: str
     steps: list[int] = Field(default_factory=list)
@@ -186,8 +216,21 @@ class EnvironmentPackage(ApiModel):
     visibility: str | None = None
     tags: list[str] = Field(default_factory=list)
     latest_version: str | None = None
-    # Version strings or version objects: the contract leaves the element shape open.
+    # Version strings (lists) or version objects (detail): the contract leaves the element shape open.
     versions: list[Any] = Field(default_factory=list)
+    stars: int = 0
+    usage_count: int = 0
+    # Detail only.
+    readme: str | None = None
+    starred: bool | None = None
+    forked_from: str | None = None
+
+    def version_info(self, version: str | None = None) -> dict[str, Any] | None:
+        """The detail's entry for ``version`` (default: the newest), with its status and validation error."""
+        objects = [v for v in self.versions if isinstance(v, dict)]
+        if version is None:
+            return objects[0] if objects else None
+        return next((v for v in objects if v.get("version") == version), None)
 
     @property
     def ref(self) -> str:

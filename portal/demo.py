@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                     "WARNING",
                     "--concurrency",
                     "1",
+                    # Embedded beat: the scheduler, supervisor and pool-refresh passes every few seconds.
+                    "--beat",
+                    "--schedule",
+                    str(var / "celerybeat-schedule"),
                 ],
                 env=env,
                 cwd=BASE_DIR,

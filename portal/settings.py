@@ -198,6 +198,11 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Longer than any task's time limit, so a slow task is never delivered to a second worker while it runs.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_TIMEZONE = "UTC"
+CELERY_IMPORTS = ["workers.env_tasks"]
+
+# Environment packages are validated (imported, one smoke episode in the sandbox) on upload: inline in the
+# embedded default, by a Celery task in production so a hostile package never holds a web worker.
+ENV_VALIDATION_MODE = env.str("ENV_VALIDATION_MODE", "inline" if EMBEDDED else "celery")
 
 # Defaults for a new organization's quota (platform staff change them per organization).
 DEFAULT_QUOTA = {

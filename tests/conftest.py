@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import httpx
 import pytest
 from rest_framework.test import APIClient
 
@@ -98,3 +101,35 @@ def as_bob(bob, acme, make_token):
 @pytest.fixture
 def as_charlie(charlie, globex, make_token):
     return client_for(make_token(charlie, globex))
+
+
+@dataclass
+class S3Store:
+    endpoint: str
+    bucket: str
+    client: object  # boto3 S3 client
+
+
+@pytest.fixture
+def s3_store(settings, monkeypatch):
+    """A real S3 API (moto's server over HTTP) as the platform's object store: `s3://otk-store/store`."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        # moto keeps its buckets in process-wide state: start each test from an empty store.
+        httpx.post(f"{endpoint}/moto-api/reset").raise_for_status()
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        settings.S3_ENDPOINT_URL = endpoint
+        settings.OBJECT_STORE_URL = "s3://otk-store/store"
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="otk-store")
+        yield S3Store(endpoint=endpoint, bucket="otk-store", client=client)
+    finally:
+        server.stop()

@@ -1,19 +1,31 @@
-"""Platform admin API: organizations and their quotas. Staff only; everyone else gets 404."""
+"""Platform admin API: organizations and their quotas, pools, the queue, preemption and usage.
+
+Staff only; everyone else gets 404."""
 
 from __future__ import annotations
 
+import uuid
+from datetime import date, datetime
+
 from django.http import Http404
-from drf_spectacular.utils import extend_schema
-from rest_framework import serializers
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from api.permissions import IsPlatformStaff
 from api.serializers import StrictSerializer
-from api.views.jobs import ERRORS, Pagination
+from api.views.jobs import ERRORS, JobOutputSerializer, Pagination
 from api.views.orgs import QuotaSerializer
-from portal.models import Organization
+from portal.actors import Actor
+from portal.errors import DomainError, NotFound
+from portal.models import ComputePool, Job, Organization
+from portal.selectors.queue import pool_get, pool_list, queue_explain
+from portal.selectors.usage import usage_by_organization
+from portal.services.pools import pool_create, pool_delete, pool_update
 from portal.services.quotas import quota_set
+from portal.services.supervision import job_preempt
 
 
 class StaffOnly(IsPlatformStaff):
@@ -83,3 +95,217 @@ class AdminQuotaApi(APIView):
         s.is_valid(raise_exception=True)
         quota = quota_set(organization=org, by=request.user, **s.validated_data)
         return Response(QuotaSerializer(quota).data)
+
+
+# --- pools, queue, preemption, usage ------------------------------------------------------------------------
+
+
+class PoolSerializer(serializers.ModelSerializer):
+    used_slots = serializers.IntegerField(read_only=True)
+    borrowed_slots = serializers.IntegerField(read_only=True)
+    running_jobs = serializers.IntegerField(read_only=True)
+    gpus_by_type = serializers.DictField(child=serializers.IntegerField(), read_only=True)
+    labels = serializers.DictField(child=serializers.CharField(), read_only=True)
+
+    class Meta:
+        model = ComputePool
+        fields = [
+            "name",
+            "driver",
+            "ray_address",
+            "enabled",
+            "health",
+            "health_message",
+            "last_heartbeat",
+            "gpus_by_type",
+            "total_gpus",
+            "cpu_slots",
+            "cpus",
+            "memory_bytes",
+            "used_slots",
+            "borrowed_slots",
+            "running_jobs",
+            "labels",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+def _pool_out(name: str):
+    try:
+        return PoolSerializer(pool_get(name)).data
+    except NotFound:
+        raise Http404 from None
+
+
+class AdminPoolListApi(APIView):
+    permission_classes = [StaffOnly]
+
+    class PoolCreateInput(StrictSerializer):
+        name = serializers.RegexField(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+        driver = serializers.ChoiceField(choices=ComputePool.Driver.choices, default="local")
+        ray_address = serializers.CharField(max_length=300, required=False, default="", allow_blank=True)
+        enabled = serializers.BooleanField(required=False, default=True)
+        labels = serializers.DictField(
+            child=serializers.CharField(max_length=200), required=False, default=dict
+        )
+
+    @extend_schema(operation_id="admin_pools_list", responses={200: PoolSerializer(many=True), **ERRORS})
+    def get(self, request):
+        return Response(PoolSerializer(pool_list(), many=True).data)
+
+    @extend_schema(
+        operation_id="admin_pools_create",
+        request=PoolCreateInput,
+        responses={201: PoolSerializer, **ERRORS},
+        description="Register a pool. Its capacity and health are read from the pool itself by the workers.",
+    )
+    def post(self, request):
+        s = self.PoolCreateInput(data=request.data)
+        s.is_valid(raise_exception=True)
+        pool = pool_create(**s.validated_data)
+        return Response(_pool_out(pool.name), status=status.HTTP_201_CREATED)
+
+
+class AdminPoolDetailApi(APIView):
+    permission_classes = [StaffOnly]
+
+    class PoolUpdateInput(StrictSerializer):
+        ray_address = serializers.CharField(max_length=300, required=False, allow_blank=True)
+        enabled = serializers.BooleanField(required=False)
+        labels = serializers.DictField(child=serializers.CharField(max_length=200), required=False)
+
+    @extend_schema(operation_id="admin_pool_get", responses={200: PoolSerializer, **ERRORS})
+    def get(self, request, pool: str):
+        return Response(_pool_out(pool))
+
+    @extend_schema(
+        operation_id="admin_pool_update",
+        request=PoolUpdateInput,
+        responses={200: PoolSerializer, **ERRORS},
+        description="Enable or disable a pool (a disabled pool admits nothing new), or change its labels.",
+    )
+    def patch(self, request, pool: str):
+        row = ComputePool.objects.filter(name=pool).first()
+        if row is None:
+            raise Http404
+        s = self.PoolUpdateInput(data=request.data)
+        s.is_valid(raise_exception=True)
+        pool_update(pool=row, **s.validated_data)
+        return Response(_pool_out(pool))
+
+    @extend_schema(operation_id="admin_pool_delete", responses={204: None, **ERRORS})
+    def delete(self, request, pool: str):
+        row = ComputePool.objects.filter(name=pool).first()
+        if row is None:
+            raise Http404
+        pool_delete(pool=row)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class QueueEntrySerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    organization = serializers.CharField()
+    gpus = serializers.IntegerField()
+    cpus = serializers.IntegerField()
+    priority = serializers.IntegerField()
+    pool = serializers.CharField(allow_null=True)
+    attempt = serializers.IntegerField()
+    created_at = serializers.DateTimeField()
+    waiting_seconds = serializers.FloatField()
+    category = serializers.ChoiceField(choices=["quota", "capacity", "fair-share", "pool", "starting"])
+    reason = serializers.CharField()
+
+
+class QueuePageSerializer(serializers.Serializer):
+    count = serializers.IntegerField()
+    results = QueueEntrySerializer(many=True)
+
+
+class AdminQueueApi(APIView):
+    permission_classes = [StaffOnly]
+
+    @extend_schema(
+        operation_id="admin_queue",
+        parameters=[
+            OpenApiParameter("limit", int, description="At most 1000 (default 200)."),
+            OpenApiParameter("offset", int),
+        ],
+        responses={200: QueuePageSerializer, **ERRORS},
+        description="Queued jobs in scheduling order, each with why it waits now (quota, capacity, fair "
+        "share or pool), from a read-only run of the scheduler's own plan.",
+    )
+    def get(self, request):
+        limit = _int_param(request, "limit", 200, 1, 1000)
+        offset = _int_param(request, "offset", 0, 0, 10_000_000)
+        count, rows = queue_explain(limit=limit, offset=offset)
+        return Response({"count": count, "results": QueueEntrySerializer(rows, many=True).data})
+
+
+def _int_param(request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise DomainError(f"{name} must be an integer", field=name) from None
+    if not lo <= value <= hi:
+        raise DomainError(f"{name} must be between {lo} and {hi}", field=name)
+    return value
+
+
+class AdminPreemptApi(APIView):
+    permission_classes = [StaffOnly]
+
+    class PreemptInput(StrictSerializer):
+        reason = serializers.CharField(max_length=300, required=False, default="", allow_blank=True)
+
+    @extend_schema(
+        operation_id="admin_job_preempt",
+        request=PreemptInput,
+        responses={202: JobOutputSerializer, **ERRORS},
+        description="Preempt a running job of any organization: it checkpoints, stops and is re-queued "
+        "(an admitted job not yet started is re-queued at once). Not counted against its retry limit.",
+    )
+    def post(self, request, job_id: str):
+        try:
+            job = Job.objects.select_related("organization", "created_by").get(pk=uuid.UUID(str(job_id)))
+        except (ValueError, Job.DoesNotExist):
+            raise Http404 from None
+        s = self.PreemptInput(data=request.data)
+        s.is_valid(raise_exception=True)
+        job = job_preempt(job=job, actor=Actor.for_request(request.user), reason=s.validated_data["reason"])
+        job = Job.objects.select_related("organization", "created_by").get(pk=job.pk)
+        return Response(JobOutputSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class UsageRowSerializer(serializers.Serializer):
+    organization = serializers.CharField()
+    month = serializers.DateField()
+    gpu_hours = serializers.FloatField()
+    cpu_hours = serializers.FloatField()
+    gpu_hours_quota = serializers.IntegerField(allow_null=True)
+
+
+class AdminUsageApi(APIView):
+    permission_classes = [StaffOnly]
+
+    @extend_schema(
+        operation_id="admin_usage",
+        parameters=[OpenApiParameter("month", str, description="YYYY-MM (default: the current month, UTC).")],
+        responses={200: UsageRowSerializer(many=True), **ERRORS},
+    )
+    def get(self, request):
+        return Response(UsageRowSerializer(usage_by_organization(parse_month(request)), many=True).data)
+
+
+def parse_month(request) -> date:
+    raw = request.query_params.get("month")
+    if not raw:
+        return timezone.now().date().replace(day=1)
+    try:
+        return datetime.strptime(raw, "%Y-%m").date()
+    except ValueError:
+        raise DomainError("month must look like 2026-01", field="month") from None

@@ -1,18 +1,26 @@
 from portal.models.jobs import Checkpoint, Job, JobEvent, Metric
+from portal.models.logs import JobLog
 from portal.models.orgs import Invitation, Membership, Organization, Role
+from portal.models.pools import Allocation, ComputePool
 from portal.models.quotas import Quota
 from portal.models.tokens import ApiToken, Scope
+from portal.models.usage import FairShareUsage, UsageRecord
 
 __all__ = [
+    "Allocation",
     "ApiToken",
     "Checkpoint",
+    "ComputePool",
+    "FairShareUsage",
     "Invitation",
     "Job",
     "JobEvent",
+    "JobLog",
     "Membership",
     "Metric",
     "Organization",
     "Quota",
     "Role",
     "Scope",
+    "UsageRecord",
 ]

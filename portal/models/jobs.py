@@ -39,6 +39,8 @@ class Job(models.Model):
     idempotency_key = models.CharField(max_length=100, blank=True, default="")
     # Next JobEvent.seq; kept on the row so events of one job are numbered without gaps under concurrency.
     next_event_seq = models.PositiveIntegerField(default=1)
+    # Last sign of life from the runtime (ingest heartbeat); the reaper re-queues a running job gone silent.
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

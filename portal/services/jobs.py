@@ -16,6 +16,7 @@ from portal import storage
 from portal.actors import Actor
 from portal.errors import Conflict, DomainError, QuotaExceeded
 from portal.models import Job, JobEvent, Organization, Quota
+from portal.services.enqueue import enqueue
 
 S = JobState
 # The job state machine. `running -> queued` and `admitted -> queued` are re-queues (preemption, lost worker);
@@ -59,15 +60,18 @@ def _check_request_size(spec: JobSpec, quota: Quota) -> None:
         )
 
 
-def _check_references(spec: JobSpec, organization: Organization) -> None:
-    # Imported here: env_registry builds on the domain, and the domain only needs it at submission.
+def _check_references(spec: JobSpec, organization: Organization):
+    """Check what the spec points at; returns the registry EnvironmentVersion it uses (or None)."""
+    # Imported here: env_registry builds on the domain (a module-level import would be a cycle), and the
+    # domain needs it only at submission.
     from env_registry.selectors import environment_resolve
     from portal.errors import NotFound
 
+    version = None
     ref = spec.environment.registry_ref if spec.environment else None
     if ref is not None:
         try:
-            environment_resolve(organization, ref)
+            version = environment_resolve(organization, ref)
         except NotFound as e:
             raise DomainError(str(e), field="environment.ref") from None
     uris = {
@@ -80,6 +84,7 @@ def _check_references(spec: JobSpec, organization: Organization) -> None:
         # A job reads only its own organization's objects: never another tenant's checkpoints or data.
         if uri and not storage.organization_may_read(uri, organization.slug):
             raise DomainError(f"{uri!r} is not in your organization's storage ({prefix}/...)", field=field)
+    return version
 
 
 def job_submit(
@@ -97,7 +102,7 @@ def job_submit(
                     raise Conflict("this Idempotency-Key was used for a different job spec")
                 return existing, False
         _check_request_size(spec, quota)
-        _check_references(spec, organization)
+        env_version = _check_references(spec, organization)
         waiting = Job.objects.filter(organization=organization, state__in=[S.QUEUED, S.ADMITTED]).count()
         if waiting >= quota.max_queued_jobs:
             raise QuotaExceeded(
@@ -118,6 +123,12 @@ def job_submit(
             idempotency_key=idempotency_key,
         )
         _record(job, actor, kind=JobEvent.Kind.STATE, to_state=S.QUEUED, message="submitted")
+        if env_version is not None:
+            from env_registry.services import package_usage_record
+
+            package_usage_record(env_version)  # after the idempotency check: a retry is not a second use
+        # Nudge the scheduler once this commits; beat runs it every few seconds anyway.
+        enqueue("workers.schedule", expires=30)
         return job, True
 
 

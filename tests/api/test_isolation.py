@@ -27,11 +27,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.utils import timezone
 from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
-from env_registry.models import EnvironmentPackage, EnvironmentVersion, Visibility
+from env_registry import storage as env_storage
+from env_registry.models import EnvironmentPackage, EnvironmentVersion, Star, Visibility
 from opentinker.spec import example_rl_spec
 from portal import storage
 from portal.actors import Actor
@@ -91,6 +93,7 @@ class AcmeWorld:
             "slug": self.org.slug,
             "owner": self.org.slug,
             "env": self.env.name,
+            "env_version": "1.0.0",
         }
 
 
@@ -106,6 +109,7 @@ def fake_params() -> dict[str, Any]:
         "slug": "no-such-org",
         "owner": "no-such-org",
         "env": "no-such-env",
+        "env_version": "9.9.9",
     }
 
 
@@ -118,11 +122,16 @@ PATH_PARAMS: dict[str, str | dict[str, str]] = {
     "invitation_id": "invitation_id",
     "token_id": "token_id",
     "slug": "slug",
+    "pool": "slug",  # admin routes only (404 for everyone not staff): any name will do
     "owner": "owner",
     "name": {
         f"{V1}/jobs/{{job_id}}/checkpoints/{{checkpoint_id}}/files/{{name}}": "file",
         f"{V1}/envs/{{owner}}/{{name}}": "env",
+        f"{V1}/envs/{{owner}}/{{name}}/star": "env",
+        f"{V1}/envs/{{owner}}/{{name}}/fork": "env",
+        f"{V1}/envs/{{owner}}/{{name}}/versions/{{version}}/archive": "env",
     },
+    "version": "env_version",
 }
 
 
@@ -172,7 +181,17 @@ def world(alice, bob, charlie, acme, globex, make_token, settings, tmp_path) -> 
         visibility=Visibility.PRIVATE,
         tags=["internal"],
     )
-    EnvironmentVersion.objects.create(package=env, version="1.0.0", status=EnvironmentVersion.Status.VALID)
+    # An uploaded version with its archive in storage (so its download route is real for alice).
+    archive = b"acme's private package bytes"
+    archive_uri = env_storage.archive_uri(acme.slug, SECRET_ENV, "1.0.0")
+    env_storage.archive_put(archive_uri, archive)
+    EnvironmentVersion.objects.create(
+        package=env,
+        version="1.0.0",
+        status=EnvironmentVersion.Status.VALID,
+        archive_uri=archive_uri,
+        sha256=hashlib.sha256(archive).hexdigest(),
+    )
 
     w = AcmeWorld(
         org=acme,
@@ -238,6 +257,7 @@ def acme_state(w: AcmeWorld) -> dict[str, Any]:
         "env_versions": list(
             EnvironmentVersion.objects.filter(package__organization=org).order_by("id").values()
         ),
+        "env_stars": list(Star.objects.filter(package__organization=org).order_by("id").values()),
     }
 
 
@@ -303,9 +323,25 @@ ROUTES: dict[tuple[str, str], Route] = {
     (f"{V1}/admin/orgs", "get"): R(404, 404, 404, 404),
     (f"{V1}/admin/orgs/{{slug}}/quota", "get"): R(404, 404, 404, 404),
     (f"{V1}/admin/orgs/{{slug}}/quota", "patch"): R(404, 404, 404, 404, lambda w: {"max_gpus": 64}),
+    (f"{V1}/admin/pools", "get"): R(404, 404, 404, 404),
+    (f"{V1}/admin/pools", "post"): R(404, 404, 404, 404, lambda w: {"name": "stolen"}),
+    (f"{V1}/admin/pools/{{pool}}", "get"): R(404, 404, 404, 404),
+    (f"{V1}/admin/pools/{{pool}}", "patch"): R(404, 404, 404, 404, lambda w: {"enabled": False}),
+    (f"{V1}/admin/pools/{{pool}}", "delete"): R(404, 404, 404, 404),
+    (f"{V1}/admin/queue", "get"): R(404, 404, 404, 404),
+    (f"{V1}/admin/jobs/{{job_id}}/preempt", "post"): R(404, 404, 404, 404, lambda w: {}),
+    (f"{V1}/admin/usage", "get"): R(404, 404, 404, 404),
+    (f"{V1}/org/usage", "get"): R(200, 200, 200, 403),
     # environments (envs:read)
     (f"{V1}/envs", "get"): R(200, 200, 200, 403),
     (f"{V1}/envs/{{owner}}/{{name}}", "get"): R(404, 404, 200, 403),
+    (f"{V1}/envs/{{owner}}/{{name}}/versions/{{version}}/archive", "get"): R(404, 404, 200, 403),
+    # environments (envs:write); an upload always lands in the caller's own organization (no body: 400)
+    (f"{V1}/envs", "post"): R(400, 403, 403, 403),
+    (f"{V1}/envs/{{owner}}/{{name}}", "patch"): R(404, 403, 403, 403, lambda w: {"description": "pwned"}),
+    (f"{V1}/envs/{{owner}}/{{name}}/star", "put"): R(404, 403, 403, 403),
+    (f"{V1}/envs/{{owner}}/{{name}}/star", "delete"): R(404, 403, 403, 403),
+    (f"{V1}/envs/{{owner}}/{{name}}/fork", "post"): R(404, 403, 403, 403, lambda w: {}),
     # browser-session only: a token is refused
     (f"{V1}/invitations/accept", "post"): R(403, 403, 403, 403, lambda w: {"token": w.invitation_secret}),
     (f"{V1}/orgs", "post"): R(403, 403, 403, 201, _new_org),
@@ -318,6 +354,23 @@ ROUTES: dict[tuple[str, str], Route] = {
     (f"{V1}/jobs/{{job_id}}/checkpoints/{{checkpoint_id}}/files/{{name}}", "get"): R(404, 403, 403, 403),
     (f"{V1}/jobs/{{job_id}}/events", "get"): R(404, 403, 403, 403),
     (f"{V1}/jobs/{{job_id}}/metrics", "get"): R(404, 403, 403, 403),
+    (f"{V1}/jobs/{{job_id}}/stream", "get"): R(404, 403, 403, 403),
+    # runtime ingest: job tokens only, so every user credential is a 401 (charlie's own job token on acme's
+    # job is a 404: tests/api/test_ingest.py)
+    (f"{V1}/ingest/jobs/{{job_id}}/metrics", "post"): R(
+        401, 401, 401, 401, lambda w: {"points": [{"step": 9, "name": "reward", "value": 1.0}]}
+    ),
+    (f"{V1}/ingest/jobs/{{job_id}}/events", "post"): R(
+        401, 401, 401, 401, lambda w: {"kind": "info", "message": "x"}
+    ),
+    (f"{V1}/ingest/jobs/{{job_id}}/logs", "post"): R(
+        401, 401, 401, 401, lambda w: {"lines": [{"line": "x"}]}
+    ),
+    (f"{V1}/ingest/jobs/{{job_id}}/checkpoints", "post"): R(
+        401, 401, 401, 401, lambda w: {"step": 9, "uri": w.checkpoint.uri, "files": w.checkpoint.files}
+    ),
+    (f"{V1}/ingest/jobs/{{job_id}}/heartbeat", "post"): R(401, 401, 401, 401, lambda w: {}),
+    (f"{V1}/ingest/jobs/{{job_id}}/state", "post"): R(401, 401, 401, 401, lambda w: {"state": "failed"}),
     # the caller and their organization (any scope)
     (f"{V1}/me", "get"): R(200, 200, 200, 403),
     (f"{V1}/models", "get"): R(200, 200, 200, 200),
@@ -388,8 +441,21 @@ def call(client: APIClient, method: str, url: str, body: dict | None):
         response = client.generic(method.upper(), url, json.dumps(body), content_type="application/json")
     # Consuming a stream closes the response (the test client's wrapper); closing it again here would fire
     # request_finished and drop the test's database connection.
-    raw = b"".join(response.streaming_content) if response.streaming else response.content
+    if response.streaming and response.is_async:
+        # A live stream (SSE) never ends while the job runs: read its opening, then hang up.
+        raw = async_to_sync(_first_chunk)(response.streaming_content)
+    else:
+        raw = b"".join(response.streaming_content) if response.streaming else response.content
     return response, raw.decode("utf-8", errors="replace")
+
+
+async def _first_chunk(stream) -> bytes:
+    try:
+        async for chunk in stream:
+            return chunk
+        return b""
+    finally:
+        await stream.aclose()
 
 
 def assert_no_acme_identifier(w: AcmeWorld, text: str, request_text: str, what: str) -> None:
@@ -561,7 +627,10 @@ def test_outsider_gets_404_for_every_acme_object_and_only_his_own_data(
             expected = SESSION_DIFFERS.get((path, method), expected)
         names_acme = "{" in path
         if names_acme:
-            assert expected == 404, f"{path}: a route naming an acme object must answer 404 to an outsider"
+            # (ingest routes refuse every user credential outright: 401 whatever the id)
+            assert expected == 404 or (expected == 401 and path.startswith(f"{V1}/ingest/")), (
+                f"{path}: a route naming an acme object must answer 404 to an outsider"
+            )
         body = route.body(world) if route.body else None
         url = fill(path, real)
         what = f"charlie ({kind}) {method.upper()} {url}"
@@ -580,7 +649,7 @@ def test_outsider_gets_404_for_every_acme_object_and_only_his_own_data(
             if names_acme:
                 # Indistinguishable from an id that never existed: a 404 confirms nothing.
                 fake_resp, fake_text = call(client, m, fill(path, fake), body)
-                assert fake_resp.status_code == 404
+                assert fake_resp.status_code == expected
                 assert _normalized(text, real) == _normalized(fake_text, fake), (
                     f"{what}: the answer differs from that for a non-existent id: {text} vs {fake_text}"
                 )

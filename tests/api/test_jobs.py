@@ -258,39 +258,22 @@ def test_forged_checkpoint_uri_outside_the_store_is_not_served(as_alice, object_
     assert as_alice.get(f"/api/v1/jobs/{job.pk}/checkpoints/{ck.pk}/files/secret.txt").status_code == 404
 
 
-def test_s3_checkpoint_link_redirects_to_a_presigned_url(as_alice, settings, monkeypatch):
-    boto3 = pytest.importorskip("boto3")
+def test_s3_checkpoint_link_redirects_to_a_presigned_url(as_alice, s3_store):
     import httpx
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        settings.S3_ENDPOINT_URL = endpoint
-        settings.OBJECT_STORE_URL = "s3://otk-bucket/store"
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="otk-bucket")
-        s3.put_object(Bucket="otk-bucket", Key="store/ck/model.safetensors", Body=b"s3-weights")
-
-        job = Job.objects.get(pk=submit(as_alice)["id"])
-        ck = Checkpoint.objects.create(
-            job=job,
-            step=3,
-            uri="s3://otk-bucket/store/ck",
-            files=[{"name": "model.safetensors", "size": 10, "sha256": ""}],
-        )
-        r = as_alice.get(f"/api/v1/jobs/{job.pk}/checkpoints/{ck.pk}/files/model.safetensors")
-        assert r.status_code == 302
-        assert r["Location"].startswith(f"{endpoint}/otk-bucket/store/ck/model.safetensors?")
-        assert "Signature" in r["Location"] or "X-Amz-Signature" in r["Location"]
-        assert httpx.get(r["Location"]).content == b"s3-weights"
-    finally:
-        server.stop()
+    s3_store.client.put_object(Bucket="otk-store", Key="store/ck/model.safetensors", Body=b"s3-weights")
+    job = Job.objects.get(pk=submit(as_alice)["id"])
+    ck = Checkpoint.objects.create(
+        job=job,
+        step=3,
+        uri="s3://otk-store/store/ck",
+        files=[{"name": "model.safetensors", "size": 10, "sha256": ""}],
+    )
+    r = as_alice.get(f"/api/v1/jobs/{job.pk}/checkpoints/{ck.pk}/files/model.safetensors")
+    assert r.status_code == 302
+    assert r["Location"].startswith(f"{s3_store.endpoint}/otk-store/store/ck/model.safetensors?")
+    assert "X-Amz-Signature" in r["Location"] or "Signature=" in r["Location"]
+    assert httpx.get(r["Location"]).content == b"s3-weights"
 
 
 def test_idempotency_key_makes_retried_submissions_safe(as_alice, as_charlie):
@@ -305,3 +288,16 @@ def test_idempotency_key_makes_retried_submissions_safe(as_alice, as_charlie):
     # Keys are per organization: the outsider's same key is a different job.
     assert as_charlie.post("/api/v1/jobs", SPEC, format="json", **headers).status_code == 201
     assert Job.objects.count() == 2
+
+
+def test_submissions_count_as_uses_of_the_environment(as_alice):
+    from env_registry.models import EnvironmentPackage
+
+    arithmetic = EnvironmentPackage.objects.get(organization__slug="opentinker", name="arithmetic")
+    before = arithmetic.usage_count
+    headers = {"HTTP_IDEMPOTENCY_KEY": "count-me-once"}
+    as_alice.post("/api/v1/jobs", SPEC, format="json", **headers)
+    as_alice.post("/api/v1/jobs", SPEC, format="json", **headers)  # a retry is not a second use
+    as_alice.post("/api/v1/jobs", {**SPEC, "environment": {"ref": "nobody/nothing@1.0.0"}}, format="json")
+    arithmetic.refresh_from_db()
+    assert arithmetic.usage_count == before + 1

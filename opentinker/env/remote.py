@@ -1,0 +1,241 @@
+"""Environments served by their owners over HTTP/WebSocket, compatible with OpenEnv's protocol.
+
+An OpenEnv server offers `GET /health`, `GET /schema`, `GET /state`, `POST /reset`, `POST /step`, and a
+WebSocket at `/ws` speaking JSON messages `{"type": "reset"|"step"|"state"|"close", "data": {...}}`, answered
+by `{"type": "observation"|"state"|"error", "data": {...}}` where an observation's data is
+`{"observation": ..., "reward": ..., "done": ...}`. The plain HTTP `reset`/`step` build a fresh environment
+per request, so episodes run over one WebSocket session per `RemoteEnvironment`; HTTP serves the stateless
+calls (health, schema, state).
+
+Every call has a timeout; connecting and the stateless calls are retried with backoff; a step is never retried
+(it is not idempotent): a dropped connection mid-episode raises `RemoteEnvironmentError`, which the protocol
+records as a failed episode (`StopReason.ENV_ERROR`). An optional secret travels as `Authorization: Bearer`.
+Uses aiohttp (client and WebSocket); each instance owns a private event loop, so callers stay synchronous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+import aiohttp
+
+from opentinker.env.base import Environment, Observation, StepResult
+
+TEXT_KEYS = ("text", "prompt", "message", "echoed_message", "content")
+
+
+class RemoteEnvironmentError(RuntimeError):
+    """The remote environment failed: unreachable, timed out, refused, or answered with an error."""
+
+
+def _ws_url(url: str) -> str:
+    base = url.rstrip("/")
+    if base.startswith("https://"):
+        return "wss://" + base[len("https://") :] + "/ws"
+    if base.startswith("http://"):
+        return "ws://" + base[len("http://") :] + "/ws"
+    raise ValueError(f"a remote environment URL must start with http:// or https:// (got {url!r})")
+
+
+class RemoteEnvironment(Environment):
+    """A single-agent `Environment` whose `reset`/`step` run on an OpenEnv-compatible server."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        secret: str | None = None,
+        timeout_s: float = 10.0,
+        retries: int = 2,
+        backoff_s: float = 0.2,
+        action_field: str = "message",
+        text_field: str | None = None,
+        **config: Any,
+    ) -> None:
+        super().__init__(**config)
+        self.url = url.rstrip("/")
+        self.ws_url = _ws_url(url)
+        self.timeout_s = timeout_s
+        self.retries = max(retries, 0)
+        self.backoff_s = backoff_s
+        self.action_field = action_field
+        self.text_field = text_field
+        self._headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+        self._loop = asyncio.new_event_loop()
+        self._session: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+
+    # -- the stateless HTTP calls ------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return self._run(self._get("/health"))
+
+    def schema(self) -> dict[str, Any]:
+        return self._run(self._get("/schema"))
+
+    def state(self) -> dict[str, Any]:
+        """The episode's state: over the session's WebSocket when one is open, else over HTTP."""
+        if self._ws is not None and not self._ws.closed:
+            return self._run(self._message({"type": "state"}, expect="state"))
+        return self._run(self._get("/state"))
+
+    # -- the episode, over one WebSocket session ---------------------------------------------------------
+
+    def reset(self, seed: int) -> Observation:
+        data = self._run(self._reset(seed))
+        return self._observation(data)
+
+    def step(self, action: str) -> StepResult:
+        if self._ws is None or self._ws.closed:
+            raise RemoteEnvironmentError("step before reset (or the session was closed)")
+        data = self._run(self._message({"type": "step", "data": {self.action_field: action}}))
+        done = bool(data.get("done", False))
+        return StepResult(
+            None if done else self._observation(data),
+            float(data.get("reward") or 0.0),
+            done,
+            {"remote": data.get("observation")},
+        )
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._close())
+        self._loop.close()
+
+    def __enter__(self) -> RemoteEnvironment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ----------------------------------------------------------------------------------------
+
+    def _run(self, coro):
+        try:
+            return self._loop.run_until_complete(asyncio.wait_for(coro, self.timeout_s * (self.retries + 2)))
+        except TimeoutError:
+            raise RemoteEnvironmentError(f"{self.url} timed out") from None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+            )
+        return self._session
+
+    async def _retrying(self, what: str, attempt_fn):
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                return await attempt_fn()
+            except RemoteEnvironmentError as e:
+                if not getattr(e, "retryable", False):
+                    raise
+                last = e
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                last = e
+            if attempt < self.retries:
+                await asyncio.sleep(self.backoff_s * 2**attempt)
+        detail = str(last) or type(last).__name__
+        raise RemoteEnvironmentError(f"{what} {self.url} failed after {self.retries + 1} attempts: {detail}")
+
+    async def _get(self, path: str) -> dict[str, Any]:
+        async def once():
+            async with self._http().get(self.url + path) as resp:
+                if resp.status in (502, 503, 504):
+                    err = RemoteEnvironmentError(f"HTTP {resp.status}")
+                    err.retryable = True  # type: ignore[attr-defined]
+                    raise err
+                if resp.status >= 400:
+                    raise RemoteEnvironmentError(f"GET {path} answered HTTP {resp.status}")
+                return await resp.json(content_type=None)
+
+        return await self._retrying(f"GET {path} on", once)
+
+    async def _connect(self) -> None:
+        await self._close_ws()
+
+        async def once():
+            try:
+                self._ws = await self._http().ws_connect(
+                    self.ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=self.timeout_s), heartbeat=None
+                )
+            except aiohttp.WSServerHandshakeError as e:
+                if e.status in (401, 403, 404):
+                    raise RemoteEnvironmentError(
+                        f"{self.ws_url} refused the session: HTTP {e.status}"
+                    ) from None
+                raise
+
+        await self._retrying("connecting to", once)
+
+    async def _reset(self, seed: int) -> dict[str, Any]:
+        # A reset starts a new session: safe to retry (reconnecting) if the first attempt fails.
+        last: Exception | None = None
+        for _ in range(self.retries + 1):
+            await self._connect()
+            try:
+                return await self._message({"type": "reset", "data": {"seed": seed}})
+            except RemoteEnvironmentError as e:
+                if self._ws is not None and not self._ws.closed:
+                    raise  # the server answered with an error: not a transport problem
+                last = e
+        raise RemoteEnvironmentError(f"reset on {self.url} failed: {last}")
+
+    async def _message(self, payload: dict[str, Any], expect: str = "observation") -> dict[str, Any]:
+        ws = self._ws
+        assert ws is not None
+        started = time.monotonic()
+        try:
+            await ws.send_str(json.dumps(payload))
+            msg = await asyncio.wait_for(ws.receive(), self.timeout_s)
+        except TimeoutError:
+            await self._close_ws()
+            raise RemoteEnvironmentError(
+                f"{payload['type']} timed out after {time.monotonic() - started:.1f}s"
+            ) from None
+        except (aiohttp.ClientError, ConnectionError) as e:
+            await self._close_ws()
+            raise RemoteEnvironmentError(f"{payload['type']}: connection lost ({e})") from None
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            await self._close_ws()
+            raise RemoteEnvironmentError(f"{payload['type']}: connection closed by the server")
+        try:
+            reply = json.loads(msg.data)
+        except ValueError:
+            raise RemoteEnvironmentError(f"{payload['type']}: the server sent invalid JSON") from None
+        if reply.get("type") == "error":
+            raise RemoteEnvironmentError(f"{payload['type']} failed on the server: {reply.get('data')}")
+        if reply.get("type") != expect or not isinstance(reply.get("data"), dict):
+            raise RemoteEnvironmentError(f"{payload['type']}: unexpected reply {str(reply)[:200]}")
+        return reply["data"]
+
+    def _observation(self, data: dict[str, Any]) -> Observation:
+        obs = data.get("observation")
+        if isinstance(obs, str):
+            return Observation(obs)
+        if isinstance(obs, dict):
+            keys = (self.text_field,) if self.text_field else TEXT_KEYS
+            for key in keys:
+                if isinstance(obs.get(key), str):
+                    return Observation(obs[key], info={"remote": obs})
+            return Observation(json.dumps(obs, sort_keys=True), info={"remote": obs})
+        raise RemoteEnvironmentError(f"the server sent no observation: {str(data)[:200]}")
+
+    async def _close_ws(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None and not ws.closed:
+            with contextlib.suppress(TimeoutError, aiohttp.ClientError, ConnectionError, RuntimeError):
+                await asyncio.wait_for(ws.send_str(json.dumps({"type": "close"})), 1.0)
+            await ws.close()
+
+    async def _close(self) -> None:
+        await self._close_ws()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

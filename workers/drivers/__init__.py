@@ -1,0 +1,88 @@
+"""Pool drivers: how a job's runtime is started, stopped and watched on a pool.
+
+- ``local``: a supervised subprocess on this machine (``workers.runner`` watches it).
+- ``ray``: a Ray job submitted through Ray's Job Submission API to the pool's cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from portal import storage
+from portal.models import Allocation, Checkpoint, ComputePool, Job
+
+
+def runtime_command() -> list[str]:
+    """The job entrypoint; the spec file's path is appended."""
+    from_env = os.environ.get("OPENTINKER_RUNTIME_COMMAND")
+    configured = json.loads(from_env) if from_env else getattr(settings, "OPENTINKER_RUNTIME_COMMAND", None)
+    if configured:
+        return [str(x) for x in configured]
+    return [sys.executable, "-m", "gpu_runtime", "run"]
+
+
+def checkpoint_uri(job: Job) -> str:
+    return f"{storage.organization_prefix(job.organization.slug)}/jobs/{job.id}"
+
+
+def job_env(job: Job, alloc: Allocation) -> dict[str, str]:
+    """What the runtime gets to know: where to report, its token, its job, where to write checkpoints."""
+    try:
+        from portal.services.job_tokens import job_runtime_env
+
+        env = job_runtime_env(job)
+    except ImportError:  # pragma: no cover -- the ingest side not deployed
+        env = {"OPENTINKER_INGEST_URL": "", "OPENTINKER_JOB_TOKEN": "", "OPENTINKER_JOB_ID": str(job.id)}
+    env["OPENTINKER_CHECKPOINT_URI"] = checkpoint_uri(job)
+    env["OPENTINKER_ATTEMPT"] = str(alloc.attempt)
+    resume = latest_checkpoint(job)
+    if resume:
+        env["OPENTINKER_RESUME_FROM"] = resume
+    return env
+
+
+def latest_checkpoint(job: Job) -> str:
+    ck = Checkpoint.objects.filter(job=job).order_by("-step").first()
+    return ck.uri if ck else ""
+
+
+def runtime_spec(job: Job) -> dict[str, Any]:
+    """The spec the runtime receives: the stored one, resuming from the last checkpoint after a re-queue."""
+    spec = dict(job.spec)
+    resume = latest_checkpoint(job)
+    if resume:
+        spec["resume_from"] = resume
+    return spec
+
+
+def work_dir(job: Job, attempt: int) -> Path:
+    root = Path(
+        os.environ.get("OPENTINKER_JOBS_DIR")
+        or getattr(settings, "OPENTINKER_JOBS_DIR", "")
+        or settings.VAR_DIR / "jobs"
+    )
+    path = root / str(job.id) / f"attempt-{attempt}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_spec(job: Job, path: Path) -> Path:
+    spec_path = path / "spec.json"
+    spec_path.write_text(json.dumps(runtime_spec(job), indent=2))
+    return spec_path
+
+
+def driver_for(pool: ComputePool):
+    if pool.driver == ComputePool.Driver.RAY:
+        from workers.drivers.ray import RayDriver
+
+        return RayDriver(pool)
+    from workers.drivers.local import LocalDriver
+
+    return LocalDriver(pool)

@@ -1,0 +1,27 @@
+"""Celery tasks of the environment registry: thin adapters over env_registry.services.
+
+The worker must import this module (settings: CELERY_IMPORTS = ["workers.env_tasks"]); the producer side
+imports it when it enqueues. Validation is idempotent (it acts only on a pending version and the verdict is
+written only while the row is still pending), so `acks_late` is safe.
+"""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+
+# A smoke episode is a few sandbox calls with a wall-clock timeout each; a hung package is killed by the
+# sandbox well inside these limits.
+@shared_task(
+    name="env_registry.validate_version",
+    time_limit=180,
+    soft_time_limit=150,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def validate_version_task(version_id: int) -> str:
+    from env_registry.services import version_validate
+
+    version = version_validate(version_id)
+    return version.status if version is not None else "missing"
