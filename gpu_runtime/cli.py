@@ -1,8 +1,9 @@
 """`python -m gpu_runtime run spec.yaml|spec.json [--sink jsonl|http] [--resume URI]`.
 
 The HTTP sink reads `OPENTINKER_INGEST_URL` and `OPENTINKER_JOB_TOKEN` (set by the platform's launcher, so
-the token never appears in a process listing). Checkpoints go to `--checkpoint-prefix`, else
-`OPENTINKER_CHECKPOINT_PREFIX`, else `file://./var/checkpoints/<job name>-<time>`.
+the token never appears in a process listing); it is the default when they are set. Checkpoints go to
+`--checkpoint-prefix`, else `OPENTINKER_CHECKPOINT_PREFIX` / `OPENTINKER_CHECKPOINT_URI`, else
+`file://./var/checkpoints/<job name>-<time>`; a re-queued job resumes from `OPENTINKER_RESUME_FROM`.
 Exit codes: 0 succeeded, 1 failed, 2 usage, 3 cancelled, 4 max_hours reached.
 """
 
@@ -33,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run one job")
     run.add_argument("spec")
-    run.add_argument("--sink", choices=["jsonl", "http"], default="jsonl")
+    # Launched by the platform (OPENTINKER_INGEST_URL set), report to its ingest API; standalone, print JSONL.
+    run.add_argument(
+        "--sink",
+        choices=["jsonl", "http"],
+        default="http" if os.environ.get("OPENTINKER_INGEST_URL") else "jsonl",
+    )
     run.add_argument("--resume", default=None, help="checkpoint URI (a step directory or a prefix)")
     run.add_argument("--checkpoint-prefix", default=None)
     run.add_argument("--ray", action="store_true", help="run workers as Ray actors (RAY_ADDRESS or local)")
@@ -53,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     prefix = (
         args.checkpoint_prefix
         or os.environ.get("OPENTINKER_CHECKPOINT_PREFIX")
+        or os.environ.get("OPENTINKER_CHECKPOINT_URI")  # set by the platform's launcher
         or f"file://{Path('var/checkpoints').resolve()}/{run_name}"
     )
-    resume = args.resume or spec.resume_from
+    resume = args.resume or os.environ.get("OPENTINKER_RESUME_FROM") or spec.resume_from
     return run_job(
         spec, sink, prefix, resume=resume, use_ray=args.ray or args.world_size > 1, world_size=args.world_size
     )

@@ -137,10 +137,12 @@ class HttpSink(Sink):
         self._post("metrics", {"points": points})
 
     def log(self, line: str) -> None:
-        self._post("logs", {"lines": [{"time": time.time(), "line": line}]})
+        self._post("logs", {"lines": [{"line": line, "stream": "stdout"}]})
 
     def event(self, kind: str, **data: Any) -> None:
-        self._post("events", {"type": kind, "time": time.time(), "data": data})
+        # The platform's event kinds are severities; the runtime's own kind becomes the message.
+        severity = "error" if kind == "failed" else "warning" if kind == "time_limit" else "info"
+        self._post("events", {"kind": severity, "message": kind, "data": data})
 
     def checkpoint(self, step: int, uri: str, files: list[dict[str, Any]]) -> None:
         self._post("checkpoints", {"step": step, "uri": uri, "files": files})
@@ -150,7 +152,7 @@ class HttpSink(Sink):
         if now - self._last_heartbeat < self.heartbeat_every_s:
             return
         self._last_heartbeat = now
-        resp = self._post("heartbeat", {"time": time.time()})
+        resp = self._post("heartbeat", {})
         self._cancel = self._cancel or bool(resp.get("cancel", False))
 
     def should_cancel(self) -> bool:

@@ -2,7 +2,9 @@
 
 Card: the prompt asks for ``a <op> b`` with both operands drawn from the seed; the reward is 1.0 when the
 first integer in the answer equals the result, else 0.0. Config: ``min_operand`` (default 0), ``max_operand``
-(default 50), ``operations`` (any of ``+ - *``, default ``["+"]``). The same seed gives the same problem.
+(default 50), ``operations`` (any of ``+ - *``, default ``["+"]``), ``prompt_style`` (``"default"``: a
+system prompt and "What is 3 + 4? Answer with the number only."; ``"compact"``: no system prompt and "3+4=",
+a few tokens that a tiny model learns from quickly). The same seed gives the same problem.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from opentinker.env.base import Environment, Observation, StepResult
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+_PROMPT_STYLES = ("default", "compact")
 _INT_RE = re.compile(r"-?\d+")
 
 
@@ -36,6 +39,11 @@ class ArithmeticEnv(Environment):
             raise ValueError("min_operand must not exceed max_operand")
         if not self.operations or any(op not in _OPS for op in self.operations):
             raise ValueError(f"operations must be a non-empty subset of {sorted(_OPS)}")
+        self.prompt_style = str(config.get("prompt_style", "default"))
+        if self.prompt_style not in _PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {list(_PROMPT_STYLES)}")
+        if self.prompt_style == "compact":
+            self.system_prompt = ""  # type: ignore[misc]  # instance override of the class default
         self.answer: int | None = None
 
     def problem(self, seed: int) -> tuple[int, str, int]:
@@ -48,6 +56,8 @@ class ArithmeticEnv(Environment):
     def reset(self, seed: int) -> Observation:
         a, op, b = self.problem(seed)
         self.answer = _OPS[op](a, b)
+        if self.prompt_style == "compact":
+            return Observation(f"{a}{op}{b}=")
         return Observation(f"What is {a} {op} {b}? Answer with the number only.")
 
     def step(self, action: str) -> StepResult:

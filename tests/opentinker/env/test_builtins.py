@@ -33,6 +33,16 @@ def test_arithmetic_is_deterministic_and_configurable():
         ArithmeticEnv(operations=["/"])
 
 
+def test_arithmetic_compact_prompt_style():
+    env = ArithmeticEnv(min_operand=2, max_operand=2, operations=["*"], prompt_style="compact")
+    assert env.reset(0).text == "2*2="
+    assert env.system_prompt == ""
+    assert env.step("4").reward == 1.0
+    assert ArithmeticEnv().system_prompt  # the default style keeps its system prompt
+    with pytest.raises(ValueError, match="prompt_style"):
+        ArithmeticEnv(prompt_style="terse")
+
+
 def test_arithmetic_parses_first_integer():
     env = ArithmeticEnv(min_operand=3, max_operand=3, operations=["-"])
     env.reset(1)
