@@ -8,6 +8,7 @@ This module imports no Django: the servers it starts are what the settings need.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -48,7 +49,27 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
 
 
+def _submit_example(url: str, token: str) -> str:
+    """Submit the README's example job (arithmetic, tiny-qwen2, GRPO, CPU) through the SDK, like a user."""
+    from opentinker.client import Client
+    from opentinker.spec import example_rl_spec
+
+    with Client(url, token) as client:
+        job = client.jobs.submit(example_rl_spec(), idempotency_key=f"demo-example-{int(time.time())}")
+    return (
+        f"  Example job:       {job.name} ({job.id}), queued; follow it with\n"
+        f"                     opentinker jobs watch {job.id}\n"
+    )
+
+
 def _stop(procs: list[subprocess.Popen]) -> None:
+    # Job runners and runtimes are grandchildren (started by the worker, in sessions of their own): collect
+    # them while the worker still holds them, so they stop with everything else.
+    import psutil
+
+    descendants = [
+        c for c in psutil.Process().children(recursive=True) if c.pid not in {p.pid for p in procs}
+    ]
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -59,6 +80,13 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    for child in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _gone, alive = psutil.wait_procs(descendants, timeout=10)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 def _interrupt(signum, frame):
@@ -69,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m portal.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--check", action="store_true", help="start, verify, print, then stop (for tests)")
+    parser.add_argument(
+        "--no-example", dest="example", action="store_false", help="do not submit the example job"
+    )
     args = parser.parse_args(argv)
     # Ctrl-C, `kill` and a closing terminal all stop everything cleanly (SIGINT is ignored by default
     # in processes started in the background, so set it explicitly).
@@ -93,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
         port = _free_port(args.port)
         url = f"http://127.0.0.1:{port}"
+        # Jobs launched by the worker report to this server's ingest API.
+        env["INGEST_BASE_URL"] = url
         procs.append(
             subprocess.Popen(
                 [
@@ -134,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         _wait_http(f"{url}/healthz", procs[0])
+        job_line = _submit_example(url, login["token"]) if args.example else ""
         print(
             "\n"
             f"  OpenTinker is up:  {url}\n"
@@ -141,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  API docs:          {url}/api/docs/\n"
             f"  API token:         {login['token']}\n"
             f"  CLI:               opentinker login --url {url} --token <the token above>\n"
+            f"{job_line}"
             "\n  Ctrl-C stops everything.\n",
             flush=True,
         )

@@ -204,6 +204,9 @@ CELERY_IMPORTS = ["workers.env_tasks"]
 # embedded default, by a Celery task in production so a hostile package never holds a web worker.
 ENV_VALIDATION_MODE = env.str("ENV_VALIDATION_MODE", "inline" if EMBEDDED else "celery")
 
+# Where job runtimes reach the ingest API (the launcher hands it to each job with a job token).
+INGEST_BASE_URL = env.str("INGEST_BASE_URL", "http://127.0.0.1:8000")
+
 # Defaults for a new organization's quota (platform staff change them per organization).
 DEFAULT_QUOTA = {
     "max_gpus": env.int("DEFAULT_QUOTA_MAX_GPUS", 1),

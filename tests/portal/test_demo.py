@@ -57,6 +57,17 @@ def test_demo_runs_in_the_foreground_and_stops_everything(tmp_path):
         assert (var / "services.env").exists()
         # The Celery worker is up and connected to the broker.
         assert _wait_for(lambda: "celery" in _children(proc.pid))
+        # The example job was submitted, is scheduled on the local pool, runs and reports metrics.
+        job_id = re.search(r"Example job:\s+\S+ \((\S+)\)", out).group(1)
+        auth = {"Authorization": f"Bearer {token}"}
+
+        def reporting() -> bool:
+            job = httpx.get(f"{url}/api/v1/jobs/{job_id}", headers=auth).json()
+            assert job["state"] in ("queued", "admitted", "running", "succeeded"), job
+            series = httpx.get(f"{url}/api/v1/jobs/{job_id}/metrics?name=reward/mean", headers=auth).json()
+            return job["state"] in ("running", "succeeded") and bool(series["series"])
+
+        assert _wait_for(reporting, timeout=180), "the example job never reported a metric"
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
@@ -66,6 +77,11 @@ def test_demo_runs_in_the_foreground_and_stops_everything(tmp_path):
     assert not status["postgres"]["running"] and not status["valkey"]["running"]
     assert not (var / "services.env").exists()
     assert _children(proc.pid) == ""
+    # Nothing the demo started survives it: no job runner or runtime left behind.
+    leftovers = subprocess.run(["pgrep", "-f", str(var)], capture_output=True, text=True).stdout.split()
+    assert leftovers == [], subprocess.run(
+        ["ps", "-o", "pid,args", "-p", ",".join(leftovers)], capture_output=True, text=True
+    ).stdout
 
 
 def _rest(proc: subprocess.Popen) -> str:
