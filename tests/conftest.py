@@ -133,3 +133,25 @@ def s3_store(settings, monkeypatch):
         yield S3Store(endpoint=endpoint, bucket="otk-store", client=client)
     finally:
         server.stop()
+
+
+@pytest.fixture
+def builtin_envs(db):
+    """The built-in environments, as the data migrations publish them.
+
+    A transactional test's flush removes migration data; serialized_rollback cannot restore it reliably once
+    an earlier flush re-created content types, so transactional tests that need the built-ins ask for this.
+    """
+    import importlib
+
+    from django.apps import apps
+
+    for name in ("0002_fill_builtin_environments", "0003_fill_more_builtin_environments"):
+        importlib.import_module(f"env_registry.migrations.{name}").fill(apps, None)
+
+
+@pytest.fixture(autouse=True)
+def _builtins_for_every_database_test(request):
+    # Tests run after a transactional test's flush still see the built-ins, as a fresh database would.
+    if request.node.get_closest_marker("django_db") is not None:
+        request.getfixturevalue("builtin_envs")

@@ -156,7 +156,6 @@ def event_ingest(*, job: Job, kind: str, message: str, data: dict[str, Any] | No
     with transaction.atomic():
         locked = _lock(job)
         event = job_event_add(job=locked, actor=_actor(), kind=kind, message=message, data=data or {})
-        live.publish_event_on_commit(event)
     return event
 
 
@@ -225,7 +224,7 @@ def checkpoint_record(
             step=step,
             defaults={"uri": normalized, "files": clean, "size_bytes": sum(f["size"] for f in clean)},
         )
-        event = job_event_add(
+        job_event_add(
             job=locked,
             actor=_actor(),
             kind=JobEvent.Kind.INFO,
@@ -238,7 +237,6 @@ def checkpoint_record(
                 "files": len(clean),
             },
         )
-        live.publish_event_on_commit(event)
     return checkpoint, created
 
 
@@ -284,7 +282,5 @@ def state_report(*, job: Job, state: JobState, reason: str = "") -> tuple[bool, 
         if current in TERMINAL_STATES:
             raise Conflict(f"the job already finished ({current.value}): stop")
         locked = job_transition(job=locked, to=state, actor=_actor(), reason=reason)
-        event = JobEvent.objects.get(job_id=locked.pk, seq=locked.next_event_seq - 1)
-        live.publish_event_on_commit(event)
     new = JobState(locked.state)
     return new is JobState.CANCELLING or new in TERMINAL_STATES, new.value

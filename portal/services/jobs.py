@@ -16,6 +16,7 @@ from portal import storage
 from portal.actors import Actor
 from portal.errors import Conflict, DomainError, QuotaExceeded
 from portal.models import Job, JobEvent, Organization, Quota
+from portal.services import live
 from portal.services.enqueue import enqueue
 
 S = JobState
@@ -146,7 +147,7 @@ def _record(
     seq = job.next_event_seq
     Job.objects.filter(pk=job.pk).update(next_event_seq=seq + 1)
     job.next_event_seq = seq + 1
-    return JobEvent.objects.create(
+    event = JobEvent.objects.create(
         job=job,
         seq=seq,
         kind=kind,
@@ -158,6 +159,9 @@ def _record(
         message=message[:2000],
         data=data or {},
     )
+    # Live viewers (SSE) get every event as soon as it commits, whoever recorded it.
+    live.publish_event_on_commit(event)
+    return event
 
 
 def job_event_add(

@@ -15,8 +15,7 @@ from portal.models import Job, JobEvent, Quota
 from portal.services.jobs import job_transition
 from tests.conftest import client_for
 
-# serialized_rollback restores the built-in environments that the flush after a transactional test removes.
-pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("builtin_envs")]
 
 SPEC = example_rl_spec().model_dump(mode="json")
 

@@ -31,7 +31,7 @@ from portal.services import ingest, live
 from portal.services.job_tokens import job_token_issue
 from portal.services.jobs import job_cancel, job_submit, job_transition
 
-pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("builtin_envs")]
 BASE = Path(__file__).resolve().parents[2]
 TIMEOUT = 15
 

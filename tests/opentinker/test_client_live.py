@@ -18,7 +18,7 @@ from opentinker.client import Client
 from opentinker.spec import JobState, example_rl_spec
 from portal.models import Checkpoint, Job, Metric, Quota
 
-pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("builtin_envs")]
 BASE = Path(__file__).resolve().parents[2]
 
 

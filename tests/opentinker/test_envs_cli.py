@@ -103,7 +103,8 @@ def cli(monkeypatch, token: str, *argv: str) -> int:
     return main(list(argv))
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("builtin_envs")
 def test_cli_push_show_star_fork(tokens, monkeypatch, tmp_path, capsys, live_server):
     pkg = make_package_dir(tmp_path / "echo")
     assert cli(monkeypatch, tokens["alice"], "envs", "push", str(pkg)) == 0
@@ -148,7 +149,8 @@ def test_cli_push_show_star_fork(tokens, monkeypatch, tmp_path, capsys, live_ser
     assert "expected OWNER/NAME" in capsys.readouterr().err
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("builtin_envs")
 def test_sdk_envs_push_get_update_and_outsider(tokens, tmp_path, live_server):
     pkg = make_package_dir(tmp_path / "echo", version="1.0.0")
     with (

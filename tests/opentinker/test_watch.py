@@ -122,7 +122,8 @@ def _runtime(url, job):
     )
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("builtin_envs")
 def test_sdk_and_cli_watch_a_live_job(
     uvicorn_url,  # noqa: F811
     running_job,

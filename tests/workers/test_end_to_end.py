@@ -21,7 +21,8 @@ from tests.workers.conftest import make_pool
 from workers.supervisor import launch
 
 pytestmark = [
-    pytest.mark.django_db(transaction=True, serialized_rollback=True),
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("builtin_envs"),
     pytest.mark.slow,
     pytest.mark.timeout(300),
 ]
