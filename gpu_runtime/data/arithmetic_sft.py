@@ -3,6 +3,9 @@
 A warm start on it teaches the answer format (digits, then end of turn), so RL starts with non-zero reward:
 
     python -m gpu_runtime.data.arithmetic_sft out.jsonl --n 200 --seed 0 --config '{"max_operand": 9}'
+
+Any ArithmeticEnv config works, `prompt_style` included (`"compact"`: "3+4=" without a system prompt); use the
+same config as the RL job's environment so the warm start sees exactly the prompts RL will.
 """
 
 from __future__ import annotations

@@ -2,18 +2,25 @@
 
 Issue 4's bar: greedy exact-match accuracy from the untrained level to >= 0.8 within 10 minutes, the RL stage
 alone adding >= 0.3, with fixed seeds. Every stage is a separate job run through the controller API, exactly
-as `python -m gpu_runtime run` runs it; the RL job starts from the SFT checkpoint via `model.base`.
+as `python -m gpu_runtime run` runs it; the RL job starts from the SFT checkpoint via `model.base`. Eval jobs
+use `derive_seed(seed, -7, i)` seeds, a stream disjoint from the training seeds (`derive_seed(seed, step, g)`
+for RL; the SFT data is drawn from seed 0's stream). Single-digit addition has only 100 distinct problems, so
+"held out" means unseen seeds, not necessarily unseen problems.
 
-STATUS: the chain runs, but tiny-qwen2 does not yet leave the plateau where it answers with the marginal
-distribution of sums (SFT loss ~1.2-1.4 nats/token, greedy accuracy <= 0.07): measured with SFT 150 x 8
-examples at lr 1e-3, 200 x 16 at 2e-3 (214 s), and even with a compact "3+4=" prompt 150 x 16 at 2e-3 and
-1e-2. Hence `xfail(strict)` with `run=False` by default so the suite stays fast; OPENTINKER_LEARNING_TEST=1
-runs it (and it must then pass).
+What made it learn (tiny-qwen2, ~3M parameters, byte tokenizer, 1 torch thread):
+- the compact prompt ("3+4=", no system prompt; `prompt_style: compact`): ~23 tokens with the chat template
+  instead of ~110, so each step is cheaper and the answer depends on 3 salient tokens;
+- SFT batches of 64 at lr 1e-3: the loss sits on the "marginal distribution of sums" plateau (~1.1-1.2 nats)
+  until step ~45 and only then drops (0.56 at step 70, greedy 0.41); the previous runs (8-32 examples, <= 200
+  steps) stopped on the plateau;
+- GRPO at lr 1e-4: at 3e-4..5e-4 the first Adam steps (sign-like, every parameter moved by ~lr on a noisy
+  16-prompt gradient) undid the warm start (sampled reward 0.26 -> 0.1 within two steps); 1.5e-4 and 2e-4
+  (also with 32 prompts or temperature 0.7) plateaued at greedy 0.6-0.75. At 1e-4 greedy went 0.41 -> 0.72
+  (step 40) -> 0.78 (80) -> 0.935 (120), sampled reward 0.23 -> ~0.65; ~2.1-2.8 s per step (128 episodes).
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -23,12 +30,13 @@ from gpu_runtime.data.arithmetic_sft import write_arithmetic_sft
 from opentinker.spec import JobSpec
 from tests.gpu_runtime.test_controller import ListSink
 
-ENV = {"ref": "opentinker/arithmetic@1.0.0", "config": {"max_operand": 9}}  # single-digit addition
+# Single-digit addition, compact prompt "3+4=" (no system prompt).
+ENV = {"ref": "opentinker/arithmetic@1.0.0", "config": {"max_operand": 9, "prompt_style": "compact"}}
 SEED = 1
-SFT = dict(steps=30, batch_size=32, micro_batch_size=32, learning_rate=1e-3)
+SFT = dict(steps=70, batch_size=64, micro_batch_size=64, learning_rate=1e-3, max_grad_norm=1.0)
 RL = dict(
-    name="grpo", steps=20, batch_size=8, group_size=8, micro_batch_size=64, learning_rate=3e-4,
-    max_new_tokens=4, max_grad_norm=1.0,
+    name="grpo", steps=120, batch_size=16, group_size=8, micro_batch_size=128, learning_rate=1e-4,
+    max_new_tokens=3, temperature=1.0, max_grad_norm=1.0,
 )  # fmt: skip
 EVAL_EPISODES = dict(batch_size=25, group_size=8, max_new_tokens=4)  # 200 greedy episodes
 
@@ -49,31 +57,28 @@ def _accuracy(base: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    os.environ.get("OPENTINKER_LEARNING_TEST") != "1",
-    reason="tiny-qwen2 does not learn single-digit addition within budget yet (see module docstring)",
-    run=False,
-    strict=True,
-)
+@pytest.mark.timeout(900)  # the test asserts its own 600 s bound; under load it takes ~5-7 minutes
 def test_sft_then_grpo_reaches_080_greedy_accuracy(tmp_path):
     t0 = time.perf_counter()
-    data = write_arithmetic_sft(tmp_path / "arith.jsonl", 500, seed=0, **ENV["config"])
+    data = write_arithmetic_sft(tmp_path / "arith.jsonl", 2000, seed=0, **ENV["config"])
     a_init = _accuracy("tiny-qwen2")
     sft_hist, sft_s = _job(
         f"file://{tmp_path}/sft", kind="sft", model={"base": "tiny-qwen2"},
         dataset={"uri": f"file://{data}"}, algorithm=SFT,
     )  # fmt: skip
     sft_ckpt = f"file://{tmp_path}/sft/step_{SFT['steps']:06d}"
-    a0 = _accuracy(sft_ckpt)
+    a_sft = _accuracy(sft_ckpt)
     rl_hist, rl_s = _job(
         f"file://{tmp_path}/rl", kind="rl", model={"base": sft_ckpt}, environment=ENV, algorithm=RL
     )
-    a1 = _accuracy(f"file://{tmp_path}/rl/step_{RL['steps']:06d}")
+    a_rl = _accuracy(f"file://{tmp_path}/rl/step_{RL['steps']:06d}")
     total = time.perf_counter() - t0
-    print(f"\nuntrained {a_init:.3f} | after SFT ({sft_s:.0f}s) {a0:.3f} | after GRPO ({rl_s:.0f}s) {a1:.3f}")
+    step_s = sum(h["time/step"] for h in rl_hist) / len(rl_hist)
+    print(f"\nuntrained {a_init:.3f} | SFT ({sft_s:.0f}s) {a_sft:.3f} | GRPO ({rl_s:.0f}s) {a_rl:.3f}")
     print("SFT loss:", " ".join(f"{h['loss']:.2f}" for h in sft_hist))
     print("GRPO reward/mean:", " ".join(f"{h['reward/mean']:.2f}" for h in rl_hist))
-    print(f"total {total:.0f}s")
-    assert a1 >= 0.8
-    assert a1 - a0 >= 0.3
+    print(f"GRPO {step_s:.2f} s/step | total {total:.0f}s")
+    assert a_sft < a_rl
+    assert a_rl >= 0.8
+    assert a_rl - a_sft >= 0.3
     assert total < 600
