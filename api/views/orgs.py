@@ -27,6 +27,7 @@ from portal.services.orgs import (
     membership_set_role,
     organization_create,
 )
+from portal.services.quotas import QUOTA_FIELDS
 
 
 class OrgRefSerializer(serializers.ModelSerializer):
@@ -113,16 +114,7 @@ class QuotaSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Quota
-        fields = [
-            "max_gpus",
-            "borrowing_limit_gpus",
-            "gpu_hours_per_month",
-            "max_queued_jobs",
-            "max_cpus_per_job",
-            "fair_share_weight",
-            "allowed_pools",
-            "updated_at",
-        ]
+        fields = [*QUOTA_FIELDS, "updated_at"]
         read_only_fields = ["updated_at"]
 
 

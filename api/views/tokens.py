@@ -10,6 +10,7 @@ from rest_framework.views import APIView
 from api.serializers import StrictSerializer
 from api.tenancy import tenant_of
 from api.views.jobs import ERRORS, Pagination
+from portal.errors import Forbidden
 from portal.models import ApiToken, Scope
 from portal.selectors.orgs import token_get, token_list
 from portal.services.tokens import MAX_EXPIRY_DAYS, token_create, token_revoke
@@ -78,11 +79,11 @@ class TokenListApi(APIView):
         if tenant.token is not None:
             # A token minting tokens is a privilege escalation path: require org:admin and no widening.
             if Scope.ORG_ADMIN not in tenant.scopes:
-                return _forbidden("creating tokens with a token needs the org:admin scope")
+                raise Forbidden("creating tokens with a token needs the org:admin scope")
             wider = sorted(set(s.validated_data["scopes"]) - tenant.scopes)
             if wider:
-                return _forbidden(
-                    f"a token cannot create a token with more scopes: {', '.join(wider)}", "scopes"
+                raise Forbidden(
+                    f"a token cannot create a token with more scopes: {', '.join(wider)}", field="scopes"
                 )
         token, secret = token_create(membership=tenant.membership, **s.validated_data)
         data = TokenOutputSerializer(token).data | {"token": secret}
@@ -92,13 +93,6 @@ class TokenListApi(APIView):
 def _manages_all(tenant) -> bool:
     # Seeing and revoking teammates' tokens is org:admin work, whether through a session or a token.
     return Scope.ORG_ADMIN in tenant.scopes
-
-
-def _forbidden(message: str, field: str | None = None) -> Response:
-    fields = {field: [message]} if field else {}
-    return Response(
-        {"error": {"code": "permission_denied", "message": message, "fields": fields}}, status=403
-    )
 
 
 class TokenDetailApi(APIView):

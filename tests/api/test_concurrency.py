@@ -79,4 +79,4 @@ def test_concurrent_state_changes_keep_event_numbers_gap_free(as_alice):
     assert job.state in ("succeeded", "cancelling")
     # Exactly one transition out of running happened.
     assert JobEvent.objects.filter(job=job, from_state="running").count() == 1
-    assert results.count("finished") <= 2
+    assert results.count("finished") == 1  # the job finished exactly once, whoever came first
