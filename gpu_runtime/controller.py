@@ -185,10 +185,11 @@ class Controller:
         if self.algo in ("grpo", "dr_grpo", "dapo", "rloo"):
             rewards = torch.tensor([sum(s.token_rewards) for s in samples], dtype=torch.float64)
             groups = torch.tensor([s.group_id for s in samples])
+            roles = [s.role for s in samples]  # per-role baselines in self-play (checklist item 7)
             if self.algo == "rloo":
-                adv = rloo_advantages(rewards, groups)
+                adv = rloo_advantages(rewards, groups, roles=roles)
             else:
-                adv = grpo_advantages(rewards, groups, norm_by_std=self.norm_by_std)
+                adv = grpo_advantages(rewards, groups, norm_by_std=self.norm_by_std, roles=roles)
             for s, v in zip(samples, adv.tolist(), strict=True):
                 s.advantages = [v * m for m in s.mask]
             return

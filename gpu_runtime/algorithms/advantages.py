@@ -8,6 +8,8 @@ multi-turn episode's return flows across them as if they were not there.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -24,18 +26,40 @@ def _group_stats(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Te
     return counts[inverse], mean[inverse], var.sqrt()[inverse]
 
 
+def baseline_groups(group_ids: Tensor, roles: Sequence[str] | None = None) -> Tensor:
+    """The baseline key of each sample: its prompt's group, split by role when roles are given.
+
+    Multi-agent (checklist item 7): in one game seed's group the roles' rewards are of opposite sign under a
+    zero-sum assignment, so one mean across roles would be ~0 and turn every loss of the weaker role into a
+    "below average" signal for both roles alike. Each (group, role) pair gets its own baseline instead.
+    """
+    if roles is None or len(set(roles)) <= 1:
+        return group_ids
+    if len(roles) != group_ids.numel():
+        raise ValueError(f"{len(roles)} roles for {group_ids.numel()} samples")
+    keys: dict[tuple[int, str], int] = {}
+    ids = [keys.setdefault((int(g), r), len(keys)) for g, r in zip(group_ids.tolist(), roles, strict=True)]
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def grpo_advantages(
-    rewards: Tensor, group_ids: Tensor, *, norm_by_std: bool = True, eps: float = 1e-6
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    norm_by_std: bool = True,
+    eps: float = 1e-6,
+    roles: Sequence[str] | None = None,
 ) -> Tensor:
     """GRPO (Shao et al. 2024, DeepSeekMath, eq. 3 outcome supervision): A_i = (r_i - mean(r_g)) / std(r_g).
 
     Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training") drops the division by std
     (`norm_by_std=False`): it up-weights easy and hard prompts.
-    Groups are by prompt id, never across the batch.
+    Groups are by prompt id, never across the batch, and by role when `roles` is given (per-role baselines,
+    see `baseline_groups`).
     A zero-variance group (all right or all wrong) carries no signal: its advantages are exactly 0, not
     0/eps noise. A group of one has no baseline: advantage 0.
     """
-    size, mean, std = _group_stats(rewards, group_ids)
+    size, mean, std = _group_stats(rewards, baseline_groups(group_ids, roles))
     adv = rewards.double() - mean
     if norm_by_std:
         adv = adv / (std + eps)
@@ -43,12 +67,13 @@ def grpo_advantages(
     return adv.to(rewards.dtype)
 
 
-def rloo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
+def rloo_advantages(rewards: Tensor, group_ids: Tensor, *, roles: Sequence[str] | None = None) -> Tensor:
     """RLOO (Ahmadian et al. 2024, "Back to Basics"): A_i = r_i - 1/(k-1) * sum_{j != i} r_j.
 
     Equivalently k/(k-1) * (r_i - mean). A group of one has no leave-one-out baseline: advantage 0.
+    With `roles`, the other samples j are those of the same group AND role (per-role baselines).
     """
-    size, mean, _ = _group_stats(rewards, group_ids)
+    size, mean, _ = _group_stats(rewards, baseline_groups(group_ids, roles))
     k = size.double()
     adv = k / (k - 1).clamp(min=1) * (rewards.double() - mean)
     return torch.where(size > 1, adv, torch.zeros_like(adv)).to(rewards.dtype)
