@@ -67,3 +67,43 @@ def usage_by_organization(month: date) -> list[dict]:
         }
         for r in rows
     ]
+
+
+@dataclass
+class JobUsage:
+    job_id: object
+    name: str
+    state: str
+    gpu_hours: float
+    cpu_hours: float
+
+
+def job_usage_for_month(organization: Organization, month: date) -> list[JobUsage]:
+    """What each of the organization's jobs was charged in one month, biggest first.
+
+    Counted from its allocations exactly as usage_charge counts them (GPUs x seconds, CPUs x seconds, from
+    launch to the last accounting tick), so the jobs of a month add up to its UsageRecord.
+    """
+    from portal.services.usage import month_bounds
+
+    start, end = month_bounds(month_start(month))
+    allocs = (
+        Allocation.objects.filter(
+            job__organization=organization,
+            launched_at__isnull=False,
+            launched_at__lt=end,
+            accounted_until__gt=start,
+        )
+        .select_related("job")
+        .only("gpus", "cpus", "launched_at", "accounted_until", "job__id", "job__name", "job__state")
+    )
+    totals: dict[object, JobUsage] = {}
+    for a in allocs:
+        seconds = (min(a.accounted_until, end) - max(a.launched_at, start)).total_seconds()
+        row = totals.setdefault(a.job_id, JobUsage(a.job_id, a.job.name, a.job.state, 0.0, 0.0))
+        row.gpu_hours += a.gpus * seconds / 3600
+        row.cpu_hours += a.cpus * seconds / 3600
+    rows = sorted(totals.values(), key=lambda r: (-r.gpu_hours, -r.cpu_hours, r.name))
+    for r in rows:
+        r.gpu_hours, r.cpu_hours = round(r.gpu_hours, 4), round(r.cpu_hours, 4)
+    return rows

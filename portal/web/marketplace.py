@@ -1,0 +1,191 @@
+"""Environments marketplace pages: browse and search, a package's page, publish a version, star, fork.
+
+Reads go through env_registry.selectors from the current organization's point of view, so another
+organization's private package is a 404 here exactly as in the API; writes go through env_registry.services.
+"""
+
+from __future__ import annotations
+
+from django import forms
+from django.conf import settings
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_http_methods, require_POST
+
+from env_registry import services
+from env_registry.archive import MAX_ARCHIVE_BYTES, ArchiveError, read_capped
+from env_registry.models import EnvironmentPackage, Visibility
+from env_registry.readme import render_readme
+from env_registry.selectors import (
+    SORTS,
+    package_forked_from_ref,
+    package_get,
+    package_starred_by,
+    package_visible_list,
+    version_list,
+)
+from portal.errors import DomainError
+from portal.models import Scope
+from portal.web.forms import add_domain_error
+from portal.web.tenancy import org_page, page_scopes, require_scope
+
+PAGE_SIZE = 50
+# What a multipart form adds around the archive (boundaries, other fields): refused before reading above it.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+SORT_LABELS = {"name": "Name", "stars": "Most stars", "usage": "Most used", "recent": "Recently updated"}
+
+
+def archive_max_bytes() -> int:
+    return int(getattr(settings, "ENV_ARCHIVE_MAX_BYTES", MAX_ARCHIVE_BYTES))
+
+
+class SearchForm(forms.Form):
+    q = forms.CharField(label="Search", required=False, max_length=100)
+    tag = forms.CharField(label="Tag", required=False, max_length=32)
+    sort = forms.ChoiceField(
+        label="Sort by", required=False, choices=[(k, SORT_LABELS[k]) for k in sorted(SORTS)]
+    )
+
+
+class PublishForm(forms.Form):
+    archive = forms.FileField(
+        label="Package archive (.tar.gz with opentinker.json)",
+        widget=forms.ClearableFileInput(attrs={"accept": ".tar.gz,.tgz,application/gzip"}),
+    )
+    visibility = forms.ChoiceField(
+        label="Visibility",
+        required=False,
+        choices=[("", "Keep (private for a new package)"), *Visibility.choices],
+    )
+
+
+class ForkForm(forms.Form):
+    name = forms.RegexField(
+        label="Name in your organization",
+        required=False,
+        max_length=64,
+        regex=r"^[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?$",
+        error_messages={"invalid": "1-64 lowercase letters, digits, '-' or '_'"},
+    )
+
+
+def _latest_valid(package: EnvironmentPackage) -> str | None:
+    valid = [v.version for v in version_list(package) if v.status == "valid"]
+    return valid[0] if valid else None
+
+
+@org_page
+def env_list(request):
+    form = SearchForm(request.GET or None)
+    q = tag = ""
+    sort = "name"
+    if form.is_bound and form.is_valid():
+        q, tag = form.cleaned_data["q"].strip(), form.cleaned_data["tag"].strip()
+        sort = form.cleaned_data["sort"] or "name"
+    packages = list(
+        package_visible_list(request.membership.organization, q=q, tag=tag, sort=sort)[:PAGE_SIZE]
+    )
+    rows = [{"package": p, "latest": _latest_valid(p)} for p in packages]
+    return render(
+        request,
+        "portal/envs/list.html",
+        {"form": form, "rows": rows, "q": q, "tag": tag, "sort": sort, "page_size": PAGE_SIZE},
+    )
+
+
+def _detail_context(request, package: EnvironmentPackage) -> dict:
+    org = request.membership.organization
+    mine = package.organization_id == org.pk
+    versions = version_list(package)
+    return {
+        "package": package,
+        "owner": package.organization.slug,
+        "mine": mine,
+        "versions": versions,
+        "latest": next((v for v in versions if v.status == "valid"), None),
+        "readme_html": render_readme(package.readme),
+        "starred": package_starred_by(package, request.user),
+        "forked_from": package_forked_from_ref(package, org),
+        "forks": package.forks.count(),
+        "can_write": Scope.ENVS_WRITE in page_scopes(request),
+        "show_uploader": mine,
+    }
+
+
+@org_page
+def env_detail(request, owner: str, name: str):
+    package = package_get(request.membership.organization, owner=owner, name=name)
+    context = _detail_context(request, package) | {"fork_form": ForkForm()}
+    return render(request, "portal/envs/detail.html", context)
+
+
+@org_page
+@require_http_methods(["GET", "POST"])
+def env_publish(request):
+    org = request.membership.organization
+    if request.method == "GET":
+        return render(request, "portal/envs/publish.html", {"form": PublishForm()})
+    require_scope(request, Scope.ENVS_WRITE, "publish environments")
+    limit = archive_max_bytes()
+    # Refuse an oversized upload by its declared length, before Django reads (and spools) the body.
+    if int(request.META.get("CONTENT_LENGTH") or 0) > limit + MULTIPART_OVERHEAD_BYTES:
+        form = PublishForm(data={})
+        form.is_valid()
+        form.errors.clear()  # only the size matters: the body is not read
+        form.add_error("archive", f"archive is over the {limit // (1024 * 1024)} MB limit")
+        return render(request, "portal/envs/publish.html", {"form": form}, status=413)
+    form = PublishForm(request.POST, request.FILES)
+    if form.is_valid():
+        try:
+            data, sha256 = read_capped(form.cleaned_data["archive"].chunks(), limit=limit)
+            version = services.version_upload(
+                organization=org,
+                user=request.user,
+                data=data,
+                sha256=sha256,
+                visibility=form.cleaned_data["visibility"] or None,
+            )
+        except ArchiveError as e:
+            form.add_error("archive", str(e))
+        except DomainError as e:
+            add_domain_error(form, e, fields={"version": "archive"})
+        else:
+            return redirect("env_detail", owner=org.slug, name=version.package.name)
+    return render(request, "portal/envs/publish.html", {"form": form}, status=400)
+
+
+@org_page
+@require_POST
+def env_star(request, owner: str, name: str):
+    package = package_get(request.membership.organization, owner=owner, name=name)
+    require_scope(request, Scope.ENVS_WRITE, "star environments")
+    starred = request.POST.get("starred") == "1"
+    stars = services.star_set(package, user=request.user, starred=starred)
+    if request.headers.get("HX-Request"):
+        context = {"package": package, "owner": owner, "starred": starred, "stars": stars, "can_write": True}
+        return render(request, "portal/envs/_star.html", context)
+    return redirect("env_detail", owner=owner, name=name)
+
+
+@org_page
+@require_POST
+def env_fork(request, owner: str, name: str):
+    org = request.membership.organization
+    package = package_get(org, owner=owner, name=name)
+    require_scope(request, Scope.ENVS_WRITE, "fork environments")
+    form = ForkForm(request.POST)
+    if form.is_valid():
+        try:
+            fork = services.package_fork(
+                organization=org,
+                user=request.user,
+                owner=owner,
+                name=name,
+                new_name=form.cleaned_data["name"] or None,
+            )
+        except DomainError as e:
+            add_domain_error(form, e)
+        else:
+            return redirect("env_detail", owner=org.slug, name=fork.name)
+    package = package_get(org, owner=owner, name=name)  # with its star count
+    context = _detail_context(request, package) | {"fork_form": form}
+    return render(request, "portal/envs/detail.html", context, status=400)
