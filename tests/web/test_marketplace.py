@@ -84,7 +84,10 @@ def test_publish_from_the_form_then_the_package_page(alice, acme, store):
     [
         (lambda: package_archive(version="1.2"), "version must be semver"),
         (lambda: b"definitely not a tarball", "not a readable .tar.gz"),
-        (lambda: package_archive(entrypoint="nowhere:Echo"), "entrypoint module nowhere is not in the archive"),
+        (
+            lambda: package_archive(entrypoint="nowhere:Echo"),
+            "entrypoint module nowhere is not in the archive",
+        ),
     ],
 )
 def test_bad_archive_shows_the_field_error_and_writes_nothing(alice, acme, store, data, message):
@@ -116,7 +119,9 @@ def test_a_viewer_cannot_publish_star_or_fork(alice, bob, acme, globex, charlie,
 
 
 @pytest.mark.parametrize("visibility", ["private", "organization"])
-def test_outsider_gets_404_on_a_private_package_everywhere(alice, bob, acme, charlie, globex, store, visibility):
+def test_outsider_gets_404_on_a_private_package_everywhere(
+    alice, bob, acme, charlie, globex, store, visibility
+):
     publish(acme, alice, visibility=visibility)
     assert signed_in(bob, acme).get("/envs/acme/echo/").status_code == 200  # a teammate sees it
     outsider = signed_in(charlie, globex)
@@ -131,7 +136,9 @@ def test_outsider_gets_404_on_a_private_package_everywhere(alice, bob, acme, cha
 
 def test_browse_search_tags_and_sort(alice, bob, acme, charlie, globex, store):
     publish(acme, alice, visibility="public")
-    publish(globex, charlie, package_archive(name="zeta", tags=["puzzles-x"], description="Zeta game"), "public")
+    publish(
+        globex, charlie, package_archive(name="zeta", tags=["puzzles-x"], description="Zeta game"), "public"
+    )
     publish(globex, charlie, package_archive(name="hidden", tags=["puzzles-x"]), "private")
     services.star_set(EnvironmentPackage.objects.get(name="zeta"), user=alice, starred=True)
     services.star_set(EnvironmentPackage.objects.get(name="zeta"), user=bob, starred=True)
@@ -150,7 +157,9 @@ def test_browse_search_tags_and_sort(alice, bob, acme, charlie, globex, store):
     resp = client.get("/envs/?sort=loudest")
     assert resp.status_code == 200 and 'data-field="sort"' in resp.content.decode()
     # Charlie sees his own private package in his marketplace.
-    assert "globex/hidden" in names_in_order(signed_in(charlie, globex).get("/envs/?tag=puzzles-x").content.decode())
+    assert "globex/hidden" in names_in_order(
+        signed_in(charlie, globex).get("/envs/?tag=puzzles-x").content.decode()
+    )
 
 
 def test_star_and_unstar_with_and_without_htmx(alice, bob, acme, store):
