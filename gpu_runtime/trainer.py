@@ -25,6 +25,7 @@ from torch import nn
 from gpu_runtime.algorithms import LossNorm, aggregate, kl_estimate, policy_loss, sft_loss, value_loss
 from gpu_runtime.batch import MicroBatch, Sample, collate, split_micro, unshift
 from gpu_runtime.models import load_model
+from gpu_runtime.shared_prefix import PrefixPlan, plan_for_samples, suffix_logits, to_shifted
 from opentinker.spec import JobSpec
 
 VALUE_CLIP = 0.2  # PPO value clipping range (not in the spec yet)
@@ -89,18 +90,34 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
 
 
 def token_logprobs(
-    model: nn.Module, mb: MicroBatch, temperature: float, *, entropy: bool = False
+    model: nn.Module,
+    mb: MicroBatch,
+    temperature: float,
+    *,
+    entropy: bool = False,
+    plan: PrefixPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(token_t | tokens_<t) under the SAMPLING temperature (the rollout sampled from softmax(z/T); the
     trainer must score the same distribution, checklist item 4).
-    Returns [B, T-1] log-probs (and entropies)."""
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-    logp_all = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    logp = logp_all.gather(-1, mb.target_ids.unsqueeze(-1)).squeeze(-1)
+    Returns [B, T-1] log-probs (and entropies). With a `plan`, each group's shared prompt runs once
+    (`gpu_runtime.shared_prefix`); the result has the same layout."""
+    device = mb.input_ids.device
+    if plan is not None:
+        logits = suffix_logits(model, plan, device)[:, :-1]
+        targets = plan.suffix_ids[:, 1:].to(device)
+    else:
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+        logits, targets = logits[:, :-1], mb.target_ids
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     ent = None
     if entropy:
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)
+    if plan is not None:
+        length = mb.input_ids.shape[1]
+        logp = to_shifted(logp, plan, length)
+        ent = to_shifted(ent, plan, length) if ent is not None else None
     return logp, ent
 
 
@@ -126,6 +143,8 @@ class Trainer:
         self.cfg = TrainerConfig.from_spec(spec)
         self.device = device
         self.rank, self.world_size = _world()
+        # Each group's prompt forward (and backward) once instead of once per sample (shared_prefix.py).
+        self.share_prefix = True
         loaded = load_model(spec.model.base, seed=spec.seed)
         self.tokenizer = loaded.tokenizer
         model = loaded.model.to(device)
@@ -174,12 +193,13 @@ class Trainer:
         for chunk in split_micro(samples, n_micro):
             mb = collate(chunk)
             lengths = [len(s.token_ids) for s in chunk]
+            plan = self._plan(chunk)
             if old:
-                lp, _ = token_logprobs(self.model, mb, self.cfg.temperature)
+                lp, _ = token_logprobs(self.model, mb, self.cfg.temperature, plan=plan)
                 for s, row in zip(chunk, unshift(lp, lengths), strict=True):
                     s.old_logprobs = row
             if ref:
-                lp = self._ref_logprobs(mb)
+                lp = self._ref_logprobs(mb, plan)
                 for s, row in zip(chunk, unshift(lp, lengths), strict=True):
                     s.ref_logprobs = row
             if values and self.critic is not None:
@@ -188,11 +208,14 @@ class Trainer:
                     s.values = row
         self.model.train()
 
-    def _ref_logprobs(self, mb: MicroBatch) -> torch.Tensor:
+    def _plan(self, chunk: list[Sample]) -> PrefixPlan | None:
+        return plan_for_samples(chunk) if self.share_prefix else None
+
+    def _ref_logprobs(self, mb: MicroBatch, plan: PrefixPlan | None) -> torch.Tensor:
         if self.ref is not None:
-            return token_logprobs(self.ref, mb, self.cfg.temperature)[0]
+            return token_logprobs(self.ref, mb, self.cfg.temperature, plan=plan)[0]
         with self.model.disable_adapter():  # LoRA: the base model is the reference
-            return token_logprobs(self.model, mb, self.cfg.temperature)[0]
+            return token_logprobs(self.model, mb, self.cfg.temperature, plan=plan)[0]
 
     # ---- updates -------------------------------------------------------------------------------------
     def train_minibatch(self, samples: list[Sample], norm: LossNorm, n_micro: int) -> dict[str, float]:
@@ -207,7 +230,7 @@ class Trainer:
         for chunk in split_micro(samples, n_micro):
             mb = collate(chunk)
             m = mb.loss_mask
-            logp, ent = token_logprobs(self.model, mb, c.temperature, entropy=True)
+            logp, ent = token_logprobs(self.model, mb, c.temperature, entropy=True, plan=self._plan(chunk))
             if c.algorithm == "sft":
                 tok_loss = sft_loss(logp)
                 old = logp.detach()

@@ -12,9 +12,10 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
 from gpu_runtime.rollout.base import GenerateResult, RolloutEngine, SamplingParams
+from gpu_runtime.shared_prefix import cache_kwarg, plan_prefixes, prefill
 
 
 class HFEngine(RolloutEngine):
@@ -32,6 +33,8 @@ class HFEngine(RolloutEngine):
         self.device = device
         self.cache = cache
         self.max_batch = max_batch
+        # A group's samples share their prompt: prefill it once and expand the KV cache (shared_prefix.py).
+        self.share_prefix = True
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         # strict: a silently ignored key is how LoRA updates fail to reach the sampler in other frameworks
@@ -55,6 +58,9 @@ class HFEngine(RolloutEngine):
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p)
             attn[i, width - len(p) :] = 1
+        prefilled = (
+            self._shared_prefill(prompts, width) if self.share_prefix and self.cache == "dynamic" else None
+        )
         stop = list(sp.stop_ids)
         gen_cfg = GenerationConfig(
             max_new_tokens=sp.max_new_tokens,
@@ -69,7 +75,10 @@ class HFEngine(RolloutEngine):
             cache_implementation="static" if self.cache == "static" else None,
         )
         res = self.model.generate(
-            input_ids=ids.to(self.device), attention_mask=attn.to(self.device), generation_config=gen_cfg
+            input_ids=ids.to(self.device),
+            attention_mask=attn.to(self.device),
+            generation_config=gen_cfg,
+            **({cache_kwarg(self.model): prefilled} if prefilled is not None else {}),
         )
         new = res.sequences[:, width:].cpu()
         logits = torch.stack(res.logits, dim=1).float().cpu()  # [B, new, V], raw (before any warper)
@@ -85,3 +94,18 @@ class HFEngine(RolloutEngine):
             result.logprobs.append(lrow[:n])
             result.finished.append(finished)
         return result
+
+    def _shared_prefill(self, prompts: list[list[int]], width: int) -> DynamicCache | None:
+        """The KV cache of every prompt but its last token, computed once per distinct prompt and expanded to
+        one row per prompt, laid out as `generate` expects for the left-padded batch of width `width`; then
+        `generate` only runs the last prompt token and the new ones. None when no prompt repeats."""
+        plan = plan_prefixes(prompts, [len(p) - 1 for p in prompts], self.pad_id)
+        if plan is None:
+            return None
+        # Pad every prefix to the batch's full left padding (width - 1 columns), as generate lays it out.
+        pad = width - 1 - plan.prefix_ids.shape[1]
+        plan.prefix_ids = nn.functional.pad(plan.prefix_ids, (pad, 0), value=self.pad_id)
+        plan.prefix_attn = nn.functional.pad(plan.prefix_attn, (pad, 0), value=0)
+        # generate derives positions as cumsum(attention) - 1, with 1 on padding: match it exactly.
+        plan.prefix_pos = (plan.prefix_attn.cumsum(-1) - 1).masked_fill(plan.prefix_attn == 0, 1)
+        return prefill(self.model, plan, self.device)
