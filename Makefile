@@ -3,8 +3,13 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The portal's front-end bundle (frontend/ built by npm into portal/static/portal/dist/; manifest.json last).
+BUNDLE := portal/static/portal/dist/manifest.json
+FRONTEND_SOURCES := $(wildcard frontend/src/*) frontend/build.mjs frontend/tsconfig.json \
+	frontend/package.json frontend/package-lock.json
+AS_ROOT_ON_DEBIAN := [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean frontend node browser
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "OpenTinker needs Python 3.11"'
@@ -17,14 +22,33 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+$(BUNDLE): $(FRONTEND_SOURCES)
+	@$(MAKE) --no-print-directory node
+	cd frontend && npm ci --no-audit --no-fund && npm run typecheck && npm run build
+
+frontend: $(BUNDLE)
+
+# Node.js and npm build the bundle; installed from Debian where we are root, otherwise a clear error.
+node:
+	@command -v npm >/dev/null && exit 0; \
+	if $(AS_ROOT_ON_DEBIAN); then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; \
+	else echo "npm is missing: install Node.js (18 or newer) and npm, e.g. apt-get install nodejs npm" >&2; exit 1; fi
+
+# Debian's chromium runs the browser tests (tests/web/, driven by Playwright). Without it they are skipped.
+browser:
+	@command -v chromium >/dev/null && exit 0; \
+	if $(AS_ROOT_ON_DEBIAN); then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "chromium is missing and cannot be installed here (needs root on Debian): the browser tests" \
+		"in tests/web/ will be SKIPPED. Install Debian's chromium package to run them." >&2; fi
+
+demo: $(STAMP) frontend
 	$(BIN)/python -m portal.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(STAMP) lint
+test: $(STAMP) lint frontend browser
 	$(BIN)/python -m pytest
 
 clean:
