@@ -58,18 +58,39 @@ def save(
 ) -> tuple[str, list[dict[str, Any]]]:
     """Write one checkpoint; returns its URI and its file records [{name, size, sha256}]."""
     staging = Path(tempfile.mkdtemp(prefix="otk-ckpt-"))
+    write_model(staging, weights, adapter, state, config, tokenizer, peft_config)
+    return publish(staging, prefix, step, meta, keep_last)
+
+
+def write_model(
+    directory: Path,
+    weights: dict[str, torch.Tensor],
+    adapter: bool,
+    state: dict[str, Any],
+    config: Any = None,
+    tokenizer: Any = None,
+    peft_config: Any = None,
+) -> None:
+    """One model's files (HF layout or PEFT adapter, plus its trainer state) into a local directory."""
+    directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     if adapter:
-        save_file(weights, staging / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_file(weights, directory / "adapter_model.safetensors", metadata={"format": "pt"})
         if peft_config is not None:
-            peft_config.save_pretrained(staging)
+            peft_config.save_pretrained(directory)
     else:
-        _save_tied(weights, staging / "model.safetensors")
+        _save_tied(weights, directory / "model.safetensors")
     if config is not None:
-        config.save_pretrained(staging)
+        config.save_pretrained(directory)
     if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    torch.save(state, staging / "trainer_state.pt")
+        tokenizer.save_pretrained(directory)
+    torch.save(state, directory / "trainer_state.pt")
+
+
+def publish(
+    staging: Path, prefix: str, step: int, meta: dict[str, Any], keep_last: int | None = None
+) -> tuple[str, list[dict[str, Any]]]:
+    """Write meta.json (last: it marks the checkpoint complete), list the files, upload, prune old steps."""
     (staging / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
     files = [
         {"name": str(p.relative_to(staging)), "size": p.stat().st_size, "sha256": _sha256(p)}
@@ -108,7 +129,13 @@ def resolve(uri: str) -> str:
 def load(uri: str) -> Loaded:
     local = storage.download_prefix(resolve(uri))
     meta = json.loads((local / "meta.json").read_text())
-    adapter = (local / "adapter_model.safetensors").exists()
-    weights = load_file(local / ("adapter_model.safetensors" if adapter else "model.safetensors"))
-    state = torch.load(local / "trainer_state.pt", weights_only=False)
+    weights, adapter, state = read_model(local)
     return Loaded(step=int(meta["step"]), weights=weights, adapter=adapter, state=state, meta=meta)
+
+
+def read_model(directory: Path) -> tuple[dict[str, torch.Tensor], bool, dict[str, Any]]:
+    """(weights, is_adapter, trainer state) of one model written by `write_model`."""
+    adapter = (directory / "adapter_model.safetensors").exists()
+    weights = load_file(directory / ("adapter_model.safetensors" if adapter else "model.safetensors"))
+    state = torch.load(directory / "trainer_state.pt", weights_only=False)
+    return weights, adapter, state

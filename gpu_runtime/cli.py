@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> int:
     from gpu_runtime.controller import EXIT_FAILED, Controller, LocalGroup, RayGroup
+    from gpu_runtime.multiagent import MultiAgentController, MultiAgentGroup, is_multi_agent
 
     started = time.monotonic()
     group = None
@@ -80,10 +81,13 @@ def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> 
             if not ray.is_initialized():
                 address = os.environ.get("RAY_ADDRESS")
                 ray.init(address=address, **({} if address else {"num_cpus": 2}), log_to_driver=False)
-            group = RayGroup(spec, world_size)
+        if is_multi_agent(spec):  # games through the coordinator, one parameter set per trained policy
+            group = MultiAgentGroup(spec, use_ray=use_ray, world_size=world_size)
+            controller = MultiAgentController(spec, sink, group, prefix)
         else:
-            group = LocalGroup(spec)
-        result = Controller(spec, sink, group, prefix).run(resume=resume, start_time=started)
+            group = RayGroup(spec, world_size) if use_ray else LocalGroup(spec)
+            controller = Controller(spec, sink, group, prefix)
+        result = controller.run(resume=resume, start_time=started)
         return result.exit_code
     except Exception as e:
         sink.log(traceback.format_exc())

@@ -74,7 +74,8 @@ class RayGroup:
     """Trainer ranks and one rollout worker as Ray actors in one placement group (PACK: one node when it
     fits). On a CPU-only node the bundles share the node's CPUs fractionally."""
 
-    def __init__(self, spec: JobSpec, world_size: int) -> None:
+    def __init__(self, spec: JobSpec, world_size: int, *, rollout: bool = True) -> None:
+        # rollout=False: trainer ranks only (a multi-agent job's policies share one rollout worker).
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -82,9 +83,9 @@ class RayGroup:
         self.ray = ray
         self.world_size = world_size
         gpus = spec.resources.gpus
-        n_actors = world_size + 1
+        n_actors = world_size + int(rollout)
         if gpus > 0:
-            bundles = [{"CPU": 1, "GPU": 1} for _ in range(world_size)] + [{"CPU": 1, "GPU": 1}]
+            bundles = [{"CPU": 1, "GPU": 1} for _ in range(n_actors)]
         else:
             cpu = min(1.0, ray.cluster_resources().get("CPU", 1) / n_actors)
             bundles = [{"CPU": cpu} for _ in range(n_actors)]
@@ -107,7 +108,7 @@ class RayGroup:
         ]
         self.rollout = (
             ray.remote(RolloutWorker).options(**opts(world_size)).remote(js)
-            if spec.environment is not None
+            if spec.environment is not None and rollout
             else None
         )
 

@@ -216,6 +216,94 @@ class CheckpointSpec(_Strict):
     save_final: bool = True
 
 
+SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,30}[a-z0-9])?$")  # role and policy names (in metric names)
+
+
+def _slug(kind: str, name: str) -> str:
+    if not SLUG_RE.match(name):
+        raise ValueError(f"{kind} name {name!r} must be 1-32 lowercase letters, digits, '-' or '_'")
+    return name
+
+
+class PolicySpec(_Strict):
+    """One policy of a multi-agent job: `trained` (its own model, parameter set and optimizer, trained in this
+    job) or `rule` (the environment's rule-based player; no model)."""
+
+    kind: Literal["trained", "rule"] = "trained"
+    model: ModelSpec | None = Field(None, description="This policy's model; default: the job's `model`.")
+    learning_rate: float | None = Field(
+        None, gt=0, le=1, description="This policy's AdamW learning rate; default: algorithm.learning_rate."
+    )
+    max_grad_norm: float | None = Field(None, gt=0, le=1e6, description="Default: algorithm.max_grad_norm.")
+
+    @model_validator(mode="after")
+    def _rule_has_no_model(self) -> PolicySpec:
+        if self.kind == "rule" and (self.model, self.learning_rate, self.max_grad_norm) != (None,) * 3:
+            raise ValueError("a rule policy has no model, learning_rate or max_grad_norm")
+        return self
+
+
+class MultiAgentSpec(_Strict):
+    """Who plays each role of a multi-agent environment. One trained policy for every role is self-play;
+    several trained policies are trained jointly in one job; a `rule` policy is a fixed opponent."""
+
+    policies: dict[str, PolicySpec] = Field(..., min_length=1, max_length=16)
+    roles: dict[str, str] = Field(
+        ..., min_length=1, max_length=16, description="Each role of the environment -> the policy playing it."
+    )
+    max_rounds: int = Field(
+        32, ge=1, le=1024, description="Rounds per game; a round = each active role acts."
+    )
+
+    @field_validator("policies")
+    @classmethod
+    def _policy_names(cls, v: dict[str, PolicySpec]) -> dict[str, PolicySpec]:
+        for name in v:
+            _slug("policy", name)
+        return v
+
+    # Cross-field rules live on `roles` (validated after `policies`) so that errors name multi_agent.roles.
+    @field_validator("roles")
+    @classmethod
+    def _roles_map_to_policies(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        policies = info.data.get("policies")
+        for role, policy in v.items():
+            _slug("role", role)
+            if policies is not None and policy not in policies:
+                raise ValueError(f"role {role!r} is played by {policy!r}, which is not in policies")
+        if policies is None:
+            return v
+        unused = sorted(set(policies) - set(v.values()))
+        if unused:
+            raise ValueError(f"policy {', '.join(map(repr, unused))} plays no role")
+        if all(policies[p].kind == "rule" for p in v.values()):
+            raise ValueError("every role is rule-based: at least one role needs a trained policy")
+        return v
+
+    @property
+    def trained(self) -> list[str]:
+        """Trained policy names, in the order they are first listed in `roles`."""
+        return list(dict.fromkeys(p for p in self.roles.values() if self.policies[p].kind == "trained"))
+
+    def role_errors(
+        self, env_name: str, env_roles: list[str] | tuple[str, ...], *, rule_player: bool
+    ) -> list[str]:
+        """What is wrong with this mapping for an environment with these roles (empty: nothing)."""
+        errors = [
+            f"{env_name} has no role {r!r} (its roles: {', '.join(env_roles)})"
+            for r in self.roles
+            if r not in env_roles
+        ]
+        errors += [f"role {r!r} of {env_name} has no policy" for r in env_roles if r not in self.roles]
+        if not rule_player:
+            errors += [
+                f"role {r!r} is played by rule policy {p!r}, but {env_name} has no rule-based player"
+                for r, p in self.roles.items()
+                if self.policies[p].kind == "rule"
+            ]
+        return errors
+
+
 class JobSpec(_Strict):
     spec_version: Literal[1] = SPEC_VERSION
     kind: JobKind
@@ -229,6 +317,17 @@ class JobSpec(_Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     priority: int = Field(0, ge=-10, le=10, description="Within the organization's own queue.")
     resume_from: str | None = Field(None, max_length=1024, description="A checkpoint URI to resume from.")
+    multi_agent: MultiAgentSpec | None = Field(
+        None,
+        description="Multi-agent environments: the policy of each role (default: self-play, one policy).",
+    )
+
+    @field_validator("multi_agent")
+    @classmethod
+    def _multi_agent_for_kind(cls, v: MultiAgentSpec | None, info: ValidationInfo) -> MultiAgentSpec | None:
+        if v is not None and info.data.get("kind") is JobKind.SFT:
+            raise ValueError("multi_agent settings are for rl and eval jobs, not sft")
+        return v
 
     @field_validator("resume_from")
     @classmethod

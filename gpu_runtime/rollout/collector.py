@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -27,20 +27,23 @@ class _Batcher:
     OpenMP team, and their spinning workers slowed the trainer's next update several-fold on 2 cores.
     """
 
-    def __init__(self, engine: RolloutEngine, sampling: SamplingParams, n_episodes: int) -> None:
-        self.engine = engine
+    def __init__(
+        self, engine: RolloutEngine | Mapping[str, RolloutEngine], sampling: SamplingParams, n_episodes: int
+    ) -> None:
+        # One engine, or one per policy name (multi-agent: a role's request goes to its policy's engine).
+        self.engines = dict(engine) if isinstance(engine, Mapping) else {"": engine}
         self.sampling = sampling
         self.cv = threading.Condition()
         self.active = n_episodes
-        self.pending: dict[int, tuple[list[int], int]] = {}
+        self.pending: dict[int, tuple[list[int], int, str]] = {}
         self.results: dict[int, Generation | BaseException] = {}
         self.calls = 0
 
-    def generate(self, key: int, prompt: list[int], max_new: int) -> Generation:
+    def generate(self, key: int, prompt: list[int], max_new: int, policy: str = "") -> Generation:
         # `key` is the episode's index: an episode has at most one request in flight, and batches are ordered
         # by it (not by thread arrival), so sampling is reproducible for a given torch seed.
         with self.cv:
-            self.pending[key] = (prompt, max_new)
+            self.pending[key] = (prompt, max_new, policy)
             self.cv.notify_all()
             while key not in self.results:
                 self.cv.wait()
@@ -69,15 +72,15 @@ class _Batcher:
                 self.results.update(results)
                 self.cv.notify_all()
 
-    def _run(self, batch: dict[int, tuple[list[int], int]]) -> dict[int, Generation | BaseException]:
+    def _run(self, batch: dict[int, tuple[list[int], int, str]]) -> dict[int, Generation | BaseException]:
         self.calls += 1
-        by_budget: dict[int, list[int]] = {}
-        for key, (_, max_new) in sorted(batch.items()):
-            by_budget.setdefault(max_new, []).append(key)
+        by_budget: dict[tuple[str, int], list[int]] = {}
+        for key, (_, max_new, policy) in sorted(batch.items()):
+            by_budget.setdefault((policy, max_new), []).append(key)
         results: dict[int, Generation | BaseException] = {}
-        for max_new, keys in by_budget.items():
+        for (policy, max_new), keys in by_budget.items():
             try:
-                res = self.engine.generate(
+                res = self.engines[policy].generate(
                     [batch[k][0] for k in keys], replace(self.sampling, max_new_tokens=max_new)
                 )
                 for i, k in enumerate(keys):

@@ -1,0 +1,356 @@
+"""Multi-agent jobs: every role of a multi-agent environment played by a policy, every trained policy trained.
+
+    for step: games through the coordinator (each role's moves sampled by its policy's rollout engine)
+              -> per policy: its roles' episodes -> advantages (per-role baselines) -> its own update
+              -> that policy's weights to its rollout engine -> metrics per role and per policy -> checkpoint
+
+`spec.multi_agent` maps roles to policies: one trained policy for all roles is self-play; several trained
+policies each keep their own parameter set, optimizer and trainer ranks; a `rule` policy is the environment's
+rule-based player. Without `multi_agent`, a multi-agent environment is self-play with the job's model.
+
+Each trained policy is driven by a plain `Controller` over a view of its own ranks, fed the samples its roles
+produced in the step's games, so the policy update is exactly the single-agent code path. One rollout worker
+holds every policy's engine and runs the games, batched across games (`gpu_runtime.rollout.games`).
+A checkpoint is one step directory with a subdirectory per policy (HF layout or PEFT adapter each).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpu_runtime import checkpoint, storage
+from gpu_runtime.batch import Sample
+from gpu_runtime.controller import Controller, LocalGroup, RayGroup, derive_seed
+from gpu_runtime.envs import env_factory
+from gpu_runtime.models import load_model
+from gpu_runtime.rollout.base import SamplingParams
+from gpu_runtime.rollout.collector import episode_to_sample
+from gpu_runtime.rollout.games import WithStops, run_games
+from gpu_runtime.rollout.hf import HFEngine
+from gpu_runtime.sink import Sink
+from gpu_runtime.workers import RankWorker, configure_threads
+from opentinker.env.codec import HFChatCodec
+from opentinker.env.multiagent import MultiAgentEnvironment, MultiAgentProtocol
+from opentinker.env.protocol import Budget
+from opentinker.spec import JobSpec, MultiAgentSpec, PolicySpec
+
+# Per-policy copies of these training metrics go under `policy/<name>/`; the top-level value is their mean.
+POLICY_METRICS = (
+    "loss", "kl", "entropy", "clip_frac", "grad_norm", "lr", "logprob_gap", "ratio/mean", "is_weight/mean",
+    "value_loss", "reward/mean", "response_length/mean", "batch/kept_samples",
+)  # fmt: skip
+SELF_PLAY = "main"  # the one policy's name when the spec leaves `multi_agent` out
+
+
+@dataclass(frozen=True)
+class MultiAgentSetup:
+    """A multi-agent spec checked against its environment."""
+
+    mapping: MultiAgentSpec
+    role_policy: dict[str, str | None]  # role -> trained policy name, None = rule-based player
+    trained: list[str]
+    specs: dict[str, JobSpec]  # per trained policy: the job's spec with that policy's model and optimizer
+
+
+def _env_class(spec: JobSpec) -> type:
+    assert spec.environment is not None
+    factory = env_factory(spec.environment)
+    return getattr(factory, "func", factory)
+
+
+def is_multi_agent(spec: JobSpec) -> bool:
+    """Whether this job runs games: multi_agent settings, or an environment that declares several roles."""
+    if spec.multi_agent is not None:
+        return True
+    if spec.environment is None:
+        return False
+    try:
+        cls = _env_class(spec)
+    except (NotImplementedError, ValueError):  # not a built-in: the single-agent path reports it
+        return False
+    return isinstance(cls, type) and issubclass(cls, MultiAgentEnvironment)
+
+
+def policy_spec(spec: JobSpec, policy: PolicySpec) -> JobSpec:
+    """The job as one trained policy sees it: its model and optimizer settings, no multi-agent part."""
+    overrides = {"learning_rate": policy.learning_rate, "max_grad_norm": policy.max_grad_norm}
+    algorithm = spec.algorithm.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    return spec.model_copy(
+        update={"model": policy.model or spec.model, "algorithm": algorithm, "multi_agent": None}
+    )
+
+
+def resolve(spec: JobSpec) -> MultiAgentSetup:
+    """Check `spec.multi_agent` against the environment; ValueError with every problem named."""
+    assert spec.environment is not None
+    cls = _env_class(spec)
+    name = getattr(cls, "name", "") or spec.environment.ref
+    if not (isinstance(cls, type) and issubclass(cls, MultiAgentEnvironment)):
+        raise ValueError(
+            f"multi_agent: {spec.environment.ref} is a single-agent environment; "
+            "multi_agent settings need one with several roles"
+        )
+    mapping = spec.multi_agent or MultiAgentSpec(
+        policies={SELF_PLAY: PolicySpec()}, roles=dict.fromkeys(cls.roles, SELF_PLAY)
+    )
+    rule_player = cls.rule_based_action is not MultiAgentEnvironment.rule_based_action
+    errors = mapping.role_errors(name, cls.roles, rule_player=rule_player)
+    if errors:
+        raise ValueError("multi_agent.roles: " + "; ".join(errors))
+    role_policy = {
+        r: (p if mapping.policies[p].kind == "trained" else None) for r, p in mapping.roles.items()
+    }
+    trained = mapping.trained
+    return MultiAgentSetup(
+        mapping, role_policy, trained, {p: policy_spec(spec, mapping.policies[p]) for p in trained}
+    )
+
+
+class MultiAgentRolloutWorker:
+    """Every trained policy's rollout engine, the environment and the coordinator; runs a step's games."""
+
+    def __init__(self, spec_json: str) -> None:
+        spec = JobSpec.model_validate_json(spec_json)
+        assert spec.environment is not None
+        configure_threads(spec)
+        self.spec = spec
+        self.setup = resolve(spec)
+        device = "cuda" if torch.cuda.is_available() and spec.resources.gpus > 0 else "cpu"
+        self.engines: dict[str, WithStops] = {}
+        codecs: dict[str, HFChatCodec] = {}
+        for name in self.setup.trained:
+            loaded = load_model(self.setup.specs[name].model.base, seed=spec.seed)
+            codecs[name] = HFChatCodec(loaded.tokenizer)
+            engine = HFEngine(loaded.model, pad_id=loaded.tokenizer.pad_token_id, device=device)
+            self.engines[name] = WithStops(engine, codecs[name].stop_ids)
+        # A rule-played role has no tokens; any codec serves its (unused) slot.
+        fallback = next(iter(codecs.values()))
+        self.codecs = {r: codecs[p] if p else fallback for r, p in self.setup.role_policy.items()}
+        self.make_env = env_factory(spec.environment)
+        a = spec.algorithm
+        self.protocol = MultiAgentProtocol(
+            Budget(max_turns=self.setup.mapping.max_rounds, max_new_tokens=a.max_new_tokens)
+        )
+
+    def collect(
+        self, seeds: list[int], group_ids: list[int], torch_seed: int, greedy: bool = False
+    ) -> tuple[dict[str, list[Sample]], dict[str, float]]:
+        """Samples per trained policy (one per game and role it plays) and per-role game statistics."""
+        torch.manual_seed(torch_seed)  # sampling depends only on (job seed, step): resume is exact
+        a = self.spec.algorithm
+        sampling = SamplingParams(
+            max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, greedy=greedy
+        )
+        games = run_games(
+            self.make_env, self.protocol, self.codecs, self.engines, self.setup.role_policy, sampling, seeds
+        )
+        per_policy: dict[str, list[Sample]] = {p: [] for p in self.setup.trained}
+        rewards: dict[str, list[float]] = {r: [] for r in self.setup.role_policy}
+        wins = dict.fromkeys(self.setup.role_policy, 0)
+        ok = [(game, g) for game, g in zip(games, group_ids, strict=True) if not game.failed]
+        for game, g in ok:
+            for role, ep in game.per_role.items():
+                rewards[role].append(ep.reward)
+                if game.info.get("winner") == role:
+                    wins[role] += 1
+                policy = self.setup.role_policy[role]
+                if policy is not None:
+                    per_policy[policy].append(episode_to_sample(ep, g))
+        stats = {"episodes/failed": float(len(games) - len(ok))}
+        if ok:
+            stats["game/rounds/mean"] = sum(game.rounds for game, _ in ok) / len(ok)
+            for role, rs in rewards.items():
+                stats[f"reward/{role}/mean"] = sum(rs) / len(rs)
+                stats[f"game/{role}/win_rate"] = wins[role] / len(ok)
+        return per_policy, stats
+
+    def load_weights(self, policy: str, state_dict: dict[str, torch.Tensor]) -> None:
+        self.engines[policy].load_weights(state_dict)
+
+
+class _LocalRanks(LocalGroup):
+    """One policy's trainer, in this process (world size 1), without a rollout worker of its own."""
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.ranks = [RankWorker(spec.model_dump_json())]
+        self.rollout = None
+        self.world_size = 1
+
+
+class MultiAgentGroup:
+    """Trainer ranks per trained policy (in process, or Ray actors in a placement group per policy) and one
+    rollout worker holding every policy's engine."""
+
+    def __init__(self, spec: JobSpec, *, use_ray: bool = False, world_size: int = 1) -> None:
+        self.setup = resolve(spec)
+        self.world_size = world_size
+        self.ray = None
+        js = spec.model_dump_json()
+        if use_ray:
+            import ray
+
+            self.ray = ray
+            self.ranks = {
+                p: RayGroup(self.setup.specs[p], world_size, rollout=False) for p in self.setup.trained
+            }
+            gpu = spec.resources.gpus > 0
+            self.rollout = (
+                ray.remote(MultiAgentRolloutWorker)
+                .options(num_cpus=0, num_gpus=1 if gpu else 0)  # CPU: shares the nodes cores, like the ranks
+                .remote(js)
+            )
+        else:
+            if world_size != 1:
+                raise ValueError("more than one trainer rank per policy needs Ray")
+            self.ranks = {p: _LocalRanks(self.setup.specs[p]) for p in self.setup.trained}
+            self.rollout = MultiAgentRolloutWorker(js)
+
+    def rollout_call(self, method: str, *args: Any) -> Any:
+        if self.ray is not None:
+            return self.ray.get(getattr(self.rollout, method).remote(*args))
+        return getattr(self.rollout, method)(*args)
+
+    def shutdown(self) -> None:
+        try:
+            for g in self.ranks.values():
+                g.shutdown()
+        finally:
+            if self.ray is not None:
+                self.ray.kill(self.rollout)
+
+
+class _PolicyView:
+    """What one policy's `Controller` sees as its group: its own ranks, and a rollout whose `collect` hands
+    over the samples its roles produced in this step's games and whose `load_weights` updates its engine."""
+
+    def __init__(self, ranks: LocalGroup | RayGroup, group: MultiAgentGroup, name: str) -> None:
+        self.ranks, self.group, self.name = ranks, group, name
+        self.world_size = ranks.world_size
+        self.rollout = self
+        self.samples: list[Sample] = []
+
+    def call(self, method: str, per_rank: list[tuple]) -> list[Any]:
+        return self.ranks.call(method, per_rank)
+
+    def rollout_call(self, method: str, *args: Any) -> Any:
+        if method == "collect":
+            samples, self.samples = self.samples, []
+            return samples, {}
+        if method == "load_weights":
+            return self.group.rollout_call("load_weights", self.name, *args)
+        raise NotImplementedError(f"{method} is run by the multi-agent controller")
+
+
+class _PolicySink:
+    """The job's sink as one policy's controller uses it: its log lines name the policy."""
+
+    def __init__(self, sink: Sink, name: str) -> None:
+        self.sink, self.name = sink, name
+
+    def log(self, line: str) -> None:
+        self.sink.log(f"policy {self.name}: {line}")
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.sink, attr)
+
+
+class MultiAgentController(Controller):
+    def __init__(self, spec: JobSpec, sink: Sink, group: MultiAgentGroup, ckpt_prefix: str | None) -> None:
+        super().__init__(spec, sink, group, ckpt_prefix)  # type: ignore[arg-type]
+        self.setup = group.setup
+        self.views = {p: _PolicyView(group.ranks[p], group, p) for p in self.setup.trained}
+        self.policies = {
+            p: Controller(self.setup.specs[p], _PolicySink(sink, p), self.views[p], None) for p in self.views
+        }  # type: ignore[arg-type]
+
+    def _sync_weights(self) -> None:
+        for ctl in self.policies.values():
+            ctl._sync_weights()
+
+    def rl_step(self, step: int) -> dict[str, float]:
+        a = self.spec.algorithm
+        t0 = time.perf_counter()
+        group_ids = [derive_seed(self.spec.seed, step, g) for g in range(a.batch_size)]
+        seeds = [g for g in group_ids for _ in range(a.group_size)]  # a group = one game seed, played k times
+        per_policy, stats = self.group.rollout_call(
+            "collect", seeds, seeds, derive_seed(self.spec.seed, step, -1)
+        )
+        t1 = time.perf_counter()
+        samples = [s for p in self.setup.trained for s in per_policy[p]]
+        metrics = {**self._reward_metrics(samples), **stats}
+        per: dict[str, dict[str, float]] = {}
+        for name, ctl in self.policies.items():
+            self.views[name].samples = per_policy[name]
+            per[name] = ctl.rl_step(step)
+        for key in POLICY_METRICS:
+            values = [m[key] for m in per.values() if key in m]
+            for name, m in per.items():
+                if key in m:
+                    metrics[f"policy/{name}/{key}"] = m[key]
+            if values and key not in ("reward/mean", "response_length/mean"):
+                metrics[key] = sum(values) / len(values)
+        t2 = time.perf_counter()
+        n_gen = sum(s.n_generated for s in samples)
+        for key in ("time/logprob", "time/update", "time/sync"):
+            metrics[key] = sum(m.get(key, 0.0) for m in per.values())
+        metrics.update(
+            {
+                "time/rollout": t1 - t0,
+                "time/step": t2 - t0,
+                "tokens_per_s": n_gen / max(t2 - t0, 1e-9),
+                "rollout/tokens_per_s": n_gen / max(t1 - t0, 1e-9),
+            }
+        )
+        return metrics
+
+    def evaluate(self, n: int, *, step: int = 0) -> dict[str, float]:
+        """Greedy games on held-out seeds: per-role reward means and win rates."""
+        seeds = [derive_seed(self.spec.seed, -7, i) for i in range(n)]
+        _, stats = self.group.rollout_call("collect", seeds, list(range(n)), 0, True)
+        return {f"eval/{k}": v for k, v in stats.items()}
+
+    # ---- checkpoints: one step directory, a subdirectory per trained policy --------------------------------
+    def save(self, step: int) -> None:
+        if self.ckpt_prefix is None:
+            return
+        staging = Path(tempfile.mkdtemp(prefix="otk-ckpt-"))
+        for name, view in self.views.items():
+            payload = view.call("checkpoint_payload", [() for _ in range(view.world_size)])[0]
+            checkpoint.write_model(
+                staging / name,
+                payload["weights"],
+                payload["adapter"],
+                payload["state"],
+                payload["config"],
+                payload["tokenizer"],
+                payload["peft_config"],
+            )
+        meta = {
+            "spec": self.spec.model_dump(mode="json"),
+            "data": {"next_step": step + 1},
+            "policies": self.setup.trained,
+        }
+        uri, files = checkpoint.publish(staging, self.ckpt_prefix, step, meta, self.spec.checkpoint.keep_last)
+        self.sink.checkpoint(step, uri, files)
+
+    def resume(self, uri: str) -> int:
+        local = storage.download_prefix(checkpoint.resolve(uri))
+        meta = json.loads((local / "meta.json").read_text())
+        saved = meta.get("policies")
+        if saved is None or sorted(saved) != sorted(self.setup.trained):
+            raise ValueError(
+                f"checkpoint {uri} holds policies {saved or 'of a single-agent job'}; "
+                f"this job trains {', '.join(self.setup.trained)}"
+            )
+        for name, view in self.views.items():
+            weights, adapter, state = checkpoint.read_model(local / name)
+            view.call("load", [(weights, state, adapter) for _ in range(view.world_size)])
+        self.sink.log(f"resumed {', '.join(self.setup.trained)} from {uri} at step {meta['step']}")
+        return int(meta["step"])

@@ -1,0 +1,69 @@
+"""Multi-agent games, batched across games and routed per policy.
+
+Each game runs in its own thread through `MultiAgentProtocol` (turn order, per-role observations, barriers,
+reward assignment), exactly as in evaluation and inference. A role's generate call parks in the shared
+`_Batcher` tagged with the policy that plays the role; once every live game waits, one batch per policy goes
+to that policy's engine. Rule-played roles act in their game's thread without tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from gpu_runtime.rollout.base import GenerateResult, RolloutEngine, SamplingParams
+from gpu_runtime.rollout.collector import _Batcher
+from opentinker.env.multiagent import MultiAgentEnvironment, MultiAgentEpisode, MultiAgentProtocol, RulePolicy
+from opentinker.env.protocol import ChatCodec, StopReason
+
+
+class WithStops(RolloutEngine):
+    """An engine that always stops on its own tokenizer's end-of-turn ids: policies with different
+    tokenizers share one batcher (and its one `SamplingParams`)."""
+
+    def __init__(self, engine: RolloutEngine, stop_ids: frozenset[int]) -> None:
+        self.engine = engine
+        self.stop_ids = tuple(sorted(stop_ids))
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> GenerateResult:
+        return self.engine.generate(prompts, replace(sampling, stop_ids=self.stop_ids))
+
+    def load_weights(self, state_dict) -> None:
+        self.engine.load_weights(state_dict)
+
+
+def run_games(
+    make_env: Callable[[], MultiAgentEnvironment],
+    protocol: MultiAgentProtocol,
+    codecs: Mapping[str, ChatCodec],
+    engines: Mapping[str, RolloutEngine],
+    role_policy: Mapping[str, str | None],
+    sampling: SamplingParams,
+    seeds: list[int],
+) -> list[MultiAgentEpisode]:
+    """One game per seed; `role_policy` maps each role to the engine name playing it (None: the environment's
+    rule-based player); `codecs` is per role. Results in the order of `seeds`."""
+    batcher = _Batcher(engines, sampling, len(seeds))
+
+    def one(index: int) -> MultiAgentEpisode:
+        env = None
+        try:
+            env = make_env()
+            players = {
+                role: RulePolicy() if p is None else functools.partial(batcher.generate, index, policy=p)
+                for role, p in role_policy.items()
+            }
+            return protocol.run(env, players, codecs, seeds[index])
+        except Exception as e:  # an environment that cannot even be built fails its game, not the step
+            return MultiAgentEpisode({}, StopReason.ENV_ERROR, f"{type(e).__name__}: {e}")
+        finally:
+            batcher.episode_done()
+            if env is not None:
+                env.close()
+
+    with ThreadPoolExecutor(max_workers=max(1, len(seeds))) as pool:
+        futures = [pool.submit(one, i) for i in range(len(seeds))]
+        batcher.serve()
+        return [f.result() for f in futures]
