@@ -68,6 +68,18 @@ class ForkForm(forms.Form):
     )
 
 
+MANIFEST_ORDER = ("name", "version", "entrypoint", "protocol", "roles", "description", "tags", "license")
+
+
+def manifest_rows(manifest: dict) -> list[tuple[str, str]]:
+    """The manifest's fields in a reader's order, lists joined: what the package page shows."""
+    keys = [k for k in MANIFEST_ORDER if k in manifest] + sorted(set(manifest) - set(MANIFEST_ORDER))
+    return [
+        (k, ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+        for k, v in ((k, manifest[k]) for k in keys)
+    ]
+
+
 def _latest_valid(package: EnvironmentPackage) -> str | None:
     valid = [v.version for v in version_list(package) if v.status == "valid"]
     return valid[0] if valid else None
@@ -96,12 +108,14 @@ def _detail_context(request, package: EnvironmentPackage) -> dict:
     org = request.membership.organization
     mine = package.organization_id == org.pk
     versions = version_list(package)
+    latest = next((v for v in versions if v.status == "valid"), None)
     return {
         "package": package,
         "owner": package.organization.slug,
         "mine": mine,
         "versions": versions,
-        "latest": next((v for v in versions if v.status == "valid"), None),
+        "latest": latest,
+        "manifest": manifest_rows(latest.manifest) if latest else [],
         "readme_html": render_readme(package.readme),
         "starred": package_starred_by(package, request.user),
         "forked_from": package_forked_from_ref(package, org),

@@ -17,6 +17,7 @@ from portal.services.orgs import organization_create
 from portal.services.scheduler import schedule_pass
 from portal.services.usage import usage_charge
 from portal.web import urls as web_urls
+from tests.web.conftest import shot
 from tests.web.pages import signed_in, unlabelled_fields
 from tests.workers.conftest import make_pool, set_quota, submit
 
@@ -212,3 +213,39 @@ def test_csrf_is_enforced_on_every_console_form(staffer, acme):
     assert client.post(f"/console/jobs/{job.pk}/preempt/", {}).status_code == 403
     job.refresh_from_db()
     assert quota_values(acme) == before and job.priority == 0
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_browser_admin_raises_a_quota_and_the_waiting_job_starts(page, live_url, sign_in, staffer, acme):
+    from playwright.sync_api import expect
+
+    make_pool("gpu-a", 4)
+    set_quota(acme, max_gpus=1)
+    submit(acme, gpus=1, name="first")
+    assert len(schedule_pass().admitted) == 1
+    waiting = submit(acme, gpus=1, name="waiting")
+    assert schedule_pass().admitted == []  # acme holds its one GPU: the job waits for quota
+
+    sign_in(staffer)
+    page.goto("/console/queue/")
+    reason = page.locator('tr[data-job="waiting"]').get_by_test_id("reason")
+    expect(reason).to_have_text(re.compile(r"^quota: the organization holds 1 of its 1 concurrent GPUs"))
+    shot(page, "console-queue")
+    page.get_by_role("link", name="Organizations & quotas").click()
+    shot(page, "console-quotas")
+    page.get_by_role("link", name="Edit quota of acme").click()
+    page.get_by_label("Nominal GPUs").fill("-3")
+    page.get_by_role("button", name="Save quota").click()
+    expect(page.locator('[data-field="max_gpus"]')).to_contain_text("greater than or equal to 0")
+    assert Quota.objects.get(organization=acme).max_gpus == 1
+    page.get_by_label("Nominal GPUs").fill("2")
+    page.get_by_role("button", name="Save quota").click()
+    expect(page.get_by_role("status")).to_contain_text("Quota of acme saved.")
+    expect(page.locator('tr[data-org="acme"] td.num').nth(1)).to_have_text("2")
+
+    # The real scheduler's next pass (the console nudged it; beat runs it every few seconds) admits it.
+    assert schedule_pass().admitted == [waiting.pk]
+    page.goto("/console/queue/")
+    expect(page.get_by_text("Nothing is waiting.")).to_be_visible()
+    expect(page.locator('tr[data-job="waiting"]')).to_contain_text("admitted")

@@ -15,6 +15,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from env_registry import services
 from env_registry.models import EnvironmentPackage, EnvironmentVersion, Star
 from portal.models import Membership, Role
+from tests.web.conftest import shot
 from tests.web.pages import package_archive, signed_in, unlabelled_fields
 
 pytestmark = pytest.mark.django_db
@@ -66,6 +67,7 @@ def test_publish_from_the_form_then_the_package_page(alice, acme, store):
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in html and "<script>alert" not in html
     assert "<td>1.2.3</td>" in html and "Valid" in html and version.sha256[:12] in html
     assert "<dt>entrypoint</dt><dd><code>echo_env:Echo</code></dd>" in html
+    assert "<dt>tags</dt><dd><code>demo, single-turn</code></dd>" in html
     assert "environment: {ref: acme/echo@1.2.3}" in html
     assert "<td>alice</td>" in html  # the publisher, shown to the publisher's organization only
     assert unlabelled_fields(html) == []
@@ -220,3 +222,46 @@ def test_csrf_is_enforced_on_every_marketplace_form(alice, acme, store):
 def test_signed_out_visitors_are_sent_to_sign_in(client):
     resp = client.get("/envs/")
     assert resp.status_code == 302 and resp["Location"].startswith("/accounts/login/")
+
+
+# ----------------------------------------------------------------------------------------------------
+# In a real browser (chromium, W1's fixtures in tests/web/conftest.py)
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_browser_publish_then_fork_from_another_organization(
+    page, live_url, sign_in, alice, acme, charlie, globex, tmp_path
+):
+    from playwright.sync_api import expect
+
+    archive = tmp_path / "echo-web.tar.gz"
+    archive.write_bytes(package_archive(name="echo-web", tags=["demo", "browser"]))
+    sign_in(alice)
+    page.goto("/envs/publish/")
+    page.get_by_label("Package archive").set_input_files(str(archive))
+    page.get_by_label("Visibility").select_option("public")
+    page.get_by_role("button", name="Publish").click()
+    expect(page).to_have_url(f"{live_url}/envs/acme/echo-web/")
+    expect(page.get_by_role("heading", name="acme/echo-web")).to_be_visible()
+    expect(page.locator(".readme h1")).to_have_text("Echo")
+    expect(page.get_by_role("cell", name="Valid")).to_be_visible()
+    page.get_by_role("button", name="Star").click()  # htmx swaps the star form in place
+    expect(page.get_by_test_id("stars")).to_have_text("1")
+    expect(page.get_by_role("button", name="Starred")).to_have_attribute("aria-pressed", "true")
+    shot(page, "env-package")
+    page.goto("/envs/?sort=stars")
+    expect(page.get_by_role("link", name="acme/echo-web")).to_be_visible()
+    shot(page, "marketplace")
+
+    # Charlie, in his own organization's session, finds it and forks it.
+    page.context.clear_cookies()
+    sign_in(charlie)
+    page.goto("/envs/?q=echo-web")
+    page.get_by_role("link", name="acme/echo-web").click()
+    page.get_by_role("button", name="Fork echo-web").click()
+    expect(page).to_have_url(f"{live_url}/envs/globex/echo-web/")
+    expect(page.get_by_text("Forked from")).to_contain_text("acme/echo-web")
+    fork = EnvironmentPackage.objects.get(organization=globex, name="echo-web")
+    assert fork.visibility == "private" and fork.forked_from.organization == acme
+    assert fork.versions.get().version == "1.2.3"

@@ -12,6 +12,7 @@ import pytest
 
 from portal.models import ApiToken, Invitation, Membership, Role
 from portal.services.orgs import invitation_create
+from tests.web.conftest import shot
 from tests.web.pages import signed_in, unlabelled_fields
 
 pytestmark = pytest.mark.django_db
@@ -161,3 +162,29 @@ def test_csrf_is_enforced_on_every_team_form(alice, bob, acme, make_user):
     assert dave.post("/invitations/accept/", {"token": secret}).status_code == 403
     assert role_of(bob, acme) == "member" and Invitation.objects.count() == 1
     assert Invitation.objects.get().revoked_at is None and Invitation.objects.get().accepted_at is None
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_browser_invite_and_accept_by_link(page, live_url, sign_in, alice, bob, acme, make_user):
+    from playwright.sync_api import expect
+
+    sign_in(alice)
+    page.goto("/team/")
+    page.get_by_label("E-mail address").fill("dave@example.com")
+    page.get_by_label("Role", exact=True).select_option("viewer")
+    page.get_by_role("button", name="Create invitation").click()
+    link = page.get_by_label("Invitation link").input_value()
+    assert link.startswith(f"{live_url}/invitations/accept/?token=")
+    expect(page.locator('tr[data-invitation="dave@example.com"]')).to_be_visible()
+    page.goto("/team/")
+    shot(page, "team")
+    assert link.split("token=")[1] not in page.content()  # shown once
+
+    page.context.clear_cookies()
+    sign_in(make_user("dave"))
+    page.goto(link)
+    page.get_by_role("button", name="Accept the invitation").click()
+    expect(page).to_have_url(f"{live_url}/team/")
+    expect(page.locator('tr[data-member="dave"]')).to_contain_text("Viewer")
+    assert role_of(Membership.objects.get(user__username="dave").user, acme) == "viewer"

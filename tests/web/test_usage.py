@@ -15,6 +15,7 @@ from portal.models import Allocation, UsageRecord
 from portal.selectors.usage import job_usage_for_month
 from portal.services.scheduler import schedule_pass
 from portal.services.usage import allocation_account
+from tests.web.conftest import shot
 from tests.web.pages import signed_in, unlabelled_fields
 from tests.workers.conftest import make_pool, set_quota, submit
 
@@ -88,3 +89,19 @@ def test_bad_month_is_a_field_error(alice, acme):
     assert resp.status_code == 200
     html = resp.content.decode()
     assert 'data-field="month"' in html and "Use the form 2026-01." in html
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_browser_usage_page(page, live_url, sign_in, alice, acme, charged):
+    from playwright.sync_api import expect
+
+    sign_in(alice)
+    page.goto("/usage/")
+    expect(page.get_by_role("heading", name="Usage and quota of Acme")).to_be_visible()
+    page.get_by_label("Month", exact=True).fill("2025-06")
+    page.get_by_role("button", name="Show").click()
+    expect(page).to_have_url(f"{live_url}/usage/?month=2025-06")
+    expect(page.get_by_test_id("gpu-hours")).to_have_text("8.50")
+    expect(page.locator('tr[data-job="big"]')).to_contain_text("6.0000")
+    shot(page, "usage")
