@@ -15,7 +15,9 @@ from django import forms
 from django.contrib import messages
 from django.db.models import Count
 from django.http import Http404
+from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import redirect, render
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods, require_POST
 
 from portal.actors import Actor
@@ -35,11 +37,17 @@ POOL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
 
 def staff_page(view):
+    # CSRF is checked here, after the staff check, not by the middleware before the view: otherwise a
+    # non-staff POST without a token would get the CSRF 403 and so learn that the URL exists.
+    @csrf_exempt
     @wraps(view)
     def wrapper(request, *args, **kwargs):
         user = request.user
         if not (user.is_authenticated and user.is_active and user.is_staff):
             raise Http404
+        refused = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
+        if refused is not None:
+            return refused
         try:
             return view(request, *args, **kwargs)
         except DomainError as e:

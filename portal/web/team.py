@@ -72,6 +72,17 @@ def _team(request, *, invite_form=None, created=None, error=None, status=200):
     return render(request, "portal/team/team.html", context, status=status)
 
 
+def _act(request, action):
+    """Run a service call; its refusal (a 404 stays a 404) is shown on the team page with its status."""
+    try:
+        action()
+    except NotFound:
+        raise
+    except DomainError as e:
+        return _team(request, error=e.message, status=e.status)
+    return None
+
+
 @org_page
 def team(request):
     return _team(request)
@@ -84,25 +95,19 @@ def member_role(request, member_id: int):
     form = RoleForm(request.POST)
     if not form.is_valid():
         return _team(request, error="Pick one of the roles.", status=400)
-    try:
-        membership_set_role(by=request.membership, target=target, role=form.cleaned_data["role"])
-    except NotFound:
-        raise
-    except DomainError as e:
-        return _team(request, error=e.message, status=e.status)
-    return redirect("team")
+    role = form.cleaned_data["role"]
+    return _act(request, lambda: membership_set_role(by=request.membership, target=target, role=role)) or (
+        redirect("team")
+    )
 
 
 @org_page
 @require_POST
 def member_remove(request, member_id: int):
     target = member_get(request.membership.organization, member_id)
-    try:
-        membership_remove(by=request.membership, target=target)
-    except NotFound:
-        raise
-    except DomainError as e:
-        return _team(request, error=e.message, status=e.status)
+    refused = _act(request, lambda: membership_remove(by=request.membership, target=target))
+    if refused:
+        return refused
     if target.pk == request.membership.pk:  # left the organization
         request.session.pop(SESSION_ORG_KEY, None)
         return redirect("home")
@@ -133,13 +138,9 @@ def invitation_new(request):
 @require_POST
 def invitation_cancel(request, pk: int):
     invitation = invitation_get(request.membership.organization, pk)
-    try:
-        invitation_revoke(by=request.membership, invitation=invitation)
-    except NotFound:
-        raise
-    except DomainError as e:
-        return _team(request, error=e.message, status=e.status)
-    return redirect("team")
+    return _act(request, lambda: invitation_revoke(by=request.membership, invitation=invitation)) or (
+        redirect("team")
+    )
 
 
 @login_required

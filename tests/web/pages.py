@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from html.parser import HTMLParser
 
 from django.test import Client
 
 from portal.web.tenancy import SESSION_ORG_KEY
+from tests.api.test_envs import MANIFEST, README, SOURCE, make_tar
 
 
 def signed_in(user, org=None, *, csrf: bool = False) -> Client:
@@ -59,37 +58,7 @@ def unlabelled_fields(html: str) -> list[str]:
     ]
 
 
-MANIFEST = {
-    "name": "echo",
-    "version": "1.2.3",
-    "entrypoint": "echo_env:Echo",
-    "protocol": "single-turn",
-    "description": "Echoes the prompt",
-    "tags": ["demo", "single-turn"],
-    "license": "MIT",
-}
-SOURCE = b"""
-from opentinker.env import Environment, Observation, StepResult
-class Echo(Environment):
-    def reset(self, seed):
-        return Observation(f"say {seed}")
-    def step(self, action):
-        return StepResult(None, 1.0 if action == "say 0" else 0.0, True)
-"""
-README = "# Echo\n\nSays **things** with `code`.\n\n<script>alert('x')</script>\n\n- one\n- two\n"
-
-
-def make_tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def package_archive(readme: str = README, **manifest_changes) -> bytes:
-    manifest = {**MANIFEST, **manifest_changes}
-    files = {"opentinker.json": json.dumps(manifest).encode(), "echo_env.py": SOURCE}
+def package_archive(readme: str = README.decode(), **manifest_changes) -> bytes:
+    """An environment package (the API tests' echo environment) with its manifest changed."""
+    files = {"opentinker.json": json.dumps({**MANIFEST, **manifest_changes}).encode(), "echo_env.py": SOURCE}
     return make_tar({**files, "README.md": readme.encode()})

@@ -11,6 +11,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.test import Client
 
 from portal.models import Allocation, Job, JobEvent, Quota
 from portal.services.orgs import organization_create
@@ -64,13 +65,15 @@ def console_urls(job_id, slug) -> list[tuple[str, str]]:
     return urls
 
 
-def test_non_staff_get_404_on_every_console_url(client, alice, bob, acme, charlie, globex, staffer):
+def test_non_staff_get_404_on_every_console_url(alice, bob, acme, charlie, globex, staffer):
     make_pool("gpu-a", 4)
     job = submit(acme, gpus=1, name="job")
     before = quota_values(acme)
     urls = console_urls(job.pk, "acme")
     assert len(urls) == 2 * 7
-    for who in (client, signed_in(alice, acme), signed_in(bob, acme), signed_in(charlie, globex)):
+    # With CSRF enforced, as in a browser: even a POST without a token is a 404, not a CSRF 403.
+    visitors = [signed_in(u, o, csrf=True) for u, o in ((alice, acme), (bob, acme), (charlie, globex))]
+    for who in (Client(enforce_csrf_checks=True), *visitors):
         for method, url in urls:
             resp = getattr(who, method)(url, {**quota_form(max_gpus=64), "priority": 5, "reason": "x"})
             assert resp.status_code == 404, (method, url)

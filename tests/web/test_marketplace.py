@@ -7,7 +7,6 @@ gets 404 for every private or organization package of acme, on every page and fo
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -15,21 +14,13 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from env_registry import services
 from env_registry.models import EnvironmentPackage, EnvironmentVersion, Star
 from portal.models import Membership, Role
+from tests.api import test_envs
+from tests.api.test_envs import stored_files
 from tests.web.conftest import shot
 from tests.web.pages import package_archive, signed_in, unlabelled_fields
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def store(settings, tmp_path) -> Path:
-    root = tmp_path / "objects"
-    settings.OBJECT_STORE_URL = f"file://{root}"
-    return root
-
-
-def stored(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+store = test_envs.store  # the API tests' object store in a temp directory (fixture)
 
 
 def publish(org, user, data: bytes | None = None, visibility: str | None = None):
@@ -59,7 +50,7 @@ def test_publish_from_the_form_then_the_package_page(alice, acme, store):
     version = EnvironmentVersion.objects.get(package__organization=acme, package__name="echo")
     assert (version.version, version.status, version.uploaded_by) == ("1.2.3", "valid", alice)
     assert version.package.visibility == "public"
-    assert stored(store) == ["orgs/acme/envs/echo/1.2.3.tar.gz"]
+    assert stored_files(store) == ["orgs/acme/envs/echo/1.2.3.tar.gz"]
 
     html = client.get("/envs/acme/echo/").content.decode()
     # The README is rendered by the registry's safe renderer: markup of its own, the script escaped.
@@ -97,14 +88,14 @@ def test_bad_archive_shows_the_field_error_and_writes_nothing(alice, acme, store
     assert resp.status_code == 400
     html = resp.content.decode()
     assert 'data-field="archive"' in html and message in html
-    assert not EnvironmentPackage.objects.filter(organization=acme).exists() and stored(store) == []
+    assert not EnvironmentPackage.objects.filter(organization=acme).exists() and stored_files(store) == []
 
 
 def test_oversized_archive_is_refused_before_it_is_read(alice, acme, store, settings):
     settings.ENV_ARCHIVE_MAX_BYTES = 1024 * 1024
     resp = upload_form(signed_in(alice, acme), b"x" * (1024 * 1024 + 70 * 1024))
     assert resp.status_code == 413 and "archive is over the 1 MB limit" in resp.content.decode()
-    assert stored(store) == [] and not EnvironmentPackage.objects.filter(organization=acme).exists()
+    assert stored_files(store) == [] and not EnvironmentPackage.objects.filter(organization=acme).exists()
 
 
 def test_a_viewer_cannot_publish_star_or_fork(alice, bob, acme, globex, charlie, store):
