@@ -252,3 +252,6 @@ def test_browser_admin_raises_a_quota_and_the_waiting_job_starts(page, live_url,
     page.goto("/console/queue/")
     expect(page.get_by_text("Nothing is waiting.")).to_be_visible()
     expect(page.locator('tr[data-job="waiting"]')).to_contain_text("admitted")
+    page.get_by_role("link", name="Pools").click()
+    expect(page.locator('[data-pool="gpu-a"]')).to_contain_text("2 / 4")
+    shot(page, "console-pools")
