@@ -1,0 +1,207 @@
+"""Multi-agent jobs end to end on CPU: tic-tac-toe with two trained policies, self-play, a rule opponent.
+
+A randomly initialized tiny-qwen2 almost never writes a legal `row col` (a byte-level model: ~3% of its
+samples are digits), so X forfeits after three illegal moves and O never moves. Like a real user, the tests
+first give the model the answer format with a short SFT warm start on legal moves (module fixture, ~10 s),
+and every job starts from that checkpoint (`model.base: file://...`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup
+from gpu_runtime.multiagent import MultiAgentController, MultiAgentGroup
+from gpu_runtime.sink import JsonlSink
+from opentinker.env.builtin.tictactoe import TicTacToeEnv
+from opentinker.spec import JobSpec
+
+TTT = "opentinker/tic-tac-toe@1.0.0"
+ALGO = dict(
+    name="grpo", batch_size=2, group_size=4, max_new_tokens=4, micro_batch_size=16, learning_rate=1e-3
+)
+NOT_COMPARED = ("time/", "tokens_per_s", "rollout/tokens_per_s")
+
+
+def write_moves(path: Path, n: int, seed: int = 0) -> Path:
+    """SFT chats: a tic-tac-toe position after 0-4 random moves, answered with a random legal move."""
+    rng = random.Random(seed)
+    env = TicTacToeEnv()
+    with path.open("w") as f:
+        for i in range(n):
+            text = env.reset(i)["x"].text
+            for _ in range(rng.randrange(5)):  # nobody can have won yet
+                r, c = rng.choice([(r, c) for r in range(3) for c in range(3) if env.board[r][c] == "."])
+                ((_, obs),) = env.step({env.active_roles()[0]: f"{r + 1} {c + 1}"}).observations.items()
+                text = obs.text
+            r, c = rng.choice([(r, c) for r in range(3) for c in range(3) if env.board[r][c] == "."])
+            chat = [
+                {"role": "system", "content": env.system_prompt},
+                {"role": "user", "content": text},
+                {"role": "assistant", "content": f"{r + 1} {c + 1}"},
+            ]
+            f.write(json.dumps({"messages": chat}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def warm_start(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("ttt-sft")
+    data = write_moves(root / "moves.jsonl", 200)
+    spec = JobSpec.model_validate(
+        {
+            "kind": "sft",
+            "model": {"base": "tiny-qwen2"},
+            "dataset": {"uri": f"file://{data}"},
+            "algorithm": {"steps": 15, "batch_size": 8, "micro_batch_size": 8, "learning_rate": 1e-3},
+            "checkpoint": {"every_steps": 1000},
+            "seed": 1,
+        }
+    )
+    out = Controller(spec, JsonlSink(io.StringIO()), LocalGroup(spec), f"file://{root}/ck").run()
+    assert out.exit_code == EXIT_OK
+    return f"file://{root}/ck/step_000015"
+
+
+def job(base: str, multi_agent: dict | None, *, steps: int, env_config: dict | None = None) -> JobSpec:
+    body = {
+        "kind": "rl",
+        "model": {"base": base},
+        "environment": {"ref": TTT, "config": env_config or {}},
+        "algorithm": {**ALGO, "steps": steps},
+        "checkpoint": {"every_steps": 1, "keep_last": 10},
+        "seed": 3,
+    }
+    if multi_agent is not None:
+        body["multi_agent"] = multi_agent
+    return JobSpec.model_validate(body)
+
+
+def run(spec: JobSpec, prefix: str | None, resume: str | None = None) -> list[dict]:
+    """Run the job like `python -m gpu_runtime run` does and return the JSON lines it printed."""
+    out = io.StringIO()
+    group = MultiAgentGroup(spec)
+    try:
+        result = MultiAgentController(spec, JsonlSink(out), group, prefix).run(resume=resume)
+    finally:
+        group.shutdown()
+    assert result.exit_code == EXIT_OK, out.getvalue()[-3000:]
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def by_type(lines: list[dict], kind: str) -> dict[int, dict]:
+    return {r["step"]: r for r in lines if r["type"] == kind}
+
+
+def weights(uri: str, policy: str | None = None) -> dict[str, torch.Tensor]:
+    d = Path(uri.removeprefix("file://")) / (policy or "")
+    name = "adapter_model.safetensors" if (d / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(d / name)
+
+
+def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> int:
+    assert a.keys() == b.keys()
+    return sum(not torch.equal(a[k], b[k]) for k in a)
+
+
+TWO_POLICIES = {
+    "policies": {
+        "px": {"learning_rate": 1e-3},  # full fine-tuning
+        "po": {"learning_rate": 3e-3, "model": {"base": "WARM", "lora": {"rank": 8, "alpha": 16}}},
+    },
+    "roles": {"x": "px", "o": "po"},
+}
+
+
+@pytest.mark.slow
+def test_two_policies_both_train_report_per_role_curves_and_resume_exactly(warm_start, tmp_path):
+    ma = json.loads(json.dumps(TWO_POLICIES).replace("WARM", warm_start))
+    spec = job(warm_start, ma, steps=2)
+    lines = run(spec, f"file://{tmp_path}/a")
+    metrics, ckpts = by_type(lines, "metrics"), by_type(lines, "checkpoint")
+    assert sorted(metrics) == [1, 2] and sorted(ckpts) == [1, 2]
+    for m in metrics.values():
+        # Per-role reward curves, and each policy's own training statistics.
+        assert m["policy/px/reward/mean"] == m["reward/x/mean"]  # px plays x and only x
+        assert m["policy/po/reward/mean"] == m["reward/o/mean"]
+        for p in ("px", "po"):
+            assert {f"policy/{p}/{k}" for k in ("loss", "kl", "grad_norm", "entropy", "lr")} <= m.keys()
+        assert (m["policy/px/lr"], m["policy/po/lr"]) == (1e-3, 3e-3)
+        assert m["episodes/failed"] == 0.0 and m["game/rounds/mean"] > 2  # O moved in these games
+    # Both parameter sets moved: px's full weights away from the warm start, po's LoRA adapter away from
+    # PEFT's initialization (B = 0), and both again from step 1 to step 2.
+    warm = weights(warm_start)
+    step1, step2 = ckpts[1]["uri"], ckpts[2]["uri"]
+    assert changed(warm, weights(step1, "px")) > 0 and changed(weights(step1, "px"), weights(step2, "px")) > 0
+    lora_b = [k for k in weights(step1, "po") if "lora_B" in k]
+    assert lora_b and any(weights(step2, "po")[k].abs().sum() > 0 for k in lora_b)
+    assert changed(weights(step1, "po"), weights(step2, "po")) > 0
+    names = {f["name"] for f in ckpts[2]["files"]}
+    assert {"px/model.safetensors", "po/adapter_model.safetensors", "po/adapter_config.json"} <= names
+    assert {"px/trainer_state.pt", "po/trainer_state.pt", "meta.json"} <= names
+
+    # Resume from step 1: step 2 is the same step, for both policies.
+    resumed = run(spec, f"file://{tmp_path}/b", resume=step1)
+    again, ck_b = by_type(resumed, "metrics"), by_type(resumed, "checkpoint")
+    assert sorted(again) == [2]
+    for k, v in metrics[2].items():
+        if not k.startswith(NOT_COMPARED):
+            assert again[2][k] == v, k
+    for p in ("px", "po"):
+        assert changed(weights(step2, p), weights(ck_b[2]["uri"], p)) == 0
+
+
+@pytest.mark.slow
+def test_self_play_trains_one_policy_with_per_role_baselines(warm_start, tmp_path, monkeypatch):
+    seen: list = []
+    original = Controller._advantages
+
+    def spy(self, samples):
+        original(self, samples)
+        seen.extend(samples)
+
+    monkeypatch.setattr(Controller, "_advantages", spy)
+    # No multi_agent section: a multi-agent environment defaults to self-play with the job's model.
+    spec = job(warm_start, None, steps=1, env_config={"reward_mode": "zero-sum"})
+    lines = run(spec, None)
+    (m,) = by_type(lines, "metrics").values()
+    assert m["reward/x/mean"] == pytest.approx(-m["reward/o/mean"], abs=1e-12)  # zero-sum per game
+    assert "policy/main/loss" in m and not any(k.startswith("policy/px") for k in m)
+    assert {s.role for s in seen} == {"x", "o"}  # one policy trained on both roles' samples
+
+    def expected(key) -> dict[int, float]:
+        groups: dict = {}
+        for i, s in enumerate(seen):
+            groups.setdefault(key(s), []).append(i)
+        out = {}
+        for idx in groups.values():
+            r = [seen[i].reward for i in idx]
+            mean = sum(r) / len(r)
+            std = (sum((x - mean) ** 2 for x in r) / (len(r) - 1)) ** 0.5 if len(r) > 1 else 0.0
+            for i, x in zip(idx, r, strict=True):
+                out[i] = (x - mean) / (std + 1e-6) if std > 0 else 0.0
+        return out
+
+    per_role = expected(lambda s: (s.group_id, s.role))
+    shared = expected(lambda s: s.group_id)
+    got = {i: next(a for a, mk in zip(s.advantages, s.mask, strict=True) if mk) for i, s in enumerate(seen)}
+    assert got == pytest.approx(per_role, abs=1e-5)
+    # ... and a single mean across the two roles would have trained on different numbers in this batch.
+    assert any(abs(per_role[i] - shared[i]) > 0.1 for i in got)
+
+
+@pytest.mark.slow
+def test_a_rule_based_opponent_is_played_but_not_trained(warm_start):
+    ma = {"policies": {"me": {}, "bot": {"kind": "rule"}}, "roles": {"x": "me", "o": "bot"}}
+    lines = run(job(warm_start, ma, steps=1), None)
+    (m,) = by_type(lines, "metrics").values()
+    assert {"reward/x/mean", "reward/o/mean", "game/o/win_rate", "policy/me/loss"} <= m.keys()
+    assert not any(k.startswith("policy/bot/") for k in m)
+    assert m["policy/me/reward/mean"] == m["reward/x/mean"]
