@@ -143,8 +143,10 @@ class Trainer:
         self.cfg = TrainerConfig.from_spec(spec)
         self.device = device
         self.rank, self.world_size = _world()
-        # Each group's prompt forward (and backward) once instead of once per sample (shared_prefix.py).
-        self.share_prefix = True
+        # Each group's prompt forward (and backward) once instead of once per sample (shared_prefix.py). Not
+        # under FSDP: its two forwards before one backward trip FSDP2's post-backward reshard ("setStorage ...
+        # out of bounds"), so sharded ranks take the plain path.
+        self.share_prefix = self.world_size == 1
         loaded = load_model(spec.model.base, seed=spec.seed)
         self.tokenizer = loaded.tokenizer
         model = loaded.model.to(device)
