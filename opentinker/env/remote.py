@@ -7,9 +7,13 @@ by `{"type": "observation"|"state"|"error", "data": {...}}` where an observation
 per request, so episodes run over one WebSocket session per `RemoteEnvironment`; HTTP serves the stateless
 calls (health, schema, state).
 
-Every call has a timeout; connecting and the stateless calls are retried with backoff; a step is never retried
-(it is not idempotent): a dropped connection mid-episode raises `RemoteEnvironmentError`, which the protocol
-records as a failed episode (`StopReason.ENV_ERROR`). An optional secret travels as `Authorization: Bearer`.
+Every call has a timeout; connecting, the stateless calls and a reset refused because the server is at its
+session limit (OpenEnv's `CAPACITY_REACHED`) are retried with backoff; a step is never retried (it is not
+idempotent): a dropped connection mid-episode raises `RemoteEnvironmentError`, which the protocol records as a
+failed episode (`StopReason.ENV_ERROR`). Server errors (`{message, code, errors}`) are reported readably.
+An OpenEnv action is the environment's own pydantic model, so the field that carries the generated text is
+read from `/schema` unless `action_field` is given. Tested against `openenv-core` 0.3's own server
+(tests/opentinker/env/test_remote_openenv.py). An optional secret travels as `Authorization: Bearer`.
 Uses aiohttp (client and WebSocket); each instance owns a private event loop, so callers stay synchronous.
 """
 
@@ -32,6 +36,21 @@ class RemoteEnvironmentError(RuntimeError):
     """The remote environment failed: unreachable, timed out, refused, or answered with an error."""
 
 
+def _error_text(data: Any) -> str:
+    """OpenEnv's error data `{message, code, errors: [pydantic errors]}` as one readable line."""
+    if not isinstance(data, dict):
+        return str(data)[:500]
+    text = str(data.get("message") or "error")
+    if data.get("code"):
+        text += f" ({data['code']})"
+    details = [
+        f"{'.'.join(map(str, e.get('loc') or [])) or 'action'}: {e.get('msg')}"
+        for e in data.get("errors") or []
+        if isinstance(e, dict)
+    ]
+    return (text + (": " + "; ".join(details) if details else ""))[:500]
+
+
 def _ws_url(url: str) -> str:
     base = url.rstrip("/")
     if base.startswith("https://"):
@@ -52,7 +71,7 @@ class RemoteEnvironment(Environment):
         timeout_s: float = 10.0,
         retries: int = 2,
         backoff_s: float = 0.2,
-        action_field: str = "message",
+        action_field: str | None = None,
         text_field: str | None = None,
         **config: Any,
     ) -> None:
@@ -62,7 +81,7 @@ class RemoteEnvironment(Environment):
         self.timeout_s = timeout_s
         self.retries = max(retries, 0)
         self.backoff_s = backoff_s
-        self.action_field = action_field
+        self.action_field = action_field  # None: read from the server's action schema at the first step
         self.text_field = text_field
         self._headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         self._loop = asyncio.new_event_loop()
@@ -92,7 +111,8 @@ class RemoteEnvironment(Environment):
     def step(self, action: str) -> StepResult:
         if self._ws is None or self._ws.closed:
             raise RemoteEnvironmentError("step before reset (or the session was closed)")
-        data = self._run(self._message({"type": "step", "data": {self.action_field: action}}))
+        field = self.action_field or self._action_field_from_schema()
+        data = self._run(self._message({"type": "step", "data": {field: action}}))
         done = bool(data.get("done", False))
         return StepResult(
             None if done else self._observation(data),
@@ -112,6 +132,26 @@ class RemoteEnvironment(Environment):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _action_field_from_schema(self) -> str:
+        """The action field that takes the generated text. OpenEnv actions are each environment's own
+        pydantic model (`message`, `command`, `guess`, ...), so it is read from `/schema`: the one required
+        field (OpenEnv's own `metadata` aside), else `message`, else the only field."""
+        action = self.schema().get("action") or {}
+        props = [p for p in action.get("properties") or {} if p != "metadata"]
+        required = [r for r in action.get("required") or [] if r != "metadata"]
+        if len(required) == 1:
+            self.action_field = required[0]
+        elif "message" in props or not props:
+            self.action_field = "message"
+        elif len(props) == 1:
+            self.action_field = props[0]
+        else:
+            raise RemoteEnvironmentError(
+                f"cannot tell which action field of {self.url} takes the text (fields: {', '.join(props)}); "
+                "set action_field"
+            )
+        return self.action_field
 
     # -- plumbing ----------------------------------------------------------------------------------------
 
@@ -175,17 +215,22 @@ class RemoteEnvironment(Environment):
         await self._retrying("connecting to", once)
 
     async def _reset(self, seed: int) -> dict[str, Any]:
-        # A reset starts a new session: safe to retry (reconnecting) if the first attempt fails.
+        # A reset starts a new session: safe to retry (reconnecting) if the first attempt fails, and when an
+        # OpenEnv server is at its session limit (CAPACITY_REACHED: another episode will end soon).
         last: Exception | None = None
-        for _ in range(self.retries + 1):
+        for attempt in range(self.retries + 1):
             await self._connect()
             try:
                 return await self._message({"type": "reset", "data": {"seed": seed}})
             except RemoteEnvironmentError as e:
-                if self._ws is not None and not self._ws.closed:
+                busy = getattr(e, "code", None) == "CAPACITY_REACHED"
+                if not busy and self._ws is not None and not self._ws.closed:
                     raise  # the server answered with an error: not a transport problem
                 last = e
-        raise RemoteEnvironmentError(f"reset on {self.url} failed: {last}")
+                await self._close_ws()
+            if attempt < self.retries:
+                await asyncio.sleep(self.backoff_s * 2**attempt)
+        raise RemoteEnvironmentError(f"reset on {self.url} failed after {self.retries + 1} attempts: {last}")
 
     async def _message(self, payload: dict[str, Any], expect: str = "observation") -> dict[str, Any]:
         ws = self._ws
@@ -210,7 +255,11 @@ class RemoteEnvironment(Environment):
         except ValueError:
             raise RemoteEnvironmentError(f"{payload['type']}: the server sent invalid JSON") from None
         if reply.get("type") == "error":
-            raise RemoteEnvironmentError(f"{payload['type']} failed on the server: {reply.get('data')}")
+            err = RemoteEnvironmentError(
+                f"{payload['type']} failed on the server: {_error_text(reply.get('data'))}"
+            )
+            err.code = (reply.get("data") or {}).get("code") if isinstance(reply.get("data"), dict) else None  # type: ignore[attr-defined]
+            raise err
         if reply.get("type") != expect or not isinstance(reply.get("data"), dict):
             raise RemoteEnvironmentError(f"{payload['type']}: unexpected reply {str(reply)[:200]}")
         return reply["data"]
