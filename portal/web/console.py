@@ -54,7 +54,7 @@ def staff_page(view):
             if e.status == 404:
                 raise Http404 from None
             messages.error(request, e.message)
-            return redirect(request.POST.get("next") or "console_queue")
+            return redirect("console_queue")  # the queue's forms (priority, preempt) are what services refuse
 
     return wrapper
 
