@@ -13,19 +13,18 @@ import threading
 import time
 from uuid import uuid4
 
+import httpx
 import pytest
+import uvicorn
 
-openenv = pytest.importorskip("openenv.core.env_server")  # dev extra; the SDK itself never needs it
+# The dev extra installs openenv-core (the SDK itself never needs it): a missing install fails, never skips.
+from openenv.core.env_server import Action, Environment, Observation, State, create_fastapi_app
+from pydantic import Field
 
-import httpx  # noqa: E402
-import uvicorn  # noqa: E402
-from openenv.core.env_server import Action, Environment, Observation, State, create_fastapi_app  # noqa: E402
-from pydantic import Field  # noqa: E402
-
-from opentinker.env.codec import ByteCodec  # noqa: E402
-from opentinker.env.protocol import Budget, MultiTurnProtocol, StopReason  # noqa: E402
-from opentinker.env.remote import RemoteEnvironment, RemoteEnvironmentError  # noqa: E402
-from tests.opentinker.env.scripted import Scripted  # noqa: E402
+from opentinker.env.codec import ByteCodec
+from opentinker.env.protocol import Budget, MultiTurnProtocol, StopReason
+from opentinker.env.remote import RemoteEnvironment, RemoteEnvironmentError
+from tests.opentinker.env.scripted import Scripted
 
 
 class CountAction(Action):
