@@ -46,7 +46,11 @@ class Chart {
           title: this.title,
           width: Math.max(260, this.el.clientWidth || 420),
           height: 220,
-          scales: { x: { time: false } },
+          scales: {
+            x: { time: false },
+            // A flat series (reward 0 at every step) gets a small band around it, not uPlot's 0..100.
+            y: { range: (_u, min, max) => (min === max ? [min - 1, max + 1] : uPlot.rangeNum(min, max, 0.1, true)) },
+          },
           axes: [{ label: "step" }, {}],
           series: [{ label: "step" }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true }))],
         },
@@ -113,39 +117,59 @@ function start(root: HTMLElement): void {
     timeline.appendChild(li);
   };
 
+  // The id of the last frame received: where a new connection resumes. EventSource sends it by itself when
+  // it reconnects; when the browser gave up (readyState CLOSED), we reconnect with it in the query string.
+  let lastId = "";
+  let source: EventSource | null = null;
+  let reconnects = 0;
+  const track = (e: Event) => {
+    const id = (e as MessageEvent).lastEventId;
+    if (id) lastId = id;
+  };
   const openStream = () => {
-    const source = new EventSource(root.dataset.streamUrl!);
-    source.onopen = () => setStatus("live");
-    source.onerror = () => {
-      // EventSource retries by itself (the server's retry: field) unless the server refused us.
-      setStatus(source.readyState === EventSource.CLOSED ? "disconnected" : "reconnecting");
+    const url = lastId ? `${root.dataset.streamUrl}?last_event_id=${encodeURIComponent(lastId)}` : root.dataset.streamUrl!;
+    const es = (source = new EventSource(url));
+    es.onopen = () => setStatus("live");
+    es.onerror = () => {
+      if (es.readyState === EventSource.CLOSED && source === es) {
+        setStatus("reconnecting");
+        window.setTimeout(reopen, 2000);
+      } else {
+        setStatus("reconnecting");
+      }
     };
-    source.addEventListener("metrics", (e) => {
+    es.addEventListener("metrics", (e) => {
+      track(e);
       for (const p of (JSON.parse((e as MessageEvent).data).points || []) as Point[]) take(p);
       flush();
     });
-    source.addEventListener("log", (e) => appendLogs(JSON.parse((e as MessageEvent).data).lines || []));
+    es.addEventListener("log", (e) => {
+      track(e);
+      appendLogs(JSON.parse((e as MessageEvent).data).lines || []);
+    });
+    es.addEventListener("sync", track);
     for (const kind of ["event", "state"]) {
-      source.addEventListener(kind, (e) => {
-        const ev = JSON.parse((e as MessageEvent).data);
-        appendEvent(ev);
-        if (kind === "state") {
-          const badge = document.getElementById("job-state");
-          if (badge) {
-            badge.textContent = ev.state || ev.to_state;
-            badge.className = `state state-${ev.state || ev.to_state}`;
-          }
-        }
+      es.addEventListener(kind, (e) => {
+        track(e);
+        appendEvent(JSON.parse((e as MessageEvent).data));
       });
     }
-    source.addEventListener("end", (e) => {
-      source.close();
+    es.addEventListener("end", (e) => {
+      es.close();
+      source = null;
       setStatus(`finished (${JSON.parse((e as MessageEvent).data).state})`);
-      // The status header, checkpoints and buttons change with the final state: show them fresh.
+      // The status header, checkpoints and buttons change with the final state: refresh them (htmx).
       document.body.dispatchEvent(new CustomEvent("job-finished"));
     });
-    (window as unknown as { jobStream: EventSource }).jobStream = source;
   };
+  const reopen = () => {
+    source?.close();
+    reconnects += 1;
+    root.dataset.reconnects = String(reconnects);
+    openStream();
+  };
+  // For people and tests: drop the connection and resume from the last frame received.
+  (window as unknown as { jobStreamReconnect: () => void }).jobStreamReconnect = reopen;
 
   fetch(root.dataset.metricsUrl!, { credentials: "same-origin", headers: { Accept: "application/json" } })
     .then((r) => (r.ok ? r.json() : { series: [] }))

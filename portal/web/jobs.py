@@ -110,9 +110,12 @@ SPEC_FIELDS = {
     "seed": "seed",
     "priority": "priority",
 }
+# Cross-field rules of the spec name the section (`environment`, `algorithm`): shown at its main input.
 FORM_FIELD_OF = {v: k for k, v in SPEC_FIELDS.items()} | {
     "environment": "environment_ref",
     "dataset": "dataset_uri",
+    "algorithm": "algorithm_name",
+    "model": "model_base",
 }
 
 
