@@ -31,6 +31,7 @@ from gpu_runtime.algorithms import (
 from gpu_runtime.batch import Sample
 from gpu_runtime.data import SFTDataset
 from gpu_runtime.models import load_tokenizer
+from gpu_runtime.rollout.dynamic_sampling import collect_informative
 from gpu_runtime.sink import Sink
 from gpu_runtime.workers import RankWorker, RolloutWorker
 from opentinker.spec import JobSpec
@@ -215,15 +216,14 @@ class Controller:
             s.advantages = adv[i, :n].tolist()
             s.returns = returns[i, :n].tolist()
 
-    @staticmethod
-    def _drop_flat_groups(samples: list[Sample]) -> list[Sample]:
-        """DAPO dynamic sampling (Yu et al. 2025): groups whose rewards are all equal give zero advantage;
-        drop them so they do not dilute the token-mean. (Over-sampling to refill the batch: not yet.)"""
-        by_group: dict[int, list[float]] = {}
-        for s in samples:
-            by_group.setdefault(s.group_id, []).append(s.reward)
-        keep = {g for g, r in by_group.items() if len(r) > 1 and max(r) > min(r)}
-        return [s for s in samples if s.group_id in keep]
+    def _collect_round(self, step: int, r: int) -> tuple[list[Sample], dict[str, float]]:
+        """Round `r` of a step: `batch_size` prompts x `group_size` samples (a group = one prompt). Round 0 is
+        the step's batch; later rounds only run to refill it under dynamic sampling (fresh prompts)."""
+        a = self.spec.algorithm
+        group_ids = [derive_seed(self.spec.seed, step, r * a.batch_size + g) for g in range(a.batch_size)]
+        seeds = [g for g in group_ids for _ in range(a.group_size)]
+        torch_seed = derive_seed(self.spec.seed, step, -1, *([r] if r else []))
+        return self.group.rollout_call("collect", seeds, seeds, torch_seed)
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def resume(self, uri: str) -> int:
@@ -254,20 +254,27 @@ class Controller:
     def rl_step(self, step: int) -> dict[str, float]:
         a = self.spec.algorithm
         t0 = time.perf_counter()
-        group_ids = [derive_seed(self.spec.seed, step, g) for g in range(a.batch_size)]
-        seeds = [
-            g for g in group_ids for _ in range(a.group_size)
-        ]  # a group = one prompt, group_size samples
-        samples, extra = self.group.rollout_call(
-            "collect", seeds, seeds, derive_seed(self.spec.seed, step, -1)
-        )
+        samples, extra = self._collect_round(step, 0)
+        generated, refill = samples, None
+        if self.dynamic_sampling:  # DAPO: train on informative groups only, generating more to refill
+            extras = [extra]
+
+            def more(r: int) -> list[Sample]:
+                if r == 0:
+                    return samples
+                batch, e = self._collect_round(step, r)
+                extras.append(e)
+                return batch
+
+            refill = collect_informative(more, target=a.batch_size, max_rounds=a.dynamic_sampling_max_rounds)
+            generated, samples = refill.generated, refill.samples
+            extra = {k: sum(e.get(k, 0.0) for e in extras) for k in extras[0]}
         t1 = time.perf_counter()
-        metrics = self._reward_metrics(samples)
+        metrics = self._reward_metrics(generated)
         metrics.update(extra)
-        n_gen = sum(s.n_generated for s in samples)
-        if self.dynamic_sampling:
-            samples = self._drop_flat_groups(samples)
-            metrics["batch/kept_samples"] = float(len(samples))
+        n_gen = sum(s.n_generated for s in generated)
+        if refill is not None:
+            metrics.update(refill.metrics())
         samples = [s for s in samples if s.n_generated > 0]
         if not samples:
             self.sink.log(f"step {step}: no trainable samples, update skipped")

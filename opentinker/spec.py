@@ -194,7 +194,12 @@ class AlgorithmSpec(_Strict):
     micro_batch_size: int = Field(4, ge=1, le=4096)
     gae_gamma: float = Field(1.0, ge=0, le=1)
     gae_lambda: float = Field(0.95, ge=0, le=1)
-    dynamic_sampling: bool = False
+    dynamic_sampling: bool = Field(
+        False, description="DAPO: drop groups with equal rewards and generate more to refill the batch."
+    )
+    dynamic_sampling_max_rounds: int = Field(
+        3, ge=1, le=64, description="Generation rounds per step at most when refilling (DAPO)."
+    )
     tis_cap: float | None = Field(None, gt=0, le=100, description="Truncated importance sampling cap.")
     max_grad_norm: float = Field(1.0, gt=0, le=1e6)
 
