@@ -17,16 +17,18 @@ from django.db.models import Count
 from django.http import Http404
 from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import redirect, render
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods, require_POST
 
 from portal.actors import Actor
 from portal.errors import DomainError
-from portal.models import Allocation, Job, Organization
+from portal.models import Allocation, ComputePool, Job, Organization
 from portal.selectors.queue import pool_list, queue_explain
 from portal.selectors.usage import usage_by_organization
 from portal.services.enqueue import enqueue
 from portal.services.jobs import PRIORITY_MAX, PRIORITY_MIN, job_set_priority
+from portal.services.pools import pool_update
 from portal.services.quotas import quota_set
 from portal.services.supervision import job_preempt
 from portal.web.forms import add_domain_error
@@ -110,9 +112,12 @@ def _job(job_id: str) -> Job:
 
 @staff_page
 def console_orgs(request):
-    orgs = (
+    orgs = list(
         Organization.objects.select_related("quota").annotate(members=Count("memberships")).order_by("slug")
     )
+    used = {row["organization"]: row["gpu_hours"] for row in usage_by_organization(timezone.now().date())}
+    for org in orgs:
+        org.month_gpu_hours = used.get(org.slug, 0.0)
     return render(request, "portal/console/orgs.html", {"orgs": orgs, "section": "orgs"})
 
 
@@ -154,6 +159,19 @@ def console_pools(request):
         by_pool.setdefault(a.pool_id, []).append(a)
     rows = [{"pool": p, "allocations": by_pool.get(p.pk, [])} for p in pools]
     return render(request, "portal/console/pools.html", {"rows": rows, "section": "pools"})
+
+
+@staff_page
+@require_POST
+def console_pool_enabled(request, pool: str):
+    row = ComputePool.objects.filter(name=pool).first()
+    if row is None:
+        raise Http404
+    enabled = request.POST.get("enabled") == "1"
+    pool_update(pool=row, enabled=enabled)
+    what = "enabled" if enabled else "disabled: it admits no new jobs; running ones go on"
+    messages.success(request, f"Pool {row.name} {what}.")
+    return redirect("console_pools")
 
 
 @staff_page

@@ -6,8 +6,11 @@ organization's private package is a 404 here exactly as in the API; writes go th
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 from django import forms
 from django.conf import settings
+from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
@@ -28,7 +31,7 @@ from portal.models import Scope
 from portal.web.forms import add_domain_error
 from portal.web.tenancy import org_page, page_scopes, require_scope
 
-PAGE_SIZE = 50
+PAGE_SIZE = 25
 # What a multipart form adds around the archive (boundaries, other fields): refused before reading above it.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 SORT_LABELS = {"name": "Name", "stars": "Most stars", "usage": "Most used", "recent": "Recently updated"}
@@ -93,15 +96,13 @@ def env_list(request):
     if form.is_bound and form.is_valid():
         q, tag = form.cleaned_data["q"].strip(), form.cleaned_data["tag"].strip()
         sort = form.cleaned_data["sort"] or "name"
-    packages = list(
-        package_visible_list(request.membership.organization, q=q, tag=tag, sort=sort)[:PAGE_SIZE]
-    )
-    rows = [{"package": p, "latest": _latest_valid(p)} for p in packages]
-    return render(
-        request,
-        "portal/envs/list.html",
-        {"form": form, "rows": rows, "q": q, "tag": tag, "sort": sort, "page_size": PAGE_SIZE},
-    )
+    qs = package_visible_list(request.membership.organization, q=q, tag=tag, sort=sort)
+    # get_page: a page number past the end or not a number shows the nearest page instead of an error.
+    page = Paginator(qs, PAGE_SIZE).get_page(request.GET.get("page"))
+    rows = [{"package": p, "latest": _latest_valid(p)} for p in page]
+    query = urlencode({"q": q, "tag": tag, "sort": sort})
+    context = {"form": form, "rows": rows, "q": q, "tag": tag, "sort": sort, "page": page, "query": query}
+    return render(request, "portal/envs/list.html", context)
 
 
 def _detail_context(request, package: EnvironmentPackage) -> dict:

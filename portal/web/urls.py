@@ -41,6 +41,7 @@ urlpatterns += [
     path("console/", console.console_orgs, name="console_orgs"),
     path("console/orgs/<slug:slug>/quota/", console.console_quota, name="console_quota"),
     path("console/pools/", console.console_pools, name="console_pools"),
+    path("console/pools/<slug:pool>/enabled/", console.console_pool_enabled, name="console_pool_enabled"),
     path("console/queue/", console.console_queue, name="console_queue"),
     path("console/jobs/<str:job_id>/priority/", console.console_job_priority, name="console_job_priority"),
     path("console/jobs/<str:job_id>/preempt/", console.console_job_preempt, name="console_job_preempt"),

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from django.test import Client
 
-from portal.models import Allocation, Job, JobEvent, Quota
+from portal.models import Allocation, ComputePool, Job, JobEvent, Quota
 from portal.services.orgs import organization_create
 from portal.services.scheduler import schedule_pass
 from portal.services.usage import usage_charge
@@ -57,7 +57,7 @@ def quota_values(org) -> dict:
 def console_urls(job_id, slug) -> list[tuple[str, str]]:
     """Every console route of the URL conf (so a new one cannot be forgotten), as (method, url)."""
     routes = [p for p in web_urls.urlpatterns if str(p.pattern).startswith("console/")]
-    args = {"job_id": str(job_id), "slug": slug}
+    args = {"job_id": str(job_id), "slug": slug, "pool": "gpu-a"}
     urls = []
     for p in routes:
         url = "/" + re.sub(r"<\w+:(\w+)>", lambda m: args[m.group(1)], str(p.pattern))
@@ -70,15 +70,17 @@ def test_non_staff_get_404_on_every_console_url(alice, bob, acme, charlie, globe
     job = submit(acme, gpus=1, name="job")
     before = quota_values(acme)
     urls = console_urls(job.pk, "acme")
-    assert len(urls) == 2 * 7
+    assert len(urls) == 2 * 8
     # With CSRF enforced, as in a browser: even a POST without a token is a 404, not a CSRF 403.
     visitors = [signed_in(u, o, csrf=True) for u, o in ((alice, acme), (bob, acme), (charlie, globex))]
     for who in (Client(enforce_csrf_checks=True), *visitors):
         for method, url in urls:
-            resp = getattr(who, method)(url, {**quota_form(max_gpus=64), "priority": 5, "reason": "x"})
+            data = {**quota_form(max_gpus=64), "priority": 5, "reason": "x", "enabled": "0"}
+            resp = getattr(who, method)(url, data)
             assert resp.status_code == 404, (method, url)
     job.refresh_from_db()
     assert quota_values(acme) == before and job.priority == 0 and job.state == "queued"
+    assert ComputePool.objects.get(name="gpu-a").enabled
     # Staff the moment they stop being staff (or active) lose the console with their next request.
     client = signed_in(staffer)
     assert client.get("/console/").status_code == 200
@@ -88,8 +90,24 @@ def test_non_staff_get_404_on_every_console_url(alice, bob, acme, charlie, globe
 
 
 def test_organizations_and_quota_edit(as_staff, acme, globex):
+    month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    usage_charge(
+        organization_id=acme.pk, start=month, end=month + timedelta(hours=1.5), gpus=2, cpus=1, slots=2
+    )
     html = as_staff.get("/console/").content.decode()
     assert 'data-org="acme"' in html and 'data-org="globex"' in html and 'data-org="ops"' in html
+    acme_row = re.search(r'<tr data-org="acme">(.*?)</tr>', html, re.S).group(1)
+    # members, nominal GPUs, borrowing, GPU-hours this month, GPU-hours per month, queued, CPUs, weight
+    assert re.findall(r'<td class="num">([^<]*)</td>', acme_row) == [
+        "2",
+        "1",
+        "0",
+        "3.00",
+        "100",
+        "20",
+        "8",
+        "1.0",
+    ]
     page = as_staff.get("/console/orgs/acme/quota/")
     assert page.status_code == 200 and unlabelled_fields(page.content.decode()) == []
     assert 'name="max_gpus" value="1"' in page.content.decode()
@@ -178,8 +196,6 @@ def test_pools_with_health_and_what_runs_on_them(as_staff, acme):
     job = submit(acme, gpus=3, name="trainer")
     schedule_pass()
     Allocation.objects.filter(job=job).update(runtime_host="node-7", launched_at=datetime.now(UTC))
-    from portal.models import ComputePool
-
     ComputePool.objects.filter(name="ray-b").update(health="down")
     html = as_staff.get("/console/pools/").content.decode()
     gpu_a = re.search(r'data-pool="gpu-a"(.*?)</section>', html, re.S).group(1)
@@ -187,6 +203,15 @@ def test_pools_with_health_and_what_runs_on_them(as_staff, acme):
     assert '<span class="health health-healthy">Healthy</span>' in gpu_a
     ray_b = re.search(r'data-pool="ray-b"(.*?)</section>', html, re.S).group(1)
     assert '<span class="health health-down">Down</span>' in ray_b and "no head node" in ray_b
+    # Disabling a pool stops new admissions there; what runs goes on.
+    resp = as_staff.post("/console/pools/gpu-a/enabled/", {"enabled": "0"}, follow=True)
+    assert "Pool gpu-a disabled: it admits no new jobs; running ones go on." in resp.content.decode()
+    assert not ComputePool.objects.get(name="gpu-a").enabled
+    later = submit(acme, gpus=1, name="later")
+    assert schedule_pass().admitted == [] and Job.objects.get(pk=job.pk).state == "admitted"
+    as_staff.post("/console/pools/gpu-a/enabled/", {"enabled": "1"})
+    assert schedule_pass().admitted == [later.pk]
+    assert as_staff.post("/console/pools/nowhere/enabled/", {"enabled": "1"}).status_code == 404
 
 
 def test_usage_report_per_organization_and_month(as_staff, acme, globex):
