@@ -32,7 +32,7 @@ EXPIRY_CHOICES = [
 class TokenForm(forms.Form):
     name = forms.CharField(max_length=100, help_text="What uses it, e.g. “ci” or “laptop”.")
     scopes = forms.MultipleChoiceField(widget=forms.CheckboxSelectMultiple, choices=())
-    expires_in_days = forms.ChoiceField(label="Expires", choices=EXPIRY_CHOICES, required=False)
+    expires_in_days = forms.ChoiceField(label="Expires", choices=EXPIRY_CHOICES, required=False, initial="30")
 
     def __init__(self, *args, allowed: frozenset[str], **kwargs):
         super().__init__(*args, **kwargs)

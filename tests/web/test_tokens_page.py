@@ -1,0 +1,169 @@
+"""API tokens page: create (secret shown once, never stored, never rendered again), list, show, revoke.
+
+Actors: alice (owner of acme), bob (member of acme: sees and revokes only his own tokens), charlie
+(outsider, owner of globex: 404 on acme's token pages).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from rest_framework.test import APIClient
+
+from portal.models import ApiToken, Membership, Role
+from portal.services.tokens import token_create
+from tests.web.conftest import shot
+from tests.web.pages import signed_in, unlabelled_fields
+
+pytestmark = pytest.mark.django_db
+SECRET_RE = re.compile(r"otk_[0-9a-f]{12}_[A-Za-z0-9_-]{20,}")
+
+
+def create(client, **data):
+    return client.post(
+        "/tokens/", {"name": "ci", "scopes": ["jobs:read", "jobs:write"], "expires_in_days": "30", **data}
+    )
+
+
+def api_status(secret: str) -> int:
+    c = APIClient()
+    c.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    return c.get("/api/v1/jobs").status_code
+
+
+def test_the_secret_is_shown_once_works_and_is_never_rendered_again(alice, acme):
+    c = signed_in(alice)
+    r = create(c)
+    assert r.status_code == 200 and r["Cache-Control"].startswith("max-age=0")  # never_cache: no-store too
+    assert "no-store" in r["Cache-Control"]
+    (secret,) = set(SECRET_RE.findall(r.content.decode()))
+    assert "shown only this once" in r.content.decode()
+    assert api_status(secret) == 200
+    token = ApiToken.objects.get(organization=acme)
+    assert token.name == "ci" and token.scopes == ["jobs:read", "jobs:write"] and token.expires_at
+    # The database holds only a hash; no page shows the secret again.
+    assert secret.rsplit("_", 1)[1] not in {token.secret_hash, token.lookup}
+    for url in ("/tokens/", f"/tokens/{token.pk}/", "/"):
+        html = c.get(url).content.decode()
+        assert SECRET_RE.search(html) is None, url
+        assert secret.rsplit("_", 1)[1] not in html, url
+    assert f"otk_{token.lookup}_…" in c.get("/tokens/").content.decode()
+
+
+def test_htmx_create_answers_with_the_panel_only(alice, acme):
+    c = signed_in(alice)
+    r = c.post(
+        "/tokens/",
+        {"name": "laptop", "scopes": ["jobs:read"], "expires_in_days": ""},
+        headers={"HX-Request": "true"},
+    )
+    html = r.content.decode()
+    assert r.status_code == 200 and "<html" not in html and len(SECRET_RE.findall(html)) == 1
+    assert "opentinker login --url http://testserver" in html  # the CLI and curl snippet
+    assert ApiToken.objects.get(name="laptop").expires_at is None
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"name": ""}, "This field is required."),
+        ({"scopes": []}, "This field is required."),
+        (
+            {"scopes": ["platform:admin"]},
+            "Select a valid choice. platform:admin is not one of the available choices.",
+        ),
+        ({"expires_in_days": "9999"}, "Select a valid choice. 9999 is not one of the available choices."),
+    ],
+)
+def test_bad_input_is_shown_inline_and_creates_nothing(alice, acme, data, message):
+    r = create(signed_in(alice), **data)
+    assert r.status_code == 400
+    assert message in r.content.decode().replace("&#x27;", "'")
+    assert SECRET_RE.search(r.content.decode()) is None
+    assert ApiToken.objects.count() == 0
+
+
+def test_a_viewer_may_only_grant_read_scopes(bob, acme):
+    Membership.objects.filter(user=bob, organization=acme).update(role=Role.VIEWER)
+    c = signed_in(bob)
+    html = c.get("/tokens/").content.decode()
+    assert re.findall(r'name="scopes" value="([a-z:]+)"', html) == ["jobs:read", "envs:read"]
+    assert create(c).status_code == 400  # jobs:write is not on offer
+    assert create(c, scopes=["jobs:read"]).status_code == 200
+
+
+def test_teammates_see_and_revoke_only_their_own_tokens(alice, bob, acme):
+    mine, _ = token_create(
+        membership=Membership.objects.get(user=alice), name="alice-ci", scopes=["jobs:read"]
+    )
+    bobs, bob_secret = token_create(
+        membership=Membership.objects.get(user=bob), name="bob-ci", scopes=["jobs:read"]
+    )
+    as_bob = signed_in(bob)
+    assert "alice-ci" not in as_bob.get("/tokens/").content.decode()
+    assert as_bob.get(f"/tokens/{mine.pk}/").status_code == 404
+    assert as_bob.post(f"/tokens/{mine.pk}/revoke/").status_code == 404
+    # The owner (org:admin) sees everyone's tokens and may revoke them.
+    as_alice = signed_in(alice)
+    assert "bob-ci" in as_alice.get("/tokens/").content.decode()
+    r = as_alice.post(f"/tokens/{bobs.pk}/revoke/", follow=True)
+    assert "Revoked the token “bob-ci”" in r.content.decode()
+    assert api_status(bob_secret) == 401
+    mine.refresh_from_db()
+    assert mine.revoked_at is None
+
+
+def test_outsider_gets_404_on_the_token_pages(alice, acme, charlie, globex):
+    token, secret = token_create(
+        membership=Membership.objects.get(user=alice), name="ci", scopes=["jobs:read"]
+    )
+    c = signed_in(charlie)
+    assert c.get(f"/tokens/{token.pk}/").status_code == 404
+    assert c.post(f"/tokens/{token.pk}/revoke/").status_code == 404
+    assert "ci" not in re.findall(r'<a href="/tokens/\d+/">([^<]+)</a>', c.get("/tokens/").content.decode())
+    assert api_status(secret) == 200  # still alive
+
+
+def test_csrf_and_labels_on_the_token_forms(alice, acme):
+    token, _ = token_create(membership=Membership.objects.get(user=alice), name="ci", scopes=["jobs:read"])
+    c = signed_in(alice, csrf=True)
+    assert create(c).status_code == 403
+    assert c.post(f"/tokens/{token.pk}/revoke/").status_code == 403
+    token.refresh_from_db()
+    assert ApiToken.objects.count() == 1 and token.revoked_at is None
+    plain = signed_in(alice)
+    for url in ("/tokens/", f"/tokens/{token.pk}/"):
+        assert unlabelled_fields(plain.get(url).content.decode()) == [], url
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_browser_create_copy_reload_gone_then_revoke(page, live_url, sign_in, alice, acme):
+    from playwright.sync_api import expect
+
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live_url)
+    sign_in(alice)
+    page.goto("/tokens/")
+    page.get_by_label("Name").fill("laptop")
+    page.get_by_label("Expires").select_option("7")
+    page.get_by_role("button", name="Create token").click()  # htmx: the panel is swapped in place
+    secret_box = page.locator("#token-secret")
+    expect(secret_box).to_have_text(SECRET_RE)
+    secret = secret_box.text_content().strip()
+    expect(page).to_have_url(f"{live_url}/tokens/")
+    page.get_by_role("button", name="Copy token").click()
+    expect(page.locator("#copy-status")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == secret
+    expect(page.get_by_role("link", name="laptop")).to_be_visible()
+    shot(page, "tokens")
+    assert api_status(secret) == 200
+
+    page.reload()  # a GET: the secret is gone for good
+    expect(page.locator("#token-secret")).to_have_count(0)
+    assert secret not in page.content() and secret.rsplit("_", 1)[1] not in page.content()
+
+    page.get_by_role("link", name="laptop").click()
+    page.get_by_role("button", name="Revoke this token").click()
+    expect(page.locator(".messages")).to_contain_text("Revoked the token “laptop”")
+    assert api_status(secret) == 401
