@@ -257,7 +257,9 @@ def test_browser_publish_then_fork_from_another_organization(
     expect(page.get_by_role("heading", name="acme/echo-web")).to_be_visible()
     expect(page.locator(".readme h1")).to_have_text("Echo")
     expect(page.get_by_role("cell", name="Valid")).to_be_visible()
-    page.get_by_role("button", name="Star").click()  # htmx swaps the star form in place
+    # Keyboard only: focus the star button and press Enter; htmx swaps the star form in place.
+    page.get_by_role("button", name="Star").focus()
+    page.keyboard.press("Enter")
     expect(page.get_by_test_id("stars")).to_have_text("1")
     expect(page.get_by_role("button", name="Starred")).to_have_attribute("aria-pressed", "true")
     shot(page, "env-package")
@@ -270,7 +272,8 @@ def test_browser_publish_then_fork_from_another_organization(
     sign_in(charlie)
     page.goto("/envs/?q=echo-web")
     page.get_by_role("link", name="acme/echo-web").click()
-    page.get_by_role("button", name="Fork echo-web").click()
+    page.get_by_label("Name in your organization").focus()  # Enter in the form's field submits it
+    page.keyboard.press("Enter")
     expect(page).to_have_url(f"{live_url}/envs/globex/echo-web/")
     expect(page.get_by_text("Forked from")).to_contain_text("acme/echo-web")
     fork = EnvironmentPackage.objects.get(organization=globex, name="echo-web")
