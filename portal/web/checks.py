@@ -18,12 +18,14 @@ REQUIRED = ("app.js", "job.js", "app.css", "htmx.min.js")
 HINT = "build it with `make frontend` (or `cd frontend && npm ci && npm run build`)"
 
 
-def bundle_missing(dist: Path = DIST) -> list[str]:
+def bundle_missing(dist: Path | None = None) -> list[str]:
     """The bundle files that are not there (all of them when the build never ran)."""
+    dist = dist or DIST
     return [name for name in REQUIRED if not (dist / name).is_file()]
 
 
-def require_bundle(dist: Path = DIST) -> None:
+def require_bundle(dist: Path | None = None) -> None:
+    dist = dist or DIST
     missing = bundle_missing(dist)
     if missing:
         raise ImproperlyConfigured(
