@@ -19,6 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from opentinker.errors import OpenTinkerError
+from portal.demo_recipe import ExampleRecipe
 from portal.embedded import EmbeddedServiceError, EmbeddedServices
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -47,19 +49,6 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
         except OSError:
             time.sleep(0.3)
     raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
-
-
-def _submit_example(url: str, token: str) -> str:
-    """Submit the README's example job (arithmetic, tiny-qwen2, GRPO, CPU) through the SDK, like a user."""
-    from opentinker.client import Client
-    from opentinker.spec import example_rl_spec
-
-    with Client(url, token) as client:
-        job = client.jobs.submit(example_rl_spec(), idempotency_key=f"demo-example-{int(time.time())}")
-    return (
-        f"  Example job:       {job.name} ({job.id}), queued; follow it with\n"
-        f"                     opentinker jobs watch {job.id}\n"
-    )
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -98,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--check", action="store_true", help="start, verify, print, then stop (for tests)")
     parser.add_argument(
-        "--no-example", dest="example", action="store_false", help="do not submit the example job"
+        "--no-example", dest="example", action="store_false", help="do not submit the example jobs"
+    )
+    parser.add_argument(
+        "--example-steps", type=int, default=None, help="steps of each example stage (default: the recipe's)"
     )
     args = parser.parse_args(argv)
     # Ctrl-C, `kill` and a closing terminal all stop everything cleanly (SIGINT is ignored by default
@@ -167,7 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         _wait_http(f"{url}/healthz", procs[0])
-        job_line = _submit_example(url, login["token"]) if args.example else ""
+        recipe = None
+        job_line = ""
+        if args.example:
+            store = env.get("OBJECT_STORE_URL") or f"file://{var / 'objects'}"  # the settings' default
+            recipe = ExampleRecipe(
+                url, login["token"], store, login["organization"], steps=args.example_steps
+            )
+            job_line = recipe.start()
         print(
             "\n"
             f"  OpenTinker is up:  {url}\n"
@@ -182,7 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             return 0
         while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
+            time.sleep(1.0)
+            try:
+                line = recipe.poll() if recipe is not None else None
+            except OpenTinkerError as e:  # the demo keeps running; the example just stops here
+                line, recipe = f"  Example: {e}", None
+            if line:
+                print(line, flush=True)
         failed = next(p for p in procs if p.poll() is not None)
         print(f"a demo process exited with code {failed.returncode}; stopping", file=sys.stderr)
         return 1

@@ -25,7 +25,8 @@ def test_demo_runs_in_the_foreground_and_stops_everything(tmp_path):
     env.pop("DATABASE_URL")
     env.pop("REDIS_URL")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "portal.demo", "--port", "0"],
+        # Two steps per example stage: the chain (SFT warm start -> GRPO from its checkpoint) in seconds.
+        [sys.executable, "-m", "portal.demo", "--port", "0", "--example-steps", "2"],
         cwd=BASE,
         env=env,
         stdout=subprocess.PIPE,
@@ -57,17 +58,32 @@ def test_demo_runs_in_the_foreground_and_stops_everything(tmp_path):
         assert (var / "services.env").exists()
         # The Celery worker is up and connected to the broker.
         assert _wait_for(lambda: "celery" in _children(proc.pid))
-        # The example job was submitted, is scheduled on the local pool, runs and reports metrics.
-        job_id = re.search(r"Example job:\s+\S+ \((\S+)\)", out).group(1)
+        # The example's warm start was submitted and runs on the local pool; when it has succeeded, the GRPO
+        # job is submitted from its last checkpoint, runs and reports rewards.
+        sft_id = re.search(r"Example, stage 1:\s+\S+ \((\S+)\)", out).group(1)
         auth = {"Authorization": f"Bearer {token}"}
 
-        def reporting() -> bool:
-            job = httpx.get(f"{url}/api/v1/jobs/{job_id}", headers=auth).json()
+        def api(path: str):
+            return httpx.get(f"{url}/api/v1/{path}", headers=auth).json()
+
+        def grpo_reporting() -> bool:
+            sft = api(f"jobs/{sft_id}")
+            assert sft["state"] in ("queued", "admitted", "running", "succeeded"), sft
+            rl = [j for j in api("jobs?kind=rl")["results"]]
+            if not rl:
+                return False
+            assert len(rl) == 1 and sft["state"] == "succeeded", (rl, sft)
+            job = rl[0]
             assert job["state"] in ("queued", "admitted", "running", "succeeded"), job
-            series = httpx.get(f"{url}/api/v1/jobs/{job_id}/metrics?name=reward/mean", headers=auth).json()
+            series = api(f"jobs/{job['id']}/metrics?name=reward/mean")
             return job["state"] in ("running", "succeeded") and bool(series["series"])
 
-        assert _wait_for(reporting, timeout=180), "the example job never reported a metric"
+        assert _wait_for(grpo_reporting, timeout=240), "the example's GRPO stage never reported a reward"
+        (ckpt,) = api(f"jobs/{sft_id}/checkpoints")["results"]
+        assert ckpt["step"] == 2 and ckpt["uri"].endswith(f"/orgs/demo/jobs/{sft_id}/step_000002")
+        rl_job = api("jobs?kind=rl")["results"][0]
+        assert rl_job["spec"]["model"]["base"] == ckpt["uri"]
+        assert rl_job["spec"]["environment"]["config"] == {"max_operand": 9, "prompt_style": "compact"}
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)

@@ -57,4 +57,8 @@ class Command(BaseCommand):
             scopes=["jobs:read", "jobs:write", "envs:read", "envs:write", "org:admin"],
             expires_in_days=30,
         )
-        self.stdout.write(json.dumps({"username": DEMO_USER, "password": password, "token": secret}))
+        self.stdout.write(
+            json.dumps(
+                {"username": DEMO_USER, "password": password, "token": secret, "organization": org.slug}
+            )
+        )

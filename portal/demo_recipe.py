@@ -1,0 +1,90 @@
+"""The example recipe `make demo` runs through the platform, as a user would with a real model:
+
+1. write the SFT warm-start data (arithmetic conversations, chat JSONL) into the demo organization's storage;
+2. submit the SFT job (tiny-qwen2 from random weights: greedy accuracy 0 -> ~0.4);
+3. when it has succeeded, submit GRPO with `model.base` = the warm start's last checkpoint (-> >= 0.8).
+
+The recipe is `opentinker.spec.example_sft_spec` / `example_grpo_spec`, the one tests/gpu_runtime/
+test_learning.py shows learning. Everything goes through the SDK and the REST API; no Django, no torch here
+(the data is written by `python -m gpu_runtime.data.arithmetic_sft` in a subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+SFT_EXAMPLES = 2000
+
+
+class ExampleRecipe:
+    def __init__(self, url: str, token: str, store: str, org: str, *, steps: int | None = None) -> None:
+        self.url, self.token = url, token
+        self.org_prefix = f"{store.rstrip('/')}/orgs/{org}"
+        self.steps = steps  # override both stages' steps (tests, a quick look)
+        self.sft_id: str | None = None
+        self.grpo_id: str | None = None
+        self.done = False
+
+    def _client(self):
+        from opentinker.client import Client
+
+        return Client(self.url, self.token)
+
+    def _steps(self, spec):
+        if self.steps is None:
+            return spec
+        return spec.model_copy(update={"algorithm": spec.algorithm.model_copy(update={"steps": self.steps})})
+
+    def write_dataset(self) -> str:
+        from opentinker.spec import EXAMPLE_ENV_CONFIG
+
+        uri = f"{self.org_prefix}/datasets/arithmetic-sft.jsonl"
+        path = Path(urlparse(uri).path)
+        cmd = [sys.executable, "-m", "gpu_runtime.data.arithmetic_sft", str(path), "--n", str(SFT_EXAMPLES)]
+        subprocess.run(
+            [*cmd, "--seed", "0", "--config", json.dumps(EXAMPLE_ENV_CONFIG)], check=True, capture_output=True
+        )
+        return uri
+
+    def start(self) -> str:
+        """Write the data and submit the warm start; returns the lines to print."""
+        from opentinker.spec import example_sft_spec
+
+        if not self.org_prefix.startswith("file://"):
+            raise RuntimeError("the demo's example writes its SFT data to a file:// object store")
+        spec = self._steps(example_sft_spec(self.write_dataset()))
+        with self._client() as client:
+            job = client.jobs.submit(spec, idempotency_key=f"demo-sft-{time.time_ns()}")
+        self.sft_id = job.id
+        return (
+            f"  Example, stage 1:  {job.name} ({job.id}): SFT warm start, queued\n"
+            "  Example, stage 2:  GRPO from its checkpoint, submitted when stage 1 succeeds\n"
+            f"                     follow them with  opentinker jobs watch <id>\n"
+        )
+
+    def poll(self) -> str | None:
+        """After the warm start succeeded, submit GRPO from its last checkpoint; returns a line to print."""
+        if self.done or self.sft_id is None:
+            return None
+        from opentinker.spec import JobState, example_grpo_spec
+
+        with self._client() as client:
+            sft = client.jobs.get(self.sft_id)
+            if not sft.is_terminal:
+                return None
+            self.done = True
+            if sft.state is not JobState.SUCCEEDED:
+                return f"  Example: the SFT warm start ended {sft.state.value}; GRPO not submitted"
+            checkpoints = client.jobs.checkpoints(self.sft_id)
+            if not checkpoints:
+                return "  Example: the SFT warm start left no checkpoint; GRPO not submitted"
+            last = max(checkpoints, key=lambda c: c.step or 0)
+            spec = self._steps(example_grpo_spec(last.uri))
+            job = client.jobs.submit(spec, idempotency_key=f"demo-grpo-{self.sft_id}")
+        self.grpo_id = job.id
+        return f"  Example, stage 2:  {job.name} ({job.id}) queued, from {last.uri}"
