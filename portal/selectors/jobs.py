@@ -9,7 +9,7 @@ from django.db import connection
 from django.db.models import QuerySet
 
 from portal.errors import NotFound
-from portal.models import Checkpoint, Job, JobEvent, Organization
+from portal.models import Checkpoint, Job, JobEvent, Metric, Organization
 
 MAX_POINTS = 5000
 
@@ -110,3 +110,14 @@ def checkpoint_get(job: Job, checkpoint_id: int) -> Checkpoint:
         return checkpoint_list(job).get(pk=checkpoint_id)
     except Checkpoint.DoesNotExist:
         raise NotFound("no such checkpoint") from None
+
+
+def last_metric_values(jobs: list[Job], name: str) -> dict:
+    """Each job's value of metric `name` at its last step (jobs without it are left out): one query."""
+    rows = (
+        Metric.objects.filter(job__in=jobs, name=name)
+        .order_by("job_id", "-step")
+        .distinct("job_id")  # PostgreSQL's DISTINCT ON: the first row per job, i.e. its last step
+        .values_list("job_id", "step", "value")
+    )
+    return {job_id: (step, value) for job_id, step, value in rows}
