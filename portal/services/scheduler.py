@@ -13,12 +13,20 @@ Policy (in order):
 
 1. **Quotas** per organization: concurrent GPUs (nominal ``max_gpus`` plus ``borrowing_limit_gpus``), monthly
    GPU-hours (UsageRecord of the current month), pools the organization may use.
-2. **Weighted fair share**: organizations take turns; the next turn goes to the one with the smallest
-   ``(slots in use + decayed past usage) / weight``. History decays with a half-life, like Slurm's fair-share
-   factor, so a tenant that ran a lot yesterday yields to one that did not, and forgets it after a few days.
+2. **Weighted fair share**: each organization with demand gets a target, the capacity split by weight with
+   water-filling (an organization asking for less keeps only what it asks; Kueue / Slurm fair tree), then
+   corrected by its decayed past usage (history decays with a half-life, like Slurm's fair-share factor): one
+   that held more than its share lately gets a lower cap, one that held less a higher one. Organizations
+   fill up to their caps first, then the remainder goes one slot over the cap at a time to whoever is
+   furthest below (largest remainder), then anything that fits: indivisible jobs and rounding even out over
+   time instead of favouring the same tenants every pass.
 3. **Priority** orders jobs *within* an organization (a tenant's priority never beats another tenant's share),
    then submission time.
-4. **Backfill**: a job that cannot start is skipped, never waited on: every later job that fits still starts.
+4. **Backfill with reservations**: a job that cannot start is skipped, never waited on: every later job that
+   fits still starts. So that a big job is not starved by a stream of small ones, a job that has waited
+   ``OPENTINKER_RESERVE_AFTER_S`` reserves a pool (the head job of each organization, in fair-share order, one
+   reservation per pool): the pool's free slots are held for it as they free up, smaller jobs backfill only
+   onto what it does not need, and it starts as soon as enough of the pool's running jobs end.
 5. **Borrowing**: above nominal GPUs an organization may borrow idle capacity up to its borrowing limit. Such
    allocations are marked ``borrowed``; when a job within its organization's nominal GPUs cannot fit, enough
    borrowed allocations in a pool are chosen for preemption (checkpoint, then re-queue) and the freed slots
@@ -117,12 +125,19 @@ class Plan:
     waiting: dict[object, str] = field(default_factory=dict)
     # Free or reclaimed slots per pool held for organizations within nominal: no borrowing goes there.
     reserved: dict[str, int] = field(default_factory=dict)
+    # Slots held for a long-waiting job, per pool: pool -> (job id, slots held). Nobody else takes them.
+    held: dict[str, tuple[object, int]] = field(default_factory=dict)
 
 
-# Past usage enters the fair-share key as "decayed slot-seconds / half-life" (about 1.44 x the slots held on
-# average lately) times this factor: history dominates, so a tenant that got more than its share (a big job
-# is indivisible) yields until its decayed usage is back in line. 10 measured best in bench/scheduler.py.
-HISTORY_FACTOR = 10.0
+# Past usage corrects the fair share: an organization that held more than its share lately (a big job is
+# indivisible, integers round) gets a lower cap until its decayed average is back in line, one that held
+# less gets a higher one. The gain sets how fast: with 1 a weight-1 tenant entitled to 3.79 GPUs held 4 for
+# hours; 6 brings every time-averaged share within 2% in bench/scheduler.py (3: 3%, 12: 1.5%).
+HISTORY_GAIN = 6.0
+# Fair-share phases: first every organization fills up to its cap, then up to one, two, ... slots over it
+# (rounding: the organization furthest below its cap goes first), then anything that fits (work-conserving).
+SLACKS = (0.0, 1.0, 2.0, 4.0, 8.0, math.inf)
+LN2 = math.log(2)
 
 
 def slots_needed(job: JobView, pool: PoolView) -> int:
@@ -140,6 +155,59 @@ def _fits(job: JobView, pool: PoolView, free: int) -> bool:
     return True
 
 
+def fair_targets(weights: dict[int, float], demand: dict[int, float], capacity: float) -> dict[int, float]:
+    """Weighted max-min fair shares (water-filling, as Kueue and Slurm's fair tree split a cluster): the
+    capacity is split by weight; an organization asking for less than its split gets what it asks and the rest
+    is split again among the others. Fractional: the caller rounds by taking turns."""
+    targets: dict[int, float] = {}
+    active = {o: w for o, w in weights.items() if demand.get(o, 0) > 0 and w > 0}
+    left = float(capacity)
+    while active:
+        rate = left / sum(active.values())
+        capped = [o for o, w in active.items() if demand[o] <= rate * w]
+        if not capped:
+            targets.update({o: rate * w for o, w in active.items()})
+            break
+        for o in capped:
+            targets[o] = float(demand[o])
+            left -= demand[o]
+            del active[o]
+    return targets
+
+
+def fair_caps(
+    orgs: dict[int, OrgView],
+    by_org: dict[int, list[JobView]],
+    live_pools: list[PoolView],
+    half_life_s: float,
+) -> tuple[dict[int, float], dict[int, float]]:
+    """How many slots each organization should hold now: its weighted fair target among the organizations
+    with demand (running or queued), and its cap: the target corrected by how far its decayed recent usage
+    is from it."""
+    cpu_pool = any(p.cpu_slots for p in live_pools)
+    demand: dict[int, float] = {}
+    for o in set(by_org) | {o.id for o in orgs.values() if o.used_slots}:
+        org = orgs[o]
+        jobs = by_org.get(o, ())
+        gpus = sum(j.gpus for j in jobs)
+        cpu_only = sum(1 for j in jobs if not j.gpus) if cpu_pool else 0
+        demand[o] = org.used_slots + min(gpus, max(0, org.gpu_limit - org.used_gpus)) + cpu_only
+    capacity = sum(p.slots for p in live_pools)
+    targets = fair_targets({o: orgs[o].weight for o in demand}, demand, capacity)
+    if not half_life_s:
+        return targets, targets
+    # Recent average slots held: decayed slot-seconds of a steady holding s converge to s * half-life / ln 2.
+    recent = {o: orgs[o].decayed_slot_seconds * LN2 / half_life_s for o in targets}
+    total_recent, total_target = sum(recent.values()), sum(targets.values())
+    if total_recent <= 0 or total_target <= 0:
+        return targets, targets  # no history (a fresh fleet): the targets as they are
+    caps = {}
+    for o, t in targets.items():
+        expected = total_recent * t / total_target  # what a fair past would have given it
+        caps[o] = min(demand[o], max(0.0, t + HISTORY_GAIN * (expected - recent[o])))
+    return targets, caps
+
+
 def plan(
     pools: Iterable[PoolView],
     orgs: Iterable[OrgView],
@@ -148,8 +216,13 @@ def plan(
     *,
     half_life_s: float = 7 * 86400,
     allow_preemption: bool = True,
+    now: float = 0.0,
+    reserve_after_s: float = math.inf,
 ) -> Plan:
-    """One scheduling pass. Mutates nothing it is given; O(jobs x log orgs + jobs x pools)."""
+    """One scheduling pass. Mutates nothing it is given; O(jobs x pools x phases).
+
+    ``now`` and ``reserve_after_s`` (same clock as ``JobView.created_at``): a job waiting that long may
+    reserve capacity in a pool (see ``_reserve``)."""
     pools = {p.name: PoolView(**p.__dict__) for p in pools}
     orgs = {o.id: OrgView(**o.__dict__) for o in orgs}
     allocations = list(allocations)
@@ -165,159 +238,287 @@ def plan(
         jobs.sort(key=lambda j: (-j.priority, j.created_at, str(j.id)))
 
     live_pools = [p for p in pools.values() if p.schedulable]
-    total_slots = sum(p.slots for p in live_pools) or 1
-    total_weight = sum(orgs[o].weight for o in by_org) or 1.0
-    # Slots held for owners waiting on preemption: borrowing may not take them.
-    reserved: dict[str, int] = defaultdict(int)
-    preemptible: dict[str, list[AllocationView]] = defaultdict(list)
+    ctx = _Pass(pools, live_pools, result, allow_preemption)
     for a in allocations:
         if a.borrowed and not a.preempting:
-            preemptible[a.pool].append(a)
+            ctx.preemptible[a.pool].append(a)
         if a.preempting:
-            reserved[a.pool] += a.slots  # coming back soon: keep it for owners
-    for lst in preemptible.values():
+            ctx.reserved[a.pool] += a.slots  # coming back soon: keep it for owners
+    for lst in ctx.preemptible.values():
         lst.sort(key=lambda a: -a.admitted_at)  # newest borrowers first: least work lost
 
+    targets, caps = fair_caps(orgs, by_org, live_pools, half_life_s)
+    contended = len(by_org) > 1
+
     def key(o: OrgView) -> float:
-        history = o.decayed_slot_seconds / half_life_s if half_life_s else 0.0
-        return (o.used_slots + HISTORY_FACTOR * history) / o.weight
+        # The organization furthest below its cap goes first, in slots: rounding by largest remainder
+        # (Hamilton), so with the history correction each one's time-averaged share converges to its target.
+        return o.used_slots - caps.get(o.id, 0.0)
 
-    heap = [(key(orgs[o]), o) for o in by_org]
-    heapq.heapify(heap)
-    cursor = dict.fromkeys(by_org, 0)
-    any_free = any(p.free > 0 for p in live_pools)
+    admitted: set = set()
+    _reserve(ctx, orgs, by_org, targets, caps, now, reserve_after_s, admitted)
 
-    while heap:
-        _, org_id = heapq.heappop(heap)
-        org = orgs[org_id]
-        jobs = by_org[org_id]
-        # Skip quickly through this organization's jobs until one starts (backfill within the organization).
-        started = False
-        while cursor[org_id] < len(jobs):
-            job = jobs[cursor[org_id]]
-            cursor[org_id] += 1
-            reason = _try_place(
-                job,
-                org,
-                pools,
-                live_pools,
-                reserved,
-                preemptible,
-                result,
-                allow_preemption,
-                any_free,
-                fair=total_slots * org.weight / total_weight if len(by_org) > 1 else math.inf,
-            )
-            if reason is None:
-                started = True
-                any_free = any(p.free > 0 for p in live_pools)
-                break
-            result.waiting[job.id] = reason
-        if started and cursor[org_id] < len(jobs):
-            heapq.heappush(heap, (key(org), org_id))
-    result.reserved = {name: n for name, n in reserved.items() if n}
+    for slack in SLACKS:
+        final = slack == math.inf
+        heap = [(key(orgs[o]), o) for o in by_org]
+        heapq.heapify(heap)
+        cursor = dict.fromkeys(by_org, 0)
+        while heap:
+            _, org_id = heapq.heappop(heap)
+            org, jobs = orgs[org_id], by_org[org_id]
+            limit = caps.get(org_id, 0.0) + slack if contended else math.inf
+            started = False
+            # Skip through this organization's jobs until one starts (backfill within the organization).
+            # Within a phase what did not fit stays unfit (capacity only shrinks), so one scan per phase.
+            while cursor[org_id] < len(jobs):
+                job = jobs[cursor[org_id]]
+                cursor[org_id] += 1
+                if job.id in admitted or job.id in ctx.holders:
+                    continue
+                if ctx.draining.get(org_id, job.id) != job.id:
+                    drain = ctx.draining[org_id]
+                    result.waiting[job.id] = (
+                        f"fair-share: the organization drains for its job {drain} that has waited long; "
+                        "its other jobs start after it"
+                    )
+                    continue
+                if not final:
+                    if org.used_slots + max(job.gpus, 1) > limit + 1e-9:
+                        continue
+                    if ctx.place(job, org) is None:
+                        started = True
+                        break
+                    continue
+                reason = ctx.try_place(job, org, fair=caps.get(org_id, 0.0) if contended else math.inf)
+                if reason is None:
+                    started = True
+                    break
+                result.waiting[job.id] = reason
+            if started:
+                admitted.add(job.id)
+                result.waiting.pop(job.id, None)
+                if cursor[org_id] < len(jobs):
+                    heapq.heappush(heap, (key(org), org_id))
+    for job_id in ctx.holders:
+        result.waiting.setdefault(job_id, ctx.holder_reason[job_id])
+    result.reserved = {name: n for name, n in ctx.reserved.items() if n}
+    result.held = {name: (job, n) for name, (job, n) in ctx.held.items()}
     return result
 
 
-def _try_place(
-    job: JobView,
-    org: OrgView,
-    pools: dict[str, PoolView],
-    live_pools: list[PoolView],
-    reserved: dict[str, int],
-    preemptible: dict[str, list[AllocationView]],
-    result: Plan,
-    allow_preemption: bool,
-    any_free: bool,
-    *,
-    fair: float,
-) -> str | None:
-    """Admit the job (append to result, update the views) or return why it waits."""
-    if job.gpus > org.gpu_limit:
-        return (
-            f"quota: asks for {job.gpus} GPUs; the organization may hold at most {org.gpu_limit} "
-            f"({org.nominal_gpus} nominal + {org.borrowing_limit_gpus} borrowed)"
-        )
-    if job.gpus and org.month_gpu_hours >= org.gpu_hours_per_month:
-        return (
-            f"quota: monthly GPU-hours used up ({org.month_gpu_hours:.1f} of {org.gpu_hours_per_month:g} h); "
-            "waits for next month or a higher quota"
-        )
-    if job.gpus and org.used_gpus + job.gpus > org.gpu_limit:
-        return (
-            f"quota: the organization holds {org.used_gpus} of its {org.gpu_limit} concurrent GPUs; "
-            f"this job needs {job.gpus} more"
-        )
-    borrowed = bool(job.gpus) and org.used_gpus + job.gpus > org.nominal_gpus
-    if job.pool:
-        candidates = [pools[job.pool]] if job.pool in pools else []
-        if not candidates:
-            return f"pool: no pool named {job.pool!r}"
-        if not candidates[0].schedulable:
-            return f"pool: pool {job.pool!r} is disabled or unhealthy"
-    else:
-        candidates = live_pools
-    if org.allowed_pools:
-        candidates = [p for p in candidates if p.name in org.allowed_pools]
-        if not candidates:
-            return "quota: none of the pools the organization may use is available"
-    if not candidates:
-        return "capacity: no pool is available"
-    if all(slots_needed(job, p) > p.slots for p in candidates):
-        biggest = max(p.slots for p in candidates)
-        return f"capacity: needs {job.gpus} GPUs; the largest pool it may use has {biggest}"
+def _reserve(ctx, orgs, by_org, targets, caps, now, reserve_after_s, admitted) -> None:
+    """Backfill with reservations (Slurm's idea, counted in waiting time). Each organization puts forward
+    its head job among those that have waited ``reserve_after_s``; in fair-share order, each takes one pool
+    (at most one reservation per pool): it starts now if it fits, else it holds what is free there for
+    itself, and holds more as jobs there finish, until it fits. Other jobs backfill only onto what it does
+    not need, so a big job is never starved by a stream of small ones.
 
-    if any_free or job.gpus == 0:
+    A job bigger than its organization's fair share (a weight-1 tenant's 8-GPU job on a busy fleet) would
+    never fit within it: its organization drains instead (none of its other jobs start) and the job
+    reserves once the organization holds nothing, having saved up the credit its history then pays back."""
+    if reserve_after_s == math.inf:
+        return
+    heads = []
+    for org_id, jobs in by_org.items():
+        org = orgs[org_id]
+        for j in jobs:
+            if now - j.created_at >= reserve_after_s and not isinstance(ctx.eligible(j, org), str):
+                heads.append(
+                    (org.used_slots - caps.get(org_id, 0.0), -j.priority, j.created_at, str(j.id), j)
+                )
+                break
+    heads.sort(key=lambda t: t[:4])
+    for below, *_, job in heads:
+        org = orgs[job.org]
+        need = max(job.gpus, 1)
+        if need > caps.get(org.id, 0.0) + 1:  # bigger than its share
+            ctx.draining[org.id] = job.id
+            # It reserves once drained and once the organization's recent usage is no longer above its fair
+            # share (the history correction leaves its cap at or above its target): big jobs back to back
+            # would take a small tenant far over its share.
+            if org.used_slots or caps.get(org.id, 0.0) < targets.get(org.id, 0.0):
+                ctx.holders.add(job.id)
+                ctx.holder_reason[job.id] = (
+                    f"fair-share: needs {need} slots, more than the organization's fair share of "
+                    f"{caps.get(org.id, 0.0):.1f}; waited {now - job.created_at:.0f} s, so the organization "
+                    f"drains for it (holds {org.used_slots}; its other jobs wait) and it reserves once "
+                    "drained and its recent usage is back to its share"
+                )
+                continue
+        elif below >= 0:
+            continue  # at its fair share: its turn comes when it is below again
+        if len(ctx.held) >= len(ctx.live_pools):
+            continue
+        candidates, borrowed = ctx.eligible(job, org)
+        open_pools = [p for p in candidates if p.name not in ctx.held and slots_needed(job, p) <= p.slots]
+        if not open_pools:
+            continue
+        pool = max(open_pools, key=lambda p: (ctx.free_for(job, p, borrowed), -p.slots))
+        need = slots_needed(job, pool)
+        reason = ctx.try_place(job, org, fair=math.inf)
+        if reason is None:
+            admitted.add(job.id)
+            continue
+        if (
+            "reclaim" in reason
+        ):  # an owner reclaiming borrowed capacity: the slots are held for owners already
+            ctx.holders.add(job.id)
+            ctx.holder_reason[job.id] = reason
+            continue
+        if not need:
+            continue
+        hold = max(0, min(need, ctx.free_for(job, pool, borrowed)))
+        ctx.held[pool.name] = (job.id, hold)
+        ctx.holders.add(job.id)
+        ctx.holder_reason[job.id] = (
+            f"capacity: reserved for this job after waiting {now - job.created_at:.0f} s: {hold} of its "
+            f"{need} slots held in pool {pool.name!r}; smaller jobs backfill only onto the rest; it starts "
+            f"when {need - hold} more are freed there"
+        )
+
+
+class _Pass:
+    """The mutable state of one pass: pool and organization views, held and reserved slots, the plan."""
+
+    def __init__(self, pools, live_pools, result, allow_preemption) -> None:
+        self.pools = pools
+        self.live_pools = live_pools
+        self.result = result
+        self.allow_preemption = allow_preemption
+        # Slots held for owners waiting on preemption: borrowing may not take them.
+        self.reserved: dict[str, int] = defaultdict(int)
+        self.preemptible: dict[str, list[AllocationView]] = defaultdict(list)
+        # Slots held for one long-waiting job per pool (pool -> (job, slots)): nobody else may take them.
+        self.held: dict[str, tuple[object, int]] = {}
+        self.holders: set = set()
+        # Organizations draining for a long-waiting job bigger than their share: org -> that job.
+        self.draining: dict[int, object] = {}
+        self.holder_reason: dict = {}
+
+    def free_for(self, job: JobView, p: PoolView, borrowed: bool) -> int:
+        free = p.free - (self.reserved[p.name] if borrowed else 0)
+        holder = self.held.get(p.name)
+        if holder is not None and holder[0] != job.id:
+            free -= holder[1]
+        return free
+
+    def eligible(self, job: JobView, org: OrgView) -> tuple[list[PoolView], bool] | str:
+        """The pools the job may use and whether it would borrow, or why quota or pools rule it out."""
+        if job.gpus > org.gpu_limit:
+            return (
+                f"quota: asks for {job.gpus} GPUs; the organization may hold at most {org.gpu_limit} "
+                f"({org.nominal_gpus} nominal + {org.borrowing_limit_gpus} borrowed)"
+            )
+        if job.gpus and org.month_gpu_hours >= org.gpu_hours_per_month:
+            return (
+                f"quota: monthly GPU-hours used up ({org.month_gpu_hours:.1f} of "
+                f"{org.gpu_hours_per_month:g} h); waits for next month or a higher quota"
+            )
+        if job.pool:
+            candidates = [self.pools[job.pool]] if job.pool in self.pools else []
+            if not candidates:
+                return f"pool: no pool named {job.pool!r}"
+            if not candidates[0].schedulable:
+                return f"pool: pool {job.pool!r} is disabled or unhealthy"
+        else:
+            candidates = self.live_pools
+        if org.allowed_pools:
+            candidates = [p for p in candidates if p.name in org.allowed_pools]
+            if not candidates:
+                return "quota: none of the pools the organization may use is available"
+        if not candidates:
+            return "capacity: no pool is available"
+        if all(slots_needed(job, p) > p.slots for p in candidates):
+            biggest = max(p.slots for p in candidates)
+            return f"capacity: needs {job.gpus} GPUs; the largest pool it may use has {biggest}"
+        # What changes from pass to pass comes last: the permanent reasons above explain a wait better.
+        if job.gpus and org.used_gpus + job.gpus > org.gpu_limit:
+            return (
+                f"quota: the organization holds {org.used_gpus} of its {org.gpu_limit} concurrent GPUs; "
+                f"this job needs {job.gpus} more"
+            )
+        borrowed = bool(job.gpus) and org.used_gpus + job.gpus > org.nominal_gpus
+        return candidates, borrowed
+
+    def place(self, job: JobView, org: OrgView) -> str | None:
+        """Admit the job where it fits best (append to the plan, update the views), or say it waits."""
+        eligible = self.eligible(job, org)
+        if isinstance(eligible, str):
+            return eligible
+        candidates, borrowed = eligible
         best: tuple[int, PoolView] | None = None
         for p in candidates:
-            free = p.free - (reserved[p.name] if borrowed else 0)
+            free = self.free_for(job, p, borrowed)
             if _fits(job, p, free):
                 left = free - slots_needed(job, p)
                 if best is None or left < best[0]:
                     best = (left, p)  # best fit: keep big holes for big jobs
-        if best is not None:
-            pool = best[1]
-            need = slots_needed(job, pool)
-            pool.used_slots += need
-            if job.gpus == 0 and not pool.cpu_slots:
-                pool.used_cpus += job.cpus
-            org.used_gpus += job.gpus
-            org.used_slots += need
-            result.admit.append(Admission(job.id, pool.name, job.gpus, need, job.cpus, borrowed))
-            return None
+        if best is None:
+            return "capacity"
+        pool = best[1]
+        need = slots_needed(job, pool)
+        pool.used_slots += need
+        if job.gpus == 0 and not pool.cpu_slots:
+            pool.used_cpus += job.cpus
+        org.used_gpus += job.gpus
+        org.used_slots += need
+        holder = self.held.get(pool.name)
+        if holder is not None and holder[0] == job.id:  # the reservation is used up
+            del self.held[pool.name]
+            self.holders.discard(job.id)
+        self.result.admit.append(Admission(job.id, pool.name, job.gpus, need, job.cpus, borrowed))
+        return None
 
-    # It does not fit now. An owner within nominal may reclaim borrowed capacity.
-    if allow_preemption and job.gpus and not borrowed:
+    def try_place(self, job: JobView, org: OrgView, *, fair: float) -> str | None:
+        """Admit the job, or reclaim borrowed capacity for it, or return why it waits."""
+        reason = self.place(job, org)
+        if reason != "capacity":
+            return reason
+        candidates, borrowed = self.eligible(job, org)
+        reserved, result = self.reserved, self.result
+        # It does not fit now. An owner within nominal may reclaim borrowed capacity.
+        if self.allow_preemption and job.gpus and not borrowed:
+            for p in candidates:
+                victims = [a for a in self.preemptible[p.name] if a.org != org.id]
+                need = slots_needed(job, p) - max(0, self.free_for(job, p, True))
+                chosen, got = [], 0
+                for a in victims:
+                    if got >= need:
+                        break
+                    chosen.append(a)
+                    got += a.slots
+                if chosen and got >= need:
+                    for a in chosen:
+                        self.preemptible[p.name].remove(a)
+                        result.preempt.append(a.id)
+                    reserved[p.name] += slots_needed(job, p)
+                    return (
+                        f"capacity: reclaiming {got} borrowed GPUs in pool {p.name!r} "
+                        f"({len(chosen)} jobs checkpoint and re-queue); starts when they stop"
+                    )
+            for p in candidates:
+                if reserved[p.name] and slots_needed(job, p) <= p.slots:
+                    return (
+                        f"capacity: borrowed GPUs in pool {p.name!r} are being reclaimed; starts when freed"
+                    )
         for p in candidates:
-            victims = [a for a in preemptible[p.name] if a.org != org.id]
-            need = slots_needed(job, p) - max(0, p.free - reserved[p.name])
-            chosen, got = [], 0
-            for a in victims:
-                if got >= need:
-                    break
-                chosen.append(a)
-                got += a.slots
-            if chosen and got >= need:
-                for a in chosen:
-                    preemptible[p.name].remove(a)
-                    result.preempt.append(a.id)
-                reserved[p.name] += slots_needed(job, p)
+            holder = self.held.get(p.name)
+            if holder and holder[1] and p.free >= slots_needed(job, p):
                 return (
-                    f"capacity: reclaiming {got} borrowed GPUs in pool {p.name!r} "
-                    f"({len(chosen)} jobs checkpoint and re-queue); starts when they stop"
+                    f"capacity: {holder[1]} free slots in pool {p.name!r} are reserved for a job that has "
+                    "waited long; this one backfills onto what the reservation does not need"
                 )
-        for p in candidates:
-            if reserved[p.name] and slots_needed(job, p) <= p.slots:
-                return f"capacity: borrowed GPUs in pool {p.name!r} are being reclaimed; starts when freed"
-    if org.used_slots >= fair:
+        if org.used_slots >= fair:
+            return (
+                f"fair-share: the organization holds {org.used_slots} slots, above its fair share of "
+                f"{fair:.1f}; others go first while capacity is short"
+            )
+        free = max((p.free for p in candidates), default=0)
+        if borrowed and any(reserved[p.name] for p in candidates):
+            return "capacity: free GPUs are held for owners reclaiming their nominal share"
         return (
-            f"fair-share: the organization holds {org.used_slots} slots, above its fair share of "
-            f"{fair:.1f}; others go first while capacity is short"
+            f"capacity: needs {max(slots_needed(job, p) for p in candidates)} slots; at most {free} free now"
         )
-    free = max((p.free for p in candidates), default=0)
-    if borrowed and any(reserved[p.name] for p in candidates):
-        return "capacity: free GPUs are held for owners reclaiming their nominal share"
-    return f"capacity: needs {max(slots_needed(job, p) for p in candidates)} slots; at most {free} free now"
 
 
 def decay(value: float, since: datetime, now: datetime, half_life_s: float) -> float:
@@ -438,13 +639,34 @@ def _load(now: datetime, *, lock: bool):
     return pool_rows, list(pools.values()), orgs, queued, allocs, half_life
 
 
+def reserve_after_s() -> float:
+    """How long a job waits before it may reserve capacity (``OPENTINKER_RESERVE_AFTER_S``, seconds)."""
+    import os
+
+    from django.conf import settings
+
+    value = os.environ.get("OPENTINKER_RESERVE_AFTER_S") or getattr(
+        settings, "OPENTINKER_RESERVE_AFTER_S", 300
+    )
+    return float(value)
+
+
 def queue_plan(now: datetime | None = None) -> tuple[Plan, list[JobView]]:
     """The plan a pass would make now, read-only (no locks, no writes): the admin queue's explanations."""
     from django.utils import timezone
 
     now = now or timezone.now()
     _, pools, orgs, queued, allocs, half_life = _load(now, lock=False)
-    return plan(pools, orgs, queued, allocs, half_life_s=half_life), queued
+    decided = plan(
+        pools,
+        orgs,
+        queued,
+        allocs,
+        half_life_s=half_life,
+        now=now.timestamp(),
+        reserve_after_s=reserve_after_s(),
+    )
+    return decided, queued
 
 
 def schedule_pass(now: datetime | None = None) -> PassResult:
@@ -468,7 +690,15 @@ def schedule_pass(now: datetime | None = None) -> PassResult:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEDULER_LOCK])
         now = now or timezone.now()
         pool_rows, pools, orgs, queued, allocs, half_life = _load(now, lock=True)
-        decided = plan(pools, orgs, queued, allocs, half_life_s=half_life)
+        decided = plan(
+            pools,
+            orgs,
+            queued,
+            allocs,
+            half_life_s=half_life,
+            now=now.timestamp(),
+            reserve_after_s=reserve_after_s(),
+        )
         pool_by_name = {p.name: p for p in pool_rows}
         used_indices: dict[int, set[int]] = defaultdict(set)
         for pool_id, indices in Allocation.objects.filter(released_at__isnull=True).values_list(

@@ -139,3 +139,46 @@ def test_usage_is_split_at_month_boundaries():
 
     parts = split_by_month(datetime(2026, 1, 31, 23, 0, tzinfo=UTC), datetime(2026, 2, 1, 1, 30, tzinfo=UTC))
     assert [(m.isoformat(), s) for m, s in parts] == [("2026-01-01", 3600.0), ("2026-02-01", 5400.0)]
+
+
+def test_queue_explains_a_reservation_and_small_jobs_cannot_take_its_slots(
+    as_staff, as_alice, acme, globex, settings
+):
+    """A big globex job waited past OPENTINKER_RESERVE_AFTER_S while acme's small jobs held the pool: the
+    slots acme frees are held for it (acme's next small job waits though a slot is free), the admin queue
+    says so, and the big job starts once enough is freed. Alice (not staff) sees no admin queue."""
+    from portal.services.supervision import job_process_exited
+
+    settings.OPENTINKER_RESERVE_AFTER_S = 60
+    make_pool("gpu-a", 4)
+    set_quota(acme, max_gpus=4, max_queued_jobs=50)
+    set_quota(globex, max_gpus=4)
+    smalls = [submit(acme, gpus=1, name=f"small-{i}") for i in range(4)]
+    assert len(schedule_pass().admitted) == 4
+    big = submit(globex, gpus=4, name="big")
+    later = submit(acme, gpus=1, name="small-later")
+    Job.objects.filter(pk=big.pk).update(created_at=timezone.now() - timezone.timedelta(seconds=120))
+    for job in smalls[:2]:  # two small jobs finish: 2 slots free
+        alloc = Allocation.objects.get(job=job)
+        Job.objects.filter(pk=job.pk).update(state="running")
+        job_process_exited(allocation_id=alloc.pk, exit_code=0)
+    result = schedule_pass()
+    assert result.admitted == []  # the free slots are held for the big job, not given to small-later
+    rows = {row["name"]: row for row in as_staff.get(f"{V1}/admin/queue").json()["results"]}
+    assert rows["big"]["category"] == "capacity"
+    assert rows["big"]["reason"].startswith("capacity: reserved for this job after waiting 12")
+    assert rows["big"]["reason"].endswith(
+        "2 of its 4 slots held in pool 'gpu-a'; smaller jobs backfill only onto the rest; it starts when 2 "
+        "more are freed there"
+    )
+    assert rows["small-later"]["reason"] == (
+        "capacity: 2 free slots in pool 'gpu-a' are reserved for a job that has waited long; this one "
+        "backfills onto what the reservation does not need"
+    )
+    assert as_alice.get(f"{V1}/admin/queue").status_code == 404
+    for job in smalls[2:]:
+        alloc = Allocation.objects.get(job=job)
+        Job.objects.filter(pk=job.pk).update(state="running")
+        job_process_exited(allocation_id=alloc.pk, exit_code=0)
+    assert schedule_pass().admitted == [big.pk]
+    assert Job.objects.get(pk=later.pk).state == "queued"

@@ -8,12 +8,17 @@ plan is applied (admissions become allocations, preempted allocations are re-que
   quota (backfill is complete, whatever the order);
 - borrowed capacity is given back: once passes settle, no organization waits within its nominal GPUs for
   capacity that other organizations hold on loan in a pool where its job fits;
-- admission never preempts: only jobs of organizations above nominal are chosen, never the claimant's own.
+- admission never preempts: only jobs of organizations above nominal are chosen, never the claimant's own;
+- reservations: capacity held for a long-waiting job is never given to another job, a small job is never
+  starved behind a big one beyond what the reservation needs, and a big job facing a steady stream of small
+  ones starts within a bounded number of passes (the aging threshold plus the longest running job), while
+  without reservations it does not start at all.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -96,9 +101,19 @@ def check_plan(pools, orgs, queued, allocs, result):
     for p in pools:
         back = sum(a.slots for a in allocs if a.pool == p.name and (a.preempting or a.id in preempting))
         assert reserved[p.name] <= back + claim
+    held = result.held
+    assert len(held) <= len(pools)
+    for pool_name, (holder, n) in held.items():
+        assert holder in result.waiting and 0 <= n <= slots_needed(job_by[holder], pool_by[pool_name])
     for job_id in result.waiting:
         job = job_by[job_id]
         org = org_by[job.org]
+        if result.waiting[job_id].startswith("fair-share: the organization drains"):
+            # Its organization drains for a long-waiting job bigger than its share (that job holds a reason).
+            assert any(
+                job_by[h].org == job.org for h in result.waiting if "drains for it" in result.waiting[h]
+            )
+            continue
         if job.gpus and (
             org.month_gpu_hours >= org.gpu_hours_per_month or gpus[org.id] + job.gpus > org.gpu_limit
         ):
@@ -108,6 +123,8 @@ def check_plan(pools, orgs, queued, allocs, result):
             if (job.pool and p.name != job.pool) or (org.allowed_pools and p.name not in org.allowed_pools):
                 continue
             free = p.slots - used[p.name] - (reserved[p.name] if borrowed else 0)
+            if p.name in held and held[p.name][0] != job_id:
+                free -= held[p.name][1]  # held for another job: only the rest is backfilled
             fits = slots_needed(job, p) <= free
             assert not fits, f"job {job} waits ({result.waiting[job_id]}) but fits pool {p.name}"
 
@@ -122,8 +139,8 @@ def test_single_pass_invariants(world):
 
 
 @settings(max_examples=80, deadline=None)
-@given(worlds(), st.randoms(use_true_random=False))
-def test_repeated_passes_with_completions_and_preemption(world, rnd):
+@given(worlds(), st.randoms(use_true_random=False), st.sampled_from([math.inf, 0.0, 2.0]))
+def test_repeated_passes_with_completions_and_preemption(world, rnd, reserve_after):
     pools, orgs, queue = world
     allocs: list[AllocationView] = []
     org_by = {o.id: o for o in orgs}
@@ -145,7 +162,7 @@ def test_repeated_passes_with_completions_and_preemption(world, rnd):
             )
             for o in orgs
         ]
-        result = plan(live_pools, live_orgs, queue, allocs)
+        result = plan(live_pools, live_orgs, queue, allocs, now=float(round_), reserve_after_s=reserve_after)
         check_plan(pools, live_orgs, queue, allocs, result)
         job_by = {j.id: j for j in queue}
         for adm in result.admit:
@@ -182,6 +199,8 @@ def test_repeated_passes_with_completions_and_preemption(world, rnd):
         return
     for job in queue:
         org = org_by[job.org]
+        if result.waiting.get(job.id, "").startswith("fair-share: the organization drains"):
+            continue
         used_gpus = sum(a.gpus for a in allocs if a.org == org.id)
         if (
             not job.gpus
@@ -193,5 +212,91 @@ def test_repeated_passes_with_completions_and_preemption(world, rnd):
             if (job.pool and p.name != job.pool) or (org.allowed_pools and p.name not in org.allowed_pools):
                 continue
             free = p.slots - sum(a.slots for a in allocs if a.pool == p.name)
+            if p.name in result.held and result.held[p.name][0] != job.id:
+                free -= result.held[p.name][1]  # held for a long-waiting job
             lent = sum(a.slots for a in allocs if a.pool == p.name and a.borrowed and a.org != org.id)
             assert slots_needed(job, p) > free + lent, f"{job} waits though {lent} borrowed slots in {p.name}"
+
+
+def run_stream(slots, small_gpus, durations, big_gpus, reserve_after_passes, passes, rnd):
+    """One pool; organization 0 keeps a stream of small jobs queued (each runs a random number of passes),
+    organization 1 submits one big job at pass 0. Returns the pass at which the big job started (or None)."""
+    pool = PoolView("p0", slots)
+    orgs = [OrgView(0, nominal_gpus=slots, weight=1.0), OrgView(1, nominal_gpus=slots, weight=1.0)]
+    big = JobView(next(ids), 1, big_gpus, created_at=0.0)
+    queue = [big]
+    running: list[tuple[AllocationView, int]] = []  # (allocation, last pass it runs)
+    for n in range(passes):
+        running = [(a, end) for a, end in running if end >= n]
+        while sum(1 for j in queue if j.org == 0) < 2 * slots:  # the stream never dries up
+            queue.append(JobView(next(ids), 0, rnd.choice(small_gpus), created_at=float(n)))
+        used = sum(a.slots for a, _ in running)
+        views = [
+            OrgView(**{**o.__dict__, "used_gpus": u, "used_slots": u})
+            for o in orgs
+            for u in [sum(a.gpus for a, _ in running if a.org == o.id)]
+        ]
+        result = plan(
+            [PoolView("p0", slots, used)],
+            views,
+            queue,
+            [a for a, _ in running],
+            half_life_s=0,
+            now=float(n),
+            reserve_after_s=float(reserve_after_passes),
+        )
+        check_plan([pool], views, queue, [a for a, _ in running], result)
+        job_by = {j.id: j for j in queue}
+        for adm in result.admit:
+            if adm.job == big.id:
+                return n
+            j = job_by[adm.job]
+            running.append(
+                (
+                    AllocationView(next(ids), j.id, j.org, "p0", j.gpus, adm.slots, False),
+                    n + rnd.choice(durations),
+                )
+            )
+        queue = [j for j in queue if j.id not in {a.job for a in result.admit}]
+    return None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(2, 16),
+    st.sampled_from([[1], [1, 2], [1, 1, 2, 3]]),
+    st.sampled_from([[1], [1, 2, 3], [2, 4]]),
+    st.integers(0, 5),
+    st.randoms(use_true_random=False),
+)
+def test_a_big_job_starts_within_a_bound_under_a_stream_of_small_jobs(slots, small, durations, after, rnd):
+    started = run_stream(slots, small, durations, slots, after, after + max(durations) + 40, rnd)
+    # Waits `after` passes to reserve, then holds the pool's slots as the running jobs end (each within
+    # max(durations) passes of the last admission before the reservation): a pass later it starts.
+    assert started is not None and started <= after + max(durations) + 1, started
+
+
+def test_without_reservations_the_big_job_starves():
+    import random
+
+    rnd = random.Random(3)
+    assert run_stream(8, [1, 2], [1, 2, 3], 8, math.inf, 200, rnd) is None  # the peer's FIFO-less backfill
+    assert run_stream(8, [1, 2], [1, 2, 3], 8, 5, 200, random.Random(3)) <= 5 + 3 + 1
+
+
+def test_the_reservation_is_explained_and_small_jobs_backfill_around_it():
+    pool = PoolView("p0", 8, used_slots=6)
+    orgs = [OrgView(0, nominal_gpus=8, used_gpus=6, used_slots=6), OrgView(1, nominal_gpus=8)]
+    big = JobView("big", 1, 8, created_at=0.0)
+    small = JobView("small", 0, 1, created_at=100.0)
+    running = [AllocationView(i, f"r{i}", 0, "p0", 2, 2, False) for i in range(3)]
+    result = plan([pool], orgs, [big, small], running, half_life_s=0, now=700.0, reserve_after_s=600.0)
+    assert result.admit == [] and result.held == {"p0": ("big", 2)}
+    assert result.waiting["big"] == (
+        "capacity: reserved for this job after waiting 700 s: 2 of its 8 slots held in pool 'p0'; smaller "
+        "jobs backfill only onto the rest; it starts when 6 more are freed there"
+    )
+    assert result.waiting["small"].startswith("capacity: 2 free slots in pool 'p0' are reserved for a job")
+    # Not aged yet: the small job takes a free slot (backfill), nothing is held.
+    result = plan([pool], orgs, [big, small], running, half_life_s=0, now=500.0, reserve_after_s=600.0)
+    assert [a.job for a in result.admit] == ["small"] and result.held == {}
