@@ -75,6 +75,7 @@ def job_index(request):
             "filters": f,
             "jobs": rows,
             "total": total,
+            "caption": f"{total} job{'' if total == 1 else 's'}",
             "page": page,
             "has_next": page * PAGE < total,
             "query": query.urlencode(),

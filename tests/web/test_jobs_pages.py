@@ -349,6 +349,9 @@ def test_browser_submit_the_example_job_watch_the_reward_grow_live_and_download_
     with open(info.value.path(), "rb") as downloaded:
         assert downloaded.read() == stored and len(stored) > 0
     shot(page, "job")
+    page.goto("/jobs/?state=succeeded")
+    expect(page.get_by_role("link", name="arithmetic-grpo")).to_be_visible()
+    shot(page, "jobs")
     page.goto("/")
     expect(page.get_by_role("link", name="arithmetic-grpo")).to_be_visible()
     shot(page, "dashboard")
