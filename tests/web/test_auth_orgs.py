@@ -17,7 +17,7 @@ from portal.services.orgs import organization_create
 from portal.web.tenancy import SESSION_ORG_KEY
 from tests.web.conftest import shot
 from tests.web.pages import signed_in, unlabelled_fields
-from tests.web.test_jobs_pages import submit
+from tests.web.test_jobs_pages import field_errors, submit
 
 pytestmark = pytest.mark.django_db
 User = get_user_model()
@@ -28,11 +28,6 @@ SIGNUP = {
     "org_name": "Dana's Lab",
     "org_slug": "dana-lab",
 }
-
-
-def field_errors(html: str) -> dict[str, str]:
-    found = re.findall(r'<p class="field-error" role="alert" data-field="([^"]+)">([^<]*)</p>', html)
-    return {k: v.replace("&#x27;", "'").replace("&quot;", '"') for k, v in found}
 
 
 def test_sign_up_creates_the_user_and_their_organization_and_signs_in(client):
