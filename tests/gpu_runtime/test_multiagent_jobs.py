@@ -205,3 +205,37 @@ def test_a_rule_based_opponent_is_played_but_not_trained(warm_start):
     assert {"reward/x/mean", "reward/o/mean", "game/o/win_rate", "policy/me/loss"} <= m.keys()
     assert not any(k.startswith("policy/bot/") for k in m)
     assert m["policy/me/reward/mean"] == m["reward/x/mean"]
+    # An eval job plays greedy games against the same opponent and reports per-role results.
+    body = job(warm_start, ma, steps=1).model_dump(mode="json")
+    body.update(
+        kind="eval", algorithm={"name": "eval", "batch_size": 4, "group_size": 1, "max_new_tokens": 4}
+    )
+    (ev,) = by_type(run(JobSpec.model_validate(body), None), "metrics").values()
+    assert ev["eval/episodes/failed"] == 0.0
+    for role in ("x", "o"):
+        assert -2.5 <= ev[f"eval/reward/{role}/mean"] <= 1.0 and 0 <= ev[f"eval/game/{role}/win_rate"] <= 1
+    assert ev["eval/game/x/win_rate"] + ev["eval/game/o/win_rate"] <= 1.0
+
+
+@pytest.mark.slow
+def test_ray_actors_run_the_same_two_policy_step_as_in_process(warm_start, ray_session, tmp_path):
+    # Both policies fully fine-tuned here: PEFT draws a LoRA adapter's initial A matrix from the global torch
+    # RNG, which is in a different state in a Ray actor than in this process.
+    ma = {"policies": {"px": {}, "po": {"learning_rate": 3e-3}}, "roles": {"x": "px", "o": "po"}}
+    spec = job(warm_start, ma, steps=1)
+    local = by_type(run(spec, None), "metrics")[1]
+    out = io.StringIO()
+    group = MultiAgentGroup(spec, use_ray=True)  # trainer actors per policy + one rollout actor
+    try:
+        result = MultiAgentController(spec, JsonlSink(out), group, f"file://{tmp_path}").run()
+    finally:
+        group.shutdown()
+    assert result.exit_code == EXIT_OK
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    remote = by_type(lines, "metrics")[1]
+    assert remote.keys() == local.keys()
+    for k, v in local.items():
+        if isinstance(v, float) and not k.startswith(NOT_COMPARED):
+            assert remote[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    (ck,) = by_type(lines, "checkpoint").values()
+    assert {"px/model.safetensors", "po/model.safetensors"} <= {f["name"] for f in ck["files"]}
