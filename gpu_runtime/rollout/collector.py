@@ -17,7 +17,7 @@ from dataclasses import replace
 from gpu_runtime.batch import Sample
 from gpu_runtime.rollout.base import RolloutEngine, SamplingParams
 from opentinker.env.base import Environment
-from opentinker.env.protocol import Episode, Generation, TurnProtocol
+from opentinker.env.protocol import Episode, Generation, StopReason, TurnProtocol
 
 
 class _Batcher:
@@ -103,7 +103,11 @@ def run_episodes(
     batcher = _Batcher(engine, sampling, len(seeds))
 
     def one(index: int) -> Episode:
-        env = make_env()
+        try:
+            env = make_env()
+        except Exception as e:  # fails this episode; the batcher must not wait for it (it would hang)
+            batcher.episode_done()
+            return Episode(stop_reason=StopReason.ENV_ERROR, error=f"environment failed to start: {e!r}")
         try:
             gen = functools.partial(batcher.generate, index)
             return protocol.run(env, gen, codec, seeds[index])

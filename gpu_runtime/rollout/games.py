@@ -48,20 +48,20 @@ def run_games(
     batcher = _Batcher(engines, sampling, len(seeds))
 
     def one(index: int) -> MultiAgentEpisode:
-        env = None
         try:
             env = make_env()
-            players = {
-                role: RulePolicy() if p is None else functools.partial(batcher.generate, index, policy=p)
-                for role, p in role_policy.items()
-            }
+        except Exception as e:  # fails this game; the batcher must not wait for it (it would hang)
+            batcher.episode_done()
+            return MultiAgentEpisode({}, StopReason.ENV_ERROR, f"environment failed to start: {e!r}")
+        players = {
+            role: RulePolicy() if p is None else functools.partial(batcher.generate, index, policy=p)
+            for role, p in role_policy.items()
+        }
+        try:  # environment errors fail the game inside the protocol; an engine error fails the step
             return protocol.run(env, players, codecs, seeds[index])
-        except Exception as e:  # an environment that cannot even be built fails its game, not the step
-            return MultiAgentEpisode({}, StopReason.ENV_ERROR, f"{type(e).__name__}: {e}")
         finally:
             batcher.episode_done()
-            if env is not None:
-                env.close()
+            env.close()
 
     with ThreadPoolExecutor(max_workers=max(1, len(seeds))) as pool:
         futures = [pool.submit(one, i) for i in range(len(seeds))]
