@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -66,4 +68,5 @@ def org_switch(request):
 
 def _section_of(path: str) -> str:
     first = path.strip("/").split("/", 1)[0]
-    return f"/{first}/" if first else "/"
+    # Only a plain section name: never something a browser could read as another host ("/\\evil").
+    return f"/{first}/" if re.fullmatch(r"[a-z][a-z-]{0,30}", first) else "/"

@@ -127,9 +127,9 @@ def test_the_switcher_refuses_foreign_organizations_and_outside_redirects(alice,
     r = c.post("/orgs/switch/", {"organization": "globex", "next": "/"}, follow=True)
     assert "You are not a member of that organization." in r.content.decode()
     assert c.session[SESSION_ORG_KEY] == "acme"
-    assert (
-        c.post("/orgs/switch/", {"organization": "acme", "next": "https://evil.example/"})["Location"] == "/"
-    )
+    for outside in ("https://evil.example/", "//evil.example/", "/\\evil.example/jobs/", "/%5Cevil/"):
+        r = c.post("/orgs/switch/", {"organization": "acme", "next": outside})
+        assert r["Location"] == "/", outside
 
 
 def test_a_user_without_an_organization_is_asked_to_create_one(make_user):
