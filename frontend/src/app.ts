@@ -1,12 +1,7 @@
 // Behaviour shared by every portal page. Pages work without it (plain forms and links); this adds
-// conveniences: copy buttons, the organization switcher submits on change. (htmx requests carry the CSRF
-// token through hx-headers on <body>.)
-declare global {
-  interface Window {
-    htmx?: unknown;
-  }
-}
-
+// conveniences: copy buttons. (htmx requests carry the CSRF token through hx-headers on <body>.) The
+// organization switcher has its own button rather than submitting on change, so choosing with the arrow
+// keys never navigates away (WCAG 3.2.2).
 async function copyText(text: string): Promise<boolean> {
   try {
     await navigator.clipboard.writeText(text);
@@ -31,11 +26,6 @@ document.addEventListener("click", async (e) => {
   const ok = await copyText((target.textContent || "").trim());
   const status = document.getElementById(button.dataset.copyStatus || "") || button;
   status.textContent = ok ? "Copied" : "Copy failed: select the text and copy it";
-});
-
-document.addEventListener("change", (e) => {
-  const select = e.target as HTMLElement;
-  if (select.matches("select[data-autosubmit]")) (select as HTMLSelectElement).form?.requestSubmit();
 });
 
 export {};

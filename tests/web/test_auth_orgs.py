@@ -194,7 +194,8 @@ def test_browser_sign_up_create_an_organization_and_switch(page, live_url):
     expect(page.get_by_role("heading", name="Second Lab")).to_be_visible()
     expect(page.get_by_label("Organization")).to_have_value("second-lab")
 
-    page.get_by_label("Organization").select_option("dana-lab")  # submits itself on change
+    page.get_by_label("Organization").select_option("dana-lab")
+    page.get_by_role("button", name="Switch").click()
     expect(page.get_by_role("heading", name="Dana's Lab")).to_be_visible()
     expect(page.locator(".messages")).to_contain_text("Now working in Dana's Lab.")
 
