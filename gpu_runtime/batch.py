@@ -62,6 +62,12 @@ class MicroBatch:
     ref_logprobs: Tensor | None
     values: Tensor | None
 
+    def to(self, device: torch.device | str) -> MicroBatch:
+        if torch.device(device).type == "cpu":
+            return self
+        moved = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in vars(self).items()}
+        return MicroBatch(**moved)
+
 
 def collate(samples: list[Sample]) -> MicroBatch:
     T = max(len(s.token_ids) for s in samples)

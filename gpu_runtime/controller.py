@@ -85,19 +85,23 @@ class RayGroup:
         self.world_size = world_size
         gpus = spec.resources.gpus
         n_actors = world_size + int(rollout)
+        # The rollout worker gets a GPU of its own when the job has one to spare; otherwise it shares rank
+        # 0's bundle (half each), so a one-GPU job fits on one GPU.
+        colocate = rollout and 0 < gpus <= world_size
         if gpus > 0:
-            bundles = [{"CPU": 1, "GPU": 1} for _ in range(n_actors)]
+            bundles = [{"CPU": 1, "GPU": 1} for _ in range(n_actors - int(colocate))]
+            bundles[0]["CPU"] += int(colocate)
         else:
             cpu = min(1.0, ray.cluster_resources().get("CPU", 1) / n_actors)
             bundles = [{"CPU": cpu} for _ in range(n_actors)]
         self.pg = placement_group(bundles, strategy="PACK")
         ray.get(self.pg.ready(), timeout=120)
 
-        def opts(i: int) -> dict[str, Any]:
+        def opts(i: int, share: float = 1.0) -> dict[str, Any]:
             b = bundles[i]
             return dict(
-                num_cpus=b["CPU"],
-                num_gpus=b.get("GPU", 0),
+                num_cpus=b["CPU"] * share,
+                num_gpus=b.get("GPU", 0) * share,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             )
 
@@ -105,10 +109,11 @@ class RayGroup:
         master = f"127.0.0.1:{free_port()}"  # single-node; a multi-node pool would use rank 0's node IP
         rank_cls = ray.remote(RankWorker)
         self.ranks = [
-            rank_cls.options(**opts(r)).remote(js, r, world_size, master) for r in range(world_size)
+            rank_cls.options(**opts(r, 0.5 if colocate and r == 0 else 1.0)).remote(js, r, world_size, master)
+            for r in range(world_size)
         ]
         self.rollout = (
-            ray.remote(RolloutWorker).options(**opts(world_size)).remote(js)
+            ray.remote(RolloutWorker).options(**(opts(0, 0.5) if colocate else opts(world_size))).remote(js)
             if spec.environment is not None and rollout
             else None
         )

@@ -11,6 +11,7 @@ micro-batches to guarantee it):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -73,13 +74,15 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _shard(model: nn.Module, layers: nn.ModuleList | None) -> None:
+def _shard(model: nn.Module, layers: nn.ModuleList | None, *, bf16: bool = False) -> None:
     # FSDP2: each decoder layer is one unit (all-gathered just in time), the root holds embeddings and head.
-    from torch.distributed.fsdp import fully_shard
+    # Mixed precision on GPU: fp32 master weights and optimizer, bf16 all-gathered compute, fp32 gradients.
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kw = {"mp_policy": MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
     for layer in layers or []:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
@@ -143,11 +146,16 @@ class Trainer:
         self.cfg = TrainerConfig.from_spec(spec)
         self.device = device
         self.rank, self.world_size = _world()
+        # FSDP2 whenever a process group is up: several ranks, or one GPU rank under NCCL (same code path).
+        self.sharded = dist.is_available() and dist.is_initialized()
         # Each group's prompt forward (and backward) once instead of once per sample (shared_prefix.py). Not
         # under FSDP: its two forwards before one backward trip FSDP2's post-backward reshard ("setStorage ...
         # out of bounds"), so sharded ranks take the plain path.
-        self.share_prefix = self.world_size == 1
-        loaded = load_model(spec.model.base, seed=spec.seed)
+        self.share_prefix = not self.sharded
+        # Mixed precision on GPU (dtype "auto"): fp32 weights, bf16 compute (FSDP's policy or autocast).
+        self.amp = device.startswith("cuda") and spec.model.dtype == "auto"
+        dtype = torch.float32 if spec.model.dtype == "auto" else getattr(torch, spec.model.dtype)
+        loaded = load_model(spec.model.base, seed=spec.seed, dtype=dtype)
         self.tokenizer = loaded.tokenizer
         model = loaded.model.to(device)
         self.ref: nn.Module | None = None
@@ -171,12 +179,10 @@ class Trainer:
                 ),
             )
         self.model = model
-        if self.world_size > 1:
-            _shard(self.model, _decoder_layers(self.model))
-            if self.ref is not None:
-                _shard(self.ref, _decoder_layers(self.ref))
-            if self.critic is not None:
-                _shard(self.critic, _decoder_layers(self.critic))
+        if self.sharded:
+            for m in (self.model, self.ref, self.critic):
+                if m is not None:
+                    _shard(m, _decoder_layers(m), bf16=self.amp)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
         # Constant schedule; a LambdaLR so the scheduler state is part of every checkpoint from day one.
@@ -193,11 +199,12 @@ class Trainer:
         """Fill `old_logprobs` / `ref_logprobs` / `values` of `samples` in place (frozen before updating)."""
         self.model.eval()
         for chunk in split_micro(samples, n_micro):
-            mb = collate(chunk)
+            mb = collate(chunk).to(self.device)
             lengths = [len(s.token_ids) for s in chunk]
             plan = self._plan(chunk)
             if old:
-                lp, _ = token_logprobs(self.model, mb, self.cfg.temperature, plan=plan)
+                with self._autocast():
+                    lp, _ = token_logprobs(self.model, mb, self.cfg.temperature, plan=plan)
                 for s, row in zip(chunk, unshift(lp, lengths), strict=True):
                     s.old_logprobs = row
             if ref:
@@ -205,7 +212,8 @@ class Trainer:
                 for s, row in zip(chunk, unshift(lp, lengths), strict=True):
                     s.ref_logprobs = row
             if values and self.critic is not None:
-                v = self.critic(mb.input_ids, mb.attention_mask)
+                with self._autocast():
+                    v = self.critic(mb.input_ids, mb.attention_mask)
                 for s, row in zip(chunk, unshift(v, lengths), strict=True):
                     s.values = row
         self.model.train()
@@ -213,11 +221,18 @@ class Trainer:
     def _plan(self, chunk: list[Sample]) -> PrefixPlan | None:
         return plan_for_samples(chunk) if self.share_prefix else None
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        # Unsharded GPU ranks: autocast to bf16 (sharded ones get bf16 compute from FSDP's policy).
+        if self.amp and not self.sharded:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _ref_logprobs(self, mb: MicroBatch, plan: PrefixPlan | None) -> torch.Tensor:
-        if self.ref is not None:
-            return token_logprobs(self.ref, mb, self.cfg.temperature, plan=plan)[0]
-        with self.model.disable_adapter():  # LoRA: the base model is the reference
-            return token_logprobs(self.model, mb, self.cfg.temperature, plan=plan)[0]
+        with self._autocast():
+            if self.ref is not None:
+                return token_logprobs(self.ref, mb, self.cfg.temperature, plan=plan)[0]
+            with self.model.disable_adapter():  # LoRA: the base model is the reference
+                return token_logprobs(self.model, mb, self.cfg.temperature, plan=plan)[0]
 
     # ---- updates -------------------------------------------------------------------------------------
     def train_minibatch(self, samples: list[Sample], norm: LossNorm, n_micro: int) -> dict[str, float]:
@@ -230,9 +245,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums = dict.fromkeys(("tokens", "loss", "kl", "entropy", "clip", "gap", "ratio", "is_weight"), 0.0)
         for chunk in split_micro(samples, n_micro):
-            mb = collate(chunk)
+            mb = collate(chunk).to(self.device)
             m = mb.loss_mask
-            logp, ent = token_logprobs(self.model, mb, c.temperature, entropy=True, plan=self._plan(chunk))
+            with self._autocast():
+                logp, ent = token_logprobs(
+                    self.model, mb, c.temperature, entropy=True, plan=self._plan(chunk)
+                )
             if c.algorithm == "sft":
                 tok_loss = sft_loss(logp)
                 old = logp.detach()
@@ -279,8 +297,9 @@ class Trainer:
         self.critic_opt.zero_grad(set_to_none=True)
         total = 0.0
         for chunk in split_micro(samples, n_micro):
-            mb = collate(chunk)
-            v = self.critic(mb.input_ids, mb.attention_mask)
+            mb = collate(chunk).to(self.device)
+            with self._autocast():
+                v = self.critic(mb.input_ids, mb.attention_mask)
             old_v = mb.values if mb.values is not None else v.detach()
             loss = aggregate(value_loss(v, old_v, mb.returns, VALUE_CLIP), mb.loss_mask, "token-mean", norm)
             loss.backward()
@@ -311,7 +330,7 @@ class Trainer:
         if lora:
             self.model.merge_adapter()
         try:
-            if self.world_size > 1:
+            if self.sharded:
                 sd = get_model_state_dict(
                     self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
                 )
@@ -341,9 +360,10 @@ class Trainer:
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
+                **({"cuda": torch.cuda.get_rng_state_all()} if self.device.startswith("cuda") else {}),
             },
         }
-        if self.world_size > 1:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             state["optimizer"] = get_optimizer_state_dict(
@@ -367,11 +387,11 @@ class Trainer:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.model, weights)
-        elif self.world_size > 1:
+        elif self.sharded:
             set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True))
         else:
             self.model.load_state_dict(weights)
-        if self.world_size > 1:
+        if self.sharded:
             set_optimizer_state_dict(
                 self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
             )
@@ -381,6 +401,8 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
+        if "cuda" in state["rng"] and self.device.startswith("cuda"):
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if self.critic is not None and "critic" in state:
             self.critic.load_state_dict(state["critic"])
             self.critic_opt.load_state_dict(state["critic_optimizer"])

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from gpu_runtime.algorithms import LossNorm
 from gpu_runtime.batch import Sample
 from gpu_runtime.envs import env_factory, protocol_kind
-from gpu_runtime.models import load_model
+from gpu_runtime.models import load_model, torch_dtype
 from gpu_runtime.rollout.base import SamplingParams
 from gpu_runtime.rollout.collector import episode_to_sample, run_episodes
 from gpu_runtime.rollout.hf import HFEngine
@@ -34,20 +34,40 @@ def configure_threads(spec: JobSpec) -> None:
     torch.set_num_threads(n)
 
 
+def job_device(spec: JobSpec) -> str:
+    return "cuda" if spec.resources.gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
 class RankWorker:
-    def __init__(
-        self, spec_json: str, rank: int = 0, world_size: int = 1, master: str = "127.0.0.1:29500"
-    ) -> None:
-        if world_size > 1 and not dist.is_initialized():
+    """One trainer rank. With a `master` address (Ray and multi-process launches) it joins a process group:
+    gloo on CPU when there are several ranks; NCCL on GPU, even for one rank, so a single-GPU job runs the
+    same FSDP2 code path as a multi-GPU one. In-process (`LocalGroup`, no master) it never does."""
+
+    def __init__(self, spec_json: str, rank: int = 0, world_size: int = 1, master: str | None = None) -> None:
+        spec = JobSpec.model_validate_json(spec_json)
+        device = job_device(spec)
+        if master is not None and (world_size > 1 or device == "cuda") and not dist.is_initialized():
             addr, port = master.rsplit(":", 1)
             os.environ.update(MASTER_ADDR=addr, MASTER_PORT=port)
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = "nccl" if device == "cuda" else "gloo"
             dist.init_process_group(backend, rank=rank, world_size=world_size)
+        elif world_size > 1 and not dist.is_initialized():
+            raise ValueError("several trainer ranks need a master address")
         from gpu_runtime.trainer import Trainer  # after the process group exists: Trainer shards on init
 
-        spec = JobSpec.model_validate_json(spec_json)
         configure_threads(spec)
-        self.trainer = Trainer(spec)
+        self.trainer = Trainer(spec, device=device)
+
+    def runtime_info(self) -> dict[str, Any]:
+        """What this rank runs on (the GPU smoke test checks it)."""
+        t = self.trainer
+        return {
+            "device": str(next(t.model.parameters()).device),
+            "backend": dist.get_backend() if dist.is_initialized() else None,
+            "sharded": t.sharded,
+            "param_dtype": str(next(t.model.parameters()).dtype),
+            "mixed_precision": t.amp,
+        }
 
     def logprobs(
         self, samples: list[Sample], n_micro: int, old: bool, ref: bool, values: bool
@@ -76,6 +96,7 @@ class RankWorker:
         state = t.train_state()
         if t.rank != 0:
             return None
+        weights = {k: v.cpu() for k, v in weights.items()}  # safetensors writes host memory
         base = t.model.get_base_model() if adapter else t.model
         return {
             "weights": weights,
@@ -105,9 +126,13 @@ class RolloutWorker:
         assert spec.environment is not None
         configure_threads(spec)
         self.spec = spec
-        loaded = load_model(spec.model.base, seed=spec.seed)
+        device = job_device(spec)
+        # bf16 sampling on GPU (dtype "auto"); the trainer's mixed-precision log-probs are compared with these
+        # by the log-prob gap metric, and truncated importance sampling (`tis_cap`) corrects for the mismatch.
+        loaded = load_model(
+            spec.model.base, seed=spec.seed, dtype=torch_dtype(spec.model.dtype, device=device)
+        )
         self.tokenizer = loaded.tokenizer
-        device = "cuda" if torch.cuda.is_available() and spec.resources.gpus > 0 else "cpu"
         self.engine = HFEngine(loaded.model, pad_id=self.tokenizer.pad_token_id, device=device)
         self.make_env = env_factory(spec.environment)
         self.codec = HFChatCodec(self.tokenizer)
