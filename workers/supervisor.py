@@ -126,14 +126,19 @@ def supervise(now=None) -> dict:
                 stats["launched"] += 1
             continue
         driver = driver_for(alloc.pool)
-        if alloc.pool.driver == ComputePool.Driver.RAY:
-            stats["reaped"] += int(driver.follow(alloc))
-            continue
+        ray = alloc.pool.driver == ComputePool.Driver.RAY
+        if ray:
+            # The supervisor is the Ray job's runner: it asks the cluster, which heartbeats a live job.
+            if driver.follow(alloc):
+                stats["reaped"] += 1
+                continue
+            alloc.refresh_from_db(fields=["heartbeat_at"])
         beat = alloc.heartbeat_at or alloc.launched_at
         if now - beat > heartbeat_timeout:
-            # The runner (or its whole node) is gone: nobody can report this attempt's outcome.
+            # The runner (or its whole node; for Ray, the cluster) is gone: nobody can report this outcome.
             driver.kill(alloc)
-            job_process_exited(allocation_id=alloc.pk, exit_code=None, detail="runner heartbeat lost")
+            what = "ray cluster not answering" if ray else "runner heartbeat lost"
+            job_process_exited(allocation_id=alloc.pk, exit_code=None, detail=what)
             stats["reaped"] += 1
             continue
         runtime_beat = job.last_heartbeat_at
