@@ -87,19 +87,37 @@ def policy_spec(spec: JobSpec, policy: PolicySpec) -> JobSpec:
     )
 
 
+def _default_mapping(spec: JobSpec, cls: type[MultiAgentEnvironment]) -> MultiAgentSpec:
+    """No `multi_agent`: self-play, or the built-ins' `opponent: rule` config (one role trained, the others
+    played by the rule-based player) as `opentinker.env.builtin.make_builtin` reads it."""
+    assert spec.environment is not None
+    config = spec.environment.config
+    if config.get("opponent", "policy") == "policy":
+        return MultiAgentSpec(policies={SELF_PLAY: PolicySpec()}, roles=dict.fromkeys(cls.roles, SELF_PLAY))
+    if config["opponent"] != "rule":
+        raise ValueError("environment.config.opponent must be 'rule' or 'policy'")
+    trained = config.get("role", cls.roles[0])
+    if trained not in cls.roles:
+        raise ValueError(f"environment.config.role: {cls.name} has no role {trained!r}")
+    roles = {r: SELF_PLAY if r == trained else "rule" for r in cls.roles}
+    return MultiAgentSpec(policies={SELF_PLAY: PolicySpec(), "rule": PolicySpec(kind="rule")}, roles=roles)
+
+
 def resolve(spec: JobSpec) -> MultiAgentSetup:
     """Check `spec.multi_agent` against the environment; ValueError with every problem named."""
     assert spec.environment is not None
     cls = _env_class(spec)
     name = getattr(cls, "name", "") or spec.environment.ref
+    if spec.multi_agent is not None and "opponent" in spec.environment.config:
+        raise ValueError(
+            "environment.config.opponent and multi_agent both say who plays: keep multi_agent only"
+        )
     if not (isinstance(cls, type) and issubclass(cls, MultiAgentEnvironment)):
         raise ValueError(
             f"multi_agent: {spec.environment.ref} is a single-agent environment; "
             "multi_agent settings need one with several roles"
         )
-    mapping = spec.multi_agent or MultiAgentSpec(
-        policies={SELF_PLAY: PolicySpec()}, roles=dict.fromkeys(cls.roles, SELF_PLAY)
-    )
+    mapping = spec.multi_agent or _default_mapping(spec, cls)
     rule_player = cls.rule_based_action is not MultiAgentEnvironment.rule_based_action
     errors = mapping.role_errors(name, cls.roles, rule_player=rule_player)
     if errors:

@@ -58,6 +58,27 @@ def test_distinct_policies_get_their_own_model_and_optimizer_settings():
     assert (po.algorithm.learning_rate, po.model.lora.rank) == (1e-5, 8)
 
 
+def test_the_builtins_opponent_config_means_a_rule_based_opponent():
+    setup = resolve(spec(environment={**TTT, "config": {"opponent": "rule", "role": "o"}}))
+    assert setup.trained == ["main"] and setup.role_policy == {"x": None, "o": "main"}
+    assert resolve(spec(environment={**TTT, "config": {"opponent": "policy"}})).role_policy == {
+        "x": "main",
+        "o": "main",
+    }
+    for config, message in [
+        ({"opponent": "human"}, "opponent must be 'rule' or 'policy'"),
+        ({"opponent": "rule", "role": "z"}, "tic-tac-toe has no role 'z'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            resolve(spec(environment={**TTT, "config": config}))
+    both = spec(
+        {"policies": {"p": {}}, "roles": {"x": "p", "o": "p"}},
+        environment={**TTT, "config": {"opponent": "rule"}},
+    )
+    with pytest.raises(ValueError, match="keep multi_agent only"):
+        resolve(both)
+
+
 def test_a_rule_based_opponent_where_the_environment_offers_one():
     s = spec({"policies": {"me": {}, "bot": {"kind": "rule"}}, "roles": {"x": "me", "o": "bot"}})
     setup = resolve(s)
