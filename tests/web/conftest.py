@@ -11,7 +11,7 @@ How to use them (the page tests in this folder):
         expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
         shot(page, "jobs")                         # var/screenshots/jobs.png
 
-- ``browser``: one chromium for the whole session; ``page``: a fresh context (cookies) and page per test,
+- ``browser``: one chromium per test module; ``page``: a fresh context (cookies) and page per test,
   whose base URL is the live server, with a full-page screenshot saved as var/screenshots/FAILED-<test>.png
   when the test fails.
 - ``live_url``: the uvicorn server (tests/api/test_stream.py's ``uvicorn_url``). Tests must be
@@ -19,8 +19,8 @@ How to use them (the page tests in this folder):
 - The browser tests are skipped, saying why, only when chromium is not installed (``make test`` installs it
   where it is root on Debian). Playwright's own browser download is never used.
 - Playwright's sync API runs an event loop in the test's thread, which makes Django refuse ORM calls there
-  ("async context"); the ``browser`` fixture sets DJANGO_ALLOW_ASYNC_UNSAFE for as long as it lives, which
-  is safe here: the test thread is still one thread doing one thing at a time.
+  ("async context"); the ``browser`` fixture sets DJANGO_ALLOW_ASYNC_UNSAFE for as long as it lives (one
+  module), which is safe here: the test thread is still one thread doing one thing at a time.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: Playwright stops (and its event loop with it) when a module's browser tests
+# are done, so the async-safety switch below never outlives them into other test modules.
+@pytest.fixture(scope="module")
 def browser():
     path = chromium_path()
     if path is None:
