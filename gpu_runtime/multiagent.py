@@ -29,13 +29,13 @@ from gpu_runtime import checkpoint, storage
 from gpu_runtime.batch import Sample
 from gpu_runtime.controller import Controller, LocalGroup, RayGroup, derive_seed
 from gpu_runtime.envs import env_factory
-from gpu_runtime.models import load_model
+from gpu_runtime.models import load_model, torch_dtype
 from gpu_runtime.rollout.base import SamplingParams
 from gpu_runtime.rollout.collector import episode_to_sample
 from gpu_runtime.rollout.games import WithStops, run_games
 from gpu_runtime.rollout.hf import HFEngine
 from gpu_runtime.sink import Sink
-from gpu_runtime.workers import RankWorker, configure_threads
+from gpu_runtime.workers import RankWorker, configure_threads, job_device
 from opentinker.env.codec import HFChatCodec
 from opentinker.env.multiagent import MultiAgentEnvironment, MultiAgentProtocol
 from opentinker.env.protocol import Budget
@@ -140,11 +140,12 @@ class MultiAgentRolloutWorker:
         configure_threads(spec)
         self.spec = spec
         self.setup = resolve(spec)
-        device = "cuda" if torch.cuda.is_available() and spec.resources.gpus > 0 else "cpu"
+        device = job_device(spec)
         self.engines: dict[str, WithStops] = {}
         codecs: dict[str, HFChatCodec] = {}
         for name in self.setup.trained:
-            loaded = load_model(self.setup.specs[name].model.base, seed=spec.seed)
+            model = self.setup.specs[name].model  # bf16 sampling on GPU, as the single-agent rollout worker
+            loaded = load_model(model.base, seed=spec.seed, dtype=torch_dtype(model.dtype, device=device))
             codecs[name] = HFChatCodec(loaded.tokenizer)
             engine = HFEngine(loaded.model, pad_id=loaded.tokenizer.pad_token_id, device=device)
             self.engines[name] = WithStops(engine, codecs[name].stop_ids)
@@ -204,7 +205,8 @@ class _LocalRanks(LocalGroup):
 
 class MultiAgentGroup:
     """Trainer ranks per trained policy (in process, or Ray actors in a placement group per policy) and one
-    rollout worker holding every policy's engine."""
+    rollout worker holding every policy's engine. In process everything shares the job's device; with Ray
+    on GPUs each policy's ranks take `world_size` GPUs and the rollout worker one more."""
 
     def __init__(self, spec: JobSpec, *, use_ray: bool = False, world_size: int = 1) -> None:
         self.setup = resolve(spec)
