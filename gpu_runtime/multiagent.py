@@ -261,6 +261,8 @@ class _PolicyView:
 
     def rollout_call(self, method: str, *args: Any) -> Any:
         if method == "collect":
+            # The step's games ran already; a further call (DAPO refill) gets nothing: a policy cannot play
+            # more games alone, so dynamic sampling here drops flat groups without refilling the batch.
             samples, self.samples = self.samples, []
             return samples, {}
         if method == "load_weights":

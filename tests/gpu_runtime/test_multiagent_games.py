@@ -11,9 +11,16 @@ import pytest
 from gpu_runtime.rollout.base import GenerateResult, RolloutEngine, SamplingParams
 from gpu_runtime.rollout.collector import run_episodes
 from gpu_runtime.rollout.games import WithStops, run_games
+from opentinker.env.base import Observation
 from opentinker.env.builtin.tictactoe import TicTacToeEnv
 from opentinker.env.codec import ByteCodec
-from opentinker.env.multiagent import MultiAgentProtocol
+from opentinker.env.multiagent import (
+    MultiAgentEnvironment,
+    MultiAgentProtocol,
+    MultiStepResult,
+    RewardMode,
+    TurnOrder,
+)
 from opentinker.env.protocol import Budget, StopReason, TurnProtocol
 from tests.gpu_runtime.test_controller import CoinEnv
 
@@ -71,6 +78,57 @@ def test_each_role_is_played_by_its_policys_engine_batched_across_games():
         assert g.rewards == {"x": 1.0, "o": -1.0}
     # All three games wait on X together, then on O: one batch of 3 per move, on the right engine only.
     assert engines["first"].batches == [3, 3, 3] and engines["last"].batches == [3, 3]
+
+
+class Pennies(MultiAgentEnvironment):
+    """Matching pennies, both roles at once, two rounds: raw reward 1 to `even` on a match, else to `odd`."""
+
+    name = "pennies"
+    roles = ("even", "odd")
+    turn_order = TurnOrder.SIMULTANEOUS
+    reward_mode = RewardMode.ZERO_SUM
+
+    def reset(self, seed: int) -> dict[str, Observation]:
+        self.round = 0
+        return {r: Observation("heads or tails?") for r in self.roles}
+
+    def step(self, actions: dict[str, str]) -> MultiStepResult:
+        self.round += 1
+        match = actions["even"] == actions["odd"]
+        obs = {r: Observation(f"round {self.round}: {actions['even']}/{actions['odd']}") for r in self.roles}
+        return MultiStepResult(obs, {"even": float(match), "odd": float(not match)}, self.round == 2)
+
+
+class Say(RolloutEngine):
+    def __init__(self, text: str) -> None:
+        self.text, self.batches = text, []
+
+    def generate(self, prompts, sampling):
+        self.batches.append(len(prompts))
+        ids = [CODEC.encode_text(self.text) for _ in prompts]
+        return GenerateResult(ids, [[0.0] * len(i) for i in ids], [True] * len(ids))
+
+    def load_weights(self, state_dict) -> None:
+        pass
+
+
+def test_simultaneous_roles_wait_at_the_barrier_and_get_zero_sum_rewards():
+    engines = {"h": Say("heads"), "t": Say("tails")}
+    games = run_games(
+        Pennies,
+        MultiAgentProtocol(Budget(max_turns=5, max_new_tokens=8)),
+        {"even": CODEC, "odd": CODEC},
+        engines,
+        {"even": "h", "odd": "t"},
+        SamplingParams(max_new_tokens=8),
+        [0, 1, 2, 3],
+    )
+    for g in games:
+        assert (g.stop_reason, g.rounds) == (StopReason.DONE, 2)
+        # No match in either round: raw (0, 1) -> zero-sum (-0.5, +0.5) per round.
+        assert g.per_role["even"].turn_rewards == [-0.5, -0.5] and g.rewards == {"even": -1.0, "odd": 1.0}
+        assert "round 1: heads/tails" in CODEC.decode(g.per_role["odd"].token_ids)
+    assert engines["h"].batches == [4, 4] and engines["t"].batches == [4, 4]  # one batch per role per round
 
 
 def test_swapping_the_mapping_swaps_who_plays_how():
