@@ -24,7 +24,7 @@ from workers.tasks import schedule_soon
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
 
 
-def start_worker(tmp_path, log_name):
+def start_worker(tmp_path, log_name, **extra_env):
     db = connection.settings_dict
     env = {
         **os.environ,
@@ -37,6 +37,7 @@ def start_worker(tmp_path, log_name):
         "OPENTINKER_SUPERVISE_EVERY_S": "1",
         "OPENTINKER_RUNNER_HEARTBEAT_S": "0.5",
         "OPENTINKER_LOCAL_CPU_SLOTS": "2",
+        **extra_env,
     }
     log = open(tmp_path / log_name, "wb")  # noqa: SIM115
     return subprocess.Popen(
