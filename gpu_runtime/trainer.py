@@ -137,7 +137,8 @@ class ValueModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.head(h[:, :-1].float()).squeeze(-1)
+        # In the hidden states' dtype: under FSDP mixed precision the head's weights are bf16 too.
+        return self.head(h[:, :-1]).float().squeeze(-1)
 
 
 class Trainer:
