@@ -365,6 +365,7 @@ def test_browser_submit_the_example_job_watch_the_reward_grow_live_and_download_
     for chart in ("kl", "entropy", "loss", "length"):
         expect(page.locator(f'[data-chart="{chart}"]')).to_have_attribute("data-points", "3")
     expect(page.locator("#job-state")).to_have_text("succeeded")  # the status header refreshed itself
+    expect(page.locator("#cancel-job")).to_have_count(0)  # ...and the actions: nothing left to cancel
 
     # Download the last checkpoint's first file: the bytes the runtime wrote.
     last = Checkpoint.objects.filter(job=job).order_by("-step").first()
