@@ -26,6 +26,11 @@ _owner: object = None  # the pytest config that started them (an in-process inne
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config, parser, args):
     global _services, _owner
+    if not os.environ.get("OBJECT_STORE_URL"):
+        # Tests (and the servers they start, which inherit this environment) never write into the repo's var/
+        objects = tempfile.mkdtemp(prefix="otk-test-objects-")
+        atexit.register(shutil.rmtree, objects, ignore_errors=True)
+        os.environ["OBJECT_STORE_URL"] = f"file://{objects}"
     if _services is not None or (os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL")):
         return
     root = Path(tempfile.mkdtemp(prefix="otk-test-"))
