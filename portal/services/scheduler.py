@@ -655,8 +655,13 @@ def queue_plan(now: datetime | None = None) -> tuple[Plan, list[JobView]]:
     """The plan a pass would make now, read-only (no locks, no writes): the admin queue's explanations."""
     from django.utils import timezone
 
-    now = now or timezone.now()
-    _, pools, orgs, queued, allocs, half_life = _load(now, lock=False)
+    _, queued, decided = _plan_at(now or timezone.now(), lock=False)
+    return decided, queued
+
+
+def _plan_at(now: datetime, *, lock: bool):
+    """Load the state (locking the pool rows for a real pass) and plan on it: (pool rows, queued, plan)."""
+    pool_rows, pools, orgs, queued, allocs, half_life = _load(now, lock=lock)
     decided = plan(
         pools,
         orgs,
@@ -666,7 +671,7 @@ def queue_plan(now: datetime | None = None) -> tuple[Plan, list[JobView]]:
         now=now.timestamp(),
         reserve_after_s=reserve_after_s(),
     )
-    return decided, queued
+    return pool_rows, queued, decided
 
 
 def schedule_pass(now: datetime | None = None) -> PassResult:
@@ -689,16 +694,7 @@ def schedule_pass(now: datetime | None = None) -> PassResult:
         with connection.cursor() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEDULER_LOCK])
         now = now or timezone.now()
-        pool_rows, pools, orgs, queued, allocs, half_life = _load(now, lock=True)
-        decided = plan(
-            pools,
-            orgs,
-            queued,
-            allocs,
-            half_life_s=half_life,
-            now=now.timestamp(),
-            reserve_after_s=reserve_after_s(),
-        )
+        pool_rows, _, decided = _plan_at(now, lock=True)
         pool_by_name = {p.name: p for p in pool_rows}
         used_indices: dict[int, set[int]] = defaultdict(set)
         for pool_id, indices in Allocation.objects.filter(released_at__isnull=True).values_list(

@@ -78,6 +78,20 @@ def write_spec(job: Job, path: Path) -> Path:
     return spec_path
 
 
+def capacity_report(gpus_by_type: dict[str, int], cpus: int, memory_bytes: int, slots: int = 0) -> dict:
+    """What a driver reports of its pool: GPUs by type or, without any GPU, CPU slots (``slots``, default
+    one per CPU)."""
+    cpu_slots = not gpus_by_type
+    kinds = gpus_by_type or {"cpu-slot": slots or cpus}
+    return {
+        "gpus_by_type": kinds,
+        "total_gpus": sum(kinds.values()),
+        "cpus": cpus,
+        "memory_bytes": memory_bytes,
+        "cpu_slots": cpu_slots,
+    }
+
+
 def driver_for(pool: ComputePool):
     if pool.driver == ComputePool.Driver.RAY:
         from workers.drivers.ray import RayDriver

@@ -21,7 +21,7 @@ import psutil
 from django.conf import settings
 
 from portal.models import Allocation, ComputePool
-from workers.drivers import runtime_command
+from workers.drivers import capacity_report, runtime_command
 
 HOST = socket.gethostname()
 
@@ -42,22 +42,8 @@ def probe_capacity() -> dict:
             gpus = {}
     cpus = os.cpu_count() or 1
     memory = psutil.virtual_memory().total
-    if gpus:
-        return {
-            "gpus_by_type": gpus,
-            "total_gpus": sum(gpus.values()),
-            "cpus": cpus,
-            "memory_bytes": memory,
-            "cpu_slots": False,
-        }
-    slots = int(getattr(settings, "OPENTINKER_LOCAL_CPU_SLOTS", 0) or cpus)
-    return {
-        "gpus_by_type": {"cpu-slot": slots},
-        "total_gpus": slots,
-        "cpus": cpus,
-        "memory_bytes": memory,
-        "cpu_slots": True,
-    }
+    slots = 0 if gpus else int(getattr(settings, "OPENTINKER_LOCAL_CPU_SLOTS", 0) or cpus)
+    return capacity_report(gpus, cpus, memory, slots)
 
 
 def pid_alive(pid: int) -> bool:

@@ -25,6 +25,7 @@ import shlex
 from django.conf import settings
 
 from portal.models import Allocation, ComputePool, Job
+from workers.drivers import capacity_report
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +81,7 @@ class RayDriver:
             if res.get("GPU"):
                 kind = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), "GPU")
                 gpus[kind] = gpus.get(kind, 0) + int(res["GPU"])
-        if gpus:
-            return {
-                "gpus_by_type": gpus,
-                "total_gpus": sum(gpus.values()),
-                "cpus": cpus,
-                "memory_bytes": memory,
-                "cpu_slots": False,
-            }
-        return {
-            "gpus_by_type": {"cpu-slot": cpus},
-            "total_gpus": cpus,
-            "cpus": cpus,
-            "memory_bytes": memory,
-            "cpu_slots": True,
-        }
+        return capacity_report(gpus, cpus, memory)
 
     def launch(self, alloc: Allocation, work_dir, spec_path, env: dict[str, str]) -> tuple[str, str]:
         """Submit the job (idempotent per attempt); returns (submission id, cluster address)."""
