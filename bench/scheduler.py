@@ -240,12 +240,12 @@ def steady_state(args, rnd) -> None:
             utils.append(sum(held.values()) / fleet)
     n = args.rounds - warmup
     label = (
-        "no reservations"
+        "2a. Steady state, no reservations"
         if args.reserve_after == math.inf
-        else f"reservation after {args.reserve_after:.0f} s"
+        else f"2b. Steady state, reservation after {args.reserve_after:.0f} s of waiting"
     )
     print(
-        f"\n2. Steady state ({label}): {args.rounds} passes, one per simulated minute (first {warmup} are "
+        f"\n{label}: {args.rounds} passes, one per simulated minute (first {warmup} are "
         f"warm-up); jobs last ~30 min; queues kept at {per_org_queue} jobs per organization"
     )
     print(f"{'passes':>7} {'pass p50':>9} {'pass p95':>9} {'util mean':>10} {'util min':>9}")
