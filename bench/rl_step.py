@@ -19,17 +19,21 @@ for us, pushing the new weights to the rollout engine); TRL's split comes from t
 one warm-up step, then `--steps` timed steps; the table shows medians. Tokens/s counts completion tokens (the
 tokens each side actually generated) per second of the whole step.
 
-On a GPU (`--device cuda`, e.g. `--preset qwen2.5-0.5b-shape --prompts 16 --group 4 --max-new 256`) both run
-in bf16 mixed precision and the table adds the trainer's MFU: model FLOPs of the update
-(6 x parameters x trained tokens for forward+backward, plus 2 x parameters x tokens for a separate frozen
-log-prob pass when there is one) over the update time and the GPU's dense bf16 peak (`--peak-tflops`).
+On a GPU (`--device cuda`, e.g. `--preset qwen2.5-0.5b-shape --prompts 16 --group 4 --max-new 256`) both
+train in bf16 mixed precision (fp32 weights); our rollout samples from a bf16 copy, TRL's `generate` uses the
+trained model as it is. The table then adds the trainer's MFU: 6 x parameters x (prompt + completion tokens
+of every sequence) over the update time and the GPU's dense bf16 peak (`--peak-tflops`); neither side runs a
+separate frozen log-prob pass here. We run each prompt once per group, so ours is an effective MFU (useful
+model FLOPs), above what the hardware executed. Not run yet: no GPU has been lent to this project.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,8 +176,9 @@ def run_trl(args: argparse.Namespace) -> StepTimes:
 
     loaded = load_model(args.preset, seed=SEED)
     cuda = args.device == "cuda"
+    out_dir = tempfile.mkdtemp(prefix="otk-bench-trl-")  # TRL wants one; nothing is saved there
     config = GRPOConfig(
-        output_dir=str(Path(args.tmp) / "trl"),
+        output_dir=out_dir,
         per_device_train_batch_size=args.prompts * args.group,
         gradient_accumulation_steps=1,
         num_generations=args.group,
@@ -246,7 +251,10 @@ def run_trl(args: argparse.Namespace) -> StepTimes:
                 )
 
     trainer.add_callback(StepTimer())
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
     return times
 
 
@@ -266,7 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", choices=["ours", "trl"], default=None)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
-    p.add_argument("--tmp", default="var/bench")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
