@@ -1,4 +1,7 @@
-"""`python -m gpu_runtime run spec.yaml|spec.json [--sink jsonl|http] [--resume URI]`.
+"""`python -m gpu_runtime run spec.yaml|spec.json [--sink jsonl|http] [--resume URI] [--env-package DIR]`.
+
+`--env-package DIR_OR_ARCHIVE` runs a local environment package (a directory with its opentinker.json, or a
+.tar.gz) in the sandbox, as a job runs a published one: authors try a package before `opentinker envs push`.
 
 The HTTP sink reads `OPENTINKER_INGEST_URL` and `OPENTINKER_JOB_TOKEN` (set by the platform's launcher, so
 the token never appears in a process listing); it is the default when they are set. Checkpoints go to
@@ -44,9 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--checkpoint-prefix", default=None)
     run.add_argument("--ray", action="store_true", help="run workers as Ray actors (RAY_ADDRESS or local)")
     run.add_argument("--world-size", type=int, default=1, help="trainer ranks (FSDP2); >1 implies --ray")
+    run.add_argument(
+        "--env-package",
+        default=None,
+        help="a local environment package (directory or .tar.gz) to run sandboxed instead of the spec's",
+    )
     args = p.parse_args(argv)
 
     spec = load_spec(args.spec)
+    if args.env_package:
+        os.environ["OPENTINKER_ENV_PACKAGE"] = str(Path(args.env_package).resolve())
     if args.sink == "http":
         from gpu_runtime.sink import HttpSink
 
@@ -92,6 +102,8 @@ def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> 
     except Exception as e:
         sink.log(traceback.format_exc())
         sink.event("failed", error=f"{type(e).__name__}: {e}")
+        # Last on stderr: the platform's runner keeps the stderr tail as the failed job's reason.
+        print(f"job failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     finally:
         if group is not None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -162,6 +163,8 @@ class RolloutWorker:
             episode_to_sample(ep, g) for ep, g in zip(episodes, group_ids, strict=True) if not ep.failed
         ]
         stats = {"episodes/failed": float(sum(ep.failed for ep in episodes))}
+        for reason in sorted({ep.error for ep in episodes if ep.failed})[:5]:
+            print(f"episode failed: {reason}", file=sys.stderr, flush=True)  # the job's log keeps why
         return samples, stats
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
