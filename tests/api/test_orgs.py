@@ -201,7 +201,10 @@ def test_password_login_for_the_browser(alice):
         {"username": "alice", "password": "correct-horse-battery", "csrfmiddlewaretoken": csrf},
     )
     assert ok.status_code == 302 and ok["Location"] == "/"
-    assert b"Welcome, alice" in browser.get("/").content
+    # Signed in without an organization yet: the portal sends alice to create her first one.
+    home = browser.get("/", follow=True)
+    assert home.redirect_chain == [("/orgs/new/", 302)]
+    assert b"alice" in home.content and b"Sign out" in home.content
     # Session-authenticated API writes need the CSRF token, like any form.
     r = browser.post("/api/v1/orgs", {"slug": "csrf-test", "name": "x"}, content_type="application/json")
     assert r.status_code == 403 and "CSRF" in r.json()["error"]["message"]
