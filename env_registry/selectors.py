@@ -1,4 +1,5 @@
-"""Reads of the registry, always from the point of view of one organization."""
+"""Reads of the registry, always from the point of view of one viewer (a user acting in one organization,
+with their role there: env_registry/visibility.py says who sees what)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import re
 
 from django.db.models import Count, Q, QuerySet
 
-from env_registry.models import EnvironmentPackage, EnvironmentVersion, Visibility
+from env_registry.models import EnvironmentPackage, EnvironmentVersion
+from env_registry.visibility import Viewer, package_is_visible, visible_q
 from opentinker.spec import EnvironmentRef
 from portal.errors import NotFound
-from portal.models import Organization
 
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?$")
 SORTS = {
@@ -27,12 +28,11 @@ def _semver_key(version: str) -> tuple:
     return (*parts, pre == "", pre)
 
 
-def package_visible_list(
-    organization: Organization, *, q: str = "", tag: str = "", sort: str = "name"
-) -> QuerySet:
-    """Packages of the organization (any visibility) and everyone's public ones; `q` searches text."""
+def package_visible_list(viewer: Viewer, *, q: str = "", tag: str = "", sort: str = "name") -> QuerySet:
+    """The packages the viewer may see (their organization's, private ones only for their publishers and
+    admins, and everyone's public ones); `q` searches text."""
     qs = (
-        EnvironmentPackage.objects.filter(Q(organization=organization) | Q(visibility=Visibility.PUBLIC))
+        EnvironmentPackage.objects.filter(visible_q(viewer))
         .select_related("organization", "forked_from__organization")
         .prefetch_related("versions")
         .annotate(star_count=Count("stars", distinct=True))
@@ -49,9 +49,9 @@ def package_visible_list(
     return qs.order_by(*SORTS[sort])
 
 
-def package_get(organization: Organization, *, owner: str, name: str) -> EnvironmentPackage:
+def package_get(viewer: Viewer, *, owner: str, name: str) -> EnvironmentPackage:
     try:
-        return package_visible_list(organization).get(organization__slug=owner, name=name)
+        return package_visible_list(viewer).get(organization__slug=owner, name=name)
     except EnvironmentPackage.DoesNotExist:
         raise NotFound(f"no environment {owner}/{name}") from None
 
@@ -60,9 +60,9 @@ def version_list(package: EnvironmentPackage) -> list[EnvironmentVersion]:
     return sorted(package.versions.all(), key=lambda v: _semver_key(v.version), reverse=True)
 
 
-def environment_resolve(organization: Organization, ref: EnvironmentRef) -> EnvironmentVersion:
+def environment_resolve(viewer: Viewer, ref: EnvironmentRef) -> EnvironmentVersion:
     """The valid version a job may use; `latest` means the newest valid release."""
-    package = package_get(organization, owner=ref.owner, name=ref.name)
+    package = package_get(viewer, owner=ref.owner, name=ref.name)
     valid = [v for v in version_list(package) if v.status == EnvironmentVersion.Status.VALID]
     if ref.version == "latest":
         if not valid:
@@ -87,9 +87,9 @@ def package_starred_by(package: EnvironmentPackage, user) -> bool:
     return package.stars.filter(user=user).exists()
 
 
-def package_forked_from_ref(package: EnvironmentPackage, organization: Organization) -> str | None:
-    """`owner/name` of the fork's source, only while the caller can still see that source."""
+def package_forked_from_ref(package: EnvironmentPackage, viewer: Viewer) -> str | None:
+    """`owner/name` of the fork's source, only while the viewer can still see that source."""
     src = package.forked_from
-    if src is None or (src.organization_id != organization.pk and src.visibility != Visibility.PUBLIC):
+    if src is None or not package_is_visible(src, viewer):
         return None
     return f"{src.organization.slug}/{src.name}"

@@ -22,7 +22,8 @@ from env_registry import storage
 from env_registry.archive import ArchiveError, Manifest, extract_archive, inspect_archive, manifest_parse
 from env_registry.models import EnvironmentPackage, EnvironmentVersion, Star, Visibility
 from env_registry.selectors import NAME_RE, package_get, version_list
-from portal.errors import Conflict, DomainError, NotFound
+from env_registry.visibility import Viewer, package_is_visible, package_may_change
+from portal.errors import Conflict, DomainError, Forbidden, NotFound
 from portal.models import Organization
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,19 @@ SMOKE_TURNS = 3
 SMOKE_SEED = 0
 SMOKE_ACTION = "0"
 _ERROR_MAX = 2000
+DESCRIPTION_MAX = EnvironmentPackage._meta.get_field("description").max_length
 
 
-def _owned(organization: Organization, package: EnvironmentPackage) -> EnvironmentPackage:
+def _changeable(viewer: Viewer, package: EnvironmentPackage) -> EnvironmentPackage:
     # A visible package of another organization (public) is not the caller's to change: as if absent.
-    if package.organization_id != organization.pk:
+    # One of the caller's own organization is, for its admins; a member is told why not.
+    if package.organization_id != viewer.organization.pk:
         raise NotFound(f"no environment {package.organization.slug}/{package.name} in your organization")
+    if not package_may_change(package, viewer):
+        raise Forbidden(
+            f"only an admin or owner of {viewer.organization.slug} can change the settings of "
+            f"{package.organization.slug}/{package.name} (you are a {viewer.role})"
+        )
     return package
 
 
@@ -50,8 +58,13 @@ def version_upload(
     data: bytes,
     sha256: str,
     visibility: str | None = None,
+    viewer: Viewer | None = None,
 ) -> EnvironmentVersion:
-    """Store a new immutable version (pending validation); creates the package on its first version."""
+    """Store a new immutable version (pending validation); creates the package on its first version.
+
+    A new version of an existing package needs the uploader to see it (else 404, as for any read), and
+    changing its visibility on the way needs an admin, as in the package's settings. `viewer` defaults to
+    the user's current role in the organization."""
     try:
         pkg = inspect_archive(data)
     except ArchiveError as e:
@@ -73,6 +86,12 @@ def version_upload(
                     "readme": pkg.readme,
                 },
             )
+            if not created:
+                viewer = viewer or Viewer.for_user(organization, user)
+                if not package_is_visible(package, viewer):
+                    raise NotFound(f"no environment {organization.slug}/{m.name} you may publish to")
+                if visibility and visibility != package.visibility:
+                    _changeable(viewer, package)
             if package.versions.filter(version=m.version).exists():
                 raise _exists(organization, m)
             try:
@@ -204,12 +223,17 @@ def _smoke_multi_agent(sb) -> None:
 def package_update(
     package: EnvironmentPackage,
     *,
-    organization: Organization,
+    viewer: Viewer,
     description: str | None = None,
     visibility: str | None = None,
     tags: list[str] | None = None,
 ) -> EnvironmentPackage:
-    _owned(organization, package)
+    """Change a package's settings (its organization's admins only); everything is checked first."""
+    _changeable(viewer, package)
+    if visibility is not None and visibility not in Visibility.values:
+        raise DomainError(f"visibility must be one of {', '.join(Visibility.values)}", field="visibility")
+    if description is not None and len(description) > DESCRIPTION_MAX:
+        raise DomainError(f"at most {DESCRIPTION_MAX} characters", field="description")
     if description is not None:
         package.description = description
     if visibility is not None:
@@ -235,11 +259,11 @@ def star_set(package: EnvironmentPackage, *, user, starred: bool) -> int:
     return Star.objects.filter(package=package).count()
 
 
-def package_fork(
-    *, organization: Organization, user, owner: str, name: str, new_name: str | None = None
-) -> EnvironmentPackage:
-    """Copy the newest valid version of a visible package into the caller's organization, private."""
-    source = package_get(organization, owner=owner, name=name)
+def package_fork(*, viewer: Viewer, owner: str, name: str, new_name: str | None = None) -> EnvironmentPackage:
+    """Copy the newest valid version of a visible package into the viewer's organization, private (the
+    forking user is its publisher)."""
+    organization, user = viewer.organization, viewer.user
+    source = package_get(viewer, owner=owner, name=name)
     new_name = new_name or source.name
     if not NAME_RE.match(new_name):
         raise DomainError("name is 1-64 lowercase letters, digits, '-' or '_'", field="name")

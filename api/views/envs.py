@@ -28,9 +28,16 @@ from env_registry.selectors import (
     version_get,
     version_list,
 )
+from env_registry.visibility import Viewer
 from portal import storage
 from portal.errors import NotFound
 from portal.models import Scope
+
+
+def viewer_of(request) -> Viewer:
+    """The caller as the registry sees them: their organization and their current role there (a token acts
+    as its owner)."""
+    return Viewer.of(tenant_of(request).membership)
 
 
 def archive_max_bytes() -> int:
@@ -89,8 +96,8 @@ class EnvironmentVersionSerializer(serializers.ModelSerializer):
 
     def get_uploaded_by(self, obj) -> str | None:
         # Who published is the publisher's organization's business, not the marketplace's.
-        org = self.context.get("organization")
-        if obj.uploaded_by is None or org is None or obj.package.organization_id != org.pk:
+        viewer = self.context.get("viewer")
+        if obj.uploaded_by is None or viewer is None or obj.package.organization_id != viewer.organization.pk:
             return None
         return obj.uploaded_by.username
 
@@ -119,15 +126,15 @@ class EnvironmentDetailSerializer(EnvironmentSerializer):
         return bool(user) and package_starred_by(obj, user)
 
     def get_forked_from(self, obj) -> str | None:
-        org = self.context.get("organization")
-        return package_forked_from_ref(obj, org) if org is not None else None
+        viewer = self.context.get("viewer")
+        return package_forked_from_ref(obj, viewer) if viewer is not None else None
 
 
 def _detail(request, package: EnvironmentPackage, code: int = 200) -> Response:
-    tenant = tenant_of(request)
+    viewer = viewer_of(request)
     # Re-read through the selector so the star count annotation is present.
-    package = package_get(tenant.organization, owner=package.organization.slug, name=package.name)
-    context = {"organization": tenant.organization, "user": request.user}
+    package = package_get(viewer, owner=package.organization.slug, name=package.name)
+    context = {"viewer": viewer, "user": request.user}
     return Response(EnvironmentDetailSerializer(package, context=context).data, status=code)
 
 
@@ -151,14 +158,15 @@ class EnvironmentListApi(APIView):
         operation_id="envs_list",
         parameters=[EnvironmentListFilter],
         responses={200: EnvironmentSerializer(many=True)},
-        description="Your organization's packages and everyone's public ones. `q` searches names, "
+        description="Your organization's packages (a private one only to its publishers and the "
+        "organization's admins) and everyone's public ones. `q` searches names, "
         "descriptions, owners and tags; `sort` is stars, usage, recent or name (the default).",
     )
     def get(self, request):
         f = self.EnvironmentListFilter(data=_query_dict(request))
         f.is_valid(raise_exception=True)
         qs = package_visible_list(
-            tenant_of(request).organization,
+            viewer_of(request),
             q=f.validated_data.get("q", ""),
             tag=f.validated_data.get("tag", ""),
             sort=f.validated_data.get("sort", "name"),
@@ -192,6 +200,7 @@ class EnvironmentListApi(APIView):
             data=data,
             sha256=sha256,
             visibility=form.validated_data.get("visibility"),
+            viewer=viewer_of(request),
         )
         return _detail(request, version.package, status.HTTP_201_CREATED)
 
@@ -209,21 +218,22 @@ class EnvironmentDetailApi(APIView):
 
     @extend_schema(operation_id="envs_get", responses={200: EnvironmentDetailSerializer, **ERRORS})
     def get(self, request, owner: str, name: str):
-        package = package_get(tenant_of(request).organization, owner=owner, name=name)
+        package = package_get(viewer_of(request), owner=owner, name=name)
         return _detail(request, package)
 
     @extend_schema(
         operation_id="envs_update",
         request=PatchInput,
         responses={200: EnvironmentDetailSerializer, **ERRORS},
-        description="Change a package of your organization: description, visibility, tags.",
+        description="Change a package of your organization: description, visibility, tags (its "
+        "organization's admins and owners; a member gets 403).",
     )
     def patch(self, request, owner: str, name: str):
-        tenant = tenant_of(request)
+        viewer = viewer_of(request)
         body = self.PatchInput(data=request.data)
         body.is_valid(raise_exception=True)
-        package = package_get(tenant.organization, owner=owner, name=name)
-        services.package_update(package, organization=tenant.organization, **body.validated_data)
+        package = package_get(viewer, owner=owner, name=name)
+        services.package_update(package, viewer=viewer, **body.validated_data)
         return _detail(request, package)
 
 
@@ -237,14 +247,14 @@ class EnvironmentStarApi(APIView):
 
     @extend_schema(operation_id="envs_star", request=None, responses={200: StarOutput, **ERRORS})
     def put(self, request, owner: str, name: str):
-        package = package_get(tenant_of(request).organization, owner=owner, name=name)
+        package = package_get(viewer_of(request), owner=owner, name=name)
         return Response(
             {"starred": True, "stars": services.star_set(package, user=request.user, starred=True)}
         )
 
     @extend_schema(operation_id="envs_unstar", request=None, responses={200: StarOutput, **ERRORS})
     def delete(self, request, owner: str, name: str):
-        package = package_get(tenant_of(request).organization, owner=owner, name=name)
+        package = package_get(viewer_of(request), owner=owner, name=name)
         stars = services.star_set(package, user=request.user, starred=False)
         return Response({"starred": False, "stars": stars})
 
@@ -262,12 +272,10 @@ class EnvironmentForkApi(APIView):
         description="Copy the newest valid version into your organization as a new private package.",
     )
     def post(self, request, owner: str, name: str):
-        tenant = tenant_of(request)
         body = self.ForkInput(data=request.data)
         body.is_valid(raise_exception=True)
         fork = services.package_fork(
-            organization=tenant.organization,
-            user=request.user,
+            viewer=viewer_of(request),
             owner=owner,
             name=name,
             new_name=body.validated_data.get("name"),
@@ -287,7 +295,7 @@ class EnvironmentArchiveApi(APIView):
         },
     )
     def get(self, request, owner: str, name: str, version: str):
-        package = package_get(tenant_of(request).organization, owner=owner, name=name)
+        package = package_get(viewer_of(request), owner=owner, name=name)
         v = version_get(package, version)
         if not v.archive_uri:
             raise NotFound(f"{owner}/{name}@{version} is a built-in and has no archive")

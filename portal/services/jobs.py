@@ -61,18 +61,20 @@ def _check_request_size(spec: JobSpec, quota: Quota) -> None:
         )
 
 
-def _check_references(spec: JobSpec, organization: Organization):
-    """Check what the spec points at; returns the registry EnvironmentVersion it uses (or None)."""
+def _check_references(spec: JobSpec, organization: Organization, actor: Actor):
+    """Check what the spec points at, as the submitting user sees it (a private package only for its
+    publishers and admins); returns the registry EnvironmentVersion it uses (or None)."""
     # Imported here: env_registry builds on the domain (a module-level import would be a cycle), and the
     # domain needs it only at submission.
     from env_registry.selectors import environment_resolve
+    from env_registry.visibility import Viewer
     from portal.errors import NotFound
 
     version = None
     ref = spec.environment.registry_ref if spec.environment else None
     if ref is not None:
         try:
-            version = environment_resolve(organization, ref)
+            version = environment_resolve(Viewer.for_user(organization, actor.user), ref)
         except NotFound as e:
             raise DomainError(str(e), field="environment.ref") from None
     uris = {
@@ -103,7 +105,7 @@ def job_submit(
                     raise Conflict("this Idempotency-Key was used for a different job spec")
                 return existing, False
         _check_request_size(spec, quota)
-        env_version = _check_references(spec, organization)
+        env_version = _check_references(spec, organization, actor)
         waiting = Job.objects.filter(organization=organization, state__in=[S.QUEUED, S.ADMITTED]).count()
         if waiting >= quota.max_queued_jobs:
             raise QuotaExceeded(

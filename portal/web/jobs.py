@@ -17,6 +17,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from env_registry.models import EnvironmentVersion
 from env_registry.selectors import package_visible_list, version_list
+from env_registry.visibility import Viewer
 from opentinker.spec import KIND_ALGORITHMS, MODEL_PRESETS, TERMINAL_STATES, JobKind, JobSpec, JobState
 from portal.actors import Actor
 from portal.errors import DomainError
@@ -209,9 +210,9 @@ def _initial() -> dict:
     return initial
 
 
-def _environment_choices(organization) -> list[str]:
+def _environment_choices(membership) -> list[str]:
     refs = []
-    for package in package_visible_list(organization)[:MAX_ENV_CHOICES]:
+    for package in package_visible_list(Viewer.of(membership))[:MAX_ENV_CHOICES]:
         for v in version_list(package):
             if v.status == EnvironmentVersion.Status.VALID:
                 refs.append(f"{package.organization.slug}/{package.name}@{v.version}")
@@ -243,7 +244,7 @@ def job_new(request):
                 return redirect("job_detail", job_id=job.pk)
     context = {
         "form": form,
-        "environments": _environment_choices(request.organization),
+        "environments": _environment_choices(request.membership),
         "presets": MODEL_PRESETS,
     }
     return render(request, "portal/jobs/new.html", context, status=400 if form.errors else 200)

@@ -26,6 +26,7 @@ from env_registry.selectors import (
     package_visible_list,
     version_list,
 )
+from env_registry.visibility import Viewer, package_may_change
 from portal.errors import DomainError
 from portal.models import Scope
 from portal.web.forms import add_domain_error
@@ -35,6 +36,11 @@ PAGE_SIZE = 25
 # What a multipart form adds around the archive (boundaries, other fields): refused before reading above it.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 SORT_LABELS = {"name": "Name", "stars": "Most stars", "usage": "Most used", "recent": "Recently updated"}
+
+
+def viewer_of(request) -> Viewer:
+    """The signed-in user in the current organization, with their role there."""
+    return Viewer.of(request.membership)
 
 
 def archive_max_bytes() -> int:
@@ -96,7 +102,7 @@ def env_list(request):
     if form.is_bound and form.is_valid():
         q, tag = form.cleaned_data["q"].strip(), form.cleaned_data["tag"].strip()
         sort = form.cleaned_data["sort"] or "name"
-    qs = package_visible_list(request.membership.organization, q=q, tag=tag, sort=sort)
+    qs = package_visible_list(viewer_of(request), q=q, tag=tag, sort=sort)
     # get_page: a page number past the end or not a number shows the nearest page instead of an error.
     page = Paginator(qs, PAGE_SIZE).get_page(request.GET.get("page"))
     rows = [{"package": p, "latest": _latest_valid(p)} for p in page]
@@ -119,7 +125,7 @@ def _detail_context(request, package: EnvironmentPackage) -> dict:
         "manifest": manifest_rows(latest.manifest) if latest else [],
         "readme_html": render_readme(package.readme),
         "starred": package_starred_by(package, request.user),
-        "forked_from": package_forked_from_ref(package, org),
+        "forked_from": package_forked_from_ref(package, viewer_of(request)),
         "forks": package.forks.count(),
         "can_write": Scope.ENVS_WRITE in page_scopes(request),
         "show_uploader": mine,
@@ -128,7 +134,7 @@ def _detail_context(request, package: EnvironmentPackage) -> dict:
 
 @org_page
 def env_detail(request, owner: str, name: str):
-    package = package_get(request.membership.organization, owner=owner, name=name)
+    package = package_get(viewer_of(request), owner=owner, name=name)
     context = _detail_context(request, package) | {"fork_form": ForkForm()}
     return render(request, "portal/envs/detail.html", context)
 
@@ -158,6 +164,7 @@ def env_publish(request):
                 data=data,
                 sha256=sha256,
                 visibility=form.cleaned_data["visibility"] or None,
+                viewer=viewer_of(request),
             )
         except ArchiveError as e:
             form.add_error("archive", str(e))
@@ -171,7 +178,7 @@ def env_publish(request):
 @org_page
 @require_POST
 def env_star(request, owner: str, name: str):
-    package = package_get(request.membership.organization, owner=owner, name=name)
+    package = package_get(viewer_of(request), owner=owner, name=name)
     require_scope(request, Scope.ENVS_WRITE, "star environments")
     starred = request.POST.get("starred") == "1"
     stars = services.star_set(package, user=request.user, starred=starred)
@@ -184,15 +191,14 @@ def env_star(request, owner: str, name: str):
 @org_page
 @require_POST
 def env_fork(request, owner: str, name: str):
-    org = request.membership.organization
-    package = package_get(org, owner=owner, name=name)
+    org, viewer = request.membership.organization, viewer_of(request)
+    package = package_get(viewer, owner=owner, name=name)
     require_scope(request, Scope.ENVS_WRITE, "fork environments")
     form = ForkForm(request.POST)
     if form.is_valid():
         try:
             fork = services.package_fork(
-                organization=org,
-                user=request.user,
+                viewer=viewer,
                 owner=owner,
                 name=name,
                 new_name=form.cleaned_data["name"] or None,
@@ -201,6 +207,6 @@ def env_fork(request, owner: str, name: str):
             add_domain_error(form, e)
         else:
             return redirect("env_detail", owner=org.slug, name=fork.name)
-    package = package_get(org, owner=owner, name=name)  # with its star count
+    package = package_get(viewer, owner=owner, name=name)  # with its star count
     context = _detail_context(request, package) | {"fork_form": form}
     return render(request, "portal/envs/detail.html", context, status=400)

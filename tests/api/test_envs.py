@@ -236,6 +236,9 @@ def test_the_default_archive_limit_is_20_mib_not_the_json_limit(as_alice, store,
 
 
 def test_versions_are_immutable(as_alice, as_bob, store, published):
+    # Organization-visible, so bob (a plain member) may publish to it: a private one is alice's and the
+    # admins' only (tests/api/test_envs_visibility.py).
+    as_alice.patch(f"{V1}/envs/acme/echo", {"visibility": "organization"}, format="json")
     changed = package(description="another build of the same version")
     for client in (as_alice, as_bob):
         resp = upload(client, changed)
@@ -280,6 +283,8 @@ def test_viewer_cannot_upload_patch_star_or_fork(bob, acme, make_token, store, p
     from tests.conftest import client_for
 
     Membership.objects.filter(user=bob, organization=acme).update(role=Role.VIEWER)
+    # Organization-visible: a private package would be a 404 to bob whatever his role's scopes.
+    EnvironmentPackage.objects.filter(name="echo").update(visibility="organization")
     as_viewer = client_for(make_token(bob, acme))
     assert upload(as_viewer, package(version="2.0.0")).status_code == 403
     assert as_viewer.patch(f"{V1}/envs/acme/echo", {"description": "x"}, format="json").status_code == 403
@@ -319,7 +324,9 @@ def test_outsider_gets_404_on_every_endpoint(as_alice, as_charlie, store, publis
     assert EnvironmentPackage.objects.filter(organization__slug="globex").count() == 0
 
 
-def test_bob_sees_his_organizations_package_and_can_star_and_fork_it(as_bob, store, published):
+def test_bob_sees_his_organizations_package_and_can_star_and_fork_it(as_alice, as_bob, store, published):
+    # `organization` visibility: every member sees it (a private one only its publisher and the admins).
+    as_alice.patch(f"{V1}/envs/acme/echo", {"visibility": "organization"}, format="json")
     assert as_bob.get(f"{V1}/envs/acme/echo").status_code == 200
     assert as_bob.put(f"{V1}/envs/acme/echo/star").json() == {"starred": True, "stars": 1}
     resp = as_bob.post(f"{V1}/envs/acme/echo/fork", {"name": "echo-bob"}, format="json")

@@ -116,7 +116,11 @@ def test_outsider_gets_404_on_a_private_package_everywhere(
     alice, bob, acme, charlie, globex, store, visibility
 ):
     publish(acme, alice, visibility=visibility)
-    assert signed_in(bob, acme).get("/envs/acme/echo/").status_code == 200  # a teammate sees it
+    # A teammate sees an organization package; a private one only its publisher and the admins do
+    # (tests/web/test_package_settings.py covers the private case for a teammate).
+    teammate = 200 if visibility == "organization" else 404
+    assert signed_in(bob, acme).get("/envs/acme/echo/").status_code == teammate
+    assert signed_in(alice, acme).get("/envs/acme/echo/").status_code == 200
     outsider = signed_in(charlie, globex)
     assert outsider.get("/envs/acme/echo/").status_code == 404
     assert outsider.post("/envs/acme/echo/star/", {"starred": "1"}).status_code == 404
@@ -176,7 +180,7 @@ def test_the_list_is_paged_and_pages_keep_the_search(alice, acme, store, monkeyp
 
 
 def test_star_and_unstar_with_and_without_htmx(alice, bob, acme, store):
-    publish(acme, alice)
+    publish(acme, alice, visibility="organization")  # bob, a plain member, sees it
     client = signed_in(bob, acme)
     resp = client.post("/envs/acme/echo/star/", {"starred": "1"}, HTTP_HX_REQUEST="true")
     body = resp.content.decode()
