@@ -1,7 +1,7 @@
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from api.views import admin, catalog, envs, ingest, jobs, orgs, stream, tokens, usage
+from api.views import admin, catalog, envs, ingest, ingest_env, jobs, orgs, stream, tokens, usage
 
 v1 = [
     path("me", orgs.MeApi.as_view()),
@@ -32,6 +32,7 @@ v1 = [
     path("ingest/jobs/<str:job_id>/checkpoints", ingest.IngestCheckpointsApi.as_view()),
     path("ingest/jobs/<str:job_id>/heartbeat", ingest.IngestHeartbeatApi.as_view()),
     path("ingest/jobs/<str:job_id>/state", ingest.IngestStateApi.as_view()),
+    path("ingest/jobs/<str:job_id>/environment", ingest_env.IngestEnvironmentApi.as_view()),
     path("envs", envs.EnvironmentListApi.as_view()),
     path("envs/<str:owner>/<str:name>", envs.EnvironmentDetailApi.as_view()),
     path("envs/<str:owner>/<str:name>/star", envs.EnvironmentStarApi.as_view()),

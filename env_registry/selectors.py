@@ -93,3 +93,39 @@ def package_forked_from_ref(package: EnvironmentPackage, viewer: Viewer) -> str 
     if src is None or not package_is_visible(src, viewer):
         return None
     return f"{src.organization.slug}/{src.name}"
+
+
+def version_roles(version: EnvironmentVersion) -> tuple[list[str], bool]:
+    """(roles, whether a rule-based player exists) of a version, for checking a job's `multi_agent.roles`.
+
+    Built-ins answer from their SDK class; an uploaded package from its manifest, and its rule-based player
+    cannot be known without running its code, so the runtime checks that part."""
+    if version.manifest.get("builtin"):
+        from opentinker.env.builtin import BUILTINS
+        from opentinker.env.multiagent import MultiAgentEnvironment
+
+        cls = BUILTINS.get(version.package.name)
+        if cls is not None:
+            rule = getattr(cls, "rule_based_action", None) is not MultiAgentEnvironment.rule_based_action
+            return list(getattr(cls, "roles", ("agent",))), rule
+    return list(version.manifest.get("roles") or ["agent"]), True
+
+
+def version_pinned(*, owner: str, name: str, version: str, sha256: str) -> EnvironmentVersion:
+    """The exact archive a job was pinned to at submission (when its visibility was checked): found by its
+    owner, name, version and sha256, whatever the package's visibility is now, so a retried attempt of a
+    job can still fetch what it started with."""
+    found = (
+        EnvironmentVersion.objects.filter(
+            package__organization__slug=owner,
+            package__name=name,
+            version=version,
+            sha256=sha256,
+            status=EnvironmentVersion.Status.VALID,
+        )
+        .exclude(archive_uri="")
+        .first()
+    )
+    if found is None:
+        raise NotFound(f"no archive {owner}/{name}@{version} with sha256 {sha256}")
+    return found

@@ -39,7 +39,6 @@ from opentinker.env.sandbox import SandboxedEnvironment, SandboxLimits
 from opentinker.spec import EnvironmentSpec
 
 ENV_PACKAGE_VAR = "OPENTINKER_ENV_PACKAGE"
-SHA_HEADER = "X-Archive-SHA256"
 
 
 class EnvPackageError(RuntimeError):

@@ -139,6 +139,13 @@ class EnvironmentSpec(_Strict):
     config: dict[str, Any] = Field(
         default_factory=dict, description="Passed to the environment's constructor."
     )
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="The registry package archive's sha256. The platform pins it at submission (with the "
+        "exact version for `latest`), so every attempt runs the same bytes; the runtime refuses an archive "
+        "that does not match. Give it yourself to require exactly that archive.",
+    )
 
     @field_validator("ref")
     @classmethod

@@ -66,7 +66,7 @@ def _check_references(spec: JobSpec, organization: Organization, actor: Actor):
     publishers and admins); returns the registry EnvironmentVersion it uses (or None)."""
     # Imported here: env_registry builds on the domain (a module-level import would be a cycle), and the
     # domain needs it only at submission.
-    from env_registry.selectors import environment_resolve
+    from env_registry.selectors import environment_resolve, version_roles
     from env_registry.visibility import Viewer
     from portal.errors import NotFound
 
@@ -77,6 +77,18 @@ def _check_references(spec: JobSpec, organization: Organization, actor: Actor):
             version = environment_resolve(Viewer.for_user(organization, actor.user), ref)
         except NotFound as e:
             raise DomainError(str(e), field="environment.ref") from None
+        wanted = spec.environment.sha256
+        if wanted and wanted != (version.sha256 or None):
+            actual = version.sha256 or "(none: a built-in has no archive)"
+            raise DomainError(
+                f"{ref.owner}/{ref.name}@{version.version} has sha256 {actual}, not {wanted}",
+                field="environment.sha256",
+            )
+        if spec.multi_agent is not None:
+            roles, rule_player = version_roles(version)
+            errors = spec.multi_agent.role_errors(f"{ref.owner}/{ref.name}", roles, rule_player=rule_player)
+            if errors:
+                raise DomainError("; ".join(errors), field="multi_agent.roles")
     uris = {
         "model.base": "" if spec.model.is_preset else spec.model.base,
         "dataset.uri": spec.dataset.uri if spec.dataset else "",
@@ -90,6 +102,32 @@ def _check_references(spec: JobSpec, organization: Organization, actor: Actor):
     return version
 
 
+def _pinned(spec: JobSpec, version) -> JobSpec:
+    """The spec with its registry environment pinned: the exact version (`latest` resolved) and the archive's
+    sha256, so a retried or resumed attempt runs byte-identical code whatever is published later."""
+    if version is None or spec.environment is None:
+        return spec
+    ref = spec.environment.registry_ref
+    environment = spec.environment.model_copy(
+        update={"ref": f"{ref.owner}/{ref.name}@{version.version}", "sha256": version.sha256 or None}
+    )
+    return spec.model_copy(update={"environment": environment})
+
+
+def _same_request(stored: dict[str, Any], spec: JobSpec) -> bool:
+    """Whether a repeated submission asks for the stored job: the stored spec is pinned, so the new one is
+    compared as if pinned the same way (a `latest` retry after a new release is still the same request)."""
+    submitted = spec.model_dump(mode="json")
+    env, stored_env = submitted.get("environment"), stored.get("environment")
+    if env and stored_env and spec.environment.registry_ref is not None:
+        ref, pinned = spec.environment.registry_ref, stored_env.get("ref", "")
+        if ref.version == "latest" and pinned.startswith(f"{ref.owner}/{ref.name}@"):
+            env["ref"] = pinned
+        if env.get("sha256") is None:
+            env["sha256"] = stored_env.get("sha256")
+    return stored == submitted
+
+
 def job_submit(
     *, organization: Organization, actor: Actor, spec: JobSpec, idempotency_key: str = ""
 ) -> tuple[Job, bool]:
@@ -101,11 +139,12 @@ def job_submit(
         if idempotency_key:
             existing = Job.objects.filter(organization=organization, idempotency_key=idempotency_key).first()
             if existing is not None:
-                if existing.spec != spec.model_dump(mode="json"):
+                if not _same_request(existing.spec, spec):
                     raise Conflict("this Idempotency-Key was used for a different job spec")
                 return existing, False
         _check_request_size(spec, quota)
         env_version = _check_references(spec, organization, actor)
+        spec = _pinned(spec, env_version)
         waiting = Job.objects.filter(organization=organization, state__in=[S.QUEUED, S.ADMITTED]).count()
         if waiting >= quota.max_queued_jobs:
             raise QuotaExceeded(
