@@ -16,9 +16,9 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from api.serializers import ErrorSerializer
 from api.views.ingest import IngestApi
 from env_registry import storage
-from portal import storage as object_store
 from env_registry.selectors import version_pinned
 from opentinker.spec import EnvironmentSpec
+from portal import storage as object_store
 from portal.errors import NotFound
 
 SHA_HEADER = "X-Checksum-Sha256"  # as the registry's own download (api/views/envs.py)
