@@ -149,10 +149,8 @@ class Trainer:
         self.rank, self.world_size = _world()
         # FSDP2 whenever a process group is up: several ranks, or one GPU rank under NCCL (same code path).
         self.sharded = dist.is_available() and dist.is_initialized()
-        # Each group's prompt forward (and backward) once instead of once per sample (shared_prefix.py). Not
-        # under FSDP: its two forwards before one backward trip FSDP2's post-backward reshard ("setStorage ...
-        # out of bounds"), so sharded ranks take the plain path.
-        self.share_prefix = not self.sharded
+        # Each group's prompt forward (and backward) once instead of once per sample (shared_prefix.py).
+        self.share_prefix = True
         # Mixed precision on GPU (dtype "auto"): fp32 weights, bf16 compute (FSDP's policy or autocast).
         self.amp = device.startswith("cuda") and spec.model.dtype == "auto"
         dtype = torch.float32 if spec.model.dtype == "auto" else getattr(torch, spec.model.dtype)
@@ -220,7 +218,26 @@ class Trainer:
         self.model.train()
 
     def _plan(self, chunk: list[Sample]) -> PrefixPlan | None:
-        return plan_for_samples(chunk) if self.share_prefix else None
+        plan = plan_for_samples(chunk) if self.share_prefix else None
+        if self.sharded:
+            # A shared-prefix micro-batch runs every layer twice (FSDP all-gathers each time): all ranks must
+            # take the same path for it, the shared one only if every rank can.
+            flag = torch.tensor([int(plan is not None)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            plan = plan if flag.item() else None
+        return plan
+
+    def _keep_layers_gathered(self, keep: bool) -> None:
+        """Under FSDP, a shared-prefix micro-batch's backward goes through each layer twice (suffix, then the
+        prefix it attended to): the layers must stay all-gathered from their first forward until the whole
+        backward is done, or the second pass finds freed storage. `False` reshards them all again."""
+        if not self.sharded:
+            return
+        for layer in _decoder_layers(self.model) or []:
+            layer.set_reshard_after_forward(not keep, recurse=False)
+            layer.set_reshard_after_backward(not keep, recurse=False)
+            if not keep:
+                layer.reshard()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         # Unsharded GPU ranks: autocast to bf16 (sharded ones get bf16 compute from FSDP's policy).
@@ -248,10 +265,10 @@ class Trainer:
         for chunk in split_micro(samples, n_micro):
             mb = collate(chunk).to(self.device)
             m = mb.loss_mask
+            plan = self._plan(chunk)
+            self._keep_layers_gathered(plan is not None)
             with self._autocast():
-                logp, ent = token_logprobs(
-                    self.model, mb, c.temperature, entropy=True, plan=self._plan(chunk)
-                )
+                logp, ent = token_logprobs(self.model, mb, c.temperature, entropy=True, plan=plan)
             if c.algorithm == "sft":
                 tok_loss = sft_loss(logp)
                 old = logp.detach()
@@ -288,6 +305,7 @@ class Trainer:
                     sums["clip"] += float((out.clipped * m).sum())
                     sums["ratio"] += float((out.ratio * m).sum())
                     sums["is_weight"] += float((out.is_weight * m).sum())
+        self._keep_layers_gathered(False)  # every layer sharded again: the step updates the shards
         sums["grad_norm"] = self._step(self.model, self.optimizer)
         self.scheduler.step()
         sums["lr"] = self.scheduler.get_last_lr()[0]
