@@ -35,9 +35,11 @@ _ERROR_MAX = 2000
 DESCRIPTION_MAX = EnvironmentPackage._meta.get_field("description").max_length
 
 
-def _changeable(viewer: Viewer, package: EnvironmentPackage) -> EnvironmentPackage:
-    # A visible package of another organization (public) is not the caller's to change: as if absent.
-    # One of the caller's own organization is, for its admins; a member is told why not.
+def package_settings_check(viewer: Viewer, package: EnvironmentPackage) -> EnvironmentPackage:
+    """Refuse unless the viewer may change the package's settings.
+
+    A visible package of another organization (public) is not the caller's to change: as if absent (404).
+    One of the caller's own organization is, for its admins and owners; a member is told why not (403)."""
     if package.organization_id != viewer.organization.pk:
         raise NotFound(f"no environment {package.organization.slug}/{package.name} in your organization")
     if not package_may_change(package, viewer):
@@ -91,7 +93,7 @@ def version_upload(
                 if not package_is_visible(package, viewer):
                     raise NotFound(f"no environment {organization.slug}/{m.name} you may publish to")
                 if visibility and visibility != package.visibility:
-                    _changeable(viewer, package)
+                    package_settings_check(viewer, package)
             if package.versions.filter(version=m.version).exists():
                 raise _exists(organization, m)
             try:
@@ -229,7 +231,7 @@ def package_update(
     tags: list[str] | None = None,
 ) -> EnvironmentPackage:
     """Change a package's settings (its organization's admins only); everything is checked first."""
-    _changeable(viewer, package)
+    package_settings_check(viewer, package)
     if visibility is not None and visibility not in Visibility.values:
         raise DomainError(f"visibility must be one of {', '.join(Visibility.values)}", field="visibility")
     if description is not None and len(description) > DESCRIPTION_MAX:
@@ -244,7 +246,11 @@ def package_update(
         try:
             manifest_parse({**manifest, "tags": tags})
         except ArchiveError as e:
-            raise DomainError(str(e).removeprefix("invalid manifest: "), field="tags") from None
+            # "invalid manifest: tags: Value error, <why>" -> "<why>": the field is named by the form.
+            why = (
+                str(e).removeprefix("invalid manifest: ").removeprefix("tags: ").removeprefix("Value error, ")
+            )
+            raise DomainError(why, field="tags") from None
         package.tags = list(tags)
     package.save()
     return package

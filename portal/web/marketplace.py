@@ -1,4 +1,5 @@
-"""Environments marketplace pages: browse and search, a package's page, publish a version, star, fork.
+"""Environments marketplace pages: browse and search, a package's page, publish a version, star, fork, and
+the package's settings (description, visibility, tags) for its organization's admins.
 
 Reads go through env_registry.selectors from the current organization's point of view, so another
 organization's private package is a 404 here exactly as in the API; writes go through env_registry.services.
@@ -10,6 +11,7 @@ from urllib.parse import urlencode
 
 from django import forms
 from django.conf import settings
+from django.contrib import messages
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
@@ -77,6 +79,45 @@ class ForkForm(forms.Form):
     )
 
 
+MAX_TAGS = 16  # as the API's PATCH
+
+
+class SettingsForm(forms.Form):
+    description = forms.CharField(
+        label="Description",
+        required=False,
+        max_length=EnvironmentPackage._meta.get_field("description").max_length,
+        widget=forms.Textarea(attrs={"rows": 3}),
+    )
+    visibility = forms.ChoiceField(
+        label="Visibility",
+        choices=Visibility.choices,
+        help_text="Private: its publishers and this organization's admins. Organization: every member. "
+        "Public: everyone, in the marketplace.",
+    )
+    tags = forms.CharField(
+        label="Tags (comma-separated)",
+        required=False,
+        max_length=MAX_TAGS * 33,
+        help_text="Lowercase letters, digits and '-', for example: games, multi-turn",
+    )
+
+    @classmethod
+    def for_package(cls, package: EnvironmentPackage) -> SettingsForm:
+        initial = {
+            "description": package.description,
+            "visibility": package.visibility,
+            "tags": ", ".join(package.tags),
+        }
+        return cls(initial=initial)
+
+    def clean_tags(self) -> list[str]:
+        tags = [t.strip() for t in self.cleaned_data["tags"].split(",") if t.strip()]
+        if len(tags) > MAX_TAGS:
+            raise forms.ValidationError(f"at most {MAX_TAGS} tags")
+        return tags
+
+
 MANIFEST_ORDER = ("name", "version", "entrypoint", "protocol", "roles", "description", "tags", "license")
 
 
@@ -128,6 +169,7 @@ def _detail_context(request, package: EnvironmentPackage) -> dict:
         "forked_from": package_forked_from_ref(package, viewer_of(request)),
         "forks": package.forks.count(),
         "can_write": Scope.ENVS_WRITE in page_scopes(request),
+        "can_change": package_may_change(package, viewer_of(request)),
         "show_uploader": mine,
     }
 
@@ -135,8 +177,32 @@ def _detail_context(request, package: EnvironmentPackage) -> dict:
 @org_page
 def env_detail(request, owner: str, name: str):
     package = package_get(viewer_of(request), owner=owner, name=name)
-    context = _detail_context(request, package) | {"fork_form": ForkForm()}
+    context = _detail_context(request, package)
+    context |= {"fork_form": ForkForm(), "settings_form": SettingsForm.for_package(package)}
     return render(request, "portal/envs/detail.html", context)
+
+
+@org_page
+@require_POST
+def env_settings(request, owner: str, name: str):
+    """Save the package's settings: a package the user cannot see is a 404, one of their organization that
+    they may not change a 403 saying why (the service decides both), bad input the page again with the
+    errors next to their fields and nothing saved."""
+    viewer = viewer_of(request)
+    package = package_get(viewer, owner=owner, name=name)
+    services.package_settings_check(viewer, package)
+    form = SettingsForm(request.POST)
+    if form.is_valid():
+        try:
+            services.package_update(package, viewer=viewer, **form.cleaned_data)
+        except DomainError as e:
+            add_domain_error(form, e)
+        else:
+            messages.success(request, f"Settings of {owner}/{name} saved.")
+            return redirect("env_detail", owner=owner, name=name)
+    package = package_get(viewer, owner=owner, name=name)  # unchanged, with its star count
+    context = _detail_context(request, package) | {"fork_form": ForkForm(), "settings_form": form}
+    return render(request, "portal/envs/detail.html", context, status=400)
 
 
 @org_page

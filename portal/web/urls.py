@@ -31,6 +31,7 @@ urlpatterns += [
     path("envs/<slug:owner>/<slug:name>/", marketplace.env_detail, name="env_detail"),
     path("envs/<slug:owner>/<slug:name>/star/", marketplace.env_star, name="env_star"),
     path("envs/<slug:owner>/<slug:name>/fork/", marketplace.env_fork, name="env_fork"),
+    path("envs/<slug:owner>/<slug:name>/settings/", marketplace.env_settings, name="env_settings"),
     path("team/", team.team, name="team"),
     path("team/members/<int:member_id>/role/", team.member_role, name="team_member_role"),
     path("team/members/<int:member_id>/remove/", team.member_remove, name="team_member_remove"),
