@@ -44,6 +44,24 @@ def invitation_get(organization: Organization, invitation_id: int) -> Invitation
         raise NotFound("no such invitation") from None
 
 
+def invitation_for_secret(secret: str) -> Invitation:
+    """The open invitation a link's secret names (the secret is the capability: no organization to scope
+    by); a wrong, used, revoked or expired one is NotFound, as invitation_accept has it."""
+    from django.utils import timezone
+
+    from portal.services.secrets import secret_hash
+
+    found = (
+        Invitation.objects.select_related("organization", "invited_by")
+        .filter(secret_hash=secret_hash(secret), accepted_at__isnull=True, revoked_at__isnull=True)
+        .filter(expires_at__gt=timezone.now())
+        .first()
+    )
+    if found is None:
+        raise NotFound("no such invitation")
+    return found
+
+
 def token_list(membership: Membership, *, manage_all: bool) -> QuerySet:
     """With org:admin (`manage_all`), every token of the organization; otherwise the caller's own."""
     qs = ApiToken.objects.filter(organization=membership.organization).select_related("user")

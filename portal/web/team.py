@@ -19,7 +19,13 @@ from django.views.decorators.http import require_http_methods, require_POST
 from portal.errors import DomainError, NotFound
 from portal.models import Role
 from portal.roles import role_at_least
-from portal.selectors.orgs import invitation_get, invitation_list, member_get, member_list
+from portal.selectors.orgs import (
+    invitation_for_secret,
+    invitation_get,
+    invitation_list,
+    member_get,
+    member_list,
+)
 from portal.services.orgs import (
     invitation_accept,
     invitation_create,
@@ -146,12 +152,21 @@ def invitation_cancel(request, pk: int):
 @login_required
 @require_http_methods(["GET", "POST"])
 def invitation_join(request):
-    """The link in an invitation: GET shows what it is, POST joins (a GET never changes anything)."""
+    """The link in an invitation: GET shows what it is, POST joins (a GET never changes anything).
+
+    The page names the organization and the role offered only to the invited address's account: the
+    secret is the capability, and a forwarded link tells its holder nothing but that it is not theirs."""
     form = AcceptForm(request.POST if request.method == "POST" else {"token": request.GET.get("token", "")})
     if not form.is_valid():
         raise Http404
     if request.method == "GET":
-        return render(request, "portal/team/accept.html", {"form": form})
+        try:
+            invitation = invitation_for_secret(form.cleaned_data["token"])
+        except NotFound:
+            raise Http404 from None
+        addressee = (request.user.email or "").lower() == invitation.email
+        context = {"form": form, "invitation": invitation if addressee else None, "addressee": addressee}
+        return render(request, "portal/team/accept.html", context)
     try:
         membership = invitation_accept(secret=form.cleaned_data["token"], user=request.user)
     except NotFound:

@@ -146,6 +146,31 @@ def test_accept_by_link(alice, acme, make_user):
     assert dave_client.get("/invitations/accept/").status_code == 404
 
 
+def test_the_accept_page_names_the_organization_and_role_only_to_the_invited_address(
+    alice, acme, charlie, make_user
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    _, secret = invitation_create(by=member(alice, acme), email="dave@example.com", role="admin")
+    url = f"/invitations/accept/?token={secret}"
+    html = signed_in(make_user("dave")).get(url).content.decode()
+    offer = html.split('data-testid="invitation-offer">', 1)[1].split("</p>", 1)[0]
+    assert "<strong>Acme</strong> (<code>acme</code>)" in offer and "as <strong>Admin</strong>" in offer
+    assert "sent by\n  alice" in offer
+    # A forwarded link: its holder learns only that it is not theirs (and which organization, never).
+    for other in (make_user("eve"), charlie):
+        page = signed_in(other).get(url)
+        body = page.content.decode()
+        assert page.status_code == 200 and 'data-testid="invitation-not-yours"' in body
+        assert "Acme" not in body and "Admin" not in body and "invitation-offer" not in body
+    # A wrong, revoked or expired secret shows nothing at all.
+    assert signed_in(alice).get("/invitations/accept/?token=nope").status_code == 404
+    Invitation.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert signed_in(make_user("dave2")).get(url).status_code == 404
+
+
 def test_csrf_is_enforced_on_every_team_form(alice, bob, acme, make_user):
     _, secret = invitation_create(by=member(alice, acme), email="dave@example.com", role="member")
     invitation = Invitation.objects.get()
