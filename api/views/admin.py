@@ -214,7 +214,12 @@ class QueueEntrySerializer(serializers.Serializer):
     attempt = serializers.IntegerField()
     created_at = serializers.DateTimeField()
     waiting_seconds = serializers.FloatField()
-    category = serializers.ChoiceField(choices=["quota", "capacity", "fair-share", "pool", "starting"])
+    category = serializers.ChoiceField(
+        choices=["quota", "capacity", "fair-share", "pool", "reservation", "starting"],
+        help_text="Why it waits. `reservation`: free slots of a pool are held for this long-waiting job "
+        "(it starts as the rest free up), or this job waits behind such a hold and may only backfill onto "
+        "what it does not need.",
+    )
     reason = serializers.CharField()
 
 
@@ -234,7 +239,7 @@ class AdminQueueApi(APIView):
         ],
         responses={200: QueuePageSerializer, **ERRORS},
         description="Queued jobs in scheduling order, each with why it waits now (quota, capacity, fair "
-        "share or pool), from a read-only run of the scheduler's own plan.",
+        "share, pool or a reservation), from a read-only run of the scheduler's own plan.",
     )
     def get(self, request):
         limit = _int_param(request, "limit", 200, 1, 1000)

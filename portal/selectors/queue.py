@@ -31,8 +31,9 @@ def queue_explain(*, limit: int = 200, offset: int = 0) -> tuple[int, list[dict]
     """Queued jobs in the order the scheduler weighs them, each with why it waits right now.
 
     The reason comes from a read-only run of the same plan the scheduler would make (see
-    portal/services/scheduler.py): category ``quota``, ``capacity``, ``fair-share`` or ``pool``, then a
-    sentence.
+    portal/services/scheduler.py): category ``quota``, ``capacity``, ``fair-share``, ``pool``,
+    ``reservation`` (capacity held for this long-waiting job, or this job backfilling around such a hold)
+    or ``starting``, then a sentence (the scheduler's own words).
     """
     plan, queued = queue_plan()
     order = {j.id: i for i, j in enumerate(sorted(queued, key=lambda j: (-j.priority, j.created_at)))}
@@ -45,6 +46,7 @@ def queue_explain(*, limit: int = 200, offset: int = 0) -> tuple[int, list[dict]
     now = timezone.now()
     rows = []
     starting = {a.job for a in plan.admit}
+    holders = {job_id for job_id, _ in plan.held.values()}
     for job_id in sorted(order, key=order.get):
         job = jobs.get(job_id)
         if job is None:
@@ -64,11 +66,25 @@ def queue_explain(*, limit: int = 200, offset: int = 0) -> tuple[int, list[dict]
                 "attempt": job.attempt,
                 "created_at": job.created_at,
                 "waiting_seconds": round((now - job.created_at).total_seconds(), 1),
-                "category": reason.split(":", 1)[0],
+                "category": _category(reason, holds=job_id in holders),
                 "reason": reason,
             }
         )
     return len(rows), rows[offset : offset + limit]
+
+
+# How the scheduler says a job waits behind another's reservation (ctx.try_place in the scheduler).
+BACKFILL_MARK = "reserved for a job that has waited long"
+
+
+def _category(reason: str, *, holds: bool) -> str:
+    """The reason's own category, except that a reservation is one of its own: the scheduler words both
+    sides of it as capacity, but an admin acts differently on a job that holds slots (it starts as they
+    free up) and one that backfills around them (it waits for the rest)."""
+    category = reason.split(":", 1)[0]
+    if category == "capacity" and (holds or BACKFILL_MARK in reason):
+        return "reservation"
+    return category
 
 
 def running_allocations(pool: ComputePool):

@@ -71,6 +71,7 @@ def test_queue_says_why_each_job_waits(as_staff, as_alice, acme, globex):
     assert rows["over-quota"]["category"] == "quota"
     assert rows["over-quota"]["reason"].startswith("quota: the organization holds 2 of its 2 concurrent GPUs")
     assert rows["too-big"]["reason"] == "capacity: needs 8 GPUs; the largest pool it may use has 4"
+    assert rows["too-big"]["category"] == "capacity"  # no reservation involved
     assert rows["fits-now"]["category"] == "starting"
     assert rows["fits-now"]["organization"] == "globex" and rows["fits-now"]["gpus"] == 2
     assert running.pk not in {row["id"] for row in body["results"]}
@@ -165,7 +166,9 @@ def test_queue_explains_a_reservation_and_small_jobs_cannot_take_its_slots(
     result = schedule_pass()
     assert result.admitted == []  # the free slots are held for the big job, not given to small-later
     rows = {row["name"]: row for row in as_staff.get(f"{V1}/admin/queue").json()["results"]}
-    assert rows["big"]["category"] == "capacity"
+    # Both sides of the reservation have a category of their own: the job it holds slots for, and the
+    # small job that may only backfill around it.
+    assert (rows["big"]["category"], rows["small-later"]["category"]) == ("reservation", "reservation")
     assert rows["big"]["reason"].startswith("capacity: reserved for this job after waiting 12")
     assert rows["big"]["reason"].endswith(
         "2 of its 4 slots held in pool 'gpu-a'; smaller jobs backfill only onto the rest; it starts when 2 "
