@@ -17,6 +17,7 @@ from gpu_runtime import env_packages
 from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup, derive_seed
 from gpu_runtime.env_packages import EnvPackageError, job_package, local_package
 from gpu_runtime.envs import env_factory, protocol_kind
+from opentinker.env.remote import RemoteEnvironmentError
 from opentinker.env.sandbox import SandboxedEnvironment
 from opentinker.spec import EnvironmentSpec
 from tests.gpu_runtime.conftest import small_spec
@@ -196,3 +197,85 @@ def test_hostile_archive_is_refused_before_anything_runs(tmp_path, ingest_server
     with pytest.raises(EnvPackageError, match="points outside the package"):
         job_package(EnvironmentSpec(ref="acme/flaky@1.0.0", sha256=sha))
     assert not (tmp_path.parent / "escape.py").exists()
+
+
+# --- remote environments: a job against a real OpenEnv server ---
+
+
+class _RequireBearer:
+    """ASGI wrapper in front of the OpenEnv app: refuses HTTP and WebSocket without the owner's secret and
+    records what it saw, so the test shows the secret reached the server (and only as a header)."""
+
+    def __init__(self, app, secret: str) -> None:
+        self.app, self.secret, self.seen = app, secret, []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode()
+            self.seen.append((scope["type"], auth == f"Bearer {self.secret}"))
+            if auth != f"Bearer {self.secret}":
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 4401})
+                    return
+                await send({"type": "http.response.start", "status": 401, "headers": []})
+                await send({"type": "http.response.body", "body": b"no"})
+                return
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture
+def openenv_server():
+    import socket
+    import time
+
+    import uvicorn
+    from openenv.core.env_server import create_fastapi_app
+
+    from tests.opentinker.env.test_remote_openenv import CountAction, CountEnvironment, CountObservation
+
+    app = _RequireBearer(
+        create_fastapi_app(CountEnvironment, CountAction, CountObservation, max_concurrent_envs=8), "s3cret"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert time.monotonic() < deadline, "the OpenEnv server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.slow
+def test_a_job_runs_a_remote_openenv_environment_with_its_secret(tmp_path, monkeypatch, openenv_server):
+    url, app = openenv_server
+    monkeypatch.setenv("OPENTINKER_ENV_SECRET", "s3cret")  # how the launcher hands it over: never in the spec
+    spec = small_spec(steps=2).model_copy(update={"environment": EnvironmentSpec(ref=url)})
+    make_env = env_factory(spec.environment)
+    assert protocol_kind(make_env) == "multi-turn"
+
+    sink = ListSink()
+    result = Controller(spec, sink, LocalGroup(spec), f"file://{tmp_path}/ck").run()
+    assert result.exit_code == EXIT_OK
+    steps = sink.metric_steps()
+    assert [steps[s]["episodes/failed"] for s in (1, 2)] == [0.0, 0.0]
+    # 2 steps x 4 episodes, each over its own WebSocket session, all with the secret.
+    assert sum(kind == "websocket" for kind, _ in app.seen) == 8
+    assert all(ok for _, ok in app.seen)
+    assert "s3cret" not in json.dumps(spec.model_dump(mode="json")) + json.dumps(sink.records)
+
+
+def test_a_remote_environment_without_its_secret_is_refused_clearly(openenv_server):
+    url, app = openenv_server
+    env = env_factory(EnvironmentSpec(ref=url, config={"retries": 0}))()
+    try:
+        with pytest.raises(RemoteEnvironmentError, match="refused the session: HTTP 403"):
+            env.reset(3)
+    finally:
+        env.close()
+    assert app.seen and not any(ok for _, ok in app.seen)
