@@ -27,6 +27,10 @@ points in batches of at most 5,000 AND about 200 KiB of JSON).
                  -> 200 {"cancel": bool, "state": str}. Report "running" once started; a final state last,
                  after every metric/checkpoint was accepted. Repeating the current state is a no-op.
 
+And one read: ``GET {OPENTINKER_INGEST_URL}/environment`` -> the job's pinned environment package archive
+(application/gzip, sha256 in ``X-Checksum-Sha256``; check it against ``environment.sha256`` of the spec);
+404 when the job's environment is a built-in or remote one (api/views/ingest_env.py).
+
 Answers the runtime must act on:
     401  token invalid, expired, or of an earlier attempt (the job was re-queued): stop, report nothing more.
     404  the URL names another job than the token's.
