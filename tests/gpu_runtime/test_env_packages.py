@@ -225,30 +225,16 @@ class _RequireBearer:
 
 @pytest.fixture
 def openenv_server():
-    import socket
-    import time
+    from tests.opentinker.env.test_remote_openenv import CountAction, serve
 
-    import uvicorn
-    from openenv.core.env_server import create_fastapi_app
+    guard: list[_RequireBearer] = []
 
-    from tests.opentinker.env.test_remote_openenv import CountAction, CountEnvironment, CountObservation
+    def wrap(app):
+        guard.append(_RequireBearer(app, "s3cret"))
+        return guard[0]
 
-    app = _RequireBearer(
-        create_fastapi_app(CountEnvironment, CountAction, CountObservation, max_concurrent_envs=8), "s3cret"
-    )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "the OpenEnv server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(10)
+    for url in serve(CountAction, max_concurrent_envs=8, wrap=wrap):  # stops the server when the test ends
+        yield url, guard[0]
 
 
 @pytest.mark.slow

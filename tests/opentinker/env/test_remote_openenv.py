@@ -71,8 +71,13 @@ class CountEnvironment(Environment):
         return self._state
 
 
-def serve(action_cls: type[Action]):
-    app = create_fastapi_app(CountEnvironment, action_cls, CountObservation, max_concurrent_envs=2)
+def serve(action_cls: type[Action], *, max_concurrent_envs: int = 2, wrap=lambda app: app):
+    """Serve CountEnvironment on a free port; `wrap` puts an ASGI layer in front (tests/gpu_runtime)."""
+    app = wrap(
+        create_fastapi_app(
+            CountEnvironment, action_cls, CountObservation, max_concurrent_envs=max_concurrent_envs
+        )
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
