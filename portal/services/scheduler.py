@@ -30,7 +30,9 @@ Policy (in order):
 5. **Borrowing**: above nominal GPUs an organization may borrow idle capacity up to its borrowing limit. Such
    allocations are marked ``borrowed``; when a job within its organization's nominal GPUs cannot fit, enough
    borrowed allocations in a pool are chosen for preemption (checkpoint, then re-queue) and the freed slots
-   are held for the owner: no new borrowing goes into that pool while owners wait there.
+   are held for the owner: no new borrowing goes into that pool while owners wait there. Fair share and
+   reservations never override this: a job within nominal whose organization drains for it (rule 4) still
+   reclaims borrowed capacity, and the free slots it needs are not lent meanwhile.
 """
 
 from __future__ import annotations
@@ -299,6 +301,7 @@ def plan(
                 result.waiting.pop(job.id, None)
                 if cursor[org_id] < len(jobs):
                     heapq.heappush(heap, (key(org), org_id))
+    ctx.finish_owner_claims(admitted)
     for job_id in ctx.holders:
         result.waiting.setdefault(job_id, ctx.holder_reason[job_id])
     result.reserved = {name: n for name, n in ctx.reserved.items() if n}
@@ -323,11 +326,20 @@ def _reserve(ctx, orgs, by_org, targets, caps, now, reserve_after_s, admitted) -
         org = orgs[org_id]
         for j in jobs:
             if now - j.created_at >= reserve_after_s and not isinstance(ctx.eligible(j, org), str):
-                heads.append(
-                    (org.used_slots - caps.get(org_id, 0.0), -j.priority, j.created_at, str(j.id), j)
-                )
+                below = org.used_slots - caps.get(org_id, 0.0)
+                heads.append((below, -j.priority, j.created_at, -max(j.gpus, 1), str(j.id), j))
                 break
-    heads.sort(key=lambda t: t[:4])
+    # Fair-share order; on a tie the bigger job first: a small one starts around its reservation later,
+    # while a small one first would take a slot of a pool that had just drained for the big one, every time.
+    heads.sort(key=lambda t: t[:5])
+
+    def drains(job: JobView) -> bool:
+        org, cap = orgs[job.org], caps.get(job.org, 0.0)
+        return max(job.gpus, 1) > cap + 1 and bool(org.used_slots or cap < targets.get(job.org, 0.0))
+
+    # Organizations that drain first: what their owners claim (reclaimed or kept free slots) is settled
+    # before any other head job may borrow.
+    heads.sort(key=lambda t: not drains(t[-1]))
     for below, *_, job in heads:
         org = orgs[job.org]
         need = max(job.gpus, 1)
@@ -344,6 +356,11 @@ def _reserve(ctx, orgs, by_org, targets, caps, now, reserve_after_s, admitted) -
                     f"drains for it (holds {org.used_slots}; its other jobs wait) and it reserves once "
                     "drained and its recent usage is back to its share"
                 )
+                # The fair share decides between owners; it never makes an owner wait for what others only
+                # borrowed: a job within its organization's nominal GPUs still reclaims borrowed capacity.
+                candidates, borrowed = ctx.eligible(job, org)
+                if job.gpus and not borrowed:
+                    ctx.claim_for_owner(job, org, candidates)
                 continue
         elif below >= 0:
             continue  # at its fair share: its turn comes when it is below again
@@ -394,6 +411,8 @@ class _Pass:
         # Organizations draining for a long-waiting job bigger than their share: org -> that job.
         self.draining: dict[int, object] = {}
         self.holder_reason: dict = {}
+        # Owners' drained jobs keeping free slots from borrowing: job id -> (job, org, pool, slots).
+        self.owner_claims: dict[object, tuple[JobView, OrgView, str, int]] = {}
 
     def free_for(self, job: JobView, p: PoolView, borrowed: bool) -> int:
         free = p.free - (self.reserved[p.name] if borrowed else 0)
@@ -469,33 +488,80 @@ class _Pass:
         self.result.admit.append(Admission(job.id, pool.name, job.gpus, need, job.cpus, borrowed))
         return None
 
+    def lent(self, org: OrgView, p: PoolView) -> int:
+        """Slots other organizations hold on loan in the pool (borrowed, not already being preempted)."""
+        return sum(a.slots for a in self.preemptible[p.name] if a.org != org.id)
+
+    def reclaim(self, job: JobView, org: OrgView, candidates: list[PoolView]) -> str | None:
+        """For an owner's job (within its organization's nominal GPUs) that does not fit: choose enough
+        borrowed allocations of other organizations in one pool to make room, ask their preemption and hold
+        the slots for owners. Returns the wait reason, or None where no pool has enough on loan."""
+        for p in candidates:
+            need = slots_needed(job, p) - max(0, self.free_for(job, p, True))
+            chosen, got = [], 0
+            for a in self.preemptible[p.name]:
+                if got >= need:
+                    break
+                if a.org != org.id:
+                    chosen.append(a)
+                    got += a.slots
+            if chosen and got >= need:
+                for a in chosen:
+                    self.preemptible[p.name].remove(a)
+                    self.result.preempt.append(a.id)
+                self.reserved[p.name] += slots_needed(job, p)
+                return (
+                    f"capacity: reclaiming {got} borrowed GPUs in pool {p.name!r} "
+                    f"({len(chosen)} jobs checkpoint and re-queue); starts when they stop"
+                )
+        return None
+
+    def claim_for_owner(self, job: JobView, org: OrgView, candidates: list[PoolView]) -> None:
+        """A job within its organization's nominal GPUs that fair share holds back (its organization drains
+        for it) still owns the capacity others only borrow. In the pool where it is closest to fitting:
+        if reclaiming borrowed slots makes it fit, they are preempted; otherwise the free slots it needs
+        there are kept from new borrowing (an owner waits there, so the pool is not idle), or borrowers
+        would take them, be preempted for it and take them again, pass after pass. Owners still take those
+        slots by fair share; ``finish_owner_claims`` starts the job on what nobody else took."""
+        pools = [p for p in candidates if slots_needed(job, p) <= p.slots]
+        if not pools:
+            return
+        pool = max(pools, key=lambda p: (max(0, self.free_for(job, p, True)) + self.lent(org, p), -p.slots))
+        need, free = slots_needed(job, pool), max(0, self.free_for(job, pool, True))
+        if free < need <= free + self.lent(org, pool) and self.allow_preemption:
+            self.holder_reason[job.id] = self.reclaim(job, org, [pool])
+            return
+        hold = min(need, free)
+        self.reserved[pool.name] += hold
+        self.owner_claims[job.id] = (job, org, pool.name, hold)
+        if hold:
+            self.holder_reason[job.id] += (
+                f"; {hold} free slots in pool {pool.name!r} are not lent to other organizations meanwhile"
+            )
+
+    def finish_owner_claims(self, admitted: set) -> None:
+        """After every other job had its turn: an owner's drained job starts on what is still free (the
+        pass is work-conserving), otherwise it keeps its slots from borrowing."""
+        for job, org, pool, hold in self.owner_claims.values():
+            self.reserved[pool] -= hold
+            if self.place(job, org) is None:
+                admitted.add(job.id)
+                self.holders.discard(job.id)
+            else:
+                self.reserved[pool] += hold
+
     def try_place(self, job: JobView, org: OrgView, *, fair: float) -> str | None:
         """Admit the job, or reclaim borrowed capacity for it, or return why it waits."""
         reason = self.place(job, org)
         if reason != "capacity":
             return reason
         candidates, borrowed = self.eligible(job, org)
-        reserved, result = self.reserved, self.result
+        reserved = self.reserved
         # It does not fit now. An owner within nominal may reclaim borrowed capacity.
         if self.allow_preemption and job.gpus and not borrowed:
-            for p in candidates:
-                victims = [a for a in self.preemptible[p.name] if a.org != org.id]
-                need = slots_needed(job, p) - max(0, self.free_for(job, p, True))
-                chosen, got = [], 0
-                for a in victims:
-                    if got >= need:
-                        break
-                    chosen.append(a)
-                    got += a.slots
-                if chosen and got >= need:
-                    for a in chosen:
-                        self.preemptible[p.name].remove(a)
-                        result.preempt.append(a.id)
-                    reserved[p.name] += slots_needed(job, p)
-                    return (
-                        f"capacity: reclaiming {got} borrowed GPUs in pool {p.name!r} "
-                        f"({len(chosen)} jobs checkpoint and re-queue); starts when they stop"
-                    )
+            reclaiming = self.reclaim(job, org, candidates)
+            if reclaiming is not None:
+                return reclaiming
             for p in candidates:
                 if reserved[p.name] and slots_needed(job, p) <= p.slots:
                     return (

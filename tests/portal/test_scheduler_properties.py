@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from portal.services.scheduler import AllocationView, JobView, OrgView, PoolView, plan, slots_needed
@@ -48,7 +49,7 @@ def worlds(draw):
     ]
     jobs = [
         JobView(
-            id=next(ids),
+            id=n,  # not a shared counter: ids break ties, so a rerun of an example must see the same ones
             org=draw(st.integers(0, len(orgs) - 1)),
             gpus=draw(st.sampled_from([0, 1, 1, 2, 4, 8, 20])),
             priority=draw(st.integers(-1, 1)),
@@ -98,6 +99,11 @@ def check_plan(pools, orgs, queued, allocs, result):
     claim = sum(
         job_by[j].gpus for j in result.waiting if result.waiting[j].startswith("capacity: reclaiming")
     )
+    for j, why in result.waiting.items():
+        if "are not lent to other organizations" in why:  # an owner's drained job keeps free slots
+            job = job_by[j]
+            assert gpus[job.org] + job.gpus <= org_by[job.org].nominal_gpus, "only owners keep slots"
+            claim += job.gpus
     for p in pools:
         back = sum(a.slots for a in allocs if a.pool == p.name and (a.preempting or a.id in preempting))
         assert reserved[p.name] <= back + claim
@@ -138,8 +144,26 @@ def test_single_pass_invariants(world):
     assert result.preempt == []  # nothing is running: nothing to preempt
 
 
+def issue3_world():
+    """The world Hypothesis once found (issue 3): org 0 (nominal 0, may borrow 4, weight 5) fills a 15-slot
+    pool with CPU jobs and four borrowed 1-GPU jobs while org 1 (nominal 4, weight 0.5) waits with a 4-GPU
+    job. Org 1's fair share is 1.4 slots, so with reservations on it drained for that job and never
+    reclaimed the 4 GPUs org 0 only borrowed."""
+    pools = [PoolView("p0", 15, cpu_slots=True, cpus=64)]
+    orgs = [
+        OrgView(0, nominal_gpus=0, borrowing_limit_gpus=4, weight=5.0, gpu_hours_per_month=100.0),
+        OrgView(1, nominal_gpus=4, borrowing_limit_gpus=0, weight=0.5, gpu_hours_per_month=100.0),
+    ]
+    shape = {1: (1, 4), 12: (0, 1), 13: (0, 1), 14: (0, 1), 15: (0, 1), 18: (1, 0)}  # n -> (org, gpus)
+    jobs = [JobView(44588 + n, *shape.get(n, (0, 0)), created_at=float(n)) for n in range(19)]
+    return pools, orgs, jobs
+
+
 @settings(max_examples=80, deadline=None)
 @given(worlds(), st.randoms(use_true_random=False), st.sampled_from([math.inf, 0.0, 2.0]))
+@example(issue3_world(), random.Random(0), 0.0)  # failed before the drain path reclaimed (issue 3)
+@example(issue3_world(), random.Random(0), math.inf)
+@example(issue3_world(), random.Random(0), 2.0)
 def test_repeated_passes_with_completions_and_preemption(world, rnd, reserve_after):
     pools, orgs, queue = world
     allocs: list[AllocationView] = []
@@ -218,9 +242,11 @@ def test_repeated_passes_with_completions_and_preemption(world, rnd, reserve_aft
             assert slots_needed(job, p) > free + lent, f"{job} waits though {lent} borrowed slots in {p.name}"
 
 
-def run_stream(slots, small_gpus, durations, big_gpus, reserve_after_passes, passes, rnd):
+def run_stream(slots, small_gpus, durations, big_gpus, reserve_after_passes, passes, rnd, first_id=0):
     """One pool; organization 0 keeps a stream of small jobs queued (each runs a random number of passes),
-    organization 1 submits one big job at pass 0. Returns the pass at which the big job started (or None)."""
+    organization 1 submits one big job at pass 0. Returns the pass at which the big job started (or None).
+    Job ids count from ``first_id`` (ids break ties: a counter shared across examples made reruns differ)."""
+    ids = itertools.count(first_id)
     pool = PoolView("p0", slots)
     orgs = [OrgView(0, nominal_gpus=slots, weight=1.0), OrgView(1, nominal_gpus=slots, weight=1.0)]
     big = JobView(next(ids), 1, big_gpus, created_at=0.0)
@@ -268,9 +294,13 @@ def run_stream(slots, small_gpus, durations, big_gpus, reserve_after_passes, pas
     st.sampled_from([[1], [1, 2, 3], [2, 4]]),
     st.integers(0, 5),
     st.randoms(use_true_random=False),
+    st.integers(0, 100),
 )
-def test_a_big_job_starts_within_a_bound_under_a_stream_of_small_jobs(slots, small, durations, after, rnd):
-    started = run_stream(slots, small, durations, slots, after, after + max(durations) + 40, rnd)
+@example(16, [1], [1], 0, random.Random(0), 4)  # "4" sorted after the stream's "10": the big job starved
+def test_a_big_job_starts_within_a_bound_under_a_stream_of_small_jobs(
+    slots, small, durations, after, rnd, first_id
+):
+    started = run_stream(slots, small, durations, slots, after, after + max(durations) + 40, rnd, first_id)
     # Waits `after` passes to reserve, then holds the pool's slots as the running jobs end (each within
     # max(durations) passes of the last admission before the reservation): a pass later it starts.
     assert started is not None and started <= after + max(durations) + 1, started
@@ -300,3 +330,76 @@ def test_the_reservation_is_explained_and_small_jobs_backfill_around_it():
     # Not aged yet: the small job takes a free slot (backfill), nothing is held.
     result = plan([pool], orgs, [big, small], running, half_life_s=0, now=500.0, reserve_after_s=600.0)
     assert [a.job for a in result.admit] == ["small"] and result.held == {}
+
+
+def drain_world(org0_cpu, org0_borrowed):
+    """One 15-slot CPU-slot pool. Org 0 (nominal 0, may borrow 4, weight 5) runs `org0_cpu` CPU jobs and
+    `org0_borrowed` borrowed 1-GPU jobs; org 1 (nominal 4, weight 0.5: a fair share of 1.4 slots) runs one
+    CPU job and has waited 10 s with a 4-GPU job, so with reservations on (after 0 s) it drains for it."""
+    running = [
+        AllocationView(f"c{i}", f"cj{i}", 0, "p0", 0, 1, False, admitted_at=1.0) for i in range(org0_cpu)
+    ]
+    running += [
+        AllocationView(f"b{i}", f"bj{i}", 0, "p0", 1, 1, True, admitted_at=float(i)) for i in range(4)
+    ]
+    running = [*running[: org0_cpu + org0_borrowed], AllocationView("o", "oj", 1, "p0", 0, 1, False)]
+    pool = PoolView("p0", 15, used_slots=len(running), cpu_slots=True, cpus=64)
+    orgs = [
+        OrgView(0, 0, 4, weight=5.0, used_gpus=org0_borrowed, used_slots=org0_cpu + org0_borrowed),
+        OrgView(1, 4, 0, weight=0.5, used_slots=1),
+    ]
+    queue = [
+        JobView("big", 1, 4, created_at=0.0),
+        JobView("gpu", 0, 1, created_at=1.0),  # org 0 would borrow it
+        JobView("cpu", 0, 0, created_at=2.0),  # not borrowing: CPU slots are no one's nominal GPUs
+    ]
+    return [pool], orgs, queue, running
+
+
+def test_an_owner_draining_for_a_big_job_still_reclaims_what_others_borrowed():
+    pools, orgs, queue, running = drain_world(org0_cpu=10, org0_borrowed=4)  # the pool is full
+    result = plan(pools, orgs, queue, running, half_life_s=0, now=10.0, reserve_after_s=0.0)
+    check_plan(pools, orgs, queue, running, result)
+    assert result.admit == [] and sorted(result.preempt) == ["b0", "b1", "b2", "b3"]
+    assert result.waiting["big"] == (
+        "capacity: reclaiming 4 borrowed GPUs in pool 'p0' (4 jobs checkpoint and re-queue); "
+        "starts when they stop"
+    )
+    assert result.reserved == {"p0": 4}
+    # Without reservations the same owner reclaims the same way (the final fair-share phase).
+    result = plan(pools, orgs, queue, running, half_life_s=0, now=10.0)
+    assert sorted(result.preempt) == ["b0", "b1", "b2", "b3"] and result.reserved == {"p0": 4}
+
+
+def test_free_slots_an_owner_drains_for_are_not_lent_meanwhile():
+    # 2 free slots + 1 borrowed: not enough to reclaim for 4 GPUs, so nothing is preempted; the 2 free slots
+    # are kept from borrowing (else org 0 borrows them, is preempted for them and borrows them again).
+    pools, orgs, queue, running = drain_world(org0_cpu=11, org0_borrowed=1)
+    result = plan(pools, orgs, queue, running, half_life_s=0, now=10.0, reserve_after_s=0.0)
+    check_plan(pools, orgs, queue, running, result)
+    assert result.preempt == [] and result.reserved == {"p0": 2}
+    assert [(a.job, a.borrowed) for a in result.admit] == [("cpu", False)]  # owners still take them
+    assert result.waiting["gpu"] == "capacity: free GPUs are held for owners reclaiming their nominal share"
+    assert result.waiting["big"].endswith(
+        "; 2 free slots in pool 'p0' are not lent to other organizations meanwhile"
+    )
+    assert "drains for it" in result.waiting["big"]
+
+
+def test_an_owners_drained_job_starts_on_capacity_nobody_else_can_use():
+    # Org 0 may only use p1 (full); org 1's 4-GPU job is over its fair share (1.5 slots) and drains, but the
+    # 4 free GPUs of p0 are of no use to anyone else: the pass is work-conserving.
+    pools = [PoolView("p0", 5, used_slots=1, cpus=64), PoolView("p1", 12, used_slots=12, cpus=64)]
+    orgs = [
+        OrgView(0, 12, 4, weight=5.0, used_gpus=12, used_slots=12, allowed_pools=frozenset({"p1"})),
+        OrgView(1, 5, 0, weight=0.5, used_gpus=1, used_slots=1),
+    ]
+    running = [AllocationView(f"a{i}", f"j{i}", 0, "p1", 1, 1, False) for i in range(12)]
+    running.append(AllocationView("o", "oj", 1, "p0", 1, 1, False))
+    queue = [JobView("big", 1, 4, created_at=0.0)] + [
+        JobView(f"g{i}", 0, 1, created_at=1.0) for i in range(4)
+    ]
+    result = plan(pools, orgs, queue, running, half_life_s=0, now=10.0, reserve_after_s=0.0)
+    check_plan(pools, orgs, queue, running, result)
+    assert [(a.job, a.pool, a.borrowed) for a in result.admit] == [("big", "p0", False)]
+    assert result.reserved == {} and result.preempt == []
