@@ -111,14 +111,18 @@ def test_cli_push_show_star_fork(tokens, monkeypatch, tmp_path, capsys, live_ser
     assert capsys.readouterr().out.strip() == "published acme/echo@0.1.0: valid"
     assert EnvironmentVersion.objects.get(package__name="echo").status == "valid"
 
-    # The same version again: 409, exit 1, nothing changed.
+    # A private package is its publisher's and the admins': bob, a plain member, cannot even see it.
     assert cli(monkeypatch, tokens["bob"], "envs", "push", str(pkg)) == 1
+    assert "no environment acme/echo you may publish to" in capsys.readouterr().err
+
+    # The same version again: 409, exit 1, nothing changed.
+    assert cli(monkeypatch, tokens["alice"], "envs", "push", str(pkg)) == 1
     assert "already exists; versions are immutable" in capsys.readouterr().err
 
     # A broken version is published but invalid: exit 1 with the reason.
     (pkg / "echo_env.py").write_text("raise SystemExit('nope')\n")
     (pkg / "opentinker.json").write_text(json.dumps({**MANIFEST, "version": "0.2.0"}))
-    assert cli(monkeypatch, tokens["bob"], "envs", "push", str(pkg), "--visibility", "public") == 1
+    assert cli(monkeypatch, tokens["alice"], "envs", "push", str(pkg), "--visibility", "public") == 1
     captured = capsys.readouterr()
     assert captured.out.strip() == "published acme/echo@0.2.0: invalid"
     assert "failed validation: loading echo_env:Echo failed: SystemExit: nope" in captured.err
@@ -154,6 +158,7 @@ def test_cli_push_show_star_fork(tokens, monkeypatch, tmp_path, capsys, live_ser
 def test_sdk_envs_push_get_update_and_outsider(tokens, tmp_path, live_server):
     pkg = make_package_dir(tmp_path / "echo", version="1.0.0")
     with (
+        Client(live_server.url, tokens["alice"]) as alice,
         Client(live_server.url, tokens["bob"]) as bob,
         Client(live_server.url, tokens["charlie"]) as charlie,
     ):
@@ -170,5 +175,8 @@ def test_sdk_envs_push_get_update_and_outsider(tokens, tmp_path, live_server):
         with pytest.raises(errors.NotFound):
             charlie.envs.fork("acme", "echo")
         assert bob.envs.star("acme", "echo") == 1
-        updated = bob.envs.update("acme", "echo", description="New", tags=["x"])
-        assert (updated.description, updated.tags, updated.stars, updated.starred) == ("New", ["x"], 1, True)
+        # Settings are the organization admins' (bob published it, but is a member).
+        with pytest.raises(errors.PermissionDenied):
+            bob.envs.update("acme", "echo", description="New", tags=["x"])
+        updated = alice.envs.update("acme", "echo", description="New", tags=["x"])
+        assert (updated.description, updated.tags, updated.stars, updated.starred) == ("New", ["x"], 1, False)
