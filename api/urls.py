@@ -1,7 +1,7 @@
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from api.views import admin, catalog, envs, ingest, ingest_env, jobs, orgs, stream, tokens, usage
+from api.views import admin, catalog, env_secrets, envs, ingest, ingest_env, jobs, orgs, stream, tokens, usage
 
 v1 = [
     path("me", orgs.MeApi.as_view()),
@@ -13,6 +13,8 @@ v1 = [
     path("org/invitations", orgs.InvitationListApi.as_view()),
     path("org/invitations/<int:invitation_id>", orgs.InvitationDetailApi.as_view()),
     path("invitations/accept", orgs.InvitationAcceptApi.as_view()),
+    path("org/env-secrets", env_secrets.EnvironmentSecretListApi.as_view()),
+    path("org/env-secrets/<str:name>", env_secrets.EnvironmentSecretDetailApi.as_view()),
     path("tokens", tokens.TokenListApi.as_view()),
     path("tokens/<int:token_id>", tokens.TokenDetailApi.as_view()),
     path("jobs", jobs.JobListApi.as_view()),

@@ -146,6 +146,21 @@ class EnvironmentSpec(_Strict):
         "exact version for `latest`), so every attempt runs the same bytes; the runtime refuses an archive "
         "that does not match. Give it yourself to require exactly that archive.",
     )
+    secret: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        description="Remote environments only: the name of one of your organization's environment secrets "
+        "(/api/v1/org/env-secrets). The runtime sends its value as `Authorization: Bearer ...`; the value "
+        "never appears in the spec.",
+    )
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_needs_https(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # A credential is only ever sent over TLS, and only to a server the tenant named (not a package).
+        if v is not None and not str(info.data.get("ref", "")).startswith("https://"):
+            raise ValueError("a secret is only sent to an https:// remote environment")
+        return v
 
     @field_validator("ref")
     @classmethod

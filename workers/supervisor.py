@@ -6,6 +6,7 @@ once, or a pass racing a runner's exit report, are harmless.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from datetime import timedelta
@@ -14,10 +15,14 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from env_registry.secrets import EnvironmentSecretMissing
 from opentinker.spec import TERMINAL_STATES, JobState
+from portal.errors import Conflict
 from portal.models import Allocation, ComputePool, Job
+from portal.services.jobs import job_transition
 from portal.services.pools import pool_ensure, pool_report
 from portal.services.supervision import (
+    SYSTEM,
     allocation_release,
     job_launched,
     job_process_exited,
@@ -58,6 +63,12 @@ def launch(allocation_id: int) -> str:
     try:
         spec_path = write_spec(job, path)
         handle, host = driver.launch(alloc, path, spec_path, job_env(job, alloc))
+    except EnvironmentSecretMissing as e:
+        # No retry can bring a deleted secret back: fail the job now, saying why.
+        allocation_release(alloc, reason="failed: its environment secret is gone")
+        with contextlib.suppress(Conflict):  # cancelled meanwhile: that outcome stands
+            job_transition(job=job, to=S.FAILED, actor=SYSTEM, reason=e.message)
+        return "failed"
     except Exception as e:
         logger.exception("launch of job %s failed", job.pk)
         job_requeue(job=job, why="lost", reason=f"could not start on pool {alloc.pool.name}: {e}"[:400])

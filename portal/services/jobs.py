@@ -97,6 +97,15 @@ def _check_references(spec: JobSpec, organization: Organization, actor: Actor):
                 "built-ins only for now",
                 field="environment.ref",
             )
+    if spec.environment and spec.environment.secret:
+        from env_registry.secrets import environment_secret_exists
+
+        # Resolved in the job's own organization only; the launcher decrypts it (workers/drivers).
+        if not environment_secret_exists(organization, spec.environment.secret):
+            raise DomainError(
+                f"your organization has no environment secret named {spec.environment.secret!r}",
+                field="environment.secret",
+            )
     uris = {
         "model.base": "" if spec.model.is_preset else spec.model.base,
         "dataset.uri": spec.dataset.uri if spec.dataset else "",

@@ -33,7 +33,8 @@ from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
 from env_registry import storage as env_storage
-from env_registry.models import EnvironmentPackage, EnvironmentVersion, Star, Visibility
+from env_registry.models import EnvironmentPackage, EnvironmentSecret, EnvironmentVersion, Star, Visibility
+from env_registry.secrets import environment_secret_create
 from opentinker.spec import example_rl_spec
 from portal import storage
 from portal.actors import Actor
@@ -61,6 +62,8 @@ SECRET_ENV = "acme-secret-sauce"
 SECRET_ENV_DESCRIPTION = "internal-only-7f3a9c"
 INVITEE = "newhire@acme.example"
 ACME_IDEMPOTENCY_KEY = "acme-nightly-run-0042"
+ACME_ENV_SECRET = "acme-vault-key"
+ACME_ENV_SECRET_VALUE = "acme-plaintext-9d2e41"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -94,6 +97,7 @@ class AcmeWorld:
             "owner": self.org.slug,
             "env": self.env.name,
             "env_version": "1.0.0",
+            "env_secret": ACME_ENV_SECRET,
         }
 
 
@@ -110,6 +114,7 @@ def fake_params() -> dict[str, Any]:
         "owner": "no-such-org",
         "env": "no-such-env",
         "env_version": "9.9.9",
+        "env_secret": "no-such-secret",
     }
 
 
@@ -130,6 +135,7 @@ PATH_PARAMS: dict[str, str | dict[str, str]] = {
         f"{V1}/envs/{{owner}}/{{name}}/star": "env",
         f"{V1}/envs/{{owner}}/{{name}}/fork": "env",
         f"{V1}/envs/{{owner}}/{{name}}/versions/{{version}}/archive": "env",
+        f"{V1}/org/env-secrets/{{name}}": "env_secret",
     },
     "version": "env_version",
 }
@@ -193,6 +199,8 @@ def world(alice, bob, charlie, acme, globex, make_token, settings, tmp_path) -> 
         sha256=hashlib.sha256(archive).hexdigest(),
     )
 
+    environment_secret_create(by=alice_membership, name=ACME_ENV_SECRET, value=ACME_ENV_SECRET_VALUE)
+
     w = AcmeWorld(
         org=acme,
         alice_token=alice_token,
@@ -217,6 +225,8 @@ def world(alice, bob, charlie, acme, globex, make_token, settings, tmp_path) -> 
         INVITEE,
         SECRET_ENV,
         SECRET_ENV_DESCRIPTION,
+        ACME_ENV_SECRET,
+        ACME_ENV_SECRET_VALUE,
         *ApiToken.objects.filter(organization=acme).values_list("lookup", flat=True),
         *ApiToken.objects.filter(organization=acme).values_list("name", flat=True),
     ]
@@ -258,6 +268,7 @@ def acme_state(w: AcmeWorld) -> dict[str, Any]:
             EnvironmentVersion.objects.filter(package__organization=org).order_by("id").values()
         ),
         "env_stars": list(Star.objects.filter(package__organization=org).order_by("id").values()),
+        "env_secrets": list(EnvironmentSecret.objects.filter(organization=org).order_by("id").values()),
     }
 
 
@@ -296,6 +307,10 @@ def _spec(w: AcmeWorld) -> dict:
 
 def _new_org(w: AcmeWorld) -> dict:
     return {"slug": f"neworg-{next(_org_counter)}", "name": "New Org"}
+
+
+def _new_env_secret(w: AcmeWorld) -> dict:
+    return {"name": f"globex-key-{next(_org_counter)}", "value": "globex-value"}
 
 
 @dataclass(frozen=True)
@@ -387,6 +402,10 @@ ROUTES: dict[tuple[str, str], Route] = {
         201, 403, 403, 403, lambda w: {"email": "newcomer@globex.example", "role": "viewer"}
     ),
     (f"{V1}/org/invitations/{{invitation_id}}", "delete"): R(404, 403, 403, 403),
+    # environment secrets (org:admin); a value is never returned
+    (f"{V1}/org/env-secrets", "get"): R(200, 403, 403, 403),
+    (f"{V1}/org/env-secrets", "post"): R(201, 403, 403, 403, _new_env_secret),
+    (f"{V1}/org/env-secrets/{{name}}", "delete"): R(404, 403, 403, 403),
     # tokens: every member manages their own; minting through a token needs org:admin
     (f"{V1}/tokens", "get"): R(200, 200, 200, 403),
     (f"{V1}/tokens", "post"): R(201, 403, 403, 403, lambda w: {"name": "ci", "scopes": ["envs:read"]}),
@@ -579,6 +598,16 @@ def _own_data_checks(w: AcmeWorld, charlie, globex) -> dict[tuple[str, str], Cal
     def invitation_created(body):
         assert Invitation.objects.get(pk=body["id"]).organization_id == globex.pk
 
+    def env_secrets(body):
+        names = {s["name"] for s in body["results"]}
+        assert ACME_ENV_SECRET not in names
+        assert names == set(
+            EnvironmentSecret.objects.filter(organization=globex).values_list("name", flat=True)
+        )
+
+    def env_secret_created(body):
+        assert EnvironmentSecret.objects.get(organization=globex, name=body["name"]).created_by == charlie
+
     def tokens(body):
         assert {t["user"] for t in body["results"]} <= {"charlie"}
         assert not acme_token_ids & {t["id"] for t in body["results"]}
@@ -597,6 +626,8 @@ def _own_data_checks(w: AcmeWorld, charlie, globex) -> dict[tuple[str, str], Cal
         (f"{V1}/org/members", "get"): members,
         (f"{V1}/org/invitations", "get"): invitations,
         (f"{V1}/org/invitations", "post"): invitation_created,
+        (f"{V1}/org/env-secrets", "get"): env_secrets,
+        (f"{V1}/org/env-secrets", "post"): env_secret_created,
         (f"{V1}/tokens", "get"): tokens,
         (f"{V1}/tokens", "post"): token_created,
     }

@@ -44,6 +44,13 @@ def job_env(job: Job, alloc: Allocation) -> dict[str, str]:
     resume = latest_checkpoint(job)
     if resume:
         env["OPENTINKER_RESUME_FROM"] = resume
+    secret = (job.spec.get("environment") or {}).get("secret")
+    if secret:
+        from env_registry.secrets import REMOTE_SECRET_VAR, environment_secret_reveal
+
+        # Only here, in the process environment: never in the spec file, logs, events or the API. Raises
+        # EnvironmentSecretMissing (the launcher fails the job) if it was deleted since submission.
+        env[REMOTE_SECRET_VAR] = environment_secret_reveal(job.organization, secret)
     return env
 
 
