@@ -301,7 +301,7 @@ def plan(
                 result.waiting.pop(job.id, None)
                 if cursor[org_id] < len(jobs):
                     heapq.heappush(heap, (key(org), org_id))
-    ctx.finish_owner_claims(admitted)
+    ctx.finish_drained(admitted)
     for job_id in ctx.holders:
         result.waiting.setdefault(job_id, ctx.holder_reason[job_id])
     result.reserved = {name: n for name, n in ctx.reserved.items() if n}
@@ -326,12 +326,11 @@ def _reserve(ctx, orgs, by_org, targets, caps, now, reserve_after_s, admitted) -
         org = orgs[org_id]
         for j in jobs:
             if now - j.created_at >= reserve_after_s and not isinstance(ctx.eligible(j, org), str):
-                below = org.used_slots - caps.get(org_id, 0.0)
-                heads.append((below, -j.priority, j.created_at, -max(j.gpus, 1), str(j.id), j))
+                heads.append(
+                    (org.used_slots - caps.get(org_id, 0.0), -j.priority, j.created_at, str(j.id), j)
+                )
                 break
-    # Fair-share order; on a tie the bigger job first: a small one starts around its reservation later,
-    # while a small one first would take a slot of a pool that had just drained for the big one, every time.
-    heads.sort(key=lambda t: t[:5])
+    heads.sort(key=lambda t: t[:4])
 
     def drains(job: JobView) -> bool:
         org, cap = orgs[job.org], caps.get(job.org, 0.0)
@@ -356,6 +355,7 @@ def _reserve(ctx, orgs, by_org, targets, caps, now, reserve_after_s, admitted) -
                     f"drains for it (holds {org.used_slots}; its other jobs wait) and it reserves once "
                     "drained and its recent usage is back to its share"
                 )
+                ctx.drained[job.id] = (job, org, "", 0)  # starts at the end on what nobody else took
                 # The fair share decides between owners; it never makes an owner wait for what others only
                 # borrowed: a job within its organization's nominal GPUs still reclaims borrowed capacity.
                 candidates, borrowed = ctx.eligible(job, org)
@@ -411,8 +411,9 @@ class _Pass:
         # Organizations draining for a long-waiting job bigger than their share: org -> that job.
         self.draining: dict[int, object] = {}
         self.holder_reason: dict = {}
-        # Owners' drained jobs keeping free slots from borrowing: job id -> (job, org, pool, slots).
-        self.owner_claims: dict[object, tuple[JobView, OrgView, str, int]] = {}
+        # Jobs their organizations drain for, with the free slots an owner's keeps from borrowing:
+        # job id -> (job, org, pool, slots).
+        self.drained: dict[object, tuple[JobView, OrgView, str, int]] = {}
 
     def free_for(self, job: JobView, p: PoolView, borrowed: bool) -> int:
         free = p.free - (self.reserved[p.name] if borrowed else 0)
@@ -522,7 +523,7 @@ class _Pass:
         if reclaiming borrowed slots makes it fit, they are preempted; otherwise the free slots it needs
         there are kept from new borrowing (an owner waits there, so the pool is not idle), or borrowers
         would take them, be preempted for it and take them again, pass after pass. Owners still take those
-        slots by fair share; ``finish_owner_claims`` starts the job on what nobody else took."""
+        slots by fair share; ``finish_drained`` starts the job on what nobody else took."""
         pools = [p for p in candidates if slots_needed(job, p) <= p.slots]
         if not pools:
             return
@@ -530,23 +531,33 @@ class _Pass:
         need, free = slots_needed(job, pool), max(0, self.free_for(job, pool, True))
         if free < need <= free + self.lent(org, pool) and self.allow_preemption:
             self.holder_reason[job.id] = self.reclaim(job, org, [pool])
+            del self.drained[job.id]  # it starts once they stop
             return
         hold = min(need, free)
         self.reserved[pool.name] += hold
-        self.owner_claims[job.id] = (job, org, pool.name, hold)
+        self.drained[job.id] = (job, org, pool.name, hold)
         if hold:
             self.holder_reason[job.id] += (
                 f"; {hold} free slots in pool {pool.name!r} are not lent to other organizations meanwhile"
             )
 
-    def finish_owner_claims(self, admitted: set) -> None:
-        """After every other job had its turn: an owner's drained job starts on what is still free (the
-        pass is work-conserving), otherwise it keeps its slots from borrowing."""
-        for job, org, pool, hold in self.owner_claims.values():
+    def finish_drained(self, admitted: set) -> None:
+        """After every other job had its turn, a job its organization drains for starts on what is still
+        free (the pass is work-conserving: nobody else could use it); otherwise an owner's keeps its slots
+        from borrowing."""
+        for job, org, pool, hold in self.drained.values():
             self.reserved[pool] -= hold
             if self.place(job, org) is None:
                 admitted.add(job.id)
                 self.holders.discard(job.id)
+                waits = f"fair-share: the organization drains for its job {job.id} "
+                started = (
+                    f"{waits}that has waited long; it starts now on capacity nobody else could use, its "
+                    "other jobs start after it"
+                )
+                for job_id, why in self.result.waiting.items():
+                    if why.startswith(waits):
+                        self.result.waiting[job_id] = started
             else:
                 self.reserved[pool] += hold
 
