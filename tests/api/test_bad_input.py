@@ -1,8 +1,8 @@
 """Bad input to the write endpoints: the exact status and error code, the offending field named by its dotted
 path, a message a human can act on, and nothing written.
 
-Endpoints: POST /jobs (alice, owner of acme), POST /tokens (alice), POST /org/invitations (alice) and
-PATCH /admin/orgs/acme/quota (a staff user's platform:admin token).
+Endpoints: POST /jobs (alice, owner of acme), POST /tokens (alice), POST /org/invitations (alice),
+POST /org/env-secrets (alice) and PATCH /admin/orgs/acme/quota (a staff user's platform:admin token).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import pytest
 from django.conf import settings
 from django.forms.models import model_to_dict
 
+from env_registry.models import EnvironmentSecret
+from env_registry.secrets import environment_secret_create
 from opentinker.spec import example_rl_spec
 from portal.models import ApiToken, Invitation, Job, JobEvent, Membership, Organization, Quota
 from portal.services.orgs import organization_create
@@ -29,9 +31,10 @@ ENDPOINTS: dict[str, tuple[str, str]] = {
     "jobs": ("POST", "/api/v1/jobs"),
     "tokens": ("POST", "/api/v1/tokens"),
     "invitations": ("POST", "/api/v1/org/invitations"),
+    "env_secrets": ("POST", "/api/v1/org/env-secrets"),
     "quota": ("PATCH", "/api/v1/admin/orgs/acme/quota"),
 }
-SUCCESS = {"jobs": 201, "tokens": 201, "invitations": 201, "quota": 200}
+SUCCESS = {"jobs": 201, "tokens": 201, "invitations": 201, "env_secrets": 201, "quota": 200}
 
 
 def valid_body(endpoint: str) -> dict[str, Any]:
@@ -39,6 +42,7 @@ def valid_body(endpoint: str) -> dict[str, Any]:
         "jobs": lambda: example_rl_spec().model_dump(mode="json"),
         "tokens": lambda: {"name": "ci", "scopes": ["jobs:read"]},
         "invitations": lambda: {"email": "newcomer@example.com", "role": "viewer"},
+        "env_secrets": lambda: {"name": "openenv", "value": "s3cret"},
         "quota": lambda: {"max_gpus": 4},
     }[endpoint]()
 
@@ -198,6 +202,31 @@ JOB_CASES = [
     ("kind-unknown", J(kind="dpo"), 400, "invalid", "kind", "'rl', 'sft' or 'eval'"),
     ("spec-version-2", J(spec_version=2), 400, "invalid", "spec_version", "1"),
     ("name-bad-chars", J(name="<script>"), 400, "invalid", "name", "letters, digits"),
+    # environment secrets: named only for an https:// remote environment, and must exist in the organization
+    (
+        "env-secret-unknown",
+        J(environment={"ref": "https://env.example/x", "secret": "nope"}),
+        400,
+        "invalid",
+        "environment.secret",
+        "no environment secret named 'nope'",
+    ),
+    (
+        "env-secret-registry-ref",
+        J(environment={"ref": "opentinker/arithmetic@1.0.0", "secret": "taken"}),
+        400,
+        "invalid",
+        "environment.secret",
+        "only sent to an https:// remote",
+    ),
+    (
+        "env-secret-plain-http",
+        J(environment={"ref": "http://env.example/x", "secret": "taken"}),
+        400,
+        "invalid",
+        "environment.secret",
+        "only sent to an https:// remote",
+    ),
     ("seed-absurd", J(seed=10**400), 400, "invalid", "seed", "less than or equal"),
     # references: environment, model, dataset
     (
@@ -392,6 +421,34 @@ INVITATION_CASES = [
     ),
 ]
 
+ENV_SECRET_CASES = [
+    ("empty-body", Raw(""), 400, "invalid", "name", "required"),
+    ("value-missing", with_("env_secrets", value=DELETE), 400, "invalid", "value", "required"),
+    ("value-empty", with_("env_secrets", value=""), 400, "invalid", "value", "blank"),
+    ("value-too-long", with_("env_secrets", value="v" * 4097), 400, "invalid", "value", "no more than 4096"),
+    # 2049 characters but 4098 bytes: the limit is on bytes (the service checks it)
+    ("value-too-many-bytes", with_("env_secrets", value="é" * 2049), 400, "invalid", "value", "4096 bytes"),
+    (
+        "value-not-string",
+        with_("env_secrets", value={"k": "v"}),
+        400,
+        "invalid",
+        "value",
+        "not a valid string",
+    ),
+    (
+        "name-uppercase",
+        with_("env_secrets", name="OpenEnv"),
+        400,
+        "invalid",
+        "name",
+        "1-63 characters of a-z",
+    ),
+    ("name-leading-dash", with_("env_secrets", name="-x"), 400, "invalid", "name", "starting with a letter"),
+    ("name-too-long", with_("env_secrets", name="n" * 64), 400, "invalid", "name", "no more than 63"),
+    ("name-taken", with_("env_secrets", name="taken"), 409, "conflict", "name", "already exists"),
+]
+
 QUOTA_CASES = [
     (
         "max-gpus-negative",
@@ -449,6 +506,7 @@ CASES = [
     *_specific("jobs", JOB_CASES),
     *_specific("tokens", TOKEN_CASES),
     *_specific("invitations", INVITATION_CASES),
+    *_specific("env_secrets", ENV_SECRET_CASES),
     *_specific("quota", QUOTA_CASES),
 ]
 
@@ -462,7 +520,11 @@ def clients(alice, acme, globex, make_user, make_token) -> dict[str, Any]:
     ops = organization_create(slug="ops", name="Ops", owner=staffer)
     as_alice = client_for(make_token(alice, acme))
     as_staff = client_for(make_token(staffer, ops, scopes=["platform:admin"]))
-    out = {"jobs": as_alice, "tokens": as_alice, "invitations": as_alice, "quota": as_staff}
+    out = {"jobs": as_alice, "tokens": as_alice, "invitations": as_alice, "env_secrets": as_alice}
+    out["quota"] = as_staff
+    environment_secret_create(
+        by=Membership.objects.get(user=alice, organization=acme), name="taken", value="v"
+    )
     for client in out.values():
         client.raise_request_exception = False  # a crash must show as a 500, not abort the test
     return out
@@ -476,6 +538,7 @@ def db_state() -> dict[str, Any]:
         "invitations": Invitation.objects.count(),
         "memberships": Membership.objects.count(),
         "organizations": Organization.objects.count(),
+        "env_secrets": list(EnvironmentSecret.objects.order_by("pk").values()),
         "quotas": [model_to_dict(q) | {"updated_at": q.updated_at} for q in Quota.objects.order_by("pk")],
     }
 
