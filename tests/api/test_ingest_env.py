@@ -45,7 +45,7 @@ def fetch(client, job):
 def test_latest_is_pinned_to_the_exact_version_and_sha256(as_alice, published):
     sha = hashlib.sha256(published).hexdigest()
     job = submit(as_alice, "acme/echo@latest")
-    assert job.spec["environment"] == {"ref": "acme/echo@1.2.3", "config": {}, "sha256": sha}
+    assert job.spec["environment"] == {"ref": "acme/echo@1.2.3", "config": {}, "sha256": sha, "secret": None}
     # A newer release later does not change what this job (or a retry of it) runs.
     assert upload(as_alice, package(version="1.3.0")).status_code == 201
     assert Job.objects.get(pk=job.pk).spec["environment"]["ref"] == "acme/echo@1.2.3"
