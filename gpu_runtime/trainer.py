@@ -167,16 +167,21 @@ class Trainer:
             from peft import LoraConfig, get_peft_model
 
             lc = self.cfg.lora
-            model = get_peft_model(
-                model,
-                LoraConfig(
-                    r=lc["rank"],
-                    lora_alpha=lc["alpha"],
-                    lora_dropout=lc["dropout"],
-                    target_modules=lc["target_modules"],
-                    task_type="CAUSAL_LM",
-                ),
-            )
+            # The adapter's initial weights from the job's seed, not from whatever the global generator
+            # holds: every rank, the in-process and the Ray path, and a rerun start from the same adapter.
+            cuda = [torch.device(device).index or 0] if device.startswith("cuda") else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(spec.seed)
+                model = get_peft_model(
+                    model,
+                    LoraConfig(
+                        r=lc["rank"],
+                        lora_alpha=lc["alpha"],
+                        lora_dropout=lc["dropout"],
+                        target_modules=lc["target_modules"],
+                        task_type="CAUSAL_LM",
+                    ),
+                )
         self.model = model
         if self.sharded:
             for m in (self.model, self.ref, self.critic):

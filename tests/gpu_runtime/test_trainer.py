@@ -140,3 +140,16 @@ def test_split_micro_pads_with_dummies_so_ranks_agree():
     chunks = split_micro(_samples(3), 4)
     assert len(chunks) == 4
     assert sum(s.group_id == -1 for c in chunks for s in c) == 1
+
+
+def test_lora_adapter_starts_from_the_job_seed_whatever_the_global_generator_holds():
+    def adapter(global_seed: int, job_seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)  # what earlier work in the process (or on another rank) left behind
+        spec = small_spec(lora={"rank": 4, "alpha": 8.0}).model_copy(update={"seed": job_seed})
+        t = Trainer(spec)
+        return {k: v.detach().clone() for k, v in t.model.named_parameters() if "lora_A" in k}
+
+    first, other_global, other_job = adapter(0, 1), adapter(123, 1), adapter(0, 2)
+    assert first and set(first) == set(other_global)
+    assert all(torch.equal(first[k], other_global[k]) for k in first)
+    assert not any(torch.equal(first[k], other_job[k]) for k in first)
