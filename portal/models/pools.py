@@ -73,6 +73,8 @@ class Allocation(models.Model):
     runtime_handle = models.CharField(max_length=200, blank=True, default="")
     runtime_host = models.CharField(max_length=200, blank=True, default="")
     log_path = models.CharField(max_length=500, blank=True, default="")
+    # Characters of the runtime's log already copied into the job's log (Ray: the cluster keeps the log).
+    log_offset = models.PositiveBigIntegerField(default=0)
     exit_code = models.IntegerField(null=True, blank=True)
     preempt_requested_at = models.DateTimeField(null=True, blank=True)
     released_at = models.DateTimeField(null=True, blank=True)

@@ -117,9 +117,17 @@ def test_ray_pool_runs_a_real_job_to_success_and_stops_a_cancelled_one(
     ours = [j for j in driver.client.list_jobs() if (j.submission_id or "").startswith("otk-")]
     assert sorted(j.submission_id for j in ours) == sorted([f"otk-{real.pk}-0", f"otk-{fake.pk}-0"])
 
-    # The fake job runs on the other node; cancelling it stops the Ray job (SIGTERM at a step boundary).
+    # The fake job runs on the other node, printing a line every 0.2 s: supervisor passes copy what it printed
+    # so far into the job's log (the portal's live tail) while it still runs.
     fake_alloc.refresh_from_db()
-    wait_for(lambda: "step 1" in driver.client.get_job_logs(fake_alloc.runtime_handle), 60, "fake step 1")
+
+    def fake_lines():
+        return list(JobLog.objects.filter(job=fake).order_by("seq").values_list("line", flat=True))
+
+    wait_for(lambda: supervise() and "step 2" in fake_lines(), 60, "fake step 2 in the job's log")
+    assert str(driver.client.get_job_status(fake_alloc.runtime_handle)) == "RUNNING"
+    assert Job.objects.get(pk=fake.pk).state == "running"
+    # Cancelling it stops the Ray job (SIGTERM at a step boundary).
     job_cancel(job=fake, actor=Actor.system("test"))
 
     deadline = time.monotonic() + 150
@@ -131,6 +139,9 @@ def test_ray_pool_runs_a_real_job_to_success_and_stops_a_cancelled_one(
     fake.refresh_from_db()
     assert fake.state == "cancelled", fake.state_reason
     assert str(driver.client.get_job_status(fake_alloc.runtime_handle)) == "STOPPED"
+    # Copied over many passes, while it ran and after: every line of the Ray job's log once, in order.
+    ray_log = driver.client.get_job_logs(fake_alloc.runtime_handle).splitlines()
+    assert fake_lines() == ray_log and "step 1" in ray_log and ray_log[-1].startswith("stopping before step")
     real.refresh_from_db()
     logs = "\n".join(JobLog.objects.filter(job=real).values_list("line", flat=True))
     assert real.state == "succeeded", f"{real.state_reason}\n{logs[-3000:]}"

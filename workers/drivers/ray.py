@@ -5,7 +5,10 @@
   token, checkpoint prefix, resume point) travel in ``runtime_env["env_vars"]`` and the spec in the uploaded
   ``working_dir`` (the attempt's work directory), so the cluster needs no shared disk with the platform.
   A job takes ``entrypoint_num_gpus`` GPUs (one CPU on a CPU-only cluster, where a slot is a CPU).
-- **follow** (every supervisor pass): a live submission heartbeats its allocation; a finished one reports its
+- **follow** (every supervisor pass): copies the log lines the job printed since the last pass into the job's
+  log (``Allocation.log_offset`` remembers how far; at most ``LOG_LINES_PER_PASS`` lines a pass, so a
+  finished job with more left is drained over the next passes before its outcome is recorded); a live
+  submission heartbeats its allocation; a finished one reports its
   outcome (``driver_exit_code``; a submission that failed without one, e.g. its node died, is a lost
   runtime, re-queued); a cancelled job or a preempted allocation is stopped (``stop_job``: SIGTERM, the
   runtime checkpoints at its next step boundary, SIGKILL after ``OPENTINKER_STOP_GRACE_S``).
@@ -23,6 +26,7 @@ import os
 import shlex
 
 from django.conf import settings
+from django.db import transaction
 
 from portal.models import Allocation, ComputePool, Job
 from workers.drivers import capacity_report
@@ -30,6 +34,10 @@ from workers.drivers import capacity_report
 logger = logging.getLogger(__name__)
 
 LIVE = {"PENDING", "RUNNING"}
+# What one supervisor pass copies of a job's log at most; the rest waits for the next pass.
+LOG_LINES_PER_PASS = 2000
+LOG_CHARS_PER_PASS = 1_000_000
+LOG_DETAIL_CHARS = 20_000  # the end of the log the failure detail is taken from
 
 
 def ray_runtime_command() -> list[str]:
@@ -129,7 +137,7 @@ class RayDriver:
 
     def follow(self, alloc: Allocation) -> bool:
         """One supervisor look at the submission. Returns True when its outcome was recorded."""
-        from portal.services.supervision import allocation_heartbeat, job_log_append, job_process_exited
+        from portal.services.supervision import allocation_heartbeat, job_process_exited
 
         try:
             info = self.client.get_job_info(alloc.runtime_handle)
@@ -138,17 +146,20 @@ class RayDriver:
             logger.warning("ray job %s: no answer from %s", alloc.runtime_handle, self.pool.ray_address)
             return False
         status = str(info.status)
-        if status in LIVE:
+        live = status in LIVE
+        drained, tail = self._copy_logs(alloc, final=not live)
+        if live or not drained:
+            # Still running, or finished with log lines left to copy: alive for the reaper either way.
             allocation_heartbeat(alloc.pk)
+        if live:
             state = Job.objects.filter(pk=alloc.job_id).values_list("state", flat=True).first()
             row = Allocation.objects.filter(pk=alloc.pk).values("preempt_requested_at", "released_at").first()
             stop = state == "cancelling" or row is None or row["preempt_requested_at"] is not None
             if stop:  # repeated each pass: Ray keeps the first stop's grace period
                 self.stop(alloc)
             return False
-        tail = self._log_tail(alloc)
-        if tail:
-            job_log_append(job_id=alloc.job_id, lines=[("stdout", line) for line in tail])
+        if not drained:
+            return False
         if status == "SUCCEEDED":
             code = 0
         elif status == "STOPPED":
@@ -161,8 +172,43 @@ class RayDriver:
         job_process_exited(allocation_id=alloc.pk, exit_code=code, detail=detail)
         return True
 
-    def _log_tail(self, alloc: Allocation, lines: int = 200) -> list[str]:
+    def _copy_logs(self, alloc: Allocation, *, final: bool) -> tuple[bool, list[str]]:
+        """Append the job's log lines after ``alloc.log_offset`` to its JobLog; returns (all copied, the log's
+        last lines). While the job runs only complete lines are taken (a half-written one waits for its
+        newline); once it has ended, the last line too. Several supervisor passes may race: the offset is
+        read and moved under the allocation's row lock, after the log was fetched, so a pass holding an
+        older, shorter copy of the log finds nothing new and no line is copied twice."""
+        from portal.services.supervision import job_log_append
+
         try:
-            return self.client.get_job_logs(alloc.runtime_handle).splitlines()[-lines:]
+            # The Job API serves only the whole log; what is new is cut from it here.
+            text = self.client.get_job_logs(alloc.runtime_handle) or ""
         except Exception:
-            return []
+            logger.warning("ray job %s: could not read its log", alloc.runtime_handle, exc_info=True)
+            return True, []  # the outcome is not held back by a log that cannot be read
+        tail = text[-LOG_DETAIL_CHARS:].splitlines()
+        with transaction.atomic():
+            row = (
+                Allocation.objects.select_for_update(skip_locked=True)
+                .filter(pk=alloc.pk)
+                .values_list("log_offset", flat=True)
+                .first()
+            )
+            if row is None:  # another pass is copying right now (or the row is gone): next pass
+                return False, tail
+            offset = row
+            new = text[offset:]
+            if not final:
+                new = new[: new.rfind("\n") + 1]  # complete lines only
+            lines = new.splitlines(keepends=True)
+            taken = lines[:LOG_LINES_PER_PASS]
+            size = 0
+            for i, line in enumerate(taken):  # and at most LOG_CHARS_PER_PASS characters (one line at least)
+                size += len(line)
+                if size > LOG_CHARS_PER_PASS and i:
+                    taken = taken[:i]
+                    break
+            if taken:
+                job_log_append(job_id=alloc.job_id, lines=[("stdout", ln.rstrip("\r\n")) for ln in taken])
+                Allocation.objects.filter(pk=alloc.pk).update(log_offset=offset + sum(map(len, taken)))
+            return len(taken) == len(lines), tail
