@@ -4,25 +4,30 @@ The platform pins a job's package at submission (`environment.ref` at an exact v
 `environment.sha256`). The runtime fetches the archive over the ingest API with its job token
 (`GET {OPENTINKER_INGEST_URL}/environment`, api/views/ingest_env.py), refuses it unless its sha256 is the
 one in the spec, unpacks it with the registry's own checks (`opentinker.env.archive`: no `../`, no links,
-size caps) and runs every environment instance in `SandboxedEnvironment`, so a crash, hang or exception
-fails that episode, never the job. Standalone (`--env-package DIR_OR_ARCHIVE`, `OPENTINKER_ENV_PACKAGE`), a
-local package runs the same sandboxed way so an author can try it before publishing.
+size caps) and runs every environment instance sandboxed (`SandboxedEnvironment`, or for a multi-agent
+package `SandboxedMultiAgentEnvironment`, one game per instance), so a crash, hang or exception fails that
+episode or game, never the job. Sandbox processes are reused across the job's episodes
+(`opentinker.env.sandbox.SandboxPool`: a fresh instance per episode, a fresh process after a failure).
+Standalone (`--env-package DIR_OR_ARCHIVE`, `OPENTINKER_ENV_PACKAGE`), a local package runs the same
+sandboxed way so an author can try it before publishing.
 
 Sandbox limits per call and per instance come from `OPENTINKER_SANDBOX_CALL_TIMEOUT_S` (default 10),
-`OPENTINKER_SANDBOX_CPU_S` (60) and `OPENTINKER_SANDBOX_MEMORY_MB` (1024): the pool's settings, not the job's.
+`OPENTINKER_SANDBOX_CPU_S` (60) and `OPENTINKER_SANDBOX_MEMORY_MB` (1024): the pool's settings, not the job's;
+`OPENTINKER_SANDBOX_POOL_SIZE` (8) caps the idle sandbox processes a job keeps (0: a process per episode).
 """
 
 from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +40,17 @@ from opentinker.env.archive import (
     inspect_archive,
     manifest_parse,
 )
-from opentinker.env.sandbox import SandboxedEnvironment, SandboxLimits
+from opentinker.env.sandbox import (
+    SandboxedEnvironment,
+    SandboxedMultiAgentEnvironment,
+    SandboxError,
+    SandboxLimits,
+    SandboxPool,
+)
 from opentinker.spec import EnvironmentSpec
 
 ENV_PACKAGE_VAR = "OPENTINKER_ENV_PACKAGE"
+MAX_POOL_SIZE = 64  # idle sandbox processes one job keeps
 
 
 class EnvPackageError(RuntimeError):
@@ -170,29 +182,82 @@ def job_package(spec: EnvironmentSpec) -> LocalPackage:
 
 
 class PackageEnvFactory:
-    """Makes one sandboxed instance of a package's environment per call (one per episode)."""
+    """Makes one sandboxed instance of a package's environment per call (one per episode or game), on
+    processes kept in a `SandboxPool` across this job's episodes (`OPENTINKER_SANDBOX_POOL_SIZE` idle
+    processes at most; 0 starts a process per episode). A multi-agent package gives
+    `SandboxedMultiAgentEnvironment`s, which `MultiAgentProtocol` runs like the built-in games."""
 
-    def __init__(self, package: LocalPackage, config: dict[str, Any], limits: SandboxLimits) -> None:
-        if package.manifest.protocol == "multi-agent":
-            raise EnvPackageError(
-                f"{package.manifest.name} is a multi-agent package: jobs run multi-agent games from the "
-                "built-ins only for now"
-            )
+    def __init__(
+        self, package: LocalPackage, config: dict[str, Any], limits: SandboxLimits, *, pool_size: int = 8
+    ) -> None:
         self.package = package
         self.config = config
         self.limits = limits
         self.name = package.manifest.name
         self.protocol = package.manifest.protocol  # read by gpu_runtime.envs.protocol_kind
+        self.multi_agent = self.protocol == "multi-agent"
         self.roles = tuple(package.manifest.roles)
-
-    def __call__(self) -> SandboxedEnvironment:
-        return SandboxedEnvironment(
-            self.package.manifest.entrypoint,
-            self.config,
-            package_dir=self.package.directory,
-            limits=self.limits,
+        self.pool = SandboxPool(
+            package.manifest.entrypoint, config, package_dir=package.directory, limits=limits, size=pool_size
         )
+        self._described: dict[str, Any] | None = None
+        atexit.register(self.close)
+
+    def __call__(self) -> SandboxedEnvironment | SandboxedMultiAgentEnvironment:
+        if self.multi_agent:
+            return SandboxedMultiAgentEnvironment(pool=self.pool)
+        return SandboxedEnvironment(pool=self.pool)
+
+    def describe(self) -> dict[str, Any]:
+        """What the package's code declares (roles, rule-based player), from one sandboxed instance, checked
+        against its manifest; the process stays in the pool for the first episode."""
+        if self._described is None:
+            try:
+                env = self()
+            except SandboxError as e:
+                raise EnvPackageError(f"environment package {self.name} failed to start: {e}") from None
+            try:
+                info = dict(env.sandbox.info)
+            finally:
+                env.close()
+            declared = tuple(info["roles"]) or ("agent",)
+            if self.multi_agent and declared != (self.roles or ("agent",)):
+                raise EnvPackageError(
+                    f"environment package {self.name}: its manifest's roles ({', '.join(self.roles)}) are "
+                    f"not the roles its code declares ({', '.join(declared)})"
+                )
+            self._described = info
+        return self._described
+
+    @property
+    def rule_player(self) -> bool:
+        return bool(self.describe().get("rule_player"))
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+# Per process (one job): one factory, hence one pool of sandbox processes, per package and config, shared by
+# every caller of `package_factory` (the multi-agent spec check and the rollout worker reuse its processes).
+_factories: dict[str, PackageEnvFactory] = {}
+
+
+def pool_size() -> int:
+    raw = os.environ.get("OPENTINKER_SANDBOX_POOL_SIZE") or "8"
+    try:
+        size = int(raw)
+    except ValueError:
+        raise EnvPackageError(f"OPENTINKER_SANDBOX_POOL_SIZE must be an integer, not {raw!r}") from None
+    if not 0 <= size <= MAX_POOL_SIZE:
+        raise EnvPackageError(
+            f"OPENTINKER_SANDBOX_POOL_SIZE must be between 0 and {MAX_POOL_SIZE}, not {size}"
+        )
+    return size
 
 
 def package_factory(spec: EnvironmentSpec) -> PackageEnvFactory:
-    return PackageEnvFactory(job_package(spec), dict(spec.config), sandbox_limits())
+    package, config, limits, size = job_package(spec), dict(spec.config), sandbox_limits(), pool_size()
+    key = json.dumps([str(package.directory), config, asdict(limits), size], sort_keys=True, default=str)
+    if key not in _factories:
+        _factories[key] = PackageEnvFactory(package, config, limits, pool_size=size)
+    return _factories[key]

@@ -17,6 +17,7 @@ A checkpoint is one step directory with a subdirectory per policy (HF layout or 
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch
 from gpu_runtime import checkpoint, storage
 from gpu_runtime.batch import Sample
 from gpu_runtime.controller import Controller, LocalGroup, RayGroup, derive_seed
+from gpu_runtime.env_packages import PackageEnvFactory
 from gpu_runtime.envs import env_factory
 from gpu_runtime.models import load_model, torch_dtype
 from gpu_runtime.rollout.base import SamplingParams
@@ -59,10 +61,30 @@ class MultiAgentSetup:
     specs: dict[str, JobSpec]  # per trained policy: the job's spec with that policy's model and optimizer
 
 
-def _env_class(spec: JobSpec) -> type:
+@dataclass(frozen=True)
+class _Game:
+    """What the multi-agent runtime needs to know of an environment before playing it."""
+
+    multi_agent: bool
+    name: str
+    roles: tuple[str, ...]
+    rule_player: bool
+
+
+def _game(spec: JobSpec) -> _Game:
+    """A built-in's class, or a registry package (its manifest's protocol; its roles and rule-based player
+    from one sandboxed instance of its code, checked against the manifest)."""
     assert spec.environment is not None
     factory = env_factory(spec.environment)
-    return getattr(factory, "func", factory)
+    if isinstance(factory, PackageEnvFactory):
+        if not factory.multi_agent:
+            return _Game(False, factory.name, factory.roles, False)
+        return _Game(True, factory.name, factory.roles, factory.rule_player)
+    cls = getattr(factory, "func", factory)
+    if not (isinstance(cls, type) and issubclass(cls, MultiAgentEnvironment)):
+        return _Game(False, getattr(cls, "name", ""), (), False)
+    rule = cls.rule_based_action is not MultiAgentEnvironment.rule_based_action
+    return _Game(True, cls.name, tuple(cls.roles), rule)
 
 
 def is_multi_agent(spec: JobSpec) -> bool:
@@ -72,9 +94,12 @@ def is_multi_agent(spec: JobSpec) -> bool:
     if spec.environment is None:
         return False
     try:
-        cls = _env_class(spec)
+        factory = env_factory(spec.environment)
     except (NotImplementedError, ValueError):  # not a built-in: the single-agent path reports it
         return False
+    if isinstance(factory, PackageEnvFactory):
+        return factory.multi_agent  # from the manifest: no package code runs to decide
+    cls = getattr(factory, "func", factory)
     return isinstance(cls, type) and issubclass(cls, MultiAgentEnvironment)
 
 
@@ -87,7 +112,7 @@ def policy_spec(spec: JobSpec, policy: PolicySpec) -> JobSpec:
     )
 
 
-def _default_mapping(spec: JobSpec, cls: type[MultiAgentEnvironment]) -> MultiAgentSpec:
+def _default_mapping(spec: JobSpec, cls: _Game) -> MultiAgentSpec:
     """No `multi_agent`: self-play, or the built-ins' `opponent: rule` config (one role trained, the others
     played by the rule-based player) as `opentinker.env.builtin.make_builtin` reads it."""
     assert spec.environment is not None
@@ -106,20 +131,19 @@ def _default_mapping(spec: JobSpec, cls: type[MultiAgentEnvironment]) -> MultiAg
 def resolve(spec: JobSpec) -> MultiAgentSetup:
     """Check `spec.multi_agent` against the environment; ValueError with every problem named."""
     assert spec.environment is not None
-    cls = _env_class(spec)
-    name = getattr(cls, "name", "") or spec.environment.ref
     if spec.multi_agent is not None and "opponent" in spec.environment.config:
         raise ValueError(
             "environment.config.opponent and multi_agent both say who plays: keep multi_agent only"
         )
-    if not (isinstance(cls, type) and issubclass(cls, MultiAgentEnvironment)):
+    cls = _game(spec)
+    name = cls.name or spec.environment.ref
+    if not cls.multi_agent:
         raise ValueError(
             f"multi_agent: {spec.environment.ref} is a single-agent environment; "
             "multi_agent settings need one with several roles"
         )
     mapping = spec.multi_agent or _default_mapping(spec, cls)
-    rule_player = cls.rule_based_action is not MultiAgentEnvironment.rule_based_action
-    errors = mapping.role_errors(name, cls.roles, rule_player=rule_player)
+    errors = mapping.role_errors(name, cls.roles, rule_player=cls.rule_player)
     if errors:
         raise ValueError("multi_agent.roles: " + "; ".join(errors))
     role_policy = {
@@ -183,6 +207,8 @@ class MultiAgentRolloutWorker:
                 if policy is not None:
                     per_policy[policy].append(episode_to_sample(ep, g))
         stats = {"episodes/failed": float(len(games) - len(ok))}
+        for reason in sorted({game.error or "" for game in games if game.failed})[:5]:
+            print(f"game failed: {reason}", file=sys.stderr, flush=True)  # the job's log keeps why
         if ok:
             stats["game/rounds/mean"] = sum(game.rounds for game, _ in ok) / len(ok)
             for role, rs in rewards.items():

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from opentinker.env.base import Environment, Observation, StepResult
+from opentinker.env.multiagent import MultiAgentEnvironment, MultiStepResult, RewardMode
 
 PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
@@ -71,6 +73,7 @@ class Sandbox:
         "active_roles",
         "system_prompt_for",
         "rule_based_action",
+        "assign_rewards",
     )
 
     def __init__(
@@ -80,8 +83,10 @@ class Sandbox:
         *,
         package_dir: str | os.PathLike[str] | None = None,
         limits: SandboxLimits | None = None,
+        reusable: bool = False,
     ) -> None:
         self.limits = limits or SandboxLimits()
+        self.reusable = reusable
         self.workdir = Path(tempfile.mkdtemp(prefix="opentinker-sandbox-"))
         self.stderr_path = self.workdir / ".stderr"
         self.cgroup = self._make_cgroup()
@@ -92,7 +97,7 @@ class Sandbox:
             "TMPDIR": str(self.workdir),
             "LANG": "C.UTF-8",
         }
-        self._stderr = self.stderr_path.open("wb")
+        self._stderr = self.stderr_path.open("ab")  # appends, so `renew` can truncate it under the child
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -104,6 +109,7 @@ class Sandbox:
             preexec_fn=self._join_cgroup if self.cgroup else None,
         )
         self.dead: str | None = None
+        self.uses = 1  # instances this process has served
         spec = {
             "entrypoint": entrypoint,
             "config": config or {},
@@ -111,8 +117,29 @@ class Sandbox:
             "project_root": PROJECT_ROOT,
             "limits": asdict(self.limits),
             "methods": list(self.METHODS),
+            # Reusable: twice the per-instance CPU over the process's life; the pool retires it once it used
+            # more than one instance's worth, so every instance it serves still has `cpu_s` left.
+            "process_cpu_s": self.limits.cpu_s * (2 if reusable else 1),
         }
         self.info: dict[str, Any] = self._request(spec, "start")
+
+    def renew(self) -> None:
+        """Close this instance and make a fresh one in the same process (its own state, its next `reset`);
+        the working directory and the stderr log start empty again."""
+        for path in self.workdir.iterdir():
+            if path != self.stderr_path:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        self._stderr.truncate(0)
+        self.info = {**self.info, **self._request({"method": "renew", "args": []}, "renew")}
+        self.uses += 1
+
+    @property
+    def worn(self) -> bool:
+        """Too much of the process's CPU budget is spent to guarantee another instance its full `cpu_s`."""
+        return float(self.info.get("cpu_used_s") or 0.0) >= self.limits.cpu_s
 
     def _make_cgroup(self) -> Path | None:
         if not (PIDS_CGROUP / "cgroup.procs").exists():
@@ -150,7 +177,7 @@ class Sandbox:
             raise self._fail(f"{what}: the environment process died ({self._exit_reason()})")
         reply = json.loads(line)
         if "error" in reply:
-            if what == "start":
+            if what in ("start", "renew"):
                 raise self._fail(reply["error"])
             raise SandboxError(f"{what} raised {reply['error']}")
         return reply["ok"]
@@ -237,12 +264,20 @@ class Sandbox:
         self.close()
 
 
-def _observation(d: dict[str, Any] | None) -> Observation | None:
-    return None if d is None else Observation(d["text"], d.get("role", "user"), d.get("info") or {})
+class SandboxPool:
+    """Sandbox processes kept alive across the episodes of one job, so an episode does not pay a process
+    start (0.1-0.3 s).
 
+    `acquire` hands out an idle process (its instance fresh: `renew` made it when the last episode ended) or
+    starts one; `release` renews the instance and keeps the process, unless it died (crash, timeout, limit),
+    failed to renew, spent its CPU budget or `size` processes are idle already: then it is closed, and the
+    next episode gets a fresh process. Never blocks: more concurrent episodes than `size` get processes of
+    their own, closed when they end.
 
-class SandboxedEnvironment(Environment):
-    """A single-agent `Environment` whose code runs in a `Sandbox`; drop-in for the protocols."""
+    Reuse is safe because a pool belongs to one job (the runtime process of one job, one tenant) and one
+    package at one config: every episode it serves runs the same code for the same owner, each with its own
+    instance and an emptied working directory. Module-level state of the package does persist across its
+    instances, which is why a process is never shared across jobs."""
 
     def __init__(
         self,
@@ -251,13 +286,96 @@ class SandboxedEnvironment(Environment):
         *,
         package_dir: str | os.PathLike[str] | None = None,
         limits: SandboxLimits | None = None,
+        size: int = 8,
     ) -> None:
-        super().__init__(**(config or {}))
-        self.sandbox = Sandbox(entrypoint, config, package_dir=package_dir, limits=limits)
+        if size < 0:
+            raise ValueError("a sandbox pool's size must be 0 or more")
+        self.entrypoint, self.config, self.package_dir = entrypoint, dict(config or {}), package_dir
+        self.limits = limits or SandboxLimits()
+        self.size = size
+        self.spawned = 0  # processes started over the pool's life
+        self._idle: list[Sandbox] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def acquire(self) -> Sandbox:
+        with self._lock:
+            if self._closed:
+                raise SandboxError("the sandbox pool is closed")
+            if self._idle:
+                return self._idle.pop()
+            self.spawned += 1
+        return Sandbox(
+            self.entrypoint,
+            self.config,
+            package_dir=self.package_dir,
+            limits=self.limits,
+            reusable=self.size > 0,
+        )
+
+    def release(self, sandbox: Sandbox) -> None:
+        keep = not sandbox.dead and sandbox.proc.poll() is None and self.size > 0
+        if keep:
+            try:
+                sandbox.renew()
+            except SandboxError:
+                keep = False
+        with self._lock:
+            if keep and not sandbox.worn and not self._closed and len(self._idle) < self.size:
+                self._idle.append(sandbox)
+                return
+        sandbox.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for sandbox in idle:
+            sandbox.close()
+
+
+def _observation(d: dict[str, Any] | None) -> Observation | None:
+    return None if d is None else Observation(d["text"], d.get("role", "user"), d.get("info") or {})
+
+
+def _open(
+    entrypoint: str,
+    config: dict[str, Any] | None,
+    package_dir: str | os.PathLike[str] | None,
+    limits: SandboxLimits | None,
+    pool: SandboxPool | None,
+    multi_agent: bool,
+) -> Sandbox:
+    """A sandbox for one instance, from the pool when there is one; refused unless it is of the right kind."""
+    if pool is not None:
+        sandbox = pool.acquire()
+    else:
+        sandbox = Sandbox(entrypoint, config, package_dir=package_dir, limits=limits)
+    if sandbox.info["multi_agent"] != multi_agent:
+        sandbox.close()
+        kind = "a single-agent" if multi_agent else "a multi-agent"
+        raise SandboxError(f"{pool.entrypoint if pool else entrypoint} is {kind} environment")
+    return sandbox
+
+
+class SandboxedEnvironment(Environment):
+    """A single-agent `Environment` whose code runs in a `Sandbox`; drop-in for the protocols. With a
+    `pool`, its process comes from (and on `close` goes back to) the pool; `entrypoint`, `config`,
+    `package_dir` and `limits` are then the pool's."""
+
+    def __init__(
+        self,
+        entrypoint: str = "",
+        config: dict[str, Any] | None = None,
+        *,
+        package_dir: str | os.PathLike[str] | None = None,
+        limits: SandboxLimits | None = None,
+        pool: SandboxPool | None = None,
+    ) -> None:
+        super().__init__(**((pool.config if pool else config) or {}))
+        self.pool = pool
+        self.sandbox = _open(entrypoint, config, package_dir, limits, pool, multi_agent=False)
         info = self.sandbox.info
-        if info["multi_agent"]:
-            self.sandbox.close()
-            raise SandboxError(f"{entrypoint} is a multi-agent environment")
         self.name = info["name"]  # type: ignore[misc]
         self.system_prompt = info["system_prompt"]  # type: ignore[misc]
         self.roles = tuple(info["roles"]) or ("agent",)  # type: ignore[misc]
@@ -280,4 +398,74 @@ class SandboxedEnvironment(Environment):
         return str(self.sandbox.call("parse_action", text))
 
     def close(self) -> None:
-        self.sandbox.close()
+        if self.pool is not None:
+            self.pool.release(self.sandbox)
+        else:
+            self.sandbox.close()
+
+
+def _observations(d: dict[str, Any]) -> dict[str, Observation]:
+    return {str(role): o for role, obs in d.items() if (o := _observation(obs)) is not None}
+
+
+class SandboxedMultiAgentEnvironment(MultiAgentEnvironment):
+    """A `MultiAgentEnvironment` whose code runs in a `Sandbox`; drop-in for `MultiAgentProtocol`. Every
+    method is a call into the sandbox, so a crash, hang or exception there fails the game (ENV_ERROR)."""
+
+    def __init__(
+        self,
+        entrypoint: str = "",
+        config: dict[str, Any] | None = None,
+        *,
+        package_dir: str | os.PathLike[str] | None = None,
+        limits: SandboxLimits | None = None,
+        pool: SandboxPool | None = None,
+    ) -> None:
+        config = (pool.config if pool else config) or {}
+        self.pool = pool
+        self.sandbox = _open(entrypoint, config, package_dir, limits, pool, multi_agent=True)
+        info = self.sandbox.info
+        super().__init__(**config)
+        self.name = info["name"]  # type: ignore[misc]
+        self.roles = tuple(info["roles"])  # type: ignore[misc]
+        # The package applies its own reward mode; a custom assignment runs in the sandbox too.
+        self.reward_mode = RewardMode(info.get("reward_mode") or RewardMode.CUSTOM)  # type: ignore[misc]
+        self.has_rule_player = bool(info.get("rule_player"))
+        self._custom_rewards = bool(info.get("custom_rewards"))
+
+    def reset(self, seed: int) -> dict[str, Observation]:
+        return _observations(self.sandbox.call("reset", seed))
+
+    def step(self, actions: dict[str, str]) -> MultiStepResult:
+        r = self.sandbox.call("step", actions)
+        return MultiStepResult(
+            _observations(r.get("observations") or {}),
+            {str(k): float(v) for k, v in (r.get("rewards") or {}).items()},
+            bool(r["done"]),
+            r.get("info") or {},
+        )
+
+    def active_roles(self) -> list[str]:
+        return [str(role) for role in self.sandbox.call("active_roles")]
+
+    def system_prompt_for(self, role: str) -> str:
+        return str(self.sandbox.call("system_prompt_for", role) or "")
+
+    def parse_action(self, role: str, text: str) -> str:
+        return str(self.sandbox.call("parse_action", role, text))
+
+    def rule_based_action(self, role: str) -> str:
+        if not self.has_rule_player:
+            raise NotImplementedError(f"{self.name} has no rule-based player")
+        return str(self.sandbox.call("rule_based_action", role))
+
+    def assign_rewards(self, rewards: dict[str, float]) -> dict[str, float]:
+        if not self._custom_rewards:
+            return rewards
+        return {str(k): float(v) for k, v in self.sandbox.call("assign_rewards", rewards).items()}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.release(self.sandbox)
+        else:
+            self.sandbox.close()

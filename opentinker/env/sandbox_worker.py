@@ -6,6 +6,7 @@ own prints go to stderr so they cannot corrupt the protocol. Limits are applied 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import importlib.abc
@@ -16,6 +17,8 @@ import sys
 import traceback
 from dataclasses import asdict, is_dataclass
 from typing import Any
+
+from opentinker.env.multiagent import MultiAgentEnvironment, RewardMode
 
 CLONE_NEWNET = 0x40000000
 # The platform's own packages: environment code must not import its settings or models.
@@ -97,7 +100,8 @@ def main() -> None:
     network_isolated = _isolate_network() if limits["isolate_network"] else False
     read_only = _read_only_except(os.getcwd()) if limits["isolate_network"] else False
     _limit("RLIMIT_CORE", 0)
-    _limit("RLIMIT_CPU", limits["cpu_s"])
+    # A reusable process gets a larger budget over its life (opentinker.env.sandbox.SandboxPool).
+    _limit("RLIMIT_CPU", int(spec.get("process_cpu_s") or limits["cpu_s"]))
     _limit("RLIMIT_AS", limits["memory_mb"] * 1024 * 1024)
     _limit("RLIMIT_FSIZE", limits["file_mb"] * 1024 * 1024)
     _limit("RLIMIT_NOFILE", limits["open_files"])
@@ -119,23 +123,22 @@ def main() -> None:
             }
         )
         return
-    multi = hasattr(env, "active_roles")
-    send(
-        {
-            "ok": {
-                "name": getattr(env, "name", ""),
-                "system_prompt": env.system_prompt if not multi else "",
-                "roles": list(getattr(env, "roles", ())),
-                "multi_agent": multi,
-                "tool_schemas": _plain(getattr(env, "tool_schemas", None)),
-                "network_isolated": network_isolated,
-                "filesystem_read_only": read_only,
-            }
-        }
-    )
+    isolation = {"network_isolated": network_isolated, "filesystem_read_only": read_only}
+    send({"ok": {**_describe(env), **isolation}})
     for line in sys.stdin:
         req = json.loads(line)
         method = req["method"]
+        if method == "renew":
+            # The next episode of the same job: close this instance, make a fresh one in this process.
+            try:
+                with contextlib.suppress(Exception):
+                    env.close()
+                env = cls(**spec["config"])
+            except BaseException as e:
+                send({"error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc(limit=5)})
+                return  # no usable instance: the caller starts a fresh process
+            send({"ok": {**_describe(env), **isolation}})
+            continue
         if method not in spec["methods"]:
             send({"error": f"method {method!r} is not callable"})
             continue
@@ -145,6 +148,36 @@ def main() -> None:
             send({"error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc(limit=5)})
         if method == "close":
             return
+
+
+def _cpu_used() -> float:
+    """CPU seconds this process (and its reaped children) used so far: the caller retires a process whose
+    budget would not cover another instance."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+def _describe(env: Any) -> dict[str, Any]:
+    multi = hasattr(env, "active_roles")
+    info: dict[str, Any] = {
+        "name": getattr(env, "name", ""),
+        "system_prompt": env.system_prompt if not multi else "",
+        "roles": list(getattr(env, "roles", ())),
+        "multi_agent": multi,
+        "tool_schemas": _plain(getattr(env, "tool_schemas", None)),
+        "cpu_used_s": _cpu_used(),
+    }
+    if multi:
+        cls = type(env)
+        base = MultiAgentEnvironment
+        info["reward_mode"] = str(getattr(env, "reward_mode", RewardMode.CUSTOM))
+        info["rule_player"] = getattr(cls, "rule_based_action", base.rule_based_action) is not (
+            base.rule_based_action
+        )
+        info["custom_rewards"] = (
+            getattr(cls, "assign_rewards", base.assign_rewards) is not base.assign_rewards
+        )
+    return info
 
 
 if __name__ == "__main__":

@@ -89,14 +89,6 @@ def _check_references(spec: JobSpec, organization: Organization, actor: Actor):
             errors = spec.multi_agent.role_errors(f"{ref.owner}/{ref.name}", roles, rule_player=rule_player)
             if errors:
                 raise DomainError("; ".join(errors), field="multi_agent.roles")
-        if version.archive_uri and version.manifest.get("protocol") == "multi-agent":
-            # The runtime sandboxes single-agent packages only (gpu_runtime/env_packages.py): say so now
-            # rather than fail the job at start.
-            raise DomainError(
-                f"{ref.owner}/{ref.name} is a multi-agent package; jobs run multi-agent games from the "
-                "built-ins only for now",
-                field="environment.ref",
-            )
     if spec.environment and spec.environment.secret:
         from env_registry.secrets import environment_secret_exists
 

@@ -160,12 +160,12 @@ def test_package_roles_come_from_its_manifest(as_alice, store):  # noqa: F811
     assert resp.json()["error"]["fields"]["multi_agent.roles"] == [
         "acme/duel has no role 'up' (its roles: left, right); role 'right' of acme/duel has no policy"
     ]
-    # A good mapping still cannot run: the runtime sandboxes single-agent packages only, so it is a 400 now.
+    # A mapping that matches the manifest is accepted: the runtime plays the package's game sandboxed.
     good = {"policies": {"main": {}}, "roles": {"left": "main", "right": "main"}}
     resp = as_alice.post(
         f"{V1}/jobs",
         {**job_with(""), "environment": {"ref": "acme/duel@1.2.3"}, "multi_agent": good},
         format="json",
     )
-    assert resp.status_code == 400
-    assert "is a multi-agent package" in resp.json()["error"]["fields"]["environment.ref"][0]
+    assert resp.status_code == 201, resp.content
+    assert resp.json()["spec"]["multi_agent"]["roles"] == {"left": "main", "right": "main"}

@@ -72,6 +72,7 @@ def package_archive(directory: Path) -> bytes:
 @pytest.fixture(autouse=True)
 def _fresh_cache(monkeypatch):
     monkeypatch.setattr(env_packages, "_unpacked", {})
+    monkeypatch.setattr(env_packages, "_factories", {})
     for var in ("OPENTINKER_ENV_PACKAGE", "OPENTINKER_INGEST_URL", "OPENTINKER_JOB_TOKEN"):
         monkeypatch.delenv(var, raising=False)
 
@@ -127,9 +128,6 @@ def test_local_package_errors_are_clear(tmp_path):
     write_package(tmp_path / "lies", manifest={**MANIFEST, "entrypoint": "missing:Flaky"})
     with pytest.raises(EnvPackageError, match="entrypoint module missing is not in"):
         local_package(tmp_path / "lies")
-    write_package(tmp_path / "multi", manifest={**MANIFEST, "protocol": "multi-agent", "roles": ["a", "b"]})
-    with pytest.raises(EnvPackageError, match="multi-agent package"):
-        env_packages.PackageEnvFactory(local_package(tmp_path / "multi"), {}, env_packages.sandbox_limits())
 
 
 class _Ingest(http.server.BaseHTTPRequestHandler):
