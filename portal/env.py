@@ -6,6 +6,7 @@ Precedence: the process environment, then ``var/services.env`` (written by ``man
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from pathlib import Path
@@ -65,6 +66,25 @@ class Env:
         if value is None:
             return default
         return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def setting_seconds(name: str, default: float) -> float:
+    """A duration the services read when they use it (so a test or an operator may change it without a
+    restart): the process environment, then Django settings, then the default. ``inf`` is allowed (a delay
+    that never comes); anything else that is not a number >= 0 is a configuration error naming the variable.
+    """
+    from django.conf import settings
+
+    raw = os.environ.get(name) or getattr(settings, name, None)
+    if raw is None or raw == "":
+        raw = default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not value >= 0:  # also NaN
+        raise ImproperlyConfigured(f"{name} must be a number of seconds >= 0 (or inf), got {raw!r}")
+    return value
 
 
 def ensure_embedded_secrets(path: Path) -> None:

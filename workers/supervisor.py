@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from datetime import timedelta
 
 from django.conf import settings
@@ -17,6 +16,7 @@ from django.utils import timezone
 
 from env_registry.secrets import EnvironmentSecretMissing
 from opentinker.spec import TERMINAL_STATES, JobState
+from portal.env import setting_seconds
 from portal.errors import Conflict
 from portal.models import Allocation, ComputePool, Job
 from portal.services.jobs import job_transition
@@ -33,10 +33,6 @@ from workers.drivers import driver_for, job_env, work_dir, write_spec
 
 logger = logging.getLogger(__name__)
 S = JobState
-
-
-def setting(name: str, default: float) -> float:
-    return float(os.environ.get(name) or getattr(settings, name, default))
 
 
 def launch(allocation_id: int) -> str:
@@ -115,9 +111,9 @@ def pools_refresh() -> int:
 def supervise(now=None) -> dict:
     now = now or timezone.now()
     stats = {"released": 0, "launched": 0, "requeued": 0, "reaped": 0}
-    heartbeat_timeout = timedelta(seconds=setting("OPENTINKER_HEARTBEAT_TIMEOUT_S", 30))
-    runtime_timeout = timedelta(seconds=setting("OPENTINKER_RUNTIME_HEARTBEAT_TIMEOUT_S", 300))
-    launch_timeout = timedelta(seconds=setting("OPENTINKER_LAUNCH_TIMEOUT_S", 120))
+    heartbeat_timeout = timedelta(seconds=setting_seconds("OPENTINKER_HEARTBEAT_TIMEOUT_S", 30))
+    runtime_timeout = timedelta(seconds=setting_seconds("OPENTINKER_RUNTIME_HEARTBEAT_TIMEOUT_S", 300))
+    launch_timeout = timedelta(seconds=setting_seconds("OPENTINKER_LAUNCH_TIMEOUT_S", 120))
     live = Allocation.objects.filter(released_at__isnull=True).select_related("pool", "job")
     for alloc in live:
         job = alloc.job

@@ -25,6 +25,7 @@ from portal.selectors.queue import pool_get, pool_list, queue_explain
 from portal.selectors.usage import usage_by_organization
 from portal.services.pools import pool_create, pool_delete, pool_update
 from portal.services.quotas import quota_set
+from portal.services.scheduler import Why
 from portal.services.supervision import job_preempt
 
 
@@ -215,7 +216,7 @@ class QueueEntrySerializer(serializers.Serializer):
     created_at = serializers.DateTimeField()
     waiting_seconds = serializers.FloatField()
     category = serializers.ChoiceField(
-        choices=["quota", "capacity", "fair-share", "pool", "reservation", "starting"],
+        choices=[why.value for why in Why],
         help_text="Why it waits. `reservation`: free slots of a pool are held for this long-waiting job "
         "(it starts as the rest free up), or this job waits behind such a hold and may only backfill onto "
         "what it does not need.",

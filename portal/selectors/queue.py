@@ -6,7 +6,7 @@ from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
 from portal.models import Allocation, ComputePool, Job
-from portal.services.scheduler import queue_plan
+from portal.services.scheduler import queue_explanation
 
 
 def pool_list():
@@ -28,32 +28,28 @@ def pool_get(name: str) -> ComputePool:
 
 
 def queue_explain(*, limit: int = 200, offset: int = 0) -> tuple[int, list[dict]]:
-    """Queued jobs in the order the scheduler weighs them, each with why it waits right now.
+    """Queued jobs in the order the scheduler weighs them, each with why it waits right now: the admin
+    queue, computed fresh (staff act on it; the result is shared with the job pages' window).
 
     The reason comes from a read-only run of the same plan the scheduler would make (see
-    portal/services/scheduler.py): category ``quota``, ``capacity``, ``fair-share``, ``pool``,
-    ``reservation`` (capacity held for this long-waiting job, or this job backfilling around such a hold)
-    or ``starting``, then a sentence (the scheduler's own words).
+    portal/services/scheduler.py): its category (``scheduler.Why``: ``quota``, ``capacity``, ``fair-share``,
+    ``pool``, ``reservation`` or ``starting``) and ``reason``, "<category>: <the scheduler's sentence>".
+    Only the page's jobs are read from the database.
     """
-    plan, queued = queue_plan()
-    order = {j.id: i for i, j in enumerate(sorted(queued, key=lambda j: (-j.priority, j.created_at)))}
+    explanation = queue_explanation(fresh=True)
+    page = explanation.order[offset : offset + limit]
     jobs = {
         j.pk: j
-        for j in Job.objects.filter(pk__in=list(order))
+        for j in Job.objects.filter(pk__in=list(page))
         .select_related("organization")
         .only("id", "name", "organization__slug", "gpus", "priority", "created_at", "pool", "attempt", "spec")
     }
     now = timezone.now()
     rows = []
-    starting = {a.job for a in plan.admit}
-    holders = {job_id for job_id, _ in plan.held.values()}
-    for job_id in sorted(order, key=order.get):
-        job = jobs.get(job_id)
-        if job is None:
+    for job_id in page:
+        job, why = jobs.get(job_id), explanation.why.get(job_id)
+        if job is None or why is None:  # deleted since the plan read it
             continue
-        reason = plan.waiting.get(job_id) or (
-            "starting: admitted at the next scheduler pass" if job_id in starting else ""
-        )
         rows.append(
             {
                 "id": job.pk,
@@ -66,25 +62,30 @@ def queue_explain(*, limit: int = 200, offset: int = 0) -> tuple[int, list[dict]
                 "attempt": job.attempt,
                 "created_at": job.created_at,
                 "waiting_seconds": round((now - job.created_at).total_seconds(), 1),
-                "category": _category(reason, holds=job_id in holders),
-                "reason": reason,
+                "category": why.category.value,
+                "reason": str(why),
             }
         )
-    return len(rows), rows[offset : offset + limit]
+    return len(explanation.order), rows
 
 
-# How the scheduler says a job waits behind another's reservation (ctx.try_place in the scheduler).
-BACKFILL_MARK = "reserved for a job that has waited long"
-
-
-def _category(reason: str, *, holds: bool) -> str:
-    """The reason's own category, except that a reservation is one of its own: the scheduler words both
-    sides of it as capacity, but an admin acts differently on a job that holds slots (it starts as they
-    free up) and one that backfills around them (it waits for the rest)."""
-    category = reason.split(":", 1)[0]
-    if category == "capacity" and (holds or BACKFILL_MARK in reason):
-        return "reservation"
-    return category
+def queue_position(job_id) -> dict | None:
+    """Where one queued job stands in the scheduler's order and why it waits, from the explanation every
+    viewer shares (at most one plan per ``OPENTINKER_QUEUE_EXPLAIN_S``). A job queued after it was computed
+    triggers one recomputation; None if the job is still not in it (queued this very moment)."""
+    explanation = queue_explanation()
+    if explanation.position(job_id) is None:
+        explanation = queue_explanation(fresh=True)
+    position = explanation.position(job_id)
+    why = explanation.why.get(job_id)
+    if position is None or why is None:
+        return None
+    return {
+        "position": position,
+        "of": len(explanation.order),
+        "category": why.category.value,
+        "reason": str(why),
+    }
 
 
 def running_allocations(pool: ComputePool):

@@ -37,16 +37,19 @@ Policy (in order):
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 
 from django.db.models import F
 
 from opentinker.spec import JobState
+from portal.env import setting_seconds
 
 # ---------------------------------------------------------------------------------------------------------
 # The pure core
@@ -119,12 +122,48 @@ class Admission:
     borrowed: bool
 
 
+class Why(StrEnum):
+    """Why a queued job does not start: the kind of wait an admin acts on (the admin queue's ``category``)."""
+
+    QUOTA = "quota"  # the organization's quota rules it out now (GPUs, GPU-hours, pools it may use)
+    CAPACITY = "capacity"  # the pools it may use have no room (or owners are reclaiming what it would borrow)
+    FAIR_SHARE = "fair-share"  # other organizations go first, or its organization drains for a long waiter
+    POOL = "pool"  # the pool it names does not exist, or is disabled or unhealthy
+    # Both sides of a reservation: slots of a pool are held for this long-waiting job (it starts as the rest
+    # free up), or this job waits behind such a hold and may only backfill onto what it does not need.
+    RESERVATION = "reservation"
+    STARTING = "starting"  # this pass admits it
+
+    @property
+    def heading(self) -> str:
+        """The word a reason starts with: a reservation is worded as the capacity wait it is."""
+        return Why.CAPACITY.value if self is Why.RESERVATION else self.value
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Why one queued job waits: its category and the scheduler's sentence, kept apart so that nobody reads
+    the category back out of the words."""
+
+    category: Why
+    sentence: str
+    behind: object = None  # the long-waiting job it waits for (a drain or a reservation), if any
+
+    def __str__(self) -> str:
+        return f"{self.category.heading}: {self.sentence}"
+
+
+STARTING = Wait(Why.STARTING, "admitted at the next scheduler pass")
+# place() found no pool with room: try_place() says which kind of capacity wait it is.
+_NO_ROOM = Wait(Why.CAPACITY, "no pool has room now")
+
+
 @dataclass
 class Plan:
     admit: list[Admission] = field(default_factory=list)
     preempt: list[object] = field(default_factory=list)  # AllocationView ids
-    # Why each queued job waits: "<category>: <sentence>", category in quota|capacity|fair-share|pool
-    waiting: dict[object, str] = field(default_factory=dict)
+    # Why each queued job that does not start waits.
+    waiting: dict[object, Wait] = field(default_factory=dict)
     # Free or reclaimed slots per pool held for organizations within nominal: no borrowing goes there.
     reserved: dict[str, int] = field(default_factory=dict)
     # Slots held for a long-waiting job, per pool: pool -> (job id, slots held). Nobody else takes them.
@@ -235,7 +274,7 @@ def plan(
         if job.org in orgs:
             by_org[job.org].append(job)
         else:
-            result.waiting[job.id] = "quota: the organization has no quota"
+            result.waiting[job.id] = Wait(Why.QUOTA, "the organization has no quota")
     for jobs in by_org.values():
         jobs.sort(key=lambda j: (-j.priority, j.created_at, str(j.id)))
 
@@ -279,10 +318,8 @@ def plan(
                     continue
                 if ctx.draining.get(org_id, job.id) != job.id:
                     drain = ctx.draining[org_id]
-                    result.waiting[job.id] = (
-                        f"fair-share: the organization drains for its job {drain} that has waited long; "
-                        "its other jobs start after it"
-                    )
+                    starts = " (it fits)" if drain in admitted else ""
+                    result.waiting[job.id] = _drain_wait(drain, starts=starts)
                     continue
                 if not final:
                     if org.used_slots + max(job.gpus, 1) > limit + 1e-9:
@@ -309,6 +346,18 @@ def plan(
     return result
 
 
+def _drain_wait(drain: object, *, starts: str = "") -> Wait:
+    """Why a job waits while its organization drains for its long-waiting job ``drain`` (``starts``: how
+    that job starts in this pass, if it does)."""
+    starts = f" it starts now{starts}," if starts else ""
+    return Wait(
+        Why.FAIR_SHARE,
+        f"the organization drains for its job {drain} that has waited long;{starts} its other jobs start "
+        "after it",
+        behind=drain,
+    )
+
+
 def _reserve(ctx, orgs, by_org, targets, caps, now, reserve_after_s, admitted) -> None:
     """Backfill with reservations (Slurm's idea, counted in waiting time). Each organization puts forward
     its head job among those that have waited ``reserve_after_s``; in fair-share order, each takes one pool
@@ -325,7 +374,7 @@ def _reserve(ctx, orgs, by_org, targets, caps, now, reserve_after_s, admitted) -
     for org_id, jobs in by_org.items():
         org = orgs[org_id]
         for j in jobs:
-            if now - j.created_at >= reserve_after_s and not isinstance(ctx.eligible(j, org), str):
+            if now - j.created_at >= reserve_after_s and not isinstance(ctx.eligible(j, org), Wait):
                 heads.append(
                     (org.used_slots - caps.get(org_id, 0.0), -j.priority, j.created_at, str(j.id), j)
                 )
@@ -349,11 +398,12 @@ def _reserve(ctx, orgs, by_org, targets, caps, now, reserve_after_s, admitted) -
             # would take a small tenant far over its share.
             if org.used_slots or caps.get(org.id, 0.0) < targets.get(org.id, 0.0):
                 ctx.holders.add(job.id)
-                ctx.holder_reason[job.id] = (
-                    f"fair-share: needs {need} slots, more than the organization's fair share of "
+                ctx.holder_reason[job.id] = Wait(
+                    Why.FAIR_SHARE,
+                    f"needs {need} slots, more than the organization's fair share of "
                     f"{caps.get(org.id, 0.0):.1f}; waited {now - job.created_at:.0f} s, so the organization "
                     f"drains for it (holds {org.used_slots}; its other jobs wait) and it reserves once "
-                    "drained and its recent usage is back to its share"
+                    "drained and its recent usage is back to its share",
                 )
                 ctx.drained[job.id] = (job, org, "", 0)  # starts at the end on what nobody else took
                 # The fair share decides between owners; it never makes an owner wait for what others only
@@ -376,9 +426,7 @@ def _reserve(ctx, orgs, by_org, targets, caps, now, reserve_after_s, admitted) -
         if reason is None:
             admitted.add(job.id)
             continue
-        if (
-            "reclaim" in reason
-        ):  # an owner reclaiming borrowed capacity: the slots are held for owners already
+        if job.id in ctx.reclaiming:  # it waits on borrowed capacity being reclaimed: held for owners already
             ctx.holders.add(job.id)
             ctx.holder_reason[job.id] = reason
             continue
@@ -387,10 +435,11 @@ def _reserve(ctx, orgs, by_org, targets, caps, now, reserve_after_s, admitted) -
         hold = max(0, min(need, ctx.free_for(job, pool, borrowed)))
         ctx.held[pool.name] = (job.id, hold)
         ctx.holders.add(job.id)
-        ctx.holder_reason[job.id] = (
-            f"capacity: reserved for this job after waiting {now - job.created_at:.0f} s: {hold} of its "
-            f"{need} slots held in pool {pool.name!r}; smaller jobs backfill only onto the rest; it starts "
-            f"when {need - hold} more are freed there"
+        ctx.holder_reason[job.id] = Wait(
+            Why.RESERVATION,
+            f"reserved for this job after waiting {now - job.created_at:.0f} s: {hold} of its {need} slots "
+            f"held in pool {pool.name!r}; smaller jobs backfill only onto the rest; it starts when "
+            f"{need - hold} more are freed there",
         )
 
 
@@ -410,7 +459,10 @@ class _Pass:
         self.holders: set = set()
         # Organizations draining for a long-waiting job bigger than their share: org -> that job.
         self.draining: dict[int, object] = {}
-        self.holder_reason: dict = {}
+        self.holder_reason: dict[object, Wait] = {}
+        # Jobs whose wait is about borrowed capacity being reclaimed (an owner's, for it; a borrower's, held
+        # for owners): the slots are held for owners already, so they reserve nothing.
+        self.reclaiming: set = set()
         # Jobs their organizations drain for, with the free slots an owner's keeps from borrowing:
         # job id -> (job, org, pool, slots).
         self.drained: dict[object, tuple[JobView, OrgView, str, int]] = {}
@@ -422,48 +474,52 @@ class _Pass:
             free -= holder[1]
         return free
 
-    def eligible(self, job: JobView, org: OrgView) -> tuple[list[PoolView], bool] | str:
+    def eligible(self, job: JobView, org: OrgView) -> tuple[list[PoolView], bool] | Wait:
         """The pools the job may use and whether it would borrow, or why quota or pools rule it out."""
         if job.gpus > org.gpu_limit:
-            return (
-                f"quota: asks for {job.gpus} GPUs; the organization may hold at most {org.gpu_limit} "
-                f"({org.nominal_gpus} nominal + {org.borrowing_limit_gpus} borrowed)"
+            return Wait(
+                Why.QUOTA,
+                f"asks for {job.gpus} GPUs; the organization may hold at most {org.gpu_limit} "
+                f"({org.nominal_gpus} nominal + {org.borrowing_limit_gpus} borrowed)",
             )
         if job.gpus and org.month_gpu_hours >= org.gpu_hours_per_month:
-            return (
-                f"quota: monthly GPU-hours used up ({org.month_gpu_hours:.1f} of "
-                f"{org.gpu_hours_per_month:g} h); waits for next month or a higher quota"
+            return Wait(
+                Why.QUOTA,
+                f"monthly GPU-hours used up ({org.month_gpu_hours:.1f} of {org.gpu_hours_per_month:g} h); "
+                "waits for next month or a higher quota",
             )
         if job.pool:
             candidates = [self.pools[job.pool]] if job.pool in self.pools else []
             if not candidates:
-                return f"pool: no pool named {job.pool!r}"
+                return Wait(Why.POOL, f"no pool named {job.pool!r}")
             if not candidates[0].schedulable:
-                return f"pool: pool {job.pool!r} is disabled or unhealthy"
+                return Wait(Why.POOL, f"pool {job.pool!r} is disabled or unhealthy")
         else:
             candidates = self.live_pools
         if org.allowed_pools:
             candidates = [p for p in candidates if p.name in org.allowed_pools]
             if not candidates:
-                return "quota: none of the pools the organization may use is available"
+                return Wait(Why.QUOTA, "none of the pools the organization may use is available")
         if not candidates:
-            return "capacity: no pool is available"
+            return Wait(Why.CAPACITY, "no pool is available")
         if all(slots_needed(job, p) > p.slots for p in candidates):
             biggest = max(p.slots for p in candidates)
-            return f"capacity: needs {job.gpus} GPUs; the largest pool it may use has {biggest}"
+            return Wait(Why.CAPACITY, f"needs {job.gpus} GPUs; the largest pool it may use has {biggest}")
         # What changes from pass to pass comes last: the permanent reasons above explain a wait better.
         if job.gpus and org.used_gpus + job.gpus > org.gpu_limit:
-            return (
-                f"quota: the organization holds {org.used_gpus} of its {org.gpu_limit} concurrent GPUs; "
-                f"this job needs {job.gpus} more"
+            return Wait(
+                Why.QUOTA,
+                f"the organization holds {org.used_gpus} of its {org.gpu_limit} concurrent GPUs; "
+                f"this job needs {job.gpus} more",
             )
         borrowed = bool(job.gpus) and org.used_gpus + job.gpus > org.nominal_gpus
         return candidates, borrowed
 
-    def place(self, job: JobView, org: OrgView) -> str | None:
-        """Admit the job where it fits best (append to the plan, update the views), or say it waits."""
+    def place(self, job: JobView, org: OrgView) -> Wait | None:
+        """Admit the job where it fits best (append to the plan, update the views), or say why it waits
+        (``_NO_ROOM`` where no pool has room: ``try_place`` tells which capacity wait that is)."""
         eligible = self.eligible(job, org)
-        if isinstance(eligible, str):
+        if isinstance(eligible, Wait):
             return eligible
         candidates, borrowed = eligible
         best: tuple[int, PoolView] | None = None
@@ -474,7 +530,7 @@ class _Pass:
                 if best is None or left < best[0]:
                     best = (left, p)  # best fit: keep big holes for big jobs
         if best is None:
-            return "capacity"
+            return _NO_ROOM
         pool = best[1]
         need = slots_needed(job, pool)
         pool.used_slots += need
@@ -493,7 +549,7 @@ class _Pass:
         """Slots other organizations hold on loan in the pool (borrowed, not already being preempted)."""
         return sum(a.slots for a in self.preemptible[p.name] if a.org != org.id)
 
-    def reclaim(self, job: JobView, org: OrgView, candidates: list[PoolView]) -> str | None:
+    def reclaim(self, job: JobView, org: OrgView, candidates: list[PoolView]) -> Wait | None:
         """For an owner's job (within its organization's nominal GPUs) that does not fit: choose enough
         borrowed allocations of other organizations in one pool to make room, ask their preemption and hold
         the slots for owners. Returns the wait reason, or None where no pool has enough on loan."""
@@ -511,9 +567,11 @@ class _Pass:
                     self.preemptible[p.name].remove(a)
                     self.result.preempt.append(a.id)
                 self.reserved[p.name] += slots_needed(job, p)
-                return (
-                    f"capacity: reclaiming {got} borrowed GPUs in pool {p.name!r} "
-                    f"({len(chosen)} jobs checkpoint and re-queue); starts when they stop"
+                self.reclaiming.add(job.id)
+                return Wait(
+                    Why.CAPACITY,
+                    f"reclaiming {got} borrowed GPUs in pool {p.name!r} ({len(chosen)} jobs checkpoint and "
+                    "re-queue); starts when they stop",
                 )
         return None
 
@@ -537,8 +595,11 @@ class _Pass:
         self.reserved[pool.name] += hold
         self.drained[job.id] = (job, org, pool.name, hold)
         if hold:
-            self.holder_reason[job.id] += (
-                f"; {hold} free slots in pool {pool.name!r} are not lent to other organizations meanwhile"
+            why = self.holder_reason[job.id]
+            self.holder_reason[job.id] = dataclasses.replace(
+                why,
+                sentence=f"{why.sentence}; {hold} free slots in pool {pool.name!r} are not lent to other "
+                "organizations meanwhile",
             )
 
     def finish_drained(self, admitted: set) -> None:
@@ -550,21 +611,17 @@ class _Pass:
             if self.place(job, org) is None:
                 admitted.add(job.id)
                 self.holders.discard(job.id)
-                waits = f"fair-share: the organization drains for its job {job.id} "
-                started = (
-                    f"{waits}that has waited long; it starts now on capacity nobody else could use, its "
-                    "other jobs start after it"
-                )
+                started = _drain_wait(job.id, starts=" on capacity nobody else could use")
                 for job_id, why in self.result.waiting.items():
-                    if why.startswith(waits):
+                    if why.category == Why.FAIR_SHARE and why.behind == job.id:
                         self.result.waiting[job_id] = started
             else:
                 self.reserved[pool] += hold
 
-    def try_place(self, job: JobView, org: OrgView, *, fair: float) -> str | None:
+    def try_place(self, job: JobView, org: OrgView, *, fair: float) -> Wait | None:
         """Admit the job, or reclaim borrowed capacity for it, or return why it waits."""
         reason = self.place(job, org)
-        if reason != "capacity":
+        if reason is not _NO_ROOM:
             return reason
         candidates, borrowed = self.eligible(job, org)
         reserved = self.reserved
@@ -575,26 +632,33 @@ class _Pass:
                 return reclaiming
             for p in candidates:
                 if reserved[p.name] and slots_needed(job, p) <= p.slots:
-                    return (
-                        f"capacity: borrowed GPUs in pool {p.name!r} are being reclaimed; starts when freed"
+                    self.reclaiming.add(job.id)
+                    return Wait(
+                        Why.CAPACITY,
+                        f"borrowed GPUs in pool {p.name!r} are being reclaimed; starts when freed",
                     )
         for p in candidates:
             holder = self.held.get(p.name)
             if holder and holder[1] and p.free >= slots_needed(job, p):
-                return (
-                    f"capacity: {holder[1]} free slots in pool {p.name!r} are reserved for a job that has "
-                    "waited long; this one backfills onto what the reservation does not need"
+                return Wait(
+                    Why.RESERVATION,
+                    f"{holder[1]} free slots in pool {p.name!r} are reserved for a job that has waited long; "
+                    "this one backfills onto what the reservation does not need",
+                    behind=holder[0],
                 )
         if org.used_slots >= fair:
-            return (
-                f"fair-share: the organization holds {org.used_slots} slots, above its fair share of "
-                f"{fair:.1f}; others go first while capacity is short"
+            return Wait(
+                Why.FAIR_SHARE,
+                f"the organization holds {org.used_slots} slots, above its fair share of {fair:.1f}; others "
+                "go first while capacity is short",
             )
         free = max((p.free for p in candidates), default=0)
         if borrowed and any(reserved[p.name] for p in candidates):
-            return "capacity: free GPUs are held for owners reclaiming their nominal share"
-        return (
-            f"capacity: needs {max(slots_needed(job, p) for p in candidates)} slots; at most {free} free now"
+            self.reclaiming.add(job.id)  # it waits on the owners' reclaim too: no reservation for it
+            return Wait(Why.CAPACITY, "free GPUs are held for owners reclaiming their nominal share")
+        return Wait(
+            Why.CAPACITY,
+            f"needs {max(slots_needed(job, p) for p in candidates)} slots; at most {free} free now",
         )
 
 
@@ -613,7 +677,7 @@ SCHEDULER_LOCK = 0x0_7E_5C_4E_D0  # pg advisory lock key: one scheduling pass at
 class PassResult:
     admitted: list = field(default_factory=list)  # job ids
     preempted: list = field(default_factory=list)  # allocation ids
-    waiting: dict = field(default_factory=dict)  # job id -> reason
+    waiting: dict = field(default_factory=dict)  # job id -> Wait
     seconds: float = 0.0
 
 
@@ -717,23 +781,69 @@ def _load(now: datetime, *, lock: bool):
 
 
 def reserve_after_s() -> float:
-    """How long a job waits before it may reserve capacity (``OPENTINKER_RESERVE_AFTER_S``, seconds)."""
-    import os
+    """How long a job waits before it may reserve capacity (``OPENTINKER_RESERVE_AFTER_S``, seconds; ``inf``
+    turns reservations off)."""
+    return setting_seconds("OPENTINKER_RESERVE_AFTER_S", 300)
 
-    from django.conf import settings
 
-    value = os.environ.get("OPENTINKER_RESERVE_AFTER_S") or getattr(
-        settings, "OPENTINKER_RESERVE_AFTER_S", 300
-    )
-    return float(value)
+# Read-only plans computed to explain the queue (``queue_plan``): what the explanation cache saves.
+READ_ONLY_PLANS: Counter[str] = Counter()
 
 
 def queue_plan(now: datetime | None = None) -> tuple[Plan, list[JobView]]:
     """The plan a pass would make now, read-only (no locks, no writes): the admin queue's explanations."""
     from django.utils import timezone
 
+    READ_ONLY_PLANS["computed"] += 1
     _, queued, decided = _plan_at(now or timezone.now(), lock=False)
     return decided, queued
+
+
+# The queue's explanation, shared by every viewer through the Django cache (Valkey) for a short window.
+EXPLANATION_KEY = "scheduler:queue-explanation:v1"
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Every queued job in scheduling order with why it waits, as of ``computed_at`` (epoch seconds)."""
+
+    computed_at: float
+    order: tuple  # job ids: highest priority first, then oldest
+    why: dict  # job id -> Wait (STARTING for what the next pass admits)
+
+    def position(self, job_id: object) -> int | None:
+        """1-based place of the job in the order, None when it was not queued at ``computed_at``."""
+        try:
+            return self.order.index(job_id) + 1
+        except ValueError:
+            return None
+
+
+def queue_explanation(*, fresh: bool = False) -> Explanation:
+    """Why each queued job waits, computed at most once per ``OPENTINKER_QUEUE_EXPLAIN_S`` (default 5 s)
+    for everybody: a plan costs O(queue x pools) and job pages refresh every few seconds per viewer.
+    ``fresh`` recomputes (and shares the result): the admin queue, where staff act on what they see.
+    A scheduling pass drops it (admissions change every wait), so it is never older than the last pass."""
+    import time
+
+    from django.core.cache import cache
+
+    # Capped: a longer window would show waits that no longer hold.
+    window = min(setting_seconds("OPENTINKER_QUEUE_EXPLAIN_S", 5), 60.0)
+    if not fresh and window:
+        cached = cache.get(EXPLANATION_KEY)
+        if isinstance(cached, Explanation):
+            return cached
+    decided, queued = queue_plan()
+    order = tuple(j.id for j in sorted(queued, key=lambda j: (-j.priority, j.created_at, str(j.id))))
+    starting = {a.job for a in decided.admit}
+    why = {
+        job_id: decided.waiting.get(job_id) or (STARTING if job_id in starting else None) for job_id in order
+    }
+    explanation = Explanation(computed_at=time.time(), order=order, why=why)
+    if window:
+        cache.set(EXPLANATION_KEY, explanation, timeout=window)
+    return explanation
 
 
 def _plan_at(now: datetime, *, lock: bool):
@@ -749,6 +859,12 @@ def _plan_at(now: datetime, *, lock: bool):
         reserve_after_s=reserve_after_s(),
     )
     return pool_rows, queued, decided
+
+
+def _forget_explanation() -> None:
+    from django.core.cache import cache
+
+    cache.delete(EXPLANATION_KEY)
 
 
 def schedule_pass(now: datetime | None = None) -> PassResult:
@@ -823,5 +939,6 @@ def schedule_pass(now: datetime | None = None) -> PassResult:
             )
             result.preempted.append(alloc_id)
         result.waiting = decided.waiting
+        transaction.on_commit(_forget_explanation)
     result.seconds = time.perf_counter() - started
     return result

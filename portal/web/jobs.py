@@ -23,7 +23,7 @@ from portal.actors import Actor
 from portal.errors import DomainError
 from portal.models import Allocation, JobLog, Scope
 from portal.selectors.jobs import checkpoint_list, event_list, job_get, job_list
-from portal.selectors.queue import queue_explain
+from portal.selectors.queue import queue_position
 from portal.services.job_resume import RESUMABLE, job_resume
 from portal.services.jobs import MAX_IDEMPOTENCY_KEY, job_cancel, job_submit
 from portal.web.forms import add_domain_error
@@ -267,18 +267,9 @@ def _queue_status(job) -> dict | None:
     limited to this job: another organization's jobs appear only as a count ahead)."""
     if job.state != JobState.QUEUED.value:
         return None
-    _, rows = queue_explain(limit=100_000)
-    for position, row in enumerate(rows, start=1):
-        if row["id"] == job.pk:
-            return {
-                "position": position,
-                "of": len(rows),
-                "reason": row["reason"],
-                "category": row["category"],
-            }
-    return {
+    return queue_position(job.pk) or {
         "position": None,
-        "of": len(rows),
+        "of": None,
         "reason": "waiting for the next scheduler pass",
         "category": "",
     }

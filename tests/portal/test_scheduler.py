@@ -38,7 +38,9 @@ def test_admits_within_capacity_and_quota_and_records_why(acme):
     alloc = Allocation.objects.get(job=first)
     assert (alloc.gpus, alloc.slots, alloc.borrowed, alloc.attempt) == (2, 2, False, 0)
     assert sorted(alloc.gpu_indices + Allocation.objects.get(job=second).gpu_indices) == [0, 1, 2, 3]
-    assert result.waiting[third.pk].startswith("quota: the organization holds 4 of its 4 concurrent GPUs")
+    assert str(result.waiting[third.pk]).startswith(
+        "quota: the organization holds 4 of its 4 concurrent GPUs"
+    )
     # A second pass changes nothing: admission is idempotent on the rows.
     assert schedule_pass().admitted == []
 
@@ -51,8 +53,8 @@ def test_backfill_a_big_job_never_blocks_small_ones_behind_it(acme):
     smalls = [submit(acme, gpus=1, name=f"s{i}") for i in range(3)]
     result = schedule_pass()
     assert set(result.admitted) == {mid.pk, smalls[0].pk}
-    assert result.waiting[big.pk] == "capacity: needs 8 GPUs; the largest pool it may use has 4"
-    assert result.waiting[smalls[1].pk].startswith("capacity: needs 1 slots; at most 0 free")
+    assert str(result.waiting[big.pk]) == "capacity: needs 8 GPUs; the largest pool it may use has 4"
+    assert str(result.waiting[smalls[1].pk]).startswith("capacity: needs 1 slots; at most 0 free")
 
 
 def test_priority_orders_jobs_within_an_organization(acme):
@@ -77,7 +79,7 @@ def test_weighted_fair_share_between_organizations(acme, globex):
     waiting = queue_plan()[0].waiting
     assert len(waiting) == 12
     acme_waiting = Job.objects.filter(organization=acme, state="queued").first()
-    assert waiting[acme_waiting.pk] == (
+    assert str(waiting[acme_waiting.pk]) == (
         "fair-share: the organization holds 2 slots, above its fair share of 2.0; "
         "others go first while capacity is short"
     )
@@ -108,7 +110,7 @@ def test_monthly_gpu_hours_quota(acme):
     cpu_job = submit(acme, gpus=0, name="cpu")  # CPU-only work is not GPU-hours
     result = schedule_pass()
     assert result.admitted == [cpu_job.pk]
-    assert result.waiting[gpu_job.pk].startswith("quota: monthly GPU-hours used up (10.0 of 10 h)")
+    assert str(result.waiting[gpu_job.pk]).startswith("quota: monthly GPU-hours used up (10.0 of 10 h)")
 
 
 def test_borrowing_then_preemption_gives_capacity_back_to_its_owner(acme, globex):
@@ -124,7 +126,9 @@ def test_borrowing_then_preemption_gives_capacity_back_to_its_owner(acme, globex
     result = schedule_pass()
     assert result.admitted == []
     assert len(result.preempted) == 2  # two 2-GPU borrowed jobs make room for 4 GPUs
-    assert result.waiting[owner_job.pk].startswith("capacity: reclaiming 4 borrowed GPUs in pool 'gpu-a'")
+    assert str(result.waiting[owner_job.pk]).startswith(
+        "capacity: reclaiming 4 borrowed GPUs in pool 'gpu-a'"
+    )
     preempted = Allocation.objects.filter(preempt_requested_at__isnull=False)
     assert {a.borrowed for a in preempted} == {True}
     warning = JobEvent.objects.filter(job=preempted[0].job, kind="warning").get()
@@ -153,7 +157,7 @@ def test_requested_and_allowed_pools(acme):
     result = schedule_pass()
     assert result.admitted == [job.pk]
     assert Job.objects.get(pk=job.pk).pool == "gpu-b"
-    assert result.waiting[nowhere.pk] == "pool: no pool named 'gpu-c'"
+    assert str(result.waiting[nowhere.pk]) == "pool: no pool named 'gpu-c'"
 
 
 def test_cpu_slot_pool_takes_one_slot_per_cpu_job(acme):

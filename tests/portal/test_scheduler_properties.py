@@ -24,7 +24,16 @@ import random
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from portal.services.scheduler import AllocationView, JobView, OrgView, PoolView, plan, slots_needed
+from portal.services.scheduler import (
+    AllocationView,
+    JobView,
+    OrgView,
+    PoolView,
+    Wait,
+    Why,
+    plan,
+    slots_needed,
+)
 
 ids = itertools.count()
 
@@ -97,10 +106,10 @@ def check_plan(pools, orgs, queued, allocs, result):
     # What the plan holds for owners: at most the slots coming back plus what the claimants need.
     reserved = {p.name: result.reserved.get(p.name, 0) for p in pools}
     claim = sum(
-        job_by[j].gpus for j in result.waiting if result.waiting[j].startswith("capacity: reclaiming")
+        job_by[j].gpus for j in result.waiting if str(result.waiting[j]).startswith("capacity: reclaiming")
     )
     for j, why in result.waiting.items():
-        if "are not lent to other organizations" in why:  # an owner's drained job keeps free slots
+        if "are not lent to other organizations" in why.sentence:  # an owner's drained job keeps free slots
             job = job_by[j]
             assert gpus[job.org] + job.gpus <= org_by[job.org].nominal_gpus, "only owners keep slots"
             claim += job.gpus
@@ -114,14 +123,20 @@ def check_plan(pools, orgs, queued, allocs, result):
     for job_id in result.waiting:
         job = job_by[job_id]
         org = org_by[job.org]
-        if result.waiting[job_id].startswith("fair-share: the organization drains"):
-            # Its organization drains for a long-waiting job bigger than its share (that job holds a reason,
-            # or starts in this pass on capacity nobody else could use).
-            assert any(
-                job_by[h].org == job.org for h in result.waiting if "drains for it" in result.waiting[h]
-            ) or (
-                "it starts now" in result.waiting[job_id] and any(job_by[a].org == job.org for a in admitted)
-            )
+        why = result.waiting[job_id]
+        if why.category == Why.FAIR_SHARE and why.behind is not None:
+            # Its organization drains for a long-waiting job bigger than its share: that job still waits for
+            # the drain, or reclaims borrowed capacity, or (drained) holds a reservation, or starts now.
+            holder = result.waiting.get(why.behind)
+            assert why.behind in admitted or (
+                holder is not None
+                and (
+                    "drains for it" in holder.sentence
+                    or holder.sentence.startswith("reclaiming")
+                    or holder.category == Why.RESERVATION
+                )
+            ), f"{job_id} waits ({why}) for {why.behind}, which waits ({holder})"
+            assert ("it starts now" in why.sentence) == (why.behind in admitted), why
             continue
         if job.gpus and (
             org.month_gpu_hours >= org.gpu_hours_per_month or gpus[org.id] + job.gpus > org.gpu_limit
@@ -241,7 +256,7 @@ def test_repeated_passes_with_completions_and_preemption(world, rnd, reserve_aft
         return
     for job in queue:
         org = org_by[job.org]
-        if result.waiting.get(job.id, "").startswith("fair-share: the organization drains"):
+        if str(result.waiting.get(job.id, "")).startswith("fair-share: the organization drains"):
             continue
         used_gpus = sum(a.gpus for a in allocs if a.org == org.id)
         if (
@@ -344,11 +359,14 @@ def test_the_reservation_is_explained_and_small_jobs_backfill_around_it():
     running = [AllocationView(i, f"r{i}", 0, "p0", 2, 2, False) for i in range(3)]
     result = plan([pool], orgs, [big, small], running, half_life_s=0, now=700.0, reserve_after_s=600.0)
     assert result.admit == [] and result.held == {"p0": ("big", 2)}
-    assert result.waiting["big"] == (
-        "capacity: reserved for this job after waiting 700 s: 2 of its 8 slots held in pool 'p0'; smaller "
-        "jobs backfill only onto the rest; it starts when 6 more are freed there"
+    assert result.waiting["big"] == Wait(
+        Why.RESERVATION,
+        "reserved for this job after waiting 700 s: 2 of its 8 slots held in pool 'p0'; smaller jobs "
+        "backfill only onto the rest; it starts when 6 more are freed there",
     )
-    assert result.waiting["small"].startswith("capacity: 2 free slots in pool 'p0' are reserved for a job")
+    small_waits = result.waiting["small"]
+    assert (small_waits.category, small_waits.behind) == (Why.RESERVATION, "big")
+    assert str(small_waits).startswith("capacity: 2 free slots in pool 'p0' are reserved for a job")
     # Not aged yet: the small job takes a free slot (backfill), nothing is held.
     result = plan([pool], orgs, [big, small], running, half_life_s=0, now=500.0, reserve_after_s=600.0)
     assert [a.job for a in result.admit] == ["small"] and result.held == {}
@@ -383,7 +401,7 @@ def test_an_owner_draining_for_a_big_job_still_reclaims_what_others_borrowed():
     result = plan(pools, orgs, queue, running, half_life_s=0, now=10.0, reserve_after_s=0.0)
     check_plan(pools, orgs, queue, running, result)
     assert result.admit == [] and sorted(result.preempt) == ["b0", "b1", "b2", "b3"]
-    assert result.waiting["big"] == (
+    assert str(result.waiting["big"]) == (
         "capacity: reclaiming 4 borrowed GPUs in pool 'p0' (4 jobs checkpoint and re-queue); "
         "starts when they stop"
     )
@@ -401,11 +419,14 @@ def test_free_slots_an_owner_drains_for_are_not_lent_meanwhile():
     check_plan(pools, orgs, queue, running, result)
     assert result.preempt == [] and result.reserved == {"p0": 2}
     assert [(a.job, a.borrowed) for a in result.admit] == [("cpu", False)]  # owners still take them
-    assert result.waiting["gpu"] == "capacity: free GPUs are held for owners reclaiming their nominal share"
-    assert result.waiting["big"].endswith(
+    assert result.waiting["gpu"] == Wait(
+        Why.CAPACITY, "free GPUs are held for owners reclaiming their nominal share"
+    )
+    assert result.waiting["big"].category == Why.FAIR_SHARE
+    assert result.waiting["big"].sentence.endswith(
         "; 2 free slots in pool 'p0' are not lent to other organizations meanwhile"
     )
-    assert "drains for it" in result.waiting["big"]
+    assert "drains for it" in result.waiting["big"].sentence
 
 
 def test_an_owners_drained_job_starts_on_capacity_nobody_else_can_use():
