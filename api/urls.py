@@ -1,7 +1,20 @@
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from api.views import admin, catalog, env_secrets, envs, ingest, ingest_env, jobs, orgs, stream, tokens, usage
+from api.views import (
+    admin,
+    catalog,
+    env_secrets,
+    envs,
+    ingest,
+    ingest_bootstrap,
+    ingest_env,
+    jobs,
+    orgs,
+    stream,
+    tokens,
+    usage,
+)
 
 v1 = [
     path("me", orgs.MeApi.as_view()),
@@ -35,6 +48,7 @@ v1 = [
     path("ingest/jobs/<str:job_id>/heartbeat", ingest.IngestHeartbeatApi.as_view()),
     path("ingest/jobs/<str:job_id>/state", ingest.IngestStateApi.as_view()),
     path("ingest/jobs/<str:job_id>/environment", ingest_env.IngestEnvironmentApi.as_view()),
+    path("ingest/jobs/<str:job_id>/bootstrap", ingest_bootstrap.IngestBootstrapApi.as_view()),
     path("envs", envs.EnvironmentListApi.as_view()),
     path("envs/<str:owner>/<str:name>", envs.EnvironmentDetailApi.as_view()),
     path("envs/<str:owner>/<str:name>/star", envs.EnvironmentStarApi.as_view()),

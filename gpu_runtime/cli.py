@@ -4,7 +4,9 @@
 .tar.gz) in the sandbox, as a job runs a published one: authors try a package before `opentinker envs push`.
 
 The HTTP sink reads `OPENTINKER_INGEST_URL` and `OPENTINKER_JOB_TOKEN` (set by the platform's launcher, so
-the token never appears in a process listing); it is the default when they are set. Checkpoints go to
+the token never appears in a process listing); it is the default when they are set. On a Ray pool the
+launcher gives `OPENTINKER_BOOTSTRAP_TOKEN` instead, redeemed first for the job token and the environment
+secret (gpu_runtime/bootstrap.py). Checkpoints go to
 `--checkpoint-prefix`, else `OPENTINKER_CHECKPOINT_PREFIX` / `OPENTINKER_CHECKPOINT_URI`, else
 `file://./var/checkpoints/<job name>-<time>`; a re-queued job resumes from `OPENTINKER_RESUME_FROM`.
 Exit codes: 0 succeeded, 1 failed, 2 usage, 3 cancelled, 4 max_hours reached.
@@ -54,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
+    from gpu_runtime.bootstrap import BootstrapError, redeem
+
+    try:
+        # A Ray job gets a single-use bootstrap token, not its secrets: trade it before anything else.
+        redeem()
+    except BootstrapError as e:
+        print(f"opentinker: {e}", file=sys.stderr, flush=True)
+        return 1
     spec = load_spec(args.spec)
     if args.env_package:
         os.environ["OPENTINKER_ENV_PACKAGE"] = str(Path(args.env_package).resolve())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import socket
 import time
@@ -30,6 +31,7 @@ from gpu_runtime.algorithms import (
 )
 from gpu_runtime.batch import Sample
 from gpu_runtime.data import SFTDataset
+from gpu_runtime.envs import REMOTE_SECRET_VAR
 from gpu_runtime.models import load_tokenizer
 from gpu_runtime.rollout.dynamic_sampling import collect_informative
 from gpu_runtime.sink import Sink
@@ -113,7 +115,10 @@ class RayGroup:
             for r in range(world_size)
         ]
         self.rollout = (
-            ray.remote(RolloutWorker).options(**(opts(0, 0.5) if colocate else opts(world_size))).remote(js)
+            ray.remote(RolloutWorker)
+            .options(**(opts(0, 0.5) if colocate else opts(world_size)))
+            # An argument, not the actor's runtime_env (readable through the cluster's API like the job's).
+            .remote(js, os.environ.get(REMOTE_SECRET_VAR))
             if spec.environment is not None and rollout
             else None
         )

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from gpu_runtime.algorithms import LossNorm
 from gpu_runtime.batch import Sample
-from gpu_runtime.envs import env_factory, protocol_kind
+from gpu_runtime.envs import REMOTE_SECRET_VAR, env_factory, protocol_kind
 from gpu_runtime.models import load_model, torch_dtype
 from gpu_runtime.rollout.base import SamplingParams
 from gpu_runtime.rollout.collector import episode_to_sample, run_episodes
@@ -122,7 +122,9 @@ class RankWorker:
 
 
 class RolloutWorker:
-    def __init__(self, spec_json: str) -> None:
+    def __init__(self, spec_json: str, env_secret: str | None = None) -> None:
+        if env_secret:  # a Ray actor: the driver's secret (from its bootstrap) is not in this process's env
+            os.environ[REMOTE_SECRET_VAR] = env_secret
         spec = JobSpec.model_validate_json(spec_json)
         assert spec.environment is not None
         configure_threads(spec)

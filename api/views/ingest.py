@@ -3,6 +3,8 @@
 Launch. The driver gives the runtime (portal.services.job_tokens.job_runtime_env):
     OPENTINKER_INGEST_URL = <base>/api/v1/ingest/jobs/<job id>
     OPENTINKER_JOB_TOKEN  = otj_<job id>.<attempt>.<expiry>.<signature>
+(on a Ray pool, OPENTINKER_BOOTSTRAP_TOKEN instead: redeem it once with ``POST .../bootstrap`` for the job
+token and the environment secret first, api/views/ingest_bootstrap.py).
 Every request: ``POST {OPENTINKER_INGEST_URL}/<endpoint>``, ``Authorization: Bearer {OPENTINKER_JOB_TOKEN}``,
 ``Content-Type: application/json``, a body of at most API_MAX_BODY_BYTES (256 KiB by default: send metric
 points in batches of at most 5,000 AND about 200 KiB of JSON).

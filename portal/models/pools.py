@@ -75,6 +75,10 @@ class Allocation(models.Model):
     log_path = models.CharField(max_length=500, blank=True, default="")
     # Characters of the runtime's log already copied into the job's log (Ray: the cluster keeps the log).
     log_offset = models.PositiveBigIntegerField(default=0)
+    # A Ray job's single-use start-up credential (portal.services.job_bootstrap): its keyed hash until it
+    # is redeemed (then blank), and when it expires.
+    bootstrap_digest = models.CharField(max_length=64, blank=True, default="", db_index=True)
+    bootstrap_expires_at = models.DateTimeField(null=True, blank=True)
     exit_code = models.IntegerField(null=True, blank=True)
     preempt_requested_at = models.DateTimeField(null=True, blank=True)
     released_at = models.DateTimeField(null=True, blank=True)

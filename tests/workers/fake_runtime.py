@@ -9,6 +9,7 @@ step boundary with exit code 0, as the real runtime does when asked to checkpoin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -25,11 +26,16 @@ def main() -> int:
             opts[key] = float(value)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    from gpu_runtime.bootstrap import redeem
+
+    bootstrapped = redeem()  # a Ray job's secrets come from its single-use bootstrap token, as in the runtime
+    secret = os.environ.get("OPENTINKER_ENV_SECRET", "")
     print(
         f"env CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} "
         f"DATABASE_URL={'DATABASE_URL' in os.environ} job={os.environ.get('OPENTINKER_JOB_ID')} "
         f"resume={os.environ.get('OPENTINKER_RESUME_FROM', '')} "
-        f"token={bool(os.environ.get('OPENTINKER_JOB_TOKEN'))}",
+        f"token={bool(os.environ.get('OPENTINKER_JOB_TOKEN'))} bootstrap={bootstrapped} "
+        f"secret={hashlib.sha256(secret.encode()).hexdigest()[:12] if secret else ''}",
         flush=True,
     )
     start = 0

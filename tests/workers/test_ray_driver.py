@@ -10,9 +10,12 @@ sees none of them through the API.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 
+import httpx
 import pytest
 
 from opentinker.spec import AlgorithmSpec, CheckpointSpec, EnvironmentSpec, ResourcesSpec, example_rl_spec
@@ -27,6 +30,8 @@ from tests.workers.conftest import FAKE_RUNTIME, set_quota
 from tests.workers.ray_cluster import start_cluster, wait_for
 from workers.drivers.ray import RayDriver, submission_id
 from workers.supervisor import launch, pools_refresh, supervise
+
+SECRET = "sk-env-ray-4f1c9e-not-for-the-job-api"
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -89,12 +94,19 @@ def test_ray_pool_runs_a_real_job_to_success_and_stops_a_cancelled_one(
         }
     )
     real = submit(acme, spec)
+    # The fake job's remote environment needs a secret: it must reach the job, yet not its runtime_env.
+    assert (
+        client_for(make_token(alice, acme))
+        .post("/api/v1/org/env-secrets", {"name": "openenv", "value": SECRET}, format="json")
+        .status_code
+        == 201
+    )
     fake = submit(
         acme,
         example_rl_spec().model_copy(
             update={
                 "name": "fake_steps-300_sleep-0.2",
-                "environment": EnvironmentSpec(ref="https://env.example/arithmetic"),
+                "environment": EnvironmentSpec(ref="https://env.example/arithmetic", secret="openenv"),
                 "resources": ResourcesSpec(gpus=0, cpus=1, memory_gb=1, max_hours=0.2, pool="ray-a"),
             }
         ),
@@ -117,6 +129,16 @@ def test_ray_pool_runs_a_real_job_to_success_and_stops_a_cancelled_one(
     ours = [j for j in driver.client.list_jobs() if (j.submission_id or "").startswith("otk-")]
     assert sorted(j.submission_id for j in ours) == sorted([f"otk-{real.pk}-0", f"otk-{fake.pk}-0"])
 
+    # What anyone with the cluster's Job API reads: no job token, no environment secret, only a bootstrap.
+    bootstraps = {}
+    for j in ours:
+        runtime_env = driver.client.get_job_info(j.submission_id).runtime_env
+        env_vars = runtime_env["env_vars"]
+        assert not {"OPENTINKER_JOB_TOKEN", "OPENTINKER_ENV_SECRET"} & set(env_vars), sorted(env_vars)
+        assert SECRET not in json.dumps(runtime_env) and "otj_" not in json.dumps(runtime_env)
+        bootstraps[j.submission_id] = env_vars["OPENTINKER_BOOTSTRAP_TOKEN"]
+        assert bootstraps[j.submission_id].startswith("otb_")
+
     # The fake job runs on the other node, printing a line every 0.2 s: supervisor passes copy what it printed
     # so far into the job's log (the portal's live tail) while it still runs.
     fake_alloc.refresh_from_db()
@@ -127,6 +149,17 @@ def test_ray_pool_runs_a_real_job_to_success_and_stops_a_cancelled_one(
     wait_for(lambda: supervise() and "step 2" in fake_lines(), 60, "fake step 2 in the job's log")
     assert str(driver.client.get_job_status(fake_alloc.runtime_handle)) == "RUNNING"
     assert Job.objects.get(pk=fake.pk).state == "running"
+    # It got its job token and its environment secret by redeeming the bootstrap token...
+    assert any(
+        f"token=True bootstrap=True secret={hashlib.sha256(SECRET.encode()).hexdigest()[:12]}" in line
+        for line in fake_lines()
+    ), fake_lines()[:5]
+    # ... which is spent: the copy in the cluster's job API is worth nothing.
+    spent = httpx.post(
+        f"{uvicorn_url}/api/v1/ingest/jobs/{fake.pk}/bootstrap",
+        headers={"Authorization": f"Bearer {bootstraps[fake_alloc.runtime_handle]}"},
+    )
+    assert spent.status_code == 401, spent.text
     # Cancelling it stops the Ray job (SIGTERM at a step boundary).
     job_cancel(job=fake, actor=Actor.system("test"))
 

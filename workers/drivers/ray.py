@@ -1,9 +1,12 @@
 """The ``ray`` driver: the runtime as a Ray job, through Ray's Job Submission API, on the pool's cluster.
 
 - **launch** submits ``runtime command + spec.json`` with ``submission_id = otk-<job>-<attempt>``: a retried
-  launch finds its own submission instead of starting a second one. The job's variables (ingest URL, job
-  token, checkpoint prefix, resume point) travel in ``runtime_env["env_vars"]`` and the spec in the uploaded
+  launch finds its own submission instead of starting a second one. The job's variables (ingest URL,
+  checkpoint prefix, resume point) travel in ``runtime_env["env_vars"]`` and the spec in the uploaded
   ``working_dir`` (the attempt's work directory), so the cluster needs no shared disk with the platform.
+  Both are readable by anyone with the cluster's Job API, so no secret goes there: the job token and the
+  environment secret are fetched by the runtime at start with a single-use, short-lived bootstrap token
+  (portal/services/job_bootstrap.py, gpu_runtime/bootstrap.py).
   A job takes ``entrypoint_num_gpus`` GPUs (one CPU on a CPU-only cluster, where a slot is a CPU).
 - **follow** (every supervisor pass): copies the log lines the job printed since the last pass into the job's
   log (``Allocation.log_offset`` remembers how far; at most ``LOG_LINES_PER_PASS`` lines a pass, so a
@@ -34,6 +37,8 @@ from workers.drivers import capacity_report
 logger = logging.getLogger(__name__)
 
 LIVE = {"PENDING", "RUNNING"}
+# Never in a Ray job's runtime_env (the runtime gets them by redeeming its bootstrap token).
+SECRET_VARS = frozenset({"OPENTINKER_JOB_TOKEN", "OPENTINKER_ENV_SECRET"})
 # What one supervisor pass copies of a job's log at most; the rest waits for the next pass.
 LOG_LINES_PER_PASS = 2000
 LOG_CHARS_PER_PASS = 1_000_000
@@ -93,8 +98,17 @@ class RayDriver:
 
     def launch(self, alloc: Allocation, work_dir, spec_path, env: dict[str, str]) -> tuple[str, str]:
         """Submit the job (idempotent per attempt); returns (submission id, cluster address)."""
+        from portal.services.job_bootstrap import BOOTSTRAP_VAR, bootstrap_issue
+
         sid = submission_id(alloc)
-        env_vars = {**env, "RAY_JOB_STOP_WAIT_TIME_S": str(_grace_s()), "PYTHONUNBUFFERED": "1"}
+        if self._submitted(sid):  # an earlier try of this launch got through: that submission is ours
+            logger.info("ray job %s was already submitted", sid)
+            return sid, self.pool.ray_address
+        # The runtime_env is readable by anyone with this cluster's Job API: no secret goes into it, only a
+        # single-use, short-lived bootstrap token the runtime redeems for them at start.
+        env_vars = {k: v for k, v in env.items() if k not in SECRET_VARS}
+        env_vars[BOOTSTRAP_VAR] = bootstrap_issue(alloc)
+        env_vars.update({"RAY_JOB_STOP_WAIT_TIME_S": str(_grace_s()), "PYTHONUNBUFFERED": "1"})
         extra = getattr(settings, "OPENTINKER_RAY_ENV_VARS", None) or {}
         env_vars.update({str(k): str(v) for k, v in extra.items()})
         if alloc.pool.cpu_slots:
@@ -109,13 +123,18 @@ class RayDriver:
                 metadata={"opentinker_job": str(alloc.job_id), "attempt": str(alloc.attempt)},
             )
         except Exception as e:
-            # Submitted by an earlier try of this launch (the id is taken): that submission is ours.
-            try:
-                self.client.get_job_status(sid)
-            except Exception:
+            # Submitted meanwhile by a racing try of this launch (the id is taken): that submission is ours.
+            if not self._submitted(sid):
                 raise e from None
             logger.info("ray job %s was already submitted", sid)
         return sid, self.pool.ray_address
+
+    def _submitted(self, sid: str) -> bool:
+        try:
+            self.client.get_job_status(sid)
+        except Exception:
+            return False
+        return True
 
     def stop(self, alloc: Allocation, *, grace_s: float = 0) -> bool:
         """SIGTERM the job (it checkpoints and exits); Ray SIGKILLs it after the grace period."""
