@@ -939,6 +939,7 @@ def schedule_pass(now: datetime | None = None) -> PassResult:
             )
             result.preempted.append(alloc_id)
         result.waiting = decided.waiting
-        transaction.on_commit(_forget_explanation)
+    # Committed: the admissions change every wait, so the shared explanation is recomputed on next view.
+    _forget_explanation()
     result.seconds = time.perf_counter() - started
     return result
