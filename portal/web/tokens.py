@@ -1,13 +1,21 @@
 """API tokens: create (the secret shown once, never stored), list, show, revoke.
 
-The secret exists only in the response to the create request. With htmx that response is a fragment swapped
-into the page, so reloading the page (a GET) never shows it again; without JavaScript it is the full page,
-marked no-store so the browser does not keep it either.
+The secret is shown once. With htmx the create response is a fragment swapped into the page, so reloading
+the page (a GET) never shows it again. Without JavaScript, post/redirect/get: the POST answers 303 to the
+page (reloading it never re-POSTs the form), and the secret waits in the session for exactly one GET, which
+shows it (no-store) and drops it. It waits there encrypted (Fernet, a key derived from SECRET_KEY, so the
+session table alone does not reveal it) and for at most ONCE_TTL_S; it is never in a URL.
 """
 
 from __future__ import annotations
 
+import base64
+
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from django import forms
+from django.conf import settings
 from django.contrib import messages
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
@@ -42,6 +50,34 @@ class TokenForm(forms.Form):
         self.fields["scopes"].initial = [Scope.JOBS_READ, Scope.JOBS_WRITE]
 
 
+ONCE_KEY = "tokens:new"  # the session key of the secret waiting for its one GET
+ONCE_TTL_S = 300
+
+
+def _fernet() -> Fernet:
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"opentinker/web-token-once/v1").derive(
+        settings.SECRET_KEY.encode()
+    )
+    return Fernet(base64.urlsafe_b64encode(key))
+
+
+def _keep_once(request, token_id: int, secret: str) -> None:
+    request.session[ONCE_KEY] = {"id": token_id, "secret": _fernet().encrypt(secret.encode()).decode()}
+
+
+def _take_once(request):
+    """(token, secret) kept by the create POST, or (None, None); gone from the session either way."""
+    kept = request.session.pop(ONCE_KEY, None)
+    if not isinstance(kept, dict):
+        return None, None
+    try:
+        secret = _fernet().decrypt(str(kept.get("secret", "")).encode(), ttl=ONCE_TTL_S).decode()
+        token = token_get(request.membership, int(kept.get("id")), manage_all=False)
+    except (InvalidToken, TypeError, ValueError, DomainError):
+        return None, None  # too old, from another key, or not this member's token in this organization
+    return token, secret
+
+
 def _manages_all(request) -> bool:
     return Scope.ORG_ADMIN in page_scopes(request)
 
@@ -71,6 +107,13 @@ def token_index(request):
             add_domain_error(form, e)
         else:
             form = TokenForm(allowed=allowed)
+            if not request.headers.get("HX-Request"):
+                _keep_once(request, created.pk, secret)
+                response = redirect("tokens")
+                response.status_code = 303  # See Other: the browser GETs the page
+                return response
+    elif request.method == "GET":
+        created, secret = _take_once(request)
     context = _context(request, form) | {"created": created, "secret": secret}
     status = 400 if form.errors else 200
     if request.headers.get("HX-Request"):

@@ -6,7 +6,10 @@ Actors: alice (owner of acme), bob (member of acme: sees and revokes only his ow
 
 from __future__ import annotations
 
+import json
 import re
+import time
+from unittest import mock
 
 import pytest
 from rest_framework.test import APIClient
@@ -34,12 +37,23 @@ def api_status(secret: str) -> int:
 
 def test_the_secret_is_shown_once_works_and_is_never_rendered_again(alice, acme):
     c = signed_in(alice)
-    r = create(c)
+    # Post/redirect/get: the POST answers 303 to the page, so reloading it never re-POSTs the form.
+    posted = create(c)
+    assert posted.status_code == 303 and posted["Location"] == "/tokens/"
+    assert SECRET_RE.search(posted.content.decode() + posted["Location"]) is None
+    assert ApiToken.objects.count() == 1
+    # The secret waits in the session, encrypted, for exactly one GET.
+    kept = json.dumps(dict(c.session))
+    r = c.get(posted["Location"])
     assert r.status_code == 200 and r["Cache-Control"].startswith("max-age=0")  # never_cache: no-store too
     assert "no-store" in r["Cache-Control"]
     (secret,) = set(SECRET_RE.findall(r.content.decode()))
     assert "shown only this once" in r.content.decode()
+    assert secret not in kept and secret.rsplit("_", 1)[1] not in kept
+    assert "tokens:new" not in c.session  # dropped by that GET
+    assert SECRET_RE.search(c.get("/tokens/").content.decode()) is None  # the next GET shows it no more
     assert api_status(secret) == 200
+    assert ApiToken.objects.count() == 1  # the GETs created nothing
     token = ApiToken.objects.get(organization=acme)
     assert token.name == "ci" and token.scopes == ["jobs:read", "jobs:write"] and token.expires_at
     # The database holds only a hash; no page shows the secret again.
@@ -62,6 +76,27 @@ def test_htmx_create_answers_with_the_panel_only(alice, acme):
     assert r.status_code == 200 and "<html" not in html and len(SECRET_RE.findall(html)) == 1
     assert "opentinker login --url http://testserver" in html  # the CLI and curl snippet
     assert ApiToken.objects.get(name="laptop").expires_at is None
+
+
+def test_a_kept_secret_expires_unseen_and_stays_with_its_member_and_organization(alice, bob, acme):
+    c = signed_in(alice)
+    assert create(c).status_code == 303
+    session = c.session
+    assert set(session["tokens:new"]) == {"id", "secret"}
+    from portal.web import tokens as tokens_page
+
+    later = time.time() + tokens_page.ONCE_TTL_S + 1
+    with mock.patch("time.time", return_value=later):  # Fernet's clock: the GET comes too late
+        html = c.get("/tokens/").content.decode()
+    assert SECRET_RE.search(html) is None and "tokens:new" not in c.session
+    # A kept entry naming someone else's token is dropped, never shown.
+    mine = ApiToken.objects.get()
+    as_bob = signed_in(bob)
+    s = as_bob.session
+    s["tokens:new"] = {"id": mine.pk, "secret": tokens_page._fernet().encrypt(b"otk_x").decode()}
+    s.save()
+    html = as_bob.get("/tokens/").content.decode()
+    assert "otk_x" not in html and "tokens:new" not in as_bob.session
 
 
 @pytest.mark.parametrize(
@@ -90,7 +125,7 @@ def test_a_viewer_may_only_grant_read_scopes(bob, acme):
     html = c.get("/tokens/").content.decode()
     assert re.findall(r'name="scopes" value="([a-z:]+)"', html) == ["jobs:read", "envs:read"]
     assert create(c).status_code == 400  # jobs:write is not on offer
-    assert create(c, scopes=["jobs:read"]).status_code == 200
+    assert create(c, scopes=["jobs:read"]).status_code == 303
 
 
 def test_teammates_see_and_revoke_only_their_own_tokens(alice, bob, acme):
@@ -167,3 +202,33 @@ def test_browser_create_copy_reload_gone_then_revoke(page, live_url, sign_in, al
     page.get_by_role("button", name="Revoke this token").click()
     expect(page.locator(".messages")).to_contain_text("Revoked the token “laptop”")
     assert api_status(secret) == 401
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_browser_without_javascript_create_then_reload_shows_it_no_more_and_creates_nothing(
+    browser, live_url, alice, acme
+):
+    from django.conf import settings
+    from django.test import Client
+    from playwright.sync_api import expect
+
+    context = browser.new_context(base_url=live_url, java_script_enabled=False)
+    try:
+        client = Client()
+        client.force_login(alice)
+        cookie = client.cookies[settings.SESSION_COOKIE_NAME]
+        context.add_cookies([{"name": cookie.key, "value": cookie.value, "url": live_url}])
+        page = context.new_page()
+        page.goto("/tokens/")
+        page.get_by_label("Name").fill("nojs")
+        page.get_by_role("button", name="Create token").click()  # a plain form POST, then the 303's GET
+        expect(page).to_have_url(f"{live_url}/tokens/")
+        secret = page.locator("#token-secret").text_content().strip()
+        assert SECRET_RE.fullmatch(secret) and api_status(secret) == 200
+        page.reload()  # the GET again, not the POST: no second token, no secret
+        expect(page.locator("#token-secret")).to_have_count(0)
+        assert secret.rsplit("_", 1)[1] not in page.content()
+        assert ApiToken.objects.filter(name="nojs").count() == 1
+    finally:
+        context.close()
