@@ -13,7 +13,7 @@ sandboxed way so an author can try it before publishing.
 
 Sandbox limits per call and per instance come from `OPENTINKER_SANDBOX_CALL_TIMEOUT_S` (default 10),
 `OPENTINKER_SANDBOX_CPU_S` (60) and `OPENTINKER_SANDBOX_MEMORY_MB` (1024): the pool's settings, not the job's;
-`OPENTINKER_SANDBOX_POOL_SIZE` (8) caps the idle sandbox processes a job keeps (0: a process per episode).
+`OPENTINKER_SANDBOX_POOL_SIZE` (16) caps the idle sandbox processes a job keeps (0: a process per episode).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from opentinker.env.sandbox import (
 from opentinker.spec import EnvironmentSpec
 
 ENV_PACKAGE_VAR = "OPENTINKER_ENV_PACKAGE"
+DEFAULT_POOL_SIZE = 16  # the example job's concurrent episodes (4 prompts x 4 samples)
 MAX_POOL_SIZE = 64  # idle sandbox processes one job keeps
 
 
@@ -188,7 +189,12 @@ class PackageEnvFactory:
     `SandboxedMultiAgentEnvironment`s, which `MultiAgentProtocol` runs like the built-in games."""
 
     def __init__(
-        self, package: LocalPackage, config: dict[str, Any], limits: SandboxLimits, *, pool_size: int = 8
+        self,
+        package: LocalPackage,
+        config: dict[str, Any],
+        limits: SandboxLimits,
+        *,
+        pool_size: int = DEFAULT_POOL_SIZE,
     ) -> None:
         self.package = package
         self.config = config
@@ -243,7 +249,7 @@ _factories: dict[str, PackageEnvFactory] = {}
 
 
 def pool_size() -> int:
-    raw = os.environ.get("OPENTINKER_SANDBOX_POOL_SIZE") or "8"
+    raw = os.environ.get("OPENTINKER_SANDBOX_POOL_SIZE") or str(DEFAULT_POOL_SIZE)
     try:
         size = int(raw)
     except ValueError:
