@@ -9,7 +9,7 @@ FRONTEND_SOURCES := $(wildcard frontend/src/*) frontend/build.mjs frontend/tscon
 	frontend/package.json frontend/package-lock.json
 AS_ROOT_ON_DEBIAN := [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null
 
-.PHONY: demo test lint install clean frontend node browser
+.PHONY: demo test lint install clean frontend node browser gpu-kit
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "OpenTinker needs Python 3.11"'
@@ -50,6 +50,11 @@ lint: $(STAMP)
 
 test: $(STAMP) lint frontend browser
 	$(BIN)/python -m pytest
+
+# The wheels bench/gpu_check.sh needs on a lent GPU machine (its image lacks them; nothing is fetched
+# there): bench/gpu_wheels.txt, cp312, into .whl/. Fails when they and the working tree pass 64 MiB.
+gpu-kit:
+	$(PYTHON) bench/gpu_kit.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
