@@ -18,10 +18,10 @@ def _s3_split(uri: str) -> tuple[str, str]:
     return bucket, key.rstrip("/")
 
 
-def _s3():
+def _s3(endpoint_url: str | None = None):
     import boto3  # lazy: only s3:// jobs need it
 
-    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None)
 
 
 def join(prefix: str, *parts: str) -> str:
@@ -100,4 +100,24 @@ def read_bytes(uri: str) -> bytes:
     if uri.startswith("s3://"):
         bucket, key = _s3_split(uri)
         return _s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+    raise ValueError(f"unsupported storage URI {uri!r}")
+
+
+def write_bytes(uri: str, data: bytes, *, endpoint_url: str | None = None) -> None:
+    """Store one object (a dataset file) at `uri`, replacing it; a reader sees the old or the new one whole
+    (`file://`: written beside it, then renamed; `s3://`: one PUT)."""
+    if uri.startswith("file://"):
+        dest = Path(uri.removeprefix("file://"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+        return
+    if uri.startswith("s3://"):
+        bucket, key = _s3_split(uri)
+        if not key:
+            raise ValueError(f"storage URI {uri!r} names no object")
+        _s3(endpoint_url).put_object(Bucket=bucket, Key=key, Body=data)
+        return
     raise ValueError(f"unsupported storage URI {uri!r}")

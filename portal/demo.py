@@ -164,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.example:
             store = env.get("OBJECT_STORE_URL") or f"file://{var / 'objects'}"  # the settings' default
             recipe = ExampleRecipe(
-                url, login["token"], store, login["organization"], steps=args.example_steps
+                url,
+                login["token"],
+                store,
+                login["organization"],
+                steps=args.example_steps,
+                s3_endpoint=env.get("S3_ENDPOINT_URL") or None,
             )
             job_line = recipe.start()
         print(

@@ -1,12 +1,13 @@
 """The example recipe `make demo` runs through the platform, as a user would with a real model:
 
-1. write the SFT warm-start data (arithmetic conversations, chat JSONL) into the demo organization's storage;
+1. write the SFT warm-start data (arithmetic conversations, chat JSONL) into the demo organization's storage
+   (the object store, `file://` or `s3://`, through gpu_runtime.storage as the runtime writes checkpoints);
 2. submit the SFT job (tiny-qwen2 from random weights: greedy accuracy 0 -> ~0.4);
 3. when it has succeeded, submit GRPO with `model.base` = the warm start's last checkpoint (-> >= 0.8).
 
 The recipe is `opentinker.spec.example_sft_spec` / `example_grpo_spec`, the one tests/gpu_runtime/
 test_learning.py shows learning. Everything goes through the SDK and the REST API; no Django, no torch here
-(the data is written by `python -m gpu_runtime.data.arithmetic_sft` in a subprocess).
+(the data is made by `python -m gpu_runtime.data.arithmetic_sft` in a subprocess, then stored).
 """
 
 from __future__ import annotations
@@ -14,16 +15,26 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 SFT_EXAMPLES = 2000
 
 
 class ExampleRecipe:
-    def __init__(self, url: str, token: str, store: str, org: str, *, steps: int | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        store: str,
+        org: str,
+        *,
+        steps: int | None = None,
+        s3_endpoint: str | None = None,
+    ) -> None:
         self.url, self.token = url, token
+        self.s3_endpoint = s3_endpoint  # S3_ENDPOINT_URL of an S3-compatible store (MinIO, ...)
         self.org_prefix = f"{store.rstrip('/')}/orgs/{org}"
         self.steps = steps  # override both stages' steps (tests, a quick look)
         self.sft_id: str | None = None
@@ -41,22 +52,24 @@ class ExampleRecipe:
         return spec.model_copy(update={"algorithm": spec.algorithm.model_copy(update={"steps": self.steps})})
 
     def write_dataset(self) -> str:
+        from gpu_runtime import storage  # no torch: the object-store layer only
         from opentinker.spec import EXAMPLE_ENV_CONFIG
 
         uri = f"{self.org_prefix}/datasets/arithmetic-sft.jsonl"
-        path = Path(urlparse(uri).path)
-        cmd = [sys.executable, "-m", "gpu_runtime.data.arithmetic_sft", str(path), "--n", str(SFT_EXAMPLES)]
-        subprocess.run(
-            [*cmd, "--seed", "0", "--config", json.dumps(EXAMPLE_ENV_CONFIG)], check=True, capture_output=True
-        )
+        with tempfile.TemporaryDirectory(prefix="otk-demo-") as tmp:
+            path = Path(tmp) / "arithmetic-sft.jsonl"
+            cmd = [sys.executable, "-m", "gpu_runtime.data.arithmetic_sft", str(path)]
+            cmd += ["--n", str(SFT_EXAMPLES), "--seed", "0", "--config", json.dumps(EXAMPLE_ENV_CONFIG)]
+            subprocess.run(cmd, check=True, capture_output=True)
+            storage.write_bytes(uri, path.read_bytes(), endpoint_url=self.s3_endpoint)
         return uri
 
     def start(self) -> str:
         """Write the data and submit the warm start; returns the lines to print."""
         from opentinker.spec import example_sft_spec
 
-        if not self.org_prefix.startswith("file://"):
-            raise RuntimeError("the demo's example writes its SFT data to a file:// object store")
+        if not self.org_prefix.startswith(("file://", "s3://")):
+            raise RuntimeError(f"the demo's example needs a file:// or s3:// store, not {self.org_prefix}")
         spec = self._steps(example_sft_spec(self.write_dataset()))
         with self._client() as client:
             job = client.jobs.submit(spec, idempotency_key=f"demo-sft-{time.time_ns()}")
