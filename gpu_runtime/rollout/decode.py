@@ -72,14 +72,17 @@ AttentionInterface.register(GQA_ATTENTION, _gqa_decode_attention)
 AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
 
 
-def _last_logits(model: nn.Module, cache: StaticCache, tokens: Tensor, pos: Tensor, attn: Tensor) -> Tensor:
+def _last_logits(
+    model: nn.Module, cache_name: str, cache: StaticCache, tokens: Tensor, pos: Tensor, attn: Tensor
+) -> Tensor:
+    # `cache_name` is looked up outside (`cache_kwarg` inspects signatures: nothing to trace)
     out = model(
         input_ids=tokens,
         attention_mask=attn,
         position_ids=pos,
         use_cache=True,
         logits_to_keep=1,
-        **{cache_kwarg(model): cache},
+        **{cache_name: cache},
     )
     return out.logits[:, -1]
 
@@ -108,6 +111,7 @@ def _choose_top_p(logits: Tensor, temperature: float, top_p: float, noise: Tenso
 
 def _decode_step(
     model: nn.Module,
+    cache_name: str,
     cache: StaticCache,
     tokens: Tensor,
     pos: Tensor,
@@ -115,7 +119,7 @@ def _decode_step(
     noise: Tensor | None,
     temperature: float,
 ) -> tuple[Tensor, Tensor]:
-    return _choose(_last_logits(model, cache, tokens, pos, attn), temperature, noise)
+    return _choose(_last_logits(model, cache_name, cache, tokens, pos, attn), temperature, noise)
 
 
 @dataclass
@@ -171,6 +175,7 @@ class StaticDecodeEngine(RolloutEngine):
             self.model.set_attn_implementation(GQA_ATTENTION)
         self.pad_id = pad_id
         self.max_batch = max_batch
+        self._cache_name = cache_kwarg(self.model)
         cuda = self.device.type == "cuda"
         if compile is None:
             compile = cuda and os.environ.get(COMPILE_ENV, "1") != "0"
@@ -186,6 +191,11 @@ class StaticDecodeEngine(RolloutEngine):
             self.generator.manual_seed(seed)
         self._bufs: _Buffers | None = None
         if compile:
+            # A graph per batch bucket, cache length, greedy or not, temperature (and engine): a process with
+            # several engines (tests, multi-policy jobs) passes dynamo's default limit of 8 per function,
+            # after which the step would silently run eagerly.
+            cfg = torch._dynamo.config
+            cfg.recompile_limit = max(cfg.recompile_limit, 64)
             opts = dict(mode="reduce-overhead", fullgraph=fullgraph, dynamic=False)
             self._step = torch.compile(_decode_step, **opts)
             self._logits = torch.compile(_last_logits, **opts)
@@ -290,7 +300,7 @@ class StaticDecodeEngine(RolloutEngine):
             position_ids=pos.to(self.device),
             use_cache=True,
             logits_to_keep=1,
-            **{cache_kwarg(self.model): dyn},
+            **{self._cache_name: dyn},
         )
         for static, prefilled in zip(bufs.cache.layers, dyn.layers, strict=True):
             static.keys[:, :, :width].copy_(prefilled.keys.index_select(0, rows))
@@ -304,15 +314,16 @@ class StaticDecodeEngine(RolloutEngine):
     def _pick(self, logits: Tensor | None, bufs: _Buffers, sp: SamplingParams) -> tuple[Tensor, Tensor]:
         """The next ids and log-probs: from `logits` (the prefill's), or from one step on the buffers."""
         noise = None if sp.greedy else bufs.noise.exponential_(generator=self.generator)
+        args = (self.model, self._cache_name, bufs.cache, bufs.tokens, bufs.pos, bufs.attn)
         if sp.top_p < 1 and noise is not None:
             if logits is None:
                 self._mark_step()
-                logits = self._logits(self.model, bufs.cache, bufs.tokens, bufs.pos, bufs.attn)
+                logits = self._logits(*args)
             return _choose_top_p(logits, sp.temperature, sp.top_p, noise)
         if logits is not None:
             return _choose(logits, sp.temperature, noise)
         self._mark_step()
-        return self._step(self.model, bufs.cache, bufs.tokens, bufs.pos, bufs.attn, noise, sp.temperature)
+        return self._step(*args, noise, sp.temperature)
 
     def _mark_step(self) -> None:
         if self.compiled:  # a new iteration: the previous replay's outputs have been consumed

@@ -218,43 +218,51 @@ def test_load_weights_is_strict_and_reaches_the_sampler(ours):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_cuda_step_matches_eager_and_is_reproducible():
+    """Three graphs to compile (bench/gpu_check.sh gives the GPU tests 120 s): fp32 and bf16 greedy on the
+    tiny model, bf16 sampling at Qwen2.5-0.5B's shapes (the bench's graph shape, so it reuses the compile)."""
+
     def engine(compile: bool, dtype: torch.dtype, preset: str = "tiny-qwen2", **kw):
         tiny = preset == "tiny-qwen2"
         model = _model(dtype=dtype) if tiny else load_model(preset, seed=1, dtype=dtype).model
         return StaticDecodeEngine(model, pad_id=PAD, device="cuda", compile=compile, **kw)
 
-    greedy = SamplingParams(max_new_tokens=24, greedy=True)
+    greedy = SamplingParams(max_new_tokens=24, greedy=True, stop_ids=(258,))
     prompts = PROMPTS * 6  # 42 rows: padded to 64 when compiled
-    # fp32: the compiled graph and the eager step agree exactly on greedy ids
+    # fp32: the CUDA graph and the eager step agree exactly
     compiled, eager = engine(True, torch.float32), engine(False, torch.float32)
     assert compiled.compiled and not eager.compiled
     a = compiled.generate(prompts, greedy)
-    assert a.token_ids == eager.generate(prompts, greedy).token_ids
+    b = eager.generate(prompts, greedy)
+    assert a.token_ids == b.token_ids and a.finished == b.finished
+    assert _max_gap(a.logprobs, b.logprobs) < 1e-4
     assert compiled._bufs.batch == 64
     assert compiled.generate(prompts[:40], greedy).token_ids == a.token_ids[:40]  # same graph, fewer rows
-    # bf16 (the rollout dtype on GPU): reproducible; the first token comes from the same eager prefill
+    # bf16, the rollout dtype on GPU: fused kernels round differently, so a near tie may flip an argmax and
+    # the row diverges from there; a wrong cache column or position would leave ~nothing in common
     compiled, eager = engine(True, torch.bfloat16), engine(False, torch.bfloat16)
-    sp = SamplingParams(max_new_tokens=24, temperature=1.0, stop_ids=(258,))
-    torch.manual_seed(4)
-    x = compiled.generate(prompts, sp)
-    torch.manual_seed(4)
-    assert compiled.generate(prompts, sp).token_ids == x.token_ids
     g1, g2 = compiled.generate(prompts, greedy), eager.generate(prompts, greedy)
-    assert [t[0] for t in g1.token_ids] == [t[0] for t in g2.token_ids]
+    assert compiled.generate(prompts, greedy).token_ids == g1.token_ids
     pairs = zip(g1.token_ids, g2.token_ids, strict=True)
-    match = sum(u == v for r1, r2 in pairs for u, v in zip(r1, r2, strict=True))
-    print(f"\nbf16 greedy, compiled vs eager: {match}/{sum(map(len, g1.token_ids))} tokens equal")
+    agree = [
+        next((j for j, (u, v) in enumerate(zip(r1, r2, strict=False)) if u != v), len(r1)) for r1, r2 in pairs
+    ]
+    total = sum(len(r) for r in g1.token_ids)
+    print(f"\nbf16 greedy, compiled vs eager: {sum(agree)}/{total} tokens before rows diverge")
+    assert sum(agree) >= 0.8 * total
 
-    # rough throughput: Qwen2.5-0.5B shapes, 256 rows x 128 new tokens
+    # Qwen2.5-0.5B shapes, 256 rows x 128 new tokens: seeded reproducibility and a rough throughput
     big = engine(True, torch.bfloat16, "qwen2.5-0.5b-shape", max_batch=256)
-    rows = [[(7 * i + j) % 256 for j in range(128)] for i in range(32) for _ in range(8)]
+    rows = [[(7 * i + j) % 256 for j in range(128)] for i in range(64) for _ in range(4)]
     sp = SamplingParams(max_new_tokens=128, temperature=1.0)
-    big.generate(rows, sp)  # compile and record the graph
+    torch.manual_seed(9)
+    first = big.generate(rows, sp)  # compiles and records the graph
     torch.cuda.synchronize()
     t = time.perf_counter()
+    torch.manual_seed(9)
     res = big.generate(rows, sp)
     torch.cuda.synchronize()
     secs = time.perf_counter() - t
+    assert res.token_ids == first.token_ids
     n = sum(len(r) for r in res.token_ids)
     assert n == 256 * 128
     print(f"qwen2.5-0.5b-shape bf16, 256 rows x 128 new tokens: {n / secs:,.0f} completion tokens/s")
