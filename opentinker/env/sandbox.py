@@ -318,7 +318,7 @@ class SandboxPool:
         if keep:
             try:
                 sandbox.renew()
-            except SandboxError:
+            except Exception:  # any trouble renewing (a reply it cannot parse, its directory): start afresh
                 keep = False
         with self._lock:
             if keep and not sandbox.worn and not self._closed and len(self._idle) < self.size:

@@ -5,6 +5,7 @@ sandbox processes reused across the job's games, and the package's roles checked
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,7 @@ def _fresh(monkeypatch):
     yield
     for factory in env_packages._factories.values():
         factory.close()
+    os.environ.pop("OPENTINKER_ENV_PACKAGE", None)  # `cli.main --env-package` sets it for the process
 
 
 @pytest.mark.slow
