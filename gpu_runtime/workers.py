@@ -17,8 +17,9 @@ from gpu_runtime.algorithms import LossNorm
 from gpu_runtime.batch import Sample
 from gpu_runtime.envs import REMOTE_SECRET_VAR, env_factory, protocol_kind
 from gpu_runtime.models import load_model, torch_dtype
-from gpu_runtime.rollout.base import SamplingParams
+from gpu_runtime.rollout.base import RolloutEngine, SamplingParams
 from gpu_runtime.rollout.collector import episode_to_sample, run_episodes
+from gpu_runtime.rollout.decode import StaticDecodeEngine
 from gpu_runtime.rollout.hf import HFEngine
 from opentinker.env.codec import HFChatCodec
 from opentinker.env.protocol import Budget, protocol_for
@@ -37,6 +38,21 @@ def configure_threads(spec: JobSpec) -> None:
 
 def job_device(spec: JobSpec) -> str:
     return "cuda" if spec.resources.gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+ENGINE_ENV = "OPENTINKER_ROLLOUT_ENGINE"  # "static" (default) or "hf"
+
+
+def rollout_engine(model: torch.nn.Module, *, pad_id: int, device: str) -> RolloutEngine:
+    """Our decode loop (`StaticDecodeEngine`: static KV cache, CUDA-graph step on GPU) wherever the model
+    allows it (full attention in every layer); HFEngine, the reference implementation, for other models or
+    with OPENTINKER_ROLLOUT_ENGINE=hf."""
+    choice = os.environ.get(ENGINE_ENV, "static")
+    if choice not in ("static", "hf"):
+        raise ValueError(f"{ENGINE_ENV} must be 'static' or 'hf', not {choice!r}")
+    if choice == "static" and StaticDecodeEngine.supports(model):
+        return StaticDecodeEngine(model, pad_id=pad_id, device=device)
+    return HFEngine(model, pad_id=pad_id, device=device)
 
 
 class RankWorker:
@@ -136,7 +152,7 @@ class RolloutWorker:
             spec.model.base, seed=spec.seed, dtype=torch_dtype(spec.model.dtype, device=device)
         )
         self.tokenizer = loaded.tokenizer
-        self.engine = HFEngine(loaded.model, pad_id=self.tokenizer.pad_token_id, device=device)
+        self.engine = rollout_engine(loaded.model, pad_id=self.tokenizer.pad_token_id, device=device)
         self.make_env = env_factory(spec.environment)
         self.codec = HFChatCodec(self.tokenizer)
         kind = protocol_kind(self.make_env)
