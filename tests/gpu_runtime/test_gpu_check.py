@@ -104,3 +104,15 @@ print("hidden ok")
         [sys.executable, "bench/gpu_image_sim.py", "-c", code], cwd=ROOT, capture_output=True, text=True
     )
     assert run.returncode == 0 and run.stdout.strip() == "hidden ok", run.stderr[-3000:]
+
+
+def test_the_device_stages_fit_one_call_with_time_to_spare():
+    """The default stages' limits sum to at most 8.5 minutes: one 590 s call (of the 10 minutes a command
+    may run) with the wheels' install, inside a session's 15 minutes of device time with the start."""
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    device = script.split("\nelse\n", 1)[1].split("\nfi\n", 1)[0]
+    limits = dict(kv.split("=") for kv in re.search(r"LIMITS=\(([^)]*)\)", device).group(1).split())
+    default = re.search(r"GPU_CHECK_STAGES:-([^}]*)\}", script).group(1).split()
+    assert default == ["env", "pytest", "rollout", "rl_step", "mfu"]
+    assert sum(int(limits[s]) for s in default) == 510
+    assert "timeout_s: 590" in (ROOT / "README.md").read_text()
