@@ -387,6 +387,8 @@ ROUTES: dict[tuple[str, str], Route] = {
     (f"{V1}/ingest/jobs/{{job_id}}/heartbeat", "post"): R(401, 401, 401, 401, lambda w: {}),
     (f"{V1}/ingest/jobs/{{job_id}}/state", "post"): R(401, 401, 401, 401, lambda w: {"state": "failed"}),
     (f"{V1}/ingest/jobs/{{job_id}}/environment", "get"): R(401, 401, 401, 401),
+    # a bootstrap token only (otb_, single use: tests/api/test_job_bootstrap.py)
+    (f"{V1}/ingest/jobs/{{job_id}}/bootstrap", "post"): R(401, 401, 401, 401, lambda w: {}),
     # the caller and their organization (any scope)
     (f"{V1}/me", "get"): R(200, 200, 200, 403),
     (f"{V1}/models", "get"): R(200, 200, 200, 200),
