@@ -117,8 +117,9 @@ class Sandbox:
             "project_root": PROJECT_ROOT,
             "limits": asdict(self.limits),
             "methods": list(self.METHODS),
-            # Reusable: twice the per-instance CPU over the process's life; the pool retires it once it used
-            # more than one instance's worth, so every instance it serves still has `cpu_s` left.
+            # Reusable: twice the per-instance CPU over the process's life. Each instance may use `cpu_s` from
+            # its start (the worker moves its soft limit on at `renew`), and the pool retires a process once
+            # it used one instance's worth, so the next instance's `cpu_s` still fits.
             "process_cpu_s": self.limits.cpu_s * (2 if reusable else 1),
         }
         self.info: dict[str, Any] = self._request(spec, "start")

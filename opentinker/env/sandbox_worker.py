@@ -11,6 +11,7 @@ import ctypes
 import importlib
 import importlib.abc
 import json
+import math
 import os
 import resource
 import sys
@@ -100,8 +101,10 @@ def main() -> None:
     network_isolated = _isolate_network() if limits["isolate_network"] else False
     read_only = _read_only_except(os.getcwd()) if limits["isolate_network"] else False
     _limit("RLIMIT_CORE", 0)
-    # A reusable process gets a larger budget over its life (opentinker.env.sandbox.SandboxPool).
-    _limit("RLIMIT_CPU", int(spec.get("process_cpu_s") or limits["cpu_s"]))
+    # `cpu_s` per instance (the soft limit, moved on by `renew`) within the process's whole budget (the hard
+    # one): a reusable process lives longer than one instance (opentinker.env.sandbox.SandboxPool).
+    process_cpu_s = int(spec.get("process_cpu_s") or limits["cpu_s"])
+    resource.setrlimit(resource.RLIMIT_CPU, (min(limits["cpu_s"], process_cpu_s), process_cpu_s))
     _limit("RLIMIT_AS", limits["memory_mb"] * 1024 * 1024)
     _limit("RLIMIT_FSIZE", limits["file_mb"] * 1024 * 1024)
     _limit("RLIMIT_NOFILE", limits["open_files"])
@@ -133,6 +136,9 @@ def main() -> None:
             try:
                 with contextlib.suppress(Exception):
                     env.close()
+                own = resource.getrusage(resource.RUSAGE_SELF)
+                soft = math.ceil(own.ru_utime + own.ru_stime) + limits["cpu_s"]
+                resource.setrlimit(resource.RLIMIT_CPU, (min(soft, process_cpu_s), process_cpu_s))
                 env = cls(**spec["config"])
             except BaseException as e:
                 send({"error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc(limit=5)})

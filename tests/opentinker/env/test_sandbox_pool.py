@@ -37,17 +37,17 @@ MADE = 0
 class E(Environment):
     name = "counter"
 
-    def __init__(self, fail=None, spin_s=0.0):
+    def __init__(self, fail=None, spin=None):
         global MADE
         MADE += 1
-        self.n, self.fail, self.spin_s, self.seed = MADE, fail or {}, spin_s, None
+        self.n, self.fail, self.spin, self.seed = MADE, fail or {}, spin or {}, None
 
     def reset(self, seed):
         self.seed = seed
         leftover = os.path.exists("scratch")
         open("scratch", "w").write("x")
-        if self.spin_s and seed == 0:
-            end = time.process_time() + self.spin_s
+        if str(seed) in self.spin:  # CPU seconds to burn
+            end = time.process_time() + self.spin[str(seed)]
             while time.process_time() < end:
                 pass
         return Observation(f"{os.getpid()} {self.n} {leftover}")
@@ -139,17 +139,38 @@ def test_concurrent_episodes_beyond_the_pool_size_get_their_own_processes_which_
 
 
 def test_a_process_that_spent_its_cpu_budget_is_retired(tmp_path):
-    # 1.5 CPU s in the first episode of a 1 s per-instance budget: that process (allowed 2 s over its life)
-    # could not give another instance its full second, so the next episode starts a fresh one.
-    limits = SandboxLimits(call_timeout_s=30, cpu_s=1, memory_mb=512, max_processes=8)
-    pool = counter_pool(tmp_path, {"spin_s": 1.5}, limits=limits)
+    # 2 CPU s per instance, 4 s for the process. Starting (~0.5 s) and episode 0 (0.5 s) leave it under 2 s
+    # used: reused. Episode 1 burns 1.2 s more (within its own 2 s): now over 2 s used, the process could not
+    # give another instance its full 2 s, so episode 2 starts a fresh one.
+    limits = SandboxLimits(call_timeout_s=60, cpu_s=2, memory_mb=512, max_processes=8)
+    pool = counter_pool(tmp_path, {"spin": {"0": 0.5, "1": 1.2}}, limits=limits)
     try:
         runs = [episode(pool, seed) for seed in range(3)]
     finally:
         pool.close()
     assert all(ep.stop_reason is StopReason.DONE for ep, *_ in runs)
     pids = [pid for _, pid, _, _ in runs]
-    assert pids[0] != pids[1] == pids[2] and pool.spawned == 2
+    assert pids[0] == pids[1] != pids[2] and pool.spawned == 2
+
+
+def test_an_instance_on_a_reused_process_still_gets_its_own_cpu_limit(tmp_path):
+    # 2 s per instance (4 s for the process): the second instance starts with ~0.5 s used and burns 2.8 s
+    # more, within the process's budget but over its own: killed by SIGXCPU, not allowed the process's rest.
+    limits = SandboxLimits(call_timeout_s=60, cpu_s=2, memory_mb=512, max_processes=8)
+    pool = counter_pool(tmp_path, {"spin": {"1": 2.8}}, limits=limits)
+    try:
+        first = SandboxedEnvironment(pool=pool)
+        first.reset(0)
+        first.close()
+        second = SandboxedEnvironment(pool=pool)
+        assert second.sandbox is first.sandbox  # the same process, renewed
+        with pytest.raises(
+            SandboxError, match=r"reset: the environment process died \(SIGXCPU, CPU time limit\)"
+        ):
+            second.reset(1)
+        second.close()
+    finally:
+        pool.close()
 
 
 def test_size_zero_starts_a_process_per_episode(tmp_path):
