@@ -32,7 +32,9 @@ Policy (in order):
    borrowed allocations in a pool are chosen for preemption (checkpoint, then re-queue) and the freed slots
    are held for the owner: no new borrowing goes into that pool while owners wait there. Fair share and
    reservations never override this: a job within nominal whose organization drains for it (rule 4) still
-   reclaims borrowed capacity, and the free slots it needs are not lent meanwhile.
+   reclaims borrowed capacity, and the free slots it needs are not lent meanwhile. Nor are the free slots
+   owners within nominal can start on now (those a preemption just gave back): borrowers get what owners
+   leave in the pass, never what they came back for (else borrow, preempt, borrow again, pass after pass).
 """
 
 from __future__ import annotations
@@ -297,9 +299,10 @@ def plan(
         return o.used_slots - caps.get(o.id, 0.0)
 
     admitted: set = set()
+    ctx.hold_for_owners(orgs, by_org)
     _reserve(ctx, orgs, by_org, targets, caps, now, reserve_after_s, admitted)
 
-    for slack in SLACKS:
+    def phase(slack: float, *, skip: Iterable = ()) -> None:
         final = slack == math.inf
         heap = [(key(orgs[o]), o) for o in by_org]
         heapq.heapify(heap)
@@ -314,7 +317,7 @@ def plan(
             while cursor[org_id] < len(jobs):
                 job = jobs[cursor[org_id]]
                 cursor[org_id] += 1
-                if job.id in admitted or job.id in ctx.holders:
+                if job.id in admitted or job.id in ctx.holders or job.id in skip:
                     continue
                 if ctx.draining.get(org_id, job.id) != job.id:
                     drain = ctx.draining[org_id]
@@ -338,6 +341,14 @@ def plan(
                 result.waiting.pop(job.id, None)
                 if cursor[org_id] < len(jobs):
                     heapq.heappush(heap, (key(org), org_id))
+
+    for slack in SLACKS:
+        phase(slack)
+    if ctx.owner_blocked:
+        # Owners had their turn; what they did not take (one lost it to another owner, one waits on a drain)
+        # is lent after all: the pass stays work-conserving.
+        ctx.for_owners.clear()
+        phase(math.inf, skip=ctx.claimed)  # an owner that already had borrowed jobs preempted keeps its wait
     ctx.finish_drained(admitted)
     for job_id in ctx.holders:
         result.waiting.setdefault(job_id, ctx.holder_reason[job_id])
@@ -432,7 +443,9 @@ def _reserve(ctx, orgs, by_org, targets, caps, now, reserve_after_s, admitted) -
             continue
         if not need:
             continue
-        hold = max(0, min(need, ctx.free_for(job, pool, borrowed)))
+        # A borrower's reservation holds no slots owners can start on now.
+        free = ctx.free_for(job, pool, borrowed) - (ctx.for_owners[pool.name] if borrowed else 0)
+        hold = max(0, min(need, free))
         ctx.held[pool.name] = (job.id, hold)
         ctx.holders.add(job.id)
         ctx.holder_reason[job.id] = Wait(
@@ -463,6 +476,12 @@ class _Pass:
         # Jobs whose wait is about borrowed capacity being reclaimed (an owner's, for it; a borrower's, held
         # for owners): the slots are held for owners already, so they reserve nothing.
         self.reclaiming: set = set()
+        # Free slots per pool that owners' jobs (within their nominal GPUs) can start on now, and each such
+        # job's share (job -> (pool, slots)): no borrowing takes them while those owners have their turn.
+        self.for_owners: dict[str, int] = defaultdict(int)
+        self.owner_slots: dict[object, tuple[str, int]] = {}
+        self.owner_blocked = False  # a borrower did not fit because of them: lend what owners leave
+        self.claimed: set = set()  # owners' jobs for which this pass preempts borrowed allocations
         # Jobs their organizations drain for, with the free slots an owner's keeps from borrowing:
         # job id -> (job, org, pool, slots).
         self.drained: dict[object, tuple[JobView, OrgView, str, int]] = {}
@@ -515,6 +534,38 @@ class _Pass:
         borrowed = bool(job.gpus) and org.used_gpus + job.gpus > org.nominal_gpus
         return candidates, borrowed
 
+    def hold_for_owners(self, orgs: dict[int, OrgView], by_org: dict[int, list[JobView]]) -> None:
+        """Rule 5 holds when borrowed capacity comes back, too: once a preempted borrower's slots are free,
+        its organization (below its fair share) would take them again before the owner that reclaimed them
+        (above its share, so it goes later) and be preempted again, pass after pass, the owner never
+        starting. So the free slots owners' jobs within their nominal GPUs can start on now are kept from
+        borrowing while owners have their turn (best fit, each organization's jobs in its order)."""
+        free = {p.name: p.free for p in self.live_pools if p.free > 0}
+        for org_id, jobs in by_org.items():
+            org = orgs[org_id]
+            headroom = org.nominal_gpus - org.used_gpus
+            for job in jobs:
+                if not free:
+                    return  # a full fleet (the steady state): nothing to keep
+                if not job.gpus or job.gpus > headroom or job.gpus > max(free.values()):
+                    continue
+                eligible = self.eligible(job, org)
+                if isinstance(eligible, Wait) or eligible[1]:
+                    continue
+                best: tuple[int, PoolView] | None = None
+                for p in eligible[0]:
+                    left = free.get(p.name, 0)
+                    if _fits(job, p, left) and (best is None or left < best[0]):
+                        best = (left, p)
+                if best is not None:
+                    pool = best[1].name
+                    self.for_owners[pool] += job.gpus
+                    self.owner_slots[job.id] = (pool, job.gpus)
+                    headroom -= job.gpus
+                    free[pool] -= job.gpus
+                    if free[pool] <= 0:
+                        del free[pool]
+
     def place(self, job: JobView, org: OrgView) -> Wait | None:
         """Admit the job where it fits best (append to the plan, update the views), or say why it waits
         (``_NO_ROOM`` where no pool has room: ``try_place`` tells which capacity wait that is)."""
@@ -525,6 +576,9 @@ class _Pass:
         best: tuple[int, PoolView] | None = None
         for p in candidates:
             free = self.free_for(job, p, borrowed)
+            if borrowed and self.for_owners[p.name] and _fits(job, p, free):
+                free -= self.for_owners[p.name]  # owners start there first
+                self.owner_blocked = self.owner_blocked or not _fits(job, p, free)
             if _fits(job, p, free):
                 left = free - slots_needed(job, p)
                 if best is None or left < best[0]:
@@ -542,6 +596,9 @@ class _Pass:
         if holder is not None and holder[0] == job.id:  # the reservation is used up
             del self.held[pool.name]
             self.holders.discard(job.id)
+        if job.id in self.owner_slots:  # an owner started: what was kept for it may be lent again
+            kept_in, n = self.owner_slots.pop(job.id)
+            self.for_owners[kept_in] = max(0, self.for_owners[kept_in] - n)
         self.result.admit.append(Admission(job.id, pool.name, job.gpus, need, job.cpus, borrowed))
         return None
 
@@ -568,6 +625,7 @@ class _Pass:
                     self.result.preempt.append(a.id)
                 self.reserved[p.name] += slots_needed(job, p)
                 self.reclaiming.add(job.id)
+                self.claimed.add(job.id)
                 return Wait(
                     Why.CAPACITY,
                     f"reclaiming {got} borrowed GPUs in pool {p.name!r} ({len(chosen)} jobs checkpoint and "
@@ -653,7 +711,7 @@ class _Pass:
                 "go first while capacity is short",
             )
         free = max((p.free for p in candidates), default=0)
-        if borrowed and any(reserved[p.name] for p in candidates):
+        if borrowed and any(reserved[p.name] or self.for_owners[p.name] for p in candidates):
             self.reclaiming.add(job.id)  # it waits on the owners' reclaim too: no reservation for it
             return Wait(Why.CAPACITY, "free GPUs are held for owners reclaiming their nominal share")
         return Wait(

@@ -21,6 +21,7 @@ import itertools
 import math
 import random
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -126,15 +127,12 @@ def check_plan(pools, orgs, queued, allocs, result):
         why = result.waiting[job_id]
         if why.category == Why.FAIR_SHARE and why.behind is not None:
             # Its organization drains for a long-waiting job bigger than its share: that job still waits for
-            # the drain, or reclaims borrowed capacity, or (drained) holds a reservation, or starts now.
+            # the drain, or (drained) holds a reservation, or waits on capacity (reclaiming borrowed GPUs, or
+            # free ones kept for owners), or starts now.
             holder = result.waiting.get(why.behind)
             assert why.behind in admitted or (
                 holder is not None
-                and (
-                    "drains for it" in holder.sentence
-                    or holder.sentence.startswith("reclaiming")
-                    or holder.category == Why.RESERVATION
-                )
+                and ("drains for it" in holder.sentence or holder.category in (Why.RESERVATION, Why.CAPACITY))
             ), f"{job_id} waits ({why}) for {why.behind}, which waits ({holder})"
             assert ("it starts now" in why.sentence) == (why.behind in admitted), why
             continue
@@ -446,3 +444,42 @@ def test_an_owners_drained_job_starts_on_capacity_nobody_else_can_use():
     check_plan(pools, orgs, queue, running, result)
     assert [(a.job, a.pool, a.borrowed) for a in result.admit] == [("big", "p0", False)]
     assert result.reserved == {} and result.preempt == []
+
+
+@pytest.mark.parametrize("reserve_after", [math.inf, 0.0])
+def test_an_owner_gets_the_slots_it_reclaimed_instead_of_the_borrower_taking_them_again(reserve_after):
+    """One 4-GPU pool, equal weights (fair share 2 each). Org 0 (nominal 4) runs 2 GPUs and queues a 2-GPU
+    job; org 1 (nominal 0, may borrow 4) runs a borrowed 2-GPU job, re-queued when preempted. Before the fix
+    the borrower (below its share) took the freed slots back every time and was preempted again, pass after
+    pass: the owner never started. Each pass: preemptions asked in the previous one have completed."""
+    allocs = [
+        AllocationView("a0", "own-run", 0, "p0", 2, 2, False),
+        AllocationView("b0", "borrow", 1, "p0", 2, 2, True),
+    ]
+    queue = [JobView("owner", 0, 2, created_at=0.0)]
+    admitted, preempted = [], []
+    for t in range(1, 13):
+        used = {o: sum(a.slots for a in allocs if a.org == o) for o in (0, 1)}
+        pools = [PoolView("p0", 4, used_slots=sum(used.values()))]
+        orgs = [
+            OrgView(0, 4, 0, used_gpus=used[0], used_slots=used[0]),
+            OrgView(1, 0, 4, used_gpus=used[1], used_slots=used[1]),
+        ]
+        result = plan(pools, orgs, queue, allocs, half_life_s=0, now=float(t), reserve_after_s=reserve_after)
+        check_plan(pools, orgs, queue, allocs, result)
+        for a in [a for a in allocs if a.preempting]:  # checkpointed and re-queued
+            allocs.remove(a)
+            queue.append(JobView(a.job, a.org, a.gpus, created_at=0.5))
+        for a in allocs:
+            a.preempting = a.preempting or a.id in result.preempt
+        org_of = {j.id: j.org for j in queue}
+        for adm in result.admit:
+            allocs.append(
+                AllocationView(f"n{t}", adm.job, org_of[adm.job], adm.pool, adm.gpus, adm.slots, adm.borrowed)
+            )
+        queue = [j for j in queue if j.id not in {a.job for a in result.admit}]
+        admitted += [(t, a.job) for a in result.admit]
+        preempted += [(t, a) for a in result.preempt]
+    # Reclaimed in pass 1, freed in pass 2 (checkpointing), started in pass 3; the borrower waits after that.
+    assert preempted == [(1, "b0")] and admitted == [(3, "owner")]
+    assert [j.id for j in queue] == ["borrow"]
