@@ -452,7 +452,7 @@ def example_sft_spec(dataset_uri: str) -> JobSpec:
 
 
 def example_grpo_spec(base: str) -> JobSpec:
-    """Stage 2: GRPO from the warm start's checkpoint `base` (greedy accuracy ~0.4 -> >= 0.8)."""
+    """Stage 2: GRPO from the warm start's checkpoint `base` (greedy accuracy ~0.5 -> ~0.88 in 200 steps)."""
     return JobSpec(
         kind=JobKind.RL,
         name="arithmetic-grpo",
@@ -460,7 +460,7 @@ def example_grpo_spec(base: str) -> JobSpec:
         environment=EnvironmentSpec(ref="opentinker/arithmetic@1.0.0", config=dict(EXAMPLE_ENV_CONFIG)),
         algorithm=AlgorithmSpec(
             name="grpo",
-            steps=120,
+            steps=200,
             batch_size=16,
             group_size=8,
             micro_batch_size=128,

@@ -20,6 +20,8 @@ What made it learn (tiny-qwen2, ~3M parameters, byte tokenizer, 1 torch thread):
 - Since the trainer and the rollout run each group's prompt once (gpu_runtime/shared_prefix.py) a GRPO step
   takes ~0.6 s; the float differences of that path changed the trajectory a little: SFT greedy 0.475, GRPO
   0.865, 101 s in all on the 2-core box.
+- With the rollout on our decode loop (gpu_runtime/rollout/decode.py; other float paths, other samples) 120
+  GRPO steps gave 0.520 -> 0.830, only 0.01 above the RL bar; the recipe now runs 200 steps: 0.520 -> 0.885.
 """
 
 from __future__ import annotations
