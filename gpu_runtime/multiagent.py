@@ -35,9 +35,8 @@ from gpu_runtime.models import load_model, torch_dtype
 from gpu_runtime.rollout.base import SamplingParams
 from gpu_runtime.rollout.collector import episode_to_sample
 from gpu_runtime.rollout.games import WithStops, run_games
-from gpu_runtime.rollout.hf import HFEngine
 from gpu_runtime.sink import Sink
-from gpu_runtime.workers import RankWorker, configure_threads, job_device
+from gpu_runtime.workers import RankWorker, configure_threads, job_device, rollout_engine
 from opentinker.env.codec import HFChatCodec
 from opentinker.env.multiagent import MultiAgentEnvironment, MultiAgentProtocol
 from opentinker.env.protocol import Budget
@@ -171,7 +170,7 @@ class MultiAgentRolloutWorker:
             model = self.setup.specs[name].model  # bf16 sampling on GPU, as the single-agent rollout worker
             loaded = load_model(model.base, seed=spec.seed, dtype=torch_dtype(model.dtype, device=device))
             codecs[name] = HFChatCodec(loaded.tokenizer)
-            engine = HFEngine(loaded.model, pad_id=loaded.tokenizer.pad_token_id, device=device)
+            engine = rollout_engine(loaded.model, pad_id=loaded.tokenizer.pad_token_id, device=device)
             self.engines[name] = WithStops(engine, codecs[name].stop_ids)
         # A rule-played role has no tokens; any codec serves its (unused) slot.
         fallback = next(iter(codecs.values()))
