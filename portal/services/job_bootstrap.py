@@ -16,16 +16,17 @@ readable afterwards is a spent token.
 
 from __future__ import annotations
 
-import os
+import math
 import re
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.utils import timezone
 
+from portal.env import setting_seconds
 from portal.models import Allocation, Job
 from portal.services.secrets import secret_hash
 
@@ -36,12 +37,10 @@ _FORMAT = re.compile(r"otb_[A-Za-z0-9_-]{43}")
 
 
 def bootstrap_ttl_s() -> int:
-    return int(
-        float(
-            os.environ.get("OPENTINKER_BOOTSTRAP_TTL_S")
-            or getattr(settings, "OPENTINKER_BOOTSTRAP_TTL_S", 600)
-        )
-    )
+    ttl = setting_seconds("OPENTINKER_BOOTSTRAP_TTL_S", 600)
+    if math.isinf(ttl):  # a credential that never expires is what this module exists to avoid
+        raise ImproperlyConfigured("OPENTINKER_BOOTSTRAP_TTL_S must be a finite number of seconds")
+    return int(ttl)
 
 
 def bootstrap_issue(alloc: Allocation, ttl_s: int | None = None) -> str:
