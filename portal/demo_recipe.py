@@ -13,11 +13,10 @@ test_learning.py shows learning. Everything goes through the SDK and the REST AP
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 SFT_EXAMPLES = 2000
 
@@ -52,16 +51,18 @@ class ExampleRecipe:
         return spec.model_copy(update={"algorithm": spec.algorithm.model_copy(update={"steps": self.steps})})
 
     def write_dataset(self) -> str:
-        from gpu_runtime import storage  # no torch: the object-store layer only
+        """Generate the warm-start data straight into the store, in a runtime process: the platform never
+        imports gpu_runtime (ARCHITECTURE.md), and the runtime is what writes to the store."""
         from opentinker.spec import EXAMPLE_ENV_CONFIG
 
         uri = f"{self.org_prefix}/datasets/arithmetic-sft.jsonl"
-        with tempfile.TemporaryDirectory(prefix="otk-demo-") as tmp:
-            path = Path(tmp) / "arithmetic-sft.jsonl"
-            cmd = [sys.executable, "-m", "gpu_runtime.data.arithmetic_sft", str(path)]
-            cmd += ["--n", str(SFT_EXAMPLES), "--seed", "0", "--config", json.dumps(EXAMPLE_ENV_CONFIG)]
-            subprocess.run(cmd, check=True, capture_output=True)
-            storage.write_bytes(uri, path.read_bytes(), endpoint_url=self.s3_endpoint)
+        cmd = [sys.executable, "-m", "gpu_runtime.data.arithmetic_sft", uri]
+        cmd += ["--n", str(SFT_EXAMPLES), "--seed", "0", "--config", json.dumps(EXAMPLE_ENV_CONFIG)]
+        env = dict(os.environ, **({"AWS_ENDPOINT_URL": self.s3_endpoint} if self.s3_endpoint else {}))
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            reason = done.stderr.strip()[-2000:]
+            raise RuntimeError(f"could not write the example's SFT data to {uri}: {reason}")
         return uri
 
     def start(self) -> str:
