@@ -86,7 +86,6 @@ class Sandbox:
         reusable: bool = False,
     ) -> None:
         self.limits = limits or SandboxLimits()
-        self.reusable = reusable
         self.workdir = Path(tempfile.mkdtemp(prefix="opentinker-sandbox-"))
         self.stderr_path = self.workdir / ".stderr"
         self.cgroup = self._make_cgroup()
@@ -109,7 +108,6 @@ class Sandbox:
             preexec_fn=self._join_cgroup if self.cgroup else None,
         )
         self.dead: str | None = None
-        self.uses = 1  # instances this process has served
         spec = {
             "entrypoint": entrypoint,
             "config": config or {},
@@ -135,7 +133,6 @@ class Sandbox:
                     path.unlink(missing_ok=True)
         self._stderr.truncate(0)
         self.info = {**self.info, **self._request({"method": "renew", "args": []}, "renew")}
-        self.uses += 1
 
     @property
     def worn(self) -> bool:
@@ -315,8 +312,12 @@ class SandboxPool:
         )
 
     def release(self, sandbox: Sandbox) -> None:
-        keep = not sandbox.dead and sandbox.proc.poll() is None and self.size > 0
-        if keep:
+        with self._lock:
+            if any(s is sandbox for s in self._idle):  # released twice: it must never serve two episodes
+                return
+            room = not self._closed and len(self._idle) < self.size
+        keep = room and not sandbox.dead and sandbox.proc.poll() is None
+        if keep:  # renewed only when it may be kept: a process about to close needs no fresh instance
             try:
                 sandbox.renew()
             except Exception:  # any trouble renewing (a reply it cannot parse, its directory): start afresh
@@ -333,6 +334,18 @@ class SandboxPool:
             idle, self._idle = self._idle, []
         for sandbox in idle:
             sandbox.close()
+
+
+def _close_environment(env: SandboxedEnvironment | SandboxedMultiAgentEnvironment) -> None:
+    """Give the process back to its pool (or end it), once: a second close must not hand a process that
+    another episode may already hold back to the pool."""
+    if getattr(env, "_released", False):
+        return
+    env._released = True
+    if env.pool is not None:
+        env.pool.release(env.sandbox)
+    else:
+        env.sandbox.close()
 
 
 def _observation(d: dict[str, Any] | None) -> Observation | None:
@@ -399,10 +412,7 @@ class SandboxedEnvironment(Environment):
         return str(self.sandbox.call("parse_action", text))
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.release(self.sandbox)
-        else:
-            self.sandbox.close()
+        _close_environment(self)
 
 
 def _observations(d: dict[str, Any]) -> dict[str, Observation]:
@@ -466,7 +476,4 @@ class SandboxedMultiAgentEnvironment(MultiAgentEnvironment):
         return {str(k): float(v) for k, v in self.sandbox.call("assign_rewards", rewards).items()}
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.release(self.sandbox)
-        else:
-            self.sandbox.close()
+        _close_environment(self)

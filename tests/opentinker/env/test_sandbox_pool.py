@@ -95,6 +95,22 @@ def test_episodes_share_one_process_each_with_a_fresh_instance_and_an_empty_dire
     assert not any(leftover for *_, leftover in runs)  # the last episode's files are gone
 
 
+def test_closing_an_environment_twice_gives_its_process_back_once(tmp_path):
+    pool = counter_pool(tmp_path)
+    try:
+        first = SandboxedEnvironment(pool=pool)
+        first.close()
+        first.close()  # must not put the same process in the pool twice
+        assert len(pool._idle) == 1
+        a, b = SandboxedEnvironment(pool=pool), SandboxedEnvironment(pool=pool)
+        assert a.sandbox is not b.sandbox  # two episodes never share one process
+        assert pool.spawned == 2
+        a.close()
+        b.close()
+    finally:
+        pool.close()
+
+
 def test_a_crash_or_timeout_gets_a_fresh_process_and_the_next_episode_succeeds(tmp_path):
     pool = counter_pool(tmp_path, {"fail": {"1": "raise", "2": "crash", "4": "hang"}})
     try:
