@@ -334,10 +334,15 @@ class StaticDecodeEngine(RolloutEngine):
         if max_new == 0:
             return GenerateResult([[] for _ in prompts], [[] for _ in prompts], [False] * n)
         width = max(len(p) for p in prompts)
-        batch = min(_next_pow2(n), max(self.max_batch, n)) if self.pad_batch else n
+        batch = min(_next_pow2(n), self.max_batch) if self.pad_batch else n  # generate chunks by max_batch
         length = width + max_new
         if self.compiled:
             length = -(-length // CACHE_ROUND) * CACHE_ROUND
+        held = self._bufs
+        if self.pad_batch and held is not None and held.batch >= n and held.length >= length:
+            # A smaller call (a tail chunk, an eval) reuses the buffers it fits in, and so their graph: extra
+            # rows count as finished, extra cache columns stay masked.
+            batch, length = held.batch, held.length
         bufs = self._buffers(batch, length)
         dev = self.device
         out_ids = torch.full((batch, max_new), self.pad_id, dtype=torch.long, device=dev)

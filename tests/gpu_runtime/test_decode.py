@@ -186,6 +186,18 @@ def test_padded_batch_equals_unpadded(ours):
     assert res.token_ids == ours.generate(PROMPTS, sp).token_ids
 
 
+def test_a_smaller_padded_call_reuses_the_buffers_it_fits_in(ours):
+    """A tail chunk or a short eval keeps the same buffers (on CUDA: the same graph) and the same answers."""
+    sp = SamplingParams(max_new_tokens=6, greedy=True)
+    padded = StaticDecodeEngine(_model(), pad_id=PAD, pad_batch=True)
+    padded.generate(PROMPTS, sp)
+    held = padded._bufs
+    short = SamplingParams(max_new_tokens=4, greedy=True)
+    res = padded.generate(PROMPTS[:3], short)
+    assert padded._bufs is held and held.batch == 8
+    assert res.token_ids == ours.generate(PROMPTS[:3], short).token_ids
+
+
 def test_bad_input_is_refused(ours):
     sp = SamplingParams(max_new_tokens=4)
     with pytest.raises(ValueError, match="at least one token"):
