@@ -206,6 +206,8 @@ class RayDriver:
             logger.warning("ray job %s: could not read its log", alloc.runtime_handle, exc_info=True)
             return True, []  # the outcome is not held back by a log that cannot be read
         tail = text[-LOG_DETAIL_CHARS:].splitlines()
+        if len(text) <= alloc.log_offset:  # nothing new since this pass's view of the offset: no row lock
+            return True, tail
         with transaction.atomic():
             row = (
                 Allocation.objects.select_for_update(skip_locked=True)
