@@ -91,7 +91,8 @@ def test_wrong_job_released_allocation_reissued_and_foreign_credentials_are_refu
     raw = bootstrap_issue(alloc)
     assert exchange(job, raw, job_id="00000000-0000-0000-0000-000000000000").status_code == 401
     assert exchange(job, raw, job_id="not-a-uuid").status_code == 401
-    # Those tries named another job: the token is still good for its own, until it is issued again.
+    # Those tries named another job: the token is still good for its own (unspent), until it is issued again.
+    assert Allocation.objects.get(pk=alloc.pk).bootstrap_digest != ""
     newer = bootstrap_issue(alloc)
     assert exchange(job, raw).status_code == 401
     for bad in (make_token(alice, acme), make_token(charlie, globex), "otb_short", "otb_" + "A" * 200, ""):
