@@ -8,13 +8,9 @@ yields it) and is never returned after creation: not by the API, a page, the spe
 
 from __future__ import annotations
 
-import base64
 import re
 
 from cryptography.fernet import Fernet, InvalidToken
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 
@@ -22,6 +18,7 @@ from env_registry.models import EnvironmentSecret
 from portal.errors import Conflict, DomainError, Forbidden, NotFound
 from portal.models import Membership, Organization, Role
 from portal.roles import role_at_least
+from portal.services.secrets import fernet
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MAX_VALUE_BYTES = 4096
@@ -36,10 +33,7 @@ class EnvironmentSecretMissing(DomainError):
 
 
 def _fernet() -> Fernet:
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO).derive(
-        settings.SECRET_KEY.encode()
-    )
-    return Fernet(base64.urlsafe_b64encode(key))
+    return fernet(_HKDF_INFO)
 
 
 def _require_admin(membership: Membership) -> None:

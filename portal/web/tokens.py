@@ -9,13 +9,8 @@ session table alone does not reveal it) and for at most ONCE_TTL_S; it is never 
 
 from __future__ import annotations
 
-import base64
-
 from cryptography.fernet import Fernet, InvalidToken
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from django import forms
-from django.conf import settings
 from django.contrib import messages
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
@@ -24,6 +19,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from portal.errors import DomainError
 from portal.models import Scope
 from portal.selectors.orgs import token_get, token_list
+from portal.services.secrets import fernet
 from portal.services.tokens import MAX_EXPIRY_DAYS, token_create, token_revoke
 from portal.web.forms import add_domain_error
 from portal.web.tenancy import org_page, page_scopes
@@ -55,10 +51,7 @@ ONCE_TTL_S = 300
 
 
 def _fernet() -> Fernet:
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"opentinker/web-token-once/v1").derive(
-        settings.SECRET_KEY.encode()
-    )
-    return Fernet(base64.urlsafe_b64encode(key))
+    return fernet(b"opentinker/web-token-once/v1")
 
 
 def _keep_once(request, token_id: int, secret: str) -> None:
