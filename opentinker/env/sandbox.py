@@ -51,7 +51,10 @@ class SandboxLimits:
     file_mb: int = 16  # largest file it may write
     open_files: int = 64
     max_processes: int = 16
-    call_timeout_s: float = 10.0  # wall clock per call, including start-up and import
+    call_timeout_s: float = 10.0  # wall clock per call, loading the package included
+    # Added to `call_timeout_s` for the start: the interpreter's start-up and the platform's imports, whose
+    # wall time depends on the machine and its load, not on the package.
+    start_allowance_s: float = 10.0
     isolate_network: bool = True
 
 
@@ -120,7 +123,8 @@ class Sandbox:
             # it used one instance's worth, so the next instance's `cpu_s` still fits.
             "process_cpu_s": self.limits.cpu_s * (2 if reusable else 1),
         }
-        self.info: dict[str, Any] = self._request(spec, "start")
+        start_timeout = self.limits.call_timeout_s + self.limits.start_allowance_s
+        self.info: dict[str, Any] = self._request(spec, "start", start_timeout)
 
     def renew(self) -> None:
         """Close this instance and make a fresh one in the same process (its own state, its next `reset`);
@@ -159,7 +163,7 @@ class Sandbox:
             raise ValueError(f"unknown sandbox method {method}")
         return self._request({"method": method, "args": list(args)}, method)
 
-    def _request(self, payload: dict[str, Any], what: str) -> Any:
+    def _request(self, payload: dict[str, Any], what: str, timeout: float | None = None) -> Any:
         if self.dead:
             raise SandboxError(f"environment is no longer running ({self.dead})")
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -168,9 +172,10 @@ class Sandbox:
             self.proc.stdin.flush()
         except (BrokenPipeError, TypeError, ValueError) as e:
             raise self._fail(f"{what}: could not send the request ({type(e).__name__}: {e})") from None
-        line = self._readline(self.limits.call_timeout_s)
+        timeout = self.limits.call_timeout_s if timeout is None else timeout
+        line = self._readline(timeout)
         if line is None:
-            raise self._fail(f"{what} timed out after {self.limits.call_timeout_s:g}s")
+            raise self._fail(f"{what} timed out after {timeout:g}s")
         if not line:
             raise self._fail(f"{what}: the environment process died ({self._exit_reason()})")
         reply = json.loads(line)

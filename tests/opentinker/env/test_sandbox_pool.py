@@ -3,11 +3,12 @@ crash or timeout, a bounded pool, closed at the end; and multi-agent packages pl
 
 from __future__ import annotations
 
+import math
+import os
 import re
-import statistics
 import textwrap
-import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from opentinker.env.codec import ByteCodec
 from opentinker.env.multiagent import MultiAgentProtocol, RulePolicy
 from opentinker.env.protocol import Budget, SingleTurnProtocol, StopReason
 from opentinker.env.sandbox import (
+    Sandbox,
     SandboxedEnvironment,
     SandboxedMultiAgentEnvironment,
     SandboxError,
@@ -26,7 +28,8 @@ from tests.opentinker.env.scripted import Scripted
 FAST = SandboxLimits(call_timeout_s=3, cpu_s=20, memory_mb=512, max_processes=8)
 
 # Reports its process, how many instances this process made (module state) and whether the previous
-# episode's scratch file is still in its working directory. `fail` maps a seed to how step breaks.
+# episode's scratch file is still in its working directory. `fail` maps a seed to how step breaks, `spin` a
+# seed to the CPU seconds the process must have used when its reset returns.
 COUNTER = """
 import os, time
 from opentinker.env import Environment, Observation, StepResult
@@ -46,10 +49,10 @@ class E(Environment):
         self.seed = seed
         leftover = os.path.exists("scratch")
         open("scratch", "w").write("x")
-        if str(seed) in self.spin:  # CPU seconds to burn
-            end = time.process_time() + self.spin[str(seed)]
-            while time.process_time() < end:
-                pass
+        # Burn CPU until this process has used `spin[seed]` CPU seconds in all: its own clock, the one
+        # RLIMIT_CPU counts, so the total does not depend on how fast the machine started the process.
+        while time.process_time() < self.spin.get(str(seed), 0):
+            pass
         return Observation(f"{os.getpid()} {self.n} {leftover}")
 
     def step(self, action):
@@ -154,32 +157,65 @@ def test_concurrent_episodes_beyond_the_pool_size_get_their_own_processes_which_
         pool.acquire()
 
 
+TICK = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) a process has used, as the kernel counts it (in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK
+
+
+def start_up_cpu_seconds(tmp_path) -> float:
+    """What starting a sandbox process for the counter package costs in CPU on this machine, measured."""
+    (tmp_path / "counter_env.py").write_text(COUNTER)
+    with Sandbox("counter_env:E", package_dir=tmp_path, limits=FAST) as sandbox:
+        return cpu_seconds(sandbox.proc.pid)
+
+
+def cpu_limits(cpu_s: int) -> SandboxLimits:
+    return SandboxLimits(call_timeout_s=60, cpu_s=cpu_s, memory_mb=512, max_processes=8)
+
+
 def test_a_process_that_spent_its_cpu_budget_is_retired(tmp_path):
-    # 2 CPU s per instance, 4 s for the process. Starting (~0.5 s) and episode 0 (0.5 s) leave it under 2 s
-    # used: reused. Episode 1 burns 1.2 s more (within its own 2 s): now over 2 s used, the process could not
-    # give another instance its full 2 s, so episode 2 starts a fresh one.
-    limits = SandboxLimits(call_timeout_s=60, cpu_s=2, memory_mb=512, max_processes=8)
-    pool = counter_pool(tmp_path, {"spin": {"0": 0.5, "1": 1.2}}, limits=limits)
+    # The budget is set from the measured start-up cost, and the episodes burn CPU up to totals of the
+    # process's own clock, so the outcome does not depend on the machine's speed. `cpu_s` per instance (2x for
+    # the process): episode 0 brings the process to half of `cpu_s`, so it is reused; episode 1 takes it past
+    # `cpu_s` (within its instance's own limit, which starts at least `cpu_s / 2` in): the process could not
+    # give another instance its full `cpu_s`, so episode 2 starts a fresh one.
+    cpu_s = max(2, math.ceil(4 * start_up_cpu_seconds(tmp_path)))
+    spin = {"0": cpu_s / 2, "1": cpu_s + 0.25}
+    pool = counter_pool(tmp_path, {"spin": spin}, limits=cpu_limits(cpu_s))
     try:
-        runs = [episode(pool, seed) for seed in range(3)]
+        first = episode(pool, 0)
+        assert [s.proc.pid for s in pool._idle] == [first[1]]  # kept, so its CPU time can be read
+        used = cpu_seconds(first[1])  # /proc counts whole clock ticks
+        assert cpu_s / 2 - TICK <= used < cpu_s, (used, cpu_s)
+        runs = [first, episode(pool, 1), episode(pool, 2)]
     finally:
         pool.close()
-    assert all(ep.stop_reason is StopReason.DONE for ep, *_ in runs)
+    assert [ep.stop_reason for ep, *_ in runs] == [StopReason.DONE] * 3, [ep.error for ep, *_ in runs]
     pids = [pid for _, pid, _, _ in runs]
     assert pids[0] == pids[1] != pids[2] and pool.spawned == 2
 
 
 def test_an_instance_on_a_reused_process_still_gets_its_own_cpu_limit(tmp_path):
-    # 2 s per instance (4 s for the process): the second instance starts with ~0.5 s used and burns 2.8 s
-    # more, within the process's budget but over its own: killed by SIGXCPU, not allowed the process's rest.
-    limits = SandboxLimits(call_timeout_s=60, cpu_s=2, memory_mb=512, max_processes=8)
-    pool = counter_pool(tmp_path, {"spin": {"1": 2.8}}, limits=limits)
+    # `cpu_s` per instance, 2x for the process. The second instance starts with `used` CPU seconds spent
+    # (start-up and the first instance), so its own limit ends by ceil(used) + cpu_s. It spins to half a
+    # second short of the process's budget: past its own limit, killed by SIGXCPU; had it been allowed the
+    # process's rest, it would have finished. `cpu_s` is set from the measured start-up cost so that
+    # ceil(used) + cpu_s stays a second under 2 * cpu_s on any machine.
+    cpu_s = max(2, math.ceil(2 * start_up_cpu_seconds(tmp_path)) + 1)
+    target = 2 * cpu_s - 0.5
+    pool = counter_pool(tmp_path, {"spin": {"1": target}}, limits=cpu_limits(cpu_s))
     try:
         first = SandboxedEnvironment(pool=pool)
         first.reset(0)
         first.close()
         second = SandboxedEnvironment(pool=pool)
         assert second.sandbox is first.sandbox  # the same process, renewed
+        used = cpu_seconds(second.sandbox.proc.pid) + TICK  # /proc counts whole clock ticks
+        assert math.ceil(used) + cpu_s <= target - 0.5, (used, cpu_s)
         with pytest.raises(
             SandboxError, match=r"reset: the environment process died \(SIGXCPU, CPU time limit\)"
         ):
@@ -195,28 +231,6 @@ def test_size_zero_starts_a_process_per_episode(tmp_path):
     assert len(set(pids)) == 3 and pool.spawned == 3
     with pytest.raises(ValueError, match="0 or more"):
         SandboxPool("counter_env:E", package_dir=tmp_path, size=-1)
-
-
-def test_reuse_makes_an_episode_much_cheaper(tmp_path, capsys):
-    """Before/after: the same 8 episodes with a process per episode and with a reused one."""
-    timings = {}
-    for size in (0, 2):
-        pool = counter_pool(tmp_path, size=size)
-        took = []
-        try:
-            for seed in range(8):
-                t = time.perf_counter()
-                episode(pool, seed)
-                took.append(time.perf_counter() - t)
-        finally:
-            pool.close()
-        timings[size] = statistics.median(took)
-    with capsys.disabled():
-        print(
-            f"\nsandboxed episode, median of 8: process per episode {timings[0] * 1000:.1f} ms, "
-            f"reused process {timings[2] * 1000:.1f} ms"
-        )
-    assert timings[2] < timings[0] / 5
 
 
 DUEL = """
