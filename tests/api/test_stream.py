@@ -212,11 +212,10 @@ def test_history_then_live_then_end(world):
     assert points == [("reward", 0), ("reward", 1), ("reward", 2)]
     assert [d["state"] for _i, k, d in history if k == "state"] == ["queued", "admitted", "running"]
     assert events == [1, 2, 3]
-    # Live: each write shows up, promptly, with the cursor moving on.
-    t0 = time.monotonic()
+    # Live: each write shows up, with the cursor moving on (within take_until's deadline, which only catches
+    # a hang: a bound near the server's 2 s poll would measure the machine's speed, not the stream).
     send(w, "metrics", {"points": pts([3, 4]) + pts([3], name="loss")})
     (frame,) = v.take_until(is_type("metrics"))
-    assert time.monotonic() - t0 < 2
     assert frame[2] == {"points": pts([3, 4]) + pts([3], name="loss")}
     send(w, "events", {"kind": "warning", "message": "hot", "data": {"gpu": 0}})
     (frame,) = v.take_until(is_type("event"))

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -146,17 +145,20 @@ def test_sdk_and_cli_watch_a_live_job(
         next(outsider.jobs.watch(str(job.id)))
 
     def finish():
-        time.sleep(1.0)
         runtime.post("/metrics", json={"points": [{"step": 1, "name": "reward", "value": 0.5}]})
         runtime.post("/logs", json={"lines": [{"line": "hello from the runtime"}]})
         runtime.post("/state", json={"state": "succeeded"})
 
     worker = threading.Thread(target=finish)
-    worker.start()
+    events = []
     with Client(uvicorn_url, make_token(alice, acme)) as client:
-        events = list(client.jobs.watch(str(job.id)))
+        for event in client.jobs.watch(str(job.id)):
+            events.append(event)
+            if event.type == "sync":  # the history is in: the rest of the job happens live
+                worker.start()
     worker.join()
     kinds = [e.type for e in events]
+    assert kinds.count("sync") == 1 and kinds.index("sync") < kinds.index("log")
     assert kinds[-1] == "end" and events[-1].state == "succeeded"
     steps = [p.step for e in events if e.type == "metrics" for p in e.points]
     assert steps == [0, 1]
