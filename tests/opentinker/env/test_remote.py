@@ -20,6 +20,9 @@ from opentinker.env.remote import RemoteEnvironment, RemoteEnvironmentError
 from tests.opentinker.env.scripted import Scripted
 
 SECRET = "s3cret"
+# Every call's timeout where a test waits for one to fire on a hung step: the normal calls before it must
+# never reach it, also on a loaded machine, so it is far above a loopback round trip.
+TIMEOUT_S = 2.0
 
 
 class Counter:
@@ -68,7 +71,7 @@ def make_app(state: dict) -> web.Application:
                 await sock.send_json({"type": "observation", "data": env.reset(m["data"].get("seed", 0))})
             elif m["type"] == "step":
                 if m["data"].get("message") == "hang":
-                    await asyncio.sleep(5)
+                    await state["release"].wait()  # until the test ends: past any timeout
                 if m["data"].get("message") == "boom":
                     await sock.send_json({"type": "error", "data": {"message": "kaboom"}})
                     continue
@@ -94,7 +97,7 @@ def make_app(state: dict) -> web.Application:
 
 @pytest.fixture
 def server():
-    state = {"health_calls": 0, "fail_health": 0, "sessions": 0}
+    state = {"health_calls": 0, "fail_health": 0, "sessions": 0, "release": asyncio.Event()}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -106,6 +109,7 @@ def server():
     thread.start()
     state["url"] = f"http://127.0.0.1:{port}"
     yield state
+    loop.call_soon_threadsafe(state["release"].set)  # hung handlers end, so the server can shut down
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(5)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
@@ -160,7 +164,7 @@ def test_stateless_calls_are_retried_and_give_up_with_a_reason(server):
 
 
 def test_step_timeout_and_server_errors_fail_the_episode_not_the_caller(server):
-    with RemoteEnvironment(server["url"], secret=SECRET, timeout_s=0.5) as env:
+    with RemoteEnvironment(server["url"], secret=SECRET, timeout_s=TIMEOUT_S) as env:
         env.reset(0)
         with pytest.raises(RemoteEnvironmentError, match="kaboom"):
             env.step("boom")
@@ -169,7 +173,7 @@ def test_step_timeout_and_server_errors_fail_the_episode_not_the_caller(server):
             env.step("hang")
         with pytest.raises(RemoteEnvironmentError, match="step before reset"):
             env.step("2")  # the timed-out session was closed; never silently retried
-    env = RemoteEnvironment(server["url"], secret=SECRET, timeout_s=0.5)
+    env = RemoteEnvironment(server["url"], secret=SECRET, timeout_s=TIMEOUT_S)
     try:
         ep = MultiTurnProtocol(Budget(max_turns=5)).run(env, Scripted(["hang"]), ByteCodec(), seed=0)
     finally:
