@@ -1,7 +1,9 @@
 """A stand-in for ``python -m gpu_runtime run <spec.json>`` in the scheduler/supervision tests.
 
-Its behaviour comes from the job's name, ``fake_steps-N_sleep-S_exit-C`` (any part optional): it runs N
-steps of S seconds, printing one line per step to stdout (and a line to stderr), then exits with code C.
+Its behaviour comes from the job's name, ``fake_steps-N_sleep-S_exit-C_hold-K`` (any part optional): it runs
+N steps of S seconds, printing one line per step to stdout (and a line to stderr), then exits with code C.
+With ``hold-K`` it waits after printing step K until it is stopped or killed, so a test acts on a job that
+is certainly mid-way, however slow the machine (a resumed attempt that starts past step K does not wait).
 It writes its progress to ``<work dir>/../progress`` and, when resumed (OPENTINKER_RESUME_FROM set), starts
 after the step recorded there, so a test can see that a re-queued job resumed. SIGTERM stops it at the next
 step boundary with exit code 0, as the real runtime does when asked to checkpoint and stop.
@@ -19,7 +21,7 @@ import time
 
 def main() -> int:
     spec = json.load(open(sys.argv[1]))  # noqa: SIM115
-    opts = {"steps": 3, "sleep": 0.1, "exit": 0}
+    opts = {"steps": 3, "sleep": 0.1, "exit": 0, "hold": 0}
     for part in (spec.get("name") or "").split("_")[1:]:
         key, _, value = part.partition("-")
         if key in opts:
@@ -50,6 +52,8 @@ def main() -> int:
         with open("../progress", "w") as f:
             f.write(str(step))
         print(f"step {step}", flush=True)
+        while step == opts["hold"] and not stop["now"]:
+            time.sleep(0.05)
     return int(opts["exit"])
 
 

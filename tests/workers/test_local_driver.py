@@ -51,6 +51,7 @@ def pool(db):
 
 def test_job_runs_to_success_with_logs_usage_and_a_clean_environment(acme, pool, runner_env):
     job = submit(acme, name="fake_steps-3_sleep-0.3", cpus=2)
+    began = time.monotonic()
     alloc = start(job)
     assert state(job) == "running"
     assert alloc.runtime_handle.isdigit() and alloc.launched_at is not None
@@ -64,7 +65,8 @@ def test_job_runs_to_success_with_logs_usage_and_a_clean_environment(acme, pool,
     assert "DATABASE_URL=False" in env_line and "CUDA_VISIBLE_DEVICES=''" in env_line
     assert f"job={job.pk}" in env_line and "token=True" in env_line
     usage = UsageRecord.objects.get(organization=acme)
-    assert usage.gpu_seconds == 0 and 2 * 0.9 <= usage.cpu_seconds <= 2 * 10  # 2 CPUs x ~1 s
+    # 2 CPUs x the allocation's life: at least the runtime's 3 x 0.3 s of sleep, at most what the test waited.
+    assert usage.gpu_seconds == 0 and 2 * 0.9 <= usage.cpu_seconds <= 2 * (time.monotonic() - began)
     assert (runner_env / "jobs" / str(job.pk) / "attempt-0" / "output.log").exists()
 
 
@@ -80,7 +82,7 @@ def test_nonzero_exit_fails_the_job_with_the_stderr_tail(acme, pool, runner_env)
 def test_killed_runtime_is_requeued_and_resumes_from_its_checkpoint(acme, pool, runner_env):
     from portal.models import Checkpoint
 
-    job = submit(acme, name="fake_steps-6_sleep-0.4")
+    job = submit(acme, name="fake_steps-6_sleep-0.1_hold-2")  # the first attempt waits after step 2
     alloc = start(job)
     wait_for(lambda: JobLog.objects.filter(job=job, line="step 2").exists(), what="step 2")
     Checkpoint.objects.create(job=job, step=2, uri=f"file:///tmp/ckpt/{job.pk}/step-2")
@@ -95,18 +97,18 @@ def test_killed_runtime_is_requeued_and_resumes_from_its_checkpoint(acme, pool, 
     resumed = [line for line in lines if "resume=file:///tmp/ckpt" in line]
     assert len(resumed) == 1
     steps = [int(line.split()[1]) for line in lines if line.startswith("step ")]
-    assert steps[-1] == 6 and steps.count(6) == 1  # the second attempt went on from the first one's progress
+    assert steps == [1, 2, 3, 4, 5, 6]  # the second attempt went on from the first one's progress
     assert (runner_env / "jobs" / str(job.pk) / "attempt-1" / "spec.json").read_text().count("step-2") == 1
 
 
 def test_cancel_stops_a_running_job_at_a_step_boundary(acme, pool, runner_env):
-    job = submit(acme, name="fake_steps-100_sleep-0.2")
+    job = submit(acme, name="fake_steps-3_sleep-0.1_hold-1")  # waits after step 1 until stopped
     start(job)
     wait_for(lambda: JobLog.objects.filter(job=job, line="step 1").exists(), what="step 1")
     job_cancel(job=job, actor=Actor.system("test"))
     assert state(job) == "cancelling"
     wait_for(lambda: state(job) == "cancelled", what="cancelled")
-    assert JobLog.objects.filter(job=job, line__startswith="stopping before step").exists()
+    assert JobLog.objects.filter(job=job, line="stopping before step 2").exists()
     assert Allocation.objects.get(job=job).released_at is not None
 
 
@@ -127,7 +129,7 @@ def test_lost_runner_is_reaped_then_the_retry_limit_fails_the_job(
         stats = supervise(now=timezone.now())
         assert stats["reaped"] == 1
         # The orphaned runtime was killed with its process group.
-        wait_for(lambda a=alloc: not _alive(int(a.runtime_handle)), timeout=5, what="runtime killed")
+        wait_for(lambda a=alloc: not _alive(int(a.runtime_handle)), what="runtime killed")
         job.refresh_from_db()
         if attempt == 0:
             assert (job.state, job.attempt, job.state_reason) == ("queued", 1, "runtime process lost")
