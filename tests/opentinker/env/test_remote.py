@@ -7,6 +7,7 @@ right answer, the episode ends at 3) and builds a fresh one per plain HTTP reque
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -71,7 +72,10 @@ def make_app(state: dict) -> web.Application:
                 await sock.send_json({"type": "observation", "data": env.reset(m["data"].get("seed", 0))})
             elif m["type"] == "step":
                 if m["data"].get("message") == "hang":
-                    await state["release"].wait()  # until the test ends: past any timeout
+                    # Far past the client's timeout (or until the test ends): a client without one
+                    # would get its answer after 30 s and fail the test, not hang it.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(state["release"].wait(), 30)
                 if m["data"].get("message") == "boom":
                     await sock.send_json({"type": "error", "data": {"message": "kaboom"}})
                     continue
