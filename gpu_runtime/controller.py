@@ -53,6 +53,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def merge_sums(sums: dict[str, float], out: dict[str, float]) -> None:
+    """Add one rank's (or one mini-batch's) training sums into `sums`; `*_max` / `*_min` keys are extremes."""
+    for k, v in out.items():
+        if k.endswith("_max"):
+            sums[k] = max(sums.get(k, -math.inf), v)
+        elif k.endswith("_min"):
+            sums[k] = min(sums.get(k, math.inf), v)
+        else:
+            sums[k] = sums.get(k, 0.0) + v
+
+
 class LocalGroup:
     """World size 1, in this process: no Ray, no process group."""
 
@@ -330,12 +341,10 @@ class Controller:
                 )
                 shards, n_micro = self._shards(part)
                 for out in self.group.call("train_minibatch", [(sh, norm, n_micro) for sh in shards]):
-                    for k, v in out.items():
-                        sums[k] = sums.get(k, 0.0) + v
+                    merge_sums(sums, out)
                 if self.algo == "ppo":
                     for out in self.group.call("train_critic", [(sh, norm, n_micro) for sh in shards]):
-                        for k, v in out.items():
-                            sums[k] = sums.get(k, 0.0) + v
+                        merge_sums(sums, out)
         t3 = time.perf_counter()
         self._sync_weights()
         t4 = time.perf_counter()
@@ -347,6 +356,8 @@ class Controller:
                 "entropy": sums["entropy"] / tok,
                 "clip_frac": sums["clip"] / tok,
                 "ratio/mean": sums["ratio"] / tok,
+                "ratio/max": sums["ratio_max"] if math.isfinite(sums["ratio_max"]) else 1.0,
+                "ratio/min": sums["ratio_min"] if math.isfinite(sums["ratio_min"]) else 1.0,
                 "is_weight/mean": sums["is_weight"] / tok,
                 "logprob_gap": sums["gap"] / tok,
                 "loss": sums["loss"] / (a.epochs * a.minibatches),
@@ -381,8 +392,7 @@ class Controller:
         shards, n_micro = self._shards(samples)
         sums: dict[str, float] = {}
         for out in self.group.call("train_minibatch", [(sh, norm, n_micro) for sh in shards]):
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v
+            merge_sums(sums, out)
         dt = time.perf_counter() - t0
         n_tok = sum(len(s.token_ids) for s in samples)
         return {
@@ -406,8 +416,14 @@ class Controller:
             "reward/std": float(r.std()) if len(samples) > 1 else 0.0,
             "reward/max": float(r.max()),
             "response_length/mean": sum(s.n_generated for s in samples) / len(samples),
+            "response_length/max": float(max(s.n_generated for s in samples)),
             "response/truncated_frac": sum(s.truncated for s in samples) / len(samples),
         }
+        # Groups whose samples all got the same reward carry no GRPO/RLOO signal (advantages exactly 0).
+        groups: dict[tuple[int, str], set[float]] = {}
+        for s in samples:
+            groups.setdefault((s.group_id, s.role), set()).add(s.reward)
+        out["groups/zero_std_frac"] = sum(len(v) == 1 for v in groups.values()) / len(groups)
         roles = sorted({s.role for s in samples})
         if len(roles) > 1:
             for role in roles:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gpu_runtime.algorithms import LossNorm, aggregate, kl_estimate, policy_loss, sft_loss, value_loss
+from gpu_runtime.algorithms.schedule import lr_factor
 from gpu_runtime.batch import MicroBatch, Sample, collate, split_micro, unshift
 from gpu_runtime.models import load_model
 from gpu_runtime.shared_prefix import PrefixPlan, plan_for_samples, suffix_logits, to_shifted
@@ -194,8 +195,20 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             params, lr=self.cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, fused=fused
         )
-        # Constant schedule; a LambdaLR so the scheduler state is part of every checkpoint from day one.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        # The spec's schedule over job steps; an RL step takes epochs x minibatches optimizer steps. The
+        # scheduler's state is in every checkpoint, so a resumed job continues the same curve.
+        a = spec.algorithm
+        per_step = a.epochs * a.minibatches if spec.kind.value == "rl" else 1
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda i: lr_factor(
+                i // per_step,
+                total=a.steps,
+                warmup=a.lr_warmup_steps,
+                schedule=a.lr_schedule,
+                min_ratio=a.lr_min_ratio,
+            ),
+        )
         self.critic_opt = (
             torch.optim.AdamW(self.critic.parameters(), lr=self.cfg.lr * 10, fused=fused)
             if self.critic is not None
@@ -272,6 +285,8 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = dict.fromkeys(("tokens", "loss", "kl", "entropy", "clip", "gap", "ratio", "is_weight"), 0.0)
+        # Extremes of the importance ratio over this rank's generated tokens (merged by max / min).
+        sums["ratio_max"], sums["ratio_min"] = -math.inf, math.inf
         for chunk in split_micro(samples, n_micro):
             mb = collate(chunk).to(self.device)
             m = mb.loss_mask
@@ -315,10 +330,14 @@ class Trainer:
                     sums["clip"] += float((out.clipped * m).sum())
                     sums["ratio"] += float((out.ratio * m).sum())
                     sums["is_weight"] += float((out.is_weight * m).sum())
+                    if m.any():
+                        sel = out.ratio[m > 0]
+                        sums["ratio_max"] = max(sums["ratio_max"], float(sel.max()))
+                        sums["ratio_min"] = min(sums["ratio_min"], float(sel.min()))
         self._keep_layers_gathered(False)  # every layer sharded again: the step updates the shards
-        sums["grad_norm"] = self._step(self.model, self.optimizer)
+        sums["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        sums["grad_norm"] = self._step(self.model, self.optimizer)  # before clipping
         self.scheduler.step()
-        sums["lr"] = self.scheduler.get_last_lr()[0]
         return sums
 
     def train_critic(self, samples: list[Sample], norm: LossNorm, n_micro: int) -> dict[str, float]:

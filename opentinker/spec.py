@@ -200,7 +200,16 @@ class AlgorithmSpec(_Strict):
     steps: int = Field(100, ge=1, le=1_000_000)
     batch_size: int = Field(8, ge=1, le=8192, description="Prompts (episodes) per step.")
     group_size: int = Field(4, ge=1, le=256, description="Samples per prompt, for group baselines.")
-    learning_rate: float = Field(1e-5, gt=0, le=1)
+    learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak AdamW learning rate.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="After the warm-up: keep the peak rate, or decay it to lr_min_ratio x peak."
+    )
+    lr_warmup_steps: int = Field(
+        0, ge=0, le=1_000_000, description="Steps of linear warm-up from peak/warmup to the peak rate."
+    )
+    lr_min_ratio: float = Field(
+        0.0, ge=0, le=1, description="The decayed rate at the last step, as a fraction of the peak."
+    )
     max_new_tokens: int = Field(64, ge=1, le=131_072)
     temperature: float = Field(1.0, gt=0, le=10)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -224,6 +233,14 @@ class AlgorithmSpec(_Strict):
     )
     tis_cap: float | None = Field(None, gt=0, le=100, description="Truncated importance sampling cap.")
     max_grad_norm: float = Field(1.0, gt=0, le=1e6)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> AlgorithmSpec:
+        if self.lr_warmup_steps >= self.steps and self.lr_warmup_steps > 0:
+            raise ValueError(
+                f"lr_warmup_steps ({self.lr_warmup_steps}) must be smaller than steps ({self.steps})"
+            )
+        return self
 
 
 class ResourcesSpec(_Strict):

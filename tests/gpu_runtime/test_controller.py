@@ -20,6 +20,8 @@ from tests.gpu_runtime.conftest import small_spec
 REQUIRED = [
     "reward/mean", "reward/std", "reward/max", "kl", "entropy", "clip_frac", "grad_norm", "lr",
     "response_length/mean", "logprob_gap", "time/rollout", "time/logprob", "time/update", "tokens_per_s",
+    # what a practitioner reads to tell a healthy run from a collapsing one (issue 11)
+    "ratio/max", "ratio/min", "groups/zero_std_frac", "response_length/max", "response/truncated_frac",
 ]  # fmt: skip
 
 
@@ -90,7 +92,8 @@ def test_algorithms_run_and_report_every_metric(algo, tmp_path, coin_env):
         missing = [k for k in REQUIRED if k not in m]
         assert not missing, missing
         if algo.get("epochs", 1) == 1 and algo.get("minibatches", 1) == 1:
-            assert m["ratio/mean"] == 1.0 and m["clip_frac"] == 0.0
+            assert m["ratio/mean"] == m["ratio/max"] == m["ratio/min"] == 1.0 and m["clip_frac"] == 0.0
+        assert 0.0 <= m["groups/zero_std_frac"] <= 1.0
     if algo["name"] == "ppo":
         assert "value_loss" in steps[1]
 
@@ -100,8 +103,10 @@ def _params(uri: str) -> dict[str, torch.Tensor]:
 
 
 def test_resume_reproduces_the_next_step_exactly(tmp_path, coin_env):
-    spec = small_spec(steps=3, learning_rate=1e-3)
+    # A decaying schedule: the resumed job must continue the curve, not restart it at the peak.
+    spec = small_spec(steps=3, learning_rate=1e-3, lr_schedule="linear", lr_min_ratio=0.1)
     _, sink_a = run(spec, f"file://{tmp_path}/a")
+    assert [m["lr"] for m in sink_a.metric_steps().values()] == pytest.approx([1e-3, 5.5e-4, 1e-4])
     ckpts = {r["step"]: r["uri"] for r in sink_a.records if r["type"] == "checkpoint"}
     assert sorted(ckpts) == [2, 3]
     resumed, sink_b = run(spec, f"file://{tmp_path}/b", resume=ckpts[2])
