@@ -142,8 +142,10 @@ def test_node_lost_mid_job_is_requeued_and_resumes_from_its_checkpoint(real_job,
         stop(worker)
 
     # A new worker: its supervisor finds the allocation silent, reaps it, the scheduler re-admits the job.
+    # 10 s of silence: 20 of the new runner's 0.5 s heartbeats, so a live runner on a loaded machine is
+    # never taken for a lost one (the dead allocation has been silent since the kill anyway).
     worker = start_worker(
-        tmp_path, "worker-2.log", **worker_env(uvicorn_url, OPENTINKER_HEARTBEAT_TIMEOUT_S="3")
+        tmp_path, "worker-2.log", **worker_env(uvicorn_url, OPENTINKER_HEARTBEAT_TIMEOUT_S="10")
     )
     try:
         wait_for(
