@@ -38,8 +38,8 @@ from gpu_runtime.rollout.games import WithStops, run_games
 from gpu_runtime.sink import Sink
 from gpu_runtime.workers import RankWorker, configure_threads, job_device, rollout_engine
 from opentinker.env.codec import HFChatCodec
-from opentinker.env.multiagent import MultiAgentEnvironment, MultiAgentProtocol
-from opentinker.env.protocol import Budget
+from opentinker.env.multiagent import MultiAgentEnvironment, MultiAgentEpisode, MultiAgentProtocol
+from opentinker.env.protocol import Budget, StopReason
 from opentinker.spec import JobSpec, MultiAgentSpec, PolicySpec
 
 # Per-policy copies of these training metrics go under `policy/<name>/`; the top-level value is their mean.
@@ -145,6 +145,8 @@ def resolve(spec: JobSpec) -> MultiAgentSetup:
     errors = mapping.role_errors(name, cls.roles, rule_player=cls.rule_player)
     if errors:
         raise ValueError("multi_agent.roles: " + "; ".join(errors))
+    if mapping.eval_vs_rule is not None and not cls.rule_player:
+        raise ValueError(f"multi_agent.eval_vs_rule: {name} has no rule-based player to evaluate against")
     role_policy = {
         r: (p if mapping.policies[p].kind == "trained" else None) for r, p in mapping.roles.items()
     }
@@ -152,6 +154,55 @@ def resolve(spec: JobSpec) -> MultiAgentSetup:
     return MultiAgentSetup(
         mapping, role_policy, trained, {p: policy_spec(spec, mapping.policies[p]) for p in trained}
     )
+
+
+def game_stats(games: list[MultiAgentEpisode], roles: list[str]) -> dict[str, float]:
+    """Per-role statistics of finished games: mean reward, win rate, illegal-move rate (moves the environment
+    answered with an `illegal` entry in its info, over the role's moves; roles with generated moves only),
+    and the draw rate (a finished game whose info says `winner: None`)."""
+    ok = [game for game in games if not game.failed]
+    stats = {"episodes/failed": float(len(games) - len(ok))}
+    for reason in sorted({game.error or "" for game in games if game.failed})[:5]:
+        print(f"game failed: {reason}", file=sys.stderr, flush=True)  # the job's log keeps why
+    if not ok:
+        return stats
+    stats["game/rounds/mean"] = sum(game.rounds for game in ok) / len(ok)
+    stats["game/draw_rate"] = sum(
+        game.stop_reason is StopReason.DONE and "winner" in game.info and game.info["winner"] is None
+        for game in ok
+    ) / len(ok)
+    for role in roles:
+        stats[f"reward/{role}/mean"] = sum(game.per_role[role].reward for game in ok) / len(ok)
+        stats[f"game/{role}/win_rate"] = sum(game.info.get("winner") == role for game in ok) / len(ok)
+        turns = [t for game in ok for t in game.per_role[role].turns]
+        if turns:
+            stats[f"game/{role}/illegal_rate"] = sum(bool(t.info.get("illegal")) for t in turns) / len(turns)
+    return stats
+
+
+def policy_game_stats(
+    games: list[MultiAgentEpisode], seatings: list[dict[str, str | None]], policies: list[str]
+) -> dict[str, float]:
+    """Per trained policy, over the roles it played: `policy/<name>/win_rate` (of its games) and
+    `policy/<name>/illegal_rate` (of its moves)."""
+    stats: dict[str, float] = {}
+    for policy in policies:
+        played = [
+            (game, role)
+            for game, seating in zip(games, seatings, strict=True)
+            if not game.failed
+            for role, p in seating.items()
+            if p == policy
+        ]
+        if not played:
+            continue
+        stats[f"policy/{policy}/win_rate"] = sum(g.info.get("winner") == r for g, r in played) / len(played)
+        turns = [t for g, r in played for t in g.per_role[r].turns]
+        if turns:
+            stats[f"policy/{policy}/illegal_rate"] = sum(bool(t.info.get("illegal")) for t in turns) / len(
+                turns
+            )
+    return stats
 
 
 class MultiAgentRolloutWorker:
@@ -172,14 +223,30 @@ class MultiAgentRolloutWorker:
             codecs[name] = HFChatCodec(loaded.tokenizer)
             engine = rollout_engine(loaded.model, pad_id=loaded.tokenizer.pad_token_id, device=device)
             self.engines[name] = WithStops(engine, codecs[name].stop_ids)
-        # A rule-played role has no tokens; any codec serves its (unused) slot.
-        fallback = next(iter(codecs.values()))
-        self.codecs = {r: codecs[p] if p else fallback for r, p in self.setup.role_policy.items()}
+        self.policy_codecs = codecs
         self.make_env = env_factory(spec.environment)
         a = spec.algorithm
         self.protocol = MultiAgentProtocol(
             Budget(max_turns=self.setup.mapping.max_rounds, max_new_tokens=a.max_new_tokens)
         )
+
+    def _codecs(self, role_policy: dict[str, str | None]) -> dict[str, HFChatCodec]:
+        # A rule-played role has no tokens; any codec serves its (unused) slot.
+        fallback = next(iter(self.policy_codecs.values()))
+        return {r: self.policy_codecs[p] if p else fallback for r, p in role_policy.items()}
+
+    def seatings(self, group_ids: list[int]) -> list[dict[str, str | None]]:
+        """Who plays each role in each game: the job's mapping, or with `rotate_roles` that mapping rotated by
+        the game group's index (its group id's order of first appearance), so each policy plays every role."""
+        base = self.setup.role_policy
+        if not self.setup.mapping.rotate_roles:
+            return [base] * len(group_ids)
+        roles = list(base)
+        index = {g: i for i, g in enumerate(dict.fromkeys(group_ids))}
+        rotated = [
+            {r: base[roles[(k + j) % len(roles)]] for k, r in enumerate(roles)} for j in range(len(roles))
+        ]
+        return [rotated[index[g] % len(roles)] for g in group_ids]
 
     def collect(
         self, seeds: list[int], group_ids: list[int], torch_seed: int, greedy: bool = False
@@ -190,30 +257,56 @@ class MultiAgentRolloutWorker:
         sampling = SamplingParams(
             max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, greedy=greedy
         )
-        games = run_games(
-            self.make_env, self.protocol, self.codecs, self.engines, self.setup.role_policy, sampling, seeds
-        )
+        seatings = self.seatings(group_ids)
+        codecs = [self._codecs(m) for m in seatings]
+        games = run_games(self.make_env, self.protocol, codecs, self.engines, seatings, sampling, seeds)
         per_policy: dict[str, list[Sample]] = {p: [] for p in self.setup.trained}
-        rewards: dict[str, list[float]] = {r: [] for r in self.setup.role_policy}
-        wins = dict.fromkeys(self.setup.role_policy, 0)
-        ok = [(game, g) for game, g in zip(games, group_ids, strict=True) if not game.failed]
-        for game, g in ok:
-            for role, ep in game.per_role.items():
-                rewards[role].append(ep.reward)
-                if game.info.get("winner") == role:
-                    wins[role] += 1
-                policy = self.setup.role_policy[role]
-                if policy is not None:
-                    per_policy[policy].append(episode_to_sample(ep, g))
-        stats = {"episodes/failed": float(len(games) - len(ok))}
-        for reason in sorted({game.error or "" for game in games if game.failed})[:5]:
-            print(f"game failed: {reason}", file=sys.stderr, flush=True)  # the job's log keeps why
-        if ok:
-            stats["game/rounds/mean"] = sum(game.rounds for game, _ in ok) / len(ok)
-            for role, rs in rewards.items():
-                stats[f"reward/{role}/mean"] = sum(rs) / len(rs)
-                stats[f"game/{role}/win_rate"] = wins[role] / len(ok)
+        for game, g, seating in zip(games, group_ids, seatings, strict=True):
+            if not game.failed:
+                for role, ep in game.per_role.items():
+                    policy = seating[role]
+                    if policy is not None:
+                        per_policy[policy].append(episode_to_sample(ep, g))
+        stats = game_stats(games, list(self.setup.role_policy))
+        if self.setup.mapping.rotate_roles:  # roles no longer name policies: per-policy game results too
+            stats.update(policy_game_stats(games, seatings, self.setup.trained))
         return per_policy, stats
+
+    def versus_rule(self, seeds: list[int]) -> dict[str, float]:
+        """Greedy games of every trained policy in every role against the rule-based player (all other
+        roles): `vs_rule/<policy>/<role>/...` statistics, and per policy their mean over its roles."""
+        a = self.spec.algorithm
+        sampling = SamplingParams(max_new_tokens=a.max_new_tokens, greedy=True)
+        roles = list(self.setup.role_policy)
+        out: dict[str, float] = {}
+        for policy in self.setup.trained:
+            per_role: dict[str, dict[str, float]] = {}
+            for role in roles:
+                seating = {r: (policy if r == role else None) for r in roles}
+                games = run_games(
+                    self.make_env,
+                    self.protocol,
+                    self._codecs(seating),
+                    self.engines,
+                    seating,
+                    sampling,
+                    seeds,
+                )
+                stats = game_stats(games, roles)
+                win = stats.get(f"game/{role}/win_rate", 0.0)
+                per_role[role] = {
+                    "win_rate": win,
+                    "win_or_draw": win + stats.get("game/draw_rate", 0.0),
+                    "illegal_rate": stats.get(f"game/{role}/illegal_rate", 0.0),
+                    "reward": stats.get(f"reward/{role}/mean", 0.0),
+                    "failed": stats["episodes/failed"] / len(games),
+                }
+            for role, values in per_role.items():
+                for k, v in values.items():
+                    out[f"vs_rule/{policy}/{role}/{k}"] = v
+            for k in ("win_rate", "win_or_draw", "illegal_rate", "reward"):
+                out[f"vs_rule/{policy}/{k}"] = sum(v[k] for v in per_role.values()) / len(per_role)
+        return out
 
     def load_weights(self, policy: str, state_dict: dict[str, torch.Tensor]) -> None:
         self.engines[policy].load_weights(state_dict)
@@ -322,6 +415,24 @@ class MultiAgentController(Controller):
             ctl._sync_weights()
 
     def rl_step(self, step: int) -> dict[str, float]:
+        a = self.spec.algorithm
+        rule_eval = self.setup.mapping.eval_vs_rule
+        if rule_eval is not None and step == 1:  # the starting policies, before any update: step 0
+            self.sink.metrics(0, self.evaluate_vs_rule(rule_eval.games))
+        metrics = self._rl_step(step)
+        if rule_eval is not None and (step % rule_eval.every_steps == 0 or step == a.steps):
+            metrics.update(self.evaluate_vs_rule(rule_eval.games))
+        return metrics
+
+    def evaluate_vs_rule(self, n: int) -> dict[str, float]:
+        """Every trained policy against the rule-based player in every role: greedy games on `n` held-out
+        seeds (the same seeds each time, so the curve compares like with like)."""
+        t0 = time.perf_counter()
+        seeds = [derive_seed(self.spec.seed, -8, i) for i in range(n)]
+        stats = self.group.rollout_call("versus_rule", seeds)
+        return {**{f"eval/{k}": v for k, v in stats.items()}, "time/eval": time.perf_counter() - t0}
+
+    def _rl_step(self, step: int) -> dict[str, float]:
         a = self.spec.algorithm
         t0 = time.perf_counter()
         group_ids = [derive_seed(self.spec.seed, step, g) for g in range(a.batch_size)]

@@ -287,6 +287,15 @@ class PolicySpec(_Strict):
         return self
 
 
+class RuleEvalSpec(_Strict):
+    """In-job evaluation of every trained policy against the environment's rule-based player, in every role
+    (the other roles played by rule): greedy games on held-out seeds before the first update (reported at
+    step 0), every `every_steps` steps and after the last, as `eval/vs_rule/<policy>/<role>/...` metrics."""
+
+    games: int = Field(32, ge=1, le=4096, description="Greedy games per trained policy and role.")
+    every_steps: int = Field(10, ge=1, le=1_000_000)
+
+
 class MultiAgentSpec(_Strict):
     """Who plays each role of a multi-agent environment. One trained policy for every role is self-play;
     several trained policies are trained jointly in one job; a `rule` policy is a fixed opponent."""
@@ -297,6 +306,14 @@ class MultiAgentSpec(_Strict):
     )
     max_rounds: int = Field(
         32, ge=1, le=1024, description="Rounds per game; a round = each active role acts."
+    )
+    rotate_roles: bool = Field(
+        False,
+        description="Seat every policy in every role: the policies' roles rotate by one from each game group "
+        "to the next (two roles: every other group plays them swapped).",
+    )
+    eval_vs_rule: RuleEvalSpec | None = Field(
+        None, description="Evaluate each trained policy against the rule-based player during the job."
     )
 
     @field_validator("policies")
@@ -488,5 +505,71 @@ def example_grpo_spec(base: str) -> JobSpec:
         ),
         resources=ResourcesSpec(gpus=0, cpus=2, memory_gb=4, max_hours=0.5),
         checkpoint=CheckpointSpec(every_steps=40, keep_last=2),
+        seed=1,
+    )
+
+
+# The multi-agent example (README "Multi-agent jobs", `make demo --multi-agent`; tests/gpu_runtime/
+# test_multiagent_learning.py asserts it): tic-tac-toe from random two-stone openings with the compact
+# prompt (the board alone, free cells named by digits). Stage 1 warm-starts tiny-qwen2 on the rule-based
+# player's moves (`python -m gpu_runtime.data.board_sft OUT --n 3000 --config '<EXAMPLE_MULTIAGENT_ENV_CONFIG
+# as JSON>'`); stage 2 co-trains two distinct policies from that checkpoint against each other, `alice` fully
+# fine-tuned and `bob` a LoRA adapter, seated in both roles, each evaluated against the rule-based player in
+# both seats.
+EXAMPLE_MULTIAGENT_ENV_REF = "opentinker/tic-tac-toe@1.0.0"
+EXAMPLE_MULTIAGENT_ENV_CONFIG: dict[str, Any] = {"opening": 2, "prompt_style": "compact"}
+
+
+def example_multiagent_sft_spec(dataset_uri: str) -> JobSpec:
+    """Stage 1 of the multi-agent example: SFT on the rule-based player's moves (both seats)."""
+    return JobSpec(
+        kind=JobKind.SFT,
+        name="tic-tac-toe-sft-warm-start",
+        model=ModelSpec(base="tiny-qwen2"),
+        dataset=DatasetSpec(uri=dataset_uri),
+        algorithm=AlgorithmSpec(
+            name="sft", steps=60, batch_size=32, micro_batch_size=32, learning_rate=1e-3, max_grad_norm=1.0
+        ),
+        resources=ResourcesSpec(gpus=0, cpus=2, memory_gb=4, max_hours=0.5),
+        checkpoint=CheckpointSpec(every_steps=10_000, keep_last=1),
+        seed=1,
+    )
+
+
+def example_multiagent_spec(base: str) -> JobSpec:
+    """Stage 2: two policies co-trained from the warm start `base` (GRPO); each evaluated against the rule
+    player in both seats before the first update, every 5 steps and at the end."""
+    return JobSpec(
+        kind=JobKind.RL,
+        name="tic-tac-toe-two-policies",
+        model=ModelSpec(base=base),
+        environment=EnvironmentSpec(
+            ref=EXAMPLE_MULTIAGENT_ENV_REF, config=dict(EXAMPLE_MULTIAGENT_ENV_CONFIG)
+        ),
+        algorithm=AlgorithmSpec(
+            name="grpo",
+            steps=20,
+            batch_size=8,
+            group_size=4,
+            micro_batch_size=64,
+            learning_rate=3e-4,
+            max_new_tokens=4,
+            temperature=1.0,
+            max_grad_norm=1.0,
+        ),
+        multi_agent=MultiAgentSpec(
+            policies={
+                "alice": PolicySpec(learning_rate=3e-4),
+                "bob": PolicySpec(
+                    model=ModelSpec(base=base, lora=LoraSpec(rank=16, alpha=32)), learning_rate=2e-3
+                ),
+            },
+            roles={"x": "alice", "o": "bob"},
+            rotate_roles=True,
+            max_rounds=16,
+            eval_vs_rule=RuleEvalSpec(games=32, every_steps=5),
+        ),
+        resources=ResourcesSpec(gpus=0, cpus=2, memory_gb=4, max_hours=0.5),
+        checkpoint=CheckpointSpec(every_steps=10, keep_last=2),
         seed=1,
     )

@@ -9,7 +9,7 @@ to that policy's engine. Rule-played roles act in their game's thread without to
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -37,14 +37,19 @@ class WithStops(RolloutEngine):
 def run_games(
     make_env: Callable[[], MultiAgentEnvironment],
     protocol: MultiAgentProtocol,
-    codecs: Mapping[str, ChatCodec],
+    codecs: Mapping[str, ChatCodec] | Sequence[Mapping[str, ChatCodec]],
     engines: Mapping[str, RolloutEngine],
-    role_policy: Mapping[str, str | None],
+    role_policy: Mapping[str, str | None] | Sequence[Mapping[str, str | None]],
     sampling: SamplingParams,
     seeds: list[int],
 ) -> list[MultiAgentEpisode]:
     """One game per seed; `role_policy` maps each role to the engine name playing it (None: the environment's
-    rule-based player); `codecs` is per role. Results in the order of `seeds`."""
+    rule-based player); `codecs` is per role. Either may be one mapping for every game or a list with one per
+    game (games with different seatings, batched together). Results in the order of `seeds`."""
+    per_game = [role_policy] * len(seeds) if isinstance(role_policy, Mapping) else list(role_policy)
+    game_codecs = [codecs] * len(seeds) if isinstance(codecs, Mapping) else list(codecs)
+    if not len(per_game) == len(game_codecs) == len(seeds):
+        raise ValueError("role_policy and codecs lists need one entry per seed")
     batcher = _Batcher(engines, sampling, len(seeds))
 
     def one(index: int) -> MultiAgentEpisode:
@@ -55,10 +60,10 @@ def run_games(
             return MultiAgentEpisode({}, StopReason.ENV_ERROR, f"environment failed to start: {e!r}")
         players = {
             role: RulePolicy() if p is None else functools.partial(batcher.generate, index, policy=p)
-            for role, p in role_policy.items()
+            for role, p in per_game[index].items()
         }
         try:  # environment errors fail the game inside the protocol; an engine error fails the step
-            return protocol.run(env, players, codecs, seeds[index])
+            return protocol.run(env, players, game_codecs[index], seeds[index])
         finally:
             batcher.episode_done()
             env.close()

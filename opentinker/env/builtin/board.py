@@ -5,10 +5,22 @@ Raw rewards (reward mode ``custom`` by default, ``reward_mode`` in config may pi
 win +1 to the winner and -1 to the loser, draw 0 to both; an illegal move (unreadable, off the board, or an
 occupied cell) costs its player ``illegal_penalty`` (default 0.5) and the same player moves again; the
 ``max_illegal``-th illegal move of one player (default 3) forfeits the game (-1 to it, +1 to the other).
+
+More config: ``opening`` (default 0) places that many random stones (X, O, X, ...; drawn from the game's seed,
+never a finished line) before the first move, so a seed picks one of many positions (diverse training groups,
+held-out evaluation positions against the deterministic rule-based player); the role whose turn it is then
+moves first. ``prompt_style`` ``"compact"`` (3x3 boards) drops the system prompt and shows only the board, one
+character per cell: a stone's mark (``X``, ``O``) or, on a free cell, the digit that names it (``1`` top
+left to ``9`` bottom right, in reading order), under the player's mark on its first message and under
+``illegal`` after an illegal move. A move is then one digit (``row col`` is still read), so a legal move is
+a copy of a digit from the board (no digit occurs in the chat template, unlike letters); the rule-based
+player answers with the digit. A game is ~120 tokens per role instead of ~650, which a tiny model learns
+from quickly.
 """
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Any, ClassVar
 
@@ -17,6 +29,8 @@ from opentinker.env.multiagent import MultiAgentEnvironment, MultiStepResult
 
 DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))  # horizontal, vertical, diagonal, anti-diagonal
 _MOVE_RE = re.compile(r"\d+")
+_PROMPT_STYLES = ("default", "compact")
+_CELLS = "123456789"  # compact style: cell names in reading order (3x3 boards)
 
 
 class KInARow(MultiAgentEnvironment):
@@ -31,18 +45,33 @@ class KInARow(MultiAgentEnvironment):
             raise ValueError(f"size must be {self.k}-19")
         self.illegal_penalty = float(config.get("illegal_penalty", 0.5))
         self.max_illegal = int(config.get("max_illegal", 3))
+        self.opening = int(config.get("opening", 0))
+        if not 0 <= self.opening <= self.n * self.n - 2:
+            raise ValueError(f"opening must be 0-{self.n * self.n - 2} stones")
+        self.prompt_style = str(config.get("prompt_style", "default"))
+        if self.prompt_style not in _PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {list(_PROMPT_STYLES)}")
+        if self.prompt_style == "compact" and self.n != 3:
+            raise ValueError("the compact prompt style names cells with one digit each: size 3 only")
         self.board: list[list[str]] = []
         self.illegal: dict[str, int] = {}
         self.moves = 0
 
     @property
     def system_prompt(self) -> str:  # type: ignore[override]
+        if self.prompt_style == "compact":
+            return ""
         return (
             f"You play {self.name} on a {self.n}x{self.n} board: get {self.k} in a row (across, down or "
             "diagonally). Answer with your move as `row col` (1-based), nothing else."
         )
 
     def render(self) -> str:
+        if self.prompt_style == "compact":
+            return "\n".join(
+                "".join(_CELLS[r * self.n + c] if cell == "." else cell for c, cell in enumerate(row))
+                for r, row in enumerate(self.board)
+            )
         head = "   " + " ".join(f"{c + 1:>2}" for c in range(self.n))
         rows = [f"{r + 1:>2} " + " ".join(f"{cell:>2}" for cell in row) for r, row in enumerate(self.board)]
         return "\n".join([head, *rows])
@@ -58,13 +87,44 @@ class KInARow(MultiAgentEnvironment):
         self.illegal = dict.fromkeys(self.roles, 0)
         self.moves = 0
         self._next = 0
+        self._play_opening(seed)
+        mover = self.active_roles()[0]
+        other = self.other(mover)
+        if self.prompt_style == "compact":
+            return {
+                mover: Observation(f"{self.mark(mover)}\n{self.render()}"),
+                other: Observation(self.mark(other)),
+            }
+        if self.opening:
+            return {
+                mover: Observation(
+                    f"You are {self.mark(mover)}; the game opened with {self.opening} random moves and it is "
+                    f"your turn.\n{self.render()}\nYour move:"
+                ),
+                other: Observation(f"You are {self.mark(other)}; {self.mark(mover)} moves next."),
+            }
         return {
             "x": Observation(f"You are X and move first.\n{self.render()}\nYour move:"),
             "o": Observation("You are O; X moves first."),
         }
 
+    def _play_opening(self, seed: int) -> None:
+        """`opening` random stones, alternating from X, none completing a line; the turn passes on each."""
+        rng = random.Random(seed)  # noqa: S311 (reproducible positions, not secrets)
+        for _ in range(self.opening):
+            mark = self.mark(self.active_roles()[0])
+            free = [(r, c) for r in range(self.n) for c in range(self.n) if self.board[r][c] == "."]
+            cells = [(r, c) for r, c in free if not self.wins(r, c, mark)]
+            r, c = rng.choice(cells or free)
+            self.board[r][c] = mark
+            self.moves += 1
+            self.advance()
+
     def parse_move(self, action: str) -> tuple[int, int] | str:
         nums = _MOVE_RE.findall(action)
+        if self.prompt_style == "compact" and len(nums) == 1 and len(nums[0]) == 1 and nums[0] != "0":
+            r, c = divmod(int(nums[0]) - 1, self.n)  # a cell's digit
+            nums = [str(r + 1), str(c + 1)]
         if len(nums) < 2:
             return "write your move as `row col`"
         r, c = int(nums[0]) - 1, int(nums[1]) - 1
@@ -100,7 +160,10 @@ class KInARow(MultiAgentEnvironment):
                 return MultiStepResult(
                     {}, {role: -1.0, opp: 1.0}, True, {**info, "winner": opp, "forfeit": role}
                 )
-            obs = Observation(f"Illegal move: {move}. Try again.\n{self.render()}\nYour move:")
+            if self.prompt_style == "compact":
+                obs = Observation(f"illegal\n{self.render()}")
+            else:
+                obs = Observation(f"Illegal move: {move}. Try again.\n{self.render()}\nYour move:")
             return MultiStepResult({role: obs}, {role: -self.illegal_penalty}, False, info)
         r, c = move
         self.board[r][c] = self.mark(role)
@@ -111,7 +174,10 @@ class KInARow(MultiAgentEnvironment):
         if self.moves == self.n * self.n:
             return MultiStepResult({}, {role: 0.0, opp: 0.0}, True, {**info, "winner": None})
         self.advance()
-        text = f"{self.mark(role)} played {r + 1} {c + 1}.\n{self.render()}\nYour move:"
+        if self.prompt_style == "compact":
+            text = self.render()
+        else:
+            text = f"{self.mark(role)} played {r + 1} {c + 1}.\n{self.render()}\nYour move:"
         return MultiStepResult({opp: Observation(text)}, {}, False, info)
 
     def rule_based_action(self, role: str) -> str:
@@ -137,4 +203,6 @@ class KInARow(MultiAgentEnvironment):
                 )
                 if best is None or key > best:
                     best, best_cell = key, (r, c)
+        if self.prompt_style == "compact":
+            return _CELLS[best_cell[0] * self.n + best_cell[1]]
         return f"{best_cell[0] + 1} {best_cell[1] + 1}"

@@ -1,0 +1,129 @@
+"""Multi-agent jobs: seating every policy in every role (`rotate_roles`), per-role game statistics
+(illegal-move, win and draw rates) and the in-job evaluation against the rule-based player
+(`eval_vs_rule`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpu_runtime.multiagent import MultiAgentRolloutWorker, game_stats, policy_game_stats, resolve
+from gpu_runtime.rollout.base import GenerateResult, RolloutEngine, SamplingParams
+from gpu_runtime.rollout.games import run_games
+from opentinker.env.builtin.tictactoe import TicTacToeEnv
+from opentinker.env.multiagent import MultiAgentProtocol
+from opentinker.env.protocol import Budget
+from opentinker.spec import JobSpec
+from tests.gpu_runtime.test_multiagent_games import CODEC, BoardEngine
+
+
+class Stubborn(RolloutEngine):
+    """Always answers `1 1`: legal once, illegal ever after."""
+
+    def generate(self, prompts, sampling):
+        ids = [CODEC.encode_text("1 1") for _ in prompts]
+        return GenerateResult(ids, [[0.0] * len(i) for i in ids], [True] * len(ids))
+
+    def load_weights(self, state_dict) -> None:
+        pass
+
+
+def play(seatings, engines):
+    return run_games(
+        TicTacToeEnv,
+        MultiAgentProtocol(Budget(max_turns=20, max_new_tokens=8)),
+        [{"x": CODEC, "o": CODEC}] * len(seatings),
+        engines,
+        seatings,
+        SamplingParams(max_new_tokens=8, stop_ids=tuple(CODEC.stop_ids)),
+        list(range(len(seatings))),
+    )
+
+
+def test_games_of_one_batch_may_seat_the_policies_differently():
+    engines = {"first": BoardEngine("first"), "last": BoardEngine("last")}
+    straight, swapped = {"x": "first", "o": "last"}, {"x": "last", "o": "first"}
+    games = play([straight, swapped, straight], engines)
+    assert [g.info["winner"] for g in games] == ["x", "x", "x"]  # X (moves first) wins either way...
+    assert [t.action for t in games[0].per_role["x"].turns] == ["1 1", "1 2", "1 3"]  # ...as "first"
+    assert [t.action for t in games[1].per_role["x"].turns] == ["3 3", "3 2", "3 1"]  # ...as "last"
+    # One batch per policy and round, across games: X's moves of games 0 and 2 and O's of game 1, and so on.
+    assert engines["first"].batches == [2, 1, 2, 1, 2] and engines["last"].batches == [1, 2, 1, 2, 1]
+    stats = policy_game_stats(games, [straight, swapped, straight], ["first", "last"])
+    assert stats == {
+        "policy/first/win_rate": 2 / 3,
+        "policy/first/illegal_rate": 0.0,
+        "policy/last/win_rate": 1 / 3,
+        "policy/last/illegal_rate": 0.0,
+    }
+    with pytest.raises(ValueError, match="one entry per seed"):
+        play_seeds = [0]  # one seed, two seatings
+        run_games(
+            TicTacToeEnv,
+            MultiAgentProtocol(),
+            [{}] * 2,
+            engines,
+            [straight] * 2,
+            SamplingParams(max_new_tokens=8),
+            play_seeds,
+        )
+
+
+def test_game_statistics_count_illegal_moves_wins_and_draws():
+    # X "first" vs O stubborn: O plays 1 1?  taken -> illegal; the third illegal move forfeits: X wins.
+    engines = {"first": BoardEngine("first"), "stubborn": Stubborn()}
+    games = play([{"x": "first", "o": "stubborn"}] * 2, engines)
+    stats = game_stats(games, ["x", "o"])
+    assert (
+        stats["game/x/win_rate"] == 1.0 and stats["game/o/win_rate"] == 0.0 and stats["game/draw_rate"] == 0.0
+    )
+    assert stats["game/x/illegal_rate"] == 0.0 and stats["game/o/illegal_rate"] == 1.0  # 3 of 3 O moves
+    assert stats["reward/o/mean"] == -2.0 and stats["episodes/failed"] == 0.0
+    # A game the environment ended with `winner: None` is a draw.
+    drawn = games[0]
+    drawn.info["winner"] = None
+    assert game_stats([drawn, games[1]], ["x", "o"])["game/draw_rate"] == 0.5
+
+
+def spec(**multi_agent) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "kind": "rl",
+            "model": {"base": "tiny-qwen2"},
+            "environment": {"ref": "opentinker/tic-tac-toe@1.0.0", "config": {"prompt_style": "compact"}},
+            "algorithm": {"max_new_tokens": 2},
+            "multi_agent": {
+                "policies": {"alice": {}, "bob": {"model": {"base": "tiny-qwen2", "lora": {"rank": 4}}}},
+                "roles": {"x": "alice", "o": "bob"},
+                **multi_agent,
+            },
+        }
+    )
+
+
+def test_rotated_roles_seat_every_policy_in_every_role_group_by_group():
+    worker = MultiAgentRolloutWorker(spec(rotate_roles=True).model_dump_json())
+    straight, swapped = {"x": "alice", "o": "bob"}, {"x": "bob", "o": "alice"}
+    # Groups in order of first appearance: 7 -> straight, 3 -> swapped, 9 -> straight.
+    assert worker.seatings([7, 7, 3, 3, 9]) == [straight, straight, swapped, swapped, straight]
+    per_policy, stats = worker.collect([1, 1, 2, 2], [7, 7, 3, 3], torch_seed=0)
+    assert [s.role for s in per_policy["alice"]] == ["x", "x", "o", "o"]
+    assert [s.role for s in per_policy["bob"]] == ["o", "o", "x", "x"]
+    assert {"policy/alice/win_rate", "policy/bob/illegal_rate", "game/x/illegal_rate"} <= stats.keys()
+    plain = MultiAgentRolloutWorker(spec().model_dump_json())
+    assert plain.seatings([7, 3]) == [straight, straight]
+
+
+def test_each_policy_is_evaluated_against_the_rule_player_in_each_seat():
+    worker = MultiAgentRolloutWorker(spec(eval_vs_rule={"games": 3}).model_dump_json())
+    out = worker.versus_rule([1, 2, 3])
+    for p in ("alice", "bob"):
+        for role in ("x", "o"):
+            for k in ("win_rate", "win_or_draw", "illegal_rate", "reward", "failed"):
+                assert 0 <= out[f"vs_rule/{p}/{role}/{k}"] <= 1 or k == "reward"
+        # A random-init model writes no legal move: every move illegal, every game forfeited.
+        assert out[f"vs_rule/{p}/illegal_rate"] == 1.0 and out[f"vs_rule/{p}/win_or_draw"] == 0.0
+        assert (
+            out[f"vs_rule/{p}/win_or_draw"]
+            == (out[f"vs_rule/{p}/x/win_or_draw"] + out[f"vs_rule/{p}/o/win_or_draw"]) / 2
+        )
+    assert resolve(spec(eval_vs_rule={"games": 3, "every_steps": 2})).mapping.eval_vs_rule.every_steps == 2

@@ -1,0 +1,82 @@
+"""Board-game options for learning on small models: random openings from the seed, the compact prompt."""
+
+from __future__ import annotations
+
+import pytest
+
+from opentinker.env.builtin import GomokuEnv, TicTacToeEnv
+from opentinker.env.codec import ByteCodec
+from opentinker.env.multiagent import MultiAgentProtocol, RulePolicy
+from opentinker.env.protocol import Budget, StopReason
+
+
+def stones(env) -> dict[str, int]:
+    flat = [c for row in env.board for c in row]
+    return {"X": flat.count("X"), "O": flat.count("O")}
+
+
+def test_an_opening_is_drawn_from_the_seed_and_passes_the_turn():
+    env = TicTacToeEnv(opening=2)
+    boards = set()
+    for seed in range(40):
+        first = env.reset(seed)
+        assert stones(env) == {"X": 1, "O": 1} and env.moves == 2
+        assert env.active_roles() == ["x"]
+        assert "Your move:" in first["x"].text and "Your move" not in first["o"].text
+        boards.add(str(env.board))
+    assert len(boards) > 20  # many positions...
+    env2 = TicTacToeEnv(opening=2)
+    env.reset(7), env2.reset(7)
+    assert env.board == env2.board  # ...each one fixed by its seed
+    odd = TicTacToeEnv(opening=3)
+    first = odd.reset(1)
+    assert stones(odd) == {"X": 2, "O": 1} and odd.active_roles() == ["o"] and "Your move:" in first["o"].text
+    assert TicTacToeEnv().reset(5)["x"].text.startswith("You are X and move first.")  # default: no opening
+
+
+def test_an_opening_never_finishes_a_line():
+    for seed in range(200):
+        env = GomokuEnv(size=5, opening=20)
+        env.reset(seed)
+        marks = {(r, c): env.board[r][c] for r in range(5) for c in range(5) if env.board[r][c] != "."}
+        assert not any(env.wins(r, c, m) for (r, c), m in marks.items())
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="opening"):
+        TicTacToeEnv(opening=8)
+    with pytest.raises(ValueError, match="prompt_style"):
+        TicTacToeEnv(prompt_style="tiny")
+    with pytest.raises(ValueError, match="size 3"):
+        GomokuEnv(prompt_style="compact")
+
+
+def test_compact_prompt_names_free_cells_by_digit_and_reads_a_digit_as_a_move():
+    env = TicTacToeEnv(prompt_style="compact")
+    assert env.system_prompt == ""
+    first = env.reset(0)
+    assert first == {"x": first["x"], "o": first["o"]}
+    assert first["x"].text == "X\n123\n456\n789" and first["o"].text == "O"
+    r = env.step({"x": "5"})
+    assert r.info["move"] == [2, 2] and r.observations["o"].text == "123\n4X6\n789"
+    r = env.step({"o": "5"})  # taken
+    assert r.info["illegal"] == "2 2 is taken" and r.observations["o"].text == "illegal\n123\n4X6\n789"
+    assert env.step({"o": "0"}).info["illegal"]  # no cell 0
+    assert env.step({"o": "1 3"}).info["move"] == [1, 3]  # `row col` is still read
+    assert env.rule_based_action("x") in "12346789" and len(env.rule_based_action("x")) == 1
+
+
+def test_a_compact_game_against_the_rule_player_is_short():
+    codec = ByteCodec()
+    env = TicTacToeEnv(prompt_style="compact", opening=2)
+
+    def first_free(ids, max_new):  # the first digit of the last board shown
+        board = env.render()
+        assert codec.decode(ids).endswith(board)
+        return codec.encode_text(next(ch for ch in board if ch.isdigit()))
+
+    game = MultiAgentProtocol(Budget(max_turns=16)).run(env, {"x": first_free, "o": RulePolicy()}, codec, 4)
+    assert game.stop_reason is StopReason.DONE
+    ep = game.per_role["x"]
+    assert not any(t.info.get("illegal") for t in ep.turns)
+    assert len(ep.token_ids) < 60  # bytes: the board, one digit per move
