@@ -48,7 +48,7 @@ class ExampleRecipe:
     def _steps(self, spec):
         if self.steps is None:
             return spec
-        return spec.model_copy(update={"algorithm": spec.algorithm.model_copy(update={"steps": self.steps})})
+        return spec.model_copy(update={"algorithm": spec.algorithm.with_steps(self.steps)})
 
     def write_dataset(self) -> str:
         """Generate the warm-start data straight into the store, in a runtime process: the platform never

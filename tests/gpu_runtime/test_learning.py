@@ -1,27 +1,36 @@
 """Learning, end to end on CPU: SFT warm start -> GRPO from its checkpoint -> greedy eval on held-out seeds.
 
-Issue 4's bar: greedy exact-match accuracy from the untrained level to >= 0.8 within 10 minutes, the RL stage
-alone adding >= 0.3, with fixed seeds. Every stage is a separate job run through the controller API, exactly
-as `python -m gpu_runtime run` runs it; the RL job starts from the SFT checkpoint via `model.base`. Eval jobs
-use `derive_seed(seed, -7, i)` seeds, a stream disjoint from the training seeds (`derive_seed(seed, step, g)`
-for RL; the SFT data is drawn from seed 0's stream). Single-digit addition has only 100 distinct problems, so
-"held out" means unseen seeds, not necessarily unseen problems.
+The bar (issue 11): greedy exact-match accuracy >= 0.85 on held-out seeds, the RL stage alone adding >= 0.2,
+with fixed seeds; the recipe clears it by a wide margin (~0.92, +0.4), so another CPU's float path cannot
+turn it red. No time bound: `bench/learning.py` measures the wall time (about 2 minutes on 2 idle cores).
+Every stage is a separate job run through the controller API, exactly as `python -m gpu_runtime run` runs it;
+the RL job starts from the SFT checkpoint via `model.base`. Eval jobs use `derive_seed(seed, -7, i)` seeds,
+a stream disjoint from the training seeds (`derive_seed(seed, step, g)` for RL; the SFT data is drawn from
+seed 0's stream). Single-digit addition has only 100 distinct problems, so "held out" means unseen seeds,
+not necessarily unseen problems.
 
 What made it learn (tiny-qwen2, ~3M parameters, byte tokenizer, 1 torch thread):
 - the compact prompt ("3+4=", no system prompt; `prompt_style: compact`): ~23 tokens with the chat template
   instead of ~110, so each step is cheaper and the answer depends on 3 salient tokens;
 - SFT batches of 64 at lr 1e-3: the loss sits on the "marginal distribution of sums" plateau (~1.1-1.2 nats)
-  until step ~45 and only then drops (0.56 at step 70, greedy 0.41); the previous runs (8-32 examples, <= 200
-  steps) stopped on the plateau;
-- GRPO at lr 1e-4: at 3e-4..5e-4 the first Adam steps (sign-like, every parameter moved by ~lr on a noisy
-  16-prompt gradient) undid the warm start (sampled reward 0.26 -> 0.1 within two steps); 1.5e-4 and 2e-4
-  (also with 32 prompts or temperature 0.7) plateaued at greedy 0.6-0.75. At 1e-4 greedy went 0.41 -> 0.72
-  (step 40) -> 0.78 (80) -> 0.935 (120), sampled reward 0.23 -> ~0.65; ~2.1-2.8 s per step (128 episodes).
-- Since the trainer and the rollout run each group's prompt once (gpu_runtime/shared_prefix.py) a GRPO step
-  takes ~0.6 s; the float differences of that path changed the trajectory a little: SFT greedy 0.475, GRPO
-  0.865, 101 s in all on the 2-core box.
-- With the rollout on our decode loop (gpu_runtime/rollout/decode.py; other float paths, other samples) 120
-  GRPO steps gave 0.520 -> 0.830, only 0.01 above the RL bar; the recipe now runs 200 steps: 0.520 -> 0.885.
+  until step ~45 and only then drops (~0.58 at step 70, greedy ~0.5);
+- each group's prompt runs once in the trainer and the rollout (gpu_runtime/shared_prefix.py).
+
+Why the old GRPO stage (200 steps, constant lr 1e-4, one on-policy update per step) collapsed late on some
+machines (issue 11), from the per-step diagnostics (`bench/learning.py` prints them):
+- the importance ratio was exactly 1 on every token (one epoch, one mini-batch), so PPO's clip never acted:
+  nothing bounded how far one update moved the policy except the learning rate;
+- the gradient norm before clipping was 2-10 on every step, far above max_grad_norm 1.0, so every update
+  had the same length whatever the batch carried, and Adam normalised it again; late in the run a third to a
+  half of the groups had zero reward variance, so the same-size steps were made of fewer and noisier groups;
+- the KL to the warm-start model wandered between 0.1 and 0.8 nats per token instead of settling, and the
+  sampled reward swung by 0.1-0.25 from one step to the next (0.62 <-> 0.90 at steps 190-195 here): a random
+  walk at constant step size. On another CPU's float path the walk fell off (0.88 -> 0.38 in six steps).
+  At 2e-4 (even with a 10-step warm-up) greedy fell 0.52 -> 0.38 in the first 20 steps before recovering.
+The recipe now (opentinker.spec.example_grpo_spec): two clipped mini-batches per step (a real trust region:
+the second one is off-policy, its ratio spans ~0.5-2.4 early and the clip bounds it), warm-up over 10 steps
+and cosine decay to a tenth (late steps are small, so the end point is stable), a light KL term (0.01) to the
+warm start, 100 steps: greedy ~0.5 -> ~0.93 on this 2-core box, with no late fall.
 """
 
 from __future__ import annotations
@@ -55,8 +64,8 @@ def _accuracy(base: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # the test asserts its own 600 s bound; ~2 minutes, more under load
-def test_sft_then_grpo_reaches_080_greedy_accuracy(tmp_path):
+@pytest.mark.timeout(1200)  # only catches a hang: ~2-3 minutes, more on a loaded box
+def test_sft_then_grpo_reaches_085_greedy_accuracy(tmp_path):
     t0 = time.perf_counter()
     data = write_arithmetic_sft(tmp_path / "arith.jsonl", 2000, seed=0, **EXAMPLE_ENV_CONFIG)
     a_init = _accuracy("tiny-qwen2")
@@ -73,7 +82,8 @@ def test_sft_then_grpo_reaches_080_greedy_accuracy(tmp_path):
     print("SFT loss:", " ".join(f"{h['loss']:.2f}" for h in sft_hist))
     print("GRPO reward/mean:", " ".join(f"{h['reward/mean']:.2f}" for h in rl_hist))
     print(f"GRPO {step_s:.2f} s/step | total {total:.0f}s")
-    assert a_sft < a_rl
-    assert a_rl >= 0.8
-    assert a_rl - a_sft >= 0.3
-    assert total < 600
+    assert a_rl >= 0.85
+    assert a_rl - a_sft >= 0.2
+    # The schedule ran: warm-up from a tenth of the peak, decayed to a tenth of it at the last step.
+    assert rl_hist[0]["lr"] == pytest.approx(rl.algorithm.learning_rate / rl.algorithm.lr_warmup_steps)
+    assert rl_hist[-1]["lr"] == pytest.approx(rl.algorithm.learning_rate * rl.algorithm.lr_min_ratio)

@@ -41,3 +41,12 @@ def test_a_warmup_as_long_as_the_job_is_refused_with_the_field_named():
         AlgorithmSpec(lr_schedule="exponential")
     with pytest.raises(ValidationError, match="lr_min_ratio"):
         AlgorithmSpec(lr_min_ratio=1.5)
+
+
+def test_a_shortened_recipe_keeps_a_warmup_that_fits():
+    a = AlgorithmSpec(steps=100, lr_warmup_steps=10, lr_schedule="cosine", lr_min_ratio=0.1)
+    assert (a.with_steps(50).steps, a.with_steps(50).lr_warmup_steps) == (50, 5)
+    assert a.with_steps(2).lr_warmup_steps == 0  # 10% of 2 steps rounds to none
+    # Never as long as the job (the spec would refuse it): one step at least runs at the peak.
+    assert AlgorithmSpec(steps=4, lr_warmup_steps=3).with_steps(2).lr_warmup_steps == 1
+    assert a.with_steps(2).lr_schedule == "cosine" and a.with_steps(2).lr_min_ratio == 0.1
