@@ -7,11 +7,16 @@ type Point = { name: string; step: number; value: number };
 type Series = { name: string; steps: number[]; values: number[] };
 
 // Which metrics each chart draws; a name matching a pattern joins that chart (per-role rewards, for example).
+// Multi-agent jobs add per-role (`reward/<role>/mean`, `game/<role>/...`) and per-policy (`policy/<name>/...`)
+// series, and the in-job evaluation against the rule-based player (`eval/vs_rule/<policy>/...`).
 const CHARTS: { id: string; title: string; match: RegExp }[] = [
-  { id: "reward", title: "Reward (mean)", match: /^reward\/(mean|[^/]+\/mean)$/ },
-  { id: "kl", title: "KL", match: /^kl$/ },
-  { id: "entropy", title: "Entropy", match: /^entropy$/ },
-  { id: "loss", title: "Loss", match: /^(loss|policy_loss|value_loss)$/ },
+  { id: "reward", title: "Reward (mean)", match: /^(reward\/(mean|[^/]+\/mean)|policy\/[^/]+\/reward\/mean)$/ },
+  { id: "vs-rule", title: "Win or draw vs the rule-based player", match: /^eval\/vs_rule\/[^/]+\/win_or_draw$/ },
+  { id: "illegal", title: "Illegal-move rate", match: /^((game|policy)\/[^/]+|eval\/vs_rule\/[^/]+)\/illegal_rate$/ },
+  { id: "games", title: "Games: win and draw rates", match: /^((game|policy)\/[^/]+\/win_rate|game\/draw_rate)$/ },
+  { id: "kl", title: "KL", match: /^(kl|policy\/[^/]+\/kl)$/ },
+  { id: "entropy", title: "Entropy", match: /^(entropy|policy\/[^/]+\/entropy)$/ },
+  { id: "loss", title: "Loss", match: /^(loss|policy_loss|value_loss|policy\/[^/]+\/loss)$/ },
   { id: "length", title: "Response length (tokens)", match: /^response_length\/mean$/ },
   { id: "throughput", title: "Throughput (tokens/s)", match: /^tokens_per_s$/ },
 ];
@@ -30,6 +35,7 @@ class Chart {
 
   draw(): void {
     if (this.data.size === 0) return;
+    this.el.hidden = false; // the multi-agent charts stay hidden until a job reports their metrics
     const names = [...this.data.keys()].sort();
     const steps = [...new Set(names.flatMap((n) => [...this.data.get(n)!.keys()]))].sort((a, b) => a - b);
     const columns: (number | null)[][] = names.map((n) => steps.map((st) => this.data.get(n)!.get(st) ?? null));
