@@ -89,8 +89,28 @@ class Sandbox:
         reusable: bool = False,
     ) -> None:
         self.limits = limits or SandboxLimits()
+        self.dead: str | None = None
         self.workdir = Path(tempfile.mkdtemp(prefix="opentinker-sandbox-"))
         self.stderr_path = self.workdir / ".stderr"
+        self.cgroup: Path | None = None
+        self._stderr: Any = None
+        try:
+            self._start(entrypoint, config, package_dir, reusable)
+        except BaseException:
+            # A failed start leaves nothing behind: the process (if it began), its cgroup, its directory.
+            self.dead = self.dead or "failed to start"
+            if getattr(self, "proc", None) is not None:
+                self.kill()
+            self._release()
+            raise
+
+    def _start(
+        self,
+        entrypoint: str,
+        config: dict[str, Any] | None,
+        package_dir: str | os.PathLike[str] | None,
+        reusable: bool,
+    ) -> None:
         self.cgroup = self._make_cgroup()
         argv = [sys.executable, "-u", "-m", "opentinker.env.sandbox_worker"]
         env = {
@@ -110,7 +130,6 @@ class Sandbox:
             start_new_session=True,  # its own process group, killed as one
             preexec_fn=self._join_cgroup if self.cgroup else None,
         )
-        self.dead: str | None = None
         spec = {
             "entrypoint": entrypoint,
             "config": config or {},
@@ -149,8 +168,13 @@ class Sandbox:
         path = PIDS_CGROUP / f"opentinker-{uuid.uuid4().hex[:12]}"
         try:
             path.mkdir()
+        except OSError:
+            return None
+        try:
             (path / "pids.max").write_text(str(self.limits.max_processes + 1))  # + the worker
         except OSError:
+            with contextlib.suppress(OSError):
+                path.rmdir()
             return None
         return path
 
@@ -248,9 +272,15 @@ class Sandbox:
                 self._request({"method": "close", "args": []}, "close")
         self.dead = self.dead or "closed"
         self.kill()
-        for stream in (self.proc.stdin, self.proc.stdout, self._stderr):
-            with contextlib.suppress(OSError):
-                stream.close()
+        self._release()
+
+    def _release(self) -> None:
+        """Close the pipes and the stderr log, remove the cgroup and the working directory."""
+        proc = getattr(self, "proc", None)
+        for stream in (proc and proc.stdin, proc and proc.stdout, self._stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
         if self.cgroup:
             for _ in range(50):
                 try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import textwrap
 import time
 
@@ -159,6 +160,37 @@ def test_lying_entrypoint_is_a_clear_error(tmp_path):
         Sandbox("pkg:Nope", package_dir=tmp_path, limits=FAST)
     with pytest.raises(SandboxError, match="loading missing:E failed: ModuleNotFoundError"):
         Sandbox("missing:E", package_dir=tmp_path, limits=FAST)
+
+
+@pytest.mark.parametrize(
+    ("code", "entrypoint", "reason"),
+    [
+        ("", "pkg:Nope", "loading pkg:Nope failed: AttributeError"),  # the worker answers with an error
+        ("import os\nos._exit(3)\n", "pkg:E", "died"),  # the worker dies while loading the package
+        ("import time\ntime.sleep(3600)\n", "pkg:E", "start timed out"),  # the worker never answers
+    ],
+)
+def test_a_sandbox_that_fails_to_start_leaves_nothing_behind(tmp_path, monkeypatch, code, entrypoint, reason):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "pkg.py").write_text(code)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where the sandbox makes its working directory
+    cgroups = []  # the pids cgroup it made, where the OS lets it make one (None otherwise)
+    make_cgroup = Sandbox._make_cgroup
+
+    def recorded(self):
+        cgroups.append(make_cgroup(self))
+        return cgroups[-1]
+
+    monkeypatch.setattr(Sandbox, "_make_cgroup", recorded)
+    limits = SandboxLimits(call_timeout_s=1, start_allowance_s=1.5, cpu_s=5, memory_mb=512, max_processes=8)
+    with pytest.raises(SandboxError, match=reason):
+        Sandbox(entrypoint, package_dir=tmp_path / "pkg", limits=limits)
+    assert list(temp.iterdir()) == []  # its working directory is removed
+    assert len(cgroups) == 1
+    if cgroups[0] is not None:
+        assert not cgroups[0].exists()  # and its cgroup
 
 
 def test_a_dead_sandbox_stays_dead(tmp_path):
