@@ -8,13 +8,19 @@ the real ``python -m gpu_runtime run`` reporting to a live uvicorn's ingest API.
   completes; the metric steps are exactly 1..N, none missing, none twice.
 
 (``kill -9`` of the worker alone, where the job's detached runner finishes it, is in test_celery_worker.py.)
+
+The runtime is the real one, held after a given step until the test opens a gate (gated_runtime.py): the
+fault is injected while the job is certainly mid-way, however fast the machine runs it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -37,6 +43,7 @@ pytestmark = [
     pytest.mark.timeout(240),
 ]
 STEPS = 6
+GATED_RUNTIME = str(Path(__file__).with_name("gated_runtime.py"))
 
 
 @pytest.fixture
@@ -55,9 +62,10 @@ def real_job(acme, uvicorn_url):  # noqa: F811
     return lambda: job_submit(organization=acme, actor=Actor.system("test"), spec=spec)[0]
 
 
-def worker_env(uvicorn_url, **extra):  # noqa: F811
+def worker_env(uvicorn_url, gate: Path, hold_after: int, **extra):  # noqa: F811
+    """The real runtime, waiting after step `hold_after` until the file `gate` exists."""
     return {
-        "OPENTINKER_RUNTIME_COMMAND": "",  # the real runtime
+        "OPENTINKER_RUNTIME_COMMAND": json.dumps([sys.executable, GATED_RUNTIME, str(gate), str(hold_after)]),
         "INGEST_BASE_URL": uvicorn_url,
         "OPENTINKER_POOLS_REFRESH_EVERY_S": "1",
         **extra,
@@ -86,14 +94,18 @@ def test_valkey_restart_mid_job_loses_nothing(real_job, uvicorn_url, tmp_path): 
     services = embedded_services._services
     if services is None:
         pytest.skip("REDIS_URL given from outside: this test restarts only the Valkey it started itself")
-    worker = start_worker(tmp_path, "worker.log", **worker_env(uvicorn_url))
+    gate = tmp_path / "gate"
+    worker = start_worker(tmp_path, "worker.log", **worker_env(uvicorn_url, gate, hold_after=1))
     try:
         job = real_job()
-        wait_for(lambda: steps_of(job), timeout=90, what="a first metric")
+        wait_for(lambda: steps_of(job), timeout=90, what="a first metric")  # the runtime waits after it
         services._stop_valkey()  # the broker, the result/live streams: all gone for a moment
-        assert Job.objects.get(pk=job.pk).state == "running" and len(steps_of(job)) < STEPS  # mid-job
-        time.sleep(2)
-        services._start_valkey()  # same port, its AOF replayed
+        try:
+            assert Job.objects.get(pk=job.pk).state == "running" and steps_of(job) == [1]  # mid-job
+            gate.touch()  # the job goes on while Valkey is down
+            time.sleep(2)
+        finally:
+            services._start_valkey()  # same port, its AOF replayed
         restarted = timezone.now()
         wait_for(
             lambda: Job.objects.get(pk=job.pk).state in ("succeeded", "failed", "cancelled"),
@@ -109,6 +121,7 @@ def test_valkey_restart_mid_job_loses_nothing(real_job, uvicorn_url, tmp_path): 
             what="the worker working after the restart",
         )
     finally:
+        gate.touch()
         stop(worker)
     states = list(
         JobEvent.objects.filter(job=job, kind="state").order_by("seq").values_list("to_state", flat=True)
@@ -119,10 +132,12 @@ def test_valkey_restart_mid_job_loses_nothing(real_job, uvicorn_url, tmp_path): 
 
 
 def test_node_lost_mid_job_is_requeued_and_resumes_from_its_checkpoint(real_job, uvicorn_url, tmp_path):  # noqa: F811
-    worker = start_worker(tmp_path, "worker-1.log", **worker_env(uvicorn_url))
+    gate = tmp_path / "gate"
+    worker = start_worker(tmp_path, "worker-1.log", **worker_env(uvicorn_url, gate, hold_after=3))
     try:
         job = real_job()
-        # Lose the node after a checkpoint and a metric past it: some work after the checkpoint is lost.
+        # Lose the node after a checkpoint and a metric past it: some work after the checkpoint is lost. The
+        # runtime waits after step 3 (the checkpoint is step 2's), so the node is lost mid-job.
         wait_for(
             lambda: Checkpoint.objects.filter(job=job).exists() and len(steps_of(job)) >= 3,
             timeout=120,
@@ -139,13 +154,16 @@ def test_node_lost_mid_job_is_requeued_and_resumes_from_its_checkpoint(real_job,
         before = steps_of(job)
         last_ck = Checkpoint.objects.filter(job=job).order_by("-step").first()
     finally:
+        gate.touch()  # the next attempt does not wait
         stop(worker)
 
     # A new worker: its supervisor finds the allocation silent, reaps it, the scheduler re-admits the job.
     # 10 s of silence: 20 of the new runner's 0.5 s heartbeats, so a live runner on a loaded machine is
     # never taken for a lost one (the dead allocation has been silent since the kill anyway).
     worker = start_worker(
-        tmp_path, "worker-2.log", **worker_env(uvicorn_url, OPENTINKER_HEARTBEAT_TIMEOUT_S="10")
+        tmp_path,
+        "worker-2.log",
+        **worker_env(uvicorn_url, gate, hold_after=3, OPENTINKER_HEARTBEAT_TIMEOUT_S="10"),
     )
     try:
         wait_for(
@@ -167,7 +185,7 @@ def test_node_lost_mid_job_is_requeued_and_resumes_from_its_checkpoint(real_job,
     # The second attempt started from the last checkpoint: its spec says so, and it began after that step.
     spec = (tmp_path / "jobs" / str(job.pk) / "attempt-1" / "spec.json").read_text()
     assert last_ck.uri in spec
-    assert 3 <= len(before) < STEPS and before == list(range(1, len(before) + 1))  # lost mid-job
+    assert before == [1, 2, 3] and last_ck.step == 2  # lost mid-job, one step past its checkpoint
     assert steps_of(job) == list(range(1, STEPS + 1))  # none missing, none twice
     assert Allocation.objects.filter(job=job).count() == 2
     assert Allocation.objects.filter(job=job, released_at__isnull=True).count() == 0
