@@ -55,11 +55,12 @@ def test_conversations_alternate_seats_follow_the_rule_player_and_are_reproducib
         assert conv[0]["role"] == "user" and any(m["role"] == "assistant" for m in conv)
         for i, m in enumerate(conv):
             if m["role"] == "assistant":  # a free cell's digit, the rule player's choice on the board shown
-                board = conv[i - 1]["content"].split("\n")[-3:]
+                *_, r1, r2, r3, free = conv[i - 1]["content"].split("\n")
                 env = TicTacToeEnv(**CONFIG)
                 env.reset(0)
-                env.board = [[ch if ch in "XO" else "." for ch in row] for row in board]
-                assert m["content"] in "".join(board) and m["content"].isdigit()
+                env.board = [[ch if ch in "XO" else "." for ch in row] for row in (r1, r2, r3)]
+                assert free == "".join(ch for ch in r1 + r2 + r3 if ch.isdigit())
+                assert m["content"] in free and m["content"].isdigit()
                 assert m["content"] == env.rule_based_action(conv[0]["content"][0].lower())
 
 

@@ -51,16 +51,18 @@ def test_bad_options_are_refused():
         GomokuEnv(prompt_style="compact")
 
 
-def test_compact_prompt_names_free_cells_by_digit_and_reads_a_digit_as_a_move():
+def test_compact_prompt_names_free_cells_by_digit_lists_them_and_reads_a_digit_as_a_move():
     env = TicTacToeEnv(prompt_style="compact")
     assert env.system_prompt == ""
     first = env.reset(0)
     assert first == {"x": first["x"], "o": first["o"]}
-    assert first["x"].text == "X\n123\n456\n789" and first["o"].text == "O"
+    assert first["x"].text == "X\n123\n456\n789\n123456789" and first["o"].text == "O"
     r = env.step({"x": "5"})
-    assert r.info["move"] == [2, 2] and r.observations["o"].text == "123\n4X6\n789"
+    assert r.info["move"] == [2, 2] and r.observations["o"].text == "123\n4X6\n789\n12346789"
     r = env.step({"o": "5"})  # taken
-    assert r.info["illegal"] == "2 2 is taken" and r.observations["o"].text == "illegal\n123\n4X6\n789"
+    assert (
+        r.info["illegal"] == "2 2 is taken" and r.observations["o"].text == "illegal\n123\n4X6\n789\n12346789"
+    )
     assert env.step({"o": "0"}).info["illegal"]  # no cell 0
     assert env.step({"o": "1 3"}).info["move"] == [1, 3]  # `row col` is still read
     assert env.rule_based_action("x") in "12346789" and len(env.rule_based_action("x")) == 1
@@ -79,4 +81,4 @@ def test_a_compact_game_against_the_rule_player_is_short():
     assert game.stop_reason is StopReason.DONE
     ep = game.per_role["x"]
     assert not any(t.info.get("illegal") for t in ep.turns)
-    assert len(ep.token_ids) < 60  # bytes: the board, one digit per move
+    assert len(ep.token_ids) < 100  # bytes: the board and its free cells, one digit per move
