@@ -147,6 +147,8 @@ def resolve(spec: JobSpec) -> MultiAgentSetup:
         raise ValueError("multi_agent.roles: " + "; ".join(errors))
     if mapping.eval_vs_rule is not None and not cls.rule_player:
         raise ValueError(f"multi_agent.eval_vs_rule: {name} has no rule-based player to evaluate against")
+    if mapping.rule_mix and not cls.rule_player:
+        raise ValueError(f"multi_agent.rule_mix: {name} has no rule-based player to play against")
     role_policy = {
         r: (p if mapping.policies[p].kind == "trained" else None) for r, p in mapping.roles.items()
     }
@@ -236,17 +238,29 @@ class MultiAgentRolloutWorker:
         return {r: self.policy_codecs[p] if p else fallback for r, p in role_policy.items()}
 
     def seatings(self, group_ids: list[int]) -> list[dict[str, str | None]]:
-        """Who plays each role in each game: the job's mapping, or with `rotate_roles` that mapping rotated by
-        the game group's index (its group id's order of first appearance), so each policy plays every role."""
+        """Who plays each role in each game, per game group (a group id's order of first appearance): the
+        job's mapping; with `rotate_roles` that mapping rotated by one from each policy-vs-policy group to
+        the next, so each policy plays every role; with `rule_mix`, that share of the groups (evenly spread)
+        seats one trained policy against the rule-based player in every other role, cycling through every
+        (policy, role) pair."""
+        ma = self.setup.mapping
         base = self.setup.role_policy
-        if not self.setup.mapping.rotate_roles:
-            return [base] * len(group_ids)
-        roles = list(base)
-        index = {g: i for i, g in enumerate(dict.fromkeys(group_ids))}
+        roles, trained = list(base), self.setup.trained
         rotated = [
             {r: base[roles[(k + j) % len(roles)]] for k, r in enumerate(roles)} for j in range(len(roles))
         ]
-        return [rotated[index[g] % len(roles)] for g in group_ids]
+        per_group: list[dict[str, str | None]] = []
+        vs_policy = vs_rule = 0
+        for j in range(len(dict.fromkeys(group_ids))):
+            if int((j + 1) * ma.rule_mix) > int(j * ma.rule_mix):
+                policy, seat = trained[vs_rule % len(trained)], roles[(vs_rule // len(trained)) % len(roles)]
+                per_group.append({r: policy if r == seat else None for r in roles})
+                vs_rule += 1
+            else:
+                per_group.append(rotated[vs_policy % len(roles)] if ma.rotate_roles else base)
+                vs_policy += 1
+        index = {g: i for i, g in enumerate(dict.fromkeys(group_ids))}
+        return [per_group[index[g]] for g in group_ids]
 
     def collect(
         self, seeds: list[int], group_ids: list[int], torch_seed: int, greedy: bool = False
@@ -268,7 +282,7 @@ class MultiAgentRolloutWorker:
                     if policy is not None:
                         per_policy[policy].append(episode_to_sample(ep, g))
         stats = game_stats(games, list(self.setup.role_policy))
-        if self.setup.mapping.rotate_roles:  # roles no longer name policies: per-policy game results too
+        if self.setup.mapping.rotate_roles or self.setup.mapping.rule_mix:  # roles no longer name policies
             stats.update(policy_game_stats(games, seatings, self.setup.trained))
         return per_policy, stats
 

@@ -319,6 +319,14 @@ class MultiAgentSpec(_Strict):
         description="Seat every policy in every role: the policies' roles rotate by one from each game group "
         "to the next (two roles: every other group plays them swapped).",
     )
+    rule_mix: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="The share of each step's game groups in which one trained policy plays against the "
+        "environment's rule-based player (in every other role), cycling through policies and roles; the "
+        "other groups are the trained policies against each other.",
+    )
     eval_vs_rule: RuleEvalSpec | None = Field(
         None, description="Evaluate each trained policy against the rule-based player during the job."
     )

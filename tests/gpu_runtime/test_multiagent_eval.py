@@ -127,3 +127,27 @@ def test_each_policy_is_evaluated_against_the_rule_player_in_each_seat():
             == (out[f"vs_rule/{p}/x/win_or_draw"] + out[f"vs_rule/{p}/o/win_or_draw"]) / 2
         )
     assert resolve(spec(eval_vs_rule={"games": 3, "every_steps": 2})).mapping.eval_vs_rule.every_steps == 2
+
+
+def test_a_rule_mix_seats_each_policy_against_the_rule_player_in_each_role():
+    worker = MultiAgentRolloutWorker(spec(rotate_roles=True, rule_mix=0.5).model_dump_json())
+    groups = [10, 11, 12, 13, 14, 15, 16, 17]
+    straight, swapped = {"x": "alice", "o": "bob"}, {"x": "bob", "o": "alice"}
+    # Every other group is against the rule player, cycling (alice x), (bob x), (alice o), (bob o); the
+    # others rotate the two policies' seats as before.
+    assert worker.seatings(groups) == [
+        straight,
+        {"x": "alice", "o": None},
+        swapped,
+        {"x": "bob", "o": None},
+        straight,
+        {"x": None, "o": "alice"},
+        swapped,
+        {"x": None, "o": "bob"},
+    ]
+    per_policy, stats = worker.collect([1, 2, 3, 4], [10, 11, 12, 13], torch_seed=0)
+    assert [s.role for s in per_policy["alice"]] == ["x", "x", "o"]  # no sample for a rule-played seat
+    assert [s.role for s in per_policy["bob"]] == ["o", "x", "x"]
+    assert {"policy/alice/win_rate", "policy/bob/win_rate"} <= stats.keys()
+    none = MultiAgentRolloutWorker(spec(rule_mix=1.0).model_dump_json())
+    assert none.seatings([1, 2]) == [{"x": "alice", "o": None}, {"x": "bob", "o": None}]
