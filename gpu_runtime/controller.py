@@ -64,6 +64,22 @@ def merge_sums(sums: dict[str, float], out: dict[str, float]) -> None:
             sums[k] = sums.get(k, 0.0) + v
 
 
+def minibatch_parts(samples: list[Sample], minibatches: int, rng: random.Random) -> list[list[Sample]]:
+    """The step's samples in `minibatches` parts of whole groups, the groups in a shuffled order.
+
+    Whole groups: each part then runs every prompt it holds once (`shared_prefix`; the prompt is most of each
+    sequence), instead of every prompt in every part when samples are dealt out one by one."""
+    groups: dict[int, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.group_id, []).append(s)
+    order = list(groups.values())
+    rng.shuffle(order)
+    parts: list[list[Sample]] = [[] for _ in range(minibatches)]
+    for i, g in enumerate(order):
+        parts[i % minibatches].extend(g)
+    return parts
+
+
 class LocalGroup:
     """World size 1, in this process: no Ray, no process group."""
 
@@ -327,10 +343,7 @@ class Controller:
         sums: dict[str, float] = {}
         rng = random.Random(derive_seed(self.spec.seed, step, -2))  # noqa: S311 (shuffling)
         for _ in range(a.epochs):
-            order = list(range(len(samples)))
-            rng.shuffle(order)
-            for mb in range(a.minibatches):
-                part = [samples[i] for i in order[mb :: a.minibatches]]
+            for part in minibatch_parts(samples, a.minibatches, rng):
                 if not part:
                     continue
                 norm = LossNorm(

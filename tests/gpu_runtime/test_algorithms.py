@@ -188,3 +188,19 @@ def test_reinforce_pp_whitens_over_generated_tokens():
     adv = reinforce_pp_advantages(T([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]), torch.ones(2, 3))
     std = math.sqrt(6 * 0.25 / 5)
     torch.testing.assert_close(adv, T([[0.5 / std] * 3, [-0.5 / std] * 3]))
+
+
+def test_minibatches_hold_whole_groups_in_a_seeded_order():
+    import random
+
+    from gpu_runtime.batch import Sample
+    from gpu_runtime.controller import minibatch_parts
+
+    samples = [Sample([1, 2], [0, 1], [0.0, 0.0], [0.0, 0.0], 0.0, g) for g in (7, 7, 3, 3, 5, 5, 9, 9, 1, 1)]
+    parts = minibatch_parts(samples, 2, random.Random(0))
+    assert sorted(len(p) for p in parts) == [4, 6]  # 5 groups of 2 dealt to 2 parts
+    groups = [{s.group_id for s in p} for p in parts]
+    assert groups[0].isdisjoint(groups[1]) and groups[0] | groups[1] == {1, 3, 5, 7, 9}
+    again = minibatch_parts(samples, 2, random.Random(0))
+    assert [[id(s) for s in p] for p in again] == [[id(s) for s in p] for p in parts]
+    assert minibatch_parts(samples, 1, random.Random(0))[0] != []
