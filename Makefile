@@ -42,7 +42,7 @@ browser:
 		"in tests/web/ will be SKIPPED. Install Debian's chromium package to run them." >&2; fi
 
 demo: $(STAMP) frontend
-	$(BIN)/python -m portal.demo
+	$(BIN)/python -m portal.demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from opentinker.errors import OpenTinkerError
+from portal.demo_multiagent import MultiAgentRecipe
 from portal.demo_recipe import ExampleRecipe
 from portal.embedded import EmbeddedServiceError, EmbeddedServices
 
@@ -92,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--example-steps", type=int, default=None, help="steps of each example stage (default: the recipe's)"
     )
+    parser.add_argument(
+        "--multi-agent",
+        action="store_true",
+        help="the two-policy tic-tac-toe example (portal/demo_multiagent.py) instead of arithmetic",
+    )
     args = parser.parse_args(argv)
     # Ctrl-C, `kill` and a closing terminal all stop everything cleanly (SIGINT is ignored by default
     # in processes started in the background, so set it explicitly).
@@ -163,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         job_line = ""
         if args.example:
             store = env.get("OBJECT_STORE_URL") or f"file://{var / 'objects'}"  # the settings' default
-            recipe = ExampleRecipe(
+            recipe_cls = MultiAgentRecipe if args.multi_agent else ExampleRecipe
+            recipe = recipe_cls(
                 url,
                 login["token"],
                 store,
