@@ -45,7 +45,8 @@ from opentinker.spec import JobSpec, MultiAgentSpec, PolicySpec
 # Per-policy copies of these training metrics go under `policy/<name>/`; the top-level value is their mean.
 POLICY_METRICS = (
     "loss", "kl", "entropy", "clip_frac", "grad_norm", "lr", "logprob_gap", "ratio/mean", "is_weight/mean",
-    "value_loss", "reward/mean", "response_length/mean", "batch/kept_samples",
+    "value_loss", "reward/mean", "response_length/mean", "batch/kept_samples", "ratio/max", "ratio/min",
+    "groups/zero_std_frac", "response/truncated_frac",
 )  # fmt: skip
 SELF_PLAY = "main"  # the one policy's name when the spec leaves `multi_agent` out
 
@@ -467,7 +468,8 @@ class MultiAgentController(Controller):
                 if key in m:
                     metrics[f"policy/{name}/{key}"] = m[key]
             if values and key not in ("reward/mean", "response_length/mean"):
-                metrics[key] = sum(values) / len(values)
+                extreme = {"ratio/max": max, "ratio/min": min}.get(key)
+                metrics[key] = extreme(values) if extreme else sum(values) / len(values)
         t2 = time.perf_counter()
         n_gen = sum(s.n_generated for s in samples)
         for key in ("time/logprob", "time/update", "time/sync"):

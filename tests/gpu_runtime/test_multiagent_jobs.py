@@ -133,7 +133,11 @@ def test_two_policies_both_train_report_per_role_curves_and_resume_exactly(warm_
         assert m["policy/po/reward/mean"] == m["reward/o/mean"]
         for p in ("px", "po"):
             assert {f"policy/{p}/{k}" for k in ("loss", "kl", "grad_norm", "entropy", "lr")} <= m.keys()
+            assert {f"policy/{p}/{k}" for k in ("ratio/max", "ratio/min", "groups/zero_std_frac")} <= m.keys()
         assert (m["policy/px/lr"], m["policy/po/lr"]) == (1e-3, 3e-3)
+        # The job's ratio range spans both policies' (max of maxima, min of minima).
+        assert m["ratio/max"] == max(m["policy/px/ratio/max"], m["policy/po/ratio/max"])
+        assert m["ratio/min"] == min(m["policy/px/ratio/min"], m["policy/po/ratio/min"])
         assert m["episodes/failed"] == 0.0 and m["game/rounds/mean"] > 2  # O moved in these games
     # Both parameter sets moved: px's full weights away from the warm start, po's LoRA adapter away from
     # PEFT's initialization (B = 0), and both again from step 1 to step 2.
