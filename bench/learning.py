@@ -164,14 +164,13 @@ def main(argv: list[str] | None = None) -> None:
         help="`before`: the GRPO stage as it was before issue 11, side by side",
     )
     ap.add_argument("--out", help="keep checkpoints here (default: a temporary directory)")
-    args, rest = ap.parse_known_args(argv)
-    if args.multi_agent:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--multi-agent" in argv:  # its own options (--seeds, --steps, ...) go to the multi-agent bench
         from bench import learning_multiagent
 
-        learning_multiagent.main(rest)
+        learning_multiagent.main([a for a in argv if a != "--multi-agent"])
         return
-    if rest:
-        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = ap.parse_args(argv)
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):
         cpu = next(

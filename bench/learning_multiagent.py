@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from safetensors.torch import load_file
 
+from bench.learning import QuietSink
 from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup
 from gpu_runtime.data.board_sft import write_board_sft
 from gpu_runtime.multiagent import MultiAgentController, MultiAgentGroup
-from gpu_runtime.sink import Sink
 from opentinker.spec import (
     EXAMPLE_MULTIAGENT_ENV_CONFIG,
     JobSpec,
@@ -47,7 +47,7 @@ from opentinker.spec import (
 SFT_CONVERSATIONS = 3000
 
 
-class RecordingSink(Sink):
+class RecordingSink(QuietSink):
     """Keeps every step's metrics (step 0 too: the in-job evaluation before the first update)."""
 
     def __init__(self) -> None:
@@ -55,13 +55,6 @@ class RecordingSink(Sink):
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         self.steps.setdefault(step, {}).update(values)
-
-    def event(self, kind: str, **data: object) -> None: ...
-    def log(self, line: str) -> None: ...
-    def checkpoint(self, step: int, uri: str, files: list[dict]) -> None: ...
-    def heartbeat(self) -> None: ...
-    def should_cancel(self) -> bool:
-        return False
 
 
 def with_steps(js: JobSpec, steps: int | None) -> JobSpec:
