@@ -95,7 +95,12 @@ _FAILED = pytest.StashKey[bool]()
 @pytest.fixture
 def page(browser, live_url, request) -> Iterator:
     context = browser.new_context(base_url=live_url, viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(15_000)
+    # Deadlines that only catch a hang: on a loaded 2-core box a page can take seconds (issue 11).
+    # Playwright's `expect` has its own 5 s default, which a busy server missed once; both are raised.
+    context.set_default_timeout(60_000)
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=30_000)
     p = context.new_page()
     yield p
     if request.node.stash.get(_FAILED, False):
