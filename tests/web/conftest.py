@@ -95,8 +95,8 @@ _FAILED = pytest.StashKey[bool]()
 @pytest.fixture
 def page(browser, live_url, request) -> Iterator:
     context = browser.new_context(base_url=live_url, viewport={"width": 1280, "height": 900})
-    # Deadlines that only catch a hang: on a loaded 2-core box a page can take seconds (issue 11).
-    # Playwright's `expect` has its own 5 s default, which a busy server missed once; both are raised.
+    # Deadlines that only catch a hang: on a loaded 2-core box a page can take seconds (issue 11), and
+    # Playwright's `expect` has its own 5 s default besides the context's.
     context.set_default_timeout(60_000)
     from playwright.sync_api import expect
 
