@@ -16,8 +16,9 @@ from django.db.models import QuerySet
 
 from env_registry.models import EnvironmentSecret
 from portal.errors import Conflict, DomainError, Forbidden, NotFound
-from portal.models import Membership, Organization, Role
+from portal.models import AuditAction, Membership, Organization, Role
 from portal.roles import role_at_least
+from portal.services.audit import audit_record
 from portal.services.secrets import fernet
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -70,16 +71,32 @@ def environment_secret_create(*, by: Membership, name: str, value: str) -> Envir
         ciphertext = _fernet().encrypt(value.encode()).decode()
         try:
             with transaction.atomic():
-                return EnvironmentSecret.objects.create(
+                secret = EnvironmentSecret.objects.create(
                     organization=org, name=name, ciphertext=ciphertext, created_by=by.user
                 )
         except IntegrityError:
             raise Conflict(f"a secret named {name!r} already exists", field="name") from None
+        # The name only: the value never reaches the audit log.
+        audit_record(
+            AuditAction.ENV_SECRET_CREATED,
+            organization=org,
+            user=by.user,
+            target=("environmentsecret", secret.pk, name),
+        )
+        return secret
 
 
 def environment_secret_delete(*, by: Membership, secret: EnvironmentSecret) -> None:
     _require_admin(by)
-    EnvironmentSecret.objects.filter(pk=secret.pk, organization=by.organization).delete()
+    with transaction.atomic():
+        deleted, _ = EnvironmentSecret.objects.filter(pk=secret.pk, organization=by.organization).delete()
+        if deleted:
+            audit_record(
+                AuditAction.ENV_SECRET_DELETED,
+                organization=by.organization,
+                user=by.user,
+                target=("environmentsecret", secret.pk, secret.name),
+            )
 
 
 # ----------------------------------------------------------------------------------------------------

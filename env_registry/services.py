@@ -24,7 +24,8 @@ from env_registry.models import EnvironmentPackage, EnvironmentVersion, Star, Vi
 from env_registry.selectors import NAME_RE, package_get, version_list
 from env_registry.visibility import Viewer, package_is_visible, package_may_change
 from portal.errors import Conflict, DomainError, Forbidden, NotFound
-from portal.models import Organization
+from portal.models import AuditAction, Organization
+from portal.services.audit import audit_record
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ def package_update(
         raise DomainError(f"at most {DESCRIPTION_MAX} characters", field="description")
     if description is not None:
         package.description = description
+    visibility_before = package.visibility
     if visibility is not None:
         package.visibility = visibility
     if tags is not None:
@@ -252,7 +254,16 @@ def package_update(
             )
             raise DomainError(why, field="tags") from None
         package.tags = list(tags)
-    package.save()
+    with transaction.atomic():
+        package.save()
+        if package.visibility != visibility_before:
+            audit_record(
+                AuditAction.ENV_VISIBILITY_CHANGED,
+                organization=package.organization,
+                user=viewer.user,
+                target=("environmentpackage", package.pk, f"{package.organization.slug}/{package.name}"),
+                details={"from": visibility_before, "to": package.visibility},
+            )
     return package
 
 

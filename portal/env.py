@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -96,3 +97,34 @@ def ensure_embedded_secrets(path: Path) -> None:
     tmp.write_text(f"SECRET_KEY={secrets.token_urlsafe(50)}\nTOKEN_PEPPER={secrets.token_urlsafe(32)}\n")
     tmp.chmod(0o600)
     os.replace(tmp, path)
+
+
+LEGACY_PEPPER_ID = "0"
+_PEPPER_ID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+
+
+def token_peppers(rotated: str | None, single: str | None) -> dict[str, str]:
+    """The peppers that key API-token hashes, newest first, by id.
+
+    ``TOKEN_PEPPERS`` is ``id:value,id:value`` (newest first); ``TOKEN_PEPPER``, the single pepper of before
+    rotation, is the oldest one with id ``0`` when it is set. New tokens are hashed under the newest; a token
+    stores its pepper's id, so checking it costs one HMAC whatever the number of peppers.
+    """
+    peppers: dict[str, str] = {}
+    for item in (rotated or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        pepper_id, sep, value = item.partition(":")
+        if not sep or not _PEPPER_ID.match(pepper_id) or not value:
+            raise ImproperlyConfigured(
+                "TOKEN_PEPPERS must be 'id:value,id:value' (newest first; ids: 1-16 of A-Z a-z 0-9 - _)"
+            )
+        if pepper_id in peppers:
+            raise ImproperlyConfigured(f"TOKEN_PEPPERS names the pepper id {pepper_id!r} twice")
+        peppers[pepper_id] = value
+    if single and LEGACY_PEPPER_ID not in peppers:
+        peppers[LEGACY_PEPPER_ID] = single
+    if not peppers:
+        raise ImproperlyConfigured("TOKEN_PEPPER must be set (or TOKEN_PEPPERS, to rotate peppers)")
+    return peppers

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from portal.env import Env, ensure_embedded_secrets
+from portal.env import Env, ensure_embedded_secrets, token_peppers
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 _probe = Env()
@@ -32,7 +32,11 @@ else:
 SECRET_KEY = env.str("SECRET_KEY")
 # The pepper keys the HMAC of API-token secrets; it lives outside the database so a database dump alone
 # cannot be used to check guesses offline.
-TOKEN_PEPPER = env.str("TOKEN_PEPPER")
+# Several peppers may be live at once so that one can be rotated without revoking every token (README
+# "Rotating the token pepper"): TOKEN_PEPPERS, newest first. TOKEN_PEPPER below is the newest one's value
+# (job tokens and other short-lived digests use it).
+TOKEN_PEPPERS = token_peppers(env.get("TOKEN_PEPPERS"), env.get("TOKEN_PEPPER"))
+TOKEN_PEPPER = next(iter(TOKEN_PEPPERS.values()))
 DEBUG = env.bool("DEBUG", False)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if EMBEDDED else [])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", [])
@@ -85,6 +89,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "portal.middleware.AuditContextMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -153,7 +158,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["api.permissions.HasScope"],
     "DEFAULT_PARSER_CLASSES": ["api.parsers.LimitedJSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "api.schema.AutoSchema",
     "EXCEPTION_HANDLER": "api.errors.exception_handler",
     "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {"user": env.str("API_RATE_LIMIT", "1200/min")},
@@ -227,18 +232,32 @@ LOGGING = {
 
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # htmx reads the token from the cookie
+# Lax: a link from another site still arrives signed in; a cross-site POST, image or frame does not.
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+SESSION_COOKIE_AGE = env.int("SESSION_COOKIE_AGE", 14 * 24 * 3600)
+# Reverse proxies in front of the server that append the client's address to X-Forwarded-For: the audit log
+# and the sign-in limits believe that many entries from the right, and never more (0: REMOTE_ADDR only).
+TRUSTED_PROXIES = env.int("TRUSTED_PROXIES", 0)
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
+# Production: cookies only over HTTPS, HSTS, redirect to HTTPS. The embedded default serves plain HTTP on
+# localhost and so sets none of them (DEBUG never turns them off in production).
+SESSION_COOKIE_SECURE = not EMBEDDED
+CSRF_COOKIE_SECURE = not EMBEDDED
+# Trusted only because production runs behind a proxy that sets (overwrites) X-Forwarded-Proto itself:
+# SECURE_PROXY_SSL_HEADER="" turns it off for a server that faces clients directly.
+_proxy_ssl_header = env.str("SECURE_PROXY_SSL_HEADER", "" if EMBEDDED else "HTTP_X_FORWARDED_PROTO")
+SECURE_PROXY_SSL_HEADER = (_proxy_ssl_header, "https") if _proxy_ssl_header else None
 if not EMBEDDED:
-    SESSION_COOKIE_SECURE = True
-    CSRF_COOKIE_SECURE = True
     SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", True)
-    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", 31_536_000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", True)
     if len(SECRET_KEY) < 50 or SECRET_KEY.startswith("django-insecure"):
         raise ValueError("SECRET_KEY must be at least 50 random characters in production")
-    if len(TOKEN_PEPPER) < 32:
-        raise ValueError("TOKEN_PEPPER must be at least 32 random characters in production")
+    if any(len(p) < 32 for p in TOKEN_PEPPERS.values()):
+        raise ValueError(
+            "TOKEN_PEPPER must be at least 32 random characters in production (each of TOKEN_PEPPERS)"
+        )

@@ -1,3 +1,4 @@
+from portal.models.audit import AuditAction, AuditEntry
 from portal.models.jobs import Checkpoint, Job, JobEvent, Metric
 from portal.models.logs import JobLog
 from portal.models.orgs import Invitation, Membership, Organization, Role
@@ -9,6 +10,8 @@ from portal.models.usage import FairShareUsage, UsageRecord
 __all__ = [
     "Allocation",
     "ApiToken",
+    "AuditAction",
+    "AuditEntry",
     "Checkpoint",
     "ComputePool",
     "FairShareUsage",

@@ -27,6 +27,8 @@ class ApiToken(models.Model):
     # Public part of `otk_<lookup>_<secret>`: finds the row without scanning hashes.
     lookup = models.CharField(max_length=16, unique=True)
     secret_hash = models.CharField(max_length=64)
+    # Which of settings.TOKEN_PEPPERS keyed secret_hash ("0": the single TOKEN_PEPPER of before rotation).
+    pepper_id = models.CharField(max_length=16, default="0")
     scopes = ArrayField(models.CharField(max_length=20, choices=Scope.choices), default=list)
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField(null=True, blank=True)

@@ -49,11 +49,11 @@ def invitation_for_secret(secret: str) -> Invitation:
     by); a wrong, used, revoked or expired one is NotFound, as invitation_accept has it."""
     from django.utils import timezone
 
-    from portal.services.secrets import secret_hash
+    from portal.services.secrets import secret_hashes
 
     found = (
         Invitation.objects.select_related("organization", "invited_by")
-        .filter(secret_hash=secret_hash(secret), accepted_at__isnull=True, revoked_at__isnull=True)
+        .filter(secret_hash__in=secret_hashes(secret), accepted_at__isnull=True, revoked_at__isnull=True)
         .filter(expires_at__gt=timezone.now())
         .first()
     )

@@ -289,5 +289,15 @@ def job_set_priority(*, job: Job, priority: int, actor: Actor, reason: str = "")
         if reason.strip():
             message += f": {reason.strip()[:MAX_REASON]}"
         _record(job, actor, kind=JobEvent.Kind.INFO, message=message, data={"priority": [old, priority]})
+        from portal.models import AuditAction
+        from portal.services.audit import audit_record
+
+        audit_record(
+            AuditAction.JOB_PRIORITY_CHANGED,
+            organization=job.organization,
+            user=actor.user,
+            target=("job", job.pk, job.name),
+            details={"from": old, "to": priority, "reason": reason.strip()[:MAX_REASON]},
+        )
     enqueue("workers.schedule", expires=30)
     return job

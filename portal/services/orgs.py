@@ -11,10 +11,11 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from portal.errors import Conflict, DomainError, Forbidden, NotFound
-from portal.models import Invitation, Membership, Organization, Quota, Role
+from portal.models import AuditAction, Invitation, Membership, Organization, Quota, Role
 from portal.models.orgs import ROLE_RANK, SLUG_VALIDATOR
 from portal.roles import role_at_least
-from portal.services.secrets import secret_hash
+from portal.services.audit import audit_record
+from portal.services.secrets import secret_hash, secret_hashes
 
 INVITATION_DAYS = 7
 
@@ -52,11 +53,20 @@ def membership_set_role(*, by: Membership, target: Membership, role: str) -> Mem
         raise Forbidden("only an owner can grant or remove the owner role")
     if ROLE_RANK[Role(role)] > ROLE_RANK[Role(by.role)]:
         raise Forbidden("you cannot grant a role above your own")
-    target = Membership.objects.select_for_update().get(pk=target.pk)
+    target = Membership.objects.select_for_update().select_related("user").get(pk=target.pk)
     if target.role == Role.OWNER and role != Role.OWNER:
         _keep_an_owner(target)
+    before = target.role
     target.role = role
     target.save(update_fields=["role"])
+    if before != role:
+        audit_record(
+            AuditAction.MEMBER_ROLE_CHANGED,
+            organization=target.organization,
+            user=by.user,
+            target=("membership", target.pk, target.user.username),
+            details={"username": target.user.username, "from": before, "to": role},
+        )
     return target
 
 
@@ -75,8 +85,20 @@ def membership_remove(*, by: Membership, target: Membership) -> None:
     if target.role == Role.OWNER:
         _keep_an_owner(target)
     # Their tokens for this organization die with the membership (they also stop authenticating at once).
-    target.user.api_tokens.filter(organization=target.organization, revoked_at__isnull=True).update(
+    revoked = target.user.api_tokens.filter(organization=target.organization, revoked_at__isnull=True).update(
         revoked_at=timezone.now()
+    )
+    audit_record(
+        AuditAction.MEMBER_REMOVED,
+        organization=target.organization,
+        user=by.user,
+        target=("membership", target.pk, target.user.username),
+        details={
+            "username": target.user.username,
+            "role": target.role,
+            "left": by.pk == target.pk,
+            "tokens_revoked": revoked,
+        },
     )
     target.delete()
 
@@ -100,13 +122,20 @@ def invitation_create(*, by: Membership, email: str, role: str) -> tuple[Invitat
         invited_by=by.user,
         expires_at=timezone.now() + timedelta(days=INVITATION_DAYS),
     )
+    audit_record(
+        AuditAction.INVITATION_CREATED,
+        organization=by.organization,
+        user=by.user,
+        target=("invitation", invitation.pk, email),
+        details={"email": email, "role": role, "expires_at": invitation.expires_at},
+    )
     return invitation, secret
 
 
 @transaction.atomic
 def invitation_accept(*, secret: str, user) -> Membership:
     try:
-        invitation = Invitation.objects.select_for_update().get(secret_hash=secret_hash(secret))
+        invitation = Invitation.objects.select_for_update().get(secret_hash__in=secret_hashes(secret))
     except Invitation.DoesNotExist:
         raise NotFound("no such invitation") from None
     if invitation.revoked_at or invitation.accepted_at or invitation.expires_at <= timezone.now():
@@ -122,6 +151,13 @@ def invitation_accept(*, secret: str, user) -> Membership:
     invitation.accepted_at = timezone.now()
     invitation.accepted_by = user
     invitation.save(update_fields=["accepted_at", "accepted_by"])
+    audit_record(
+        AuditAction.INVITATION_ACCEPTED,
+        organization=invitation.organization,
+        user=user,
+        target=("invitation", invitation.pk, invitation.email),
+        details={"email": invitation.email, "role": invitation.role, "username": user.get_username()},
+    )
     return membership
 
 
@@ -131,3 +167,10 @@ def invitation_revoke(*, by: Membership, invitation: Invitation) -> None:
     if invitation.accepted_at is None and invitation.revoked_at is None:
         invitation.revoked_at = timezone.now()
         invitation.save(update_fields=["revoked_at"])
+        audit_record(
+            AuditAction.INVITATION_REVOKED,
+            organization=invitation.organization,
+            user=by.user,
+            target=("invitation", invitation.pk, invitation.email),
+            details={"email": invitation.email, "role": invitation.role},
+        )

@@ -7,7 +7,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from portal.errors import Conflict, DomainError
-from portal.models import Allocation, ComputePool
+from portal.models import Allocation, AuditAction, ComputePool
+from portal.services.audit import audit_record
 
 POOL_FIELDS = ("driver", "ray_address", "enabled", "labels")
 
@@ -40,6 +41,17 @@ def pool_create(
     )
     _clean(pool)
     pool.save()
+    audit_record(
+        AuditAction.POOL_CREATED,
+        organization=None,
+        target=("computepool", pool.pk, pool.name),
+        details={
+            "driver": pool.driver,
+            "ray_address": pool.ray_address,
+            "enabled": pool.enabled,
+            "labels": pool.labels,
+        },
+    )
     return pool
 
 
@@ -49,10 +61,21 @@ def pool_update(*, pool: ComputePool, **changes) -> ComputePool:
     if unknown:
         raise DomainError(f"unknown pool fields: {', '.join(sorted(unknown))}", field=sorted(unknown)[0])
     pool = ComputePool.objects.select_for_update().get(pk=pool.pk)
+    before = {field: getattr(pool, field) for field in changes}
     for field, value in changes.items():
         setattr(pool, field, value)
     _clean(pool)
     pool.save()
+    changed = {
+        f: {"from": before[f], "to": getattr(pool, f)} for f in changes if before[f] != getattr(pool, f)
+    }
+    if changed:
+        audit_record(
+            AuditAction.POOL_UPDATED,
+            organization=None,
+            target=("computepool", pool.pk, pool.name),
+            details={"changes": changed},
+        )
     return pool
 
 
@@ -62,6 +85,12 @@ def pool_delete(*, pool: ComputePool) -> None:
     if Allocation.objects.filter(pool=pool, released_at__isnull=True).exists():
         raise Conflict("the pool still runs jobs; disable it and wait for them to finish")
     Allocation.objects.filter(pool=pool).delete()
+    audit_record(
+        AuditAction.POOL_DELETED,
+        organization=None,
+        target=("computepool", pool.pk, pool.name),
+        details={"driver": pool.driver},
+    )
     pool.delete()
 
 

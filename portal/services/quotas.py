@@ -6,7 +6,8 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 
 from portal.errors import DomainError, Forbidden
-from portal.models import Organization, Quota
+from portal.models import AuditAction, Organization, Quota
+from portal.services.audit import audit_record
 
 QUOTA_FIELDS = (
     "max_gpus",
@@ -27,6 +28,7 @@ def quota_set(*, organization: Organization, by, **changes) -> Quota:
     if unknown:
         raise DomainError(f"unknown quota fields: {', '.join(sorted(unknown))}", field=sorted(unknown)[0])
     quota = Quota.objects.select_for_update().get(organization=organization)
+    before = {field: getattr(quota, field) for field in changes}
     for field, value in changes.items():
         setattr(quota, field, value)
     try:
@@ -35,4 +37,15 @@ def quota_set(*, organization: Organization, by, **changes) -> Quota:
         field, messages = next(iter(e.message_dict.items()))
         raise DomainError(messages[0], field=field) from None
     quota.save()
+    changed = {
+        f: {"from": before[f], "to": getattr(quota, f)} for f in changes if before[f] != getattr(quota, f)
+    }
+    if changed:
+        audit_record(
+            AuditAction.QUOTA_CHANGED,
+            organization=organization,
+            user=by,
+            target=("quota", organization.pk, organization.slug),
+            details={"changes": changed},
+        )
     return quota

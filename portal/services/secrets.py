@@ -1,4 +1,4 @@
-"""Keyed hashing of secrets (API tokens, invitations): HMAC-SHA256 with the server's pepper."""
+"""Keyed hashing of secrets (API tokens, invitations): HMAC-SHA256 under the server's peppers."""
 
 from __future__ import annotations
 
@@ -12,13 +12,39 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from django.conf import settings
 
 
-def secret_hash(secret: str) -> str:
-    return hmac.new(settings.TOKEN_PEPPER.encode(), secret.encode(), hashlib.sha256).hexdigest()
+def _peppers() -> dict[str, str]:
+    # Read at each call, so a test (or a reload) that changes the setting takes effect at once.
+    peppers = getattr(settings, "TOKEN_PEPPERS", None)
+    return peppers or {"0": settings.TOKEN_PEPPER}
 
 
-def secret_matches(secret: str, stored_hash: str) -> bool:
-    # Constant-time: the comparison must not leak how many leading characters matched.
-    return hmac.compare_digest(secret_hash(secret), stored_hash)
+def current_pepper_id() -> str:
+    """The id of the newest pepper: new secrets are hashed under it."""
+    return next(iter(_peppers()))
+
+
+def secret_hash(secret: str, pepper_id: str | None = None) -> str:
+    """HMAC-SHA256 of the secret under one pepper (the newest by default). KeyError for an unknown id."""
+    peppers = _peppers()
+    pepper = peppers[pepper_id if pepper_id is not None else next(iter(peppers))]
+    return hmac.new(pepper.encode(), secret.encode(), hashlib.sha256).hexdigest()
+
+
+def secret_hashes(secret: str) -> list[str]:
+    """The secret's hash under every live pepper, newest first: for lookups by hash (invitations), where
+    no pepper id is known before the row is found."""
+    return [secret_hash(secret, pepper_id) for pepper_id in _peppers()]
+
+
+def secret_matches(secret: str, stored_hash: str, pepper_id: str | None = None) -> bool:
+    """Constant-time: the comparison must not leak how many leading characters matched. A pepper that is no
+    longer configured matches nothing (that is how removing a pepper retires the tokens hashed under it),
+    after the same amount of work."""
+    peppers = _peppers()
+    if pepper_id is not None and pepper_id not in peppers:
+        hmac.compare_digest(secret_hash(secret), "0" * 64)
+        return False
+    return hmac.compare_digest(secret_hash(secret, pepper_id), stored_hash)
 
 
 def fernet(label: bytes) -> Fernet:

@@ -168,12 +168,27 @@ def job_preempt(*, job: Job, actor: Actor, reason: str = "") -> Job:
         state = S(job.state)
         alloc = live_allocation(job)
         if state is S.ADMITTED or (state is S.RUNNING and alloc is not None and alloc.launched_at is None):
+            _audit_preempt(job, actor, reason, state)
             return job_requeue(job=job, why="preempted", reason=reason, actor=actor)
         if state is not S.RUNNING or alloc is None:
             raise Conflict(f"only an admitted or running job can be preempted (this one is {state.value})")
         if alloc.preempt_requested_at is None:
             allocation_preempt_request(alloc, reason=reason, actor=actor)
+            _audit_preempt(job, actor, reason, state)
         return job
+
+
+def _audit_preempt(job: Job, actor: Actor, reason: str, state) -> None:
+    from portal.models import AuditAction
+    from portal.services.audit import audit_record
+
+    audit_record(
+        AuditAction.JOB_PREEMPTED,
+        organization=job.organization,
+        user=actor.user,
+        target=("job", job.pk, job.name),
+        details={"reason": reason, "state": state.value, "attempt": job.attempt},
+    )
 
 
 def allocation_preempt_request(alloc: Allocation, *, reason: str, actor: Actor = SYSTEM) -> None:

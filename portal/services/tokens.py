@@ -6,12 +6,14 @@ import re
 import secrets
 from datetime import datetime, timedelta
 
+from django.db import transaction
 from django.utils import timezone
 
 from portal.errors import DomainError, Forbidden
-from portal.models import ApiToken, Membership, Scope
+from portal.models import ApiToken, AuditAction, Membership, Scope
 from portal.roles import scopes_for
-from portal.services.secrets import secret_hash, secret_matches
+from portal.services.audit import audit_record
+from portal.services.secrets import current_pepper_id, secret_hash, secret_matches
 
 TOKEN_RE = re.compile(r"^otk_(?P<lookup>[0-9a-f]{12})_(?P<secret>[A-Za-z0-9_-]{43})$")
 MAX_TOKENS_PER_USER = 100
@@ -41,15 +43,29 @@ def token_create(
         raise DomainError(f"you have {MAX_TOKENS_PER_USER} active tokens; revoke some first")
     lookup = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
-    token = ApiToken.objects.create(
-        organization=membership.organization,
-        user=membership.user,
-        name=name,
-        lookup=lookup,
-        secret_hash=secret_hash(secret),
-        scopes=sorted(set(scopes)),
-        expires_at=timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None,
-    )
+    pepper_id = current_pepper_id()
+    with transaction.atomic():
+        token = ApiToken.objects.create(
+            organization=membership.organization,
+            user=membership.user,
+            name=name,
+            lookup=lookup,
+            secret_hash=secret_hash(secret, pepper_id),
+            pepper_id=pepper_id,
+            scopes=sorted(set(scopes)),
+            expires_at=timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None,
+        )
+        audit_record(
+            AuditAction.TOKEN_CREATED,
+            organization=membership.organization,
+            user=membership.user,
+            target=token,
+            details={
+                "scopes": token.scopes,
+                "expires_at": token.expires_at,
+                "owner": membership.user.username,
+            },
+        )
     return token, f"otk_{lookup}_{secret}"
 
 
@@ -63,7 +79,7 @@ def token_authenticate(raw: str, *, now: datetime | None = None) -> tuple[ApiTok
     if token is None:
         secret_matches(m["secret"], "0" * 64)
         return None
-    if not secret_matches(m["secret"], token.secret_hash):
+    if not secret_matches(m["secret"], token.secret_hash, token.pepper_id):
         return None
     now = now or timezone.now()
     if token.revoked_at is not None or (token.expires_at is not None and token.expires_at <= now):
@@ -73,6 +89,16 @@ def token_authenticate(raw: str, *, now: datetime | None = None) -> tuple[ApiTok
     membership = Membership.objects.filter(organization=token.organization, user=token.user).first()
     if membership is None:
         return None
+    newest = current_pepper_id()
+    if token.pepper_id != newest:
+        # Rehash on use: a token in use moves to the newest pepper the first time it is seen after a rotation,
+        # so retiring the old pepper later only ends tokens nobody used meanwhile (README "Rotating the
+        # token pepper"). Conditional on the old hash, so two concurrent requests write the same thing once.
+        rehashed = secret_hash(m["secret"], newest)
+        ApiToken.objects.filter(pk=token.pk, pepper_id=token.pepper_id, secret_hash=token.secret_hash).update(
+            secret_hash=rehashed, pepper_id=newest
+        )
+        token.secret_hash, token.pepper_id = rehashed, newest
     if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
         token.last_used_at = now
@@ -88,7 +114,16 @@ def token_revoke(*, by: Membership, token: ApiToken, manage_all: bool) -> ApiTok
     """`manage_all`: the caller acts with org:admin (an admin's session, or a token holding that scope)."""
     if token.user_id != by.user_id and not manage_all:
         raise Forbidden("only the token's owner or an organization admin (org:admin) can revoke it")
-    if token.revoked_at is None:
-        token.revoked_at = timezone.now()
-        token.save(update_fields=["revoked_at"])
+    with transaction.atomic():
+        token = ApiToken.objects.select_for_update().select_related("user").get(pk=token.pk)
+        if token.revoked_at is None:
+            token.revoked_at = timezone.now()
+            token.save(update_fields=["revoked_at"])
+            audit_record(
+                AuditAction.TOKEN_REVOKED,
+                organization=token.organization,
+                user=by.user,
+                target=token,
+                details={"owner": token.user.username},
+            )
     return token
