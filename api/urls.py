@@ -3,6 +3,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, Spec
 
 from api.views import (
     admin,
+    audit,
     catalog,
     env_secrets,
     envs,
@@ -63,6 +64,10 @@ v1 = [
     path("admin/jobs/<str:job_id>/preempt", admin.AdminPreemptApi.as_view()),
     path("admin/usage", admin.AdminUsageApi.as_view()),
     path("org/usage", usage.OrgUsageApi.as_view()),
+    path("org/audit", audit.OrgAuditListApi.as_view()),
+    path("org/audit/export", audit.OrgAuditExportApi.as_view()),
+    path("admin/audit", audit.AdminAuditListApi.as_view()),
+    path("admin/audit/export", audit.AdminAuditExportApi.as_view()),
 ]
 
 urlpatterns = [
