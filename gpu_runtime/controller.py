@@ -14,6 +14,7 @@ import math
 import os
 import random
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,8 @@ from gpu_runtime.algorithms import (
 )
 from gpu_runtime.batch import Sample
 from gpu_runtime.data import SFTDataset
-from gpu_runtime.envs import REMOTE_SECRET_VAR
+from gpu_runtime.envs import REMOTE_SECRET_VAR, egress_env
+from gpu_runtime.failure_policy import FailureWatch
 from gpu_runtime.models import load_tokenizer
 from gpu_runtime.rollout.dynamic_sampling import collect_informative
 from gpu_runtime.sink import Sink
@@ -145,7 +147,7 @@ class RayGroup:
             ray.remote(RolloutWorker)
             .options(**(opts(0, 0.5) if colocate else opts(world_size)))
             # An argument, not the actor's runtime_env (readable through the cluster's API like the job's).
-            .remote(js, os.environ.get(REMOTE_SECRET_VAR))
+            .remote(js, os.environ.get(REMOTE_SECRET_VAR), egress_env())
             if spec.environment is not None and rollout
             else None
         )
@@ -448,12 +450,26 @@ class Controller:
     def evaluate(self, n: int, *, step: int = 0) -> dict[str, float]:
         """Greedy episodes on held-out seeds (a seed stream disjoint from training's derivation)."""
         seeds = [derive_seed(self.spec.seed, -7, i) for i in range(n)]
-        samples, _ = self.group.rollout_call("collect", seeds, list(range(n)), 0, True)
+        samples, stats = self.group.rollout_call("collect", seeds, list(range(n)), 0, True)
         rewards = [s.reward for s in samples]
         return {
             "eval/reward_mean": sum(rewards) / max(len(rewards), 1),
-            "eval/accuracy": sum(r > 0 for r in rewards) / max(len(rewards), 1),
+            "eval/accuracy": sum(r > 0 for r in rewards) / max(n, 1),  # a failed episode is not correct
+            "eval/episodes": float(n),
+            "eval/episodes_failed": float(stats.get("episodes/failed", 0.0)),
         }
+
+    def _episode_errors(self) -> list[str]:
+        try:
+            return list(self.group.rollout_call("episode_errors"))
+        except Exception:  # a rollout worker that does not keep them (multi-agent)
+            return []
+
+    def _failed(self, step: int, reason: str, history: list[dict[str, float]]) -> RunResult:
+        """The failure policy stopped the job (gpu_runtime.failure_policy): failed, saying why."""
+        self.sink.event("failed", error=reason, step=step)
+        print(f"job failed: {reason}", file=sys.stderr, flush=True)  # the runner keeps it as the reason
+        return RunResult(EXIT_FAILED, "failed", step, history)
 
     def run(self, *, resume: str | None = None, start_time: float | None = None) -> RunResult:
         spec = self.spec
@@ -463,9 +479,12 @@ class Controller:
         start_step = self.resume(resume) + 1 if resume else 1
         self._sync_weights()  # the rollout engine starts from the trainer's weights (initial or resumed)
         self.sink.event("started", step=start_step - 1, algorithm=a.name)
+        watch = FailureWatch(spec, self._episode_errors)
         if spec.kind.value == "eval":
             m = self.evaluate(a.batch_size * a.group_size)
             self.sink.metrics(0, m)
+            if reason := watch.after_eval(m):
+                return self._failed(0, reason, [m])
             self.sink.event("finished", status="succeeded", step=0)
             return RunResult(EXIT_OK, "succeeded", 0, [m])
         history = []
@@ -482,6 +501,8 @@ class Controller:
             m = self.sft_step(step) if self.sft_data is not None else self.rl_step(step)
             history.append(m)
             self.sink.metrics(step, m)
+            if self.sft_data is None and (reason := watch.after_step(step, m)):
+                return self._failed(step, reason, history)
             if step % spec.checkpoint.every_steps == 0 and step != a.steps:
                 self.save(step)
         if spec.checkpoint.save_final and step >= start_step:

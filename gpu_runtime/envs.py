@@ -5,7 +5,10 @@
   sandboxed subprocess per instance (gpu_runtime.env_packages); a local package given with
   `--env-package` runs the same way;
 - `https://...`: a remote OpenEnv-compatible server, one WebSocket session per instance. Its secret, if the
-  job names one, comes in the runtime's environment (`OPENTINKER_ENV_SECRET`), never in the spec.
+  job names one, comes in the runtime's environment (`OPENTINKER_ENV_SECRET`), never in the spec. Every
+  connection passes the egress policy (`opentinker.egress`; the allow-list the launcher computed for this job
+  comes in `OPENTINKER_EGRESS_ALLOW`), and the instances share one `SessionGate`, so episodes queue for the
+  server's session slots (`config.max_sessions` states the limit up front; otherwise it is learned).
 """
 
 from __future__ import annotations
@@ -38,15 +41,32 @@ REMOTE_SECRET_VAR = "OPENTINKER_ENV_SECRET"  # noqa: S105 (a variable name, not 
 def env_factory(spec: EnvironmentSpec) -> Callable[[], Environment]:
     ref = spec.registry_ref
     if ref is None:
-        from opentinker.env.remote import RemoteEnvironment
+        from opentinker.egress import Egress, EgressPolicy
+        from opentinker.env.remote import RemoteEnvironment, SessionGate
 
+        config = dict(spec.config)
+        limit = config.pop("max_sessions", None)
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"environment.config.max_sessions must be a positive integer, not {limit!r}")
         return functools.partial(
-            RemoteEnvironment, spec.ref, secret=os.environ.get(REMOTE_SECRET_VAR) or None, **spec.config
+            RemoteEnvironment,
+            spec.ref,
+            secret=os.environ.get(REMOTE_SECRET_VAR) or None,
+            egress=Egress(EgressPolicy.from_env()),
+            gate=SessionGate(limit),
+            **config,
         )
     if ref.owner != "opentinker" or os.environ.get(ENV_PACKAGE_VAR):
         return package_factory(spec)
     cls = builtin_class(ref.name)
     return functools.partial(cls, **spec.config)
+
+
+def egress_env() -> dict[str, str]:
+    """This process's egress policy variables, handed to Ray actors (whose environment may not have them)."""
+    from opentinker.egress import ALLOW_VAR, DENY_VAR
+
+    return {k: os.environ.get(k, "") for k in (ALLOW_VAR, DENY_VAR)}
 
 
 def protocol_kind(make_env: Callable[[], Environment]) -> str:

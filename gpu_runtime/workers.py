@@ -21,6 +21,7 @@ from gpu_runtime.rollout.base import RolloutEngine, SamplingParams
 from gpu_runtime.rollout.collector import episode_to_sample, run_episodes
 from gpu_runtime.rollout.decode import StaticDecodeEngine
 from gpu_runtime.rollout.hf import HFEngine
+from opentinker.egress import ALLOW_VAR, DENY_VAR
 from opentinker.env.codec import HFChatCodec
 from opentinker.env.protocol import Budget, protocol_for
 from opentinker.spec import JobSpec
@@ -138,9 +139,16 @@ class RankWorker:
 
 
 class RolloutWorker:
-    def __init__(self, spec_json: str, env_secret: str | None = None) -> None:
+    def __init__(
+        self, spec_json: str, env_secret: str | None = None, egress_env: dict[str, str] | None = None
+    ) -> None:
         if env_secret:  # a Ray actor: the driver's secret (from its bootstrap) is not in this process's env
             os.environ[REMOTE_SECRET_VAR] = env_secret
+        for key in (ALLOW_VAR, DENY_VAR):  # a Ray actor: the driver's egress policy, never a looser one
+            if egress_env is not None:
+                os.environ.pop(key, None)
+                if egress_env.get(key):
+                    os.environ[key] = egress_env[key]
         spec = JobSpec.model_validate_json(spec_json)
         assert spec.environment is not None
         configure_threads(spec)
@@ -180,10 +188,18 @@ class RolloutWorker:
         samples = [
             episode_to_sample(ep, g) for ep, g in zip(episodes, group_ids, strict=True) if not ep.failed
         ]
-        stats = {"episodes/failed": float(sum(ep.failed for ep in episodes))}
-        for reason in sorted({ep.error for ep in episodes if ep.failed})[:5]:
+        stats = {
+            "episodes/failed": float(sum(ep.failed for ep in episodes)),
+            "episodes/total": float(len(seeds)),
+        }
+        self.errors = sorted({ep.error for ep in episodes if ep.failed})[:5]
+        for reason in self.errors:
             print(f"episode failed: {reason}", file=sys.stderr, flush=True)  # the job's log keeps why
         return samples, stats
+
+    def episode_errors(self) -> list[str]:
+        """Why the last collection's failed episodes failed (a few distinct reasons)."""
+        return list(getattr(self, "errors", []))
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.engine.load_weights(state_dict)

@@ -267,6 +267,29 @@ class CheckpointSpec(_Strict):
     save_final: bool = True
 
 
+class FailurePolicySpec(_Strict):
+    """When a job that cannot run its episodes, or cannot learn, stops: failed, with the reason (never a quiet
+    `succeeded`). Eval jobs fail when no episode completed."""
+
+    max_episode_failure_rate: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="A step whose share of failed episodes (environment errors) is above this is a failing "
+        "step.",
+    )
+    failure_rate_steps: int = Field(
+        3, ge=1, le=1_000_000, description="Consecutive failing steps that fail the job."
+    )
+    zero_signal_steps: int | None = Field(
+        30,
+        ge=1,
+        le=1_000_000,
+        description="Consecutive steps in which every group's samples got the same reward (no learning "
+        "signal: every advantage is zero) that fail the job; null: never.",
+    )
+
+
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,30}[a-z0-9])?$")  # role and policy names (in metric names)
 
 
@@ -390,6 +413,7 @@ class JobSpec(_Strict):
     algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    failure_policy: FailurePolicySpec = Field(default_factory=FailurePolicySpec)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     priority: int = Field(0, ge=-10, le=10, description="Within the organization's own queue.")
     resume_from: str | None = Field(None, max_length=1024, description="A checkpoint URI to resume from.")

@@ -15,6 +15,15 @@ An OpenEnv action is the environment's own pydantic model, so the field that car
 read from `/schema` unless `action_field` is given. Tested against `openenv-core` 0.3's own server
 (tests/opentinker/env/test_remote_openenv.py). An optional secret travels as `Authorization: Bearer`.
 Uses aiohttp (client and WebSocket); each instance owns a private event loop, so callers stay synchronous.
+
+With an `egress` (`opentinker.egress.Egress`; the runtime always gives one) every connection is checked
+against the egress policy: the URL before the first request, each redirect's target before it is followed,
+and every connection connects only to the addresses that were checked (`_PinnedConnector`: no second DNS
+resolution; the Host header and TLS SNI keep the URL's name).
+
+With a `gate` (`SessionGate`, shared by all the instances of one job) episodes queue for the server's
+session slots instead of failing: a reset waits for a free slot, and a server at capacity teaches the gate
+its limit (OpenEnv's CAPACITY_REACHED error carries `max_sessions`; else "n/m sessions" in its message).
 """
 
 from __future__ import annotations
@@ -22,11 +31,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+import socket
+import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from contextvars import ContextVar
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
+from opentinker.egress import Egress, EgressRefused
 from opentinker.env.base import Environment, Observation, StepResult
 
 TEXT_KEYS = ("text", "prompt", "message", "echoed_message", "content")
@@ -34,6 +51,86 @@ TEXT_KEYS = ("text", "prompt", "message", "echoed_message", "content")
 
 class RemoteEnvironmentError(RuntimeError):
     """The remote environment failed: unreachable, timed out, refused, or answered with an error."""
+
+
+# Set by a caller that batches episodes (gpu_runtime's collector): a context manager entered while an
+# episode's thread waits for a session slot, so the batcher does not wait for that episode meanwhile.
+WAITING: ContextVar[Callable[[], AbstractContextManager[Any]] | None] = ContextVar(
+    "opentinker_remote_waiting", default=None
+)
+CAPACITY_RE = re.compile(r"(\d+)\s*/\s*(\d+)\s*sessions")
+
+
+class SessionGate:
+    """The session slots of one remote server, shared by a job's episodes: at most `limit` sessions at once
+    (None: not known yet, no limit). The limit is learned from the server's capacity errors."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit if limit is None else max(1, int(limit))
+        self.active = 0
+        self.cv = threading.Condition()
+
+    def acquire(self, deadline: float) -> bool:
+        """Wait (until `deadline`, time.monotonic()) for a free slot and take it; False if none came."""
+        with self.cv:
+            if self.limit is None or self.active < self.limit:
+                self.active += 1
+                return True
+        hook = WAITING.get()
+        with hook() if hook is not None else nullcontext(), self.cv:
+            while self.limit is not None and self.active >= self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cv.wait(left)
+            self.active += 1
+            return True
+
+    def release(self) -> None:
+        with self.cv:
+            self.active = max(0, self.active - 1)
+            self.cv.notify_all()
+
+    def learn(self, max_sessions: int | None) -> None:
+        """The server said it is full: its limit is `max_sessions`, or (unknown) fewer than our sessions."""
+        with self.cv:
+            if max_sessions is not None and max_sessions > 0:
+                self.limit = max_sessions if self.limit is None else min(self.limit, max_sessions)
+            else:
+                self.limit = max(1, self.active - 1)
+
+    def pause(self, seconds: float) -> None:
+        """Wait up to `seconds` for a slot to be released (the server is full with sessions not ours)."""
+        hook = WAITING.get()
+        with hook() if hook is not None else nullcontext(), self.cv:
+            self.cv.wait(seconds)
+
+
+class _PinnedConnector(aiohttp.TCPConnector):
+    """Connects only to the addresses the egress policy checked for a host (literal IPs included), never
+    resolving again; the request keeps the URL's host name for the Host header and TLS SNI."""
+
+    def __init__(self, egress: Egress, **kwargs: Any) -> None:
+        super().__init__(use_dns_cache=False, **kwargs)
+        self._egress = egress
+
+    async def _resolve_host(self, host: str, port: int, traces: Any = None) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        try:
+            addresses = await loop.run_in_executor(None, self._egress.pinned, host, port)
+        except EgressRefused as e:
+            raise RemoteEnvironmentError(f"egress policy: {e}") from None
+        return [
+            {
+                "hostname": host,
+                "host": a,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in a else socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+            }
+            for a in addresses
+        ]
 
 
 def _error_text(data: Any) -> str:
@@ -49,6 +146,15 @@ def _error_text(data: Any) -> str:
         if isinstance(e, dict)
     ]
     return (text + (": " + "; ".join(details) if details else ""))[:500]
+
+
+def _max_sessions(data: dict[str, Any]) -> int | None:
+    """The session limit a capacity error states: OpenEnv's `max_sessions`, else "n/m sessions"."""
+    value = data.get("max_sessions")
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = CAPACITY_RE.search(str(data.get("message") or ""))
+    return int(m.group(2)) if m and int(m.group(2)) > 0 else None
 
 
 def _ws_url(url: str) -> str:
@@ -73,11 +179,18 @@ class RemoteEnvironment(Environment):
         backoff_s: float = 0.2,
         action_field: str | None = None,
         text_field: str | None = None,
+        egress: Egress | None = None,
+        gate: SessionGate | None = None,
+        queue_timeout_s: float = 600.0,
         **config: Any,
     ) -> None:
         super().__init__(**config)
         self.url = url.rstrip("/")
         self.ws_url = _ws_url(url)
+        self.egress = egress
+        self.gate = gate
+        self.queue_timeout_s = queue_timeout_s
+        self._holding = False  # a slot of `gate`
         self.timeout_s = timeout_s
         self.retries = max(retries, 0)
         self.backoff_s = backoff_s
@@ -105,8 +218,44 @@ class RemoteEnvironment(Environment):
     # -- the episode, over one WebSocket session ---------------------------------------------------------
 
     def reset(self, seed: int) -> Observation:
-        data = self._run(self._reset(seed))
-        return self._observation(data)
+        if self.egress is not None:
+            self._check(self.url)
+        if self.gate is None:
+            return self._observation(self._run(self._reset(seed)))
+        # Queue for one of the server's session slots; a server still full (its limit was not known yet,
+        # or sessions that are not ours) teaches the gate and the episode waits again, up to queue_timeout_s.
+        deadline = time.monotonic() + self.queue_timeout_s
+        pause = self.backoff_s
+        while True:
+            if not self._holding:
+                if not self.gate.acquire(deadline):
+                    raise RemoteEnvironmentError(
+                        f"no session slot on {self.url} within {self.queue_timeout_s:.0f}s "
+                        f"(the server allows {self.gate.limit} at once)"
+                    )
+                self._holding = True
+            try:
+                return self._observation(self._run(self._reset(seed, queued=True)))
+            except RemoteEnvironmentError as e:
+                self._run(self._close_ws())
+                self._release()
+                if getattr(e, "code", None) != "CAPACITY_REACHED" or time.monotonic() >= deadline:
+                    raise
+                self.gate.learn(getattr(e, "max_sessions", None))
+                self.gate.pause(min(pause, max(deadline - time.monotonic(), 0)))
+                pause = min(pause * 2, 5.0)
+
+    def _release(self) -> None:
+        if self._holding and self.gate is not None:
+            self._holding = False
+            self.gate.release()
+
+    def _check(self, url: str) -> None:
+        assert self.egress is not None
+        try:
+            self.egress.check(url)
+        except EgressRefused as e:
+            raise RemoteEnvironmentError(f"egress policy refused {url}: {e}") from None
 
     def step(self, action: str) -> StepResult:
         if self._ws is None or self._ws.closed:
@@ -124,8 +273,11 @@ class RemoteEnvironment(Environment):
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        self._run(self._close())
-        self._loop.close()
+        try:
+            self._run(self._close())
+        finally:
+            self._release()
+            self._loop.close()
 
     def __enter__(self) -> RemoteEnvironment:
         return self
@@ -163,10 +315,25 @@ class RemoteEnvironment(Environment):
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            extra: dict[str, Any] = {}
+            if self.egress is not None:
+                trace = aiohttp.TraceConfig()
+                trace.on_request_redirect.append(self._check_redirect)
+                extra = {"connector": _PinnedConnector(self.egress), "trace_configs": [trace]}
             self._session = aiohttp.ClientSession(
-                headers=self._headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+                headers=self._headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s), **extra
             )
         return self._session
+
+    async def _check_redirect(self, session: Any, ctx: Any, params: Any) -> None:
+        """Each redirect's target passes the egress policy before it is followed (scheme, host, port)."""
+        location = params.response.headers.get("Location") or ""
+        target = str(params.response.url.join(URL(location)))
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.egress.check, target)
+        except EgressRefused as e:
+            err = RemoteEnvironmentError(f"egress policy refused the redirect to {target}: {e}")
+            raise err from None
 
     async def _retrying(self, what: str, attempt_fn):
         last: Exception | None = None
@@ -195,6 +362,8 @@ class RemoteEnvironment(Environment):
                     raise RemoteEnvironmentError(f"GET {path} answered HTTP {resp.status}")
                 return await resp.json(content_type=None)
 
+        if self.egress is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._check, self.url + path)
         return await self._retrying(f"GET {path} on", once)
 
     async def _connect(self) -> None:
@@ -214,9 +383,10 @@ class RemoteEnvironment(Environment):
 
         await self._retrying("connecting to", once)
 
-    async def _reset(self, seed: int) -> dict[str, Any]:
+    async def _reset(self, seed: int, queued: bool = False) -> dict[str, Any]:
         # A reset starts a new session: safe to retry (reconnecting) if the first attempt fails, and when an
-        # OpenEnv server is at its session limit (CAPACITY_REACHED: another episode will end soon).
+        # OpenEnv server is at its session limit (CAPACITY_REACHED: another episode will end soon). Queued
+        # (a gate): a capacity error goes straight back to the gate, which waits for a slot.
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             await self._connect()
@@ -224,6 +394,8 @@ class RemoteEnvironment(Environment):
                 return await self._message({"type": "reset", "data": {"seed": seed}})
             except RemoteEnvironmentError as e:
                 busy = getattr(e, "code", None) == "CAPACITY_REACHED"
+                if busy and queued:
+                    raise
                 if not busy and self._ws is not None and not self._ws.closed:
                     raise  # the server answered with an error: not a transport problem
                 last = e
@@ -258,7 +430,9 @@ class RemoteEnvironment(Environment):
             err = RemoteEnvironmentError(
                 f"{payload['type']} failed on the server: {_error_text(reply.get('data'))}"
             )
-            err.code = (reply.get("data") or {}).get("code") if isinstance(reply.get("data"), dict) else None  # type: ignore[attr-defined]
+            data = reply.get("data") if isinstance(reply.get("data"), dict) else {}
+            err.code = data.get("code")  # type: ignore[attr-defined]
+            err.max_sessions = _max_sessions(data)  # type: ignore[attr-defined]
             raise err
         if reply.get("type") != expect or not isinstance(reply.get("data"), dict):
             raise RemoteEnvironmentError(f"{payload['type']}: unexpected reply {str(reply)[:200]}")

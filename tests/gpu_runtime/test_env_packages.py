@@ -222,7 +222,7 @@ class _RequireBearer:
 
 
 @pytest.fixture
-def openenv_server():
+def openenv_server(monkeypatch):
     from tests.opentinker.env.test_remote_openenv import CountAction, serve
 
     guard: list[_RequireBearer] = []
@@ -232,6 +232,9 @@ def openenv_server():
         return guard[0]
 
     for url in serve(CountAction, max_concurrent_envs=8, wrap=wrap):  # stops the server when the test ends
+        # A loopback server: the runtime's egress policy admits it only through an allow-list (as a platform
+        # admin would set for a private environment server), for this one port.
+        monkeypatch.setenv("OPENTINKER_EGRESS_ALLOW", url.removeprefix("http://"))
         yield url, guard[0]
 
 
