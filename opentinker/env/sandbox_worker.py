@@ -2,18 +2,20 @@
 
 Reads one JSON request per line on stdin and answers one JSON line on the original stdout; the environment's
 own prints go to stderr so they cannot corrupt the protocol. Limits are applied before any package code runs.
+The isolation itself (namespaces, capabilities, seccomp, the file system's view) is set up by bubblewrap
+before this process starts; this process reports what it sees of it (`_isolation`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib
 import importlib.abc
 import json
 import math
 import os
 import resource
+import shutil
 import sys
 import traceback
 from dataclasses import asdict, is_dataclass
@@ -21,7 +23,6 @@ from typing import Any
 
 from opentinker.env.multiagent import MultiAgentEnvironment, RewardMode
 
-CLONE_NEWNET = 0x40000000
 # The platform's own packages: environment code must not import its settings or models.
 BLOCKED = ("portal", "api", "env_registry", "workers", "gpu_runtime", "django")
 
@@ -33,47 +34,52 @@ class _Blocker(importlib.abc.MetaPathFinder):
         return None
 
 
-CLONE_NEWNS = 0x00020000
-MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
-
-
-def _read_only_except(workdir: str) -> bool:
-    """In a private mount namespace, remount every file system read-only except `workdir` (a bind mount)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(CLONE_NEWNS) != 0:
-            return False
-        if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-            return False
-        wd = workdir.encode()
-        if libc.mount(wd, wd, None, MS_BIND | MS_REC, None) != 0:
-            return False
-        with open("/proc/self/mounts") as f:
-            points = [line.split()[1].encode().decode("unicode_escape").encode() for line in f]
-        ok = True
-        for mp in points:
-            if mp == wd or mp.startswith(b"/proc"):
-                continue
-            if libc.mount(None, mp, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None) != 0:
-                ok = ok and mp != b"/"
-        os.chdir(workdir)  # re-enter through the new bind mount; the old cwd is on the read-only one
-        return ok
-    except OSError:
-        return False
-
-
 def _limit(name: str, value: int) -> None:
     res = getattr(resource, name)
     resource.setrlimit(res, (value, value))
 
 
-def _isolate_network() -> bool:
-    """A fresh network namespace has only a down loopback: no connection leaves. Needs CAP_SYS_ADMIN."""
+def _status(field: str) -> str:
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _isolation(mode: str) -> dict[str, Any]:
+    """What this process can see of its own confinement, checked rather than assumed: the runtime reports
+    `network_isolated` only when there is no interface but `lo`, in a sandbox started by bwrap."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.unshare(CLONE_NEWNET) == 0
+        with open("/proc/net/dev") as f:
+            interfaces = sorted(line.split(":")[0].strip() for line in f.readlines()[2:])
     except OSError:
-        return False
+        interfaces = []
+    caps = int(_status("CapEff") or "0", 16)
+    root_ro = False
+    with contextlib.suppress(OSError):
+        root_ro = bool(os.statvfs("/").f_flag & os.ST_RDONLY)
+    bwrap = mode == "bwrap"
+    return {
+        "isolation": mode,
+        "network_isolated": bwrap and interfaces == ["lo"],
+        "filesystem_read_only": bwrap and root_ro,
+        "interfaces": interfaces,
+        "uid": os.getuid(),
+        "capabilities": caps,
+        "no_new_privs": _status("NoNewPrivs") == "1",
+        "seccomp": _status("Seccomp") == "2",
+    }
+
+
+def _empty(directory: str) -> None:
+    """The next instance finds the working directory as the first one did: empty."""
+    for entry in os.scandir(directory):
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
 
 
 def _plain(value: Any) -> Any:
@@ -98,8 +104,7 @@ def main() -> None:
 
     spec = json.loads(sys.stdin.readline())
     limits = spec["limits"]
-    network_isolated = _isolate_network() if limits["isolate_network"] else False
-    read_only = _read_only_except(os.getcwd()) if limits["isolate_network"] else False
+    workdir = os.getcwd()
     _limit("RLIMIT_CORE", 0)
     # `cpu_s` per instance (the soft limit, moved on by `renew`) within the process's whole budget (the hard
     # one): a reusable process lives longer than one instance (opentinker.env.sandbox.SandboxPool).
@@ -110,10 +115,7 @@ def main() -> None:
     _limit("RLIMIT_NOFILE", limits["open_files"])
     _limit("RLIMIT_NPROC", limits["max_processes"])
     sys.meta_path.insert(0, _Blocker())
-    sys.path = [
-        spec["package_dir"],
-        *(p for p in sys.path if p and os.path.abspath(p) != spec["project_root"]),
-    ]
+    sys.path = [spec["package_dir"], *(p for p in sys.path if p)]
     try:
         module_name, _, attr = spec["entrypoint"].partition(":")
         cls = getattr(importlib.import_module(module_name), attr)
@@ -126,7 +128,7 @@ def main() -> None:
             }
         )
         return
-    isolation = {"network_isolated": network_isolated, "filesystem_read_only": read_only}
+    isolation = _isolation(spec.get("isolation") or "none")
     send({"ok": {**_describe(env), **isolation}})
     for line in sys.stdin:
         req = json.loads(line)
@@ -136,6 +138,8 @@ def main() -> None:
             try:
                 with contextlib.suppress(Exception):
                     env.close()
+                os.chdir(workdir)
+                _empty(workdir)
                 own = resource.getrusage(resource.RUSAGE_SELF)
                 soft = math.ceil(own.ru_utime + own.ru_stime) + limits["cpu_s"]
                 resource.setrlimit(resource.RLIMIT_CPU, (min(soft, process_cpu_s), process_cpu_s))
