@@ -26,6 +26,9 @@ _owner: object = None  # the pytest config that started them (an in-process inne
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config, parser, args):
     global _services, _owner
+    # Submission resolves a remote environment's host for the egress policy: in tests through a resolver that
+    # answers from a table (tests/egress_hosts.py), never through DNS.
+    os.environ.setdefault("OPENTINKER_EGRESS_RESOLVER", "tests.egress_hosts.resolve")
     if not os.environ.get("OBJECT_STORE_URL"):
         # Tests (and the servers they start, which inherit this environment) never write into the repo's var/
         objects = tempfile.mkdtemp(prefix="otk-test-objects-")

@@ -89,6 +89,10 @@ def _check_references(spec: JobSpec, organization: Organization, actor: Actor):
             errors = spec.multi_agent.role_errors(f"{ref.owner}/{ref.name}", roles, rule_player=rule_player)
             if errors:
                 raise DomainError("; ".join(errors), field="multi_agent.roles")
+    if spec.environment is not None and ref is None:  # a remote environment server
+        from portal.services.egress import egress_check
+
+        egress_check(spec.environment.ref, organization_slug=organization.slug, pool=spec.resources.pool)
     if spec.environment and spec.environment.secret:
         from env_registry.secrets import environment_secret_exists
 

@@ -44,6 +44,12 @@ def job_env(job: Job, alloc: Allocation) -> dict[str, str]:
     resume = latest_checkpoint(job)
     if resume:
         env["OPENTINKER_RESUME_FROM"] = resume
+    ref = str((job.spec.get("environment") or {}).get("ref", ""))
+    if ref.startswith(("https://", "http://")):
+        from portal.services.egress import runtime_egress_env
+
+        # The runtime checks the policy again at connect time, with this job's (organization's, pool's) list.
+        env.update(runtime_egress_env(job.organization.slug, alloc.pool.name))
     secret = (job.spec.get("environment") or {}).get("secret")
     if secret:
         from env_registry.secrets import REMOTE_SECRET_VAR, environment_secret_reveal

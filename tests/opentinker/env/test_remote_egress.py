@@ -115,7 +115,8 @@ def test_a_name_resolving_to_loopback_through_the_injected_resolver_is_refused(f
     hosts = Hosts({"innocent.example": ["127.0.0.1"]})
     url = f"https://innocent.example:{forbidden['port']}"
     with RemoteEnvironment(url, egress=egress(hosts=hosts), retries=0) as env:
-        with pytest.raises(RemoteEnvironmentError, match=r"innocent\.example resolves to 127\.0\.0\.1.*loopback"):
+        why = r"innocent\.example resolves to 127\.0\.0\.1.*loopback"
+        with pytest.raises(RemoteEnvironmentError, match=why):
             env.reset(0)
         with pytest.raises(RemoteEnvironmentError, match="loopback"):
             env.health()
