@@ -120,6 +120,13 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Every password check goes through the sign-in lock-out (portal/services/throttle.py, counted in Valkey).
+AUTHENTICATION_BACKENDS = ["portal.auth_backends.ThrottledModelBackend"]
+SIGNIN_MAX_FAILURES = env.int("SIGNIN_MAX_FAILURES", 5)  # per username and client address ...
+SIGNIN_LOCKOUT_SECONDS = env.int("SIGNIN_LOCKOUT_SECONDS", 900)  # ... in this window (the cool-off)
+SIGNIN_MAX_FAILURES_PER_IP = env.int("SIGNIN_MAX_FAILURES_PER_IP", 50)  # over all usernames, same window
+SIGNUP_MAX_PER_IP = env.int("SIGNUP_MAX_PER_IP", 10)
+SIGNUP_WINDOW_SECONDS = env.int("SIGNUP_WINDOW_SECONDS", 3600)
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"

@@ -151,6 +151,16 @@ def builtin_envs(db):
 
 
 @pytest.fixture(autouse=True)
+def _no_signin_throttle_counts(request):
+    # Sign-in failures and sign-ups are counted in Valkey (portal/services/throttle.py), which outlives a
+    # test's database transaction: each database test starts with none, whatever ran before it.
+    if request.node.get_closest_marker("django_db") is not None:
+        from portal.services.throttle import throttle_reset
+
+        throttle_reset()
+
+
+@pytest.fixture(autouse=True)
 def _builtins_for_every_database_test(request):
     # Tests run after a transactional test's flush still see the built-ins, as a fresh database would.
     if request.node.get_closest_marker("django_db") is not None:
