@@ -48,3 +48,13 @@ urlpatterns += [
     path("console/jobs/<str:job_id>/preempt/", console.console_job_preempt, name="console_job_preempt"),
     path("console/usage/", console.console_usage, name="console_usage"),
 ]
+
+# The audit log: an organization's (its admins) and the platform's (staff), with downloads.
+from portal.web import audit  # noqa: E402
+
+urlpatterns += [
+    path("team/audit/", audit.team_audit, name="team_audit"),
+    path("team/audit/export/", audit.team_audit_export, name="team_audit_export"),
+    path("console/audit/", audit.console_audit, name="console_audit"),
+    path("console/audit/export/", audit.console_audit_export, name="console_audit_export"),
+]
