@@ -15,8 +15,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from api.permissions import IsPlatformStaff
-from api.serializers import StrictSerializer
-from api.views.jobs import ERRORS, JobOutputSerializer, Pagination
+from api.schema import paginated
+from api.serializers import ErrorSerializer, StrictSerializer
+from api.views.jobs import JobOutputSerializer, Pagination
 from api.views.orgs import QuotaSerializer
 from portal.actors import Actor
 from portal.errors import DomainError, NotFound
@@ -58,7 +59,7 @@ def _org(slug: str) -> Organization:
 class AdminOrgListApi(APIView):
     permission_classes = [StaffOnly]
 
-    @extend_schema(operation_id="admin_orgs_list", responses={200: AdminOrgSerializer(many=True), **ERRORS})
+    @extend_schema(operation_id="admin_orgs_list", responses={200: paginated(AdminOrgSerializer)})
     def get(self, request):
         paginator = Pagination()
         qs = Organization.objects.select_related("quota").order_by("slug")
@@ -80,14 +81,14 @@ class AdminQuotaApi(APIView):
             child=serializers.RegexField(r"^[a-z0-9][a-z0-9-]{0,63}$"), required=False, max_length=100
         )
 
-    @extend_schema(operation_id="admin_quota_get", responses={200: QuotaSerializer, **ERRORS})
+    @extend_schema(operation_id="admin_quota_get", responses={200: QuotaSerializer})
     def get(self, request, slug: str):
         return Response(QuotaSerializer(_org(slug).quota).data)
 
     @extend_schema(
         operation_id="admin_quota_update",
         request=QuotaUpdateInput,
-        responses={200: QuotaSerializer, **ERRORS},
+        responses={200: QuotaSerializer},
         description="Change some of an organization's quota fields; the others keep their values.",
     )
     def patch(self, request, slug: str):
@@ -151,14 +152,14 @@ class AdminPoolListApi(APIView):
             child=serializers.CharField(max_length=200), required=False, default=dict
         )
 
-    @extend_schema(operation_id="admin_pools_list", responses={200: PoolSerializer(many=True), **ERRORS})
+    @extend_schema(operation_id="admin_pools_list", responses={200: PoolSerializer(many=True)})
     def get(self, request):
         return Response(PoolSerializer(pool_list(), many=True).data)
 
     @extend_schema(
         operation_id="admin_pools_create",
         request=PoolCreateInput,
-        responses={201: PoolSerializer, **ERRORS},
+        responses={201: PoolSerializer, 409: ErrorSerializer},
         description="Register a pool. Its capacity and health are read from the pool itself by the workers.",
     )
     def post(self, request):
@@ -176,14 +177,14 @@ class AdminPoolDetailApi(APIView):
         enabled = serializers.BooleanField(required=False)
         labels = serializers.DictField(child=serializers.CharField(max_length=200), required=False)
 
-    @extend_schema(operation_id="admin_pool_get", responses={200: PoolSerializer, **ERRORS})
+    @extend_schema(operation_id="admin_pool_get", responses={200: PoolSerializer})
     def get(self, request, pool: str):
         return Response(_pool_out(pool))
 
     @extend_schema(
         operation_id="admin_pool_update",
         request=PoolUpdateInput,
-        responses={200: PoolSerializer, **ERRORS},
+        responses={200: PoolSerializer},
         description="Enable or disable a pool (a disabled pool admits nothing new), or change its labels.",
     )
     def patch(self, request, pool: str):
@@ -195,7 +196,11 @@ class AdminPoolDetailApi(APIView):
         pool_update(pool=row, **s.validated_data)
         return Response(_pool_out(pool))
 
-    @extend_schema(operation_id="admin_pool_delete", responses={204: None, **ERRORS})
+    @extend_schema(
+        operation_id="admin_pool_delete",
+        responses={204: None, 409: ErrorSerializer},
+        description="Delete a pool that runs no job (409 otherwise).",
+    )
     def delete(self, request, pool: str):
         row = ComputePool.objects.filter(name=pool).first()
         if row is None:
@@ -238,7 +243,7 @@ class AdminQueueApi(APIView):
             OpenApiParameter("limit", int, description="At most 1000 (default 200)."),
             OpenApiParameter("offset", int),
         ],
-        responses={200: QueuePageSerializer, **ERRORS},
+        responses={200: QueuePageSerializer},
         description="Queued jobs in scheduling order, each with why it waits now (quota, capacity, fair "
         "share, pool or a reservation), from a read-only run of the scheduler's own plan.",
     )
@@ -271,7 +276,7 @@ class AdminPreemptApi(APIView):
     @extend_schema(
         operation_id="admin_job_preempt",
         request=PreemptInput,
-        responses={202: JobOutputSerializer, **ERRORS},
+        responses={202: JobOutputSerializer, 409: ErrorSerializer},
         description="Preempt a running job of any organization: it checkpoints, stops and is re-queued "
         "(an admitted job not yet started is re-queued at once). Not counted against its retry limit.",
     )
@@ -301,7 +306,7 @@ class AdminUsageApi(APIView):
     @extend_schema(
         operation_id="admin_usage",
         parameters=[OpenApiParameter("month", str, description="YYYY-MM (default: the current month, UTC).")],
-        responses={200: UsageRowSerializer(many=True), **ERRORS},
+        responses={200: UsageRowSerializer(many=True)},
     )
     def get(self, request):
         return Response(UsageRowSerializer(usage_by_organization(parse_month(request)), many=True).data)

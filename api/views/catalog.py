@@ -22,6 +22,8 @@ class ModelListSerializer(serializers.Serializer):
 
 
 class ModelListApi(APIView):
+    schema_never_answers = (403,)  # any signed-in caller: no scope, no organization needed
+
     @extend_schema(operation_id="models_list", responses={200: ModelListSerializer})
     def get(self, request):
         presets = [{"name": name, **info} for name, info in sorted(MODEL_PRESETS.items())]

@@ -8,9 +8,10 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from api.schema import paginated
 from api.serializers import ErrorSerializer, StrictSerializer
 from api.tenancy import tenant_of
-from api.views.jobs import ERRORS, Pagination
+from api.views.jobs import Pagination
 from env_registry.models import EnvironmentSecret
 from env_registry.secrets import (
     MAX_VALUE_BYTES,
@@ -44,9 +45,7 @@ class EnvironmentSecretListApi(APIView):
             help_text=f"At most {MAX_VALUE_BYTES} bytes. Stored encrypted; never shown again.",
         )
 
-    @extend_schema(
-        operation_id="env_secrets_list", responses={200: EnvironmentSecretSerializer(many=True), **ERRORS}
-    )
+    @extend_schema(operation_id="env_secrets_list", responses={200: paginated(EnvironmentSecretSerializer)})
     def get(self, request):
         paginator = Pagination()
         page = paginator.paginate_queryset(
@@ -57,7 +56,7 @@ class EnvironmentSecretListApi(APIView):
     @extend_schema(
         operation_id="env_secrets_create",
         request=EnvironmentSecretCreateInput,
-        responses={201: EnvironmentSecretSerializer, 409: ErrorSerializer, **ERRORS},
+        responses={201: EnvironmentSecretSerializer, 409: ErrorSerializer},
         description="Store a secret a job can name in `environment.secret` (remote https:// environments); "
         "the runtime sends it as a Bearer token. A name is unique in the organization (409).",
     )
@@ -73,7 +72,7 @@ class EnvironmentSecretDetailApi(APIView):
     read_scope = Scope.ORG_ADMIN
     write_scope = Scope.ORG_ADMIN
 
-    @extend_schema(operation_id="env_secrets_delete", responses={204: None, **ERRORS})
+    @extend_schema(operation_id="env_secrets_delete", responses={204: None})
     def delete(self, request, name: str):
         tenant = tenant_of(request)
         environment_secret_delete(

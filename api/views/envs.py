@@ -12,9 +12,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from api.parsers import PayloadTooLarge
+from api.schema import paginated
 from api.serializers import ErrorSerializer, StrictSerializer
 from api.tenancy import tenant_of
-from api.views.jobs import ERRORS, Pagination, _query_dict
+from api.views.jobs import Pagination, _query_dict
 from env_registry import services
 from env_registry.archive import MAX_ARCHIVE_BYTES, ArchiveError, read_capped
 from env_registry.models import EnvironmentPackage, EnvironmentVersion, Visibility
@@ -157,7 +158,7 @@ class EnvironmentListApi(APIView):
     @extend_schema(
         operation_id="envs_list",
         parameters=[EnvironmentListFilter],
-        responses={200: EnvironmentSerializer(many=True)},
+        responses={200: paginated(EnvironmentSerializer)},
         description="Your organization's packages (a private one only to its publishers and the "
         "organization's admins) and everyone's public ones. `q` searches names, "
         "descriptions, owners and tags; `sort` is stars, usage, recent or name (the default).",
@@ -178,7 +179,7 @@ class EnvironmentListApi(APIView):
     @extend_schema(
         operation_id="envs_upload",
         request={"multipart/form-data": UploadInput},
-        responses={201: EnvironmentDetailSerializer, 409: ErrorSerializer, **ERRORS},
+        responses={201: EnvironmentDetailSerializer, 404: ErrorSerializer, 409: ErrorSerializer},
         description="Publish a new version (multipart: `archive`, optional `visibility`). The manifest "
         "inside the archive names the package and version; versions are immutable (409). The package is "
         "validated in the sandbox before jobs may use it: see each version's `status` and "
@@ -216,7 +217,7 @@ class EnvironmentDetailApi(APIView):
             child=serializers.CharField(max_length=32), required=False, max_length=16
         )
 
-    @extend_schema(operation_id="envs_get", responses={200: EnvironmentDetailSerializer, **ERRORS})
+    @extend_schema(operation_id="envs_get", responses={200: EnvironmentDetailSerializer})
     def get(self, request, owner: str, name: str):
         package = package_get(viewer_of(request), owner=owner, name=name)
         return _detail(request, package)
@@ -224,7 +225,7 @@ class EnvironmentDetailApi(APIView):
     @extend_schema(
         operation_id="envs_update",
         request=PatchInput,
-        responses={200: EnvironmentDetailSerializer, **ERRORS},
+        responses={200: EnvironmentDetailSerializer},
         description="Change a package of your organization: description, visibility, tags (its "
         "organization's admins and owners; a member gets 403).",
     )
@@ -245,14 +246,14 @@ class StarOutput(serializers.Serializer):
 class EnvironmentStarApi(APIView):
     write_scope = Scope.ENVS_WRITE
 
-    @extend_schema(operation_id="envs_star", request=None, responses={200: StarOutput, **ERRORS})
+    @extend_schema(operation_id="envs_star", request=None, responses={200: StarOutput})
     def put(self, request, owner: str, name: str):
         package = package_get(viewer_of(request), owner=owner, name=name)
         return Response(
             {"starred": True, "stars": services.star_set(package, user=request.user, starred=True)}
         )
 
-    @extend_schema(operation_id="envs_unstar", request=None, responses={200: StarOutput, **ERRORS})
+    @extend_schema(operation_id="envs_unstar", request=None, responses={200: StarOutput})
     def delete(self, request, owner: str, name: str):
         package = package_get(viewer_of(request), owner=owner, name=name)
         stars = services.star_set(package, user=request.user, starred=False)
@@ -268,7 +269,7 @@ class EnvironmentForkApi(APIView):
     @extend_schema(
         operation_id="envs_fork",
         request=ForkInput,
-        responses={201: EnvironmentDetailSerializer, 409: ErrorSerializer, **ERRORS},
+        responses={201: EnvironmentDetailSerializer, 409: ErrorSerializer},
         description="Copy the newest valid version into your organization as a new private package.",
     )
     def post(self, request, owner: str, name: str):
@@ -291,7 +292,6 @@ class EnvironmentArchiveApi(APIView):
         responses={
             (200, "application/gzip"): OpenApiResponse(OpenApiTypes.BINARY, description="The archive."),
             302: OpenApiResponse(description="Redirect to a short-lived signed URL (S3)."),
-            **ERRORS,
         },
     )
     def get(self, request, owner: str, name: str, version: str):

@@ -57,8 +57,6 @@ from opentinker.spec import JobState
 from portal.services import ingest
 from portal.services.jobs import MAX_REASON
 
-INGEST_ERRORS = {code: ErrorSerializer for code in (400, 401, 404, 409, 413, 429)}
-
 
 class IngestApi(APIView):
     authentication_classes = [JobTokenAuthentication]
@@ -98,7 +96,7 @@ class IngestMetricsApi(IngestApi):
     @extend_schema(
         operation_id="ingest_metrics",
         request=IngestMetricsInput,
-        responses={200: IngestMetricsOutput, **INGEST_ERRORS},
+        responses={200: IngestMetricsOutput, 409: ErrorSerializer},
         description="A batch of metric points. Idempotent on (job, name, step): re-sent points are ignored.",
     )
     def post(self, request, job_id):
@@ -127,7 +125,7 @@ class IngestEventsApi(IngestApi):
     @extend_schema(
         operation_id="ingest_events",
         request=IngestEventInput,
-        responses={201: IngestEventOutput, **INGEST_ERRORS},
+        responses={201: IngestEventOutput, 409: ErrorSerializer},
     )
     def post(self, request, job_id):
         s = IngestEventInput(data=_body(request))
@@ -157,7 +155,7 @@ class IngestLogsApi(IngestApi):
     @extend_schema(
         operation_id="ingest_logs",
         request=IngestLogsInput,
-        responses={201: IngestLogsOutput, **INGEST_ERRORS},
+        responses={201: IngestLogsOutput, 409: ErrorSerializer},
         description="Log lines, numbered in order per job; a line over "
         f"{ingest.MAX_LINE_CHARS} characters is cut.",
     )
@@ -194,7 +192,7 @@ class IngestCheckpointsApi(IngestApi):
     @extend_schema(
         operation_id="ingest_checkpoints",
         request=IngestCheckpointInput,
-        responses={200: IngestCheckpointOutput, 201: IngestCheckpointOutput, **INGEST_ERRORS},
+        responses={200: IngestCheckpointOutput, 201: IngestCheckpointOutput, 409: ErrorSerializer},
         description="Record a checkpoint whose files are already in object storage (201; 200 when the step "
         "was recorded before and is replaced).",
     )
@@ -227,7 +225,7 @@ class IngestHeartbeatApi(IngestApi):
     @extend_schema(
         operation_id="ingest_heartbeat",
         request=IngestHeartbeatInput,
-        responses={200: IngestControlOutput, **INGEST_ERRORS},
+        responses={200: IngestControlOutput, 409: ErrorSerializer},
         description="The runtime is alive; the answer carries the cancel flag.",
     )
     def post(self, request, job_id):
@@ -261,7 +259,7 @@ class IngestStateApi(IngestApi):
     @extend_schema(
         operation_id="ingest_state",
         request=IngestStateInput,
-        responses={200: IngestControlOutput, **INGEST_ERRORS},
+        responses={200: IngestControlOutput, 409: ErrorSerializer},
         description="The runtime started (running) or finished (succeeded, failed, cancelled).",
     )
     def post(self, request, job_id):

@@ -14,6 +14,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from api.errors import SpecInvalid
+from api.schema import paginated
 from api.serializers import ErrorSerializer, StrictSerializer
 from api.tenancy import tenant_of
 from opentinker.spec import JobKind, JobSpec, JobState
@@ -30,8 +31,6 @@ from portal.selectors.jobs import (
     metric_series,
 )
 from portal.services.jobs import MAX_IDEMPOTENCY_KEY, job_cancel, job_submit
-
-ERRORS = {code: ErrorSerializer for code in (400, 401, 403, 404, 413, 429)}
 
 
 class Pagination(LimitOffsetPagination):
@@ -93,7 +92,7 @@ class JobListApi(APIView):
     @extend_schema(
         operation_id="jobs_list",
         parameters=[JobListFilter],
-        responses={200: JobOutputSerializer(many=True), **ERRORS},
+        responses={200: paginated(JobOutputSerializer)},
     )
     def get(self, request):
         tenant = tenant_of(request)
@@ -120,7 +119,12 @@ class JobListApi(APIView):
                 description="Retrying with the same key returns the job the first request created (200).",
             )
         ],
-        responses={200: JobOutputSerializer, 201: JobOutputSerializer, 409: ErrorSerializer, **ERRORS},
+        responses={
+            200: JobOutputSerializer,
+            201: JobOutputSerializer,
+            404: ErrorSerializer,
+            409: ErrorSerializer,
+        },
         description="Submit a job; the body is a JobSpec. Nothing is stored unless the whole spec is valid "
         "and within the organization's quota (429 when the queue limit is reached).",
     )
@@ -157,7 +161,7 @@ def _query_dict(request, multi: tuple[str, ...] = ()) -> dict:
 class JobDetailApi(APIView):
     read_scope = Scope.JOBS_READ
 
-    @extend_schema(operation_id="jobs_get", responses={200: JobOutputSerializer, **ERRORS})
+    @extend_schema(operation_id="jobs_get", responses={200: JobOutputSerializer})
     def get(self, request, job_id):
         job = job_get(tenant_of(request).organization, job_id)
         return Response(JobOutputSerializer(job).data)
@@ -172,7 +176,7 @@ class JobCancelApi(APIView):
     @extend_schema(
         operation_id="jobs_cancel",
         request=JobCancelInput,
-        responses={200: JobOutputSerializer, 409: ErrorSerializer, **ERRORS},
+        responses={200: JobOutputSerializer, 409: ErrorSerializer},
         description="A queued job is cancelled at once; a running one becomes `cancelling` and stops at its "
         "next step boundary, keeping its checkpoints.",
     )
@@ -225,7 +229,7 @@ class JobMetricsApi(APIView):
                 "max_points", OpenApiTypes.INT, description="Downsample each series to this many."
             ),
         ],
-        responses={200: MetricsOutputSerializer, **ERRORS},
+        responses={200: MetricsOutputSerializer},
     )
     def get(self, request, job_id):
         job = job_get(tenant_of(request).organization, job_id)
@@ -268,7 +272,7 @@ class JobEventsApi(APIView):
     @extend_schema(
         operation_id="jobs_events",
         parameters=[JobEventsFilter],
-        responses={200: EventPageSerializer, **ERRORS},
+        responses={200: EventPageSerializer},
         description="Events in order after sequence number `after`. `next_after` is the `after` to send for "
         "the next page, or null when this page is the last one so far.",
     )
@@ -320,7 +324,7 @@ class CheckpointListSerializer(serializers.Serializer):
 class JobCheckpointsApi(APIView):
     read_scope = Scope.JOBS_READ
 
-    @extend_schema(operation_id="jobs_checkpoints", responses={200: CheckpointListSerializer, **ERRORS})
+    @extend_schema(operation_id="jobs_checkpoints", responses={200: CheckpointListSerializer})
     def get(self, request, job_id):
         job = job_get(tenant_of(request).organization, job_id)
         data = CheckpointSerializer(checkpoint_list(job), many=True, context={"request": request}).data
@@ -335,7 +339,6 @@ class CheckpointFileApi(APIView):
         responses={
             (200, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY, description="The file."),
             302: OpenApiResponse(description="Redirect to a short-lived signed URL (S3)."),
-            **ERRORS,
         },
     )
     def get(self, request, job_id, checkpoint_id, name):

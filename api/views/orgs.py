@@ -8,9 +8,10 @@ from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from api.serializers import StrictSerializer
+from api.schema import paginated
+from api.serializers import ErrorSerializer, StrictSerializer
 from api.tenancy import tenant_of
-from api.views.jobs import ERRORS, Pagination
+from api.views.jobs import Pagination
 from portal.models import Invitation, Membership, Organization, Quota, Role, Scope
 from portal.selectors.orgs import (
     invitation_get,
@@ -47,7 +48,7 @@ class MeSerializer(serializers.Serializer):
 
 
 class MeApi(APIView):
-    @extend_schema(operation_id="me", responses={200: MeSerializer, **ERRORS})
+    @extend_schema(operation_id="me", responses={200: MeSerializer})
     def get(self, request):
         tenant = tenant_of(request)
         user = request.user
@@ -81,7 +82,7 @@ class OrgSerializer(serializers.ModelSerializer):
 
 
 class OrgApi(APIView):
-    @extend_schema(operation_id="org_get", responses={200: OrgSerializer, **ERRORS})
+    @extend_schema(operation_id="org_get", responses={200: OrgSerializer})
     def get(self, request):
         tenant = tenant_of(request)
         return Response(OrgSerializer(tenant.organization, context={"role": tenant.membership.role}).data)
@@ -95,7 +96,7 @@ class OrgCreateApi(APIView):
     @extend_schema(
         operation_id="orgs_create",
         request=OrgCreateInput,
-        responses={201: OrgRefSerializer, **ERRORS},
+        responses={201: OrgRefSerializer, 409: ErrorSerializer},
         description="Create an organization with the caller as its owner (browser sessions only).",
     )
     def post(self, request):
@@ -119,7 +120,7 @@ class QuotaSerializer(serializers.ModelSerializer):
 
 
 class OrgQuotaApi(APIView):
-    @extend_schema(operation_id="org_quota", responses={200: QuotaSerializer, **ERRORS})
+    @extend_schema(operation_id="org_quota", responses={200: QuotaSerializer})
     def get(self, request):
         return Response(QuotaSerializer(tenant_of(request).organization.quota).data)
 
@@ -135,7 +136,7 @@ class MemberSerializer(serializers.ModelSerializer):
 
 
 class MemberListApi(APIView):
-    @extend_schema(operation_id="members_list", responses={200: MemberSerializer(many=True), **ERRORS})
+    @extend_schema(operation_id="members_list", responses={200: paginated(MemberSerializer)})
     def get(self, request):
         paginator = Pagination()
         page = paginator.paginate_queryset(member_list(tenant_of(request).organization), request, view=self)
@@ -148,12 +149,15 @@ class MemberDetailApi(APIView):
     class MemberRoleInput(StrictSerializer):
         role = serializers.ChoiceField(choices=Role.choices)
 
-    @extend_schema(operation_id="members_get", responses={200: MemberSerializer, **ERRORS})
+    @extend_schema(operation_id="members_get", responses={200: MemberSerializer})
     def get(self, request, member_id: int):
         return Response(MemberSerializer(member_get(tenant_of(request).organization, member_id)).data)
 
     @extend_schema(
-        operation_id="members_set_role", request=MemberRoleInput, responses={200: MemberSerializer, **ERRORS}
+        operation_id="members_set_role",
+        request=MemberRoleInput,
+        responses={200: MemberSerializer, 409: ErrorSerializer},
+        description="409 when it would leave the organization without an owner.",
     )
     def patch(self, request, member_id: int):
         tenant = tenant_of(request)
@@ -163,7 +167,11 @@ class MemberDetailApi(APIView):
         target = membership_set_role(by=tenant.membership, target=target, role=s.validated_data["role"])
         return Response(MemberSerializer(target).data)
 
-    @extend_schema(operation_id="members_remove", responses={204: None, **ERRORS})
+    @extend_schema(
+        operation_id="members_remove",
+        responses={204: None, 409: ErrorSerializer},
+        description="Remove a member (or leave, with your own id); 409 for the last owner.",
+    )
     def delete(self, request, member_id: int):
         tenant = tenant_of(request)
         membership_remove(by=tenant.membership, target=member_get(tenant.organization, member_id))
@@ -193,9 +201,7 @@ class InvitationListApi(APIView):
         email = serializers.EmailField(max_length=254)
         role = serializers.ChoiceField(choices=Role.choices, default=Role.MEMBER)
 
-    @extend_schema(
-        operation_id="invitations_list", responses={200: InvitationSerializer(many=True), **ERRORS}
-    )
+    @extend_schema(operation_id="invitations_list", responses={200: paginated(InvitationSerializer)})
     def get(self, request):
         paginator = Pagination()
         page = paginator.paginate_queryset(
@@ -206,7 +212,8 @@ class InvitationListApi(APIView):
     @extend_schema(
         operation_id="invitations_create",
         request=InvitationCreateInput,
-        responses={201: CreatedInvitationSerializer, **ERRORS},
+        responses={201: CreatedInvitationSerializer, 409: ErrorSerializer},
+        description="Invite an e-mail address to a role up to your own; 409 when it is already a member's.",
     )
     def post(self, request):
         tenant = tenant_of(request)
@@ -220,7 +227,7 @@ class InvitationListApi(APIView):
 class InvitationDetailApi(APIView):
     write_scope = Scope.ORG_ADMIN
 
-    @extend_schema(operation_id="invitations_revoke", responses={204: None, **ERRORS})
+    @extend_schema(operation_id="invitations_revoke", responses={204: None})
     def delete(self, request, invitation_id: int):
         tenant = tenant_of(request)
         invitation_revoke(by=tenant.membership, invitation=invitation_get(tenant.organization, invitation_id))
@@ -234,7 +241,7 @@ class InvitationAcceptApi(APIView):
     @extend_schema(
         operation_id="invitations_accept",
         request=InvitationAcceptInput,
-        responses={201: OrgRefSerializer, **ERRORS},
+        responses={201: OrgRefSerializer, 404: ErrorSerializer, 409: ErrorSerializer},
         description="Join the organization of an invitation sent to the signed-in user's e-mail address.",
     )
     def post(self, request):

@@ -7,9 +7,10 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from api.schema import paginated
 from api.serializers import StrictSerializer
 from api.tenancy import tenant_of
-from api.views.jobs import ERRORS, Pagination
+from api.views.jobs import Pagination
 from portal.errors import Forbidden
 from portal.models import ApiToken, Scope
 from portal.selectors.orgs import token_get, token_list
@@ -56,7 +57,7 @@ class TokenListApi(APIView):
             required=False, allow_null=True, min_value=1, max_value=MAX_EXPIRY_DAYS, default=None
         )
 
-    @extend_schema(operation_id="tokens_list", responses={200: TokenOutputSerializer(many=True), **ERRORS})
+    @extend_schema(operation_id="tokens_list", responses={200: paginated(TokenOutputSerializer)})
     def get(self, request):
         tenant = tenant_of(request)
         paginator = Pagination()
@@ -68,7 +69,7 @@ class TokenListApi(APIView):
     @extend_schema(
         operation_id="tokens_create",
         request=TokenCreateInput,
-        responses={201: CreatedTokenSerializer, **ERRORS},
+        responses={201: CreatedTokenSerializer},
         description="Create a token for the current organization. Through a token this needs `org:admin`, "
         "and the new token can never hold a scope its creator lacks.",
     )
@@ -99,13 +100,13 @@ class TokenDetailApi(APIView):
     read_scope = None
     write_scope = None
 
-    @extend_schema(operation_id="tokens_get", responses={200: TokenOutputSerializer, **ERRORS})
+    @extend_schema(operation_id="tokens_get", responses={200: TokenOutputSerializer})
     def get(self, request, token_id: int):
         tenant = tenant_of(request)
         token = token_get(tenant.membership, token_id, manage_all=_manages_all(tenant))
         return Response(TokenOutputSerializer(token).data)
 
-    @extend_schema(operation_id="tokens_revoke", responses={204: None, **ERRORS})
+    @extend_schema(operation_id="tokens_revoke", responses={204: None})
     def delete(self, request, token_id: int):
         tenant = tenant_of(request)
         manage_all = _manages_all(tenant)

@@ -8,7 +8,6 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from api.tenancy import tenant_of
-from api.views.jobs import ERRORS
 from portal.selectors.usage import organization_usage
 
 
@@ -23,7 +22,7 @@ class MonthUsageSerializer(serializers.Serializer):
 class OrgUsageApi(APIView):
     @extend_schema(
         operation_id="org_usage",
-        responses={200: MonthUsageSerializer(many=True), **ERRORS},
+        responses={200: MonthUsageSerializer(many=True)},
         description="GPU- and CPU-hours your organization used per month, newest first (last 12 months).",
     )
     def get(self, request):
