@@ -199,6 +199,23 @@ def parse_allow_list(entries: Iterable[str] | str | None) -> tuple[AllowEntry, .
     return tuple(AllowEntry.parse(e) for e in entries if str(e).strip())
 
 
+def parse_scoped_allow_lists(raw: object) -> dict[str, list[str]]:
+    """The platform's allow-lists by scope, `{"*"|"org:<slug>"|"pool:<name>": [entry, ...]}`, validated
+    (a bad scope or entry raises ValueError saying which)."""
+    if not isinstance(raw, dict):
+        raise ValueError('egress allow-lists must be a JSON object {"*"|"org:<slug>"|"pool:<name>": [...]}')
+    out: dict[str, list[str]] = {}
+    for scope, entries in raw.items():
+        if not isinstance(scope, str) or (scope != "*" and not scope.startswith(("org:", "pool:"))):
+            raise ValueError(f"egress allow-list: unknown scope {scope!r} (use *, org:<slug>, pool:<name>)")
+        items = [entries] if isinstance(entries, str) else entries
+        if not isinstance(items, list) or not all(isinstance(e, str) for e in items):
+            raise ValueError(f"egress allow-list {scope!r}: a list of strings")
+        parse_allow_list(items)
+        out[scope] = list(items)
+    return out
+
+
 def parse_networks(entries: Iterable[str] | str | None) -> tuple[IPNetwork, ...]:
     if entries is None:
         return ()

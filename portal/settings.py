@@ -9,10 +9,12 @@ Two modes share one code path:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import dj_database_url
 
+from opentinker.egress import parse_networks, parse_scoped_allow_lists
 from portal.env import Env, ensure_embedded_secrets, token_peppers
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -219,6 +221,14 @@ ENV_VALIDATION_MODE = env.str("ENV_VALIDATION_MODE", "inline" if EMBEDDED else "
 
 # Where job runtimes reach the ingest API (the launcher hands it to each job with a job token).
 INGEST_BASE_URL = env.str("INGEST_BASE_URL", "http://127.0.0.1:8000")
+
+# Egress policy for remote environments (README "Environments"; portal/services/egress.py): allow-lists that
+# admit private environment servers, by scope (JSON {"*"|"org:<slug>"|"pool:<name>": [host, address or
+# CIDR, optional :port]}), validated here so a bad entry stops the start; the platform's own public addresses
+# (refused like private ones); the resolver's dotted path (default the system's; tests inject a table).
+OPENTINKER_EGRESS_ALLOW = parse_scoped_allow_lists(json.loads(env.str("OPENTINKER_EGRESS_ALLOW", "{}")))
+OPENTINKER_EGRESS_PLATFORM = [str(n) for n in parse_networks(env.str("OPENTINKER_EGRESS_PLATFORM", ""))]
+OPENTINKER_EGRESS_RESOLVER = env.str("OPENTINKER_EGRESS_RESOLVER", "")
 
 # Defaults for a new organization's quota (platform staff change them per organization).
 DEFAULT_QUOTA = {

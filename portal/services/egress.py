@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import json
-import os
 from typing import Any
 
 from django.conf import settings
@@ -32,6 +30,7 @@ from opentinker.egress import (
     EgressRefused,
     parse_allow_list,
     parse_networks,
+    parse_scoped_allow_lists,
     system_resolver,
 )
 from portal.errors import DomainError
@@ -41,30 +40,12 @@ FIELD = "environment.ref"
 
 def _setting(name: str, default: Any) -> Any:
     value = getattr(settings, name, None)
-    if value is None:
-        value = os.environ.get(name)
-        if value is not None and name == "OPENTINKER_EGRESS_ALLOW":
-            value = json.loads(value)
     return default if value is None else value
 
 
 def allow_lists() -> dict[str, list[str]]:
-    """The configured allow-lists by scope, validated (a bad entry fails loudly, at the first use)."""
-    raw = _setting("OPENTINKER_EGRESS_ALLOW", {})
-    if not isinstance(raw, dict):
-        raise ValueError(
-            'OPENTINKER_EGRESS_ALLOW must be a JSON object {"*"|"org:<slug>"|"pool:<name>": [...]}'
-        )
-    out: dict[str, list[str]] = {}
-    for scope, entries in raw.items():
-        if scope != "*" and not scope.startswith(("org:", "pool:")):
-            raise ValueError(
-                f"OPENTINKER_EGRESS_ALLOW: unknown scope {scope!r} (use *, org:<slug>, pool:<name>)"
-            )
-        entries = [entries] if isinstance(entries, str) else list(entries)
-        parse_allow_list(entries)  # validates
-        out[scope] = [str(e) for e in entries]
-    return out
+    """The configured allow-lists by scope, validated (settings validate them at start too)."""
+    return parse_scoped_allow_lists(_setting("OPENTINKER_EGRESS_ALLOW", {}))
 
 
 def allow_entries(organization_slug: str, pool: str | None) -> list[str]:
