@@ -346,6 +346,11 @@ ROUTES: dict[tuple[str, str], Route] = {
     (f"{V1}/admin/queue", "get"): R(404, 404, 404, 404),
     (f"{V1}/admin/jobs/{{job_id}}/preempt", "post"): R(404, 404, 404, 404, lambda w: {}),
     (f"{V1}/admin/usage", "get"): R(404, 404, 404, 404),
+    (f"{V1}/admin/audit", "get"): R(404, 404, 404, 404),
+    (f"{V1}/admin/audit/export", "get"): R(404, 404, 404, 404),
+    # the audit log (org:admin): only ever the caller's own organization's entries
+    (f"{V1}/org/audit", "get"): R(200, 403, 403, 403),
+    (f"{V1}/org/audit/export", "get"): R(200, 403, 403, 403),
     (f"{V1}/org/usage", "get"): R(200, 200, 200, 403),
     # environments (envs:read)
     (f"{V1}/envs", "get"): R(200, 200, 200, 403),
