@@ -15,8 +15,10 @@ import json
 import math
 import os
 import resource
+import select
 import shutil
 import sys
+import threading
 import traceback
 from dataclasses import asdict, is_dataclass
 from typing import Any
@@ -94,7 +96,19 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
+def _exit_when_the_runtime_is_gone(fd: int) -> None:
+    """The runtime holds the only writer of this process's stdin: when it closes it or dies (even by
+    SIGKILL), poll reports a hang-up, and this process ends even if package code is stuck in a call."""
+    poller = select.poll()
+    poller.register(fd, 0)  # no events asked for: only POLLHUP / POLLERR / POLLNVAL wake it
+    while True:
+        for _, event in poller.poll():
+            if event & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                os._exit(0)
+
+
 def main() -> None:
+    threading.Thread(target=_exit_when_the_runtime_is_gone, args=(0,), daemon=True).start()
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr

@@ -750,3 +750,18 @@ def test_the_development_opt_out_says_it_is_not_isolated(runtime, monkeypatch):
     message = "OPENTINKER_SANDBOX_ISOLATION must be 'bwrap' or 'none', not 'off'"
     with pytest.raises(SandboxError, match=message):
         Sandbox("pkg:E", package_dir=runtime.pkg, limits=LIMITS)
+
+
+def test_a_sandbox_stuck_in_a_call_ends_when_the_runtime_is_gone(runtime):
+    # The runtime dies (here: closes its end of the pipe) while package code sleeps in a call: nothing stays.
+    pkg = runtime.package("import time\ntime.sleep(3600)")
+    sandbox = Sandbox("pkg:E", package_dir=pkg, limits=LIMITS)
+    init = sandbox.ns_init_pid
+    try:
+        sandbox.proc.stdin.write(b'{"method": "reset", "args": [0]}\n')
+        sandbox.proc.stdin.flush()
+        sandbox.proc.stdin.close()
+        assert sandbox.proc.wait(timeout=30) == 0  # bwrap ends with its worker (a hang fails here)
+        assert init is not None and wait_gone(init)
+    finally:
+        sandbox.close()
