@@ -64,8 +64,9 @@ class FailureWatch:
         return None
 
     def after_eval(self, metrics: dict[str, float]) -> str | None:
-        n = metrics.get("eval/episodes")
-        failed = metrics.get("eval/episodes_failed")
+        # Single-agent eval: eval/episodes(_failed); multi-agent: the games' eval/episodes/{total,failed}.
+        n = metrics.get("eval/episodes", metrics.get("eval/episodes/total"))
+        failed = metrics.get("eval/episodes_failed", metrics.get("eval/episodes/failed"))
         if n is None or failed is None or n <= 0 or failed < n:
             return None
         return f"no evaluation episode completed: all {n:.0f} failed{_causes(self.errors())}"

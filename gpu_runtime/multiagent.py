@@ -164,7 +164,7 @@ def game_stats(games: list[MultiAgentEpisode], roles: list[str]) -> dict[str, fl
     answered with an `illegal` entry in its info, over the role's moves; roles with generated moves only),
     and the draw rate (a finished game whose info says `winner: None`)."""
     ok = [game for game in games if not game.failed]
-    stats = {"episodes/failed": float(len(games) - len(ok))}
+    stats = {"episodes/failed": float(len(games) - len(ok)), "episodes/total": float(len(games))}
     for reason in sorted({game.error or "" for game in games if game.failed})[:5]:
         print(f"game failed: {reason}", file=sys.stderr, flush=True)  # the job's log keeps why
     if not ok:

@@ -242,3 +242,15 @@ def test_defaults_are_generous():
     assert JobSpec.model_validate(small_spec().model_dump()).failure_policy == p
     with pytest.raises(ValueError, match="zero_signal_steps"):
         FailurePolicySpec(zero_signal_steps=0)
+
+
+def test_the_eval_rule_reads_single_and_multi_agent_eval_metrics():
+    w = watch()
+    assert w.after_eval({"eval/episodes": 8.0, "eval/episodes_failed": 7.0}) is None
+    assert w.after_eval({"eval/episodes": 8.0, "eval/episodes_failed": 8.0}) == (
+        "no evaluation episode completed: all 8 failed; "
+        "episodes failed with: reset failed: connection refused"
+    )
+    assert w.after_eval({"eval/episodes/total": 4.0, "eval/episodes/failed": 3.0}) is None  # games
+    assert "all 4 failed" in w.after_eval({"eval/episodes/total": 4.0, "eval/episodes/failed": 4.0})
+    assert w.after_eval({"eval/accuracy": 0.0}) is None  # nothing to judge by: never a guess
