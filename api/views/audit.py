@@ -24,6 +24,7 @@ from portal.models import AuditAction, Scope
 from portal.selectors.audit import EXPORT_FORMATS, audit_export, audit_list, audit_list_all, audit_row
 
 EXPORT_ITERATOR_CHUNK = 2000
+MAX_OFFSET = 2**31 - 1  # beyond what PostgreSQL's OFFSET takes, a 400 rather than a database error
 
 
 class AuditEntrySerializer(serializers.Serializer):
@@ -47,8 +48,8 @@ class AuditFilter(StrictSerializer):
     since = serializers.DateTimeField(required=False, help_text="Entries at or after this time (ISO 8601).")
     until = serializers.DateTimeField(required=False, help_text="Entries before this time (ISO 8601).")
     actor = serializers.CharField(required=False, max_length=150, help_text="A username.")
-    limit = serializers.IntegerField(required=False, min_value=1)
-    offset = serializers.IntegerField(required=False, min_value=0)
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=MAX_OFFSET)
+    offset = serializers.IntegerField(required=False, min_value=0, max_value=MAX_OFFSET)
 
     def validate(self, attrs):
         if "since" in attrs and "until" in attrs and attrs["since"] >= attrs["until"]:
