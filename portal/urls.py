@@ -4,9 +4,7 @@ from django.contrib import admin
 from django.http import JsonResponse
 from django.urls import include, path
 
-
-def healthz(request):
-    return JsonResponse({"status": "ok"})
+from api.views.health import HealthzApi, LivenessApi, ReadinessApi
 
 
 def not_found(request, exception=None):
@@ -24,7 +22,10 @@ handler404 = not_found
 
 
 urlpatterns = [
-    path("healthz", healthz),
+    # Liveness (/healthz is its old name, kept) and readiness: api/views/health.py, README "Operations".
+    path("healthz", HealthzApi.as_view()),
+    path("livez", LivenessApi.as_view()),
+    path("readyz", ReadinessApi.as_view()),
     path("api/", include("api.urls")),
     path("django-admin/", admin.site.urls),
     path("", include("portal.web.urls")),

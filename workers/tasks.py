@@ -12,6 +12,7 @@ from celery.signals import worker_ready
 from django.db import transaction
 
 from portal.celery import app
+from workers import health as _health  # noqa: F401  (beat's and the workers' heartbeats, /readyz)
 from workers.beat import beat_schedule
 
 # Beat reads this after the tasks are imported; settings.CELERY_BEAT_SCHEDULE entries win.

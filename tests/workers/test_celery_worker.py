@@ -13,8 +13,11 @@ import subprocess
 import sys
 
 import pytest
+import redis
+from django.conf import settings
 from django.db import connection
 
+from portal import health
 from portal.celery import app
 from portal.models import Allocation, ComputePool, Job, JobEvent, UsageRecord
 from tests.workers.conftest import FAKE_RUNTIME, set_quota, submit
@@ -66,6 +69,8 @@ def start_worker(tmp_path, log_name, **extra_env):
 def test_real_worker_admits_launches_and_survives_its_own_death(acme, tmp_path):
     app.control.purge()  # stale nudges of earlier tests name rows that no longer exist (harmless, but slow)
     set_quota(acme, max_gpus=0)
+    valkey = redis.Redis.from_url(settings.REDIS_URL)
+    valkey.delete(health.BEAT_KEY, health.WORKER_KEY)
     worker = start_worker(tmp_path, "worker-1.log")
     try:
         pool = wait_for(
@@ -75,6 +80,12 @@ def test_real_worker_admits_launches_and_survives_its_own_death(acme, tmp_path):
         wait_for(lambda: ComputePool.objects.get(name="local").total_gpus == 2, what="capacity read")
         pool.refresh_from_db()
         assert pool.cpu_slots and pool.gpus_by_type == {"cpu-slot": 2} and pool.health == "healthy"
+        # Its embedded beat and the worker itself leave the heartbeats /readyz looks for.
+        wait_for(
+            lambda: all(c.ok for c in health.check_valkey_and_heartbeats()),
+            what="beat and worker heartbeats",
+        )
+        assert valkey.get(health.WORKER_KEY).decode().split(" ")[1].startswith("celery@")
 
         job = submit(acme, name="fake_steps-12_sleep-0.25")
         schedule_soon()  # what job_submit's caller does after commit
