@@ -7,6 +7,7 @@ stream still holds its place, lost it (Valkey restart without data, trimming), o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -45,6 +46,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def uvicorn_url(django_db_setup) -> Iterator[str]:
     """uvicorn serving portal.asgi on the test database (committed data only: transactional tests)."""
+    with running_uvicorn() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_uvicorn(**extra_env: str) -> Iterator[str]:
+    """A uvicorn server on the test database, with more environment variables for its settings."""
     db = connection.settings_dict
     port = _free_port()
     env = {
@@ -54,6 +62,7 @@ def uvicorn_url(django_db_setup) -> Iterator[str]:
         "SECRET_KEY": settings.SECRET_KEY,
         "TOKEN_PEPPER": settings.TOKEN_PEPPER,
         "OPENTINKER_MODE": "embedded",
+        **extra_env,
     }
     proc = subprocess.Popen(
         [
@@ -75,12 +84,14 @@ def uvicorn_url(django_db_setup) -> Iterator[str]:
             proc.kill()
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.1)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 class Viewer:
