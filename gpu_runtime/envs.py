@@ -41,7 +41,7 @@ REMOTE_SECRET_VAR = "OPENTINKER_ENV_SECRET"  # noqa: S105 (a variable name, not 
 def env_factory(spec: EnvironmentSpec) -> Callable[[], Environment]:
     ref = spec.registry_ref
     if ref is None:
-        from opentinker.egress import Egress, EgressPolicy
+        from opentinker.egress import Egress
         from opentinker.env.remote import RemoteEnvironment, SessionGate
 
         config = dict(spec.config)
@@ -52,7 +52,7 @@ def env_factory(spec: EnvironmentSpec) -> Callable[[], Environment]:
             RemoteEnvironment,
             spec.ref,
             secret=os.environ.get(REMOTE_SECRET_VAR) or None,
-            egress=Egress(EgressPolicy.from_env()),
+            egress=Egress(runtime_policy()),
             gate=SessionGate(limit),
             **config,
         )
@@ -60,6 +60,27 @@ def env_factory(spec: EnvironmentSpec) -> Callable[[], Environment]:
         return package_factory(spec)
     cls = builtin_class(ref.name)
     return functools.partial(cls, **spec.config)
+
+
+def runtime_policy():
+    """The egress policy the launcher handed over (OPENTINKER_EGRESS_ALLOW / _DENY), with this node's own
+    interface addresses added to the platform's (a public address of a pool node is still the platform)."""
+    import dataclasses
+    import ipaddress
+
+    import psutil
+
+    from opentinker.egress import EgressPolicy
+
+    policy = EgressPolicy.from_env()
+    own = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            try:
+                own.append(ipaddress.ip_network(a.address.split("%", 1)[0]))
+            except ValueError:
+                continue  # link-layer addresses
+    return dataclasses.replace(policy, platform=(*policy.platform, *own))
 
 
 def egress_env() -> dict[str, str]:
