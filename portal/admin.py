@@ -2,7 +2,7 @@
 
 from django.contrib import admin
 
-from portal.models import ApiToken, Invitation, Job, JobEvent, Membership, Organization, Quota
+from portal.models import ApiToken, AuditEntry, Invitation, Job, JobEvent, Membership, Organization, Quota
 
 
 class MembershipInline(admin.TabularInline):
@@ -41,11 +41,30 @@ class ApiTokenAdmin(admin.ModelAdmin):
     list_display = ["name", "lookup", "user", "organization", "created_at", "last_used_at", "revoked_at"]
     # The hash is useless to staff and is kept out of every form.
     exclude = ["secret_hash"]
-    readonly_fields = ["lookup", "user", "organization", "scopes", "created_at", "last_used_at"]
+    readonly_fields = ["lookup", "pepper_id", "user", "organization", "scopes", "created_at", "last_used_at"]
     search_fields = ["name", "lookup", "user__username"]
 
     def has_add_permission(self, request) -> bool:
         return False  # tokens are created through the API, where the secret is shown once
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(admin.ModelAdmin):
+    """Read-only: the log is written by the services only (the console's Audit log page has the downloads)."""
+
+    list_display = ["created_at", "organization", "actor_label", "action", "target_label", "ip"]
+    list_filter = ["action"]
+    search_fields = ["organization__slug", "actor_label", "target_label"]
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(Invitation)

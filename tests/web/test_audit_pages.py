@@ -73,3 +73,14 @@ def test_staff_read_every_organizations_log_in_the_console(make_user, history):
     lines = [json.loads(x) for x in b"".join(r.streaming_content).decode().splitlines()]
     assert lines and {x["organization"] for x in lines} == {"acme"}
     assert client.get("/console/audit/export/", {"as": "csv"}).status_code == 200
+
+
+def test_the_django_admin_shows_the_log_read_only(django_user_model, history):
+    root = django_user_model.objects.create_superuser(username="root", email="r@example.com", password="x" * 12)
+    client = signed_in(root)
+    entry = AuditEntry.objects.filter(action="member.role_changed").get()
+    assert client.get("/django-admin/portal/auditentry/").status_code == 200
+    assert client.get("/django-admin/portal/auditentry/add/").status_code == 403
+    delete = client.post(f"/django-admin/portal/auditentry/{entry.pk}/delete/", {"post": "yes"})
+    assert delete.status_code == 403
+    assert AuditEntry.objects.filter(pk=entry.pk).exists()
