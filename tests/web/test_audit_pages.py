@@ -76,7 +76,7 @@ def test_staff_read_every_organizations_log_in_the_console(make_user, history):
 
 
 def test_the_django_admin_shows_the_log_read_only(django_user_model, history):
-    root = django_user_model.objects.create_superuser(username="root", email="r@example.com", password="x" * 12)
+    root = django_user_model.objects.create_superuser("root", "r@example.com", "x" * 12)
     client = signed_in(root)
     entry = AuditEntry.objects.filter(action="member.role_changed").get()
     assert client.get("/django-admin/portal/auditentry/").status_code == 200
