@@ -5,7 +5,8 @@ threshold, fail the job; never a quiet `succeeded`. The thresholds are the spec'
 
 - failed episodes: a step whose share of failed episodes (environment errors: unreachable server, crashed
   package, ...) is above `max_episode_failure_rate` is a failing step; `failure_rate_steps` of them in a row
-  fail the job, naming what the episodes died of;
+  fail the job, naming what the episodes died of, and so does a last step that ends a run (shorter than
+  that) in which every step was failing;
 - no learning signal: a step in which every group's samples got the same reward (group baselines then make
   every advantage exactly zero: `groups/zero_std_frac` = 1), or with no sample at all, carries nothing to
   learn from; `zero_signal_steps` of them in a row fail the job;
@@ -38,6 +39,7 @@ class FailureWatch:
         self.errors = errors  # the latest episodes' error texts (asked only when failing)
         self.failing_steps = 0
         self.no_signal_steps = 0
+        self.steps_seen = 0
 
     def after_step(self, step: int, metrics: dict[str, float]) -> str | None:
         p, a = self.policy, self.spec.algorithm
@@ -45,7 +47,10 @@ class FailureWatch:
         failed = metrics.get("episodes/failed", 0.0)
         rate = failed / total if total else 0.0
         self.failing_steps = self.failing_steps + 1 if rate > p.max_episode_failure_rate else 0
-        if self.failing_steps >= p.failure_rate_steps:
+        self.steps_seen += 1
+        # A job shorter than the streak still must not end `succeeded` when every step of it was failing.
+        every_step = step >= a.steps and self.failing_steps == self.steps_seen
+        if self.failing_steps >= p.failure_rate_steps or (every_step and self.failing_steps > 0):
             return (
                 f"episode failure rate above {p.max_episode_failure_rate:.0%} for {self.failing_steps} "
                 f"consecutive steps ({failed:.0f} of {total:.0f} episodes failed at step {step}; "

@@ -254,3 +254,15 @@ def test_the_eval_rule_reads_single_and_multi_agent_eval_metrics():
     assert w.after_eval({"eval/episodes/total": 4.0, "eval/episodes/failed": 3.0}) is None  # games
     assert "all 4 failed" in w.after_eval({"eval/episodes/total": 4.0, "eval/episodes/failed": 4.0})
     assert w.after_eval({"eval/accuracy": 0.0}) is None  # nothing to judge by: never a guess
+
+
+def test_a_job_shorter_than_the_streak_fails_when_every_step_was_failing():
+    bad = {"episodes/failed": 4.0, "episodes/total": 4.0}
+    ok = {"episodes/failed": 0.0, "episodes/total": 4.0, "groups/zero_std_frac": 0.5}
+    w = watch()
+    w.spec = w.spec.model_copy(update={"algorithm": w.spec.algorithm.model_copy(update={"steps": 2})})
+    assert w.after_step(1, bad) is None
+    assert "4 of 4 episodes failed at step 2" in w.after_step(2, bad)
+    w = watch()
+    w.spec = w.spec.model_copy(update={"algorithm": w.spec.algorithm.model_copy(update={"steps": 2})})
+    assert [w.after_step(1, ok), w.after_step(2, bad)] == [None, None]  # one step ran its episodes
