@@ -269,6 +269,8 @@ _proxy_ssl_header = env.str("SECURE_PROXY_SSL_HEADER", "" if EMBEDDED else "HTTP
 SECURE_PROXY_SSL_HEADER = (_proxy_ssl_header, "https") if _proxy_ssl_header else None
 if not EMBEDDED:
     SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", True)
+    # Probes talk plain HTTP to the pod: a redirect would read as success (README "Operations").
+    SECURE_REDIRECT_EXEMPT = [r"^(livez|readyz|healthz)$"]
     SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", 31_536_000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", True)

@@ -163,3 +163,16 @@ def test_heartbeats_as_workers_write_them():
     assert who == "celery@w2" and abs(float(at) - time.time()) < 3600
     assert 0 < client.ttl(health.WORKER_KEY) <= health.KEY_TTL_S
     client.close()
+
+
+def test_probes_are_not_redirected_to_https_in_production():
+    # A probe's plain-HTTP request redirected to HTTPS would read as success (any 3xx passes a kubelet probe).
+    from tests.portal.test_settings import PRODUCTION, _manage
+
+    script = (
+        "from django.test import Client; c = Client(HTTP_HOST='opentinker.example.com'); "
+        "print([c.get(p).status_code for p in ('/livez', '/healthz', '/api/v1/me')])"
+    )
+    r = _manage("shell", "-c", script, **PRODUCTION)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[200, 200, 301]"
