@@ -14,8 +14,9 @@ When the runtime runs as root, the process does not keep root's uid on the host 
 the read-only sources in a private mount namespace and drops to uid/gid 65534 before starting bwrap, so the
 sandbox's uid 65534 is the host's 65534, and RLIMIT_NPROC (which root ignores) applies. Inside: CPU time,
 address space, file size, open files and process limits (rlimits), and where a `pids` cgroup (v1) is writable
-its own cgroup too. cgroup-v2 controllers are not used: this host delegates none (its unified hierarchy's
-`cgroup.controllers` is empty), so memory, processes and CPU are bounded by the rlimits above.
+its own cgroup too; a delegated cgroup-v2 directory (`OPENTINKER_SANDBOX_CGROUP`, or a v2 root that delegates
+pids and memory) adds pids, memory (its tmpfs included) and CPU limits. Hosts that delegate no v2 controller
+(this platform's: the unified hierarchy's `cgroup.controllers` holds none of them) rely on the rlimits.
 
 If bubblewrap is missing or cannot create its namespaces, starting a sandbox fails closed with
 `SandboxUnavailable`. `OPENTINKER_SANDBOX_ISOLATION=none` runs package code unisolated (rlimits and a clean
@@ -51,6 +52,8 @@ from opentinker.env.multiagent import MultiAgentEnvironment, MultiStepResult, Re
 
 OPENTINKER_DIR = str(Path(__file__).resolve().parents[1])  # the SDK package, bound read-only inside
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
+CGROUP_V2_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
+CGROUP_ENV = "OPENTINKER_SANDBOX_CGROUP"  # a delegated cgroup-v2 directory for the sandboxes' cgroups
 _STDERR_TAIL = 2000
 ISOLATION_ENV = "OPENTINKER_SANDBOX_ISOLATION"  # "bwrap" (the default) or "none" (development only)
 SANDBOX_UID = 65534  # inside, and on the host when the runtime is root
@@ -241,6 +244,7 @@ class Sandbox:
                 raise SandboxUnavailable(f"the sandbox could not start ({line.strip()})") from e
             raise
         self._read_ns_init_pid()
+        self.info["cgroup"] = getattr(self, "cgroup_kind", None) if self.cgroup else None
 
     def _launch_unisolated(self, package_dir: str | os.PathLike[str] | None) -> str:
         """Development only (`OPENTINKER_SANDBOX_ISOLATION=none`): rlimits and a clean environment."""
@@ -448,20 +452,67 @@ class Sandbox:
         return float(self.info.get("cpu_used_s") or 0.0) >= self.limits.cpu_s
 
     def _make_cgroup(self) -> Path | None:
-        if not (PIDS_CGROUP / "cgroup.procs").exists():
+        """This sandbox's own cgroup, which caps its process count (even for root) and lets `kill` reach
+        every process in it: under `OPENTINKER_SANDBOX_CGROUP` (a delegated cgroup-v2 directory: pids,
+        memory and, where enabled, cpu limits; an error if it delegates no pids and memory controllers),
+        else a v1 `pids` hierarchy where writable, else a v2 hierarchy whose root delegates pids and memory;
+        none where the host has none (the rlimits still apply). `cgroup_kind` says which."""
+        self.cgroup_kind: str | None = None
+        explicit = os.environ.get(CGROUP_ENV)
+        if explicit:
+            return self._make_cgroup_v2(Path(explicit), required=True)
+        if (PIDS_CGROUP / "cgroup.procs").exists():
+            path = PIDS_CGROUP / f"opentinker-{uuid.uuid4().hex[:12]}"
+            try:
+                path.mkdir()
+            except OSError:
+                return None
+            try:
+                # + the launcher, the namespace's init and the worker
+                (path / "pids.max").write_text(str(self.limits.max_processes + 3))
+            except OSError:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+                return None
+            self.cgroup_kind = "v1-pids"
+            return path
+        for root in CGROUP_V2_ROOTS:
+            if (root / "cgroup.controllers").exists() and (
+                path := self._make_cgroup_v2(root, required=False)
+            ):
+                return path
+        return None
+
+    def _make_cgroup_v2(self, parent: Path, *, required: bool) -> Path | None:
+        try:
+            enabled = (parent / "cgroup.subtree_control").read_text().split()
+        except OSError:
+            enabled = []
+        if not {"pids", "memory"} <= set(enabled):
+            if required:
+                raise SandboxUnavailable(
+                    f"{CGROUP_ENV}={parent} does not delegate the pids and memory controllers "
+                    f"(its cgroup.subtree_control: {' '.join(enabled) or 'empty'})"
+                )
             return None
-        path = PIDS_CGROUP / f"opentinker-{uuid.uuid4().hex[:12]}"
+        path = parent / f"opentinker-{uuid.uuid4().hex[:12]}"
         try:
             path.mkdir()
-        except OSError:
-            return None
-        try:
-            # + the launcher, the namespace's init and the worker
             (path / "pids.max").write_text(str(self.limits.max_processes + 3))
-        except OSError:
+            # Every process of the sandbox together, its tmpfs included (shared memory is charged here).
+            memory = (self.limits.memory_mb + self.limits.workdir_mb + 64) * 1024 * 1024
+            (path / "memory.max").write_text(str(memory))
+            if (path / "memory.swap.max").exists():
+                (path / "memory.swap.max").write_text("0")
+            if "cpu" in enabled:
+                (path / "cpu.max").write_text("100000 100000")  # at most one CPU's worth of time
+        except OSError as e:
             with contextlib.suppress(OSError):
                 path.rmdir()
+            if required:
+                raise SandboxUnavailable(f"cannot make a cgroup under {parent}: {e}") from None
             return None
+        self.cgroup_kind = "v2"
         return path
 
     def _join_cgroup(self) -> None:
@@ -480,7 +531,9 @@ class Sandbox:
         try:
             self.proc.stdin.write((json.dumps(payload) + "\n").encode())
             self.proc.stdin.flush()
-        except (BrokenPipeError, TypeError, ValueError) as e:
+        except BrokenPipeError:  # it ended before reading the request: say how it ended
+            raise self._fail(f"{what}: the environment process died ({self._exit_reason()})") from None
+        except (TypeError, ValueError) as e:
             raise self._fail(f"{what}: could not send the request ({type(e).__name__}: {e})") from None
         timeout = self.limits.call_timeout_s if timeout is None else timeout
         line = self._readline(timeout)
@@ -562,6 +615,9 @@ class Sandbox:
             self.proc.wait(timeout=5)
         if self.cgroup:
             # Anything still in the cgroup (escaped the process group) is killed too.
+            if (self.cgroup / "cgroup.kill").exists():
+                with contextlib.suppress(OSError):
+                    (self.cgroup / "cgroup.kill").write_text("1")
             for pid in (self.cgroup / "cgroup.procs").read_text().split():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)

@@ -765,3 +765,22 @@ def test_a_sandbox_stuck_in_a_call_ends_when_the_runtime_is_gone(runtime):
         assert init is not None and wait_gone(init)
     finally:
         sandbox.close()
+
+
+def test_a_delegated_cgroup_v2_gets_pids_memory_and_cpu_limits(tmp_path, monkeypatch):
+    # This host delegates no cgroup-v2 controller (the rlimits and a v1 pids cgroup hold here), so the
+    # limits are checked as written into a stand-in directory; a real delegated hierarchy enforces them.
+    parent = tmp_path / "delegated"
+    parent.mkdir()
+    (parent / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    monkeypatch.setenv("OPENTINKER_SANDBOX_CGROUP", str(parent))
+    sandbox = Sandbox.__new__(Sandbox)
+    sandbox.limits = LIMITS
+    path = sandbox._make_cgroup()
+    assert path is not None and path.parent == parent and sandbox.cgroup_kind == "v2"
+    written = {f.name: f.read_text() for f in path.iterdir()}
+    memory = (LIMITS.memory_mb + LIMITS.workdir_mb + 64) * 1024 * 1024
+    assert written == {"pids.max": "11", "memory.max": str(memory), "cpu.max": "100000 100000"}
+    (parent / "cgroup.subtree_control").write_text("cpu\n")  # named but not delegating: refused, not ignored
+    with pytest.raises(SandboxError, match="does not delegate the pids and memory controllers"):
+        sandbox._make_cgroup()
