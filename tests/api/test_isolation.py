@@ -425,11 +425,16 @@ ROUTES: dict[tuple[str, str], Route] = {
 SESSION_DIFFERS: dict[tuple[str, str], int] = {(f"{V1}/orgs", "post"): 201}
 
 
+PUBLIC_PROBES = ("/healthz", "/livez", "/readyz")
+
+
 @functools.cache
 def schema_operations() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     schema = SchemaGenerator().get_schema(request=None, public=True)
     ops = []
     for path, item in schema["paths"].items():
+        if path in PUBLIC_PROBES:
+            continue  # public by design, no tenant's data: tests/api/test_health.py
         for method, op in item.items():
             if method not in ("get", "post", "put", "patch", "delete", "head", "options", "trace"):
                 continue
@@ -536,6 +541,9 @@ def test_every_schema_route_and_parameter_is_covered():
                 assert path in key, f"path parameter {{{name}}} of {path} is not mapped in PATH_PARAMS"
     # The docs routes are not part of the schema (they are public by design).
     assert not any(p.startswith(("/api/schema", "/api/docs", "/api/redoc")) for p, _ in in_schema)
+    # Outside the API only the liveness and readiness probes (public by design) are in the schema.
+    paths = SchemaGenerator().get_schema(request=None, public=True)["paths"]
+    assert sorted(p for p in paths if not p.startswith(f"{V1}/")) == sorted(PUBLIC_PROBES)
 
 
 def test_acme_ids_are_real(world, store_file):
