@@ -319,33 +319,34 @@ class Controller:
             self.sink.log(f"step {step}: no trainable samples, update skipped")
             return {**metrics, "time/rollout": t1 - t0}
 
-        off_policy = a.epochs * a.minibatches > 1
-        need_old = off_policy or self.kl_in_reward
-        need_ref = a.kl_coef > 0
-        shards, n_micro = self._shards(samples)
-        if need_old or need_ref or self.algo == "ppo":
-            outs = self.group.call(
-                "logprobs", [(sh, n_micro, need_old, need_ref, self.algo == "ppo") for sh in shards]
-            )
+        # The step's updates, planned first: the very first mini-batch of a one-epoch step is still on-policy,
+        # so its old log-probs ARE the ones its own forward computes (ratio exactly 1) and the frozen pass
+        # skips them: a quarter of that pass with two mini-batches and the reference model.
+        rng = random.Random(derive_seed(self.spec.seed, step, -2))  # noqa: S311 (shuffling)
+        updates = [minibatch_parts(samples, a.minibatches, rng) for _ in range(a.epochs)]
+        on_policy = {id(s) for s in updates[0][0]} if a.epochs == 1 and not self.kl_in_reward else set()
+        need_ref, values = a.kl_coef > 0, self.algo == "ppo"
+        for need_old in (True, False):
+            batch = [s for s in samples if (id(s) in on_policy) != need_old]
+            if not batch or not (need_old or need_ref or values):
+                continue
+            shards, n_micro = self._shards(batch)
+            outs = self.group.call("logprobs", [(sh, n_micro, need_old, need_ref, values) for sh in shards])
             for sh, out in zip(shards, outs, strict=True):
                 for s, o in zip(sh, out, strict=True):
-                    s.old_logprobs, s.ref_logprobs, s.values = (
-                        o["old_logprobs"],
-                        o["ref_logprobs"],
-                        o["values"],
-                    )
+                    s.old_logprobs, s.ref_logprobs = o["old_logprobs"], o["ref_logprobs"]
+                    s.values = o["values"]
         t2 = time.perf_counter()
         self._advantages(samples)
-        if not off_policy:
+        if a.epochs * a.minibatches == 1:
             # One epoch, one mini-batch: the update uses its own detached log-probs as old ones (ratio = 1
             # exactly); the frozen pass was only needed for the KL reward.
             for s in samples:
                 s.old_logprobs = None
 
         sums: dict[str, float] = {}
-        rng = random.Random(derive_seed(self.spec.seed, step, -2))  # noqa: S311 (shuffling)
-        for _ in range(a.epochs):
-            for part in minibatch_parts(samples, a.minibatches, rng):
+        for parts in updates:
+            for part in parts:
                 if not part:
                     continue
                 norm = LossNorm(

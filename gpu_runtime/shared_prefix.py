@@ -88,11 +88,29 @@ def _cache_name(model_cls: type) -> str:
     return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
 
 
+@functools.cache
+def _takes_logits_to_keep(model_cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_cls.forward).parameters
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the HF model
+
+
+def keep_kwargs(model: nn.Module, cols: Tensor | None) -> dict[str, Tensor]:
+    """`logits_to_keep=cols` where the model takes it (every causal LM of transformers >= 4.50): the LM head
+    then projects only those positions onto the vocabulary. With a 152k vocabulary and a 256-wide model
+    that projection (and the log-softmax over it) is most of a forward pass, and most positions are prompt
+    tokens that no loss reads. Models without the argument project every position (the caller slices)."""
+    if cols is None or not _takes_logits_to_keep(type(_base(model))):
+        return {}
+    return {"logits_to_keep": cols}
+
+
 def cache_kwarg(model: nn.Module) -> str:
     """The keyword a model (and `generate`) takes its KV cache by: transformers 5.x renamed `past_key_values`
     to `cache` (the old name warns, then goes in 5.40); older releases only know `past_key_values`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the HF model
-    return _cache_name(type(base))
+    return _cache_name(type(_base(model)))
 
 
 def prefill(model: nn.Module, plan: PrefixPlan, device: torch.device | str) -> DynamicCache:
@@ -110,8 +128,11 @@ def prefill(model: nn.Module, plan: PrefixPlan, device: torch.device | str) -> D
     return cache
 
 
-def suffix_logits(model: nn.Module, plan: PrefixPlan, device: torch.device | str) -> Tensor:
-    """Logits of every suffix position, [B, S, V]: position j predicts suffix token j+1."""
+def suffix_logits(
+    model: nn.Module, plan: PrefixPlan, device: torch.device | str, cols: Tensor | None = None
+) -> Tensor:
+    """Logits of every suffix position, [B, S, V]: position j predicts suffix token j+1. With `cols`, only
+    those suffix positions, [B, len(cols), V] (see `keep_kwargs`)."""
     cache = prefill(model, plan, device)
     attn = torch.cat([plan.prefix_attn[plan.inverse], plan.suffix_attn], dim=1).to(device)
     pos = plan.prefix_len.unsqueeze(1) + torch.arange(plan.suffix_ids.shape[1]).unsqueeze(0)
@@ -121,8 +142,21 @@ def suffix_logits(model: nn.Module, plan: PrefixPlan, device: torch.device | str
         position_ids=pos.to(device),
         use_cache=True,
         **{cache_kwarg(model): cache},
+        **keep_kwargs(model, cols),
     )
+    if cols is not None and out.logits.shape[1] != len(cols):  # the model projected every position
+        return out.logits[:, cols.to(out.logits.device)]
     return out.logits
+
+
+def suffix_keep(keep: Tensor, plan: PrefixPlan) -> Tensor:
+    """The collated shifted layout's mask [B, T-1] (index t-1: token t) -> the suffix layout [B, S-1]
+    (index j: suffix token j+1, i.e. token prefix_len + j + 1): the inverse of `to_shifted`."""
+    T1 = keep.shape[1]
+    S1 = plan.suffix_ids.shape[1] - 1
+    src = plan.prefix_len.to(keep.device).unsqueeze(1) + torch.arange(S1, device=keep.device).unsqueeze(0)
+    inside = src < T1
+    return keep.gather(1, src.clamp(max=max(T1 - 1, 0))).bool() & inside
 
 
 def to_shifted(values: Tensor, plan: PrefixPlan, length: int) -> Tensor:

@@ -27,7 +27,14 @@ from gpu_runtime.algorithms import LossNorm, aggregate, kl_estimate, policy_loss
 from gpu_runtime.algorithms.schedule import lr_factor
 from gpu_runtime.batch import MicroBatch, Sample, collate, split_micro, unshift
 from gpu_runtime.models import load_model
-from gpu_runtime.shared_prefix import PrefixPlan, plan_for_samples, suffix_logits, to_shifted
+from gpu_runtime.shared_prefix import (
+    PrefixPlan,
+    keep_kwargs,
+    plan_for_samples,
+    suffix_keep,
+    suffix_logits,
+    to_shifted,
+)
 from opentinker.spec import JobSpec
 
 VALUE_CLIP = 0.2  # PPO value clipping range (not in the spec yet)
@@ -100,29 +107,57 @@ def token_logprobs(
     *,
     entropy: bool = False,
     plan: PrefixPlan | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(token_t | tokens_<t) under the SAMPLING temperature (the rollout sampled from softmax(z/T); the
     trainer must score the same distribution, checklist item 4).
     Returns [B, T-1] log-probs (and entropies). With a `plan`, each group's shared prompt runs once
-    (`gpu_runtime.shared_prefix`); the result has the same layout."""
+    (`gpu_runtime.shared_prefix`); the result has the same layout. With `keep` ([B, T-1], the loss mask),
+    only the positions some row keeps are projected onto the vocabulary, and positions not kept read 0."""
     device = mb.input_ids.device
     if plan is not None:
-        logits = suffix_logits(model, plan, device)[:, :-1]
+        cols = _kept_columns(suffix_keep(keep, plan) if keep is not None else None)
+        logits = suffix_logits(model, plan, device, cols)
         targets = plan.suffix_ids[:, 1:].to(device)
+        width = targets.shape[1]
     else:
-        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-        logits, targets = logits[:, :-1], mb.target_ids
+        cols = _kept_columns(keep)
+        ids, attn = mb.input_ids, mb.attention_mask
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False, **keep_kwargs(model, cols)).logits
+        if cols is not None and logits.shape[1] != len(cols):  # the model projected every position
+            logits = logits[:, cols.to(device)]
+        targets, width = mb.target_ids, mb.target_ids.shape[1]
+    if cols is None:
+        logits = logits[:, :width]
+    else:
+        cols = cols.to(device)
+        targets = targets[:, cols]
     logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     ent = None
     if entropy:
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)
+    if cols is not None:  # back to every position (0 where nothing was kept)
+        logp = logp.new_zeros((logp.shape[0], width)).index_copy(1, cols, logp)
+        ent = ent.new_zeros((ent.shape[0], width)).index_copy(1, cols, ent) if ent is not None else None
     if plan is not None:
         length = mb.input_ids.shape[1]
         logp = to_shifted(logp, plan, length)
         ent = to_shifted(ent, plan, length) if ent is not None else None
+    if keep is not None:  # kept columns hold other rows' untrained positions too: 0 there as well
+        drop = ~keep.bool().to(device)
+        logp = logp.masked_fill(drop, 0.0)
+        ent = ent.masked_fill(drop, 0.0) if ent is not None else None
     return logp, ent
+
+
+def _kept_columns(keep: torch.Tensor | None) -> torch.Tensor | None:
+    """Positions (columns) that any row keeps; None for all of them."""
+    if keep is None:
+        return None
+    cols = keep.bool().any(0).nonzero().squeeze(-1)
+    return None if len(cols) == keep.shape[1] else cols.cpu()
 
 
 class ValueModel(nn.Module):
@@ -226,7 +261,7 @@ class Trainer:
             plan = self._plan(chunk)
             if old:
                 with self._autocast():
-                    lp, _ = token_logprobs(self.model, mb, self.cfg.temperature, plan=plan)
+                    lp, _ = token_logprobs(self.model, mb, self.cfg.temperature, plan=plan, keep=mb.loss_mask)
                 for s, row in zip(chunk, unshift(lp, lengths), strict=True):
                     s.old_logprobs = row
             if ref:
@@ -271,9 +306,9 @@ class Trainer:
     def _ref_logprobs(self, mb: MicroBatch, plan: PrefixPlan | None) -> torch.Tensor:
         with self._autocast():
             if self.ref is not None:
-                return token_logprobs(self.ref, mb, self.cfg.temperature, plan=plan)[0]
+                return token_logprobs(self.ref, mb, self.cfg.temperature, plan=plan, keep=mb.loss_mask)[0]
             with self.model.disable_adapter():  # LoRA: the base model is the reference
-                return token_logprobs(self.model, mb, self.cfg.temperature, plan=plan)[0]
+                return token_logprobs(self.model, mb, self.cfg.temperature, plan=plan, keep=mb.loss_mask)[0]
 
     # ---- updates -------------------------------------------------------------------------------------
     def train_minibatch(self, samples: list[Sample], norm: LossNorm, n_micro: int) -> dict[str, float]:
@@ -293,7 +328,7 @@ class Trainer:
             plan = self._plan(chunk)
             self._keep_layers_gathered(plan is not None)
             with self._autocast():
-                logp, ent = token_logprobs(self.model, mb, c.temperature, entropy=True, plan=plan)
+                logp, ent = token_logprobs(self.model, mb, c.temperature, entropy=True, plan=plan, keep=m)
             if c.algorithm == "sft":
                 tok_loss = sft_loss(logp)
                 old = logp.detach()

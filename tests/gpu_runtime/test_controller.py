@@ -98,6 +98,44 @@ def test_algorithms_run_and_report_every_metric(algo, tmp_path, coin_env):
         assert "value_loss" in steps[1]
 
 
+class RecordingGroup(LocalGroup):
+    """Records what each frozen pass was asked for: (samples, old?, ref?)."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.frozen: list[tuple[int, bool, bool]] = []
+
+    def call(self, method, args):
+        if method == "logprobs":
+            (samples, _n_micro, old, ref, _values), *_ = args
+            self.frozen.append((len(samples), old, ref))
+        return super().call(method, args)
+
+
+@pytest.mark.parametrize(
+    ("algo", "expected"),
+    [
+        # 2 groups x 2 samples in 2 mini-batches of one group: the first is on-policy (its own forward gives
+        # its old log-probs), only the second needs frozen ones; the reference covers both.
+        (dict(minibatches=2, kl_coef=0.1), [(2, True, True), (2, False, True)]),
+        (dict(minibatches=2), [(2, True, False)]),
+        (dict(epochs=2, minibatches=2), [(4, True, False)]),  # the 2nd epoch re-reads every sample
+        (dict(kl_coef=0.1), [(4, False, True)]),  # on-policy: no frozen old log-probs at all
+        (dict(), []),
+    ],
+    ids=["2mb-kl", "2mb", "2epochs", "kl", "plain"],
+)
+def test_the_frozen_pass_skips_the_on_policy_first_minibatch(algo, expected, coin_env):
+    spec = small_spec(steps=1, **algo)
+    group = RecordingGroup(spec)
+    sink = ListSink()
+    assert Controller(spec, sink, group, None).run().exit_code == EXIT_OK
+    assert group.frozen == expected
+    m = sink.metric_steps()[1]
+    if algo.get("minibatches", 1) > 1:  # the first mini-batch's ratio is exactly 1, the second's is not
+        assert m["ratio/min"] < 1.0 or m["ratio/max"] > 1.0
+
+
 def _params(uri: str) -> dict[str, torch.Tensor]:
     return load_file(Path(uri.removeprefix("file://")) / "model.safetensors")
 

@@ -67,6 +67,33 @@ def test_logprobs_and_entropies_match_the_plain_forward(model):
     torch.testing.assert_close(ent_shared[m], ent_plain[m], atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_only_the_kept_positions_are_projected_onto_the_vocabulary(model, shared):
+    """`keep` (the loss mask): the LM head sees only the columns some row trains on; those log-probs and
+    entropies equal the full pass's, every other position reads exactly 0."""
+    samples = _group_samples()
+    mb = collate(samples)
+    plan = plan_for_samples(samples) if shared else None
+    rows: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda _m, _i, out: rows.append(out.shape[:-1].numel()))
+    try:
+        with torch.no_grad():
+            full, ent_full = token_logprobs(model, mb, 0.7, entropy=True, plan=plan)
+            n_full = rows[-1]
+            kept, ent_kept = token_logprobs(model, mb, 0.7, entropy=True, plan=plan, keep=mb.loss_mask)
+            n_kept = rows[-1]
+    finally:
+        hook.remove()
+    m = mb.loss_mask > 0
+    cols = int(m.any(0).sum()) if plan is None else None
+    assert n_kept < n_full
+    if cols is not None:
+        assert n_kept == len(samples) * cols
+    torch.testing.assert_close(kept[m], full[m], atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent_kept[m], ent_full[m], atol=1e-6, rtol=0)
+    assert kept.shape == full.shape and not kept[~m].any() and not ent_kept[~m].any()
+
+
 def test_a_training_step_gives_the_same_gradient():
     samples = _group_samples()
     norm = LossNorm(sum(s.n_generated for s in samples), len(samples), norm_len=4, world_size=1)
