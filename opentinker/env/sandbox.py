@@ -138,9 +138,13 @@ _libc: Any = None
 
 
 def _libc_funcs() -> Any:
+    """libc with `unshare` and `mount` looked up, in the parent: the launcher's child (forked from a process
+    that may have threads) then only calls them, never loads or resolves anything."""
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
+        _ = libc.unshare, libc.mount
+        _libc = libc
     return _libc
 
 
@@ -302,6 +306,7 @@ class Sandbox:
                 if real.startswith(src + "/"):  # run the staged copy: its real path may be out of reach too
                     bwrap = f"{STAGE_AT}/{i}{real[len(src) :]}"
             self._staged = (str(stage).encode(), staged)
+            _libc_funcs()
         else:
             binds = sources
         seccomp_r, seccomp_w = os.pipe()
@@ -516,8 +521,13 @@ class Sandbox:
         return path
 
     def _join_cgroup(self) -> None:
+        """In the launcher's child: plain system calls only (its parent may have threads)."""
         assert self.cgroup is not None
-        (self.cgroup / "cgroup.procs").write_text(str(os.getpid()))
+        fd = os.open(self.cgroup / "cgroup.procs", os.O_WRONLY)
+        try:
+            os.write(fd, b"%d" % os.getpid())
+        finally:
+            os.close(fd)
 
     def call(self, method: str, *args: Any) -> Any:
         if method not in self.METHODS:
