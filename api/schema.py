@@ -14,6 +14,7 @@ exactly what a client can get and a generated client never meets an undocumented
     400  a request body or query/header parameters to validate
     411 / 413  any request that may carry a body (POST, PUT, PATCH, DELETE): chunked with no length, or too
          large (api/middleware.py)
+    406  an Accept header without application/json (or */*), where DRF negotiates the answer's type
     415  a request body in another media type than the operation reads
     429  throttled operations (all but the public ones)
 """
@@ -28,6 +29,7 @@ from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework import serializers
 from rest_framework.permissions import AllowAny
+from rest_framework.views import APIView
 
 BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
@@ -135,4 +137,6 @@ class AutoSchema(SpectacularAutoSchema):
             codes.update((411, 413))
         if view.get_throttles():
             codes.add(429)
+        if type(view).perform_content_negotiation is APIView.perform_content_negotiation:
+            codes.add(406)  # DRF's negotiation: an Accept header that excludes application/json
         return codes - set(getattr(view, "schema_never_answers", ()))

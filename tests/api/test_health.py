@@ -75,6 +75,11 @@ def test_liveness_needs_nothing_but_the_process(settings, closed_port):
         assert (resp.status_code, resp.json()) == (200, {"status": "ok"})
 
 
+def test_probes_answer_json_only():
+    resp = Client().get("/livez", HTTP_ACCEPT="text/html")
+    assert resp.status_code == 406 and resp.json()["error"]["code"] == "not_acceptable"
+
+
 def test_ready_when_everything_answers(tmp_path, settings):
     settings.OBJECT_STORE_URL = f"file://{tmp_path / 'objects'}"  # not there yet: writes create it
     beats(beat_age=3, worker_age=10)

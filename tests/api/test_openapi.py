@@ -71,13 +71,15 @@ def test_lists_are_documented_as_pages_and_every_status_is_listed():
         return sorted(int(s) for s in spec["paths"][path][method]["responses"])
 
     # An invitation to a member's address is a 409; a body to validate, a 400; no path object, no 404.
-    assert statuses("/api/v1/org/invitations", "post") == [201, 400, 401, 403, 409, 411, 413, 415, 429]
-    assert statuses("/api/v1/org/invitations", "get") == [200, 401, 403, 429]
-    assert statuses("/api/v1/tokens/{token_id}", "delete") == [204, 401, 403, 404, 411, 413, 429]
+    assert statuses("/api/v1/org/invitations", "post") == [201, 400, 401, 403, 406, 409, 411, 413, 415, 429]
+    assert statuses("/api/v1/org/invitations", "get") == [200, 401, 403, 406, 429]
+    assert statuses("/api/v1/tokens/{token_id}", "delete") == [204, 401, 403, 404, 406, 411, 413, 429]
     assert statuses("/api/v1/ingest/jobs/{job_id}/heartbeat", "post") == [
-        200, 400, 401, 404, 409, 411, 413, 415, 429,
+        200, 400, 401, 404, 406, 409, 411, 413, 415, 429,
     ]  # fmt: skip
-    assert statuses("/readyz", "get") == [200, 503] and statuses("/livez", "get") == [200]
+    assert statuses("/readyz", "get") == [200, 406, 503] and statuses("/livez", "get") == [200, 406]
+    # The stream negotiates nothing (errors are JSON whatever EventSource accepts): no 406 there.
+    assert 406 not in statuses("/api/v1/jobs/{job_id}/stream", "get")
     error = {"$ref": "#/components/schemas/Error"}
     for path, methods in spec["paths"].items():
         for method, operation in methods.items():
