@@ -15,12 +15,15 @@ from api.views.jobs import Pagination
 from env_registry.models import EnvironmentSecret
 from env_registry.secrets import (
     MAX_VALUE_BYTES,
+    NAME_RE,
     environment_secret_create,
     environment_secret_delete,
     environment_secret_get,
     environment_secret_list,
 )
 from portal.models import Scope
+
+NAME_RULE = "a secret name is 1-63 characters of a-z, 0-9, '_' and '-', starting with a letter or digit"
 
 
 class EnvironmentSecretSerializer(serializers.ModelSerializer):
@@ -37,7 +40,12 @@ class EnvironmentSecretListApi(APIView):
     write_scope = Scope.ORG_ADMIN
 
     class EnvironmentSecretCreateInput(StrictSerializer):
-        name = serializers.CharField(max_length=63, help_text="`^[a-z0-9][a-z0-9_-]{0,62}$`")
+        name = serializers.RegexField(
+            NAME_RE.pattern.removesuffix("$") + r"\Z",
+            max_length=63,
+            help_text="1-63 characters of a-z, 0-9, `_` and `-`, starting with a letter or digit.",
+            error_messages={"invalid": NAME_RULE},
+        )
         value = serializers.CharField(
             max_length=MAX_VALUE_BYTES,
             trim_whitespace=False,

@@ -52,7 +52,12 @@ class TokenListApi(APIView):
 
     class TokenCreateInput(StrictSerializer):
         name = serializers.CharField(max_length=100)
-        scopes = serializers.ListField(child=serializers.ChoiceField(choices=Scope.choices), max_length=10)
+        scopes = serializers.ListField(
+            child=serializers.ChoiceField(choices=Scope.choices),
+            min_length=1,
+            max_length=10,
+            error_messages={"min_length": "give at least one scope"},
+        )
         expires_in_days = serializers.IntegerField(
             required=False, allow_null=True, min_value=1, max_value=MAX_EXPIRY_DAYS, default=None
         )
