@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from hashlib import sha256
 from pathlib import Path
 
 from django.conf import settings
@@ -26,6 +27,7 @@ from env_registry.visibility import Viewer, package_is_visible, package_may_chan
 from portal.errors import Conflict, DomainError, Forbidden, NotFound
 from portal.models import AuditAction, Organization
 from portal.services.audit import audit_record
+from portal.services.enqueue import enqueue
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +140,8 @@ def _exists(organization: Organization, m: Manifest) -> Conflict:
 def version_validation_start(version: EnvironmentVersion) -> None:
     """Validate now (ENV_VALIDATION_MODE=inline, the default) or in a Celery task after the commit."""
     if getattr(settings, "ENV_VALIDATION_MODE", "inline") == "celery":
-        from workers.env_tasks import validate_version_task
-
-        pk = version.pk
-        transaction.on_commit(lambda: validate_version_task.apply_async(args=[pk], expires=3600))
+        # Sent by name (workers.env_tasks runs it): the registry never imports `workers`.
+        enqueue("env_registry.validate_version", version.pk, expires=3600)
         return
     version_validate(version.pk)
     version.refresh_from_db()
@@ -154,8 +154,6 @@ def version_validate(version_id: int) -> EnvironmentVersion | None:
         return version
     try:
         data = storage.archive_get(version.archive_uri)
-        from hashlib import sha256
-
         if sha256(data).hexdigest() != version.sha256:
             raise ArchiveError("the stored archive does not match its sha256")
         smoke_test(data)

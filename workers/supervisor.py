@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from env_registry.secrets import EnvironmentSecretMissing
 from opentinker.spec import TERMINAL_STATES, JobState
+from portal.celery import app
 from portal.env import setting_seconds
 from portal.errors import Conflict
 from portal.models import Allocation, ComputePool, Job
@@ -127,9 +128,8 @@ def supervise(now=None) -> dict:
                 job_requeue(job=job, why="lost", reason="the launch did not complete in time")
                 stats["requeued"] += 1
             elif not alloc.runtime_handle:
-                from workers.tasks import launch_task
-
-                launch_task.apply_async(args=[alloc.pk], expires=300)  # the first message may be lost
+                # the first message may be lost; sent by name (workers.tasks imports this module)
+                app.send_task("workers.launch", args=[alloc.pk], expires=300)
                 stats["launched"] += 1
             continue
         driver = driver_for(alloc.pool)

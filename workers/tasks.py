@@ -12,8 +12,10 @@ from celery.signals import worker_ready
 from django.db import transaction
 
 from portal.celery import app
+from portal.services.scheduler import schedule_pass
 from workers import health as _health  # noqa: F401  (beat's and the workers' heartbeats, /readyz)
 from workers.beat import beat_schedule
+from workers.supervisor import launch, pools_refresh, stop_allocation, supervise
 
 # Beat reads this after the tasks are imported; settings.CELERY_BEAT_SCHEDULE entries win.
 app.conf.beat_schedule = {**beat_schedule(), **(app.conf.beat_schedule or {})}
@@ -23,37 +25,27 @@ COMMON = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": Tru
 
 @shared_task(name="workers.schedule", time_limit=60, soft_time_limit=50, **COMMON)
 def schedule_task() -> dict:
-    from portal.services.scheduler import schedule_pass
-
     result = schedule_pass()
     return {"admitted": len(result.admitted), "preempted": len(result.preempted), "seconds": result.seconds}
 
 
 @shared_task(name="workers.launch", time_limit=120, soft_time_limit=100, **COMMON)
 def launch_task(allocation_id: int) -> str:
-    from workers.supervisor import launch
-
     return launch(allocation_id)
 
 
 @shared_task(name="workers.stop_allocation", time_limit=60, soft_time_limit=50, **COMMON)
 def stop_allocation_task(allocation_id: int, why: str = "stop") -> str:
-    from workers.supervisor import stop_allocation
-
     return stop_allocation(allocation_id, why)
 
 
 @shared_task(name="workers.supervise", time_limit=120, soft_time_limit=100, **COMMON)
 def supervise_task() -> dict:
-    from workers.supervisor import supervise
-
     return supervise()
 
 
 @shared_task(name="workers.pools_refresh", time_limit=60, soft_time_limit=50, **COMMON)
 def pools_refresh_task() -> int:
-    from workers.supervisor import pools_refresh
-
     return pools_refresh()
 
 

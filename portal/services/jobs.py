@@ -14,10 +14,13 @@ from django.utils import timezone
 from opentinker.spec import TERMINAL_STATES, JobSpec, JobState
 from portal import storage
 from portal.actors import Actor
-from portal.errors import Conflict, DomainError, QuotaExceeded
-from portal.models import Job, JobEvent, Organization, Quota
-from portal.services import live
+from portal.errors import Conflict, DomainError, NotFound, QuotaExceeded
+from portal.models import AuditAction, Job, JobEvent, Organization, Quota
+from portal.services import env_refs, live
+from portal.services.audit import audit_record
+from portal.services.egress import egress_check
 from portal.services.enqueue import enqueue
+from portal.services.env_refs import ResolvedEnvironment
 
 S = JobState
 # The job state machine. `running -> queued` and `admitted -> queued` are re-queues (preemption, lost worker);
@@ -61,20 +64,15 @@ def _check_request_size(spec: JobSpec, quota: Quota) -> None:
         )
 
 
-def _check_references(spec: JobSpec, organization: Organization, actor: Actor):
+def _check_references(spec: JobSpec, organization: Organization, actor: Actor) -> ResolvedEnvironment | None:
     """Check what the spec points at, as the submitting user sees it (a private package only for its
-    publishers and admins); returns the registry EnvironmentVersion it uses (or None)."""
-    # Imported here: env_registry builds on the domain (a module-level import would be a cycle), and the
-    # domain needs it only at submission.
-    from env_registry.selectors import environment_resolve, version_roles
-    from env_registry.visibility import Viewer
-    from portal.errors import NotFound
-
+    publishers and admins); returns the registry environment it uses (or None), resolved through the
+    interface the registry registers (portal.services.env_refs)."""
     version = None
     ref = spec.environment.registry_ref if spec.environment else None
     if ref is not None:
         try:
-            version = environment_resolve(Viewer.for_user(organization, actor.user), ref)
+            version = env_refs.resolver().resolve(organization, actor.user, ref)
         except NotFound as e:
             raise DomainError(str(e), field="environment.ref") from None
         wanted = spec.environment.sha256
@@ -85,13 +83,12 @@ def _check_references(spec: JobSpec, organization: Organization, actor: Actor):
                 field="environment.sha256",
             )
         if spec.multi_agent is not None:
-            roles, rule_player = version_roles(version)
-            errors = spec.multi_agent.role_errors(f"{ref.owner}/{ref.name}", roles, rule_player=rule_player)
+            errors = spec.multi_agent.role_errors(
+                f"{ref.owner}/{ref.name}", list(version.roles), rule_player=version.rule_based_player
+            )
             if errors:
                 raise DomainError("; ".join(errors), field="multi_agent.roles")
     if spec.environment is not None and ref is None:  # a remote environment server
-        from portal.services.egress import egress_check
-
         egress_check(spec.environment.ref, organization_slug=organization.slug, pool=spec.resources.pool)
     if spec.environment and spec.environment.secret:
         from env_registry.secrets import environment_secret_exists
@@ -115,7 +112,7 @@ def _check_references(spec: JobSpec, organization: Organization, actor: Actor):
     return version
 
 
-def _pinned(spec: JobSpec, version) -> JobSpec:
+def _pinned(spec: JobSpec, version: ResolvedEnvironment | None) -> JobSpec:
     """The spec with its registry environment pinned: the exact version (`latest` resolved) and the archive's
     sha256, so a retried or resumed attempt runs byte-identical code whatever is published later."""
     if version is None or spec.environment is None:
@@ -178,10 +175,8 @@ def job_submit(
             idempotency_key=idempotency_key,
         )
         _record(job, actor, kind=JobEvent.Kind.STATE, to_state=S.QUEUED, message="submitted")
-        if env_version is not None:
-            from env_registry.services import package_usage_record
-
-            package_usage_record(env_version)  # after the idempotency check: a retry is not a second use
+        if env_version is not None:  # after the idempotency check: a retry is not a second use
+            env_refs.resolver().usage_record(env_version)
         # Nudge the scheduler once this commits; beat runs it every few seconds anyway.
         enqueue("workers.schedule", expires=30)
         return job, True
@@ -293,9 +288,6 @@ def job_set_priority(*, job: Job, priority: int, actor: Actor, reason: str = "")
         if reason.strip():
             message += f": {reason.strip()[:MAX_REASON]}"
         _record(job, actor, kind=JobEvent.Kind.INFO, message=message, data={"priority": [old, priority]})
-        from portal.models import AuditAction
-        from portal.services.audit import audit_record
-
         audit_record(
             AuditAction.JOB_PRIORITY_CHANGED,
             organization=job.organization,

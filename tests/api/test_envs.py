@@ -258,17 +258,21 @@ def test_versions_are_immutable(as_alice, as_bob, store, published):
 
 
 def test_validation_in_celery_after_commit(as_alice, store, settings, django_capture_on_commit_callbacks):
+    from portal.celery import app
     from workers.env_tasks import validate_version_task
 
     settings.ENV_VALIDATION_MODE = "celery"
     with (
-        mock.patch.object(validate_version_task, "apply_async") as enqueue,
+        mock.patch.object(app, "send_task") as enqueue,
         django_capture_on_commit_callbacks(execute=True),
     ):
         resp = upload(as_alice, package())
     assert resp.status_code == 201 and resp.json()["versions"][0]["status"] == "pending"
     version = EnvironmentVersion.objects.get(package__name="echo")
+    # Sent by name after the commit (the registry never imports workers); the worker's task has that name.
     enqueue.assert_called_once()
+    assert enqueue.call_args.args == (validate_version_task.name,)
+    assert validate_version_task.name == "env_registry.validate_version"
     assert enqueue.call_args.kwargs["args"] == [version.pk]
     # A pending version cannot be used yet.
     resp = as_alice.post(f"{V1}/jobs", job_with("acme/echo@1.2.3"), format="json")

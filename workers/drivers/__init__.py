@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,11 @@ from django.conf import settings
 
 from portal import storage
 from portal.models import Allocation, Checkpoint, ComputePool, Job
+from workers.drivers.base import capacity_report, runtime_command
+from workers.drivers.local import LocalDriver
+from workers.drivers.ray import RayDriver
 
-
-def runtime_command() -> list[str]:
-    """The job entrypoint; the spec file's path is appended."""
-    from_env = os.environ.get("OPENTINKER_RUNTIME_COMMAND")
-    configured = json.loads(from_env) if from_env else getattr(settings, "OPENTINKER_RUNTIME_COMMAND", None)
-    if configured:
-        return [str(x) for x in configured]
-    return [sys.executable, "-m", "gpu_runtime", "run"]
+__all__ = ["capacity_report", "driver_for", "job_env", "runtime_command", "work_dir", "write_spec"]
 
 
 def checkpoint_uri(job: Job) -> str:
@@ -91,25 +86,7 @@ def write_spec(job: Job, path: Path) -> Path:
     return spec_path
 
 
-def capacity_report(gpus_by_type: dict[str, int], cpus: int, memory_bytes: int, slots: int = 0) -> dict:
-    """What a driver reports of its pool: GPUs by type or, without any GPU, CPU slots (``slots``, default
-    one per CPU)."""
-    cpu_slots = not gpus_by_type
-    kinds = gpus_by_type or {"cpu-slot": slots or cpus}
-    return {
-        "gpus_by_type": kinds,
-        "total_gpus": sum(kinds.values()),
-        "cpus": cpus,
-        "memory_bytes": memory_bytes,
-        "cpu_slots": cpu_slots,
-    }
-
-
 def driver_for(pool: ComputePool):
     if pool.driver == ComputePool.Driver.RAY:
-        from workers.drivers.ray import RayDriver
-
         return RayDriver(pool)
-    from workers.drivers.local import LocalDriver
-
     return LocalDriver(pool)

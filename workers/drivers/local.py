@@ -21,7 +21,7 @@ import psutil
 from django.conf import settings
 
 from portal.models import Allocation, ComputePool
-from workers.drivers import capacity_report, runtime_command
+from workers.drivers.base import capacity_report, runtime_command
 
 HOST = socket.gethostname()
 

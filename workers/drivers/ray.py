@@ -32,7 +32,7 @@ from django.conf import settings
 from django.db import transaction
 
 from portal.models import Allocation, ComputePool, Job
-from workers.drivers import capacity_report
+from workers.drivers.base import capacity_report
 
 logger = logging.getLogger(__name__)
 
