@@ -14,12 +14,12 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from env_registry.secrets import EnvironmentSecretMissing
 from opentinker.spec import TERMINAL_STATES, JobState
 from portal.celery import app
 from portal.env import setting_seconds
 from portal.errors import Conflict
 from portal.models import Allocation, ComputePool, Job
+from portal.services.env_secrets import EnvironmentSecretMissing
 from portal.services.jobs import job_transition
 from portal.services.pools import pool_ensure, pool_report
 from portal.services.supervision import (

@@ -1,5 +1,5 @@
 """Environment secrets of the current organization: create, list, delete (org:admin). No route ever returns a
-value, not even the one that created it: the caller already has it (env_registry/secrets.py)."""
+value, not even the one that created it: the caller already has it (portal/services/env_secrets.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from api.schema import paginated
 from api.serializers import ErrorSerializer, StrictSerializer
 from api.tenancy import tenant_of
 from api.views.jobs import Pagination
-from env_registry.models import EnvironmentSecret
-from env_registry.secrets import (
+from portal.models import EnvironmentSecret, Scope
+from portal.services.env_secrets import (
     MAX_VALUE_BYTES,
     NAME_RE,
     environment_secret_create,
@@ -21,7 +21,6 @@ from env_registry.secrets import (
     environment_secret_get,
     environment_secret_list,
 )
-from portal.models import Scope
 
 NAME_RULE = "a secret name is 1-63 characters of a-z, 0-9, '_' and '-', starting with a letter or digit"
 

@@ -20,8 +20,8 @@ from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
 from api.serializers import ErrorSerializer
-from env_registry.secrets import EnvironmentSecretMissing
 from portal.errors import Conflict
+from portal.services.env_secrets import EnvironmentSecretMissing
 from portal.services.job_bootstrap import MAX_LENGTH, PREFIX, bootstrap_redeem
 
 INVALID = "invalid, expired or already used bootstrap token"

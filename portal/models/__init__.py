@@ -1,4 +1,5 @@
 from portal.models.audit import AuditAction, AuditEntry
+from portal.models.env_secrets import EnvironmentSecret
 from portal.models.jobs import Checkpoint, Job, JobEvent, Metric
 from portal.models.logs import JobLog
 from portal.models.orgs import Invitation, Membership, Organization, Role
@@ -14,6 +15,7 @@ __all__ = [
     "AuditEntry",
     "Checkpoint",
     "ComputePool",
+    "EnvironmentSecret",
     "FairShareUsage",
     "Invitation",
     "Job",

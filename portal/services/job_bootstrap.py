@@ -28,6 +28,8 @@ from django.utils import timezone
 
 from portal.env import setting_seconds
 from portal.models import Allocation, Job
+from portal.services.env_secrets import environment_secret_reveal
+from portal.services.job_tokens import job_token_issue
 from portal.services.secrets import secret_hash
 
 PREFIX = "otb_"
@@ -64,8 +66,6 @@ def bootstrap_redeem(raw: str, job_id) -> Bootstrap | None:
     """The job's secrets for a valid, unexpired, unused token of that job's live allocation; None otherwise
     (and the token is spent either way if it matched). Raises EnvironmentSecretMissing when the job's
     environment secret was deleted since submission."""
-    from portal.services.job_tokens import job_token_issue
-
     if not isinstance(raw, str) or len(raw) > MAX_LENGTH or not _FORMAT.fullmatch(raw):
         return None
     digest = secret_hash(raw)
@@ -90,7 +90,5 @@ def bootstrap_redeem(raw: str, job_id) -> Bootstrap | None:
     secret_name = (job.spec.get("environment") or {}).get("secret")
     value = None
     if secret_name:
-        from env_registry.secrets import environment_secret_reveal
-
         value = environment_secret_reveal(job.organization, secret_name)
     return Bootstrap(job=job, job_token=job_token_issue(job), environment_secret=value)

@@ -21,6 +21,7 @@ from portal.services.audit import audit_record
 from portal.services.egress import egress_check
 from portal.services.enqueue import enqueue
 from portal.services.env_refs import ResolvedEnvironment
+from portal.services.env_secrets import environment_secret_exists
 
 S = JobState
 # The job state machine. `running -> queued` and `admitted -> queued` are re-queues (preemption, lost worker);
@@ -90,15 +91,13 @@ def _check_references(spec: JobSpec, organization: Organization, actor: Actor) -
                 raise DomainError("; ".join(errors), field="multi_agent.roles")
     if spec.environment is not None and ref is None:  # a remote environment server
         egress_check(spec.environment.ref, organization_slug=organization.slug, pool=spec.resources.pool)
-    if spec.environment and spec.environment.secret:
-        from env_registry.secrets import environment_secret_exists
-
-        # Resolved in the job's own organization only; the launcher decrypts it (workers/drivers).
-        if not environment_secret_exists(organization, spec.environment.secret):
-            raise DomainError(
-                f"your organization has no environment secret named {spec.environment.secret!r}",
-                field="environment.secret",
-            )
+    # Resolved in the job's own organization only; the launcher decrypts it (workers/drivers).
+    secret = spec.environment.secret if spec.environment else None
+    if secret and not environment_secret_exists(organization, secret):
+        raise DomainError(
+            f"your organization has no environment secret named {spec.environment.secret!r}",
+            field="environment.secret",
+        )
     uris = {
         "model.base": "" if spec.model.is_preset else spec.model.base,
         "dataset.uri": spec.dataset.uri if spec.dataset else "",

@@ -17,10 +17,18 @@ import pytest
 from django.conf import settings
 from django.forms.models import model_to_dict
 
-from env_registry.models import EnvironmentSecret
-from env_registry.secrets import environment_secret_create
 from opentinker.spec import example_rl_spec
-from portal.models import ApiToken, Invitation, Job, JobEvent, Membership, Organization, Quota
+from portal.models import (
+    ApiToken,
+    EnvironmentSecret,
+    Invitation,
+    Job,
+    JobEvent,
+    Membership,
+    Organization,
+    Quota,
+)
+from portal.services.env_secrets import environment_secret_create
 from portal.services.orgs import organization_create
 from tests.conftest import client_for
 

@@ -8,10 +8,9 @@ import json
 
 import pytest
 
-from env_registry.models import EnvironmentSecret
-from env_registry.secrets import environment_secret_reveal
 from opentinker.spec import EnvironmentSpec, ResourcesSpec, example_rl_spec
-from portal.models import Allocation, Job, JobEvent
+from portal.models import Allocation, EnvironmentSecret, Job, JobEvent
+from portal.services.env_secrets import environment_secret_reveal
 from portal.services.scheduler import schedule_pass
 from tests.conftest import client_for
 from tests.workers.conftest import make_pool

@@ -33,14 +33,14 @@ from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
 from env_registry import storage as env_storage
-from env_registry.models import EnvironmentPackage, EnvironmentSecret, EnvironmentVersion, Star, Visibility
-from env_registry.secrets import environment_secret_create
+from env_registry.models import EnvironmentPackage, EnvironmentVersion, Star, Visibility
 from opentinker.spec import example_rl_spec
 from portal import storage
 from portal.actors import Actor
 from portal.models import (
     ApiToken,
     Checkpoint,
+    EnvironmentSecret,
     Invitation,
     Job,
     JobEvent,
@@ -50,6 +50,7 @@ from portal.models import (
     Quota,
     Role,
 )
+from portal.services.env_secrets import environment_secret_create
 from portal.services.jobs import job_submit
 from portal.services.orgs import invitation_create
 from tests.conftest import client_for

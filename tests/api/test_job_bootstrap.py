@@ -11,9 +11,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from env_registry.models import EnvironmentSecret
 from gpu_runtime.bootstrap import BootstrapError, redeem
-from portal.models import Allocation
+from portal.models import Allocation, EnvironmentSecret
 from portal.services.job_bootstrap import bootstrap_issue
 from portal.services.job_tokens import job_ingest_url, job_token_verify
 from portal.services.supervision import allocation_release

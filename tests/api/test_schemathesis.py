@@ -26,12 +26,12 @@ from django.conf import settings
 
 from env_registry import storage as env_storage
 from env_registry.models import EnvironmentPackage, EnvironmentVersion, Visibility
-from env_registry.secrets import environment_secret_create
 from opentinker.spec import EnvironmentSpec, JobState, example_rl_spec
 from portal import storage
 from portal.actors import Actor
 from portal.models import Checkpoint, ComputePool, Membership, Role
 from portal.services import live
+from portal.services.env_secrets import environment_secret_create
 from portal.services.job_tokens import job_token_issue
 from portal.services.jobs import job_cancel, job_submit, job_transition
 from portal.services.orgs import invitation_create, organization_create

@@ -15,6 +15,9 @@ from django.conf import settings
 
 from portal import storage
 from portal.models import Allocation, Checkpoint, ComputePool, Job
+from portal.services.egress import runtime_egress_env
+from portal.services.env_secrets import REMOTE_SECRET_VAR, environment_secret_reveal
+from portal.services.job_tokens import job_runtime_env
 from workers.drivers.base import capacity_report, runtime_command
 from workers.drivers.local import LocalDriver
 from workers.drivers.ray import RayDriver
@@ -28,12 +31,7 @@ def checkpoint_uri(job: Job) -> str:
 
 def job_env(job: Job, alloc: Allocation) -> dict[str, str]:
     """What the runtime gets to know: where to report, its token, its job, where to write checkpoints."""
-    try:
-        from portal.services.job_tokens import job_runtime_env
-
-        env = job_runtime_env(job)
-    except ImportError:  # pragma: no cover -- the ingest side not deployed
-        env = {"OPENTINKER_INGEST_URL": "", "OPENTINKER_JOB_TOKEN": "", "OPENTINKER_JOB_ID": str(job.id)}
+    env = job_runtime_env(job)
     env["OPENTINKER_CHECKPOINT_URI"] = checkpoint_uri(job)
     env["OPENTINKER_ATTEMPT"] = str(alloc.attempt)
     resume = latest_checkpoint(job)
@@ -41,14 +39,10 @@ def job_env(job: Job, alloc: Allocation) -> dict[str, str]:
         env["OPENTINKER_RESUME_FROM"] = resume
     ref = str((job.spec.get("environment") or {}).get("ref", ""))
     if ref.startswith(("https://", "http://")):
-        from portal.services.egress import runtime_egress_env
-
         # The runtime checks the policy again at connect time, with this job's (organization's, pool's) list.
         env.update(runtime_egress_env(job.organization.slug, alloc.pool.name))
     secret = (job.spec.get("environment") or {}).get("secret")
     if secret:
-        from env_registry.secrets import REMOTE_SECRET_VAR, environment_secret_reveal
-
         # Only here, in the process environment: never in the spec file, logs, events or the API. Raises
         # EnvironmentSecretMissing (the launcher fails the job) if it was deleted since submission.
         env[REMOTE_SECRET_VAR] = environment_secret_reveal(job.organization, secret)

@@ -14,9 +14,8 @@ from cryptography.fernet import Fernet, InvalidToken
 from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 
-from env_registry.models import EnvironmentSecret
 from portal.errors import Conflict, DomainError, Forbidden, NotFound
-from portal.models import AuditAction, Membership, Organization, Role
+from portal.models import AuditAction, EnvironmentSecret, Membership, Organization, Role
 from portal.roles import role_at_least
 from portal.services.audit import audit_record
 from portal.services.secrets import fernet
