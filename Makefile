@@ -44,9 +44,13 @@ browser:
 demo: $(STAMP) frontend
 	$(BIN)/python -m portal.demo $(DEMO_ARGS)
 
+# ruff, the layer contracts of ARCHITECTURE.md (import-linter, [tool.importlinter] in pyproject.toml) and the
+# type checker (mypy, [tool.mypy]: strict for the SDK and the runtime).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 test: $(STAMP) lint frontend browser
 	$(BIN)/python -m pytest
@@ -57,4 +61,4 @@ gpu-kit:
 	$(PYTHON) bench/gpu_kit.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -8,6 +8,7 @@ trained. Collation right-pads a micro-batch and shifts targets by one to line up
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,7 +42,7 @@ def dummy_sample() -> Sample:
     return Sample([0, 0], [0, 0], [0.0, 0.0], [0.0, 0.0], 0.0, -1, advantages=[0.0, 0.0], returns=[0.0, 0.0])
 
 
-def _pad(rows: list[list], value: float | int, dtype: torch.dtype, length: int) -> Tensor:
+def _pad(rows: list[list[Any]], value: float | int, dtype: torch.dtype, length: int) -> Tensor:
     out = torch.full((len(rows), length), value, dtype=dtype)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=dtype)

@@ -80,7 +80,8 @@ def sandbox_limits() -> SandboxLimits:
 def fetch_archive(ingest_url: str, token: str, *, retries: int = 4, timeout_s: float = 30.0) -> bytes:
     """The job's pinned archive from the ingest API; retries connection errors, 429 and 5xx like the sink."""
     url = f"{ingest_url.rstrip('/')}/environment"
-    delay, err = 0.5, None
+    delay = 0.5
+    err: Exception | None = None
     for attempt in range(retries + 1):
         req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
         try:

@@ -389,7 +389,7 @@ class _PolicyView:
         self.rollout = self
         self.samples: list[Sample] = []
 
-    def call(self, method: str, per_rank: list[tuple]) -> list[Any]:
+    def call(self, method: str, per_rank: list[tuple[Any, ...]]) -> list[Any]:
         return self.ranks.call(method, per_rank)
 
     def rollout_call(self, method: str, *args: Any) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -84,12 +85,12 @@ def plan_for_samples(samples: list[Sample]) -> PrefixPlan | None:
 
 
 @functools.cache
-def _cache_name(model_cls: type) -> str:
+def _cache_name(model_cls: Any) -> str:
     return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
 
 
 @functools.cache
-def _takes_logits_to_keep(model_cls: type) -> bool:
+def _takes_logits_to_keep(model_cls: Any) -> bool:
     return "logits_to_keep" in inspect.signature(model_cls.forward).parameters
 
 

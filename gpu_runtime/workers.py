@@ -192,7 +192,7 @@ class RolloutWorker:
             "episodes/failed": float(sum(ep.failed for ep in episodes)),
             "episodes/total": float(len(seeds)),
         }
-        self.errors = sorted({ep.error for ep in episodes if ep.failed})[:5]
+        self.errors = sorted({ep.error or "" for ep in episodes if ep.failed})[:5]
         for reason in self.errors:
             print(f"episode failed: {reason}", file=sys.stderr, flush=True)  # the job's log keeps why
         return samples, stats

@@ -337,7 +337,8 @@ def _parse(model: type[M], data: Any) -> M:
 
 def _sse_events(lines: Iterator[str]) -> Iterator[StreamEvent]:
     """Parse a text/event-stream (the WHATWG format); ``retry:`` comes out as a ``retry`` event."""
-    kind, data, event_id = "message", [], None
+    kind, event_id = "message", None
+    data: list[str] = []
     for line in lines:
         if not line:
             if data:

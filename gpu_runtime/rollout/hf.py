@@ -88,8 +88,7 @@ class HFEngine(RolloutEngine):
         for row, lrow in zip(new.tolist(), logp.tolist(), strict=True):
             n = next((j + 1 for j, t in enumerate(row) if t in stop_set), None)
             finished = n is not None
-            n = n if finished else sp.max_new_tokens
-            n = min(n, len(row))
+            n = min(n if n is not None else sp.max_new_tokens, len(row))
             result.token_ids.append(row[:n])
             result.logprobs.append(lrow[:n])
             result.finished.append(finished)

@@ -18,7 +18,7 @@ import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -68,7 +68,7 @@ class Manifest(BaseModel):
         return v
 
 
-def manifest_parse(raw: bytes | str | dict) -> Manifest:
+def manifest_parse(raw: bytes | str | dict[str, Any]) -> Manifest:
     try:
         data = raw if isinstance(raw, dict) else json.loads(raw)
         return Manifest.model_validate(data)

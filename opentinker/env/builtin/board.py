@@ -157,7 +157,7 @@ class KInARow(MultiAgentEnvironment):
         move = self.parse_move(actions[role])
         if isinstance(move, str):
             self.illegal[role] += 1
-            info = {"illegal": move, "player": role}
+            info: dict[str, Any] = {"illegal": move, "player": role}
             if self.illegal[role] >= self.max_illegal:
                 return MultiStepResult(
                     {}, {role: -1.0, opp: 1.0}, True, {**info, "winner": opp, "forfeit": role}
@@ -170,7 +170,7 @@ class KInARow(MultiAgentEnvironment):
         r, c = move
         self.board[r][c] = self.mark(role)
         self.moves += 1
-        info: dict[str, Any] = {"move": [r + 1, c + 1], "player": role}
+        info = {"move": [r + 1, c + 1], "player": role}
         if self.wins(r, c, self.mark(role)):
             return MultiStepResult({}, {role: 1.0, opp: -1.0}, True, {**info, "winner": role})
         if self.moves == self.n * self.n:
