@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from env_registry.services import version_validate
+
 
 # A smoke episode is a few sandbox calls with a wall-clock timeout each; a hung package is killed by the
 # sandbox well inside these limits.
@@ -21,7 +23,5 @@ from celery import shared_task
     ignore_result=True,
 )
 def validate_version_task(version_id: int) -> str:
-    from env_registry.services import version_validate
-
     version = version_validate(version_id)
     return version.status if version is not None else "missing"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from django.db.models import QuerySet
+from django.utils import timezone
 
 from portal.errors import NotFound
 from portal.models import ApiToken, Invitation, Membership, Organization
+from portal.services.secrets import secret_hashes
 
 
 def membership_get(*, organization: Organization, user) -> Membership | None:
@@ -47,9 +49,6 @@ def invitation_get(organization: Organization, invitation_id: int) -> Invitation
 def invitation_for_secret(secret: str) -> Invitation:
     """The open invitation a link's secret names (the secret is the capability: no organization to scope
     by); a wrong, used, revoked or expired one is NotFound, as invitation_accept has it."""
-    from django.utils import timezone
-
-    from portal.services.secrets import secret_hashes
 
     found = (
         Invitation.objects.select_related("organization", "invited_by")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
+from portal.errors import NotFound
 from portal.models import Allocation, ComputePool, Job
 from portal.services.scheduler import queue_explanation
 
@@ -19,8 +20,6 @@ def pool_list():
 
 
 def pool_get(name: str) -> ComputePool:
-    from portal.errors import NotFound
-
     pool = pool_list().filter(name=name).first()
     if pool is None:
         raise NotFound("no such pool")

@@ -9,7 +9,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from portal.models import Allocation, Organization, Quota, UsageRecord
-from portal.services.usage import month_start
+from portal.services.usage import month_bounds, month_start
 
 
 @dataclass
@@ -84,8 +84,6 @@ def job_usage_for_month(organization: Organization, month: date) -> list[JobUsag
     Counted from its allocations exactly as usage_charge counts them (GPUs x seconds, CPUs x seconds, from
     launch to the last accounting tick), so the jobs of a month add up to its UsageRecord.
     """
-    from portal.services.usage import month_bounds
-
     start, end = month_bounds(month_start(month))
     allocs = (
         Allocation.objects.filter(

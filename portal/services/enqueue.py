@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from django.db import transaction
 
+from portal.celery import app
+
 
 def enqueue(task_name: str, *args, **options) -> None:
     """Send a Celery task by name once the transaction commits."""
 
     def send() -> None:
-        from portal.celery import app
-
         app.send_task(task_name, args=list(args), **options)
 
     # robust: a broker that is down must not turn a committed change into an error; beat repeats the work.

@@ -8,15 +8,20 @@ harmless.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Max
 from django.utils import timezone
 
 from opentinker.spec import TERMINAL_STATES, JobState
 from portal.actors import Actor
-from portal.models import Allocation, Job, JobEvent
+from portal.errors import Conflict
+from portal.models import Allocation, AuditAction, Job, JobEvent, JobLog
+from portal.services import live
+from portal.services.audit import audit_record
 from portal.services.enqueue import enqueue
 from portal.services.jobs import job_event_add, job_transition
 from portal.services.usage import allocation_account
@@ -161,7 +166,6 @@ def job_process_exited(*, allocation_id: int, exit_code: int | None, detail: str
 def job_preempt(*, job: Job, actor: Actor, reason: str = "") -> Job:
     """Ask a job to checkpoint and give its capacity back; it is re-queued when its runtime stops."""
     reason = reason.strip()[:300] or f"preempted by {actor.label}"
-    from portal.errors import Conflict
 
     with transaction.atomic():
         job = Job.objects.select_for_update().get(pk=job.pk)
@@ -179,9 +183,6 @@ def job_preempt(*, job: Job, actor: Actor, reason: str = "") -> Job:
 
 
 def _audit_preempt(job: Job, actor: Actor, reason: str, state) -> None:
-    from portal.models import AuditAction
-    from portal.services.audit import audit_record
-
     audit_record(
         AuditAction.JOB_PREEMPTED,
         organization=job.organization,
@@ -228,10 +229,6 @@ def job_log_append(*, job_id, lines: list[tuple[str, str]]) -> int:
 
     Numbers are taken under the job's row lock, so the ingest API appending at the same time never collides.
     """
-    from django.db.models import Max
-
-    from portal.models import JobLog
-
     if not lines:
         return 0
     with transaction.atomic():
@@ -244,10 +241,6 @@ def job_log_append(*, job_id, lines: list[tuple[str, str]]) -> int:
             for i, (stream, text) in enumerate(lines, start=1)
         ]
         JobLog.objects.bulk_create(rows)
-    try:
-        from portal.services import live
-
+    with contextlib.suppress(Exception):  # live streaming is best effort; the rows are the truth
         live.publish_on_commit(job_id, "log", live.log_payload(rows))
-    except Exception:  # noqa: S110 -- live streaming is best effort; the rows are the truth
-        pass
     return len(rows)

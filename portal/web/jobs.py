@@ -18,7 +18,15 @@ from django.views.decorators.http import require_http_methods, require_POST
 from env_registry.models import EnvironmentVersion
 from env_registry.selectors import package_visible_list, version_list
 from env_registry.visibility import Viewer
-from opentinker.spec import KIND_ALGORITHMS, MODEL_PRESETS, TERMINAL_STATES, JobKind, JobSpec, JobState
+from opentinker.spec import (
+    KIND_ALGORITHMS,
+    MODEL_PRESETS,
+    TERMINAL_STATES,
+    JobKind,
+    JobSpec,
+    JobState,
+    example_rl_spec,
+)
 from portal.actors import Actor
 from portal.errors import DomainError
 from portal.models import Allocation, JobLog, Scope
@@ -196,8 +204,6 @@ class JobForm(forms.Form):
 
 
 def _initial() -> dict:
-    from opentinker.spec import example_rl_spec
-
     s = example_rl_spec()
     initial = {"idempotency_key": uuid.uuid4().hex}
     dumped = s.model_dump(mode="json")

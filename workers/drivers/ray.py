@@ -32,6 +32,8 @@ from django.conf import settings
 from django.db import transaction
 
 from portal.models import Allocation, ComputePool, Job
+from portal.services.job_bootstrap import BOOTSTRAP_VAR, bootstrap_issue
+from portal.services.supervision import allocation_heartbeat, job_log_append, job_process_exited
 from workers.drivers.base import capacity_report
 
 logger = logging.getLogger(__name__)
@@ -98,8 +100,6 @@ class RayDriver:
 
     def launch(self, alloc: Allocation, work_dir, spec_path, env: dict[str, str]) -> tuple[str, str]:
         """Submit the job (idempotent per attempt); returns (submission id, cluster address)."""
-        from portal.services.job_bootstrap import BOOTSTRAP_VAR, bootstrap_issue
-
         sid = submission_id(alloc)
         if self._submitted(sid):  # an earlier try of this launch got through: that submission is ours
             logger.info("ray job %s was already submitted", sid)
@@ -156,8 +156,6 @@ class RayDriver:
 
     def follow(self, alloc: Allocation) -> bool:
         """One supervisor look at the submission. Returns True when its outcome was recorded."""
-        from portal.services.supervision import allocation_heartbeat, job_process_exited
-
         try:
             info = self.client.get_job_info(alloc.runtime_handle)
         except Exception:
@@ -197,7 +195,6 @@ class RayDriver:
         newline); once it has ended, the last line too. Several supervisor passes may race: the offset is
         read and moved under the allocation's row lock, after the log was fetched, so a pass holding an
         older, shorter copy of the log finds nothing new and no line is copied twice."""
-        from portal.services.supervision import job_log_append
 
         try:
             # The Job API serves only the whole log; what is new is cut from it here.
