@@ -9,6 +9,8 @@ from django.db.models import Count, Q, QuerySet
 
 from env_registry.models import EnvironmentPackage, EnvironmentVersion
 from env_registry.visibility import Viewer, package_is_visible, visible_q
+from opentinker.env.builtin import BUILTINS
+from opentinker.env.multiagent import MultiAgentEnvironment
 from opentinker.spec import EnvironmentRef
 from portal.errors import NotFound
 
@@ -101,9 +103,6 @@ def version_roles(version: EnvironmentVersion) -> tuple[list[str], bool]:
     Built-ins answer from their SDK class; an uploaded package from its manifest, and its rule-based player
     cannot be known without running its code, so the runtime checks that part."""
     if version.manifest.get("builtin"):
-        from opentinker.env.builtin import BUILTINS
-        from opentinker.env.multiagent import MultiAgentEnvironment
-
         cls = BUILTINS.get(version.package.name)
         if cls is not None:
             rule = getattr(cls, "rule_based_action", None) is not MultiAgentEnvironment.rule_based_action

@@ -24,6 +24,9 @@ from env_registry.archive import ArchiveError, Manifest, extract_archive, inspec
 from env_registry.models import EnvironmentPackage, EnvironmentVersion, Star, Visibility
 from env_registry.selectors import NAME_RE, package_get, version_list
 from env_registry.visibility import Viewer, package_is_visible, package_may_change
+from opentinker.env.codec import ByteCodec
+from opentinker.env.protocol import Budget, protocol_for
+from opentinker.env.sandbox import Sandbox, SandboxedEnvironment, SandboxError, SandboxLimits
 from portal.errors import Conflict, DomainError, Forbidden, NotFound
 from portal.models import AuditAction, Organization
 from portal.services.audit import audit_record
@@ -173,10 +176,6 @@ def version_validate(version_id: int) -> EnvironmentVersion | None:
 
 def smoke_test(data: bytes) -> None:
     """Raise with a clear reason unless the archive's environment loads and plays one episode."""
-    from opentinker.env.codec import ByteCodec
-    from opentinker.env.protocol import Budget, protocol_for
-    from opentinker.env.sandbox import Sandbox, SandboxedEnvironment, SandboxError, SandboxLimits
-
     manifest = inspect_archive(data).manifest
     limits = SandboxLimits(
         cpu_s=30, call_timeout_s=float(getattr(settings, "ENV_VALIDATION_CALL_TIMEOUT_S", 5.0))
