@@ -84,8 +84,9 @@ class _Batcher:
         while True:
             with self.cv:
                 self.cv.wait_for(
-                    lambda: self.active == 0
-                    or (self.pending and len(self.pending) >= self.active - self.idle)
+                    lambda: (
+                        self.active == 0 or (self.pending and len(self.pending) >= self.active - self.idle)
+                    )
                 )
                 if self.active == 0:
                     return
