@@ -4,12 +4,14 @@
   copy of the packages gets one forbidden import each time and the check must fail, naming the contract.
 - No two files of the project's own packages import each other in a loop, counting the imports inside
   functions (grimp, which import-linter uses, sees those too): a function-local import never hides a cycle.
+- No module of the platform imports a project module inside a function unless it is listed, with its reason.
 - Every module at portal's top level is either named in the domain contract or is wiring/pages, so a new
   module cannot slip past the domain's rules unclassified.
 """
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -165,3 +167,45 @@ def test_every_portal_module_is_classified():
     top = set(graph.find_children("portal"))
     assert top - domain - PORTAL_WIRING == set(), "name the new module in the domain contract"
     assert domain - top == set(), "the domain contract names a module that no longer exists"
+
+
+# Modules of the platform that may import project modules inside functions, each for its reason; any other
+# function-local import of a project module is an error (a cycle dodged is still a cycle).
+LOCAL_IMPORTS_ALLOWED = {
+    "api.apps": "AppConfig.ready: models are importable only once the app registry is ready",
+    "env_registry.apps": "AppConfig.ready: registers the registry's resolver",
+    "portal.apps": "AppConfig.ready: the pages' start-up checks",
+    "workers.runner": "a standalone process: Django is set up first, then the models are imported",
+    "api.schema": "DRF imports it by name from its settings while loading its views; the views come after",
+    "api.middleware": "the archive size default (one settings declaration: the settings work of issue 12)",
+    "portal.services.scheduler": "the pure policy importable without Django, until it is split",
+    "portal.demo_recipe": "the development stack (make demo), before the SDK is needed",
+    "portal.demo_multiagent": "the development stack (make demo), before the SDK is needed",
+}
+
+
+def _function_local_project_imports() -> set[tuple[str, str]]:
+    found = set()
+    for package in ("portal", "api", "workers", "env_registry"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "migrations" in path.parts:
+                continue
+            module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.ImportFrom) and sub.level == 0 and sub.module:
+                        names = [sub.module]
+                    elif isinstance(sub, ast.Import):
+                        names = [alias.name for alias in sub.names]
+                    else:
+                        continue
+                    found |= {(module, name) for name in names if name.split(".")[0] in PACKAGES}
+    return found
+
+
+def test_no_function_local_import_of_a_project_module_without_a_reason():
+    found = _function_local_project_imports()
+    unexplained = {(m, name) for m, name in found if m not in LOCAL_IMPORTS_ALLOWED}
+    assert unexplained == set(), "import these at module level (or say why not in LOCAL_IMPORTS_ALLOWED)"
