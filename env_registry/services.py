@@ -9,6 +9,7 @@ version `valid` or `invalid` with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from hashlib import sha256
@@ -26,7 +27,13 @@ from env_registry.selectors import NAME_RE, package_get, version_list
 from env_registry.visibility import Viewer, package_is_visible, package_may_change
 from opentinker.env.codec import ByteCodec
 from opentinker.env.protocol import Budget, protocol_for
-from opentinker.env.sandbox import Sandbox, SandboxedEnvironment, SandboxError, SandboxLimits
+from opentinker.env.sandbox import (
+    Sandbox,
+    SandboxedEnvironment,
+    SandboxError,
+    SandboxLimits,
+    SandboxUnavailable,
+)
 from portal.errors import Conflict, DomainError, Forbidden, NotFound
 from portal.models import AuditAction, Organization
 from portal.services.audit import audit_record
@@ -146,7 +153,8 @@ def version_validation_start(version: EnvironmentVersion) -> None:
         # Sent by name (workers.env_tasks runs it): the registry never imports `workers`.
         enqueue("env_registry.validate_version", version.pk, expires=3600)
         return
-    version_validate(version.pk)
+    with contextlib.suppress(SandboxUnavailable):  # stays pending, its reason recorded; the upload stands
+        version_validate(version.pk)
     version.refresh_from_db()
 
 
@@ -160,6 +168,15 @@ def version_validate(version_id: int) -> EnvironmentVersion | None:
         if sha256(data).hexdigest() != version.sha256:
             raise ArchiveError("the stored archive does not match its sha256")
         smoke_test(data)
+    except SandboxUnavailable as e:
+        # The server cannot isolate package code: a fault of this host, not of the package. The version stays
+        # pending with the reason; the Celery task retries (the inline path leaves it to a later upload or
+        # task), and nothing of the package ran.
+        log.error("environment %s not validated: %s", version, e)
+        EnvironmentVersion.objects.filter(pk=version.pk, status=EnvironmentVersion.Status.PENDING).update(
+            validation_error=f"not validated yet: {e}"[:_ERROR_MAX]
+        )
+        raise
     except Exception as e:  # any failure of the package is its reason for being invalid
         error = str(e) or type(e).__name__
         status = EnvironmentVersion.Status.INVALID

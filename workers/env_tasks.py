@@ -10,6 +10,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from env_registry.services import version_validate
+from opentinker.env.sandbox import SandboxUnavailable
 
 
 # A smoke episode is a few sandbox calls with a wall-clock timeout each; a hung package is killed by the
@@ -21,6 +22,12 @@ from env_registry.services import version_validate
     acks_late=True,
     reject_on_worker_lost=True,
     ignore_result=True,
+    # A host that cannot start the sandbox leaves the version pending: retried, it is validated once the
+    # host is fixed (or the task lands on a worker that can).
+    autoretry_for=(SandboxUnavailable,),
+    retry_backoff=30,
+    retry_backoff_max=600,
+    max_retries=12,
 )
 def validate_version_task(version_id: int) -> str:
     version = version_validate(version_id)

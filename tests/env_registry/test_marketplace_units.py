@@ -60,3 +60,27 @@ def test_validation_of_a_missing_or_finished_version_is_a_no_op():
     from workers.env_tasks import validate_version_task
 
     assert validate_version_task.run(2_000_000_000) == "missing"
+
+
+def test_a_host_without_a_sandbox_leaves_the_version_pending_not_invalid(as_alice, monkeypatch, tmp_path):
+    """No bubblewrap on the validating host is the host's fault: the upload stands, the version stays pending
+    with the reason (nothing of the package ran), the Celery task retries, and a later run on a host that can
+    isolate validates it."""
+    from env_registry.models import EnvironmentVersion
+    from env_registry.services import version_validate
+    from opentinker.env.sandbox import SandboxUnavailable
+    from tests.api.test_envs import package, upload
+    from workers.env_tasks import validate_version_task
+
+    monkeypatch.setenv("OPENTINKER_BWRAP", str(tmp_path / "no-such-bwrap"))
+    resp = upload(as_alice, package())
+    assert resp.status_code == 201, resp.content
+    (v,) = resp.json()["versions"]
+    assert v["status"] == "pending"
+    version = EnvironmentVersion.objects.get(package__name="echo", version=v["version"])
+    assert version.validation_error.startswith("not validated yet: OPENTINKER_BWRAP=")
+    assert SandboxUnavailable in validate_version_task.autoretry_for
+    with pytest.raises(SandboxUnavailable):
+        validate_version_task.run(version.pk)
+    monkeypatch.delenv("OPENTINKER_BWRAP")
+    assert version_validate(version.pk).status == "valid"
