@@ -535,7 +535,7 @@ def example_grpo_spec(base: str) -> JobSpec:
     off-policy and its ratio is clipped at 1 +- 0.2), the rate warms up over 10 steps and decays to a tenth
     by the last (cosine), and a light k3 KL term holds the policy near the warm start. Why: issue 11's
     diagnostics in tests/gpu_runtime/test_learning.py. 60 steps, not 90: with the whole schedule fitted to
-    them they end as high (bench/learning.py: 0.965-1.0 over 3 seeds x 2 engines) in two thirds of the time."""
+    them they end as high (bench/learning.py: 0.965-1.0 over 3 seeds x 2 engines) in 2/3 of the time."""
     return JobSpec(
         kind=JobKind.RL,
         name="arithmetic-grpo",
