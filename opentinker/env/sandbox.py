@@ -6,9 +6,10 @@ UTS (and, where the kernel has one, cgroup) namespaces, as uid 65534 with every 
 `no_new_privs`, nested user namespaces disabled and a seccomp filter (`opentinker.env.sandbox_seccomp`). Its
 environment is cleared. Its file system is a read-only view of only what it needs: `/usr`, the Python
 installation, the virtual environment's packages, the `opentinker` SDK and a copy of the package (at
-`/package`); a private tmpfs of bounded size (`/sandbox`, also `/tmp`) is its working directory; `/proc` shows
-only its own PID namespace, `/dev` only null, zero, full, random, urandom and tty, and the root is read-only.
-Its network namespace has nothing but its own `lo`.
+`/package`); a private tmpfs of bounded size (`/sandbox`) is its working directory, another its `/tmp`
+(a project that lives under /tmp is bound inside that one, read-only); both are emptied between episodes;
+`/proc` shows only its own PID namespace, `/dev` only null, zero, full, random, urandom and tty, and the root
+is read-only. Its network namespace has nothing but its own `lo`.
 
 When the runtime runs as root, the process does not keep root's uid on the host either: the launcher stages
 the read-only sources in a private mount namespace and drops to uid/gid 65534 before starting bwrap, so the
@@ -370,22 +371,17 @@ class Sandbox:
                 args += ["--symlink", os.readlink(top), top]
             elif os.path.isdir(top):
                 args += ["--ro-bind", top, top]
+        # The sandbox's own /tmp, a bounded tmpfs mounted before the binds: a project (its venv, the SDK)
+        # that lives under /tmp, a CI checkout say, is bound inside it, and /tmp stays writable around them.
+        size = ["--size", str(self.limits.workdir_mb * 1024 * 1024)]
+        args += [*size, "--tmpfs", "/tmp", "--chmod", "1777", "/tmp"]  # noqa: S108 (inside the sandbox)
         for src, dst in binds:
             args += ["--ro-bind", src, dst]
         args += ["--proc", "/proc", "--dir", "/dev"]
         for node in DEV_NODES:
             args += ["--dev-bind", f"/dev/{node}", f"/dev/{node}"]
         args += ["--symlink", "/proc/self/fd", "/dev/fd"]
-        args += [
-            "--size",
-            str(self.limits.workdir_mb * 1024 * 1024),
-            "--tmpfs",
-            WORKDIR,
-            "--chmod",
-            "1777",
-            WORKDIR,
-        ]
-        args += ["--symlink", WORKDIR, "/tmp", "--remount-ro", "/"]  # noqa: S108 (the sandbox's own /tmp)
+        args += [*size, "--tmpfs", WORKDIR, "--chmod", "1777", WORKDIR, "--remount-ro", "/"]
         args += ["--chdir", WORKDIR, "--seccomp", str(seccomp_fd), "--info-fd", str(info_fd), "--"]
         return args
 

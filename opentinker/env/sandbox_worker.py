@@ -14,6 +14,7 @@ import importlib.abc
 import json
 import math
 import os
+import re
 import resource
 import select
 import shutil
@@ -74,14 +75,28 @@ def _isolation(mode: str) -> dict[str, Any]:
     }
 
 
-def _empty(directory: str) -> None:
-    """The next instance finds the working directory as the first one did: empty."""
+def _empty(directory: str, mounts: frozenset[str] = frozenset()) -> None:
+    """The next instance finds the working directory (and under bubblewrap /tmp) as the first one did:
+    empty, but for `mounts` (the read-only binds of a project that lives under /tmp) and the directories
+    that lead to them."""
     for entry in os.scandir(directory):
         with contextlib.suppress(OSError):
-            if entry.is_dir(follow_symlinks=False):
+            if any(m == entry.path or m.startswith(entry.path + "/") for m in mounts):
+                if entry.path not in mounts and entry.is_dir(follow_symlinks=False):
+                    _empty(entry.path, mounts)
+            elif entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 os.unlink(entry.path)
+
+
+def _mount_points() -> frozenset[str]:
+    """Where something is mounted in this process's view (mountinfo's fifth field, octal escapes undone)."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        fields = [line.split() for line in f]
+    return frozenset(
+        re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), x[4]) for x in fields if len(x) > 4
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -154,6 +169,8 @@ def main() -> None:
                     env.close()
                 os.chdir(workdir)
                 _empty(workdir)
+                if isolation["isolation"] == "bwrap":  # its own /tmp (without bubblewrap: the host's)
+                    _empty("/tmp", _mount_points())  # noqa: S108
                 own = resource.getrusage(resource.RUSAGE_SELF)
                 soft = math.ceil(own.ru_utime + own.ru_stime) + limits["cpu_s"]
                 resource.setrlimit(resource.RLIMIT_CPU, (min(soft, process_cpu_s), process_cpu_s))

@@ -28,8 +28,8 @@ from tests.opentinker.env.scripted import Scripted
 FAST = SandboxLimits(call_timeout_s=3, cpu_s=20, memory_mb=512, max_processes=8)
 
 # Reports its process, how many instances this process made (module state) and whether the previous
-# episode's scratch file is still in its working directory. `fail` maps a seed to how step breaks, `spin` a
-# seed to the CPU seconds the process must have used when its reset returns.
+# episode's scratch file is still in its working directory or its /tmp. `fail` maps a seed to how step
+# breaks, `spin` a seed to the CPU seconds the process must have used when its reset returns.
 COUNTER = """
 import os, time
 from opentinker.env import Environment, Observation, StepResult
@@ -47,8 +47,9 @@ class E(Environment):
 
     def reset(self, seed):
         self.seed = seed
-        leftover = os.path.exists("scratch")
+        leftover = os.path.exists("scratch") or os.path.exists("/tmp/scratch")
         open("scratch", "w").write("x")
+        open("/tmp/scratch", "w").write("x")  # the sandbox's own /tmp, emptied between episodes too
         # Burn CPU until this process has used `spin[seed]` CPU seconds in all: its own clock, the one
         # RLIMIT_CPU counts, so the total does not depend on how fast the machine started the process.
         while time.process_time() < self.spin.get(str(seed), 0):
