@@ -24,7 +24,7 @@ from opentinker.env.remote import RemoteEnvironment, RemoteEnvironmentError
 
 def start(routes_for):
     """An aiohttp server on a free loopback port; `routes_for(state)` gives its routes. Yields its state."""
-    state: dict = {"requests": [], "hosts": []}
+    state: dict = {"requests": [], "hosts": [], "auth": []}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -34,6 +34,7 @@ def start(routes_for):
     async def record(request, handler):
         state["requests"].append(request.path)
         state["hosts"].append(request.headers.get("Host"))
+        state["auth"].append(request.headers.get("Authorization"))
         return await handler(request)
 
     app = web.Application(middlewares=[record])
@@ -133,6 +134,18 @@ def test_a_redirect_to_a_forbidden_port_is_refused_at_the_redirect(redirector, f
             env.reset(0)  # the WebSocket handshake's redirect too
     assert redirector["requests"] == ["/schema", "/health", "/ws"]
     assert forbidden["requests"] == []
+
+
+def test_the_secret_does_not_follow_a_redirect_to_another_origin(redirector, forbidden):
+    """Both servers allow-listed: the redirect is followed, but the environment's secret stays with the
+    server it was given for (aiohttp drops Authorization when a redirect changes the origin)."""
+    both = f"127.0.0.1:{redirector['port']} 127.0.0.1:{forbidden['port']}"
+    url = f"http://127.0.0.1:{redirector['port']}"
+    with RemoteEnvironment(url, egress=egress(both), secret="s3cret", retries=0) as env:
+        assert env.health() == {"status": "healthy"}  # answered by the second server, after the redirect
+    assert redirector["requests"] == forbidden["requests"] == ["/health"]
+    assert redirector["auth"] == ["Bearer s3cret"]
+    assert forbidden["auth"] == [None]
 
 
 def test_an_allow_listed_name_connects_to_the_checked_address_with_its_host_header(forbidden):
