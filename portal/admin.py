@@ -1,8 +1,59 @@
-"""Django admin for platform staff: organizations, memberships, quotas, tokens (never their secrets), jobs."""
+"""Django admin for platform staff: organizations, memberships, quotas, tokens (never their secrets), jobs.
+
+The admin writes rows directly, past the services that record the audit log, so what it changes of the
+audited kinds (quotas, roles and memberships, token revocation) is recorded here, `via: django-admin`."""
+
+from typing import Any
 
 from django.contrib import admin
 
 from portal.models import ApiToken, AuditEntry, Invitation, Job, JobEvent, Membership, Organization, Quota
+from portal.models.audit import AuditAction
+from portal.services.audit import audit_record
+
+VIA = "django-admin"
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value for the audit entry's details (dates, model instances: their text)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def _changes(form) -> dict[str, dict[str, Any]]:
+    return {
+        f: {"from": _plain(form.initial.get(f)), "to": _plain(form.cleaned_data.get(f))}
+        for f in form.changed_data
+    }
+
+
+def _audit_quota(request, quota: Quota, form) -> None:
+    org = quota.organization
+    audit_record(
+        AuditAction.QUOTA_CHANGED,
+        organization=org,
+        user=request.user,
+        target=("quota", org.pk, org.slug),
+        details={"changes": _changes(form), "via": VIA},
+    )
+
+
+def _audit_membership(request, membership: Membership, form, *, removed: bool = False) -> None:
+    if removed:
+        action, details = AuditAction.MEMBER_REMOVED, {"role": membership.role, "via": VIA}
+    else:  # a role changed, or a member added here (from: null)
+        before = form.initial.get("role") if membership.pk and "user" not in form.changed_data else None
+        action, details = AuditAction.MEMBER_ROLE_CHANGED, {"from": before, "to": membership.role, "via": VIA}
+    audit_record(
+        action,
+        organization=membership.organization,
+        user=request.user,
+        target=("user", membership.user_id, membership.user.get_username()),
+        details=details,
+    )
 
 
 class MembershipInline(admin.TabularInline):
@@ -22,6 +73,18 @@ class OrganizationAdmin(admin.ModelAdmin):
     search_fields = ["slug", "name"]
     inlines = [QuotaInline, MembershipInline]
 
+    def save_formset(self, request, form, formset, change) -> None:
+        forms = [f for f in formset.forms if f.has_changed() and not (f.cleaned_data or {}).get("DELETE")]
+        super().save_formset(request, form, formset, change)
+        for f in forms:
+            if isinstance(f.instance, Quota):
+                _audit_quota(request, f.instance, f)
+            elif isinstance(f.instance, Membership) and {"role", "user"} & set(f.changed_data):
+                _audit_membership(request, f.instance, f)
+        for obj in formset.deleted_objects:
+            if isinstance(obj, Membership):
+                _audit_membership(request, obj, None, removed=True)
+
 
 @admin.register(Quota)
 class QuotaAdmin(admin.ModelAdmin):
@@ -35,6 +98,11 @@ class QuotaAdmin(admin.ModelAdmin):
     ]
     search_fields = ["organization__slug"]
 
+    def save_model(self, request, obj, form, change) -> None:
+        super().save_model(request, obj, form, change)
+        if change and form.changed_data:
+            _audit_quota(request, obj, form)
+
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
@@ -46,6 +114,17 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request) -> bool:
         return False  # tokens are created through the API, where the secret is shown once
+
+    def save_model(self, request, obj, form, change) -> None:
+        super().save_model(request, obj, form, change)
+        if "revoked_at" in form.changed_data and obj.revoked_at is not None:
+            audit_record(
+                AuditAction.TOKEN_REVOKED,
+                organization=obj.organization,
+                user=request.user,
+                target=obj,
+                details={"via": VIA},
+            )
 
 
 @admin.register(AuditEntry)
