@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from uuid import uuid4
 
 import pytest
@@ -23,7 +22,7 @@ from tests.gpu_runtime.conftest import small_spec
 from tests.gpu_runtime.test_controller import ListSink
 
 # The GPU image (bench/gpu_check.sh) collects this folder without the platform's test packages: skipped there.
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 _server = pytest.importorskip("openenv.core.env_server")
 Action, Environment, Observation, State = (
     _server.Action,
@@ -32,6 +31,8 @@ Action, Environment, Observation, State = (
     _server.State,
 )
 create_fastapi_app = _server.create_fastapi_app
+
+from tests.loopback_asgi import serving  # noqa: E402 (needs uvicorn: after the skip)
 
 
 class SayAction(Action):
@@ -97,19 +98,8 @@ def serve(env_cls, *, max_concurrent_envs: int):
     app = Counting(
         create_fastapi_app(env_cls, SayAction, SayObservation, max_concurrent_envs=max_concurrent_envs)
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="auto"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "the OpenEnv server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(10)
+    with serving(app) as url:
+        yield url, app
 
 
 def allow(monkeypatch, url: str) -> None:

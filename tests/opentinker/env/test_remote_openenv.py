@@ -8,14 +8,11 @@ plain HTTP `reset`/`step` of an OpenEnv server build a fresh environment per req
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 from uuid import uuid4
 
 import httpx
 import pytest
-import uvicorn
 
 # The dev extra installs openenv-core (the SDK itself never needs it): a missing install fails, never skips.
 from openenv.core.env_server import Action, Environment, Observation, State, create_fastapi_app
@@ -24,6 +21,7 @@ from pydantic import Field
 from opentinker.env.codec import ByteCodec
 from opentinker.env.protocol import Budget, MultiTurnProtocol, StopReason
 from opentinker.env.remote import RemoteEnvironment, RemoteEnvironmentError
+from tests.loopback_asgi import serving
 from tests.opentinker.env.scripted import Scripted
 
 
@@ -78,19 +76,8 @@ def serve(action_cls: type[Action], *, max_concurrent_envs: int = 2, wrap=lambda
             CountEnvironment, action_cls, CountObservation, max_concurrent_envs=max_concurrent_envs
         )
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="auto"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "the OpenEnv server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
