@@ -68,7 +68,10 @@ def test_a_stage_past_its_limit_is_interrupted_and_reported(tmp_path):
     run = _check(tmp_path, "pytest", limits="pytest=1")
     assert run.returncode == 1
     (line,) = (tmp_path / "summary.txt").read_text().splitlines()
-    assert line.split()[:3] == ["pytest", "TIMEOUT", "rc=124"] and line.endswith("of 1s")
+    # SIGINT at the limit (rc 124), or SIGKILL 15 s later if the stage has not stopped by then (rc 137: on a
+    # loaded box pytest may still be importing torch): both are the script's TIMEOUT.
+    assert line.split()[:2] == ["pytest", "TIMEOUT"] and line.endswith("of 1s")
+    assert line.split()[2] in ("rc=124", "rc=137")
 
 
 @pytest.mark.slow
