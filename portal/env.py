@@ -6,6 +6,7 @@ Precedence: the process environment, then ``var/services.env`` (written by ``man
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -53,14 +54,65 @@ class Env:
             return False
         raise ImproperlyConfigured(f"{key} must be a boolean (true/false), got {value!r}")
 
-    def int(self, key: str, default: int) -> int:
+    def int(self, key: str, default: int, *, minimum: int | None = None) -> int:
         value = self.get(key)
         if value is None or value == "":
             return default
         try:
-            return int(value)
+            number = int(value)
         except ValueError:
             raise ImproperlyConfigured(f"{key} must be an integer, got {value!r}") from None
+        if minimum is not None and number < minimum:
+            raise ImproperlyConfigured(f"{key} must be an integer >= {minimum}, got {value!r}")
+        return number
+
+    def seconds(self, key: str, default: float, *, finite: bool = False, positive: bool = False) -> float:
+        """A duration: a number of seconds >= 0 (> 0 with ``positive``), ``inf`` unless ``finite``."""
+        value = self.get(key)
+        return parse_seconds(key, default if value is None or value == "" else value, finite, positive)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.get(key) or default
+        if value not in choices:
+            raise ImproperlyConfigured(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    def rate(self, key: str, default: str) -> str:
+        """A DRF throttle rate: ``<requests>/<period>``, the period read by its initial (s, m, h, d)."""
+        value = self.get(key) or default
+        if not _RATE.fullmatch(value):
+            raise ImproperlyConfigured(f"{key} must be a rate like 100/s or 1200/min, got {value!r}")
+        return value
+
+    def command(self, key: str) -> list[str] | None:
+        """A command line as a JSON list of strings (unset or empty: None, the caller's default)."""
+        value = self.get(key)
+        if not value:
+            return None
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, list) or not parsed or not all(isinstance(x, str) for x in parsed):
+            raise ImproperlyConfigured(
+                f'{key} must be a JSON list of strings, e.g. ["python", "-m", "x"]; got {value!r}'
+            )
+        return parsed
+
+    def mapping(self, key: str) -> dict[str, str]:
+        """A JSON object of strings (unset or empty: none)."""
+        value = self.get(key)
+        if not value:
+            return {}
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+            raise ImproperlyConfigured(
+                f'{key} must be a JSON object of strings, e.g. {{"NAME": "value"}}; got {value!r}'
+            )
+        return parsed
 
     def list(self, key: str, default: list[str]) -> list[str]:
         value = self.get(key)
@@ -69,23 +121,34 @@ class Env:
         return [item.strip() for item in value.split(",") if item.strip()]
 
 
+_RATE = re.compile(r"[0-9]+/[smhd][a-z]*")
+
+
+def parse_seconds(name: str, raw: object, finite: bool = False, positive: bool = False) -> float:
+    """``raw`` as a number of seconds, or a configuration error naming ``name`` (NaN is never a duration)."""
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = math.nan
+    if finite and not value < math.inf:
+        raise ImproperlyConfigured(f"{name} must be a finite number of seconds >= 0, got {raw!r}")
+    if positive and not value > 0:
+        raise ImproperlyConfigured(f"{name} must be a number of seconds > 0, got {raw!r}")
+    if not value >= 0:  # also NaN
+        raise ImproperlyConfigured(f"{name} must be a number of seconds >= 0 (or inf), got {raw!r}")
+    return value
+
+
 def setting_seconds(name: str, default: float) -> float:
-    """A duration the services read when they use it (so a test or an operator may change it without a
-    restart): the process environment, then Django settings, then the default. ``inf`` is allowed (a delay
-    that never comes); anything else that is not a number >= 0 is a configuration error naming the variable.
+    """A duration read at each use: the process environment, then Django settings, then the default.
+
+    Only the scheduler still reads its durations this way (``OPENTINKER_RESERVE_AFTER_S``,
+    ``OPENTINKER_QUEUE_EXPLAIN_S``, both declared in settings.py too); everything else reads ``settings``.
     """
     from django.conf import settings
 
     raw = os.environ.get(name) or getattr(settings, name, None)
-    if raw is None or raw == "":
-        raw = default
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not value >= 0:  # also NaN
-        raise ImproperlyConfigured(f"{name} must be a number of seconds >= 0 (or inf), got {raw!r}")
-    return value
+    return parse_seconds(name, default if raw is None or raw == "" else raw)
 
 
 def ensure_embedded_secrets(path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import dj_database_url
 
 from opentinker.egress import parse_networks, parse_scoped_allow_lists
+from opentinker.env.archive import MAX_ARCHIVE_BYTES
 from portal.env import Env, ensure_embedded_secrets, token_peppers
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -49,7 +50,9 @@ if not _database_url:
         "DATABASE_URL is not set and no embedded database is running: run `python manage.py opentinker up` "
         "(or `make demo`), or set DATABASE_URL to your PostgreSQL server"
     )
-DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=env.int("DB_CONN_MAX_AGE", 0))}
+DATABASES = {
+    "default": dj_database_url.parse(_database_url, conn_max_age=env.int("DB_CONN_MAX_AGE", 0, minimum=0))
+}
 if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
     raise ValueError("OpenTinker runs on PostgreSQL only (DATABASE_URL must start with postgres://)")
 DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = 10
@@ -65,7 +68,7 @@ CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", 
 OBJECT_STORE_URL = env.str("OBJECT_STORE_URL", f"file://{VAR_DIR / 'objects'}")
 S3_ENDPOINT_URL = env.get("S3_ENDPOINT_URL") or None  # for S3-compatible stores other than AWS
 # Signed download links for checkpoints stay valid this long.
-OBJECT_STORE_LINK_SECONDS = env.int("OBJECT_STORE_LINK_SECONDS", 900)
+OBJECT_STORE_LINK_SECONDS = env.int("OBJECT_STORE_LINK_SECONDS", 900, minimum=1)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -124,11 +127,12 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 # Every password check goes through the sign-in lock-out (portal/services/throttle.py, counted in Valkey).
 AUTHENTICATION_BACKENDS = ["portal.auth_backends.ThrottledModelBackend"]
-SIGNIN_MAX_FAILURES = env.int("SIGNIN_MAX_FAILURES", 5)  # per username and client address ...
-SIGNIN_LOCKOUT_SECONDS = env.int("SIGNIN_LOCKOUT_SECONDS", 900)  # ... in this window (the cool-off)
-SIGNIN_MAX_FAILURES_PER_IP = env.int("SIGNIN_MAX_FAILURES_PER_IP", 50)  # over all usernames, same window
-SIGNUP_MAX_PER_IP = env.int("SIGNUP_MAX_PER_IP", 10)
-SIGNUP_WINDOW_SECONDS = env.int("SIGNUP_WINDOW_SECONDS", 3600)
+# Failures per username and client address in this window (the cool-off); per address over all usernames.
+SIGNIN_MAX_FAILURES = env.int("SIGNIN_MAX_FAILURES", 5, minimum=1)
+SIGNIN_LOCKOUT_SECONDS = env.int("SIGNIN_LOCKOUT_SECONDS", 900, minimum=1)
+SIGNIN_MAX_FAILURES_PER_IP = env.int("SIGNIN_MAX_FAILURES_PER_IP", 50, minimum=1)
+SIGNUP_MAX_PER_IP = env.int("SIGNUP_MAX_PER_IP", 10, minimum=1)
+SIGNUP_WINDOW_SECONDS = env.int("SIGNUP_WINDOW_SECONDS", 3600, minimum=1)
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
@@ -155,7 +159,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Request size limits. API bodies are capped by api.parsers (API_MAX_BODY_BYTES, answered with 413);
 # these cap form posts and uploads everywhere else.
-API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", 256 * 1024)
+API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", 256 * 1024, minimum=1)
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 DATA_UPLOAD_MAX_NUMBER_FIELDS = 500
 
@@ -170,7 +174,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "api.schema.AutoSchema",
     "EXCEPTION_HANDLER": "api.errors.exception_handler",
     "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
-    "DEFAULT_THROTTLE_RATES": {"user": env.str("API_RATE_LIMIT", "1200/min")},
+    "DEFAULT_THROTTLE_RATES": {"user": env.rate("API_RATE_LIMIT", "1200/min")},
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 
@@ -217,10 +221,67 @@ CELERY_IMPORTS = ["workers.env_tasks"]
 
 # Environment packages are validated (imported, one smoke episode in the sandbox) on upload: inline in the
 # embedded default, by a Celery task in production so a hostile package never holds a web worker.
-ENV_VALIDATION_MODE = env.str("ENV_VALIDATION_MODE", "inline" if EMBEDDED else "celery")
+ENV_VALIDATION_MODE = env.choice(
+    "ENV_VALIDATION_MODE", "inline" if EMBEDDED else "celery", ("inline", "celery")
+)
+# The validation's smoke episode: each call into the package may take this long.
+ENV_VALIDATION_CALL_TIMEOUT_S = env.seconds("ENV_VALIDATION_CALL_TIMEOUT_S", 5, finite=True, positive=True)
+# The largest environment package archive an upload may carry (web form and API alike).
+ENV_ARCHIVE_MAX_BYTES = env.int("ENV_ARCHIVE_MAX_BYTES", MAX_ARCHIVE_BYTES, minimum=1)
 
 # Where job runtimes reach the ingest API (the launcher hands it to each job with a job token).
 INGEST_BASE_URL = env.str("INGEST_BASE_URL", "http://127.0.0.1:8000")
+# Per job: guards against a runtime stuck in a retry loop, not against normal reporting.
+INGEST_RATE_LIMIT = env.rate("INGEST_RATE_LIMIT", "100/s")
+# Job tokens live this long (0: the job's max_hours plus an hour); a bootstrap token (single-use, it fetches
+# the job token and the environment secret on a Ray cluster) this long, never forever.
+JOB_TOKEN_TTL_SECONDS = env.int("JOB_TOKEN_TTL_SECONDS", 0, minimum=0)
+OPENTINKER_BOOTSTRAP_TTL_S = env.seconds("OPENTINKER_BOOTSTRAP_TTL_S", 600, finite=True)
+
+# Live metrics and logs (portal/services/live.py, api/views/stream.py): the Valkey stream per job, kept this
+# long and this many entries; what a fresh viewer replays; how often the stream is read and kept alive.
+LIVE_STREAM_MAXLEN = env.int("LIVE_STREAM_MAXLEN", 10_000, minimum=1)
+LIVE_STREAM_TTL_SECONDS = env.int("LIVE_STREAM_TTL_SECONDS", 7 * 86400, minimum=1)
+LIVE_LOG_REPLAY_LINES = env.int("LIVE_LOG_REPLAY_LINES", 1000, minimum=0)
+LIVE_REPLAY_MARGIN_SECONDS = env.seconds("LIVE_REPLAY_MARGIN_SECONDS", 30, finite=True)
+LIVE_POLL_SECONDS = env.seconds("LIVE_POLL_SECONDS", 2, finite=True, positive=True)
+SSE_HEARTBEAT_SECONDS = env.seconds("SSE_HEARTBEAT_SECONDS", 15, finite=True, positive=True)
+# Readiness: how long Celery beat or the workers may stay silent before /readyz answers 503.
+HEALTH_MAX_SILENCE_S = env.seconds("HEALTH_MAX_SILENCE_S", 60)
+
+# Scheduling (portal/services/scheduler.py, portal/scheduling/): fair-share usage decays with this half-life;
+# a queued job reserves capacity after waiting this long (inf: never); the queue's explanation is shared
+# this long (at most 60 s). Celery beat runs the passes this often (workers/beat.py).
+OPENTINKER_FAIR_SHARE_HALF_LIFE_S = env.seconds("OPENTINKER_FAIR_SHARE_HALF_LIFE_S", 7 * 86400, positive=True)
+OPENTINKER_RESERVE_AFTER_S = env.seconds("OPENTINKER_RESERVE_AFTER_S", 300)
+OPENTINKER_QUEUE_EXPLAIN_S = env.seconds("OPENTINKER_QUEUE_EXPLAIN_S", 5)
+OPENTINKER_SCHEDULE_EVERY_S = env.seconds("OPENTINKER_SCHEDULE_EVERY_S", 5, finite=True, positive=True)
+OPENTINKER_SUPERVISE_EVERY_S = env.seconds("OPENTINKER_SUPERVISE_EVERY_S", 5, finite=True, positive=True)
+OPENTINKER_POOLS_REFRESH_EVERY_S = env.seconds(
+    "OPENTINKER_POOLS_REFRESH_EVERY_S", 30, finite=True, positive=True
+)
+
+# Supervision (workers/supervisor.py): re-queues of a lost job before it fails; the silence that counts as
+# lost (of the runner, of the runtime itself); how long a launch may stay unfinished.
+OPENTINKER_JOB_MAX_RETRIES = env.int("OPENTINKER_JOB_MAX_RETRIES", 3, minimum=0)
+OPENTINKER_HEARTBEAT_TIMEOUT_S = env.seconds("OPENTINKER_HEARTBEAT_TIMEOUT_S", 30)
+OPENTINKER_RUNTIME_HEARTBEAT_TIMEOUT_S = env.seconds("OPENTINKER_RUNTIME_HEARTBEAT_TIMEOUT_S", 300)
+OPENTINKER_LAUNCH_TIMEOUT_S = env.seconds("OPENTINKER_LAUNCH_TIMEOUT_S", 120)
+
+# Pools and drivers (workers/drivers/): the embedded local pool (empty name: none; 0 slots: one per core);
+# where attempts' work directories go; the runtime's command (a JSON list; unset: this Python's
+# `-m gpu_runtime run`, on a Ray cluster its own `python`); which of the runner's variables the runtime
+# inherits; how often the runner heartbeats; how long a stopped runtime has to checkpoint before SIGKILL;
+# variables added to every Ray job (a JSON object).
+OPENTINKER_LOCAL_POOL = env.str("OPENTINKER_LOCAL_POOL", "local" if EMBEDDED else "")
+OPENTINKER_LOCAL_CPU_SLOTS = env.int("OPENTINKER_LOCAL_CPU_SLOTS", 0, minimum=0)
+OPENTINKER_JOBS_DIR = env.str("OPENTINKER_JOBS_DIR", str(VAR_DIR / "jobs"))
+OPENTINKER_RUNTIME_COMMAND = env.command("OPENTINKER_RUNTIME_COMMAND")
+OPENTINKER_RUNTIME_PASS_ENV = env.list("OPENTINKER_RUNTIME_PASS_ENV", [])
+OPENTINKER_RUNNER_HEARTBEAT_S = env.seconds("OPENTINKER_RUNNER_HEARTBEAT_S", 5, finite=True, positive=True)
+OPENTINKER_STOP_GRACE_S = env.seconds("OPENTINKER_STOP_GRACE_S", 30, finite=True)
+OPENTINKER_RAY_RUNTIME_COMMAND = env.command("OPENTINKER_RAY_RUNTIME_COMMAND")
+OPENTINKER_RAY_ENV_VARS = env.mapping("OPENTINKER_RAY_ENV_VARS")
 
 # Egress policy for remote environments (README "Environments"; portal/services/egress.py): allow-lists that
 # admit private environment servers, by scope (JSON {"*"|"org:<slug>"|"pool:<name>": [host, address or
@@ -232,18 +293,19 @@ OPENTINKER_EGRESS_RESOLVER = env.str("OPENTINKER_EGRESS_RESOLVER", "")
 
 # Defaults for a new organization's quota (platform staff change them per organization).
 DEFAULT_QUOTA = {
-    "max_gpus": env.int("DEFAULT_QUOTA_MAX_GPUS", 1),
-    "borrowing_limit_gpus": env.int("DEFAULT_QUOTA_BORROWING_GPUS", 0),
-    "gpu_hours_per_month": env.int("DEFAULT_QUOTA_GPU_HOURS", 100),
-    "max_queued_jobs": env.int("DEFAULT_QUOTA_MAX_QUEUED", 20),
-    "max_cpus_per_job": env.int("DEFAULT_QUOTA_MAX_CPUS", 8),
+    "max_gpus": env.int("DEFAULT_QUOTA_MAX_GPUS", 1, minimum=0),
+    "borrowing_limit_gpus": env.int("DEFAULT_QUOTA_BORROWING_GPUS", 0, minimum=0),
+    "gpu_hours_per_month": env.int("DEFAULT_QUOTA_GPU_HOURS", 100, minimum=0),
+    "max_queued_jobs": env.int("DEFAULT_QUOTA_MAX_QUEUED", 20, minimum=0),
+    "max_cpus_per_job": env.int("DEFAULT_QUOTA_MAX_CPUS", 8, minimum=0),
 }
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": env.choice("LOG_LEVEL", "INFO", _LOG_LEVELS)},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
 
@@ -252,10 +314,10 @@ CSRF_COOKIE_HTTPONLY = False  # htmx reads the token from the cookie
 # Lax: a link from another site still arrives signed in; a cross-site POST, image or frame does not.
 SESSION_COOKIE_SAMESITE = "Lax"
 CSRF_COOKIE_SAMESITE = "Lax"
-SESSION_COOKIE_AGE = env.int("SESSION_COOKIE_AGE", 14 * 24 * 3600)
+SESSION_COOKIE_AGE = env.int("SESSION_COOKIE_AGE", 14 * 24 * 3600, minimum=1)
 # Reverse proxies in front of the server that append the client's address to X-Forwarded-For: the audit log
 # and the sign-in limits believe that many entries from the right, and never more (0: REMOTE_ADDR only).
-TRUSTED_PROXIES = env.int("TRUSTED_PROXIES", 0)
+TRUSTED_PROXIES = env.int("TRUSTED_PROXIES", 0, minimum=0)
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
@@ -271,7 +333,7 @@ if not EMBEDDED:
     SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", True)
     # Probes talk plain HTTP to the pod: a redirect would read as success (README "Operations").
     SECURE_REDIRECT_EXEMPT = [r"^(livez|readyz|healthz)$"]
-    SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", 31_536_000)
+    SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", 31_536_000, minimum=0)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", True)
     if len(SECRET_KEY) < 50 or SECRET_KEY.startswith("django-insecure"):
