@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/scheduler.py [--jobs 10000] [--orgs 100] [--rounds 240] [--seed 1]
 
-Times the scheduler's decision core (``portal.services.scheduler.plan``, the code ``schedule_pass`` runs
+Times the scheduler's decision core (``portal.scheduling.policy.plan``, the code ``schedule_pass`` runs
 between loading rows and writing admissions) and prints, as tables:
 
 1. one pass over the full queue on an empty fleet: pass time, utilization, each organization's share of the
@@ -16,7 +16,7 @@ between loading rows and writing admissions) and prints, as tables:
 Shares are measured as Kueue and Slurm do: GPUs held relative to weight among organizations that still have
 demand (queued or running work).
 
-No database: this measures the policy and its cost, not PostgreSQL I/O. Needs no Django settings.
+No database: this measures the policy and its cost, not PostgreSQL I/O. Needs no Django (nor its settings).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from portal.services.scheduler import AllocationView, JobView, OrgView, PoolView, plan
+from portal.scheduling.policy import AllocationView, JobView, OrgView, PoolView, plan
 
 POOLS = [("h100-a", 512), ("h100-b", 256), ("a100", 128), ("l40s", 104)]  # 1,000 GPUs
 SIZES = [1] * 50 + [2] * 25 + [4] * 15 + [8] * 10  # % of jobs by GPUs requested

@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from portal.errors import NotFound
 from portal.models import Allocation, ComputePool, Job
-from portal.services.scheduler import queue_explanation
+from portal.scheduling.explanation import queue_explanation
 
 
 def pool_list():
@@ -31,7 +31,7 @@ def queue_explain(*, limit: int = 200, offset: int = 0) -> tuple[int, list[dict]
     queue, computed fresh (staff act on it; the result is shared with the job pages' window).
 
     The reason comes from a read-only run of the same plan the scheduler would make (see
-    portal/services/scheduler.py): its category (``scheduler.Why``: ``quota``, ``capacity``, ``fair-share``,
+    portal/scheduling/): its category (``policy.Why``: ``quota``, ``capacity``, ``fair-share``,
     ``pool``, ``reservation`` or ``starting``) and ``reason``, "<category>: <the scheduler's sentence>".
     Only the page's jobs are read from the database.
     """

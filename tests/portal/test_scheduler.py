@@ -7,7 +7,8 @@ import pytest
 
 from opentinker.spec import JobState
 from portal.models import Allocation, Job, JobEvent, UsageRecord
-from portal.services.scheduler import queue_plan, schedule_pass
+from portal.scheduling.explanation import queue_plan
+from portal.services.scheduler import schedule_pass
 from portal.services.supervision import job_process_exited
 from portal.services.usage import month_start
 from tests.workers.conftest import make_pool, set_quota, submit

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from portal.services.scheduler import (
+from portal.scheduling.policy import (
     AllocationView,
     JobView,
     OrgView,

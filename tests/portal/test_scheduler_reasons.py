@@ -9,7 +9,8 @@ import math
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from portal.services.scheduler import (
+from portal.scheduling.inputs import reserve_after_s
+from portal.scheduling.policy import (
     STARTING,
     AllocationView,
     JobView,
@@ -18,7 +19,6 @@ from portal.services.scheduler import (
     Wait,
     Why,
     plan,
-    reserve_after_s,
 )
 
 

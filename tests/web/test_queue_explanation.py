@@ -11,7 +11,8 @@ import re
 import pytest
 
 from portal.models import Allocation, Job
-from portal.services.scheduler import READ_ONLY_PLANS, schedule_pass
+from portal.scheduling.explanation import READ_ONLY_PLANS
+from portal.services.scheduler import schedule_pass
 from portal.services.supervision import job_process_exited
 from tests.web.pages import signed_in
 from tests.workers.conftest import make_pool, set_quota, submit
