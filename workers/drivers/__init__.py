@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +63,7 @@ def runtime_spec(job: Job) -> dict[str, Any]:
 
 
 def work_dir(job: Job, attempt: int) -> Path:
-    root = Path(
-        os.environ.get("OPENTINKER_JOBS_DIR")
-        or getattr(settings, "OPENTINKER_JOBS_DIR", "")
-        or settings.VAR_DIR / "jobs"
-    )
+    root = Path(settings.OPENTINKER_JOBS_DIR)
     path = root / str(job.id) / f"attempt-{attempt}"
     path.mkdir(parents=True, exist_ok=True)
     return path

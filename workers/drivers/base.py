@@ -6,8 +6,6 @@ that imports them.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 from django.conf import settings
@@ -15,8 +13,7 @@ from django.conf import settings
 
 def runtime_command() -> list[str]:
     """The job entrypoint; the spec file's path is appended."""
-    from_env = os.environ.get("OPENTINKER_RUNTIME_COMMAND")
-    configured = json.loads(from_env) if from_env else getattr(settings, "OPENTINKER_RUNTIME_COMMAND", None)
+    configured = settings.OPENTINKER_RUNTIME_COMMAND
     if configured:
         return [str(x) for x in configured]
     return [sys.executable, "-m", "gpu_runtime", "run"]

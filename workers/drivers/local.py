@@ -42,7 +42,7 @@ def probe_capacity() -> dict:
             gpus = {}
     cpus = os.cpu_count() or 1
     memory = psutil.virtual_memory().total
-    slots = 0 if gpus else int(getattr(settings, "OPENTINKER_LOCAL_CPU_SLOTS", 0) or cpus)
+    slots = 0 if gpus else settings.OPENTINKER_LOCAL_CPU_SLOTS or cpus
     return capacity_report(gpus, cpus, memory, slots)
 
 

@@ -23,9 +23,7 @@ with more ranks it joins this cluster through the ``RAY_ADDRESS`` that Ray sets 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shlex
 
 from django.conf import settings
@@ -49,10 +47,7 @@ LOG_DETAIL_CHARS = 20_000  # the end of the log the failure detail is taken from
 
 def ray_runtime_command() -> list[str]:
     """What the cluster runs (its own Python, not this worker's): ``OPENTINKER_RAY_RUNTIME_COMMAND``."""
-    from_env = os.environ.get("OPENTINKER_RAY_RUNTIME_COMMAND")
-    configured = (
-        json.loads(from_env) if from_env else getattr(settings, "OPENTINKER_RAY_RUNTIME_COMMAND", None)
-    )
+    configured = settings.OPENTINKER_RAY_RUNTIME_COMMAND
     return [str(x) for x in configured] if configured else ["python", "-m", "gpu_runtime", "run"]
 
 
@@ -61,9 +56,7 @@ def submission_id(alloc: Allocation) -> str:
 
 
 def _grace_s() -> int:
-    return int(
-        float(os.environ.get("OPENTINKER_STOP_GRACE_S") or getattr(settings, "OPENTINKER_STOP_GRACE_S", 30))
-    )
+    return int(settings.OPENTINKER_STOP_GRACE_S)
 
 
 class RayDriver:
@@ -109,7 +102,7 @@ class RayDriver:
         env_vars = {k: v for k, v in env.items() if k not in SECRET_VARS}
         env_vars[BOOTSTRAP_VAR] = bootstrap_issue(alloc)
         env_vars.update({"RAY_JOB_STOP_WAIT_TIME_S": str(_grace_s()), "PYTHONUNBUFFERED": "1"})
-        extra = getattr(settings, "OPENTINKER_RAY_ENV_VARS", None) or {}
+        extra = settings.OPENTINKER_RAY_ENV_VARS
         env_vars.update({str(k): str(v) for k, v in extra.items()})
         if alloc.pool.cpu_slots:
             env_vars["CUDA_VISIBLE_DEVICES"] = ""
