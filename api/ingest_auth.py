@@ -88,7 +88,7 @@ class JobIngestThrottle(SimpleRateThrottle):
     scope = "ingest"
 
     def get_rate(self) -> str:
-        return getattr(settings, "INGEST_RATE_LIMIT", "100/s")
+        return settings.INGEST_RATE_LIMIT
 
     def get_cache_key(self, request, view) -> str | None:
         auth = request.auth

@@ -14,9 +14,7 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 def body_limit(request) -> int:
     if request.path == ENV_UPLOAD_PATH and request.method == "POST":
-        from env_registry.archive import MAX_ARCHIVE_BYTES
-
-        return getattr(settings, "ENV_ARCHIVE_MAX_BYTES", MAX_ARCHIVE_BYTES) + MULTIPART_OVERHEAD_BYTES
+        return settings.ENV_ARCHIVE_MAX_BYTES + MULTIPART_OVERHEAD_BYTES
     return settings.API_MAX_BODY_BYTES
 
 

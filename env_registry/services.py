@@ -149,7 +149,7 @@ def _exists(organization: Organization, m: Manifest) -> Conflict:
 
 def version_validation_start(version: EnvironmentVersion) -> None:
     """Validate now (ENV_VALIDATION_MODE=inline, the default) or in a Celery task after the commit."""
-    if getattr(settings, "ENV_VALIDATION_MODE", "inline") == "celery":
+    if settings.ENV_VALIDATION_MODE == "celery":
         # Sent by name (workers.env_tasks runs it): the registry never imports `workers`.
         enqueue("env_registry.validate_version", version.pk, expires=3600)
         return
@@ -194,9 +194,7 @@ def version_validate(version_id: int) -> EnvironmentVersion | None:
 def smoke_test(data: bytes) -> None:
     """Raise with a clear reason unless the archive's environment loads and plays one episode."""
     manifest = inspect_archive(data).manifest
-    limits = SandboxLimits(
-        cpu_s=30, call_timeout_s=float(getattr(settings, "ENV_VALIDATION_CALL_TIMEOUT_S", 5.0))
-    )
+    limits = SandboxLimits(cpu_s=30, call_timeout_s=settings.ENV_VALIDATION_CALL_TIMEOUT_S)
     with tempfile.TemporaryDirectory(prefix="opentinker-validate-") as tmp:
         pkg_dir = Path(tmp) / "pkg"
         extract_archive(data, pkg_dir)

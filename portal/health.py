@@ -17,7 +17,6 @@ keep every live worker busy every few seconds). A key holds the UNIX time of the
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,8 +36,7 @@ KEY_TTL_S = 24 * 3600
 
 def max_silence_s() -> float:
     """How long beat or the workers may stay silent before the platform is not ready (default 60 s)."""
-    raw = os.environ.get("HEALTH_MAX_SILENCE_S") or getattr(settings, "HEALTH_MAX_SILENCE_S", 60)
-    return float(raw)
+    return settings.HEALTH_MAX_SILENCE_S
 
 
 @dataclass(frozen=True)

@@ -47,15 +47,14 @@ def main(argv: list[str]) -> int:
     from django.conf import settings
     from django.db import close_old_connections
 
-    from portal.env import setting_seconds
     from portal.models import Allocation, Job
     from portal.services.supervision import allocation_heartbeat, job_log_append, job_process_exited
     from workers.drivers import runtime_command
 
     alloc = Allocation.objects.select_related("pool").get(pk=alloc_id)
-    heartbeat_s = setting_seconds("OPENTINKER_RUNNER_HEARTBEAT_S", 5)
-    grace_s = setting_seconds("OPENTINKER_STOP_GRACE_S", 30)
-    extra = list(getattr(settings, "OPENTINKER_RUNTIME_PASS_ENV", []))
+    heartbeat_s = settings.OPENTINKER_RUNNER_HEARTBEAT_S
+    grace_s = settings.OPENTINKER_STOP_GRACE_S
+    extra = list(settings.OPENTINKER_RUNTIME_PASS_ENV)
     env = _child_env(job_env, alloc.gpu_indices or [], alloc.pool.cpu_slots, extra)
     proc = subprocess.Popen(
         [*(command or runtime_command()), spec_path],

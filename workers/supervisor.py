@@ -16,7 +16,6 @@ from django.utils import timezone
 
 from opentinker.spec import TERMINAL_STATES, JobState
 from portal.celery import app
-from portal.env import setting_seconds
 from portal.errors import Conflict
 from portal.models import Allocation, ComputePool, Job
 from portal.services.env_secrets import EnvironmentSecretMissing
@@ -88,7 +87,7 @@ def stop_allocation(allocation_id: int, why: str) -> str:
 
 def ensure_local_pool() -> ComputePool | None:
     """The embedded default: one `local` pool for this machine (its GPUs, or CPU slots). Idempotent."""
-    name = getattr(settings, "OPENTINKER_LOCAL_POOL", "local" if getattr(settings, "EMBEDDED", True) else "")
+    name = settings.OPENTINKER_LOCAL_POOL
     if not name:
         return None
     pool, _ = pool_ensure(name=name, driver=ComputePool.Driver.LOCAL, labels={"host": "embedded"})
@@ -112,9 +111,9 @@ def pools_refresh() -> int:
 def supervise(now=None) -> dict:
     now = now or timezone.now()
     stats = {"released": 0, "launched": 0, "requeued": 0, "reaped": 0}
-    heartbeat_timeout = timedelta(seconds=setting_seconds("OPENTINKER_HEARTBEAT_TIMEOUT_S", 30))
-    runtime_timeout = timedelta(seconds=setting_seconds("OPENTINKER_RUNTIME_HEARTBEAT_TIMEOUT_S", 300))
-    launch_timeout = timedelta(seconds=setting_seconds("OPENTINKER_LAUNCH_TIMEOUT_S", 120))
+    heartbeat_timeout = timedelta(seconds=settings.OPENTINKER_HEARTBEAT_TIMEOUT_S)
+    runtime_timeout = timedelta(seconds=settings.OPENTINKER_RUNTIME_HEARTBEAT_TIMEOUT_S)
+    launch_timeout = timedelta(seconds=settings.OPENTINKER_LAUNCH_TIMEOUT_S)
     live = Allocation.objects.filter(released_at__isnull=True).select_related("pool", "job")
     for alloc in live:
         job = alloc.job

@@ -17,7 +17,7 @@ from api.serializers import ErrorSerializer, StrictSerializer
 from api.tenancy import tenant_of
 from api.views.jobs import Pagination, _query_dict
 from env_registry import services
-from env_registry.archive import MAX_ARCHIVE_BYTES, ArchiveError, read_capped
+from env_registry.archive import ArchiveError, read_capped
 from env_registry.models import EnvironmentPackage, EnvironmentVersion, Visibility
 from env_registry.readme import render_readme
 from env_registry.selectors import (
@@ -39,10 +39,6 @@ def viewer_of(request) -> Viewer:
     """The caller as the registry sees them: their organization and their current role there (a token acts
     as its owner)."""
     return Viewer.of(tenant_of(request).membership)
-
-
-def archive_max_bytes() -> int:
-    return int(getattr(settings, "ENV_ARCHIVE_MAX_BYTES", MAX_ARCHIVE_BYTES))
 
 
 class EnvironmentSerializer(serializers.ModelSerializer):
@@ -190,7 +186,7 @@ class EnvironmentListApi(APIView):
         form = self.UploadInput(data=request.data)
         form.is_valid(raise_exception=True)
         upload = form.validated_data["archive"]
-        limit = archive_max_bytes()
+        limit = settings.ENV_ARCHIVE_MAX_BYTES
         try:
             data, sha256 = read_capped(upload.chunks(), limit=limit)
         except ArchiveError as e:

@@ -64,10 +64,6 @@ READ_COUNT = 200
 RETRY_MS = 2000
 
 
-def _setting(name: str, default: float) -> float:
-    return float(getattr(settings, name, default))
-
-
 # One event of the stream, as an SSE client reads it (Open API 3.1 has a text/event-stream `schema` describe
 # each event; 3.2 calls that `itemSchema`).
 SSE_EVENT_SCHEMA = {
@@ -239,7 +235,7 @@ class Follower:
         resume = last[0][0].decode() if last else "0-0"
         async for frame in self._poll_events():
             yield frame
-        max_lines = int(_setting("LIVE_LOG_REPLAY_LINES", 1000)) if fresh else 100_000
+        max_lines = settings.LIVE_LOG_REPLAY_LINES if fresh else 100_000
         logs = await _db(live.replay_logs)(self.job_id, after_seq=self.cursor.log_seq, max_lines=max_lines)
         for i in range(0, len(logs), 500):
             chunk = logs[i : i + 500]
@@ -247,7 +243,7 @@ class Follower:
             yield _frame(self.cursor, "log", live.dumps(live.log_payload(chunk)))
         after = None
         if since is not None:
-            after = datetime.fromtimestamp(max(0.0, since - _setting("LIVE_REPLAY_MARGIN_SECONDS", 30)), UTC)
+            after = datetime.fromtimestamp(max(0.0, since - settings.LIVE_REPLAY_MARGIN_SECONDS), UTC)
         async for frame in self._metrics_since(after):
             yield frame
         self.cursor.entry = resume
@@ -274,8 +270,8 @@ class Follower:
 
     async def frames(self) -> AsyncIterator[bytes]:
         yield f"retry: {RETRY_MS}\n\n".encode()  # sent at once: the client sees the stream is open
-        heartbeat = _setting("SSE_HEARTBEAT_SECONDS", 15)
-        poll = _setting("LIVE_POLL_SECONDS", 2)
+        heartbeat = settings.SSE_HEARTBEAT_SECONDS
+        poll = settings.LIVE_POLL_SECONDS
         r = aioredis.Redis.from_url(
             settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=poll + 10, health_check_interval=30
         )
@@ -348,7 +344,7 @@ class Follower:
             chunk = logs[i : i + 500]
             self.cursor.log_seq = max(self.cursor.log_seq, chunk[-1].seq)
             yield _frame(self.cursor, "log", live.dumps(live.log_payload(chunk)))
-        after = datetime.fromtimestamp(max(0.0, since - _setting("LIVE_REPLAY_MARGIN_SECONDS", 30)), UTC)
+        after = datetime.fromtimestamp(max(0.0, since - settings.LIVE_REPLAY_MARGIN_SECONDS), UTC)
         async for frame in self._metrics_since(after):
             yield frame
 

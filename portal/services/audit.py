@@ -41,7 +41,7 @@ def client_ip(request) -> str | None:
     """
     if request is None:
         return None
-    hops = int(getattr(settings, "TRUSTED_PROXIES", 0) or 0)
+    hops = settings.TRUSTED_PROXIES
     candidate = request.META.get("REMOTE_ADDR", "")
     if hops > 0:
         forwarded = [a.strip() for a in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if a.strip()]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from typing import Any
 
 from django.conf import settings
 from django.utils.module_loading import import_string
@@ -38,14 +37,9 @@ from portal.errors import DomainError
 FIELD = "environment.ref"
 
 
-def _setting(name: str, default: Any) -> Any:
-    value = getattr(settings, name, None)
-    return default if value is None else value
-
-
 def allow_lists() -> dict[str, list[str]]:
     """The configured allow-lists by scope, validated (settings validate them at start too)."""
-    return parse_scoped_allow_lists(_setting("OPENTINKER_EGRESS_ALLOW", {}))
+    return parse_scoped_allow_lists(settings.OPENTINKER_EGRESS_ALLOW)
 
 
 def allow_entries(organization_slug: str, pool: str | None) -> list[str]:
@@ -74,7 +68,7 @@ def _interface_addresses() -> tuple[str, ...]:
 
 
 def platform_networks() -> list[str]:
-    configured = _setting("OPENTINKER_EGRESS_PLATFORM", "")
+    configured = settings.OPENTINKER_EGRESS_PLATFORM
     if isinstance(configured, str):
         configured = configured.replace(",", " ").split()
     parse_networks(configured)  # validates
@@ -88,7 +82,7 @@ def egress_policy(organization_slug: str, pool: str | None) -> EgressPolicy:
 
 
 def resolver():
-    path = _setting("OPENTINKER_EGRESS_RESOLVER", "")
+    path = settings.OPENTINKER_EGRESS_RESOLVER
     return import_string(path) if path else system_resolver
 
 

@@ -16,17 +16,15 @@ readable afterwards is a spent token.
 
 from __future__ import annotations
 
-import math
 import re
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.core.exceptions import ImproperlyConfigured
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from portal.env import setting_seconds
 from portal.models import Allocation, Job
 from portal.services.env_secrets import environment_secret_reveal
 from portal.services.job_tokens import job_token_issue
@@ -39,10 +37,8 @@ _FORMAT = re.compile(r"otb_[A-Za-z0-9_-]{43}")
 
 
 def bootstrap_ttl_s() -> int:
-    ttl = setting_seconds("OPENTINKER_BOOTSTRAP_TTL_S", 600)
-    if math.isinf(ttl):  # a credential that never expires is what this module exists to avoid
-        raise ImproperlyConfigured("OPENTINKER_BOOTSTRAP_TTL_S must be a finite number of seconds")
-    return int(ttl)
+    # Finite (settings.py refuses inf): a credential that never expires is what this module exists to avoid.
+    return int(settings.OPENTINKER_BOOTSTRAP_TTL_S)
 
 
 def bootstrap_issue(alloc: Allocation, ttl_s: int | None = None) -> str:

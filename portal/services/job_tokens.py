@@ -49,7 +49,7 @@ def _sign(job_id: str, attempt: int, expiry: int, pepper: str | None = None) -> 
 
 def default_ttl(job: Job) -> int:
     """The job's wall-clock limit plus an hour (the token dies with its attempt anyway)."""
-    configured = getattr(settings, "JOB_TOKEN_TTL_SECONDS", None)
+    configured = settings.JOB_TOKEN_TTL_SECONDS
     if configured:
         return int(configured)
     try:
@@ -76,7 +76,7 @@ def job_token_verify(raw: str) -> Job | None:
     job_id, attempt, expiry = m["job"], int(m["attempt"]), int(m["expiry"])
     # Check the signature before anything else, in constant time, and before touching the database. Signed
     # under the newest pepper; every live one is accepted, so adding a pepper leaves running jobs reporting.
-    peppers = list((getattr(settings, "TOKEN_PEPPERS", None) or {"0": settings.TOKEN_PEPPER}).values())
+    peppers = list(settings.TOKEN_PEPPERS.values())
     if not any([hmac.compare_digest(_sign(job_id, attempt, expiry, p), m["sig"]) for p in peppers]):
         return None
     if expiry <= time.time():
@@ -89,7 +89,7 @@ def job_token_verify(raw: str) -> Job | None:
 
 def job_ingest_url(job: Job, base_url: str | None = None) -> str:
     """``OPENTINKER_INGEST_URL`` for the job: the runtime appends ``/metrics``, ``/events``, ... to it."""
-    base = (base_url or getattr(settings, "INGEST_BASE_URL", "") or "http://127.0.0.1:8000").rstrip("/")
+    base = (base_url or settings.INGEST_BASE_URL).rstrip("/")
     return f"{base}/api/v1/ingest/jobs/{job.id}"
 
 

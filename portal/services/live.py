@@ -38,11 +38,11 @@ def stream_key(job_id: Any) -> str:
 
 
 def maxlen() -> int:
-    return int(getattr(settings, "LIVE_STREAM_MAXLEN", 10_000))
+    return settings.LIVE_STREAM_MAXLEN
 
 
 def ttl_seconds() -> int:
-    return int(getattr(settings, "LIVE_STREAM_TTL_SECONDS", 7 * 86400))
+    return settings.LIVE_STREAM_TTL_SECONDS
 
 
 _client: redis.Redis | None = None

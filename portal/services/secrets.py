@@ -14,8 +14,7 @@ from django.conf import settings
 
 def _peppers() -> dict[str, str]:
     # Read at each call, so a test (or a reload) that changes the setting takes effect at once.
-    peppers = getattr(settings, "TOKEN_PEPPERS", None)
-    return peppers or {"0": settings.TOKEN_PEPPER}
+    return settings.TOKEN_PEPPERS
 
 
 def current_pepper_id() -> str:

@@ -31,7 +31,7 @@ SYSTEM = Actor.system("supervisor")
 
 
 def max_lost_retries() -> int:
-    return int(getattr(settings, "OPENTINKER_JOB_MAX_RETRIES", 3))
+    return settings.OPENTINKER_JOB_MAX_RETRIES
 
 
 def live_allocation(job: Job) -> Allocation | None:

@@ -49,10 +49,6 @@ class Throttled(DomainError):
         self.retry_after = max(1, int(retry_after + 0.999))
 
 
-def _setting(name: str, default: int) -> int:
-    return int(getattr(settings, name, default))
-
-
 def _redis() -> redis.Redis:
     global _client
     if _client is None:
@@ -128,11 +124,11 @@ def _minutes(seconds: float) -> str:
 def signin_begin(username: str, ip: str | None) -> _Attempt | None:
     """Count an attempt before its password is checked; raises Throttled while the username is locked for
     this address. Returns the attempt to end with ``signin_end`` (None: Valkey unreachable, not counted)."""
-    window = float(_setting("SIGNIN_LOCKOUT_SECONDS", 900))
+    window = float(settings.SIGNIN_LOCKOUT_SECONDS)
     address = ip or "unknown"
     keys = [
-        (_key("signin", username.strip().lower(), address), _setting("SIGNIN_MAX_FAILURES", 5)),
-        (_key("signin-ip", address), _setting("SIGNIN_MAX_FAILURES_PER_IP", 50)),
+        (_key("signin", username.strip().lower(), address), settings.SIGNIN_MAX_FAILURES),
+        (_key("signin-ip", address), settings.SIGNIN_MAX_FAILURES_PER_IP),
     ]
     try:
         attempt, wait = _take(keys, window)
@@ -164,9 +160,9 @@ def signin_end(attempt: _Attempt | None, *, succeeded: bool) -> None:
 
 def signup_check(ip: str | None) -> None:
     """Count a sign-up attempt from this address; raises Throttled past the limit."""
-    window = float(_setting("SIGNUP_WINDOW_SECONDS", 3600))
+    window = float(settings.SIGNUP_WINDOW_SECONDS)
     try:
-        _, wait = _take([(_key("signup", ip or "unknown"), _setting("SIGNUP_MAX_PER_IP", 10))], window)
+        _, wait = _take([(_key("signup", ip or "unknown"), settings.SIGNUP_MAX_PER_IP)], window)
     except redis.RedisError as exc:
         logger.warning("sign-up throttle unavailable (%s): not counting this attempt", exc)
         return

@@ -25,7 +25,7 @@ def _next_month(d: date) -> date:
 
 
 def fair_share_half_life_s() -> float:
-    return float(getattr(settings, "OPENTINKER_FAIR_SHARE_HALF_LIFE_S", 7 * 86400))
+    return settings.OPENTINKER_FAIR_SHARE_HALF_LIFE_S
 
 
 def split_by_month(start: datetime, end: datetime) -> list[tuple[date, float]]:

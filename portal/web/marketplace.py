@@ -17,7 +17,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
 from env_registry import services
-from env_registry.archive import MAX_ARCHIVE_BYTES, ArchiveError, read_capped
+from env_registry.archive import ArchiveError, read_capped
 from env_registry.models import EnvironmentPackage, Visibility
 from env_registry.readme import render_readme
 from env_registry.selectors import (
@@ -43,10 +43,6 @@ SORT_LABELS = {"name": "Name", "stars": "Most stars", "usage": "Most used", "rec
 def viewer_of(request) -> Viewer:
     """The signed-in user in the current organization, with their role there."""
     return Viewer.of(request.membership)
-
-
-def archive_max_bytes() -> int:
-    return int(getattr(settings, "ENV_ARCHIVE_MAX_BYTES", MAX_ARCHIVE_BYTES))
 
 
 class SearchForm(forms.Form):
@@ -212,7 +208,7 @@ def env_publish(request):
     if request.method == "GET":
         return render(request, "portal/envs/publish.html", {"form": PublishForm()})
     require_scope(request, Scope.ENVS_WRITE, "publish environments")
-    limit = archive_max_bytes()
+    limit = settings.ENV_ARCHIVE_MAX_BYTES
     # Refuse an oversized upload by its declared length, before Django reads (and spools) the body.
     if int(request.META.get("CONTENT_LENGTH") or 0) > limit + MULTIPART_OVERHEAD_BYTES:
         form = PublishForm(data={})

@@ -163,15 +163,3 @@ def test_a_bad_setting_is_an_error_naming_the_variable(monkeypatch, settings, en
         reserve_after_s()
     message = f"OPENTINKER_RESERVE_AFTER_S must be a number of seconds >= 0 (or inf), got {shown}"
     assert str(e.value) == message
-
-
-def test_the_supervisor_timeouts_use_the_same_helper(monkeypatch):
-    # A bad timeout stops the supervisor pass at once, by name (it reads them before touching anything).
-    from workers.supervisor import supervise
-
-    monkeypatch.setenv("OPENTINKER_HEARTBEAT_TIMEOUT_S", "thirty")
-    with pytest.raises(ImproperlyConfigured) as e:
-        supervise()
-    assert str(e.value) == (
-        "OPENTINKER_HEARTBEAT_TIMEOUT_S must be a number of seconds >= 0 (or inf), got 'thirty'"
-    )

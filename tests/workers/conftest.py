@@ -50,12 +50,14 @@ def submit(org, *, gpus=0, name="job", priority=0, pool=None, cpus=1, max_hours=
 
 @pytest.fixture
 def runner_env(settings, monkeypatch, tmp_path):
-    """Runners are separate processes: point them at the test database and the fake runtime."""
+    """Runners are separate processes: point them at the test database and the fake runtime (their settings
+    come from the environment; this process's from ``settings``)."""
     db = connection.settings_dict
     url = f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
     monkeypatch.setenv("DATABASE_URL", url)
     monkeypatch.setenv("OPENTINKER_RUNNER_HEARTBEAT_S", "0.5")
     monkeypatch.setenv("OPENTINKER_STOP_GRACE_S", "5")
+    settings.OPENTINKER_STOP_GRACE_S = 5
     settings.OPENTINKER_RUNTIME_COMMAND = FAKE_RUNTIME
     settings.OPENTINKER_JOBS_DIR = str(tmp_path / "jobs")
     return tmp_path

@@ -113,10 +113,8 @@ def test_cancel_stops_a_running_job_at_a_step_boundary(acme, pool, runner_env):
     assert Allocation.objects.get(job=job).released_at is not None
 
 
-def test_lost_runner_is_reaped_then_the_retry_limit_fails_the_job(
-    acme, pool, runner_env, settings, monkeypatch
-):
-    monkeypatch.setenv("OPENTINKER_HEARTBEAT_TIMEOUT_S", "2")
+def test_lost_runner_is_reaped_then_the_retry_limit_fails_the_job(acme, pool, runner_env, settings):
+    settings.OPENTINKER_HEARTBEAT_TIMEOUT_S = 2
     settings.OPENTINKER_JOB_MAX_RETRIES = 1
     job = submit(acme, name="fake_steps-200_sleep-0.2")
     for attempt in range(2):
@@ -153,8 +151,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_admitted_job_whose_launch_never_completed_is_requeued(acme, pool, runner_env, monkeypatch):
-    monkeypatch.setenv("OPENTINKER_LAUNCH_TIMEOUT_S", "0")
+def test_admitted_job_whose_launch_never_completed_is_requeued(acme, pool, runner_env, settings):
+    settings.OPENTINKER_LAUNCH_TIMEOUT_S = 0
     set_quota(acme, max_gpus=0)
     job = submit(acme, name="fake")
     schedule_pass()
