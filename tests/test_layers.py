@@ -81,6 +81,8 @@ BREAKS = [
     ("env_registry/_break.py", "from workers import env_tasks\n", "registry"),
     ("workers/_break.py", "from api.views import jobs\n", "workers"),
     ("api/_break.py", "from portal.web import jobs\n", "api"),
+    ("portal/services/_break.py", "from devstack.embedded import EmbeddedServices\n", "devstack"),
+    ("devstack/_break.py", "import django\n", "devstack-below-django"),
 ]
 
 
@@ -178,9 +180,6 @@ LOCAL_IMPORTS_ALLOWED = {
     "workers.runner": "a standalone process: Django is set up first, then the models are imported",
     "api.schema": "DRF imports it by name from its settings while loading its views; the views come after",
     "api.middleware": "the archive size default (one settings declaration: the settings work of issue 12)",
-    "portal.services.scheduler": "the pure policy importable without Django, until it is split",
-    "portal.demo_recipe": "the development stack (make demo), before the SDK is needed",
-    "portal.demo_multiagent": "the development stack (make demo), before the SDK is needed",
 }
 
 
