@@ -44,7 +44,7 @@ class ApiTokenScheme(OpenApiAuthenticationExtension):
 
 @functools.cache
 def paginated(item: type[serializers.Serializer]) -> type[serializers.Serializer]:
-    """The envelope LimitOffsetPagination answers with (api.views.jobs.Pagination), around `item`."""
+    """The envelope LimitOffsetPagination answers with (api.common.Pagination), around `item`."""
     base = item.__name__.removesuffix("Serializer")
     return type(
         f"Paginated{base}ListSerializer",

@@ -15,11 +15,11 @@ from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
 from rest_framework.views import APIView
 
+from api.common import page_response, query_dict
 from api.schema import paginated
 from api.serializers import StrictSerializer
 from api.tenancy import tenant_of
 from api.views.admin import StaffOnly
-from api.views.jobs import Pagination, _query_dict
 from portal.models import AuditAction, Scope
 from portal.selectors.audit import EXPORT_FORMATS, audit_export, audit_list, audit_list_all, audit_row
 
@@ -94,7 +94,7 @@ MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson;
 
 def _filters(request, serializer_class, *, export: bool = False) -> tuple[dict, str]:
     """The validated filters (and, for a download, its format: `as`, since DRF keeps `format` for itself)."""
-    query = _query_dict(request)
+    query = query_dict(request)
     fmt = query.pop("as", "jsonl") if export else ""
     f = serializer_class(data=query)
     f.is_valid(raise_exception=True)
@@ -104,14 +104,6 @@ def _filters(request, serializer_class, *, export: bool = False) -> tuple[dict, 
     d.pop("limit", None)
     d.pop("offset", None)
     return d, fmt
-
-
-def _page(view, request, qs):
-    paginator = Pagination()
-    page = paginator.paginate_queryset(qs, request, view=view)
-    return paginator.get_paginated_response(
-        AuditEntrySerializer([audit_row(e) for e in page], many=True).data
-    )
 
 
 def _download(qs, fmt: str, name: str) -> StreamingHttpResponse:
@@ -136,7 +128,7 @@ class OrgAuditListApi(APIView):
     def get(self, request):
         organization = tenant_of(request).organization
         d, _ = _filters(request, AuditFilter)
-        return _page(self, request, audit_list(organization, **d))
+        return page_response(self, request, audit_list(organization, **d), AuditEntrySerializer, audit_row)
 
 
 class OrgAuditExportApi(APIView):
@@ -165,7 +157,8 @@ class AdminAuditListApi(APIView):
     )
     def get(self, request):
         d, _ = _filters(request, AdminAuditFilter)
-        return _page(self, request, audit_list_all(organization_slug=d.pop("organization", None), **d))
+        qs = audit_list_all(organization_slug=d.pop("organization", None), **d)
+        return page_response(self, request, qs, AuditEntrySerializer, audit_row)
 
 
 class AdminAuditExportApi(APIView):

@@ -8,10 +8,10 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from api.common import page_response
 from api.schema import paginated
 from api.serializers import ErrorSerializer, StrictSerializer
 from api.tenancy import tenant_of
-from api.views.jobs import Pagination
 from portal.models import EnvironmentSecret, Scope
 from portal.services.env_secrets import (
     MAX_VALUE_BYTES,
@@ -54,11 +54,8 @@ class EnvironmentSecretListApi(APIView):
 
     @extend_schema(operation_id="env_secrets_list", responses={200: paginated(EnvironmentSecretSerializer)})
     def get(self, request):
-        paginator = Pagination()
-        page = paginator.paginate_queryset(
-            environment_secret_list(tenant_of(request).organization), request, view=self
-        )
-        return paginator.get_paginated_response(EnvironmentSecretSerializer(page, many=True).data)
+        secrets = environment_secret_list(tenant_of(request).organization)
+        return page_response(self, request, secrets, EnvironmentSecretSerializer)
 
     @extend_schema(
         operation_id="env_secrets_create",

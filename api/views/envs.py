@@ -11,11 +11,11 @@ from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from api.common import PageFilter, page_response, query_filters
 from api.parsers import PayloadTooLarge
 from api.schema import paginated
 from api.serializers import ErrorSerializer, StrictSerializer
 from api.tenancy import tenant_of
-from api.views.jobs import Pagination, _query_dict
 from env_registry import services
 from env_registry.archive import ArchiveError, read_capped
 from env_registry.models import EnvironmentPackage, EnvironmentVersion, Visibility
@@ -140,12 +140,10 @@ class EnvironmentListApi(APIView):
     write_scope = Scope.ENVS_WRITE
     parser_classes = [MultiPartParser]
 
-    class EnvironmentListFilter(StrictSerializer):
+    class EnvironmentListFilter(PageFilter):
         q = serializers.CharField(required=False, max_length=100)
         tag = serializers.CharField(required=False, max_length=32)
         sort = serializers.ChoiceField(required=False, choices=sorted(SORTS))
-        limit = serializers.IntegerField(required=False, min_value=1, max_value=Pagination.max_limit)
-        offset = serializers.IntegerField(required=False, min_value=0)
 
     class UploadInput(serializers.Serializer):
         archive = serializers.FileField(help_text="The package as .tar.gz, holding opentinker.json.")
@@ -160,17 +158,11 @@ class EnvironmentListApi(APIView):
         "descriptions, owners and tags; `sort` is stars, usage, recent or name (the default).",
     )
     def get(self, request):
-        f = self.EnvironmentListFilter(data=_query_dict(request))
-        f.is_valid(raise_exception=True)
+        d = query_filters(request, self.EnvironmentListFilter)
         qs = package_visible_list(
-            viewer_of(request),
-            q=f.validated_data.get("q", ""),
-            tag=f.validated_data.get("tag", ""),
-            sort=f.validated_data.get("sort", "name"),
+            viewer_of(request), q=d.get("q", ""), tag=d.get("tag", ""), sort=d.get("sort", "name")
         )
-        paginator = Pagination()
-        page = paginator.paginate_queryset(qs, request, view=self)
-        return paginator.get_paginated_response(EnvironmentSerializer(page, many=True).data)
+        return page_response(self, request, qs, EnvironmentSerializer)
 
     @extend_schema(
         operation_id="envs_upload",

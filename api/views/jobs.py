@@ -9,10 +9,10 @@ from django.http import FileResponse, HttpResponseRedirect
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers, status
-from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from api.common import PageFilter, page_response, query_filters
 from api.errors import SpecInvalid
 from api.schema import paginated
 from api.serializers import ErrorSerializer, StrictSerializer
@@ -31,11 +31,6 @@ from portal.selectors.jobs import (
     metric_series,
 )
 from portal.services.jobs import MAX_IDEMPOTENCY_KEY, job_cancel, job_submit
-
-
-class Pagination(LimitOffsetPagination):
-    default_limit = 50
-    max_limit = 200
 
 
 def actor_of(request) -> Actor:
@@ -82,12 +77,10 @@ class JobListApi(APIView):
     read_scope = Scope.JOBS_READ
     write_scope = Scope.JOBS_WRITE
 
-    class JobListFilter(StrictSerializer):
+    class JobListFilter(PageFilter):
         state = serializers.MultipleChoiceField(choices=[s.value for s in JobState], required=False)
         kind = serializers.ChoiceField(choices=[k.value for k in JobKind], required=False)
         name = serializers.CharField(required=False, max_length=100)
-        limit = serializers.IntegerField(required=False, min_value=1, max_value=Pagination.max_limit)
-        offset = serializers.IntegerField(required=False, min_value=0)
 
     @extend_schema(
         operation_id="jobs_list",
@@ -96,17 +89,14 @@ class JobListApi(APIView):
     )
     def get(self, request):
         tenant = tenant_of(request)
-        f = self.JobListFilter(data=_query_dict(request, multi=("state",)))
-        f.is_valid(raise_exception=True)
+        d = query_filters(request, self.JobListFilter, multi=("state",))
         qs = job_list(
             tenant.organization,
-            state=sorted(f.validated_data.get("state", [])) or None,
-            kind=f.validated_data.get("kind"),
-            name=f.validated_data.get("name"),
+            state=sorted(d.get("state", [])) or None,
+            kind=d.get("kind"),
+            name=d.get("name"),
         )
-        paginator = Pagination()
-        page = paginator.paginate_queryset(qs, request, view=self)
-        return paginator.get_paginated_response(JobOutputSerializer(page, many=True).data)
+        return page_response(self, request, qs, JobOutputSerializer)
 
     @extend_schema(
         operation_id="jobs_submit",
@@ -148,14 +138,6 @@ class JobListApi(APIView):
         return Response(
             JobOutputSerializer(job).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
         )
-
-
-def _query_dict(request, multi: tuple[str, ...] = ()) -> dict:
-    data = {}
-    for key in request.query_params:
-        values = request.query_params.getlist(key)
-        data[key] = values if key in multi else values[-1]
-    return data
 
 
 class JobDetailApi(APIView):
@@ -233,9 +215,7 @@ class JobMetricsApi(APIView):
     )
     def get(self, request, job_id):
         job = job_get(tenant_of(request).organization, job_id)
-        f = self.JobMetricsFilter(data=_query_dict(request, multi=("name",)))
-        f.is_valid(raise_exception=True)
-        d = f.validated_data
+        d = query_filters(request, self.JobMetricsFilter, multi=("name",))
         series = metric_series(
             job,
             names=d.get("name"),
@@ -278,10 +258,9 @@ class JobEventsApi(APIView):
     )
     def get(self, request, job_id):
         job = job_get(tenant_of(request).organization, job_id)
-        f = self.JobEventsFilter(data=_query_dict(request))
-        f.is_valid(raise_exception=True)
-        limit = f.validated_data["limit"]
-        events = event_list(job, after=f.validated_data["after"], limit=limit)
+        d = query_filters(request, self.JobEventsFilter)
+        limit = d["limit"]
+        events = event_list(job, after=d["after"], limit=limit)
         next_after = events[-1].seq if len(events) == limit else None
         return Response(EventPageSerializer({"results": events, "next_after": next_after}).data)
 

@@ -8,10 +8,10 @@ from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from api.common import page_response
 from api.schema import paginated
 from api.serializers import ErrorSerializer, StrictSerializer
 from api.tenancy import tenant_of
-from api.views.jobs import Pagination
 from portal.models import Invitation, Membership, Organization, Quota, Role, Scope
 from portal.selectors.orgs import (
     invitation_get,
@@ -138,9 +138,7 @@ class MemberSerializer(serializers.ModelSerializer):
 class MemberListApi(APIView):
     @extend_schema(operation_id="members_list", responses={200: paginated(MemberSerializer)})
     def get(self, request):
-        paginator = Pagination()
-        page = paginator.paginate_queryset(member_list(tenant_of(request).organization), request, view=self)
-        return paginator.get_paginated_response(MemberSerializer(page, many=True).data)
+        return page_response(self, request, member_list(tenant_of(request).organization), MemberSerializer)
 
 
 class MemberDetailApi(APIView):
@@ -203,11 +201,8 @@ class InvitationListApi(APIView):
 
     @extend_schema(operation_id="invitations_list", responses={200: paginated(InvitationSerializer)})
     def get(self, request):
-        paginator = Pagination()
-        page = paginator.paginate_queryset(
-            invitation_list(tenant_of(request).organization), request, view=self
-        )
-        return paginator.get_paginated_response(InvitationSerializer(page, many=True).data)
+        invitations = invitation_list(tenant_of(request).organization)
+        return page_response(self, request, invitations, InvitationSerializer)
 
     @extend_schema(
         operation_id="invitations_create",

@@ -7,10 +7,10 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from api.common import page_response
 from api.schema import paginated
 from api.serializers import StrictSerializer
 from api.tenancy import tenant_of
-from api.views.jobs import Pagination
 from portal.errors import Forbidden
 from portal.models import ApiToken, Scope
 from portal.selectors.orgs import token_get, token_list
@@ -65,11 +65,8 @@ class TokenListApi(APIView):
     @extend_schema(operation_id="tokens_list", responses={200: paginated(TokenOutputSerializer)})
     def get(self, request):
         tenant = tenant_of(request)
-        paginator = Pagination()
-        page = paginator.paginate_queryset(
-            token_list(tenant.membership, manage_all=_manages_all(tenant)), request, view=self
-        )
-        return paginator.get_paginated_response(TokenOutputSerializer(page, many=True).data)
+        tokens = token_list(tenant.membership, manage_all=_manages_all(tenant))
+        return page_response(self, request, tokens, TokenOutputSerializer)
 
     @extend_schema(
         operation_id="tokens_create",
