@@ -4,8 +4,9 @@ Staff only; everyone else gets 404."""
 
 from __future__ import annotations
 
-import uuid
+from collections.abc import Callable
 from datetime import date, datetime
+from typing import TypeVar
 
 from django.http import Http404
 from django.utils import timezone
@@ -14,14 +15,16 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from api.common import page_response
 from api.permissions import IsPlatformStaff
 from api.schema import paginated
 from api.serializers import ErrorSerializer, StrictSerializer
-from api.views.jobs import JobOutputSerializer, Pagination
+from api.views.jobs import JobOutputSerializer
 from api.views.orgs import QuotaSerializer
 from portal.actors import Actor
 from portal.errors import DomainError, NotFound
-from portal.models import ComputePool, Job, Organization
+from portal.models import ComputePool, Organization
+from portal.selectors.admin import job_get_any, organization_get, organization_list
 from portal.selectors.queue import pool_get, pool_list, queue_explain
 from portal.selectors.usage import usage_by_organization
 from portal.services.pools import pool_create, pool_delete, pool_update
@@ -42,17 +45,21 @@ class StaffOnly(IsPlatformStaff):
 
 class AdminOrgSerializer(serializers.ModelSerializer):
     quota = QuotaSerializer()
-    members = serializers.IntegerField(source="memberships.count")
+    members = serializers.IntegerField()  # annotated by organization_list
 
     class Meta:
         model = Organization
         fields = ["slug", "name", "created_at", "members", "quota"]
 
 
-def _org(slug: str) -> Organization:
+T = TypeVar("T")
+
+
+def _found(lookup: Callable[[str], T], key: str) -> T:
+    # The bare 404 of an unknown URL, as StaffOnly answers, rather than the selector's own message.
     try:
-        return Organization.objects.select_related("quota").get(slug=slug)
-    except Organization.DoesNotExist:
+        return lookup(key)
+    except NotFound:
         raise Http404 from None
 
 
@@ -61,10 +68,7 @@ class AdminOrgListApi(APIView):
 
     @extend_schema(operation_id="admin_orgs_list", responses={200: paginated(AdminOrgSerializer)})
     def get(self, request):
-        paginator = Pagination()
-        qs = Organization.objects.select_related("quota").order_by("slug")
-        page = paginator.paginate_queryset(qs, request, view=self)
-        return paginator.get_paginated_response(AdminOrgSerializer(page, many=True).data)
+        return page_response(self, request, organization_list(), AdminOrgSerializer)
 
 
 class AdminQuotaApi(APIView):
@@ -83,7 +87,7 @@ class AdminQuotaApi(APIView):
 
     @extend_schema(operation_id="admin_quota_get", responses={200: QuotaSerializer})
     def get(self, request, slug: str):
-        return Response(QuotaSerializer(_org(slug).quota).data)
+        return Response(QuotaSerializer(_found(organization_get, slug).quota).data)
 
     @extend_schema(
         operation_id="admin_quota_update",
@@ -92,7 +96,7 @@ class AdminQuotaApi(APIView):
         description="Change some of an organization's quota fields; the others keep their values.",
     )
     def patch(self, request, slug: str):
-        org = _org(slug)
+        org = _found(organization_get, slug)
         s = self.QuotaUpdateInput(data=request.data)
         s.is_valid(raise_exception=True)
         quota = quota_set(organization=org, by=request.user, **s.validated_data)
@@ -134,10 +138,7 @@ class PoolSerializer(serializers.ModelSerializer):
 
 
 def _pool_out(name: str):
-    try:
-        return PoolSerializer(pool_get(name)).data
-    except NotFound:
-        raise Http404 from None
+    return PoolSerializer(_found(pool_get, name)).data
 
 
 class AdminPoolListApi(APIView):
@@ -188,9 +189,7 @@ class AdminPoolDetailApi(APIView):
         description="Enable or disable a pool (a disabled pool admits nothing new), or change its labels.",
     )
     def patch(self, request, pool: str):
-        row = ComputePool.objects.filter(name=pool).first()
-        if row is None:
-            raise Http404
+        row = _found(pool_get, pool)
         s = self.PoolUpdateInput(data=request.data)
         s.is_valid(raise_exception=True)
         pool_update(pool=row, **s.validated_data)
@@ -202,9 +201,7 @@ class AdminPoolDetailApi(APIView):
         description="Delete a pool that runs no job (409 otherwise).",
     )
     def delete(self, request, pool: str):
-        row = ComputePool.objects.filter(name=pool).first()
-        if row is None:
-            raise Http404
+        row = _found(pool_get, pool)
         pool_delete(pool=row)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -281,14 +278,11 @@ class AdminPreemptApi(APIView):
         "(an admitted job not yet started is re-queued at once). Not counted against its retry limit.",
     )
     def post(self, request, job_id: str):
-        try:
-            job = Job.objects.select_related("organization", "created_by").get(pk=uuid.UUID(str(job_id)))
-        except (ValueError, Job.DoesNotExist):
-            raise Http404 from None
+        job = _found(job_get_any, job_id)
         s = self.PreemptInput(data=request.data)
         s.is_valid(raise_exception=True)
         job = job_preempt(job=job, actor=Actor.for_request(request.user), reason=s.validated_data["reason"])
-        job = Job.objects.select_related("organization", "created_by").get(pk=job.pk)
+        job = job_get_any(job.pk)
         return Response(JobOutputSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
 

@@ -8,12 +8,10 @@ job_preempt, job_set_priority), which check staff again themselves where they ca
 from __future__ import annotations
 
 import re
-import uuid
 from functools import wraps
 
 from django import forms
 from django.contrib import messages
-from django.db.models import Count
 from django.http import Http404
 from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import redirect, render
@@ -23,8 +21,14 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from portal.actors import Actor
 from portal.errors import DomainError
-from portal.models import Allocation, ComputePool, Job, Organization
-from portal.selectors.queue import pool_list, queue_explain
+from portal.selectors.admin import (
+    allocation_list_live,
+    job_get_any,
+    job_list_running,
+    organization_get,
+    organization_list,
+)
+from portal.selectors.queue import pool_get, pool_list, queue_explain
 from portal.selectors.usage import usage_by_organization
 from portal.services.enqueue import enqueue
 from portal.services.jobs import PRIORITY_MAX, PRIORITY_MIN, job_set_priority
@@ -96,25 +100,9 @@ class PreemptForm(forms.Form):
     reason = forms.CharField(label="Reason", required=False, max_length=300)
 
 
-def _org(slug: str) -> Organization:
-    org = Organization.objects.select_related("quota").filter(slug=slug).first()
-    if org is None:
-        raise Http404
-    return org
-
-
-def _job(job_id: str) -> Job:
-    try:
-        return Job.objects.select_related("organization").get(pk=uuid.UUID(str(job_id)))
-    except (ValueError, Job.DoesNotExist):
-        raise Http404 from None
-
-
 @staff_page
 def console_orgs(request):
-    orgs = list(
-        Organization.objects.select_related("quota").annotate(members=Count("memberships")).order_by("slug")
-    )
+    orgs = list(organization_list())
     used = {row["organization"]: row["gpu_hours"] for row in usage_by_organization(timezone.now().date())}
     for org in orgs:
         org.month_gpu_hours = used.get(org.slug, 0.0)
@@ -124,7 +112,7 @@ def console_orgs(request):
 @staff_page
 @require_http_methods(["GET", "POST"])
 def console_quota(request, slug: str):
-    org = _org(slug)
+    org = organization_get(slug)
     quota = org.quota
     if request.method == "GET":
         initial = {f: getattr(quota, f) for f in QuotaForm.base_fields}
@@ -149,13 +137,8 @@ def console_quota(request, slug: str):
 @staff_page
 def console_pools(request):
     pools = list(pool_list())
-    live = (
-        Allocation.objects.filter(released_at__isnull=True)
-        .select_related("job__organization", "pool")
-        .order_by("pool__name", "admitted_at")
-    )
     by_pool: dict[int, list] = {}
-    for a in live:
+    for a in allocation_list_live():
         by_pool.setdefault(a.pool_id, []).append(a)
     rows = [{"pool": p, "allocations": by_pool.get(p.pk, [])} for p in pools]
     return render(request, "portal/console/pools.html", {"rows": rows, "section": "pools"})
@@ -164,9 +147,7 @@ def console_pools(request):
 @staff_page
 @require_POST
 def console_pool_enabled(request, pool: str):
-    row = ComputePool.objects.filter(name=pool).first()
-    if row is None:
-        raise Http404
+    row = pool_get(pool)
     enabled = request.POST.get("enabled") == "1"
     pool_update(pool=row, enabled=enabled)
     what = "enabled" if enabled else "disabled: it admits no new jobs; running ones go on"
@@ -179,11 +160,7 @@ def console_queue(request):
     count, queued = queue_explain(limit=QUEUE_LIMIT)
     for row in queued:
         row["form"] = PriorityForm(initial={"priority": row["priority"]}, auto_id=f"id_prio_{row['id']}_%s")
-    running = (
-        Job.objects.filter(state__in=["admitted", "running", "cancelling"])
-        .select_related("organization")
-        .order_by("organization__slug", "created_at")
-    )
+    running = job_list_running()
     context = {
         "count": count,
         "queued": queued,
@@ -197,7 +174,7 @@ def console_queue(request):
 @staff_page
 @require_POST
 def console_job_priority(request, job_id: str):
-    job = _job(job_id)
+    job = job_get_any(job_id)
     form = PriorityForm(request.POST)
     if not form.is_valid():
         messages.error(request, f"Priority of {job.name}: {form.errors['priority'][0]}")
@@ -210,7 +187,7 @@ def console_job_priority(request, job_id: str):
 @staff_page
 @require_POST
 def console_job_preempt(request, job_id: str):
-    job = _job(job_id)
+    job = job_get_any(job_id)
     form = PreemptForm(request.POST)
     reason = form.cleaned_data["reason"] if form.is_valid() else ""
     job = job_preempt(job=job, actor=Actor.for_request(request.user), reason=reason)
