@@ -42,7 +42,7 @@ browser:
 		"in tests/web/ will be SKIPPED. Install Debian's chromium package to run them." >&2; fi
 
 demo: $(STAMP) frontend
-	$(BIN)/python -m portal.demo $(DEMO_ARGS)
+	$(BIN)/python -m devstack.demo $(DEMO_ARGS)
 
 # ruff, the layer contracts of ARCHITECTURE.md (import-linter, [tool.importlinter] in pyproject.toml) and the
 # type checker (mypy, [tool.mypy]: strict for the SDK and the runtime).

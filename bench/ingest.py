@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ingest.py [--points 200000] [--batch 2000] [--subscribers 100] [--workers 1]
 
-Starts its own embedded PostgreSQL + Valkey (portal.embedded.EmbeddedServices) in a temporary directory,
+Starts its own embedded PostgreSQL + Valkey (devstack.embedded.EmbeddedServices) in a temporary directory,
 migrates, creates an organization and jobs, and serves portal.asgi with uvicorn. Then:
 
 1. ingest: metric points per second POSTed to /api/v1/ingest/jobs/<id>/metrics (job token, batches of --batch
@@ -138,7 +138,7 @@ def main() -> int:
         asyncio.run(_viewers_main(url, token, int(n), out))
         return 0
 
-    from portal.embedded import EmbeddedServices
+    from devstack.embedded import EmbeddedServices
 
     root = Path(tempfile.mkdtemp(prefix="otk-bench-"))
     root.chmod(0o755)

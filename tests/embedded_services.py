@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from portal.embedded import EmbeddedServices
+from devstack.embedded import EmbeddedServices
 
 _services: EmbeddedServices | None = None
 _owner: object = None  # the pytest config that started them (an in-process inner run must not stop them)

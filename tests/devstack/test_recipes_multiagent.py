@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from devstack.demo import main
+from devstack.recipes import MultiAgentRecipe
 from gpu_runtime.data.board_sft import board_conversations
 from gpu_runtime.data.sft import load_chat_jsonl
 from opentinker.spec import (
@@ -14,8 +16,6 @@ from opentinker.spec import (
     example_multiagent_sft_spec,
     example_multiagent_spec,
 )
-from portal.demo import main
-from portal.demo_multiagent import SFT_EXAMPLES, MultiAgentRecipe
 
 
 def test_the_multi_agent_example_writes_the_rule_players_games_to_the_store(tmp_path):
@@ -24,11 +24,11 @@ def test_the_multi_agent_example_writes_the_rule_players_games_to_the_store(tmp_
     path = tmp_path / "objects/orgs/acme/datasets/tic-tac-toe-sft.jsonl"
     assert uri == f"file://{path}"
     lines = path.read_text().splitlines()
-    assert len(lines) == SFT_EXAMPLES
+    assert len(lines) == MultiAgentRecipe.sft_examples
     assert json.loads(lines[0]) == {
         "messages": board_conversations(1, seed=0, **EXAMPLE_MULTIAGENT_ENV_CONFIG)[0]
     }
-    assert len(load_chat_jsonl(uri)) == SFT_EXAMPLES
+    assert len(load_chat_jsonl(uri)) == MultiAgentRecipe.sft_examples
     # The specs it submits: the warm start on that data, then two policies (one full, one LoRA) from it.
     assert example_multiagent_sft_spec(uri).dataset.uri == uri
     ma = example_multiagent_spec("file:///ck/step_000060").multi_agent

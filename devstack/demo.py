@@ -19,10 +19,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
+from devstack.embedded import EmbeddedServiceError, EmbeddedServices
+from devstack.recipes import ExampleRecipe, MultiAgentRecipe
 from opentinker.errors import OpenTinkerError
-from portal.demo_multiagent import MultiAgentRecipe
-from portal.demo_recipe import ExampleRecipe
-from portal.embedded import EmbeddedServiceError, EmbeddedServices
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -55,8 +56,6 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
 def _stop(procs: list[subprocess.Popen]) -> None:
     # Job runners and runtimes are grandchildren (started by the worker, in sessions of their own): collect
     # them while the worker still holds them, so they stop with everything else.
-    import psutil
-
     descendants = [
         c for c in psutil.Process().children(recursive=True) if c.pid not in {p.pid for p in procs}
     ]
@@ -84,7 +83,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m portal.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devstack.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--check", action="store_true", help="start, verify, print, then stop (for tests)")
     parser.add_argument(
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--multi-agent",
         action="store_true",
-        help="the two-policy tic-tac-toe example (portal/demo_multiagent.py) instead of arithmetic",
+        help="the two-policy tic-tac-toe example (devstack/recipes.py) instead of arithmetic",
     )
     args = parser.parse_args(argv)
     # Ctrl-C, `kill` and a closing terminal all stop everything cleanly (SIGINT is ignored by default

@@ -16,8 +16,8 @@ import psycopg
 import pytest
 import redis
 
-import portal.embedded as embedded
-from portal.embedded import EmbeddedServiceError, EmbeddedServices, ServiceUrls, read_urls_file
+import devstack.embedded as embedded
+from devstack.embedded import EmbeddedServiceError, EmbeddedServices, ServiceUrls, read_urls_file
 
 
 def _new_root(*parts: str) -> Path:

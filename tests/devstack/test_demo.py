@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from portal.embedded import EmbeddedServices
+from devstack.embedded import EmbeddedServices
 
 BASE = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def test_demo_runs_in_the_foreground_and_stops_everything(tmp_path):
     env.pop("REDIS_URL")
     proc = subprocess.Popen(
         # Two steps per example stage: the chain (SFT warm start -> GRPO from its checkpoint) in seconds.
-        [sys.executable, "-m", "portal.demo", "--port", "0", "--example-steps", "2"],
+        [sys.executable, "-m", "devstack.demo", "--port", "0", "--example-steps", "2"],
         cwd=BASE,
         env=env,
         stdout=subprocess.PIPE,

@@ -7,14 +7,14 @@ import json
 
 import pytest
 
+from devstack.recipes import ExampleRecipe
 from gpu_runtime.data.arithmetic_sft import arithmetic_conversations
 from opentinker.spec import EXAMPLE_ENV_CONFIG
-from portal.demo_recipe import SFT_EXAMPLES, ExampleRecipe
 
 
 def check_dataset(data: bytes) -> None:
     lines = data.decode().splitlines()
-    assert len(lines) == SFT_EXAMPLES == 2000
+    assert len(lines) == ExampleRecipe.sft_examples == 2000
     first = json.loads(lines[0])
     assert first == {"messages": arithmetic_conversations(1, seed=0, **EXAMPLE_ENV_CONFIG)[0]}
     assert [m["role"] for m in first["messages"]][-1] == "assistant"

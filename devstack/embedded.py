@@ -13,7 +13,7 @@
     services.env      the URLs (present only while started)
 
 This module must not import Django: settings read services.env, so this runs before settings exist.
-CLI: ``python -m portal.embedded up|down|status [--root DIR] [--fast]``.
+CLI: ``python -m devstack.embedded up|down|status [--root DIR] [--fast]``.
 """
 
 from __future__ import annotations
@@ -726,7 +726,7 @@ class EmbeddedServices:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m portal.embedded", description="Run the embedded PostgreSQL and Valkey servers."
+        prog="python -m devstack.embedded", description="Run the embedded PostgreSQL and Valkey servers."
     )
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument(
