@@ -69,7 +69,7 @@ class Env:
     def seconds(self, key: str, default: float, *, finite: bool = False, positive: bool = False) -> float:
         """A duration: a number of seconds >= 0 (> 0 with ``positive``), ``inf`` unless ``finite``."""
         value = self.get(key)
-        return parse_seconds(key, default if value is None or value == "" else value, finite, positive)
+        return _parse_seconds(key, default if value is None or value == "" else value, finite, positive)
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.get(key) or default
@@ -124,7 +124,7 @@ class Env:
 _RATE = re.compile(r"[0-9]+/[smhd][a-z]*")
 
 
-def parse_seconds(name: str, raw: object, finite: bool = False, positive: bool = False) -> float:
+def _parse_seconds(name: str, raw: object, finite: bool = False, positive: bool = False) -> float:
     """``raw`` as a number of seconds, or a configuration error naming ``name`` (NaN is never a duration)."""
     try:
         value = float(raw)  # type: ignore[arg-type]
@@ -137,18 +137,6 @@ def parse_seconds(name: str, raw: object, finite: bool = False, positive: bool =
     if not value >= 0:  # also NaN
         raise ImproperlyConfigured(f"{name} must be a number of seconds >= 0 (or inf), got {raw!r}")
     return value
-
-
-def setting_seconds(name: str, default: float) -> float:
-    """A duration read at each use: the process environment, then Django settings, then the default.
-
-    Only the scheduler still reads its durations this way (``OPENTINKER_RESERVE_AFTER_S``,
-    ``OPENTINKER_QUEUE_EXPLAIN_S``, both declared in settings.py too); everything else reads ``settings``.
-    """
-    from django.conf import settings
-
-    raw = os.environ.get(name) or getattr(settings, name, None)
-    return parse_seconds(name, default if raw is None or raw == "" else raw)
 
 
 def ensure_embedded_secrets(path: Path) -> None:

@@ -9,10 +9,10 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
+from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
-from portal.env import setting_seconds
 from portal.scheduling.inputs import plan_at
 from portal.scheduling.policy import STARTING, JobView, Plan, Wait
 
@@ -54,7 +54,7 @@ def queue_explanation(*, fresh: bool = False) -> Explanation:
     ``fresh`` recomputes (and shares the result): the admin queue, where staff act on what they see.
     A scheduling pass drops it (admissions change every wait), so it is never older than the last pass."""
     # Capped: a longer window would show waits that no longer hold.
-    window = min(setting_seconds("OPENTINKER_QUEUE_EXPLAIN_S", 5), 60.0)
+    window = min(settings.OPENTINKER_QUEUE_EXPLAIN_S, 60.0)
     if not fresh and window:
         cached = cache.get(EXPLANATION_KEY)
         if isinstance(cached, Explanation):

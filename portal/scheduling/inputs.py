@@ -8,10 +8,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
+from django.conf import settings
 from django.db.models import F
 
 from opentinker.spec import JobState
-from portal.env import setting_seconds
 from portal.models import Allocation, ComputePool, FairShareUsage, Job, Quota, UsageRecord
 from portal.scheduling.policy import AllocationView, JobView, OrgView, Plan, PoolView, decay, plan
 from portal.services.usage import fair_share_half_life_s, month_start
@@ -128,7 +128,7 @@ def load(now: datetime, *, lock: bool) -> Inputs:
 def reserve_after_s() -> float:
     """How long a job waits before it may reserve capacity (``OPENTINKER_RESERVE_AFTER_S``, seconds; ``inf``
     turns reservations off)."""
-    return setting_seconds("OPENTINKER_RESERVE_AFTER_S", 300)
+    return settings.OPENTINKER_RESERVE_AFTER_S
 
 
 def plan_at(now: datetime, *, lock: bool) -> tuple[Inputs, Plan]:
