@@ -58,7 +58,7 @@ def launch(allocation_id: int) -> str:
     path = work_dir(job, alloc.attempt)
     try:
         spec_path = write_spec(job, path)
-        handle, host = driver.launch(alloc, path, spec_path, job_env(job, alloc))
+        launched = driver.launch(alloc, path, spec_path, job_env(job, alloc))
     except EnvironmentSecretMissing as e:
         # No retry can bring a deleted secret back: fail the job now, saying why.
         allocation_release(alloc, reason="failed: its environment secret is gone")
@@ -69,7 +69,9 @@ def launch(allocation_id: int) -> str:
         logger.exception("launch of job %s failed", job.pk)
         job_requeue(job=job, why="lost", reason=f"could not start on pool {alloc.pool.name}: {e}"[:400])
         return "failed"
-    job_launched(allocation_id=alloc.pk, handle=handle, host=host, log_path=str(path / "output.log"))
+    job_launched(
+        allocation_id=alloc.pk, handle=launched.handle, host=launched.host, log_path=str(path / "output.log")
+    )
     return "launched"
 
 
@@ -132,19 +134,16 @@ def supervise(now=None) -> dict:
                 stats["launched"] += 1
             continue
         driver = driver_for(alloc.pool)
-        ray = alloc.pool.driver == ComputePool.Driver.RAY
-        if ray:
-            # The supervisor is the Ray job's runner: it asks the cluster, which heartbeats a live job.
-            if driver.follow(alloc):
-                stats["reaped"] += 1
-                continue
-            alloc.refresh_from_db(fields=["heartbeat_at"])
+        # Where the supervisor is the runtime's runner (a Ray job), the driver heartbeats a live runtime and
+        # records an ended one's outcome here; a local runner does both by itself.
+        if driver.follow(alloc):
+            stats["reaped"] += 1
+            continue
         beat = alloc.heartbeat_at or alloc.launched_at
         if now - beat > heartbeat_timeout:
             # The runner (or its whole node; for Ray, the cluster) is gone: nobody can report this outcome.
             driver.kill(alloc)
-            what = "ray cluster not answering" if ray else "runner heartbeat lost"
-            job_process_exited(allocation_id=alloc.pk, exit_code=None, detail=what)
+            job_process_exited(allocation_id=alloc.pk, exit_code=None, detail=driver.lost_detail)
             stats["reaped"] += 1
             continue
         runtime_beat = job.last_heartbeat_at

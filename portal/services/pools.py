@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from django.utils import timezone
@@ -11,6 +14,30 @@ from portal.models import Allocation, AuditAction, ComputePool
 from portal.services.audit import audit_record
 
 POOL_FIELDS = ("driver", "ray_address", "enabled", "labels")
+
+
+@dataclass(frozen=True)
+class PoolCapacity:
+    """What a pool's driver reads of it: GPUs by type or, on a pool without any GPU, CPU slots (a slot is
+    scheduled like a GPU, under the type ``cpu-slot``)."""
+
+    gpus_by_type: Mapping[str, int]
+    cpus: int
+    memory_bytes: int
+    cpu_slots: bool
+
+    @classmethod
+    def measured(
+        cls, gpus_by_type: Mapping[str, int], cpus: int, memory_bytes: int, slots: int = 0
+    ) -> PoolCapacity:
+        """From a machine's or cluster's resources: its GPUs, or without any, ``slots`` CPU slots (default
+        one per CPU)."""
+        kinds = dict(gpus_by_type) or {"cpu-slot": slots or cpus}
+        return cls(gpus_by_type=kinds, cpus=cpus, memory_bytes=memory_bytes, cpu_slots=not gpus_by_type)
+
+    @property
+    def total_gpus(self) -> int:
+        return sum(self.gpus_by_type.values())
 
 
 def _clean(pool: ComputePool) -> None:
@@ -94,16 +121,18 @@ def pool_delete(*, pool: ComputePool) -> None:
     pool.delete()
 
 
-def pool_report(*, pool: ComputePool, capacity: dict | None, health: str, message: str = "") -> ComputePool:
+def pool_report(
+    *, pool: ComputePool, capacity: PoolCapacity | None, health: str, message: str = ""
+) -> ComputePool:
     """A driver's reading of the pool: its capacity (None: unchanged), health and a heartbeat."""
     fields = {"health": health, "health_message": message[:500], "last_heartbeat": timezone.now()}
     if capacity is not None:
         fields.update(
-            gpus_by_type=capacity["gpus_by_type"],
-            total_gpus=capacity["total_gpus"],
-            cpus=capacity["cpus"],
-            memory_bytes=capacity["memory_bytes"],
-            cpu_slots=capacity["cpu_slots"],
+            gpus_by_type=dict(capacity.gpus_by_type),
+            total_gpus=capacity.total_gpus,
+            cpus=capacity.cpus,
+            memory_bytes=capacity.memory_bytes,
+            cpu_slots=capacity.cpu_slots,
         )
     ComputePool.objects.filter(pk=pool.pk).update(**fields, updated_at=timezone.now())
     pool.refresh_from_db()

@@ -125,7 +125,7 @@ def test_ray_pool_runs_a_real_job_to_success_and_stops_a_cancelled_one(
     # A retried launch finds its submission: no second Ray job for the same attempt.
     driver = RayDriver(pool)
     work = runner_env / "jobs" / str(real.pk) / "attempt-0"
-    assert driver.launch(real_alloc, work, work / "spec.json", {})[0] == real_alloc.runtime_handle
+    assert driver.launch(real_alloc, work, work / "spec.json", {}).handle == real_alloc.runtime_handle
     ours = [j for j in driver.client.list_jobs() if (j.submission_id or "").startswith("otk-")]
     assert sorted(j.submission_id for j in ours) == sorted([f"otk-{real.pk}-0", f"otk-{fake.pk}-0"])
 

@@ -17,11 +17,14 @@ from portal.models import Allocation, Checkpoint, ComputePool, Job
 from portal.services.egress import runtime_egress_env
 from portal.services.env_secrets import REMOTE_SECRET_VAR, environment_secret_reveal
 from portal.services.job_tokens import job_runtime_env
-from workers.drivers.base import capacity_report, runtime_command
+from workers.drivers.base import Driver, Launched, runtime_command
 from workers.drivers.local import LocalDriver
 from workers.drivers.ray import RayDriver
 
-__all__ = ["capacity_report", "driver_for", "job_env", "runtime_command", "work_dir", "write_spec"]
+__all__ = ["Driver", "Launched", "driver_for", "job_env", "runtime_command", "work_dir", "write_spec"]
+
+# A pool's ``driver`` field names its class here; a pool of an unknown kind runs locally, as before.
+DRIVERS: dict[str, type[Driver]] = {ComputePool.Driver.LOCAL: LocalDriver, ComputePool.Driver.RAY: RayDriver}
 
 
 def checkpoint_uri(job: Job) -> str:
@@ -75,7 +78,5 @@ def write_spec(job: Job, path: Path) -> Path:
     return spec_path
 
 
-def driver_for(pool: ComputePool):
-    if pool.driver == ComputePool.Driver.RAY:
-        return RayDriver(pool)
-    return LocalDriver(pool)
+def driver_for(pool: ComputePool) -> Driver:
+    return DRIVERS.get(pool.driver, LocalDriver)(pool)

@@ -16,17 +16,19 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 from django.conf import settings
 
-from portal.models import Allocation, ComputePool
-from workers.drivers.base import capacity_report, runtime_command
+from portal.models import Allocation
+from portal.services.pools import PoolCapacity
+from workers.drivers.base import Driver, Launched, runtime_command
 
 HOST = socket.gethostname()
 
 
-def probe_capacity() -> dict:
+def probe_capacity() -> PoolCapacity:
     """GPUs by type from nvidia-smi; without GPUs, CPU slots (OPENTINKER_LOCAL_CPU_SLOTS, default cores)."""
     gpus: dict[str, int] = {}
     smi = shutil.which("nvidia-smi")
@@ -43,7 +45,7 @@ def probe_capacity() -> dict:
     cpus = os.cpu_count() or 1
     memory = psutil.virtual_memory().total
     slots = 0 if gpus else settings.OPENTINKER_LOCAL_CPU_SLOTS or cpus
-    return capacity_report(gpus, cpus, memory, slots)
+    return PoolCapacity.measured(gpus, cpus, memory, slots)
 
 
 def pid_alive(pid: int) -> bool:
@@ -62,15 +64,15 @@ def signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
-class LocalDriver:
-    def __init__(self, pool: ComputePool) -> None:
-        self.pool = pool
+class LocalDriver(Driver):
+    # The runner heartbeats the allocation and reports the exit itself (``follow`` has nothing to do).
+    lost_detail = "runner heartbeat lost"
 
-    def capacity(self) -> dict:
+    def capacity(self) -> PoolCapacity:
         return probe_capacity()
 
-    def launch(self, alloc: Allocation, work_dir, spec_path, env: dict[str, str]) -> tuple[str, str]:
-        """Start the runner; returns (handle, host) once the runtime process exists. Raises on failure."""
+    def launch(self, alloc: Allocation, work_dir: Path, spec_path: Path, env: dict[str, str]) -> Launched:
+        """Start the runner; returns once the runtime process exists (its process group is the handle)."""
         cmd = [sys.executable, "-m", "workers.runner", str(alloc.pk), str(work_dir), str(spec_path)]
         proc = subprocess.Popen(
             cmd,
@@ -92,7 +94,7 @@ class LocalDriver:
             raise RuntimeError(
                 f"the runner did not start the runtime (exit {proc.returncode}); see {work_dir}"
             )
-        return line, HOST
+        return Launched(handle=line, host=HOST)
 
     def stop(self, alloc: Allocation, *, grace_s: float = 0) -> bool:
         """SIGTERM the runtime's process group (it should checkpoint and exit), SIGKILL after grace_s."""

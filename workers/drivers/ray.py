@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import logging
 import shlex
+from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
 
 from portal.models import Allocation, ComputePool, Job
 from portal.services.job_bootstrap import BOOTSTRAP_VAR, bootstrap_issue
+from portal.services.pools import PoolCapacity
 from portal.services.supervision import allocation_heartbeat, job_log_append, job_process_exited
-from workers.drivers.base import capacity_report
+from workers.drivers.base import Driver, Launched
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +61,12 @@ def _grace_s() -> int:
     return int(settings.OPENTINKER_STOP_GRACE_S)
 
 
-class RayDriver:
+class RayDriver(Driver):
+    # The supervisor is the Ray job's runner (``follow``): a silent allocation means the cluster is away.
+    lost_detail = "ray cluster not answering"
+
     def __init__(self, pool: ComputePool) -> None:
-        self.pool = pool
+        super().__init__(pool)
         self._client = None
 
     @property
@@ -73,7 +78,7 @@ class RayDriver:
             self._client = JobSubmissionClient(self.pool.ray_address)
         return self._client
 
-    def capacity(self) -> dict:
+    def capacity(self) -> PoolCapacity:
         """GPUs by type from the alive nodes' resources; without GPUs, one slot per CPU."""
         from ray.util.state import list_nodes
 
@@ -89,14 +94,15 @@ class RayDriver:
             if res.get("GPU"):
                 kind = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), "GPU")
                 gpus[kind] = gpus.get(kind, 0) + int(res["GPU"])
-        return capacity_report(gpus, cpus, memory)
+        return PoolCapacity.measured(gpus, cpus, memory)
 
-    def launch(self, alloc: Allocation, work_dir, spec_path, env: dict[str, str]) -> tuple[str, str]:
-        """Submit the job (idempotent per attempt); returns (submission id, cluster address)."""
+    def launch(self, alloc: Allocation, work_dir: Path, spec_path: Path, env: dict[str, str]) -> Launched:
+        """Submit the job (idempotent per attempt); its handle is the submission id, on the cluster's
+        address."""
         sid = submission_id(alloc)
         if self._submitted(sid):  # an earlier try of this launch got through: that submission is ours
             logger.info("ray job %s was already submitted", sid)
-            return sid, self.pool.ray_address
+            return Launched(handle=sid, host=self.pool.ray_address)
         # The runtime_env is readable by anyone with this cluster's Job API: no secret goes into it, only a
         # single-use, short-lived bootstrap token the runtime redeems for them at start.
         env_vars = {k: v for k, v in env.items() if k not in SECRET_VARS}
@@ -120,7 +126,7 @@ class RayDriver:
             if not self._submitted(sid):
                 raise e from None
             logger.info("ray job %s was already submitted", sid)
-        return sid, self.pool.ray_address
+        return Launched(handle=sid, host=self.pool.ray_address)
 
     def _submitted(self, sid: str) -> bool:
         try:
@@ -148,7 +154,14 @@ class RayDriver:
             return None  # the cluster cannot be asked now
 
     def follow(self, alloc: Allocation) -> bool:
-        """One supervisor look at the submission. Returns True when its outcome was recorded."""
+        """One supervisor look at the submission. Returns True when its outcome was recorded; otherwise
+        ``alloc.heartbeat_at`` is read again (this look may have moved it)."""
+        if self._look(alloc):
+            return True
+        alloc.refresh_from_db(fields=["heartbeat_at"])
+        return False
+
+    def _look(self, alloc: Allocation) -> bool:
         try:
             info = self.client.get_job_info(alloc.runtime_handle)
         except Exception:
