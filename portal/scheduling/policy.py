@@ -535,8 +535,8 @@ class _Pass:
         return candidates, borrowed
 
     def eligible_pools(self, job: JobView, org: OrgView) -> tuple[list[PoolView], bool]:
-        """``eligible`` for a job known to pass it: what it checks (quota, pools) does not change within a
-        pass, except the organization's own GPUs, which change only when this job starts."""
+        """``eligible`` where the caller knows it passes: it passed earlier in this pass and none of the
+        organization's jobs has started since (quotas and pools do not change within a pass)."""
         eligible = self.eligible(job, org)
         if isinstance(eligible, Wait):
             raise AssertionError(f"job {job.id} was eligible earlier in this pass: {eligible}")
