@@ -22,6 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
+from gpu_runtime.sink import Sink
 from opentinker.spec import JobSpec
 
 
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_spec(args.spec)
     if args.env_package:
         os.environ["OPENTINKER_ENV_PACKAGE"] = str(Path(args.env_package).resolve())
+    sink: Sink
     if args.sink == "http":
         from gpu_runtime.sink import HttpSink
 
@@ -89,11 +91,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> int:
-    from gpu_runtime.controller import EXIT_FAILED, Controller, LocalGroup, RayGroup
+    from gpu_runtime.controller import EXIT_FAILED, Controller, JobLoop
+    from gpu_runtime.groups import LocalGroup, RayGroup, WorkerGroup
     from gpu_runtime.multiagent import MultiAgentController, MultiAgentGroup, is_multi_agent
 
     started = time.monotonic()
-    group = None
+    group: WorkerGroup | MultiAgentGroup | None = None
+    controller: JobLoop
     try:
         if use_ray:
             import ray
@@ -102,11 +106,11 @@ def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> 
                 address = os.environ.get("RAY_ADDRESS")
                 ray.init(address=address, **({} if address else {"num_cpus": 2}), log_to_driver=False)
         if is_multi_agent(spec):  # games through the coordinator, one parameter set per trained policy
-            group = MultiAgentGroup(spec, use_ray=use_ray, world_size=world_size)
-            controller = MultiAgentController(spec, sink, group, prefix)
+            group = games = MultiAgentGroup(spec, use_ray=use_ray, world_size=world_size)
+            controller = MultiAgentController(spec, sink, games, prefix)
         else:
-            group = RayGroup(spec, world_size) if use_ray else LocalGroup(spec)
-            controller = Controller(spec, sink, group, prefix)
+            group = ranks = RayGroup(spec, world_size) if use_ray else LocalGroup(spec)
+            controller = Controller(spec, sink, ranks, prefix)
         result = controller.run(resume=resume, start_time=started)
         return result.exit_code
     except Exception as e:

@@ -19,24 +19,26 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 
 from gpu_runtime import checkpoint, storage
 from gpu_runtime.batch import Sample
-from gpu_runtime.controller import Controller, LocalGroup, RayGroup, derive_seed
+from gpu_runtime.controller import Controller, JobLoop, derive_seed, reward_metrics
 from gpu_runtime.env_packages import PackageEnvFactory
 from gpu_runtime.envs import env_factory
+from gpu_runtime.groups import LocalGroup, RayGroup, WorkerGroup, blocking
 from gpu_runtime.models import load_model, torch_dtype
+from gpu_runtime.phases import PhaseTimer
 from gpu_runtime.rollout.base import SamplingParams
 from gpu_runtime.rollout.collector import episode_to_sample
 from gpu_runtime.rollout.games import WithStops, run_games
 from gpu_runtime.sink import Sink
-from gpu_runtime.workers import RankWorker, configure_threads, job_device, rollout_engine
+from gpu_runtime.workers import configure_threads, job_device, rollout_engine
 from opentinker.env.codec import HFChatCodec
 from opentinker.env.multiagent import MultiAgentEnvironment, MultiAgentEpisode, MultiAgentProtocol
 from opentinker.env.protocol import Budget, StopReason
@@ -48,7 +50,10 @@ POLICY_METRICS = (
     "value_loss", "reward/mean", "response_length/mean", "batch/kept_samples", "ratio/max", "ratio/min",
     "groups/zero_std_frac", "response/truncated_frac",
 )  # fmt: skip
+# Each policy's controller times these phases of its own step; the job's value is their sum.
+POLICY_PHASES = ("time/logprob", "time/advantages", "time/update", "time/sync")
 SELF_PLAY = "main"  # the one policy's name when the spec leaves `multi_agent` out
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -227,7 +232,8 @@ class MultiAgentRolloutWorker:
             engine = rollout_engine(loaded.model, pad_id=loaded.tokenizer.pad_token_id, device=device)
             self.engines[name] = WithStops(engine, codecs[name].stop_ids)
         self.policy_codecs = codecs
-        self.make_env = env_factory(spec.environment)
+        # resolve() checked that the environment plays games (a multi-agent environment).
+        self.make_env = cast(Callable[[], MultiAgentEnvironment], env_factory(spec.environment))
         a = spec.algorithm
         self.protocol = MultiAgentProtocol(
             Budget(max_turns=self.setup.mapping.max_rounds, max_new_tokens=a.max_new_tokens)
@@ -327,15 +333,6 @@ class MultiAgentRolloutWorker:
         self.engines[policy].load_weights(state_dict)
 
 
-class _LocalRanks(LocalGroup):
-    """One policy's trainer, in this process (world size 1), without a rollout worker of its own."""
-
-    def __init__(self, spec: JobSpec) -> None:
-        self.ranks = [RankWorker(spec.model_dump_json())]
-        self.rollout = None
-        self.world_size = 1
-
-
 class MultiAgentGroup:
     """Trainer ranks per trained policy (in process, or Ray actors in a placement group per policy) and one
     rollout worker holding every policy's engine. In process everything shares the job's device; with Ray
@@ -344,8 +341,10 @@ class MultiAgentGroup:
     def __init__(self, spec: JobSpec, *, use_ray: bool = False, world_size: int = 1) -> None:
         self.setup = resolve(spec)
         self.world_size = world_size
-        self.ray = None
+        self.ray: Any = None
+        self.rollout_actor: Any = None
         js = spec.model_dump_json()
+        self.ranks: dict[str, WorkerGroup]
         if use_ray:
             import ray
 
@@ -354,21 +353,17 @@ class MultiAgentGroup:
                 p: RayGroup(self.setup.specs[p], world_size, rollout=False) for p in self.setup.trained
             }
             gpu = spec.resources.gpus > 0
-            self.rollout = (
+            self.rollout_actor = (
                 ray.remote(MultiAgentRolloutWorker)
                 .options(num_cpus=0, num_gpus=1 if gpu else 0)  # CPU: shares the nodes cores, like the ranks
                 .remote(js)
             )
+            self.rollout = blocking(ray, self.rollout_actor, MultiAgentRolloutWorker)
         else:
             if world_size != 1:
                 raise ValueError("more than one trainer rank per policy needs Ray")
-            self.ranks = {p: _LocalRanks(self.setup.specs[p]) for p in self.setup.trained}
+            self.ranks = {p: LocalGroup(self.setup.specs[p], rollout=False) for p in self.setup.trained}
             self.rollout = MultiAgentRolloutWorker(js)
-
-    def rollout_call(self, method: str, *args: Any) -> Any:
-        if self.ray is not None:
-            return self.ray.get(getattr(self.rollout, method).remote(*args))
-        return getattr(self.rollout, method)(*args)
 
     def shutdown(self) -> None:
         try:
@@ -376,34 +371,44 @@ class MultiAgentGroup:
                 g.shutdown()
         finally:
             if self.ray is not None:
-                self.ray.kill(self.rollout)
+                self.ray.kill(self.rollout_actor)
 
 
-class _PolicyView:
-    """What one policy's `Controller` sees as its group: its own ranks, and a rollout whose `collect` hands
-    over the samples its roles produced in this step's games and whose `load_weights` updates its engine."""
+class _PolicyRollout:
+    """One policy's rollout as its `Controller` sees it: `collect` hands over the samples its roles produced
+    in this step's games, `load_weights` updates its engine in the shared rollout worker."""
 
-    def __init__(self, ranks: LocalGroup | RayGroup, group: MultiAgentGroup, name: str) -> None:
-        self.ranks, self.group, self.name = ranks, group, name
-        self.world_size = ranks.world_size
-        self.rollout = self
+    def __init__(self, group: MultiAgentGroup, name: str) -> None:
+        self.group, self.name = group, name
         self.samples: list[Sample] = []
 
-    def call(self, method: str, per_rank: list[tuple[Any, ...]]) -> list[Any]:
-        return self.ranks.call(method, per_rank)
+    def collect(
+        self, seeds: list[int], group_ids: list[int], torch_seed: int, greedy: bool = False
+    ) -> tuple[list[Sample], dict[str, float]]:
+        # The step's games ran already; a further call (DAPO refill) gets nothing: a policy cannot play more
+        # games alone, so dynamic sampling here drops flat groups without refilling the batch.
+        samples, self.samples = self.samples, []
+        return samples, {}
 
-    def rollout_call(self, method: str, *args: Any) -> Any:
-        if method == "collect":
-            # The step's games ran already; a further call (DAPO refill) gets nothing: a policy cannot play
-            # more games alone, so dynamic sampling here drops flat groups without refilling the batch.
-            samples, self.samples = self.samples, []
-            return samples, {}
-        if method == "load_weights":
-            return self.group.rollout_call("load_weights", self.name, *args)
-        raise NotImplementedError(f"{method} is run by the multi-agent controller")
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.group.rollout.load_weights(self.name, state_dict)
+
+    def episode_errors(self) -> list[str]:
+        return []  # the multi-agent controller's failure policy reads the games
 
 
-class _PolicySink:
+class _PolicyView(WorkerGroup):
+    """What one policy's `Controller` sees as its group: its own ranks, and its `_PolicyRollout`."""
+
+    def __init__(self, ranks: WorkerGroup, rollout: _PolicyRollout) -> None:
+        self.ranks, self.rollout = ranks, rollout
+        self.world_size = ranks.world_size
+
+    def _on_ranks(self, method: Callable[..., T], per_rank: Sequence[tuple[Any, ...]]) -> list[T]:
+        return self.ranks._on_ranks(method, per_rank)
+
+
+class _PolicySink(Sink):
     """The job's sink as one policy's controller uses it: its log lines name the policy."""
 
     def __init__(self, sink: Sink, name: str) -> None:
@@ -412,22 +417,41 @@ class _PolicySink:
     def log(self, line: str) -> None:
         self.sink.log(f"policy {self.name}: {line}")
 
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self.sink, attr)
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        self.sink.metrics(step, values)
+
+    def event(self, kind: str, **data: Any) -> None:
+        self.sink.event(kind, **data)
+
+    def checkpoint(self, step: int, uri: str, files: list[dict[str, Any]]) -> None:
+        self.sink.checkpoint(step, uri, files)
+
+    def heartbeat(self) -> None:
+        self.sink.heartbeat()
+
+    def should_cancel(self) -> bool:
+        return self.sink.should_cancel()
 
 
-class MultiAgentController(Controller):
+class MultiAgentController(JobLoop):
+    """The step's games, then each trained policy's update by a plain `Controller` on its own samples."""
+
     def __init__(self, spec: JobSpec, sink: Sink, group: MultiAgentGroup, ckpt_prefix: str | None) -> None:
-        super().__init__(spec, sink, group, ckpt_prefix)  # type: ignore[arg-type]
+        super().__init__(spec, sink, ckpt_prefix)
+        self.group = group
         self.setup = group.setup
-        self.views = {p: _PolicyView(group.ranks[p], group, p) for p in self.setup.trained}
+        self.feeds = {p: _PolicyRollout(group, p) for p in self.setup.trained}
+        self.views = {p: _PolicyView(group.ranks[p], self.feeds[p]) for p in self.setup.trained}
         self.policies = {
             p: Controller(self.setup.specs[p], _PolicySink(sink, p), self.views[p], None) for p in self.views
-        }  # type: ignore[arg-type]
+        }
 
-    def _sync_weights(self) -> None:
+    def sync_weights(self) -> None:
         for ctl in self.policies.values():
-            ctl._sync_weights()
+            ctl.sync_weights()
+
+    def train_step(self, step: int) -> dict[str, float]:
+        return self.rl_step(step)
 
     def rl_step(self, step: int) -> dict[str, float]:
         a = self.spec.algorithm
@@ -442,25 +466,28 @@ class MultiAgentController(Controller):
     def evaluate_vs_rule(self, n: int) -> dict[str, float]:
         """Every trained policy against the rule-based player in every role: greedy games on `n` held-out
         seeds (the same seeds each time, so the curve compares like with like)."""
-        t0 = time.perf_counter()
-        seeds = [derive_seed(self.spec.seed, -8, i) for i in range(n)]
-        stats = self.group.rollout_call("versus_rule", seeds)
-        return {**{f"eval/{k}": v for k, v in stats.items()}, "time/eval": time.perf_counter() - t0}
+        timer = PhaseTimer()
+        with timer.phase("eval"):
+            seeds = [derive_seed(self.spec.seed, -8, i) for i in range(n)]
+            stats = self.group.rollout.versus_rule(seeds)
+        return {**{f"eval/{k}": v for k, v in stats.items()}, **timer.times}
 
     def _rl_step(self, step: int) -> dict[str, float]:
+        """The step's phases: the games (rollout), then each policy's own step (its frozen log-probs,
+        advantages, update and weight sync, timed by its controller and summed here)."""
         a = self.spec.algorithm
-        t0 = time.perf_counter()
-        group_ids = [derive_seed(self.spec.seed, step, g) for g in range(a.batch_size)]
-        seeds = [g for g in group_ids for _ in range(a.group_size)]  # a group = one game seed, played k times
-        per_policy, stats = self.group.rollout_call(
-            "collect", seeds, seeds, derive_seed(self.spec.seed, step, -1)
-        )
-        t1 = time.perf_counter()
+        timer = PhaseTimer()
+        with timer.phase("rollout"):
+            group_ids = [derive_seed(self.spec.seed, step, g) for g in range(a.batch_size)]
+            seeds = [g for g in group_ids for _ in range(a.group_size)]  # a group = one game seed, k games
+            per_policy, stats = self.group.rollout.collect(
+                seeds, seeds, derive_seed(self.spec.seed, step, -1)
+            )
         samples = [s for p in self.setup.trained for s in per_policy[p]]
-        metrics = {**self._reward_metrics(samples), **stats}
+        metrics = {**reward_metrics(samples), **stats}
         per: dict[str, dict[str, float]] = {}
         for name, ctl in self.policies.items():
-            self.views[name].samples = per_policy[name]
+            self.feeds[name].samples = per_policy[name]
             per[name] = ctl.rl_step(step)
         for key in POLICY_METRICS:
             values = [m[key] for m in per.values() if key in m]
@@ -470,24 +497,19 @@ class MultiAgentController(Controller):
             if values and key not in ("reward/mean", "response_length/mean"):
                 extreme = {"ratio/max": max, "ratio/min": min}.get(key)
                 metrics[key] = extreme(values) if extreme else sum(values) / len(values)
-        t2 = time.perf_counter()
         n_gen = sum(s.n_generated for s in samples)
-        for key in ("time/logprob", "time/update", "time/sync"):
+        for key in POLICY_PHASES:
             metrics[key] = sum(m.get(key, 0.0) for m in per.values())
-        metrics.update(
-            {
-                "time/rollout": t1 - t0,
-                "time/step": t2 - t0,
-                "tokens_per_s": n_gen / max(t2 - t0, 1e-9),
-                "rollout/tokens_per_s": n_gen / max(t1 - t0, 1e-9),
-            }
-        )
+        times = timer.metrics()
+        metrics.update(times)
+        metrics["tokens_per_s"] = n_gen / max(times["time/step"], 1e-9)
+        metrics["rollout/tokens_per_s"] = n_gen / max(times["time/rollout"], 1e-9)
         return metrics
 
     def evaluate(self, n: int, *, step: int = 0) -> dict[str, float]:
         """Greedy games on held-out seeds: per-role reward means and win rates."""
         seeds = [derive_seed(self.spec.seed, -7, i) for i in range(n)]
-        _, stats = self.group.rollout_call("collect", seeds, list(range(n)), 0, True)
+        _, stats = self.group.rollout.collect(seeds, list(range(n)), 0, True)
         return {f"eval/{k}": v for k, v in stats.items()}
 
     # ---- checkpoints: one step directory, a subdirectory per trained policy --------------------------------
@@ -496,7 +518,7 @@ class MultiAgentController(Controller):
             return
         staging = Path(tempfile.mkdtemp(prefix="otk-ckpt-"))
         for name, view in self.views.items():
-            payload = view.call("checkpoint_payload", [() for _ in range(view.world_size)])[0]
+            payload = view.checkpoint_payload()
             checkpoint.write_model(
                 staging / name,
                 payload["weights"],
@@ -525,6 +547,6 @@ class MultiAgentController(Controller):
             )
         for name, view in self.views.items():
             weights, adapter, state = checkpoint.read_model(local / name)
-            view.call("load", [(weights, state, adapter) for _ in range(view.world_size)])
+            view.load(weights, state, adapter)
         self.sink.log(f"resumed {', '.join(self.setup.trained)} from {uri} at step {meta['step']}")
         return int(meta["step"])

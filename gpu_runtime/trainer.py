@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from gpu_runtime.algorithms import LossNorm, aggregate, kl_estimate, policy_loss, sft_loss, value_loss
+from gpu_runtime.algorithms.losses import KLEstimator, LossAgg
+from gpu_runtime.algorithms.registry import Loss, algorithm
 from gpu_runtime.algorithms.schedule import lr_factor
 from gpu_runtime.batch import MicroBatch, Sample, collate, split_micro, unshift
 from gpu_runtime.models import load_model
@@ -42,25 +44,27 @@ VALUE_CLIP = 0.2  # PPO value clipping range (not in the spec yet)
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    algorithm: str
+    loss: Loss | None
     lr: float
     temperature: float
     clip_low: float
     clip_high: float
     kl_coef: float
-    kl_estimator: str
+    kl_estimator: KLEstimator
     kl_in_loss: bool
-    loss_agg: str
+    loss_agg: LossAgg
     tis_cap: float | None
     max_grad_norm: float
     lora: dict[str, Any] | None
     critic: bool
+    reference: bool  # a KL term: the reference model's log-probs are needed
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> TrainerConfig:
         a = spec.algorithm
+        algo = algorithm(a.name)
         return cls(
-            algorithm=a.name,
+            loss=algo.loss,
             lr=a.learning_rate,
             temperature=a.temperature,
             clip_low=a.clip_ratio_low,
@@ -72,7 +76,8 @@ class TrainerConfig:
             tis_cap=a.tis_cap,
             max_grad_norm=a.max_grad_norm,
             lora=spec.model.lora.model_dump() if spec.model.lora else None,
-            critic=a.name == "ppo",
+            critic=algo.critic,
+            reference=algo.reference(a),
         )
 
 
@@ -194,7 +199,7 @@ class Trainer:
         self.tokenizer = loaded.tokenizer
         model = loaded.model.to(device)
         self.ref: nn.Module | None = None
-        if self.cfg.kl_coef > 0 and not self.cfg.lora:
+        if self.cfg.reference and not self.cfg.lora:
             # Full fine-tuning: a frozen copy of the initial policy. With LoRA the base model with the
             # adapter disabled *is* the reference, so no copy is kept.
             self.ref = copy.deepcopy(model).eval().requires_grad_(False)
@@ -297,7 +302,7 @@ class Trainer:
             if not keep:
                 layer.reshard()
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         # Unsharded GPU ranks: autocast to bf16 (sharded ones get bf16 compute from FSDP's policy).
         if self.amp and not self.sharded:
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -329,7 +334,7 @@ class Trainer:
             self._keep_layers_gathered(plan is not None)
             with self._autocast():
                 logp, ent = token_logprobs(self.model, mb, c.temperature, entropy=True, plan=plan, keep=m)
-            if c.algorithm == "sft":
+            if c.loss == "sft":
                 tok_loss = sft_loss(logp)
                 old = logp.detach()
                 kl = torch.zeros_like(logp)
@@ -486,6 +491,6 @@ class Trainer:
         np.random.set_state(state["rng"]["numpy"])
         if "cuda" in state["rng"] and self.device.startswith("cuda"):
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if self.critic is not None and "critic" in state:
+        if self.critic is not None and self.critic_opt is not None and "critic" in state:
             self.critic.load_state_dict(state["critic"])
             self.critic_opt.load_state_dict(state["critic_optimizer"])

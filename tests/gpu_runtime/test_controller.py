@@ -105,11 +105,9 @@ class RecordingGroup(LocalGroup):
         super().__init__(spec)
         self.frozen: list[tuple[int, bool, bool]] = []
 
-    def call(self, method, args):
-        if method == "logprobs":
-            (samples, _n_micro, old, ref, _values), *_ = args
-            self.frozen.append((len(samples), old, ref))
-        return super().call(method, args)
+    def logprobs(self, shards, n_micro, *, old, ref, values):
+        self.frozen.append((len(shards[0]), old, ref))
+        return super().logprobs(shards, n_micro, old=old, ref=ref, values=values)
 
 
 @pytest.mark.parametrize(

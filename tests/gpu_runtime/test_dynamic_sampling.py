@@ -63,18 +63,15 @@ def test_refill_is_bounded_by_max_rounds():
         collect_informative(collect, target=2, max_rounds=0)
 
 
-class ScriptedGroup(LocalGroup):
-    """The real trainer; a scripted rollout whose n-th group served is informative iff n % 3 == 2."""
+class ScriptedRollout:
+    """Scripted: the n-th group served is informative iff n % 3 == 2; weights go to the real rollout."""
 
-    def __init__(self, spec):
-        super().__init__(spec)
+    def __init__(self, real):
+        self.real = real
         self.served = 0
         self.rounds: list[list[int]] = []  # group ids of each collect call
 
-    def rollout_call(self, method, *args):
-        if method != "collect":
-            return super().rollout_call(method, *args)
-        group_ids = args[1]
+    def collect(self, seeds, group_ids, torch_seed, greedy=False):
         ids = list(dict.fromkeys(group_ids))
         self.rounds.append(ids)
         samples = []
@@ -84,6 +81,20 @@ class ScriptedGroup(LocalGroup):
             self.served += 1
             samples += _group(gid, [float(informative and i == 0) for i in range(n)])
         return samples, {"episodes/failed": 0.0}
+
+    def load_weights(self, state_dict):
+        self.real.load_weights(state_dict)
+
+    def episode_errors(self):
+        return []
+
+
+class ScriptedGroup(LocalGroup):
+    """The real trainer and a `ScriptedRollout`."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.rollout = self.script = ScriptedRollout(self.rollout)
 
 
 @pytest.mark.parametrize(
@@ -102,8 +113,8 @@ def test_the_controller_refills_a_dapo_batch_with_fresh_prompts(max_rounds, roun
     assert m["batch/kept_samples"] == 2 * kept
     assert m["reward/mean"] == pytest.approx(kept / (8 * rounds))  # over everything generated
     # Round 0 is the step's usual batch; every refill round asks for new prompts.
-    assert group.rounds[0] == [derive_seed(spec.seed, 1, g) for g in range(4)]
-    all_ids = [g for r in group.rounds for g in r]
+    assert group.script.rounds[0] == [derive_seed(spec.seed, 1, g) for g in range(4)]
+    all_ids = [g for r in group.script.rounds for g in r]
     assert len(all_ids) == len(set(all_ids)) == 4 * rounds
     assert "kl" in m  # the update ran on the kept groups
 
@@ -112,5 +123,5 @@ def test_without_dynamic_sampling_flat_groups_are_trained_as_generated():
     spec = small_spec(name="grpo", steps=1, batch_size=4, group_size=2)
     group = ScriptedGroup(spec)
     m = Controller(spec, ListSink(), group, None).rl_step(1)
-    assert len(group.rounds) == 1
+    assert len(group.script.rounds) == 1
     assert "dynamic_sampling/rounds" not in m

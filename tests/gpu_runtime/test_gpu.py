@@ -44,7 +44,7 @@ class NcclGroup(LocalGroup):
         self.world_size = 1
 
     def shutdown(self) -> None:
-        self.call("shutdown", [()])  # destroys the process group: later tests run without one
+        self.leave_process_group()  # destroys the process group: later tests run without one
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def _check_nccl_job(group, tmp_path) -> None:
     spec = _gpu_spec()
     sink = ListSink()
     try:
-        (info,) = group.call("runtime_info", [()])
+        (info,) = group.runtime_info()
         assert info == NCCL_RUNTIME
         result = Controller(spec, sink, group, f"file://{tmp_path}").run()
     finally:
@@ -106,7 +106,7 @@ def test_example_job_on_one_gpu_with_nccl_as_ray_actors(ray_or_skip, tmp_path):
 def test_example_job_on_one_gpu_in_process_uses_autocast_and_shared_prefixes(tmp_path):
     spec = _gpu_spec(steps=2)
     group = LocalGroup(spec)  # no process group: unsharded, autocast, each prompt run once per group
-    (info,) = group.call("runtime_info", [()])
+    (info,) = group.runtime_info()
     assert info["device"] == "cuda:0" and info["backend"] is None and not info["sharded"]
     assert info["mixed_precision"] and group.ranks[0].trainer.share_prefix
     assert group.ranks[0].trainer.optimizer.defaults["fused"] is True

@@ -1,0 +1,199 @@
+"""Worker groups: the controller's typed way to its trainer ranks and its rollout worker.
+
+`WorkerGroup` has one method per thing a step asks of the trainer ranks; each runs `RankWorker`'s method of
+that name on every rank at once, rank r with its own arguments (FSDP's collectives need every rank in the
+same call). Implementations differ only in how a call reaches the ranks (`_on_ranks`): in this process
+(`LocalGroup`, world size 1: fast tests and small jobs) or as Ray actors placed with a placement group
+(`RayGroup`). `rollout` is the rollout worker as the `Rollout` interface, or None (SFT: nothing to roll out).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar, cast
+
+import torch
+
+from gpu_runtime.algorithms import LossNorm
+from gpu_runtime.batch import Sample
+from gpu_runtime.envs import REMOTE_SECRET_VAR, egress_env
+from gpu_runtime.workers import RankWorker, RolloutWorker
+from opentinker.spec import JobSpec
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Rollout(Protocol):
+    """What the controller asks of a rollout worker (`RolloutWorker` has these methods)."""
+
+    def collect(
+        self, seeds: list[int], group_ids: list[int], torch_seed: int, greedy: bool = False
+    ) -> tuple[list[Sample], dict[str, float]]: ...
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
+
+    def episode_errors(self) -> list[str]: ...
+
+
+class _Blocking:
+    """A Ray actor called like the object it wraps: each call waits for its result."""
+
+    def __init__(self, ray: Any, actor: Any) -> None:
+        self._ray, self._actor = ray, actor
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._actor, name)
+        return lambda *args: self._ray.get(method.remote(*args))
+
+
+def blocking(ray: Any, actor: Any, cls: type[T]) -> T:
+    """A Ray actor of class `cls`, typed as `cls`: its methods are called as the class's, and wait."""
+    return cast(T, _Blocking(ray, actor))
+
+
+class WorkerGroup(ABC):
+    world_size: int
+    rollout: Rollout | None
+
+    @abstractmethod
+    def _on_ranks(self, method: Callable[..., T], per_rank: Sequence[tuple[Any, ...]]) -> list[T]:
+        """`method` (of `RankWorker`) on every rank at once, rank r with `per_rank[r]`: their results."""
+
+    def _on_every_rank(self, method: Callable[..., T], *args: Any) -> list[T]:
+        return self._on_ranks(method, [args for _ in range(self.world_size)])
+
+    def logprobs(
+        self, shards: list[list[Sample]], n_micro: int, *, old: bool, ref: bool, values: bool
+    ) -> list[list[dict[str, Any]]]:
+        """Frozen old / reference log-probs and critic values of each rank's shard, before any update."""
+        return self._on_ranks(RankWorker.logprobs, [(sh, n_micro, old, ref, values) for sh in shards])
+
+    def train_minibatch(
+        self, shards: list[list[Sample]], norm: LossNorm, n_micro: int
+    ) -> list[dict[str, float]]:
+        """One optimizer step of the policy over the mini-batch; each rank's training sums."""
+        return self._on_ranks(RankWorker.train_minibatch, [(sh, norm, n_micro) for sh in shards])
+
+    def train_critic(
+        self, shards: list[list[Sample]], norm: LossNorm, n_micro: int
+    ) -> list[dict[str, float]]:
+        return self._on_ranks(RankWorker.train_critic, [(sh, norm, n_micro) for sh in shards])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full policy weights, gathered to rank 0 (collective)."""
+        sd = self._on_every_rank(RankWorker.full_state_dict)[0]
+        assert sd is not None  # rank 0 holds them
+        return sd
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        payload = self._on_every_rank(RankWorker.checkpoint_payload)[0]
+        assert payload is not None  # rank 0 holds it
+        return payload
+
+    def load(self, weights: dict[str, torch.Tensor], state: dict[str, Any], adapter: bool) -> None:
+        self._on_every_rank(RankWorker.load, weights, state, adapter)
+
+    def runtime_info(self) -> list[dict[str, Any]]:
+        return self._on_every_rank(RankWorker.runtime_info)
+
+    def leave_process_group(self) -> None:
+        self._on_every_rank(RankWorker.shutdown)
+
+    def shutdown(self) -> None:  # noqa: B027 (optional hook: an in-process group has nothing to release)
+        pass
+
+
+class LocalGroup(WorkerGroup):
+    """World size 1, in this process: no Ray, no process group."""
+
+    def __init__(self, spec: JobSpec, *, rollout: bool = True) -> None:
+        # rollout=False: the trainer only (a multi-agent job's policies share one rollout worker).
+        js = spec.model_dump_json()
+        self.ranks = [RankWorker(js)]
+        # SFT without an environment has nothing to roll out.
+        self.rollout = RolloutWorker(js) if spec.environment is not None and rollout else None
+        self.world_size = 1
+
+    def _on_ranks(self, method: Callable[..., T], per_rank: Sequence[tuple[Any, ...]]) -> list[T]:
+        return [method(w, *args) for w, args in zip(self.ranks, per_rank, strict=True)]
+
+
+class RayGroup(WorkerGroup):
+    """Trainer ranks and one rollout worker as Ray actors in one placement group (PACK: one node when it
+    fits). On a CPU-only node the bundles share the node's CPUs fractionally."""
+
+    def __init__(self, spec: JobSpec, world_size: int, *, rollout: bool = True) -> None:
+        # rollout=False: trainer ranks only (a multi-agent job's policies share one rollout worker).
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.ray = ray
+        self.world_size = world_size
+        gpus = spec.resources.gpus
+        n_actors = world_size + int(rollout)
+        # The rollout worker gets a GPU of its own when the job has one to spare; otherwise it shares rank
+        # 0's bundle (half each), so a one-GPU job fits on one GPU.
+        colocate = rollout and 0 < gpus <= world_size
+        if gpus > 0:
+            bundles = [{"CPU": 1, "GPU": 1} for _ in range(n_actors - int(colocate))]
+            bundles[0]["CPU"] += int(colocate)
+        else:
+            cpu = min(1.0, ray.cluster_resources().get("CPU", 1) / n_actors)
+            bundles = [{"CPU": cpu} for _ in range(n_actors)]
+        self.pg = placement_group(bundles, strategy="PACK")
+        ray.get(self.pg.ready(), timeout=120)
+
+        def opts(i: int, share: float = 1.0) -> dict[str, Any]:
+            b = bundles[i]
+            return dict(
+                num_cpus=b["CPU"] * share,
+                num_gpus=b.get("GPU", 0) * share,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            )
+
+        js = spec.model_dump_json()
+        master = f"127.0.0.1:{free_port()}"  # single-node; a multi-node pool would use rank 0's node IP
+        rank_cls = ray.remote(RankWorker)
+        self.ranks = [
+            rank_cls.options(**opts(r, 0.5 if colocate and r == 0 else 1.0)).remote(js, r, world_size, master)
+            for r in range(world_size)
+        ]
+        self.rollout_actor = (
+            ray.remote(RolloutWorker)
+            .options(**(opts(0, 0.5) if colocate else opts(world_size)))
+            # An argument, not the actor's runtime_env (readable through the cluster's API like the job's).
+            .remote(js, os.environ.get(REMOTE_SECRET_VAR), egress_env())
+            if spec.environment is not None and rollout
+            else None
+        )
+        self.rollout = (
+            blocking(ray, self.rollout_actor, RolloutWorker) if self.rollout_actor is not None else None
+        )
+
+    def _on_ranks(self, method: Callable[..., T], per_rank: Sequence[tuple[Any, ...]]) -> list[T]:
+        # Every rank's call is sent before any result is awaited: the ranks meet in the same collectives.
+        refs = [
+            getattr(a, method.__name__).remote(*args) for a, args in zip(self.ranks, per_rank, strict=True)
+        ]
+        return cast(list[T], self.ray.get(refs))
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            self.leave_process_group()
+        finally:
+            for a in [*self.ranks, self.rollout_actor]:
+                if a is not None:
+                    self.ray.kill(a)
+            remove_placement_group(self.pg)
