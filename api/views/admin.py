@@ -24,12 +24,12 @@ from api.views.orgs import QuotaSerializer
 from portal.actors import Actor
 from portal.errors import DomainError, NotFound
 from portal.models import ComputePool, Organization
+from portal.scheduling.policy import Why
 from portal.selectors.admin import job_get_any, organization_get, organization_list
 from portal.selectors.queue import pool_get, pool_list, queue_explain
 from portal.selectors.usage import usage_by_organization
 from portal.services.pools import pool_create, pool_delete, pool_update
 from portal.services.quotas import quota_set
-from portal.services.scheduler import Why
 from portal.services.supervision import job_preempt
 
 

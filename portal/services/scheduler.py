@@ -25,7 +25,6 @@ from portal.models import Allocation, Job
 from portal.scheduling.explanation import forget_explanation
 from portal.scheduling.inputs import plan_at
 from portal.scheduling.policy import Wait
-from portal.scheduling.policy import Why as Why  # the queue's categories, as api/views/admin.py reads them
 from portal.services.enqueue import enqueue
 from portal.services.jobs import job_transition
 from portal.services.supervision import allocation_preempt_request
