@@ -220,7 +220,7 @@ class ModelServer:
         outcomes = [self._run_single(m, seq_id, op) for m, seq_id, op in singles]
         outcomes += self._run_forward_backward(batch) if batch else []
         for o in outcomes:
-            self.models[o.model_id].queue.complete(o) if o.model_id in self.models else None
+            self.models[o.model_id].queue.complete(o)
         self._evict_past_limit(keep=set())
         return outcomes
 
