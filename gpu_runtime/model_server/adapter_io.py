@@ -87,6 +87,16 @@ def load_adapter(host: MultiLoraModel, uri: str, *, optimizer: bool, grads: bool
         directory = storage.download_prefix(uri)
     except Exception as exc:  # boto3's and the filesystem's errors differ; the caller needs one kind
         raise ModelServerError(f"cannot read saved state {uri!r}: {exc}") from exc
+    try:
+        return _load_from(host, directory, uri, optimizer=optimizer, grads=grads)
+    finally:
+        if not uri.startswith("file://"):  # a download: ours to remove (everything is read into memory)
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _load_from(
+    host: MultiLoraModel, directory: Path, uri: str, *, optimizer: bool, grads: bool
+) -> LoraAdapter:
     if not (directory / WEIGHTS).is_file():
         raise ModelServerError(f"no saved adapter at {uri!r}")
     peft_cfg = json.loads((directory / "adapter_config.json").read_text())

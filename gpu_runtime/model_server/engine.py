@@ -149,7 +149,9 @@ class ModelServer:
         return self.info(sampler_id)
 
     def remove(self, model_id: str) -> None:
-        self._model(model_id)
+        m = self._model(model_id)
+        if m.spilled is not None:
+            storage.remove_dir(m.spilled)
         del self.models[model_id]
 
     def info(self, model_id: str) -> ModelInfo:

@@ -15,7 +15,9 @@ import torch
 
 from gpu_runtime.model_server.types import ModelServerError, Operation, Outcome
 
-KEEP_OUTCOMES = 1024  # per model: how far back a retry is still answered
+# Per model: how far back a retry is still answered. The SDK retries a call soon after sending it, and an
+# outcome can hold a large batch's log-probs; the API keeps the durable copy (its futures).
+KEEP_OUTCOMES = 64
 
 
 def fingerprint(value: Any) -> str:

@@ -402,3 +402,20 @@ def test_sampling_stops_inclusively_is_seeded_and_reports_logprobs_of_the_sample
     base = s.call("base", 1, ComputeLogprobs(prompt))
     adapted = s.call("a", _next(s, "a"), ComputeLogprobs(prompt))
     assert not torch.allclose(torch.tensor(base.logprobs[1:]), torch.tensor(adapted.logprobs[1:]), **TOL)
+
+
+def test_state_and_spilled_adapters_on_s3(s3_store, monkeypatch):
+    """The same through a real S3 API (moto's server), as a model server on a pool would store them."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_store.endpoint)
+    s = _server(spill_uri="s3://otk-store/spill")
+    _warm_up(s)
+    s.call("a", 3, SaveState("s3://otk-store/runs/r1/weights/w"))
+    keys = {o["Key"] for o in s3_store.client.list_objects_v2(Bucket="otk-store")["Contents"]}
+    assert {"runs/r1/weights/w/adapter_model.safetensors", "runs/r1/weights/w/meta.json"} <= keys
+    before = s.call("a", 4, ComputeLogprobs([5, 6, 7, 8]))
+    s.evict("a")
+    after = s.call("a", 5, ComputeLogprobs([5, 6, 7, 8]))
+    s.create_model_from_state("resumed", "s3://otk-store/runs/r1/weights/w", optimizer=True)
+    resumed = s.call("resumed", 1, ComputeLogprobs([5, 6, 7, 8]))
+    for r in (after, resumed):
+        torch.testing.assert_close(torch.tensor(r.logprobs[1:]), torch.tensor(before.logprobs[1:]), **TOL)
