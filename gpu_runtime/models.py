@@ -15,6 +15,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
+from gpu_runtime import storage
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ChatML, as Qwen2 uses; `add_generation_prompt` opens the assistant turn.
@@ -109,13 +111,8 @@ def preset_config(name: str, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
 
 
 def uri_to_path(uri: str) -> Path:
-    if uri.startswith("file://"):
-        return Path(uri.removeprefix("file://"))
-    if uri.startswith("s3://"):
-        from gpu_runtime.storage import download_prefix
-
-        return download_prefix(uri)
-    raise ValueError(f"unsupported model URI {uri!r}")
+    """A local directory with the model at `uri`: the path itself for file://, a download of an s3:// one."""
+    return storage.download_prefix(uri)
 
 
 def load_tokenizer(base: str) -> PreTrainedTokenizerFast:

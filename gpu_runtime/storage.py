@@ -1,4 +1,8 @@
-"""Object storage for checkpoints and models: `file://` directories and `s3://` prefixes (boto3).
+"""Object storage for checkpoints, models and datasets: `file://` directories and `s3://` prefixes.
+
+The runtime's way into `opentinker.storage` (which holds the scheme branching): its S3 endpoint comes from
+the job's environment (`AWS_ENDPOINT_URL`), and no root is imposed, since the platform checked every URI in
+the spec against the organization's prefix at submission.
 
 A checkpoint is written to a local staging directory first and then published as a whole, so a reader never
 sees half a checkpoint: `file://` renames the finished directory into place; `s3://` uploads the marker file
@@ -8,116 +12,41 @@ sees half a checkpoint: `file://` renames the finished directory into place; `s3
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from opentinker.storage import ObjectStore, join
 
-def _s3_split(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return bucket, key.rstrip("/")
-
-
-def _s3(endpoint_url: str | None = None):
-    import boto3  # lazy: only s3:// jobs need it
-
-    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None)
+__all__ = ["download_prefix", "join", "list_dirs", "publish_dir", "read_bytes", "remove_dir", "write_bytes"]
 
 
-def join(prefix: str, *parts: str) -> str:
-    return "/".join([prefix.rstrip("/"), *parts])
+def _store(endpoint_url: str | None = None) -> ObjectStore:
+    return ObjectStore(endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None)
 
 
 def publish_dir(local: Path, uri: str) -> None:
     """Make the finished directory `local` visible at `uri` (replacing what was there)."""
-    if uri.startswith("file://"):
-        dest = Path(uri.removeprefix("file://"))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.move(str(local), dest)
-        return
-    if uri.startswith("s3://"):
-        bucket, key = _s3_split(uri)
-        client = _s3()
-        files = sorted(p for p in local.rglob("*") if p.is_file())
-        for p in sorted(files, key=lambda p: p.name == "meta.json"):  # the marker goes last
-            client.upload_file(str(p), bucket, f"{key}/{p.relative_to(local)}")
-        shutil.rmtree(local)
-        return
-    raise ValueError(f"unsupported storage URI {uri!r}")
+    _store().publish_dir(local, uri)
 
 
 def list_dirs(prefix: str) -> list[str]:
     """Names of the complete checkpoint directories directly under `prefix` (those with a meta.json)."""
-    if prefix.startswith("file://"):
-        root = Path(prefix.removeprefix("file://"))
-        if not root.is_dir():
-            return []
-        return sorted(p.name for p in root.iterdir() if (p / "meta.json").is_file())
-    if prefix.startswith("s3://"):
-        bucket, key = _s3_split(prefix)
-        names = set()
-        for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/"):
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(key) + 1 :]
-                if rel.count("/") == 1 and rel.endswith("/meta.json"):
-                    names.add(rel.split("/")[0])
-        return sorted(names)
-    raise ValueError(f"unsupported storage URI {prefix!r}")
+    return _store().list_dirs(prefix)
 
 
 def remove_dir(uri: str) -> None:
-    if uri.startswith("file://"):
-        shutil.rmtree(Path(uri.removeprefix("file://")), ignore_errors=True)
-    elif uri.startswith("s3://"):
-        bucket, key = _s3_split(uri)
-        client = _s3()
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/"):
-            for obj in page.get("Contents", []):
-                client.delete_object(Bucket=bucket, Key=obj["Key"])
+    _store().remove_dir(uri)
 
 
 def download_prefix(uri: str) -> Path:
     """A local directory with the contents at `uri` (the path itself for file://)."""
-    if uri.startswith("file://"):
-        return Path(uri.removeprefix("file://"))
-    bucket, key = _s3_split(uri)
-    dest = Path(tempfile.mkdtemp(prefix="otk-"))
-    client = _s3()
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/"):
-        for obj in page.get("Contents", []):
-            target = dest / obj["Key"][len(key) + 1 :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, obj["Key"], str(target))
-    return dest
+    return _store().download_dir(uri)
 
 
 def read_bytes(uri: str) -> bytes:
     """The contents of one object (a dataset file): `file://` path or `s3://bucket/key`."""
-    if uri.startswith("file://"):
-        return Path(uri.removeprefix("file://")).read_bytes()
-    if uri.startswith("s3://"):
-        bucket, key = _s3_split(uri)
-        return _s3().get_object(Bucket=bucket, Key=key)["Body"].read()
-    raise ValueError(f"unsupported storage URI {uri!r}")
+    return _store().get(uri)
 
 
 def write_bytes(uri: str, data: bytes, *, endpoint_url: str | None = None) -> None:
-    """Store one object (a dataset file) at `uri`, replacing it; a reader sees the old or the new one whole
-    (`file://`: written beside it, then renamed; `s3://`: one PUT)."""
-    if uri.startswith("file://"):
-        dest = Path(uri.removeprefix("file://"))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
-        return
-    if uri.startswith("s3://"):
-        bucket, key = _s3_split(uri)
-        if not key:
-            raise ValueError(f"storage URI {uri!r} names no object")
-        _s3(endpoint_url).put_object(Bucket=bucket, Key=key, Body=data)
-        return
-    raise ValueError(f"unsupported storage URI {uri!r}")
+    """Store one object (a dataset file) at `uri`, replacing it: a reader sees the old or the new one."""
+    _store(endpoint_url).put(uri, data)
