@@ -54,7 +54,7 @@ class Env:
             return False
         raise ImproperlyConfigured(f"{key} must be a boolean (true/false), got {value!r}")
 
-    def int(self, key: str, default: int, *, minimum: int | None = None) -> int:
+    def int(self, key: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
         value = self.get(key)
         if value is None or value == "":
             return default
@@ -64,6 +64,8 @@ class Env:
             raise ImproperlyConfigured(f"{key} must be an integer, got {value!r}") from None
         if minimum is not None and number < minimum:
             raise ImproperlyConfigured(f"{key} must be an integer >= {minimum}, got {value!r}")
+        if maximum is not None and number > maximum:
+            raise ImproperlyConfigured(f"{key} must be an integer <= {maximum}, got {value!r}")
         return number
 
     def seconds(self, key: str, default: float, *, finite: bool = False, positive: bool = False) -> float:

@@ -226,8 +226,11 @@ ENV_VALIDATION_MODE = env.choice(
 )
 # The validation's smoke episode: each call into the package may take this long.
 ENV_VALIDATION_CALL_TIMEOUT_S = env.seconds("ENV_VALIDATION_CALL_TIMEOUT_S", 5, finite=True, positive=True)
-# The largest environment package archive an upload may carry (web form and API alike).
-ENV_ARCHIVE_MAX_BYTES = env.int("ENV_ARCHIVE_MAX_BYTES", MAX_ARCHIVE_BYTES, minimum=1)
+# The largest environment package archive an upload may carry (web form and API alike); never more than the
+# runtime fetches (opentinker.env.archive.MAX_ARCHIVE_BYTES), or a package would upload that no job can run.
+ENV_ARCHIVE_MAX_BYTES = env.int(
+    "ENV_ARCHIVE_MAX_BYTES", MAX_ARCHIVE_BYTES, minimum=1, maximum=MAX_ARCHIVE_BYTES
+)
 
 # Where job runtimes reach the ingest API (the launcher hands it to each job with a job token).
 INGEST_BASE_URL = env.str("INGEST_BASE_URL", "http://127.0.0.1:8000")

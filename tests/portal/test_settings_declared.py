@@ -142,6 +142,7 @@ def test_the_readme_defaults_are_the_declared_ones(monkeypatch, tmp_path):
         ("OPENTINKER_SCHEDULE_EVERY_S", "inf", "must be a finite number of seconds >= 0, got 'inf'"),
         ("ENV_ARCHIVE_MAX_BYTES", "20MB", "must be an integer, got '20MB'"),
         ("ENV_ARCHIVE_MAX_BYTES", "0", "must be an integer >= 1, got '0'"),
+        ("ENV_ARCHIVE_MAX_BYTES", "20971521", "must be an integer <= 20971520, got '20971521'"),
         ("TRUSTED_PROXIES", "-1", "must be an integer >= 0, got '-1'"),
         ("OPENTINKER_JOB_MAX_RETRIES", "three", "must be an integer, got 'three'"),
         ("DEBUG", "maybe", "must be a boolean (true/false), got 'maybe'"),
