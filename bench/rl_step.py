@@ -112,13 +112,13 @@ def run_ours(args: argparse.Namespace) -> StepTimes:
     group = LocalGroup(spec)
     torch.set_num_threads(args.threads)  # the workers set threads from the spec; make it exact
     ctl = Controller(spec, _NullSink(), group, None)
-    ctl._sync_weights()
+    ctl.sync_weights()
     times = StepTimes()
     for step in range(1, args.steps + 2):
         m = ctl.rl_step(step)
         n = args.prompts * args.group
         tokens = round(m["response_length/mean"] * n)
-        update = m["time/logprob"] + m["time/update"] + m["time/sync"]
+        update = m["time/logprob"] + m["time/advantages"] + m["time/update"] + m["time/sync"]
         if step > 1:  # step 1 is the warm-up
             times.add(m["time/rollout"], update, tokens, tokens + _prompt_tokens(args) * n)
         print(f"  ours step {step}: rollout {m['time/rollout']:.2f}s update {update:.2f}s", file=sys.stderr)
