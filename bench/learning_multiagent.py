@@ -14,6 +14,11 @@ The table, per seed and policy: illegal-move rate and win-or-draw rate against t
 (X, O) and their mean, before -> after the co-training job; how far each trained parameter set moved (alice:
 the norm of its weights' change from the warm start; bob: the norm of its LoRA update, scale * B @ A, summed
 over the adapted matrices); wall time of the SFT and co-training jobs (the in-job evaluations included).
+
+`--references` prints, first, what fixed players score on the same held-out openings and the same metric
+(win-or-draw against the rule player, mean over both seats): a random legal player, one that takes a winning
+move when it has one, one that also blocks the opponent's, and the rule player itself. It shows which skill
+the bar asks a policy to learn: blocking alone carries a random player from ~0.15 to ~0.85.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import math
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
@@ -34,9 +40,11 @@ import torch
 from safetensors.torch import load_file
 
 from bench.learning import QuietSink
-from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup
+from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup, derive_seed
 from gpu_runtime.data.board_sft import write_board_sft
 from gpu_runtime.multiagent import MultiAgentController, MultiAgentGroup
+from opentinker.env.builtin import BUILTINS
+from opentinker.env.builtin.board import KInARow
 from opentinker.spec import (
     EXAMPLE_MULTIAGENT_ENV_CONFIG,
     JobSpec,
@@ -139,6 +147,60 @@ def run(seed: int, root: Path, *, sft_steps: int | None = None, steps: int | Non
     return rows
 
 
+REFERENCE_PLAYERS = ("random legal", "takes a win", "takes a win, blocks a loss", "rule player")
+
+
+def _reference_move(player: str, env: KInARow, role: str, rng: random.Random) -> str:
+    free = [(r, c) for r in range(env.n) for c in range(env.n) if env.board[r][c] == "."]
+    if player == "rule player":
+        return env.rule_based_action(role)
+    marks = [env.mark(role)] + ([env.mark(env.other(role))] if "blocks" in player else [])
+    if player != "random legal":
+        for mark in marks:  # own win first, then the opponent's (a block)
+            hit = next(((r, c) for r, c in free if env.wins(r, c, mark)), None)
+            if hit:
+                return f"{hit[0] + 1} {hit[1] + 1}"
+    r, c = rng.choice(free)
+    return f"{r + 1} {c + 1}"
+
+
+def reference_win_or_draw(player: str, seed: int, games: int) -> dict[str, float]:
+    """A fixed player's win-or-draw rate against the rule player in each seat, on the held-out openings the
+    co-training job evaluates on (its seed's), and the mean over seats."""
+    rng = random.Random(seed)  # noqa: S311 (a reproducible random player)
+    seeds = [derive_seed(seed, -8, i) for i in range(games)]
+    out: dict[str, float] = {}
+    for seat in ("x", "o"):
+        good = 0
+        for game_seed in seeds:
+            env = BUILTINS["tic-tac-toe"](**EXAMPLE_MULTIAGENT_ENV_CONFIG)
+            assert isinstance(env, KInARow)
+            env.reset(game_seed)
+            while True:
+                role = env.active_roles()[0]
+                mine = role == seat
+                move = _reference_move(player, env, role, rng) if mine else env.rule_based_action(role)
+                result = env.step({role: move})
+                if result.done:
+                    good += result.info.get("winner") in (seat, None)
+                    break
+        out[seat] = good / games
+    out["mean"] = (out["x"] + out["o"]) / 2
+    return out
+
+
+def reference_table(seeds: list[int], games: int) -> str:
+    lines = ["| player | " + " | ".join(f"seed {s}: X / O / mean" for s in seeds) + " |"]
+    lines.append("|---|" + "---|" * len(seeds))
+    for player in REFERENCE_PLAYERS:
+        cells = []
+        for s in seeds:
+            r = reference_win_or_draw(player, s, games)
+            cells.append(f"{r['x']:.2f} / {r['o']:.2f} / {r['mean']:.2f}")
+        lines.append(f"| {player} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     head = (
         "| seed | policy | illegal X | illegal O | win-or-draw X | win-or-draw O | win-or-draw (mean) "
@@ -164,10 +226,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sft-steps", type=int, default=None, help="override the warm start's steps")
     ap.add_argument("--steps", type=int, default=None, help="override the co-training job's steps")
     ap.add_argument("--out", default=None, help="keep checkpoints under this directory")
+    ap.add_argument("--references", action="store_true", help="first the fixed players' scores (no training)")
     args = ap.parse_args(argv)
     info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     cpu = next((ln.split(":", 1)[1].strip() for ln in info if "model name" in ln), platform.processor())
     print(f"# {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
+    if args.references:
+        mapping = example_multiagent_spec("tiny-qwen2").multi_agent
+        assert mapping is not None and mapping.eval_vs_rule is not None
+        print(reference_table(args.seeds, mapping.eval_vs_rule.games) + "\n", flush=True)
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
         out = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
