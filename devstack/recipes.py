@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 from opentinker.client import Client
@@ -42,14 +41,12 @@ from opentinker.spec import (
 
 
 class ExampleRecipe:
-    """The arithmetic example; a subclass is another example by its class attributes alone."""
+    """The arithmetic example; a subclass is another example by its class attributes and its two specs."""
 
     sft_examples: ClassVar[int] = 2000
     data_cli: ClassVar[tuple[str, ...]] = ("gpu_runtime.data.arithmetic_sft",)  # module, then its own options
     dataset: ClassVar[str] = "arithmetic-sft.jsonl"
     env_config: ClassVar[dict[str, Any]] = EXAMPLE_ENV_CONFIG
-    sft_spec: ClassVar[Callable[[str], JobSpec]] = staticmethod(example_sft_spec)
-    stage2_spec: ClassVar[Callable[[str], JobSpec]] = staticmethod(example_grpo_spec)  # from a checkpoint
     key: ClassVar[str] = "demo"  # idempotency keys `<key>-sft-<time>` and `<key>-<stage2_key>-<sft id>`
     stage2_key: ClassVar[str] = "grpo"
     stage1_text: ClassVar[str] = "SFT warm start, queued"
@@ -73,6 +70,12 @@ class ExampleRecipe:
         self.sft_id: str | None = None
         self.grpo_id: str | None = None  # stage 2's job, whatever its algorithm
         self.done = False
+
+    def sft_spec(self, dataset_uri: str) -> JobSpec:
+        return example_sft_spec(dataset_uri)
+
+    def stage2_spec(self, checkpoint_uri: str) -> JobSpec:
+        return example_grpo_spec(checkpoint_uri)
 
     def _client(self) -> Client:
         return Client(self.url, self.token)
@@ -120,11 +123,11 @@ class ExampleRecipe:
             self.done = True
             not_submitted = f"{self.stage2_name} not submitted"
             if sft.state is not JobState.SUCCEEDED:
-                return f"  Example: the SFT warm start ended {sft.state.value}; {not_submitted}"
+                return f"  Example: the SFT warm start ended {sft.state}; {not_submitted}"
             checkpoints = client.jobs.checkpoints(self.sft_id)
-            if not checkpoints:
+            last = max(checkpoints, key=lambda c: c.step or 0) if checkpoints else None
+            if last is None or not last.uri:
                 return f"  Example: the SFT warm start left no checkpoint; {not_submitted}"
-            last = max(checkpoints, key=lambda c: c.step or 0)
             spec = self._steps(self.stage2_spec(last.uri))
             job = client.jobs.submit(spec, idempotency_key=f"{self.key}-{self.stage2_key}-{self.sft_id}")
         self.grpo_id = job.id
@@ -138,10 +141,14 @@ class MultiAgentRecipe(ExampleRecipe):
     data_cli = ("gpu_runtime.data.board_sft", "--game", "tic-tac-toe")
     dataset = "tic-tac-toe-sft.jsonl"
     env_config = EXAMPLE_MULTIAGENT_ENV_CONFIG
-    sft_spec = staticmethod(example_multiagent_sft_spec)
-    stage2_spec = staticmethod(example_multiagent_spec)
     key = "demo-ma"
     stage2_key = "rl"
     stage1_text = "SFT on the rule player's moves, queued"
     stage2_text = "two policies co-trained from its checkpoint, once stage 1 succeeds"
     stage2_name = "stage 2"
+
+    def sft_spec(self, dataset_uri: str) -> JobSpec:
+        return example_multiagent_sft_spec(dataset_uri)
+
+    def stage2_spec(self, checkpoint_uri: str) -> JobSpec:
+        return example_multiagent_spec(checkpoint_uri)
