@@ -3,9 +3,11 @@
 Each targeted `nn.Linear` of the base is wrapped once (`MultiLoraLinear`); the adapters' A/B matrices live in
 `LoraAdapter` objects outside the module tree, so adding, evicting or reloading an adapter never touches the
 model. Before a forward the caller sets the routing (`Router.use`): which adapter serves which rows. Inside
-the one forward pass each wrapped layer adds, per adapter present, `scale * B A x` to that adapter's rows
-(rows grouped by adapter, one gather and one index_add per adapter and layer), so a batch mixing several
-tenants' adapters is one forward and one backward, and each adapter's gradient comes only from its own rows.
+the one forward pass each wrapped layer adds, per adapter present, `scale * B A x` to that adapter's rows,
+so a batch mixing several tenants' adapters is one forward and one backward, and each adapter's gradient
+comes only from its own rows. When each adapter's rows are one contiguous run (the engine's batches), the
+updates are computed on views and joined by one cat and one add per layer; otherwise rows are gathered by
+index.
 
 The update is PEFT's LoRA (Hu et al. 2021): W x + (alpha / r) B A x, A kaiming-uniform, B zero, so a saved
 adapter loads into `peft` unchanged (`adapter_io`).
@@ -82,7 +84,8 @@ class LoraAdapter:
         return ((h @ pair.b.t()) * self.scale).to(x.dtype)
 
 
-Route = list[tuple[LoraAdapter, Tensor | None]]  # (adapter, its rows; None = every row)
+# (adapter, its rows: None = every row, a slice = a contiguous run, a tensor = row indices)
+Route = list[tuple[LoraAdapter, slice | Tensor | None]]
 
 
 class Router:
@@ -108,6 +111,9 @@ def route_rows(adapters: Sequence[LoraAdapter | None], device: torch.device) -> 
             rows.setdefault(id(adapter), (adapter, []))[1].append(i)
     if len(rows) == 1 and len(next(iter(rows.values()))[1]) == len(adapters):
         return [(next(iter(rows.values()))[0], None)]  # one adapter for the whole batch: no gather
+    if all(r[-1] - r[0] + 1 == len(r) for _, r in rows.values()):  # each adapter's rows in one run (the
+        # engine's batches: calls follow one another): slices of views, no gather
+        return [(a, slice(r[0], r[-1] + 1)) for a, r in rows.values()]
     return [(a, torch.tensor(r, dtype=torch.long, device=device)) for a, r in rows.values()]
 
 
@@ -126,16 +132,35 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
-        for adapter, rows in self.router.active:
+        route = self.router.active
+        if route and all(isinstance(rows, slice) for _, rows in route):
+            return out + self._runs(x, out)
+        for adapter, rows in route:
             if rows is None:
                 d = adapter.delta(self.lora_name, x)
                 if d is not None:
                     out = out + d
-            else:
+            elif isinstance(rows, Tensor):
                 d = adapter.delta(self.lora_name, x.index_select(0, rows))
                 if d is not None:
                     out = out.index_add(0, rows, d)
         return out
+
+    def _runs(self, x: Tensor, out: Tensor) -> Tensor:
+        """The updates of adapters that each hold a contiguous run of rows, as one tensor shaped like `out`
+        (zeros where a row has no adapter or the adapter does not target this layer): one cat, one add."""
+        pieces: list[Tensor] = []
+        at = 0
+        for adapter, rows in self.router.active:
+            assert isinstance(rows, slice)
+            if rows.start > at:
+                pieces.append(out.new_zeros((rows.start - at, *out.shape[1:])))
+            d = adapter.delta(self.lora_name, x[rows])
+            pieces.append(d if d is not None else out.new_zeros((rows.stop - rows.start, *out.shape[1:])))
+            at = rows.stop
+        if at < out.shape[0]:
+            pieces.append(out.new_zeros((out.shape[0] - at, *out.shape[1:])))
+        return torch.cat(pieces)
 
 
 class MultiLoraModel:

@@ -27,6 +27,7 @@ from gpu_runtime.model_server import (
     SamplingParams,
     SaveState,
 )
+from gpu_runtime.model_server.logprobs import token_logprobs
 from gpu_runtime.models import load_model
 
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -112,6 +113,25 @@ def test_batched_forward_backward_across_adapters_equals_each_adapter_alone():
         assert any(g.abs().max() > 1e-6 for g in got_g.values())
         for k in ref_g:
             torch.testing.assert_close(got_g[k], ref_g[k], rtol=1e-4, atol=1e-6)
+
+
+def test_rows_in_any_order_and_rows_without_adapter_are_routed_right():
+    """Interleaved rows (gathered by index), contiguous runs (slices) and base rows give each row what its
+    adapter alone gives."""
+    s = _server()
+    _warm_up(s)
+    a, b = s.models["a"].adapter, s.models["b"].adapter
+    rows = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16, 17, 18]]
+    targets = [torch.tensor([*r[1:], 0]) for r in rows]
+    owners = [a, b, a, None]
+    alone = [token_logprobs(s.host, [r], [t], [o])[0] for r, t, o in zip(rows, targets, owners, strict=True)]
+    # a, b, a, None: gathered by index; a, a, b, None and None, b, a, a: contiguous runs
+    for order in ([0, 1, 2, 3], [0, 2, 1, 3], [3, 1, 0, 2]):
+        got = token_logprobs(
+            s.host, [rows[i] for i in order], [targets[i] for i in order], [owners[i] for i in order]
+        )
+        for i, lp in zip(order, got, strict=True):
+            torch.testing.assert_close(lp, alone[i], **TOL)
 
 
 def test_logprobs_one_per_input_token_and_cross_entropy_is_their_weighted_sum():
