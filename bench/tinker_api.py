@@ -1,0 +1,83 @@
+"""The Tinker model server's engine in-process: forward_backward + optim_step throughput for 1, 4 and 8
+tenants' LoRA adapters on one base, batched across adapters (one forward and backward per round over every
+tenant's rows) vs one adapter at a time (what peers without multi-LoRA batching do).
+
+    python bench/tinker_api.py [--device cpu|cuda] [--preset tiny-qwen2] [--tenants 1,4,8] [--datums 4]
+                               [--tokens 64] [--rank 16] [--rounds 5] [--threads N]
+
+A round: each tenant sends one forward_backward (`--datums` sequences of `--tokens` random tokens,
+cross_entropy) and one optim_step. Tokens/s counts every tenant's tokens; the median of `--rounds` after one
+warm-up round. Not here yet: the API's own overhead per call (protobuf, queue, long-poll), which comes with
+the API (issue 16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from gpu_runtime.model_server import AdamParams, Datum, ForwardBackward, LoraConfig, ModelServer, OptimStep
+from gpu_runtime.models import torch_dtype
+
+
+def _round(server: ModelServer, tenants: list[str], seq: int, data: list[Datum], batched: bool) -> float:
+    sync = torch.cuda.synchronize if server.host.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    op = ForwardBackward(data, "cross_entropy")
+    if batched:  # every tenant's call queued first: the engine runs them as one pass
+        for t in tenants:
+            server.submit(t, seq, op)
+        server.run_until_idle()
+    else:
+        for t in tenants:
+            server.call(t, seq, op)
+    for t in tenants:
+        server.submit(t, seq + 1, OptimStep(AdamParams(learning_rate=1e-4)))
+    server.run_until_idle()
+    sync()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default="tiny-qwen2")
+    p.add_argument("--tenants", default="1,4,8")
+    p.add_argument("--datums", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (args.datums, args.tokens + 1), generator=gen).tolist()
+    data = [Datum(x[:-1], {"target_tokens": x[1:], "weights": [1.0] * args.tokens}) for x in ids]
+    per = f"{args.datums} x {args.tokens} tokens per tenant and round"
+    print(f"{args.preset} on {args.device}, {per}, rank {args.rank}, {torch.get_num_threads()} CPU threads")
+    print("| tenants | one adapter at a time (tokens/s) | batched across adapters (tokens/s) | speed-up |")
+    print("|---:|---:|---:|---:|")
+    for n in (int(x) for x in args.tenants.split(",")):
+        rates = {}
+        for batched in (False, True):
+            dtype = torch_dtype("auto", device=args.device)
+            server = ModelServer(args.preset, device=args.device, dtype=dtype)
+            tenants = [f"t{i}" for i in range(n)]
+            for i, t in enumerate(tenants):
+                server.create_model(t, LoraConfig(rank=args.rank, seed=i))
+            times = [_round(server, tenants, 2 * r + 1, data, batched) for r in range(args.rounds + 1)][1:]
+            rates[batched] = n * args.datums * args.tokens / statistics.median(times)
+        print(f"| {n} | {rates[False]:,.0f} | {rates[True]:,.0f} | {rates[True] / rates[False]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
