@@ -84,6 +84,7 @@ INSTALLED_APPS = [
     "portal",
     "env_registry",
     "api",
+    "api.tinker",
 ]
 
 MIDDLEWARE = [
