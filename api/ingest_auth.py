@@ -17,6 +17,7 @@ from rest_framework.throttling import SimpleRateThrottle
 
 from portal.errors import NotFound
 from portal.models import Job
+from portal.observability import context
 from portal.services.job_tokens import MAX_LENGTH, PREFIX, job_token_verify
 
 INVALID = "invalid or expired job token"
@@ -60,6 +61,7 @@ class JobTokenAuthentication(authentication.BaseAuthentication):
         job = job_token_verify(raw)
         if job is None:
             raise exceptions.AuthenticationFailed(INVALID)
+        context.bind(org_id=job.organization_id, job_id=job.pk)  # on this request's log lines
         return JobPrincipal(job.pk), JobTokenAuth(job)
 
     def authenticate_header(self, request) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from rest_framework.exceptions import NotAuthenticated, PermissionDenied
 
 from portal.models import ApiToken, Membership, Organization
+from portal.observability import context
 from portal.roles import scopes_for
 from portal.selectors.orgs import membership_list_for_user
 from portal.services.tokens import token_effective_scopes
@@ -51,6 +52,7 @@ def tenant_of(request) -> Tenant:
         scopes = scopes_for(membership.role, is_staff=request.user.is_staff)
         tenant = Tenant(membership.organization, membership, scopes, None)
     request._tenant = tenant
+    context.bind(org_id=tenant.organization.pk)  # on this request's log lines
     return tenant
 
 

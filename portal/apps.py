@@ -7,5 +7,10 @@ class PortalConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Registers the system check that the pages' front-end bundle was built.
-        from portal.web import checks  # noqa: F401
+        from django.conf import settings
+
+        from portal.observability.errors import sentry_init
+        from portal.web import checks  # noqa: F401  (registers the check that the front-end bundle was built)
+
+        # Error reports when SENTRY_DSN is set (web and Celery processes alike load this app).
+        sentry_init(settings.SENTRY_DSN, environment=settings.MODE)

@@ -88,6 +88,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "portal.observability.middleware.RequestObservabilityMiddleware",  # request id, per-route metrics
     "django.middleware.security.SecurityMiddleware",
     "api.middleware.ApiRequestGuardMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -305,13 +306,47 @@ DEFAULT_QUOTA = {
 }
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Observability (portal/observability/, README "Observability"). `json`: one JSON object per line carrying the
+# request, organization and job ids, an access line per request (opentinker.access), and uvicorn's and
+# Celery's own lines through the same handler; `text` keeps the plain lines (the ids are on every record).
+LOG_FORMAT = env.choice("LOG_FORMAT", "text", ("text", "json"))
+_JSON_LOGS = LOG_FORMAT == "json"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "filters": {"ids": {"()": "portal.observability.logs.ContextFilter"}},
+    "formatters": {"json": {"()": "portal.observability.logs.JsonFormatter"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "filters": ["ids"],
+            **({"formatter": "json"} if _JSON_LOGS else {}),
+        }
+    },
     "root": {"handlers": ["console"], "level": env.choice("LOG_LEVEL", "INFO", _LOG_LEVELS)},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        "opentinker.access": {"level": "INFO" if _JSON_LOGS else "WARNING"},
+        **(
+            {
+                "uvicorn": {"handlers": ["console"], "propagate": False},
+                "uvicorn.error": {"handlers": [], "propagate": True},
+                "uvicorn.access": {"level": "WARNING"},  # opentinker.access says it, with the request id
+            }
+            if _JSON_LOGS
+            else {}
+        ),
+    },
 }
+CELERY_WORKER_HIJACK_ROOT_LOGGER = not _JSON_LOGS
+# /metrics (api/views/metrics.py): 404 unless one of these is set; then the bearer token or a direct peer in
+# the allow-list (addresses or CIDRs) is let in. With several server processes, the directory they share
+# (wiped before they start) for prometheus_client's multiprocess mode; it must be in the process environment.
+METRICS_TOKEN = env.str("METRICS_TOKEN", "")
+METRICS_ALLOW_FROM = parse_networks(env.str("METRICS_ALLOW_FROM", ""))
+PROMETHEUS_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR", "")
+# Error reports to Sentry when set (needs `pip install sentry-sdk`; portal/observability/errors.py).
+SENTRY_DSN = env.str("SENTRY_DSN", "")
 
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # htmx reads the token from the cookie
@@ -336,12 +371,14 @@ SECURE_PROXY_SSL_HEADER = (_proxy_ssl_header, "https") if _proxy_ssl_header else
 if not EMBEDDED:
     SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", True)
     # Probes talk plain HTTP to the pod: a redirect would read as success (README "Operations").
-    SECURE_REDIRECT_EXEMPT = [r"^(livez|readyz|healthz)$"]
+    SECURE_REDIRECT_EXEMPT = [r"^(livez|readyz|healthz|metrics)$"]
     SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", 31_536_000, minimum=0)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", True)
     if len(SECRET_KEY) < 50 or SECRET_KEY.startswith("django-insecure"):
         raise ValueError("SECRET_KEY must be at least 50 random characters in production")
+    if METRICS_TOKEN and len(METRICS_TOKEN) < 32:
+        raise ValueError("METRICS_TOKEN must be at least 32 random characters in production")
     if any(len(p) < 32 for p in TOKEN_PEPPERS.values()):
         raise ValueError(
             "TOKEN_PEPPER must be at least 32 random characters in production (each of TOKEN_PEPPERS)"

@@ -5,6 +5,7 @@ from django.http import JsonResponse
 from django.urls import include, path
 
 from api.views.health import HealthzApi, LivenessApi, ReadinessApi
+from api.views.metrics import metrics_view
 
 
 def not_found(request, exception=None):
@@ -26,6 +27,8 @@ urlpatterns = [
     path("healthz", HealthzApi.as_view()),
     path("livez", LivenessApi.as_view()),
     path("readyz", ReadinessApi.as_view()),
+    # Prometheus, for the operator only (README "Observability"): api/views/metrics.py.
+    path("metrics", metrics_view),
     path("api/", include("api.urls")),
     path("django-admin/", admin.site.urls),
     path("", include("portal.web.urls")),

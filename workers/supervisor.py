@@ -18,6 +18,7 @@ from opentinker.spec import TERMINAL_STATES, JobState
 from portal.celery import app
 from portal.errors import Conflict
 from portal.models import Allocation, ComputePool, Job
+from portal.observability import context
 from portal.services.env_secrets import EnvironmentSecretMissing
 from portal.services.jobs import job_transition
 from portal.services.pools import pool_ensure, pool_report
@@ -54,6 +55,7 @@ def launch(allocation_id: int) -> str:
         # the supervisor re-queues the job after OPENTINKER_LAUNCH_TIMEOUT_S.
         Allocation.objects.filter(pk=alloc.pk).update(runtime_handle="launching")
     job = alloc.job
+    context.bind(job_id=job.pk, org_id=job.organization_id)  # on this task's log lines
     driver = driver_for(alloc.pool)
     path = work_dir(job, alloc.attempt)
     try:
@@ -83,6 +85,7 @@ def stop_allocation(allocation_id: int, why: str) -> str:
     )
     if alloc is None or not alloc.runtime_handle or alloc.runtime_handle == "launching":
         return "nothing to stop"
+    context.bind(job_id=alloc.job_id)
     driver_for(alloc.pool).stop(alloc)
     return "stop requested"
 

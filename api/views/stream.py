@@ -53,6 +53,7 @@ from rest_framework.views import APIView
 from api.tenancy import tenant_of
 from opentinker.spec import TERMINAL_STATES
 from portal.models import Scope
+from portal.observability import metrics
 from portal.selectors.jobs import job_get
 from portal.services import live
 
@@ -275,6 +276,7 @@ class Follower:
         r = aioredis.Redis.from_url(
             settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=poll + 10, health_check_interval=30
         )
+        metrics.STREAM_CLIENTS.inc()
         try:
             state = await _db(live.job_state)(self.job_id)
             if state is None:
@@ -332,6 +334,7 @@ class Follower:
                     last_sent = now
                     yield b": keep-alive\n\n"
         finally:
+            metrics.STREAM_CLIENTS.dec()
             with contextlib.suppress(Exception):
                 await r.aclose()
 

@@ -26,6 +26,7 @@ from portal import storage
 from portal.actors import Actor
 from portal.errors import Conflict, DomainError
 from portal.models import Allocation, Checkpoint, Job, JobEvent, JobLog, Metric
+from portal.observability import counters
 from portal.services import live
 from portal.services.jobs import job_event_add, job_transition
 
@@ -144,6 +145,7 @@ def metrics_ingest(*, job: Job, points: Any) -> tuple[int, int]:
             inserted = cur.fetchall()
         if inserted:
             live.publish_on_commit(job.pk, "metrics", live.metrics_payload(inserted))
+            transaction.on_commit(lambda: counters.count({(counters.POINTS_INGESTED, ""): len(inserted)}))
     return len(points), len(inserted)
 
 

@@ -22,6 +22,7 @@ from django.utils import timezone
 from opentinker.spec import JobState
 from portal.actors import Actor
 from portal.models import Allocation, Job
+from portal.observability import counters
 from portal.scheduling.explanation import forget_explanation
 from portal.scheduling.inputs import plan_at
 from portal.scheduling.policy import Wait
@@ -46,6 +47,7 @@ def schedule_pass(now: datetime | None = None) -> PassResult:
     started = time.perf_counter()
     actor = Actor.system("scheduler")
     result = PassResult()
+    counted: dict[tuple[str, str], int] = defaultdict(int)  # for /metrics, once the pass has committed
     with transaction.atomic():
         with connection.cursor() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEDULER_LOCK])
@@ -93,6 +95,7 @@ def schedule_pass(now: datetime | None = None) -> PassResult:
             Job.objects.filter(pk=job.pk).update(pool=pool.name)
             enqueue("workers.launch", alloc.pk, expires=300)
             result.admitted.append(job.pk)
+            counted[(counters.ADMISSIONS, pool.name)] += 1
         for alloc_id in decided.preempt:
             alloc = Allocation.objects.select_related("job").get(pk=alloc_id)
             allocation_preempt_request(
@@ -101,8 +104,11 @@ def schedule_pass(now: datetime | None = None) -> PassResult:
                 actor=actor,
             )
             result.preempted.append(alloc_id)
+            pool_name = next((p.name for p in inputs.pool_rows if p.pk == alloc.pool_id), "")
+            counted[(counters.PREEMPTIONS, pool_name)] += 1
         result.waiting = decided.waiting
     # Committed: the admissions change every wait, so the shared explanation is recomputed on next view.
     forget_explanation()
+    counters.count(counted)
     result.seconds = time.perf_counter() - started
     return result
