@@ -10,7 +10,7 @@ from api.views.metrics import metrics_view
 
 def not_found(request, exception=None):
     # Programs get the API's JSON error shape for unknown API URLs; people get Django's page.
-    if request.path.startswith("/api/"):
+    if request.path.startswith(("/api/", "/tinker/")):
         return JsonResponse(
             {"error": {"code": "not_found", "message": "not found", "fields": {}}}, status=404
         )
@@ -30,6 +30,8 @@ urlpatterns = [
     # Prometheus, for the operator only (README "Observability"): api/views/metrics.py.
     path("metrics", metrics_view),
     path("api/", include("api.urls")),
+    # The Tinker-compatible API (issue 16): the tinker SDK's base URL is http://<host>/tinker.
+    path("tinker/", include("api.tinker.urls")),
     path("django-admin/", admin.site.urls),
     path("", include("portal.web.urls")),
 ]

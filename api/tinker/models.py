@@ -25,6 +25,9 @@ class TinkerSession(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     finish_reason = models.CharField(max_length=20, blank=True)
 
+    def __str__(self) -> str:
+        return f"tinker session {self.pk}"
+
 
 class TinkerModel(models.Model):
     """A training client (`{session}:train:{n}`, the id the SDK itself computes for load_weights) or a
@@ -43,6 +46,9 @@ class TinkerModel(models.Model):
     source_path = models.CharField(max_length=500, blank=True)  # a sampler's tinker:// weights
     created_at = models.DateTimeField(auto_now_add=True)
 
+    def __str__(self) -> str:
+        return f"{self.pk} ({self.base_model})"
+
 
 class TinkerFuture(models.Model):
     class State(models.TextChoices):
@@ -55,6 +61,7 @@ class TinkerFuture(models.Model):
     model = models.ForeignKey(TinkerModel, on_delete=models.CASCADE, related_name="futures")
     operation = models.CharField(max_length=40)
     seq_id = models.BigIntegerField(null=True, blank=True)  # None: create_model, not seq-ordered
+    request = models.JSONField(default=dict)  # what the reply needs besides the outcome (a weights name...)
     state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
     result = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
@@ -69,6 +76,9 @@ class TinkerFuture(models.Model):
             ),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.operation} {self.pk} ({self.state})"
+
 
 class TinkerWeights(models.Model):
     """A saved state (`weights`) or sampler adapter (`sampler_weights`): `tinker://{model}/{kind}/{name}`."""
@@ -82,3 +92,6 @@ class TinkerWeights(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["model", "kind", "name"], name="tinker_weights_name")]
+
+    def __str__(self) -> str:
+        return f"tinker://{self.model_id}/{self.kind}/{self.name}"

@@ -1,0 +1,40 @@
+"""The Valkey side of the Tinker API: one operations list per base model (the model server pops it) and a
+pub/sub channel per future (a long-polled `retrieve_future` wakes when the outcome is written).
+
+The PostgreSQL future is the truth; these only carry work and nudges. Key names are shared with
+gpu_runtime/model_server/serve.py, which cannot import this module: keep them in step.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from typing import Any
+
+import redis
+from django.conf import settings
+
+
+def ops_key(base_model: str) -> str:
+    return f"tinker:ops:{base_model}"
+
+
+def done_channel(future_id: str) -> str:
+    return f"tinker:done:{future_id}"
+
+
+@cache
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url)
+
+
+def client() -> redis.Redis:
+    return _client(settings.REDIS_URL)
+
+
+def enqueue(base_model: str, op: dict[str, Any]) -> None:
+    client().rpush(ops_key(base_model), json.dumps(op, allow_nan=False))
+
+
+def announce_done(future_id: str) -> None:
+    client().publish(done_channel(future_id), b"1")

@@ -1,0 +1,334 @@
+"""What the Tinker API's calls do: rows in PostgreSQL, operations on the base model's queue.
+
+Every asynchronous call writes a future and, after the transaction commits, puts its operation on the queue
+of the model server for the model's base (`queue`). A retried call (same model, same seq_id) is the same
+call: it finds its first future and enqueues nothing. Outcomes come back through `future_complete` (the
+ingest endpoint), which writes the future and wakes its long-polls.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from api.tinker import queue
+from api.tinker.models import TinkerFuture, TinkerModel, TinkerSession, TinkerWeights
+from opentinker.spec import MODEL_PRESETS
+from portal.errors import NotFound
+from portal.models import Membership, Organization
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+PATH_RE = re.compile(r"^tinker://(?P<run>[^/]+)/(?P<kind>weights|sampler_weights)/(?P<name>[^/]+)$")
+SEQ_OPS = ("forward_backward", "optim_step", "sample", "save_weights", "save_weights_for_sampler")
+
+
+class TinkerUserError(ValueError):
+    """A request the SDK sent wrong (unknown base model, bad name): a 400 the SDK does not retry."""
+
+
+# ---- sessions ----
+
+
+def session_create(membership: Membership, *, tags: list[str], sdk_version: str) -> TinkerSession:
+    return TinkerSession.objects.create(
+        organization=membership.organization,
+        created_by=membership.user,
+        tags=[str(t)[:100] for t in tags][:20],
+        sdk_version=sdk_version[:40],
+    )
+
+
+def session_get(org: Organization, session_id: str) -> TinkerSession:
+    session = TinkerSession.objects.filter(organization=org, pk=uuid_or_none(session_id)).first()
+    if session is None:
+        raise NotFound("no such session")
+    return session
+
+
+def session_heartbeat(org: Organization, session_id: str) -> TinkerSession:
+    session = session_get(org, session_id)
+    TinkerSession.objects.filter(pk=session.pk).update(last_heartbeat_at=timezone.now())
+    return session
+
+
+def session_finish(org: Organization, session_id: str, reason: str) -> None:
+    session = session_get(org, session_id)
+    TinkerSession.objects.filter(pk=session.pk, finished_at=None).update(
+        finished_at=timezone.now(), finish_reason=reason[:20]
+    )
+
+
+def uuid_or_none(value: str) -> str | None:
+    return value if re.fullmatch(r"[0-9a-fA-F-]{32,36}", str(value)) else None
+
+
+# ---- models ----
+
+
+def _check_base(base_model: str) -> None:
+    if base_model not in MODEL_PRESETS:
+        raise TinkerUserError(f"unknown base_model {base_model!r}; known: {sorted(MODEL_PRESETS)}")
+
+
+def model_get(org: Organization, model_id: str) -> TinkerModel:
+    model = TinkerModel.objects.filter(organization=org, pk=str(model_id)[:80]).first()
+    if model is None:
+        raise NotFound("no such model")
+    return model
+
+
+def model_create(
+    org: Organization, session_id: str, model_seq_id: int, base_model: str, lora_config: dict[str, Any]
+) -> TinkerFuture:
+    """A training client with a fresh adapter. Its id is the one the SDK computes for load_weights."""
+    _check_base(base_model)
+    rank = int(lora_config.get("rank") or 32)
+    if not 1 <= rank <= 512:
+        raise TinkerUserError("lora_config.rank must be in [1, 512]")
+    config = {
+        "rank": rank,
+        "seed": lora_config.get("seed"),
+        "train_mlp": bool(lora_config.get("train_mlp", True)),
+        "train_attn": bool(lora_config.get("train_attn", True)),
+        "train_unembed": bool(lora_config.get("train_unembed", True)),
+    }
+    return _model_with_future(
+        org, session_id, model_seq_id, base_model, rank, "create_model", {"lora_config": config}
+    )
+
+
+def model_load(
+    org: Organization, session_id: str, model_seq_id: int, path: str, *, optimizer: bool
+) -> TinkerFuture:
+    """A training client resumed from a saved state (`create_training_client_from_state[_with_optimizer]`)."""
+    weights = weights_get(org, path)
+    if weights.kind != "weights":
+        raise TinkerUserError("load_weights needs a save_state path (tinker://.../weights/...)")
+    base, rank = weights.model.base_model, weights.model.lora_rank
+    op = {"uri": weights.uri, "optimizer": bool(optimizer)}
+    return _model_with_future(org, session_id, model_seq_id, base, rank, "load_weights", op)
+
+
+def _model_with_future(
+    org: Organization,
+    session_id: str,
+    model_seq_id: int,
+    base_model: str,
+    rank: int | None,
+    operation: str,
+    op: dict[str, Any],
+) -> TinkerFuture:
+    session = session_get(org, session_id)
+    model_id = f"{session.pk}:train:{int(model_seq_id)}"
+    with transaction.atomic():
+        model, created = TinkerModel.objects.get_or_create(
+            pk=model_id,
+            defaults={
+                "organization": org,
+                "session": session,
+                "kind": TinkerModel.Kind.TRAIN,
+                "base_model": base_model,
+                "lora_rank": rank,
+            },
+        )
+        if not created:  # a retry: the same call
+            return model.futures.filter(seq_id=None).order_by("created_at").first()  # type: ignore[return-value]
+        future = TinkerFuture.objects.create(organization=org, model=model, operation=operation)
+        message = {"op": operation, "future": str(future.pk), "model_id": model_id, **op}
+        transaction.on_commit(lambda: queue.enqueue(base_model, message))
+    return future
+
+
+def sampler_create(
+    org: Organization,
+    session_id: str,
+    sampling_session_seq_id: int,
+    *,
+    base_model: str | None,
+    model_path: str | None,
+) -> TinkerModel:
+    """A sampling client: the base model, or saved weights. Its model server loads it when the queue
+    reaches it, before any of its samples (same queue, FIFO)."""
+    session = session_get(org, session_id)
+    uri = None
+    if model_path:
+        weights = weights_get(org, model_path)
+        base_model, uri = weights.model.base_model, weights.uri
+    if not base_model:
+        raise TinkerUserError("create_sampling_session needs base_model or model_path")
+    _check_base(base_model)
+    return _sampler(org, session, int(sampling_session_seq_id), base_model, uri, model_path or "")
+
+
+def _sampler(
+    org: Organization, session: TinkerSession, seq: int, base_model: str, uri: str | None, path: str
+) -> TinkerModel:
+    sampler_id = f"{session.pk}:sample:{seq}"
+    with transaction.atomic():
+        model, created = TinkerModel.objects.get_or_create(
+            pk=sampler_id,
+            defaults={
+                "organization": org,
+                "session": session,
+                "kind": TinkerModel.Kind.SAMPLE,
+                "base_model": base_model,
+                "source_path": path,
+            },
+        )
+        if created:
+            message = {"op": "create_sampler", "model_id": sampler_id, "uri": uri}
+            transaction.on_commit(lambda: queue.enqueue(base_model, message))
+    return model
+
+
+# ---- ordered calls ----
+
+
+def call_submit(
+    org: Organization,
+    model_id: str,
+    seq_id: int | None,
+    operation: str,
+    op: dict[str, Any],
+    *,
+    request: dict[str, Any] | None = None,
+) -> TinkerFuture:
+    """Queue one seq-ordered call of a model (a training client or a sampler)."""
+    assert operation in SEQ_OPS
+    model = model_get(org, model_id)
+    if seq_id is None:
+        raise TinkerUserError("seq_id is required")
+    trains = operation in ("forward_backward", "optim_step", "save_weights")
+    if trains and model.kind != TinkerModel.Kind.TRAIN:
+        raise TinkerUserError(f"{operation} needs a training client")
+    existing = TinkerFuture.objects.filter(model=model, seq_id=seq_id).first()
+    if existing is not None:
+        return existing
+    try:
+        with transaction.atomic():
+            future = TinkerFuture.objects.create(
+                organization=org, model=model, operation=operation, seq_id=seq_id, request=request or {}
+            )
+            message = {"op": operation, "future": str(future.pk), "model_id": model.pk, "seq_id": seq_id}
+            message.update(op)
+            transaction.on_commit(lambda: queue.enqueue(model.base_model, message))
+    except IntegrityError:  # the same call, retried concurrently: the first one wins
+        return TinkerFuture.objects.get(model=model, seq_id=seq_id)
+    return future
+
+
+def weights_uri(org: Organization, model: TinkerModel, kind: str, name: str) -> str:
+    base = settings.OBJECT_STORE_URL.rstrip("/")
+    run = urllib.parse.quote(model.pk, safe="")
+    return f"{base}/tinker/{org.pk}/{run}/{kind}/{name}"
+
+
+def save_submit(
+    org: Organization,
+    model_id: str,
+    seq_id: int | None,
+    *,
+    for_sampler: bool,
+    name: str | None,
+    sampling_session_seq_id: int | None = None,
+) -> TinkerFuture:
+    """`save_weights` (state with Adam) or `save_weights_for_sampler` (a PEFT adapter), named or, for
+    `save_weights_and_get_sampling_client`, ephemeral (then a sampler on it comes with the result)."""
+    model = model_get(org, model_id)
+    kind = "sampler_weights" if for_sampler else "weights"
+    if name is None:
+        if sampling_session_seq_id is None:
+            raise TinkerUserError("path (a name) is required")
+        name = f"ephemeral-{seq_id}"
+    if not NAME_RE.match(name):
+        raise TinkerUserError("path must be a name of letters, digits, '.', '_' or '-' (at most 100)")
+    uri = weights_uri(org, model, kind, name)
+    request = {"kind": kind, "name": name, "uri": uri, "sampling_session_seq_id": sampling_session_seq_id}
+    operation = "save_weights_for_sampler" if for_sampler else "save_weights"
+    return call_submit(
+        org, model_id, seq_id, operation, {"uri": uri, "for_sampler": for_sampler}, request=request
+    )
+
+
+def weights_get(org: Organization, path: str) -> TinkerWeights:
+    m = PATH_RE.match(str(path))
+    if m is None:
+        raise TinkerUserError(f"not a tinker:// weights path: {str(path)[:200]!r}")
+    weights = (
+        TinkerWeights.objects.select_related("model")
+        .filter(organization=org, model_id=m["run"], kind=m["kind"], name=m["name"])
+        .first()
+    )
+    if weights is None:
+        raise NotFound("no such weights")
+    return weights
+
+
+# ---- outcomes (the model server, through the ingest) ----
+
+
+def future_complete(
+    base_model: str,
+    future_id: str,
+    *,
+    result: dict[str, Any] | None = None,
+    error: str = "",
+    category: str = "",
+) -> TinkerFuture:
+    """Write a call's outcome, as the model server of `base_model` reports it. Idempotent: a future already
+    completed keeps its first outcome (a model server may report twice after a lost answer)."""
+    with transaction.atomic():
+        future = (
+            TinkerFuture.objects.select_for_update()
+            .select_related("model__session", "organization")
+            .filter(pk=uuid_or_none(future_id), model__base_model=base_model)
+            .first()
+        )
+        if future is None:
+            raise NotFound("no such future")
+        if future.state != TinkerFuture.State.PENDING:
+            return future
+        future.completed_at = timezone.now()
+        if result is None:
+            future.state = TinkerFuture.State.FAILED
+            future.error = (error or "the model server reported no result")[:10000]
+            future.error_category = category if category in ("user", "server") else "unknown"
+        else:
+            future.state = TinkerFuture.State.DONE
+            future.result = _reply(future, result)
+        future.save()
+        transaction.on_commit(lambda: queue.announce_done(str(future.pk)))
+    return future
+
+
+def _reply(future: TinkerFuture, result: dict[str, Any]) -> dict[str, Any]:
+    """What the SDK gets back, in its shape (protobuf results are encoded when retrieved)."""
+    model = future.model
+    if future.operation in ("create_model", "load_weights"):
+        return {"type": future.operation, "model_id": model.pk}
+    if future.operation in ("save_weights", "save_weights_for_sampler"):
+        req = future.request
+        TinkerWeights.objects.get_or_create(
+            model=model,
+            kind=req["kind"],
+            name=req["name"],
+            defaults={"organization": future.organization, "uri": req["uri"]},
+        )
+        path = f"tinker://{model.pk}/{req['kind']}/{req['name']}"
+        if req.get("sampling_session_seq_id") is not None:
+            sampler = _sampler(
+                future.organization,
+                model.session,
+                int(req["sampling_session_seq_id"]),
+                model.base_model,
+                req["uri"],
+                path,
+            )
+            return {"type": future.operation, "path": path, "sampling_session_id": sampler.pk}
+        return {"type": future.operation, "path": path}
+    return result

@@ -1,0 +1,377 @@
+"""The endpoints the official `tinker` SDK calls (`/tinker/api/v1/...`) and the model server's ingest.
+
+Plain Django views rather than DRF: the SDK, not our REST conventions, fixes the wire (a `"type"` field in
+JSON bodies, a protobuf body for `forward_backward`, protobuf results, `X-API-Key: tml-...`). Every call
+but `retrieve_future` is short and synchronous; `retrieve_future` is async and holds the poll open on a
+Valkey channel until the outcome is written or `TINKER_POLL_HOLD_SECONDS` pass, holding no thread meanwhile.
+
+Errors: 401 for a bad key, 404 for anything of another organization (the SDK stops at once on 404), 400
+for a request the SDK sent wrong. A failed call is a 200 `{"error", "category"}` from `retrieve_future`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_http_methods
+
+from api.tinker import codec, queue, services
+from api.tinker.auth import TinkerAuthError, authenticate, authenticate_model_server
+from api.tinker.models import TinkerFuture
+from portal.errors import NotFound
+from portal.models import Membership
+
+PROTOBUF = "application/x-protobuf"
+DEFAULT_HOLD_SECONDS = 25.0  # under the SDK's 45 s per-poll timeout (TINKER_PROTOCOL.md)
+DEFAULT_MAX_BODY = 16 * 1024 * 1024  # the SDK splits forward_backward at ~5 MB
+
+
+def _error(status: int, message: str, category: str = "user") -> JsonResponse:
+    return JsonResponse({"error": message, "category": category}, status=status)
+
+
+def _body(request: HttpRequest) -> bytes:
+    limit = getattr(settings, "TINKER_MAX_BODY_BYTES", DEFAULT_MAX_BODY)
+    try:
+        size = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise services.TinkerUserError("Content-Length is not a number") from None
+    if size > limit:
+        raise services.TinkerUserError(f"request body is {size} bytes; the limit is {limit}")
+    return request.read(limit + 1)[:limit]
+
+
+def _json(request: HttpRequest) -> dict[str, Any]:
+    try:
+        data = json.loads(_body(request) or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise services.TinkerUserError("the body is not JSON") from None
+    if not isinstance(data, dict):
+        raise services.TinkerUserError("the body must be a JSON object")
+    return data
+
+
+def tinker_call(methods: tuple[str, ...] = ("POST",)) -> Callable[..., Any]:
+    """An SDK endpoint: authenticated by X-API-Key, errors in the shape the SDK reads."""
+
+    def wrap(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @csrf_exempt
+        @require_http_methods(list(methods))
+        @functools.wraps(view)
+        def inner(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            try:
+                membership = authenticate(request)
+                return view(request, membership, *args, **kwargs)
+            except TinkerAuthError as exc:
+                return _error(401, str(exc))
+            except NotFound as exc:
+                return _error(404, str(exc) or "not found")
+            except (services.TinkerUserError, codec.CodecError, KeyError, TypeError, ValueError) as exc:
+                return _error(400, _describe(exc))
+
+        return inner
+
+    return wrap
+
+
+def _describe(exc: Exception) -> str:
+    return f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+
+
+def _future(future: TinkerFuture, **extra: Any) -> JsonResponse:
+    return JsonResponse({"request_id": str(future.pk), **extra})
+
+
+# ---- client and session ----
+
+
+@tinker_call()
+def client_config(request: HttpRequest, membership: Membership) -> HttpResponse:
+    return JsonResponse({})  # the SDK's defaults; no server-side custom losses, no batched futures poll
+
+
+@tinker_call()
+def create_session(request: HttpRequest, membership: Membership) -> HttpResponse:
+    body = _json(request)
+    session = services.session_create(
+        membership, tags=list(body.get("tags") or []), sdk_version=str(body.get("sdk_version") or "")
+    )
+    return JsonResponse({"type": "create_session", "session_id": str(session.pk)})
+
+
+@tinker_call()
+def session_heartbeat(request: HttpRequest, membership: Membership) -> HttpResponse:
+    services.session_heartbeat(membership.organization, str(_json(request)["session_id"]))
+    return JsonResponse({"type": "session_heartbeat"})
+
+
+@tinker_call()
+def session_finish(request: HttpRequest, membership: Membership, session_id: str) -> HttpResponse:
+    reason = (_json(request).get("reason") or {}).get("type") or ""
+    services.session_finish(membership.organization, session_id, str(reason))
+    return JsonResponse({})
+
+
+@tinker_call()
+def telemetry(request: HttpRequest, membership: Membership) -> HttpResponse:
+    _body(request)  # accepted and dropped: our own metrics come from the server side
+    return JsonResponse({"status": "accepted"})
+
+
+# ---- models ----
+
+
+@tinker_call()
+def create_model(request: HttpRequest, membership: Membership) -> HttpResponse:
+    body = _json(request)
+    future = services.model_create(
+        membership.organization,
+        str(body["session_id"]),
+        int(body["model_seq_id"]),
+        str(body["base_model"]),
+        dict(body.get("lora_config") or {}),
+    )
+    return _future(future, model_id=future.model_id)
+
+
+@tinker_call()
+def load_weights(request: HttpRequest, membership: Membership) -> HttpResponse:
+    body = _json(request)
+    if body.get("session_id") is None or body.get("model_seq_id") is None:
+        raise services.TinkerUserError("load_weights into an existing model is not supported yet")
+    future = services.model_load(
+        membership.organization,
+        str(body["session_id"]),
+        int(body["model_seq_id"]),
+        str(body["path"]),
+        optimizer=bool(body.get("optimizer")),
+    )
+    return _future(future, model_id=future.model_id)
+
+
+@tinker_call()
+def get_info(request: HttpRequest, membership: Membership) -> HttpResponse:
+    model = services.model_get(membership.organization, str(_json(request)["model_id"]))
+    return JsonResponse(
+        {
+            "type": "get_info",
+            "model_id": model.pk,
+            "model_data": {"model_name": model.base_model, "arch": None, "tokenizer_id": None},
+            "is_lora": True,
+            "lora_rank": model.lora_rank,
+        }
+    )
+
+
+# ---- training ----
+
+
+@tinker_call()
+def forward_backward(request: HttpRequest, membership: Membership) -> HttpResponse:
+    op = codec.decode_forward_backward(_body(request))
+    model_id, seq_id = op.pop("model_id"), op.pop("seq_id")
+    if not seq_id:
+        raise services.TinkerUserError("seq_id must be >= 1")
+    future = services.call_submit(membership.organization, model_id, seq_id, "forward_backward", op)
+    return _future(future, model_id=model_id)
+
+
+ADAM_FIELDS = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
+
+
+@tinker_call()
+def optim_step(request: HttpRequest, membership: Membership) -> HttpResponse:
+    body = _json(request)
+    params = body.get("adam_params") or body.get("optim_params") or body.get("optimizer_params") or {}
+    adam = {k: float(params[k]) for k in ADAM_FIELDS if params.get(k) is not None}
+    model_id = str(body["model_id"])
+    future = services.call_submit(
+        membership.organization, model_id, _seq(body), "optim_step", {"adam_params": adam}
+    )
+    return _future(future, model_id=model_id)
+
+
+def _seq(body: dict[str, Any]) -> int | None:
+    return None if body.get("seq_id") is None else int(body["seq_id"])
+
+
+@tinker_call()
+def save_weights(request: HttpRequest, membership: Membership) -> HttpResponse:
+    body = _json(request)
+    model_id = str(body["model_id"])
+    future = services.save_submit(
+        membership.organization, model_id, _seq(body), for_sampler=False, name=body.get("path")
+    )
+    return _future(future, model_id=model_id)
+
+
+@tinker_call()
+def save_weights_for_sampler(request: HttpRequest, membership: Membership) -> HttpResponse:
+    body = _json(request)
+    model_id = str(body["model_id"])
+    seq = body.get("sampling_session_seq_id")
+    future = services.save_submit(
+        membership.organization,
+        model_id,
+        _seq(body),
+        for_sampler=True,
+        name=body.get("path"),
+        sampling_session_seq_id=None if seq is None else int(seq),
+    )
+    return _future(future, model_id=model_id)
+
+
+# ---- sampling ----
+
+
+@tinker_call()
+def create_sampling_session(request: HttpRequest, membership: Membership) -> HttpResponse:
+    body = _json(request)
+    sampler = services.sampler_create(
+        membership.organization,
+        str(body["session_id"]),
+        int(body["sampling_session_seq_id"]),
+        base_model=body.get("base_model"),
+        model_path=body.get("model_path"),
+    )
+    return JsonResponse({"type": "create_sampling_session", "sampling_session_id": sampler.pk})
+
+
+@tinker_call(("GET",))
+def get_sampler(request: HttpRequest, membership: Membership, sampler_id: str) -> HttpResponse:
+    sampler = services.model_get(membership.organization, sampler_id)
+    path = sampler.source_path or None
+    return JsonResponse({"sampler_id": sampler.pk, "base_model": sampler.base_model, "model_path": path})
+
+
+SAMPLING_FIELDS = ("max_tokens", "seed", "stop", "temperature", "top_k", "top_p")
+
+
+@tinker_call()
+def asample(request: HttpRequest, membership: Membership) -> HttpResponse:
+    body = _json(request)
+    if not body.get("sampling_session_id"):
+        raise services.TinkerUserError("asample needs a sampling_session_id (create_sampling_session)")
+    prompt: list[int] = []
+    for chunk in body["prompt"]["chunks"]:
+        if chunk.get("type", "encoded_text") != "encoded_text":
+            raise services.TinkerUserError("only encoded_text chunks are supported (no images or audio)")
+        prompt += [int(t) for t in chunk["tokens"]]
+    num_samples = int(body.get("num_samples") or 1)
+    if not 1 <= num_samples <= 128:
+        raise services.TinkerUserError("num_samples must be in [1, 128]")
+    params = {k: v for k, v in (body.get("sampling_params") or {}).items() if k in SAMPLING_FIELDS}
+    op = {
+        "prompt": prompt,
+        "num_samples": num_samples,
+        "sampling_params": params,
+        "prompt_logprobs": bool(body.get("prompt_logprobs")),
+    }
+    future = services.call_submit(
+        membership.organization, str(body["sampling_session_id"]), _seq(body), "sample", op
+    )
+    ids = [f"{future.pk}:{i}" for i in range(num_samples)]
+    return _future(future, sample_sequence_ids=ids)
+
+
+# ---- futures ----
+
+
+def _reply(future: TinkerFuture) -> HttpResponse:
+    if future.state == TinkerFuture.State.PENDING:
+        return JsonResponse({"type": "try_again", "request_id": str(future.pk), "queue_state": "active"})
+    if future.state == TinkerFuture.State.FAILED:
+        return JsonResponse({"error": future.error, "category": future.error_category or "unknown"})
+    assert future.result is not None
+    if future.operation == "forward_backward":
+        return HttpResponse(codec.encode_forward_backward_output(future.result), content_type=PROTOBUF)
+    if future.operation == "sample":
+        return HttpResponse(codec.encode_sample_response(future.result), content_type=PROTOBUF)
+    return JsonResponse(future.result)
+
+
+def _lookup(request: HttpRequest) -> tuple[Membership, str]:
+    membership = authenticate(request)
+    return membership, str(_json(request)["request_id"])
+
+
+def _future_of(membership: Membership, future_id: str) -> TinkerFuture:
+    pk = services.uuid_or_none(future_id)
+    future = TinkerFuture.objects.filter(organization=membership.organization, pk=pk).first()
+    if future is None:
+        raise NotFound("no such future")
+    return future
+
+
+@csrf_exempt
+@require_http_methods(["POST"])
+async def retrieve_future(request: HttpRequest) -> HttpResponse:
+    try:
+        membership, future_id = await sync_to_async(_lookup)(request)
+        hold = float(getattr(settings, "TINKER_POLL_HOLD_SECONDS", DEFAULT_HOLD_SECONDS))
+        r = aioredis.Redis.from_url(settings.REDIS_URL)
+        try:
+            async with r.pubsub() as pubsub:
+                # Subscribe before reading the row: an outcome written in between still wakes this poll.
+                await pubsub.subscribe(queue.done_channel(future_id))
+                future = await sync_to_async(_future_of)(membership, future_id)
+                if future.state == TinkerFuture.State.PENDING:
+                    await _wait(pubsub, hold)
+                    future = await sync_to_async(_future_of)(membership, future_id)
+        finally:
+            await r.aclose()
+        return await sync_to_async(_reply)(future)
+    except TinkerAuthError as exc:
+        return _error(401, str(exc))
+    except NotFound as exc:
+        return _error(404, str(exc) or "not found")
+    except (services.TinkerUserError, KeyError, TypeError, ValueError) as exc:
+        return _error(400, _describe(exc))
+
+
+async def _wait(pubsub: Any, hold: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + hold
+    while (left := deadline - loop.time()) > 0:
+        if await pubsub.get_message(ignore_subscribe_messages=True, timeout=left) is not None:
+            return
+
+
+# ---- the model server's ingest ----
+
+
+@csrf_exempt
+@require_http_methods(["POST"])
+def ingest_outcomes(request: HttpRequest) -> HttpResponse:
+    """`{"outcomes": [{"future", "result"} | {"future", "error", "category"}]}` from the model server of
+    the token's base model. Unknown futures (or another base's) are counted, not written."""
+    base_model = authenticate_model_server(request)
+    if base_model is None:
+        return _error(401, "invalid or expired model server token")
+    try:
+        outcomes = _json(request)["outcomes"]
+        written, unknown = 0, 0
+        for o in outcomes:
+            try:
+                services.future_complete(
+                    base_model,
+                    str(o["future"]),
+                    result=o.get("result"),
+                    error=str(o.get("error") or ""),
+                    category=str(o.get("category") or ""),
+                )
+                written += 1
+            except NotFound:
+                unknown += 1
+    except (services.TinkerUserError, KeyError, TypeError, ValueError) as exc:
+        return _error(400, _describe(exc))
+    return JsonResponse({"written": written, "unknown": unknown})
