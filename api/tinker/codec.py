@@ -105,7 +105,7 @@ def encode_forward_backward_output(result: dict[str, Any]) -> bytes:
     for name in outputs[0] if outputs else []:
         offsets, data = [0], array("f")
         for datum in outputs:
-            data.extend(datum[name])
+            data.extend(math.nan if x is None else x for x in datum[name])
             offsets.append(len(data) * data.itemsize)
         field = record.fields[name]
         field.data = _pack("f", data)
@@ -121,7 +121,7 @@ def encode_sample_response(result: dict[str, Any]) -> bytes:
     for seq in result["sequences"]:
         s = out.sequences.add()
         s.tokens = _pack("i", seq["tokens"])
-        s.logprobs = _pack("f", seq["logprobs"])
+        s.logprobs = _pack("f", [math.nan if x is None else x for x in seq["logprobs"]])
         s.stop_reason = pb.STOP_REASON_STOP if seq["stop_reason"] == "stop" else pb.STOP_REASON_LENGTH
     if result.get("prompt_logprobs") is not None:
         out.prompt_logprobs = _pack("f", [math.nan if x is None else x for x in result["prompt_logprobs"]])

@@ -1,0 +1,28 @@
+"""`python -m gpu_runtime.model_server serve ...`: the model server process (see serve.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gpu_runtime.model_server import serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpu_runtime.model_server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("serve", help="serve one base model's Tinker API queue")
+    run.add_argument("--base-model", required=True)
+    run.add_argument("--queue-url", required=True, help="the platform's Valkey/Redis URL")
+    run.add_argument("--ingest-url", required=True, help="http://<platform>/tinker/ingest/outcomes")
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    run.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

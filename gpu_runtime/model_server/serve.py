@@ -1,0 +1,230 @@
+"""The model server as a process: pops the Tinker API's operations from its base model's Valkey queue, runs
+them on a `ModelServer`, and writes the outcomes back through the platform's ingest endpoint.
+
+    OPENTINKER_MODEL_SERVER_TOKEN=otm_... python -m gpu_runtime.model_server serve \\
+        --base-model tiny-qwen2 --queue-url redis://127.0.0.1:6379/0 \\
+        --ingest-url http://127.0.0.1:8000/tinker/ingest/outcomes
+
+It speaks to the platform only through the queue and the ingest (ARCHITECTURE "The second way in"), and
+knows no protobuf and no database: the API decodes the SDK's requests into the plain JSON operations below
+and encodes the results. One loop: take every operation waiting, run one engine step (which batches the
+forward_backward calls of all models at their queue heads), report its outcomes; block on the queue only
+when nothing can run.
+
+Operations (JSON): `{"op", "model_id", "future"?, "seq_id"?, ...}` with op one of create_model, load_weights,
+create_sampler (no future), forward_backward, optim_step, sample, save_weights, save_weights_for_sampler.
+Outcomes: `{"future", "result": {...}}` or `{"future", "error", "category": "user" | "server"}`.
+
+Not yet: the drivers start and supervise this process (today an operator or a test does), the scheduler
+admits it, and operations popped but not finished are lost with the process (their futures stay pending).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import redis
+import torch
+
+from gpu_runtime.model_server.engine import ModelServer
+from gpu_runtime.model_server.types import (
+    AdamParams,
+    Datum,
+    ForwardBackward,
+    ForwardBackwardResult,
+    LoraConfig,
+    ModelServerError,
+    Operation,
+    OptimStep,
+    OptimStepResult,
+    Outcome,
+    Result,
+    Sample,
+    SampleResult,
+    SamplingParams,
+    SaveState,
+    SaveStateResult,
+)
+
+log = logging.getLogger(__name__)
+DRAIN_BATCH = 256
+POST_ATTEMPTS = 5
+
+
+def ops_key(base_model: str) -> str:
+    """The queue's key; the same as api/tinker/queue.py's (the platform side, which this cannot import)."""
+    return f"tinker:ops:{base_model}"
+
+
+WireOutcome = dict[str, Any]
+
+
+def _floats(values: Iterable[float]) -> list[float | None]:
+    # JSON (and PostgreSQL's jsonb) has no NaN: the first prompt log-prob is NaN by definition.
+    return [v if math.isfinite(v) else None for v in (float(x) for x in values)]
+
+
+def result_to_wire(result: Result) -> dict[str, Any]:
+    if isinstance(result, ForwardBackwardResult):
+        outputs = [{k: _floats(v.tolist()) for k, v in d.items()} for d in result.loss_fn_outputs]
+        return {"loss_fn_outputs": outputs, "metrics": result.metrics}
+    if isinstance(result, OptimStepResult):
+        return {"metrics": result.metrics}
+    if isinstance(result, SampleResult):
+        sequences = [
+            {"tokens": s.tokens, "logprobs": _floats(s.logprobs), "stop_reason": s.stop_reason}
+            for s in result.sequences
+        ]
+        prompt = None if result.prompt_logprobs is None else _floats(result.prompt_logprobs)
+        return {"sequences": sequences, "prompt_logprobs": prompt}
+    if isinstance(result, SaveStateResult):
+        return {"uri": result.uri}
+    raise ModelServerError(f"no wire form for {type(result).__name__}", category="server")
+
+
+def operation_from_wire(msg: dict[str, Any]) -> Operation:
+    op = msg["op"]
+    if op == "forward_backward":
+        data = [Datum(d["model_input"], d["loss_fn_inputs"]) for d in msg["data"]]
+        return ForwardBackward(
+            data, msg["loss_fn"], msg.get("loss_fn_config") or {}, bool(msg["forward_only"])
+        )
+    if op == "optim_step":
+        return OptimStep(AdamParams(**msg.get("adam_params", {})))
+    if op == "sample":
+        params = dict(msg["sampling_params"])
+        if params.get("max_tokens") is None:
+            raise ModelServerError("sampling_params.max_tokens is required")
+        params = {k: v for k, v in params.items() if v is not None or k == "stop"}
+        return Sample(
+            msg["prompt"], int(msg["num_samples"]), SamplingParams(**params), msg["prompt_logprobs"]
+        )
+    if op in ("save_weights", "save_weights_for_sampler"):
+        return SaveState(msg["uri"], for_sampler=bool(msg["for_sampler"]))
+    raise ModelServerError(f"unknown operation {op!r}")
+
+
+class ServeLoop:
+    """The transport-free part of the loop: operations in, wire outcomes out (testable without Valkey)."""
+
+    def __init__(self, server: ModelServer) -> None:
+        self.server = server
+        self.futures: dict[tuple[str, int], str] = {}  # (model_id, engine seq_id) -> future id
+        self.sample_seq: dict[str, int] = {}  # per sampler: samples are independent, run in arrival order
+
+    def handle(self, msg: dict[str, Any]) -> list[WireOutcome]:
+        """Take one operation; returns the outcomes it already has (control calls, retries, bad requests)."""
+        future = msg.get("future")
+        try:
+            model_id, op = str(msg["model_id"]), msg["op"]
+            if op == "create_model":
+                self.server.create_model(model_id, LoraConfig(**msg["lora_config"]))
+                return [{"future": future, "result": {}}]
+            if op == "load_weights":
+                self.server.create_model_from_state(model_id, msg["uri"], optimizer=bool(msg["optimizer"]))
+                return [{"future": future, "result": {}}]
+            if op == "create_sampler":
+                self.server.create_sampler(model_id, msg.get("uri"))
+                return []
+            if op == "sample":
+                # The SDK numbers a sampler's requests from 0 (clones from 1e9 on): the engine gets its own
+                # gapless numbering, as samples need no order. The API has already dropped retries.
+                seq_id = self.sample_seq.get(model_id, 0) + 1
+                self.sample_seq[model_id] = seq_id
+            else:
+                seq_id = int(msg["seq_id"])
+            operation = operation_from_wire(msg)
+            self.futures[(model_id, seq_id)] = str(future)
+            done = self.server.submit(model_id, seq_id, operation)
+            return [] if done is None else [self._wire(done)]
+        except ModelServerError as exc:
+            return [] if future is None else [{"future": future, "error": str(exc), "category": exc.category}]
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("bad operation %r: %r", msg.get("op"), exc)
+            return [] if future is None else [{"future": future, "error": f"bad operation: {exc!r}"}]
+
+    def step(self) -> list[WireOutcome]:
+        return [self._wire(o) for o in self.server.step()]
+
+    def _wire(self, o: Outcome) -> WireOutcome:
+        future = self.futures.pop((o.model_id, o.seq_id), None)
+        if o.error is not None:
+            return {"future": future, "error": str(o.error), "category": o.error.category}
+        assert o.result is not None
+        try:
+            return {"future": future, "result": result_to_wire(o.result)}
+        except ModelServerError as exc:
+            return {"future": future, "error": str(exc), "category": exc.category}
+
+
+@dataclass
+class Transport:
+    queue: redis.Redis
+    key: str
+    post: Callable[[list[WireOutcome]], None]
+
+    def drain(self) -> list[dict[str, Any]]:
+        raw: Any = self.queue.lpop(self.key, DRAIN_BATCH) or []
+        return [json.loads(m) for m in raw]
+
+    def wait(self, timeout: float) -> list[dict[str, Any]]:
+        got: Any = self.queue.blpop([self.key], timeout=timeout)
+        return [] if got is None else [json.loads(got[1])]
+
+
+def http_poster(ingest_url: str, token: str) -> Callable[[list[WireOutcome]], None]:
+    client = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    def post(outcomes: list[WireOutcome]) -> None:
+        outcomes = [o for o in outcomes if o.get("future")]
+        if not outcomes:
+            return
+        for attempt in range(POST_ATTEMPTS):
+            try:
+                client.post(ingest_url, json={"outcomes": outcomes}).raise_for_status()
+                return
+            except httpx.HTTPError as exc:
+                log.warning("ingest failed (attempt %d): %r", attempt + 1, exc)
+                time.sleep(min(2**attempt, 10))  # back off: the platform may be restarting
+        log.error("dropped %d outcomes: the ingest did not answer", len(outcomes))
+
+    return post
+
+
+def serve(
+    loop: ServeLoop, transport: Transport, *, idle_wait: float = 1.0, should_stop: Callable[[], bool]
+) -> None:
+    while not should_stop():
+        outcomes: list[WireOutcome] = []
+        for msg in transport.drain():
+            outcomes += loop.handle(msg)
+        outcomes += loop.step()
+        if outcomes:
+            transport.post(outcomes)
+            continue
+        for msg in transport.wait(idle_wait):  # nothing could run: block until an operation arrives
+            transport.post(loop.handle(msg))
+
+
+def main(args: Any) -> int:
+    import os
+
+    token = os.environ.get("OPENTINKER_MODEL_SERVER_TOKEN", "")
+    if not token:
+        raise SystemExit("OPENTINKER_MODEL_SERVER_TOKEN is not set (the platform's model-server token)")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    server = ModelServer(args.base_model, device=args.device, dtype=dtype, seed=args.seed)
+    transport = Transport(
+        redis.Redis.from_url(args.queue_url), ops_key(args.base_model), http_poster(args.ingest_url, token)
+    )
+    log.info("model server for %s on %s: serving", args.base_model, args.device)
+    print(f"model server for {args.base_model}: serving", flush=True)  # the launcher waits for this line
+    serve(ServeLoop(server), transport, should_stop=lambda: False)
+    return 0
