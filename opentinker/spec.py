@@ -218,7 +218,11 @@ class AlgorithmSpec(_Strict):
     kl_placement: Literal["loss", "reward"] = "loss"
     clip_ratio_low: float = Field(0.2, ge=0, le=1)
     clip_ratio_high: float = Field(0.2, ge=0, le=10)
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean",
+        description="How token losses become one loss. Left out with dr_grpo: seq-mean-token-sum-norm "
+        "(Dr.GRPO's constant-length sum, no length bias).",
+    )
     norm_adv_by_std: bool = True
     epochs: int = Field(1, ge=1, le=100, description="Passes over each batch (PPO epochs).")
     minibatches: int = Field(1, ge=1, le=1024)
@@ -240,6 +244,14 @@ class AlgorithmSpec(_Strict):
         return AlgorithmSpec.model_validate(
             {**self.model_dump(), "steps": steps, "lr_warmup_steps": max(warmup, 0)}
         )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _algorithm_defaults(cls, data: Any) -> Any:
+        # Dr.GRPO is defined with a constant-length loss sum: choosing it gets that unless loss_agg is given.
+        if isinstance(data, dict) and data.get("name") == "dr_grpo" and "loss_agg" not in data:
+            return {**data, "loss_agg": "seq-mean-token-sum-norm"}
+        return data
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> AlgorithmSpec:

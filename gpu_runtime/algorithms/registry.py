@@ -68,8 +68,8 @@ def _grpo(samples: list[Sample], a: AlgorithmSpec) -> None:
 
 
 def _dr_grpo(samples: list[Sample], a: AlgorithmSpec) -> None:
-    # Dr.GRPO: no std normalization, whatever the spec says. The paper also aggregates the loss with a
-    # constant-length token sum; here the spec's `loss_agg` applies (seq-mean-token-sum-norm asks for it).
+    # Dr.GRPO: no std normalization, whatever the spec says. Its constant-length token sum is the spec's
+    # `loss_agg`, which defaults to seq-mean-token-sum-norm for dr_grpo (opentinker.spec.AlgorithmSpec).
     rewards, groups, roles = _outcome(samples)
     _per_sequence(samples, grpo_advantages(rewards, groups, norm_by_std=False, roles=roles))
 

@@ -71,3 +71,12 @@ def test_token_level_estimators_fill_returns_too():
         assert all(len(s.advantages) == len(s.returns) == 3 for s in samples)
         assert samples[0].advantages[2] > 0 > samples[1].advantages[2]
         assert samples[0].returns[2] == pytest.approx(1.0 if name == "ppo" else samples[0].advantages[2])
+
+
+def test_dr_grpo_aggregates_with_a_constant_length_sum_unless_the_spec_says_otherwise():
+    assert AlgorithmSpec(name="dr_grpo").loss_agg == "seq-mean-token-sum-norm"
+    assert AlgorithmSpec(name="dr_grpo", loss_agg="token-mean").loss_agg == "token-mean"
+    assert AlgorithmSpec(name="grpo").loss_agg == "token-mean"
+    # A stored spec read back keeps what it was submitted with.
+    again = AlgorithmSpec.model_validate(AlgorithmSpec(name="dr_grpo").model_dump())
+    assert again.loss_agg == "seq-mean-token-sum-norm"
