@@ -1,0 +1,175 @@
+"""The official `tinker` SDK (0.38.0 from PyPI, unpatched) against the live platform: the ASGI app on a
+loopback port, a model server process (`python -m gpu_runtime.model_server serve`) on the same Valkey, a
+supervised loop on tiny-qwen2 whose loss falls, sampling, and tenancy.
+
+Actors: alice (owner of acme), bob (member of acme), charlie (outsider, owner of globex)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import tinker
+from django.conf import settings
+from django.core.asgi import get_asgi_application
+from tinker import types
+
+from api.tinker import queue
+from api.tinker.auth import sdk_key
+from api.tinker.models import TinkerFuture, TinkerModel, TinkerSession
+from api.tinker.server_tokens import model_server_token_issue
+from tests.loopback_asgi import serving
+
+pytestmark = pytest.mark.django_db(transaction=True)
+BASE = Path(__file__).resolve().parents[2]
+BASE_MODEL = "tiny-qwen2"
+LR = 1e-2
+WAIT = 240  # seconds, only against a hang: the model server's start and a handful of steps on a loaded box
+
+
+@pytest.fixture
+def platform(settings, tmp_path, monkeypatch) -> Iterator[str]:
+    settings.OBJECT_STORE_URL = f"file://{tmp_path}/objects"
+    settings.TINKER_POLL_HOLD_SECONDS = 10
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    queue.client().delete(queue.ops_key(BASE_MODEL))  # nothing left over from an earlier run
+    with serving(get_asgi_application()) as url:
+        yield url
+
+
+@pytest.fixture
+def model_server(platform) -> Iterator[subprocess.Popen]:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "OPENTINKER_MODEL_SERVER_TOKEN": model_server_token_issue(BASE_MODEL),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "gpu_runtime.model_server", "serve", "--base-model", BASE_MODEL),
+            *("--queue-url", settings.REDIS_URL, "--ingest-url", f"{platform}/tinker/ingest/outcomes"),
+        ],
+        cwd=BASE,
+        env=env,
+    )
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def sequence() -> list[int]:
+    return [ord(c) % 200 + 3 for c in "the cat sat on the mat. the cat sat on the mat."]
+
+
+def datum(tokens: list[int]) -> types.Datum:
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
+
+
+def _post(url: str, key: str, endpoint: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}/tinker/api/v1/{endpoint}", json=body, headers={"X-API-Key": key}, timeout=60)
+
+
+def test_sdk_supervised_loop_sampling_and_tenancy(
+    platform, model_server, alice, bob, charlie, acme, globex, make_token
+):
+    alice_key = sdk_key(make_token(alice, acme))
+    bob_key = sdk_key(make_token(bob, acme))
+    charlie_key = sdk_key(make_token(charlie, globex))
+    service = tinker.ServiceClient(base_url=f"{platform}/tinker", api_key=alice_key)
+    trainer = service.create_lora_training_client(base_model=BASE_MODEL, rank=8, seed=0).result(timeout=WAIT)
+    data = [datum(sequence())]
+
+    losses = []
+    for _ in range(6):
+        fb = trainer.forward_backward(data, "cross_entropy")
+        opt = trainer.optim_step(types.AdamParams(learning_rate=LR))
+        losses.append(fb.result(timeout=WAIT).metrics["loss:sum"])
+        assert opt.result(timeout=WAIT).metrics["learning_rate:mean"] == pytest.approx(LR)
+    evaluation = trainer.forward(data, "cross_entropy").result(timeout=WAIT)
+    final = evaluation.metrics["loss:sum"]
+    assert final < 0.5 * losses[0], (losses, final)
+    (out,) = evaluation.loss_fn_outputs
+    logprobs = out["logprobs"].to_numpy()
+    assert logprobs.shape == (len(sequence()) - 1,)
+    assert -logprobs.sum() == pytest.approx(final, rel=1e-4)  # cross_entropy is a sum over tokens
+
+    sampler = trainer.save_weights_and_get_sampling_client().result(timeout=WAIT)
+    prompt = types.ModelInput.from_ints(sequence()[:10])
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=1, stop=[])
+    samples = sampler.sample(prompt=prompt, num_samples=2, sampling_params=params).result(timeout=WAIT)
+    assert [len(s.tokens) for s in samples.sequences] == [6, 6]
+    assert all(s.stop_reason == "length" and len(s.logprobs) == 6 for s in samples.sequences)
+
+    # Tenancy: every object belongs to acme. bob (same organization) sees the model; charlie gets 404s.
+    model_id = trainer.model_id
+    assert _post(platform, bob_key, "get_info", {"model_id": model_id}).json()["model_id"] == model_id
+    assert _post(platform, charlie_key, "get_info", {"model_id": model_id}).status_code == 404
+    done = TinkerFuture.objects.filter(model_id=model_id, operation="forward_backward").first()
+    assert _post(platform, charlie_key, "retrieve_future", {"request_id": str(done.pk)}).status_code == 404
+    fb_reply = _post(platform, bob_key, "retrieve_future", {"request_id": str(done.pk)})
+    assert fb_reply.headers["content-type"] == "application/x-protobuf"
+    optim = {"model_id": model_id, "seq_id": 1000, "adam_params": {"learning_rate": 1e-3}}
+    assert _post(platform, charlie_key, "optim_step", optim).status_code == 404
+
+    # charlie's own training client: his, invisible to alice.
+    other = tinker.ServiceClient(base_url=f"{platform}/tinker", api_key=charlie_key)
+    theirs = other.create_lora_training_client(base_model=BASE_MODEL, rank=4).result(timeout=WAIT)
+    assert TinkerModel.objects.get(pk=theirs.model_id).organization == globex
+    assert _post(platform, alice_key, "get_info", {"model_id": theirs.model_id}).status_code == 404
+    assert theirs.forward(data, "cross_entropy").result(timeout=WAIT).metrics["loss:sum"] > 0
+
+    # A retried call (same model, same seq_id) is the same call.
+    nxt = (
+        TinkerFuture.objects.filter(model_id=model_id).exclude(seq_id=None).order_by("-seq_id")[0].seq_id + 1
+    )
+    optim = {"model_id": model_id, "seq_id": nxt, "adam_params": {"learning_rate": 1e-3}}
+    first, again = (_post(platform, alice_key, "optim_step", optim).json() for _ in range(2))
+    assert first["request_id"] == again["request_id"]
+    assert TinkerFuture.objects.filter(model_id=model_id, seq_id=nxt).count() == 1
+
+    service.close("success").result(timeout=WAIT)
+    assert TinkerSession.objects.get(models__pk=model_id).finish_reason == "success"
+    other.close("success").result(timeout=WAIT)
+
+
+def test_keys_and_ingest_tokens(platform, alice, acme, make_token):
+    token = make_token(alice, acme)
+    assert _post(platform, token, "create_session", {"tags": []}).status_code == 401  # no tml- prefix
+    assert _post(platform, "tml-otk_000000000000_" + "x" * 43, "create_session", {}).status_code == 401
+    created = _post(platform, sdk_key(token), "create_session", {"tags": [], "sdk_version": "0.38.0"})
+    assert created.status_code == 200 and created.json()["type"] == "create_session"
+
+    ingest = f"{platform}/tinker/ingest/outcomes"
+    body = {"outcomes": []}
+    assert httpx.post(ingest, json=body, headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    assert httpx.post(ingest, json=body, headers={"Authorization": "Bearer otm_x.1.y"}).status_code == 401
+    # A model server may complete only futures of its own base model.
+    session = created.json()["session_id"]
+    future = _post(
+        platform,
+        sdk_key(token),
+        "create_model",
+        {"session_id": session, "model_seq_id": 0, "base_model": BASE_MODEL, "lora_config": {"rank": 4}},
+    ).json()["request_id"]
+    elsewhere = model_server_token_issue("qwen2.5-0.5b-shape")
+    outcome = {"outcomes": [{"future": future, "result": {}}]}
+    answer = httpx.post(ingest, json=outcome, headers={"Authorization": f"Bearer {elsewhere}"})
+    assert answer.json() == {"written": 0, "unknown": 1}
+    assert TinkerFuture.objects.get(pk=future).state == "pending"
+    unknown = _post(
+        platform,
+        sdk_key(token),
+        "create_model",
+        {"session_id": session, "model_seq_id": 1, "base_model": "no-such-model"},
+    )
+    assert unknown.status_code == 400
