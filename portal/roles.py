@@ -6,7 +6,7 @@ from portal.models.orgs import ROLE_RANK, Role
 from portal.models.tokens import Scope
 
 READ_SCOPES = frozenset({Scope.JOBS_READ, Scope.ENVS_READ})
-WRITE_SCOPES = READ_SCOPES | {Scope.JOBS_WRITE, Scope.ENVS_WRITE}
+WRITE_SCOPES = READ_SCOPES | {Scope.JOBS_WRITE, Scope.ENVS_WRITE, Scope.TINKER}
 
 ROLE_SCOPES: dict[str, frozenset[str]] = {
     Role.VIEWER: frozenset(READ_SCOPES),

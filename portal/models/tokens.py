@@ -15,6 +15,7 @@ class Scope(models.TextChoices):
     ENVS_READ = "envs:read", "Read environments"
     ENVS_WRITE = "envs:write", "Publish environments"
     ORG_ADMIN = "org:admin", "Manage members, invitations and tokens of the organization"
+    TINKER = "tinker", "Train and sample through the Tinker-compatible API (key: tml-<token>)"
     # Not tied to the organization: lets a platform staff member's token change quotas. A staff member's
     # everyday token lacks it, so a leaked CI token cannot raise anyone's GPU quota.
     PLATFORM_ADMIN = "platform:admin", "Platform staff: quotas and pools of every organization"
