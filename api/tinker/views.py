@@ -72,7 +72,7 @@ def tinker_call(methods: tuple[str, ...] = ("POST",)) -> Callable[..., Any]:
                 membership = authenticate(request)
                 return view(request, membership, *args, **kwargs)
             except TinkerAuthError as exc:
-                return _error(401, str(exc))
+                return _error(exc.status, str(exc))
             except NotFound as exc:
                 return _error(404, str(exc) or "not found")
             except (services.TinkerUserError, codec.CodecError, KeyError, TypeError, ValueError) as exc:
@@ -331,7 +331,7 @@ async def retrieve_future(request: HttpRequest) -> HttpResponse:
             await r.aclose()
         return await sync_to_async(_reply)(future)
     except TinkerAuthError as exc:
-        return _error(401, str(exc))
+        return _error(exc.status, str(exc))
     except NotFound as exc:
         return _error(404, str(exc) or "not found")
     except (services.TinkerUserError, KeyError, TypeError, ValueError) as exc:

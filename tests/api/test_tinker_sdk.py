@@ -27,6 +27,7 @@ from tests.loopback_asgi import serving
 pytestmark = pytest.mark.django_db(transaction=True)
 BASE = Path(__file__).resolve().parents[2]
 BASE_MODEL = "tiny-qwen2"
+SCOPES = ["tinker"]
 LR = 1e-2
 WAIT = 240  # seconds, only against a hang: the model server's start and a handful of steps on a loaded box
 
@@ -82,9 +83,9 @@ def _post(url: str, key: str, endpoint: str, body: dict) -> httpx.Response:
 def test_sdk_supervised_loop_sampling_and_tenancy(
     platform, model_server, alice, bob, charlie, acme, globex, make_token
 ):
-    alice_key = sdk_key(make_token(alice, acme))
-    bob_key = sdk_key(make_token(bob, acme))
-    charlie_key = sdk_key(make_token(charlie, globex))
+    alice_key = sdk_key(make_token(alice, acme, scopes=SCOPES))
+    bob_key = sdk_key(make_token(bob, acme, scopes=SCOPES))
+    charlie_key = sdk_key(make_token(charlie, globex, scopes=SCOPES))
     service = tinker.ServiceClient(base_url=f"{platform}/tinker", api_key=alice_key)
     trainer = service.create_lora_training_client(base_model=BASE_MODEL, rank=8, seed=0).result(timeout=WAIT)
     data = [datum(sequence())]
@@ -143,7 +144,9 @@ def test_sdk_supervised_loop_sampling_and_tenancy(
 
 
 def test_keys_and_ingest_tokens(platform, alice, acme, make_token):
-    token = make_token(alice, acme)
+    token = make_token(alice, acme, scopes=SCOPES)
+    without_scope = sdk_key(make_token(alice, acme, scopes=["jobs:read", "jobs:write"]))
+    assert _post(platform, without_scope, "create_session", {"tags": []}).status_code == 403
     assert _post(platform, token, "create_session", {"tags": []}).status_code == 401  # no tml- prefix
     assert _post(platform, "tml-otk_000000000000_" + "x" * 43, "create_session", {}).status_code == 401
     created = _post(platform, sdk_key(token), "create_session", {"tags": [], "sdk_version": "0.38.0"})
