@@ -480,6 +480,8 @@ def cmd_tokens_create(ctx: Context) -> int:
             f"expires {expires}).",
             file=sys.stderr,
         )
+        if "tinker" in created.scopes:  # Thinking Machines' tinker SDK refuses keys without its prefix
+            print('For the tinker SDK: TINKER_API_KEY="tml-<this token>"', file=sys.stderr)
     print("warning: this is the only time the token is shown; store it somewhere safe now.", file=sys.stderr)
     return 0
 

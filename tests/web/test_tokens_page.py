@@ -71,6 +71,14 @@ def test_the_secret_is_shown_once_works_and_is_never_rendered_again(alice, acme)
     assert f"otk_{token.lookup}_…" in c.get("/tokens/").content.decode()
 
 
+def test_a_tinker_token_is_shown_with_the_tinker_sdk_key_prefix(alice, acme):
+    c = signed_in(alice)
+    page = c.get(create(c, scopes=["tinker"])["Location"]).content.decode()
+    assert 'TINKER_API_KEY="tml-$OPENTINKER_TOKEN"' in page and "/tinker" in page
+    plain = c.get(create(c, name="ci2")["Location"]).content.decode()
+    assert "TINKER_API_KEY" not in plain
+
+
 def test_htmx_create_answers_with_the_panel_only(alice, acme):
     c = signed_in(alice)
     r = c.post(
