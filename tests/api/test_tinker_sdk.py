@@ -104,6 +104,14 @@ def test_sdk_supervised_loop_sampling_and_tenancy(
     assert logprobs.shape == (len(sequence()) - 1,)
     assert -logprobs.sum() == pytest.approx(final, rel=1e-4)  # cross_entropy is a sum over tokens
 
+    # save_state, then a new training client from it: the same weights, the same loss.
+    saved = trainer.save_state("after-six").result(timeout=WAIT)
+    assert saved.path == f"tinker://{trainer.model_id}/weights/after-six"
+    resumed = service.create_training_client_from_state_with_optimizer(saved.path).result(timeout=WAIT)
+    assert resumed.forward(data, "cross_entropy").result(timeout=WAIT).metrics["loss:sum"] == pytest.approx(
+        final, rel=1e-5
+    )
+
     sampler = trainer.save_weights_and_get_sampling_client().result(timeout=WAIT)
     prompt = types.ModelInput.from_ints(sequence()[:10])
     params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=1, stop=[])
@@ -121,6 +129,9 @@ def test_sdk_supervised_loop_sampling_and_tenancy(
     assert fb_reply.headers["content-type"] == "application/x-protobuf"
     optim = {"model_id": model_id, "seq_id": 1000, "adam_params": {"learning_rate": 1e-3}}
     assert _post(platform, charlie_key, "optim_step", optim).status_code == 404
+    charlies = _post(platform, charlie_key, "create_session", {"tags": []}).json()["session_id"]
+    load = {"session_id": charlies, "model_seq_id": 0, "path": saved.path, "optimizer": True}
+    assert _post(platform, charlie_key, "load_weights", load).status_code == 404
 
     # charlie's own training client: his, invisible to alice.
     other = tinker.ServiceClient(base_url=f"{platform}/tinker", api_key=charlie_key)
