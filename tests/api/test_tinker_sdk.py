@@ -118,6 +118,22 @@ def test_sdk_supervised_loop_sampling_and_tenancy(
     samples = sampler.sample(prompt=prompt, num_samples=2, sampling_params=params).result(timeout=WAIT)
     assert [len(s.tokens) for s in samples.sequences] == [6, 6]
     assert all(s.stop_reason == "length" and len(s.logprobs) == 6 for s in samples.sequences)
+    # The sampler holds the trained weights: its prompt log-probs are the training client's (NaN/None first).
+    scored = sampler.compute_logprobs(types.ModelInput.from_ints(sequence())).result(timeout=WAIT)
+    assert scored[0] is None or scored[0] != scored[0]
+    assert scored[1:] == pytest.approx(logprobs.tolist(), abs=1e-4)
+
+    # importance_sampling with the current weights' own log-probs: every ratio is 1, the loss -sum(A).
+    rl = types.Datum(
+        model_input=types.ModelInput.from_ints(sequence()[:-1]),
+        loss_fn_inputs={
+            "target_tokens": sequence()[1:],
+            "logprobs": logprobs.tolist(),
+            "advantages": [0.5] * len(logprobs),
+        },
+    )
+    is_loss = trainer.forward([rl], "importance_sampling").result(timeout=WAIT).metrics["loss:sum"]
+    assert is_loss == pytest.approx(-0.5 * len(logprobs), rel=1e-4)
 
     # Tenancy: every object belongs to acme. bob (same organization) sees the model; charlie gets 404s.
     model_id = trainer.model_id
