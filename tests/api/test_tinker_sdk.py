@@ -28,7 +28,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 BASE = Path(__file__).resolve().parents[2]
 BASE_MODEL = "tiny-qwen2"
 SCOPES = ["tinker"]
-LR = 1e-2
+LR = 5e-3  # 8 steps take the loss from 268 to 100 (tiny-qwen2, seed 0); the bar below is 0.5x
 WAIT = 240  # seconds, only against a hang: the model server's start and a handful of steps on a loaded box
 
 
@@ -91,7 +91,7 @@ def test_sdk_supervised_loop_sampling_and_tenancy(
     data = [datum(sequence())]
 
     losses = []
-    for _ in range(6):
+    for _ in range(8):
         fb = trainer.forward_backward(data, "cross_entropy")
         opt = trainer.optim_step(types.AdamParams(learning_rate=LR))
         losses.append(fb.result(timeout=WAIT).metrics["loss:sum"])
@@ -105,8 +105,8 @@ def test_sdk_supervised_loop_sampling_and_tenancy(
     assert -logprobs.sum() == pytest.approx(final, rel=1e-4)  # cross_entropy is a sum over tokens
 
     # save_state, then a new training client from it: the same weights, the same loss.
-    saved = trainer.save_state("after-six").result(timeout=WAIT)
-    assert saved.path == f"tinker://{trainer.model_id}/weights/after-six"
+    saved = trainer.save_state("after-eight").result(timeout=WAIT)
+    assert saved.path == f"tinker://{trainer.model_id}/weights/after-eight"
     resumed = service.create_training_client_from_state_with_optimizer(saved.path).result(timeout=WAIT)
     assert resumed.forward(data, "cross_entropy").result(timeout=WAIT).metrics["loss:sum"] == pytest.approx(
         final, rel=1e-5
