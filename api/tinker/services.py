@@ -31,6 +31,10 @@ class TinkerUserError(ValueError):
     """A request the SDK sent wrong (unknown base model, bad name): a 400 the SDK does not retry."""
 
 
+class SessionFinished(TinkerUserError):
+    """The session was finished (`ServiceClient.close`): nothing more runs in it; its heartbeat gets a 410."""
+
+
 # ---- sessions ----
 
 
@@ -50,8 +54,15 @@ def session_get(org: Organization, session_id: str) -> TinkerSession:
     return session
 
 
-def session_heartbeat(org: Organization, session_id: str) -> TinkerSession:
+def session_open(org: Organization, session_id: str) -> TinkerSession:
     session = session_get(org, session_id)
+    if session.finished_at is not None:
+        raise SessionFinished(f"session {session.pk} is finished")
+    return session
+
+
+def session_heartbeat(org: Organization, session_id: str) -> TinkerSession:
+    session = session_open(org, session_id)
     TinkerSession.objects.filter(pk=session.pk).update(last_heartbeat_at=timezone.now())
     return session
 
@@ -76,7 +87,9 @@ def _check_base(base_model: str) -> None:
 
 
 def model_get(org: Organization, model_id: str) -> TinkerModel:
-    model = TinkerModel.objects.filter(organization=org, pk=str(model_id)[:80]).first()
+    model = (
+        TinkerModel.objects.select_related("session").filter(organization=org, pk=str(model_id)[:80]).first()
+    )
     if model is None:
         raise NotFound("no such model")
     return model
@@ -123,7 +136,7 @@ def _model_with_future(
     operation: str,
     op: dict[str, Any],
 ) -> TinkerFuture:
-    session = session_get(org, session_id)
+    session = session_open(org, session_id)
     model_id = f"{session.pk}:train:{int(model_seq_id)}"
     with transaction.atomic():
         model, created = TinkerModel.objects.get_or_create(
@@ -154,7 +167,7 @@ def sampler_create(
 ) -> TinkerModel:
     """A sampling client: the base model, or saved weights. Its model server loads it when the queue
     reaches it, before any of its samples (same queue, FIFO)."""
-    session = session_get(org, session_id)
+    session = session_open(org, session_id)
     uri = None
     if model_path:
         weights = weights_get(org, model_path)
@@ -203,6 +216,8 @@ def call_submit(
     model = model_get(org, model_id)
     if seq_id is None:
         raise TinkerUserError("seq_id is required")
+    if model.session.finished_at is not None:
+        raise SessionFinished(f"session {model.session_id} is finished")
     trains = operation in ("forward_backward", "optim_step", "save_weights")
     if trains and model.kind != TinkerModel.Kind.TRAIN:
         raise TinkerUserError(f"{operation} needs a training client")

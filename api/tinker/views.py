@@ -110,7 +110,10 @@ def create_session(request: HttpRequest, membership: Membership) -> HttpResponse
 
 @tinker_call()
 def session_heartbeat(request: HttpRequest, membership: Membership) -> HttpResponse:
-    services.session_heartbeat(membership.organization, str(_json(request)["session_id"]))
+    try:
+        services.session_heartbeat(membership.organization, str(_json(request)["session_id"]))
+    except services.SessionFinished as exc:
+        return _error(410, str(exc))  # the SDK stops its heartbeat loop
     return JsonResponse({"type": "session_heartbeat"})
 
 

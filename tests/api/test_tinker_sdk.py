@@ -155,6 +155,16 @@ def test_sdk_supervised_loop_sampling_and_tenancy(
     assert TinkerModel.objects.get(pk=theirs.model_id).organization == globex
     assert _post(platform, alice_key, "get_info", {"model_id": theirs.model_id}).status_code == 404
     assert theirs.forward(data, "cross_entropy").result(timeout=WAIT).metrics["loss:sum"] > 0
+    # A call the model server refuses fails in the SDK with the user's category, and the client goes on.
+    n = len(sequence()) - 1
+    out_of_vocab = types.Datum(
+        model_input=types.ModelInput.from_ints(sequence()[:-1]),
+        loss_fn_inputs={"target_tokens": [10**6] * n, "weights": [1.0] * n},
+    )
+    with pytest.raises(tinker.RequestFailedError, match="target_tokens") as failed:
+        theirs.forward([out_of_vocab], "cross_entropy").result(timeout=WAIT)
+    assert failed.value.category == "user"
+    assert theirs.forward(data, "cross_entropy").result(timeout=WAIT).metrics["loss:sum"] > 0
 
     # A retried call (same model, same seq_id) is the same call.
     nxt = (
@@ -202,4 +212,11 @@ def test_keys_and_ingest_tokens(platform, alice, acme, make_token):
         "create_model",
         {"session_id": session, "model_seq_id": 1, "base_model": "no-such-model"},
     )
-    assert unknown.status_code == 400
+    assert unknown.status_code == 400 and "no-such-model" in unknown.json()["error"]
+    # A finished session: its heartbeat gets 410 (the SDK stops it), nothing more runs in it.
+    assert _post(
+        platform, sdk_key(token), f"sessions/{session}/finish", {"reason": {"type": "success"}}
+    ).is_success
+    assert _post(platform, sdk_key(token), "session_heartbeat", {"session_id": session}).status_code == 410
+    again = {"session_id": session, "model_seq_id": 2, "base_model": BASE_MODEL}
+    assert _post(platform, sdk_key(token), "create_model", again).status_code == 400
