@@ -12,9 +12,11 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,6 +28,7 @@ from portal.models import Job
 from portal.services.ingest import metrics_ingest
 from portal.services.jobs import job_transition
 from portal.services.scheduler import schedule_pass
+from tests.api.test_stream import Viewer, running_uvicorn
 from tests.workers.conftest import make_pool, set_quota, submit
 
 pytestmark = pytest.mark.django_db
@@ -293,3 +296,41 @@ def test_several_processes_sharing_a_directory_are_summed_by_whichever_answers(s
     assert any(n == "opentinker_stream_clients" for n, _ in samples)
     # The database and Valkey series are still there, once, whichever process answered.
     assert value(samples, "opentinker_metrics_source_up", source="database") == 1
+
+
+# --- live streams, under a real server ---
+
+
+def _stream_clients(url: str) -> float:
+    resp = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert resp.status_code == 200
+    for family in text_string_to_metric_families(resp.text):
+        for s in family.samples:
+            if s.name == "opentinker_stream_clients":
+                return s.value
+    raise AssertionError("opentinker_stream_clients is not exposed")
+
+
+def _eventually(check, what: str, timeout: float = 60) -> None:
+    """Wait for the server to reach a state (a deadline that only catches a hang, never a speed bound)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"still not {what} after {timeout} s"
+        time.sleep(0.1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_live_stream_clients_are_counted_while_connected(alice, acme, make_token):
+    job = submit(acme, name="watched")
+    # A viewer that left is noticed when the server next writes to it: keep-alives every second.
+    with running_uvicorn(METRICS_TOKEN=TOKEN, SSE_HEARTBEAT_SECONDS="1", LIVE_POLL_SECONDS="1") as url:
+        assert _stream_clients(url) == 0
+        viewers = [Viewer(f"{url}/api/v1/jobs/{job.id}/stream", make_token(alice, acme)) for _ in range(2)]
+        for v in viewers:
+            assert v.status == 200
+            v.take_until(lambda f: f[1] == "sync")
+        assert _stream_clients(url) == 2
+        viewers[0].close()
+        _eventually(lambda: _stream_clients(url) == 1, "one client after a viewer left")
+        viewers[1].close()
+        _eventually(lambda: _stream_clients(url) == 0, "no client after both left")

@@ -10,9 +10,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import subprocess
 import sys
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from celery import shared_task
@@ -30,6 +33,7 @@ from tests.conftest import client_for
 from tests.portal.test_settings_declared import load_settings
 
 pytestmark = pytest.mark.django_db
+BASE = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -174,4 +178,29 @@ def test_a_dsn_starts_sentry_without_personal_data(monkeypatch):
             "send_default_pii": False,
             "traces_sample_rate": 0.0,
         }
+    ]
+
+
+JSON_CHILD = """
+import logging
+import django
+django.setup()
+from portal.observability import context
+with context.scope(request_id="r-9"):
+    logging.getLogger("uvicorn.error").warning("server says %s", "hi")
+    logging.getLogger("portal.something").warning("platform says hi")
+"""
+
+
+def test_a_process_started_with_log_format_json_writes_only_json_lines():
+    """The configuration as a server process applies it (uvicorn's loggers go through the same handler)."""
+    env = {**os.environ, "LOG_FORMAT": "json", "DJANGO_SETTINGS_MODULE": "portal.settings"}
+    done = subprocess.run(
+        [sys.executable, "-c", JSON_CHILD], env=env, cwd=BASE, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(r["logger"], r["message"], r["request_id"]) for r in lines] == [
+        ("uvicorn.error", "server says hi", "r-9"),
+        ("portal.something", "platform says hi", "r-9"),
     ]
