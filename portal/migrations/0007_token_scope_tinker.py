@@ -5,15 +5,29 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('portal', '0006_environment_secret'),
+        ("portal", "0006_environment_secret"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='apitoken',
-            name='scopes',
-            field=django.contrib.postgres.fields.ArrayField(base_field=models.CharField(choices=[('jobs:read', 'Read jobs, metrics, events and checkpoints'), ('jobs:write', 'Submit and cancel jobs'), ('envs:read', 'Read environments'), ('envs:write', 'Publish environments'), ('org:admin', 'Manage members, invitations and tokens of the organization'), ('tinker', 'Train and sample through the Tinker-compatible API (key: tml-<token>)'), ('platform:admin', 'Platform staff: quotas and pools of every organization')], max_length=20), default=list, size=None),
+            model_name="apitoken",
+            name="scopes",
+            field=django.contrib.postgres.fields.ArrayField(
+                base_field=models.CharField(
+                    choices=[
+                        ("jobs:read", "Read jobs, metrics, events and checkpoints"),
+                        ("jobs:write", "Submit and cancel jobs"),
+                        ("envs:read", "Read environments"),
+                        ("envs:write", "Publish environments"),
+                        ("org:admin", "Manage members, invitations and tokens of the organization"),
+                        ("tinker", "Train and sample through the Tinker-compatible API (key: tml-<token>)"),
+                        ("platform:admin", "Platform staff: quotas and pools of every organization"),
+                    ],
+                    max_length=20,
+                ),
+                default=list,
+                size=None,
+            ),
         ),
     ]
