@@ -7,8 +7,7 @@ tenant's rows) vs one adapter at a time (what peers without multi-LoRA batching 
 
 A round: each tenant sends one forward_backward (`--datums` sequences of `--tokens` random tokens,
 cross_entropy) and one optim_step. Tokens/s counts every tenant's tokens; the median of `--rounds` after one
-warm-up round. Not here yet: the API's own overhead per call (protobuf, queue, long-poll), which comes with
-the API (issue 16).
+warm-up round. The API's own overhead per call (protobuf, queue, long-poll): bench/tinker_api_overhead.py.
 """
 
 from __future__ import annotations
