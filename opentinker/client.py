@@ -527,9 +527,11 @@ class JobsAPI:
         *,
         sha256: str | None = None,
         chunk_size: int = 1 << 20,
+        on_bytes: Callable[[int], object] | None = None,
     ) -> Path:
         """Stream a checkpoint file to ``dest_path``. It appears there complete or not at all: bytes go to a
-        temporary file next to it, renamed into place once done (and, if ``sha256`` is given, verified)."""
+        temporary file next to it, renamed into place once done (and, if ``sha256`` is given, verified).
+        ``on_bytes(n)`` is called after each chunk of ``n`` bytes is written (progress bars)."""
         dest = Path(dest_path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         # The file name may be a relative path inside the checkpoint, so keep its slashes.
@@ -542,6 +544,8 @@ class JobsAPI:
                     for chunk in response.iter_bytes(chunk_size):
                         f.write(chunk)
                         digest.update(chunk)
+                        if on_bytes is not None:
+                            on_bytes(len(chunk))
                 except httpx.TransportError as exc:
                     raise ApiConnectionError(f"download of {file_name} interrupted: {exc}") from None
                 f.flush()
