@@ -279,6 +279,16 @@ class CheckpointSpec(_Strict):
     save_final: bool = True
 
 
+class RolloutLogSpec(_Strict):
+    """Episodes kept for reading (the job page, `GET /jobs/{id}/rollouts?step=N`): each RL step, `per_step`
+    of its episodes, always including the step's best and worst; 0 records none."""
+
+    per_step: int = Field(8, ge=0, le=64, description="Episodes recorded per step (best and worst first).")
+    max_text_chars: int = Field(
+        2000, ge=100, le=20_000, description="Each prompt, generation and observation is cut to this length."
+    )
+
+
 class FailurePolicySpec(_Strict):
     """When a job that cannot run its episodes, or cannot learn, stops: failed, with the reason (never a quiet
     `succeeded`). Eval jobs fail when no episode completed."""
@@ -425,6 +435,7 @@ class JobSpec(_Strict):
     algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    rollouts: RolloutLogSpec = Field(default_factory=RolloutLogSpec)
     failure_policy: FailurePolicySpec = Field(default_factory=FailurePolicySpec)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     priority: int = Field(0, ge=-10, le=10, description="Within the organization's own queue.")
