@@ -12,31 +12,18 @@ Counting never fails the work it counts: an unreachable Valkey loses the increme
 from __future__ import annotations
 
 import logging
-import threading
 
 import redis
-from django.conf import settings
+
+from portal.services.live import valkey
 
 KEY = "opentinker:metrics:counters"
-# name -> its one label (or "" for none): the fields of the hash are "<name>" or "<name>|<label value>".
+# The counters; a field of the hash is "<name>" or "<name>|<label value>" (at most one label).
 ADMISSIONS = "scheduler_admissions"
 PREEMPTIONS = "scheduler_preemptions"
 POINTS_INGESTED = "ingest_metric_points"
 
 log = logging.getLogger(__name__)
-_client: redis.Redis | None = None
-_lock = threading.Lock()
-
-
-def client() -> redis.Redis:
-    global _client
-    if _client is None:
-        with _lock:
-            if _client is None:
-                _client = redis.Redis.from_url(
-                    settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30
-                )
-    return _client
 
 
 def count(increments: dict[tuple[str, str], int]) -> None:
@@ -45,7 +32,7 @@ def count(increments: dict[tuple[str, str], int]) -> None:
     if not increments:
         return
     try:
-        pipe = client().pipeline(transaction=False)
+        pipe = valkey().pipeline(transaction=False)
         for (name, label), n in increments.items():
             pipe.hincrby(KEY, f"{name}|{label}" if label else name, n)
         pipe.execute()
@@ -56,7 +43,7 @@ def count(increments: dict[tuple[str, str], int]) -> None:
 def read() -> dict[tuple[str, str], int]:
     """Every counter: {(name, label value or ""): total}."""
     out: dict[tuple[str, str], int] = {}
-    for field, value in client().hgetall(KEY).items():
+    for field, value in valkey().hgetall(KEY).items():
         name, _, label = field.decode().partition("|")
         out[(name, label)] = int(value)
     return out

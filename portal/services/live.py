@@ -51,7 +51,8 @@ _client_lock = threading.Lock()
 _failed_since: dict[str, float] = {}
 
 
-def _redis() -> redis.Redis:
+def valkey() -> redis.Redis:
+    """The process's client for short writes (live feeds, metrics counters): short timeouts, made once."""
     global _client
     if _client is None:
         with _client_lock:
@@ -85,7 +86,7 @@ def publish(job_id: Any, kind: str, data: Any, meta: dict[str, str] | None = Non
     key = stream_key(jid)
     payload = data if isinstance(data, str) else dumps(data)
     try:
-        pipe = _redis().pipeline(transaction=False)
+        pipe = valkey().pipeline(transaction=False)
         since = _failed_since.get(jid)
         if since is not None:
             pipe.xadd(key, {"t": "gap", "d": dumps({"since": since})}, maxlen=maxlen(), approximate=True)
