@@ -10,6 +10,7 @@ Two modes share one code path:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import dj_database_url
@@ -345,6 +346,10 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = not _JSON_LOGS
 METRICS_TOKEN = env.str("METRICS_TOKEN", "")
 METRICS_ALLOW_FROM = parse_networks(env.str("METRICS_ALLOW_FROM", ""))
 PROMETHEUS_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR", "")
+if PROMETHEUS_MULTIPROC_DIR:
+    # prometheus_client reads it from the environment when first imported (after the settings): a value from
+    # var/services.env must reach it too, or the processes would count in memory while /metrics reads files.
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", PROMETHEUS_MULTIPROC_DIR)
 # Error reports to Sentry when set (needs `pip install sentry-sdk`; portal/observability/errors.py).
 SENTRY_DSN = env.str("SENTRY_DSN", "")
 
