@@ -334,3 +334,26 @@ def test_live_stream_clients_are_counted_while_connected(alice, acme, make_token
         _eventually(lambda: _stream_clients(url) == 1, "one client after a viewer left")
         viewers[1].close()
         _eventually(lambda: _stream_clients(url) == 0, "no client after both left")
+
+
+def _requests_to(url: str, route: str) -> float:
+    resp = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert resp.status_code == 200
+    for family in text_string_to_metric_families(resp.text):
+        for s in family.samples:
+            if s.name == "opentinker_http_requests_total" and s.labels["route"] == route:
+                return s.value
+    return 0.0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_uvicorn_workers_sharing_the_directory_count_every_request(tmp_path):
+    """The production shape: whichever worker answers a scrape reports the requests both served."""
+    shared = {"METRICS_TOKEN": TOKEN, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    with running_uvicorn("--workers", "2", **shared) as url:
+        with httpx.Client(base_url=url, timeout=10) as client:  # new connections: both workers take some
+            for _ in range(40):
+                assert client.get("/livez", headers={"Connection": "close"}).status_code == 200
+        assert {_requests_to(url, "livez") for _ in range(6)} == {40}
+        pids = {p.name.rsplit("_", 1)[-1] for p in tmp_path.glob("counter_*.db")}
+        assert len(pids) == 2, "both workers wrote their counts"

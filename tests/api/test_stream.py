@@ -51,8 +51,8 @@ def uvicorn_url(django_db_setup) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def running_uvicorn(**extra_env: str) -> Iterator[str]:
-    """A uvicorn server on the test database, with more environment variables for its settings."""
+def running_uvicorn(*extra_args: str, **extra_env: str) -> Iterator[str]:
+    """A uvicorn server on the test database, with more arguments and environment variables for it."""
     db = connection.settings_dict
     port = _free_port()
     env = {
@@ -68,6 +68,7 @@ def running_uvicorn(**extra_env: str) -> Iterator[str]:
         [
             *(sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1"),
             *("--port", str(port), "--lifespan", "off", "--log-level", "warning", "--no-access-log"),
+            *extra_args,
         ],
         cwd=BASE,
         env=env,
