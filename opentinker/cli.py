@@ -13,6 +13,8 @@ import getpass
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +27,7 @@ import yaml
 from pydantic import BaseModel
 
 from opentinker import __version__
+from opentinker.checkpoint_download import download_checkpoint, pick_checkpoint
 from opentinker.client import (
     ENV_TOKEN,
     ENV_URL,
@@ -35,8 +38,10 @@ from opentinker.client import (
     resolve_credentials,
 )
 from opentinker.errors import OpenTinkerError, ValidationError
+from opentinker.progress import Progress, fmt_bytes, is_terminal
 from opentinker.spec import JobState
-from opentinker.types import EnvironmentPackage, Job, JobEvent, MetricSeries, Page, StreamEvent, Token
+from opentinker.types import EnvironmentPackage, Job, JobEvent, MetricSeries, Page, Token
+from opentinker.watch_view import DEFAULT_METRICS, WatchView
 
 DEFAULT_URL = "http://localhost:8000"
 ClientFactory = Callable[[str, str], Client]
@@ -130,17 +135,6 @@ def fmt_float(value: float | None) -> str:
     if value is None:
         return "nan"
     return f"{value:.6g}"
-
-
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def fmt_state(value: Any) -> str:
@@ -398,36 +392,33 @@ def cmd_jobs_events(ctx: Context) -> int:
 
 
 def cmd_jobs_watch(ctx: Context) -> int:
-    """Print a job's live stream until it finishes; exit 0 if it succeeded, 1 otherwise."""
+    """Show a job's live stream until it finishes; exit 0 if it succeeded, 1 otherwise."""
+    a = ctx.args
     final = None
+    client = ctx.client()
+    view = None
+    if not ctx.json:
+        steps = client.jobs.get(a.id).spec.get("algorithm", {}).get("steps")
+        live = is_terminal(sys.stdout) if a.live is None else a.live
+        view = WatchView(
+            sys.stdout,
+            total_steps=steps if isinstance(steps, int) else None,
+            metrics=a.metric or DEFAULT_METRICS,
+            live=live,
+            width=shutil.get_terminal_size().columns,
+        )
     try:
-        for ev in ctx.client().jobs.watch(ctx.args.id, last_event_id=ctx.args.last_event_id):
-            if ctx.json:
+        for ev in client.jobs.watch(a.id, last_event_id=a.last_event_id):
+            if view is None:
                 print(json.dumps(_to_jsonable(ev.model_dump(exclude={"data"}))), flush=True)
             else:
-                for line in fmt_stream_event(ev):
-                    print(line, flush=True)
+                view.feed(ev)
             if ev.type == "end":
                 final = ev.state
     except KeyboardInterrupt:
         print(f"Stopped watching; job {ctx.args.id} carries on.", file=sys.stderr)
         return 130
     return 0 if final == JobState.SUCCEEDED.value else 1
-
-
-def fmt_stream_event(ev: StreamEvent) -> list[str]:
-    if ev.type == "metrics":
-        by_step: dict[int, list[str]] = {}
-        for p in ev.points:
-            by_step.setdefault(p.step, []).append(f"{p.name}={fmt_float(p.value)}")
-        return [f"step {step}  {'  '.join(values)}" for step, values in sorted(by_step.items())]
-    if ev.type in ("event", "state") and ev.event is not None:
-        return [fmt_event(ev.event)]
-    if ev.type == "log":
-        return [f"[{x.stream}] {x.line}" for x in ev.lines]
-    if ev.type == "end":
-        return [f"Job finished: {ev.state}"]
-    return []
 
 
 def cmd_jobs_checkpoints(ctx: Context) -> int:
@@ -449,6 +440,10 @@ def cmd_jobs_checkpoints(ctx: Context) -> int:
 def cmd_jobs_download(ctx: Context) -> int:
     a = ctx.args
     client = ctx.client()
+    if a.checkpoint is None:
+        return _download_whole(ctx)
+    if a.file is None:
+        raise UsageError("name a FILE of checkpoint CKPT, or give only the job ID for the whole checkpoint")
     dest = Path(a.output) if a.output else Path(Path(a.file).name)
     if dest.is_dir():
         dest = dest / Path(a.file).name
@@ -464,6 +459,73 @@ def cmd_jobs_download(ctx: Context) -> int:
     else:
         print(f"Saved {a.file} ({fmt_bytes(size)}) to {path}" + (", sha256 verified" if sha256 else ""))
     return 0
+
+
+def _download_whole(ctx: Context) -> int:
+    a = ctx.args
+    client = ctx.client()
+    step = pick_checkpoint(client.jobs.checkpoints(a.id), a.step).step
+    default = f"{a.id}-step{step}" + (".tar.gz" if a.archive else "")
+    dest = Path(a.output or default)
+    tmp_dir = None
+    if a.merge_lora:
+        if a.archive:
+            raise UsageError("--merge-lora writes a directory; leave out --archive")
+        tmp_dir = Path(
+            tempfile.mkdtemp(prefix="otk-adapter-", dir=dest.parent if dest.parent.exists() else None)
+        )
+        fetch_to = tmp_dir / "adapter"
+    else:
+        fetch_to = dest
+    progress = Progress(0, stream=sys.stderr, tty=None if not ctx.json else False)
+    try:
+        got = download_checkpoint(
+            client,
+            a.id,
+            fetch_to,
+            step=step,
+            archive=a.archive,
+            with_trainer_state=a.with_trainer_state,
+            progress=progress,
+        )
+        if a.merge_lora:
+            merge_lora(fetch_to, dest)
+    finally:
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    summary = {
+        "path": str(dest),
+        "step": got.checkpoint.step,
+        "files": len(got.files),
+        "size": got.size,
+        "sha256_verified": got.verified,
+        "merged": bool(a.merge_lora),
+    }
+    if ctx.json:
+        print_json(summary)
+    else:
+        print(
+            f"Saved checkpoint step {got.checkpoint.step} of job {a.id} ({len(got.files)} files, "
+            f"{fmt_bytes(got.size)}, {got.verified} sha256 verified) to {dest}"
+            + (" as a merged model" if a.merge_lora else "")
+        )
+    return 0
+
+
+def merge_lora(adapter_dir: Path, dest: Path) -> None:
+    """Merge with the runtime's tool in a subprocess: the SDK itself never imports torch or peft."""
+    cmd = [sys.executable, "-m", "gpu_runtime", "merge-lora", str(adapter_dir), "-o", str(dest)]
+    try:
+        done = subprocess.run(cmd, check=False)
+    except OSError as exc:
+        raise OpenTinkerError(f"could not run the merge: {exc}", code="merge_failed") from None
+    if done.returncode != 0:
+        raise OpenTinkerError(
+            "merging the adapter needs the runtime's packages (torch, transformers, peft) in this Python; "
+            "or download without --merge-lora and run `python -m gpu_runtime merge-lora DIR -o OUT` "
+            "where they are",
+            code="merge_failed",
+        )
 
 
 def cmd_tokens_create(ctx: Context) -> int:
@@ -722,13 +784,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(jobs, "watch", cmd_jobs_watch, "follow a job live (metrics, events, logs) until it finishes")
     p.add_argument("id", metavar="ID")
     p.add_argument("--last-event-id", metavar="ID", help="resume after this stream event id")
+    p.add_argument(
+        "--metric",
+        action="append",
+        metavar="NAME",
+        help=f"a metric to show; repeat for several (default: any of {', '.join(DEFAULT_METRICS)})",
+    )
+    view = p.add_mutually_exclusive_group()
+    view.add_argument(
+        "--live", dest="live", action="store_true", default=None, help="redrawn view (default on a terminal)"
+    )
+    view.add_argument(
+        "--plain", dest="live", action="store_false", help="plain lines (default when not a terminal)"
+    )
     p = add(jobs, "checkpoints", cmd_jobs_checkpoints, "list a job's checkpoints")
     p.add_argument("id", metavar="ID")
-    p = add(jobs, "download", cmd_jobs_download, "download a checkpoint file")
+    p = add(jobs, "download", cmd_jobs_download, "download a whole checkpoint, or one file of it")
     p.add_argument("id", metavar="ID")
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint id")
-    p.add_argument("file", metavar="FILE", help="file name within the checkpoint")
-    p.add_argument("-o", "--output", metavar="PATH", help="destination file or directory (default: ./FILE)")
+    p.add_argument("checkpoint", metavar="CKPT", nargs="?", help="checkpoint id (with FILE: one file)")
+    p.add_argument("file", metavar="FILE", nargs="?", help="file name within the checkpoint")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="destination (default: ./FILE, or ./ID-stepN[.tar.gz] for a whole checkpoint; must not exist)",
+    )
+    p.add_argument(
+        "--step", type=_non_negative_int, metavar="N", help="the checkpoint of step N (default: latest)"
+    )
+    p.add_argument("--archive", action="store_true", help="write one .tar.gz instead of a directory")
+    p.add_argument(
+        "--with-trainer-state",
+        action="store_true",
+        help="include optimizer/scheduler/RNG state (for resuming)",
+    )
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="merge a LoRA adapter into its base: a full Hugging Face model (gpu_runtime merge-lora)",
+    )
 
     tokens = sub.add_parser("tokens", parents=[common], help="manage API tokens").add_subparsers(
         dest="tokens_command", required=True, metavar="COMMAND"

@@ -172,7 +172,7 @@ def test_sdk_and_cli_watch_a_live_job(
     env.update(OPENTINKER_URL=uvicorn_url, OPENTINKER_TOKEN=make_token(bob, acme))
     env["OPENTINKER_CONFIG"] = str(tmp_path / "none.json")
     out = subprocess.run(
-        [sys.executable, "-m", "opentinker", "jobs", "watch", str(job.id)],
+        [sys.executable, "-m", "opentinker", "jobs", "watch", str(job.id), "--metric", "reward"],
         cwd=BASE,
         env=env,
         capture_output=True,
@@ -181,7 +181,8 @@ def test_sdk_and_cli_watch_a_live_job(
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert "step 0  reward=0.25" in lines and "step 1  reward=0.5" in lines
+    # Not a terminal: plain lines, "step n/N" (the spec's 20 steps) and the chosen metric only.
+    assert "step 0/20  reward=0.25" in lines and "step 1/20  reward=0.5" in lines
     assert "[stdout] hello from the runtime" in lines
     assert any("running -> succeeded" in line for line in lines)
     assert lines[-1] == "Job finished: succeeded"

@@ -1,0 +1,138 @@
+"""A whole checkpoint of a job, down to a directory or a .tar.gz (``opentinker jobs download ID``).
+
+Atomic and resumable: files land in ``.<name>.partial/`` next to the destination, each one verified against
+the sha256 the platform recorded; the directory is renamed into place only once every file is there, so a
+destination that exists is complete. Run again after an interruption and the files already in the partial
+directory whose sha256 matches are kept, not fetched again.
+
+Trainer state (optimizer, scheduler, RNG: ``trainer_state.pt``, per policy in multi-agent checkpoints) is
+what an exact resume needs and is most of a full checkpoint's size; it is left out unless asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+from opentinker.errors import NotFound, OpenTinkerError
+from opentinker.progress import Progress
+from opentinker.types import Checkpoint, CheckpointFile
+
+if TYPE_CHECKING:
+    from opentinker.client import Client
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+@dataclass
+class Downloaded:
+    path: Path
+    checkpoint: Checkpoint
+    files: list[CheckpointFile] = field(default_factory=list)
+    size: int = 0
+    verified: int = 0  # files whose sha256 the platform knew and that matched
+
+
+def pick_checkpoint(checkpoints: list[Checkpoint], step: int | None) -> Checkpoint:
+    """The checkpoint of ``step``, or the latest one (highest step)."""
+    if not checkpoints:
+        raise NotFound("this job has no checkpoints yet", code="not_found")
+    if step is None:
+        return max(checkpoints, key=lambda c: (c.step or 0, c.created_at or 0))
+    for c in checkpoints:
+        if c.step == step:
+            return c
+    steps = ", ".join(str(c.step) for c in sorted(checkpoints, key=lambda c: c.step or 0))
+    raise NotFound(f"no checkpoint at step {step} (steps: {steps})", code="not_found")
+
+
+def wanted_files(checkpoint: Checkpoint, *, with_trainer_state: bool) -> list[CheckpointFile]:
+    files = []
+    for f in checkpoint.files:
+        parts = PurePosixPath(f.name).parts
+        # Names come from the server: never let one climb out of the destination.
+        if not parts or f.name.startswith("/") or ".." in parts:
+            raise OpenTinkerError(f"refusing a checkpoint file named {f.name!r}", code="bad_file_name")
+        if parts[-1] == TRAINER_STATE and not with_trainer_state:
+            continue
+        files.append(f)
+    return files
+
+
+def download_checkpoint(
+    client: Client,
+    job_id: str,
+    dest: str | os.PathLike[str],
+    *,
+    step: int | None = None,
+    archive: bool = False,
+    with_trainer_state: bool = False,
+    progress: Progress | None = None,
+) -> Downloaded:
+    """Download checkpoint ``step`` (default: the latest) of ``job_id`` to the directory ``dest``, or to the
+    .tar.gz file ``dest`` with ``archive``. ``dest`` must not exist yet."""
+    dest = Path(dest)
+    if dest.exists():
+        raise OpenTinkerError(f"{dest} already exists; choose another destination", code="exists")
+    checkpoint = pick_checkpoint(client.jobs.checkpoints(job_id), step)
+    files = wanted_files(checkpoint, with_trainer_state=with_trainer_state)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.parent / f".{dest.name}.partial"
+    partial.mkdir(exist_ok=True)
+    total = sum(f.size or 0 for f in files)
+    progress = progress or Progress(total, tty=False, stream=io.StringIO())
+    progress.total = total
+    result = Downloaded(path=dest, checkpoint=checkpoint, files=files, size=total)
+    try:
+        for f in files:
+            target = partial / f.name
+            if f.sha256 and target.is_file() and _sha256(target) == f.sha256.lower():
+                progress.skip_file(f.name, target.stat().st_size)
+                result.verified += 1
+                continue
+            progress.start_file(f.name)
+            client.jobs.download(
+                job_id, checkpoint.id, f.name, target, sha256=f.sha256 or None, on_bytes=progress.advance
+            )
+            result.verified += bool(f.sha256)
+            progress.finish_file(f.name, target.stat().st_size, bool(f.sha256))
+    finally:
+        progress.close()
+    if archive:
+        _archive(partial, dest)
+        shutil.rmtree(partial)
+    else:
+        os.replace(partial, dest)  # the only moment `dest` appears: complete
+    return result
+
+
+def _archive(directory: Path, dest: Path) -> None:
+    """A .tar.gz of the directory's files under one top folder named after the archive, written atomically."""
+    top = dest.name.removesuffix(".gz").removesuffix(".tar").removesuffix(".tgz")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+                tar.add(path, arcname=f"{top}/{path.relative_to(directory).as_posix()}")
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
