@@ -94,6 +94,17 @@ def decode_forward_backward(body: bytes) -> dict[str, Any]:
     }
 
 
+def call_id(body: bytes) -> tuple[str, int] | None:
+    """(model_id, seq_id) of a `ForwardBackwardRequest` whose data could not be decoded, if it parses at all:
+    the refused call must still take its turn in the model's order."""
+    msg = pb.ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError:
+        return None
+    return (msg.model_id, int(msg.seq_id)) if msg.model_id and msg.seq_id > 0 else None
+
+
 def encode_forward_backward_output(result: dict[str, Any]) -> bytes:
     """The model server's `{loss_fn_outputs: [{field: [floats]}], metrics}` as a `ForwardBackwardOutput`:
     one ArrayRecord whose fields are float32 BatchedTensors, one slice per datum."""

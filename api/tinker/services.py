@@ -237,6 +237,28 @@ def call_submit(
     return future
 
 
+def call_reject(org: Organization, model_id: str, seq_id: int, error: str) -> None:
+    """A seq-ordered call the API refused (its body could not be decoded): its future fails, and the model
+    server is told to skip its seq_id, so the model's later calls do not wait for it forever."""
+    model = model_get(org, model_id)
+    with transaction.atomic():
+        _, created = TinkerFuture.objects.get_or_create(
+            model=model,
+            seq_id=seq_id,
+            defaults={
+                "organization": org,
+                "operation": "forward_backward",
+                "state": TinkerFuture.State.FAILED,
+                "error": error[:10000],
+                "error_category": "user",
+                "completed_at": timezone.now(),
+            },
+        )
+        if created:
+            message = {"op": "reject", "model_id": model.pk, "seq_id": seq_id, "error": error[:10000]}
+            transaction.on_commit(lambda: queue.enqueue(model.base_model, message))
+
+
 def weights_uri(org: Organization, model: TinkerModel, kind: str, name: str) -> str:
     base = settings.OBJECT_STORE_URL.rstrip("/")
     run = urllib.parse.quote(model.pk, safe="")

@@ -47,7 +47,10 @@ def _body(request: HttpRequest) -> bytes:
         raise services.TinkerUserError("Content-Length is not a number") from None
     if size > limit:
         raise services.TinkerUserError(f"request body is {size} bytes; the limit is {limit}")
-    return request.read(limit + 1)[:limit]
+    body = request.read(limit + 1)
+    if len(body) > limit:  # no Content-Length, or a wrong one
+        raise services.TinkerUserError(f"request body is over the limit of {limit} bytes")
+    return body
 
 
 def _json(request: HttpRequest) -> dict[str, Any]:
@@ -180,7 +183,14 @@ def get_info(request: HttpRequest, membership: Membership) -> HttpResponse:
 
 @tinker_call()
 def forward_backward(request: HttpRequest, membership: Membership) -> HttpResponse:
-    op = codec.decode_forward_backward(_body(request))
+    body = _body(request)
+    try:
+        op = codec.decode_forward_backward(body)
+    except codec.CodecError as exc:
+        called = codec.call_id(body)
+        if called is not None:
+            services.call_reject(membership.organization, *called, str(exc))
+        raise
     model_id, seq_id = op.pop("model_id"), op.pop("seq_id")
     if not seq_id:
         raise services.TinkerUserError("seq_id must be >= 1")

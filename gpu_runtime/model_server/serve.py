@@ -12,7 +12,8 @@ forward_backward calls of all models at their queue heads), report its outcomes;
 when nothing can run.
 
 Operations (JSON): `{"op", "model_id", "future"?, "seq_id"?, ...}` with op one of create_model, load_weights,
-create_sampler (no future), forward_backward, optim_step, sample, save_weights, save_weights_for_sampler.
+create_sampler (no future), forward_backward, optim_step, sample, save_weights, save_weights_for_sampler, and
+reject (`error`: a call the API refused, which still takes its seq_id's turn so the later ones run).
 Outcomes: `{"future", "result": {...}}` or `{"future", "error", "category": "user" | "server"}`.
 
 Not yet: the drivers start and supervise this process (today an operator or a test does), the scheduler
@@ -27,7 +28,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import redis
@@ -111,6 +112,14 @@ def operation_from_wire(msg: dict[str, Any]) -> Operation:
     raise ModelServerError(f"unknown operation {op!r}")
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """Holds a refused call's place in its model's seq_id order, so the calls after it still run. The engine
+    answers it as an unknown operation; the loop reports `reason` instead."""
+
+    reason: str
+
+
 class ServeLoop:
     """The transport-free part of the loop: operations in, wire outcomes out (testable without Valkey)."""
 
@@ -118,6 +127,7 @@ class ServeLoop:
         self.server = server
         self.futures: dict[tuple[str, int], str] = {}  # (model_id, engine seq_id) -> future id
         self.sample_seq: dict[str, int] = {}  # per sampler: samples are independent, run in arrival order
+        self.rejected: dict[tuple[str, int], str] = {}
 
     def handle(self, msg: dict[str, Any]) -> list[WireOutcome]:
         """Take one operation; returns the outcomes it already has (control calls, retries, bad requests)."""
@@ -133,16 +143,24 @@ class ServeLoop:
             if op == "create_sampler":
                 self.server.create_sampler(model_id, msg.get("uri"))
                 return []
+            operation: Operation | Rejected
             if op == "sample":
+                operation = operation_from_wire(msg)
                 # The SDK numbers a sampler's requests from 0 (clones from 1e9 on): the engine gets its own
                 # gapless numbering, as samples need no order. The API has already dropped retries.
                 seq_id = self.sample_seq.get(model_id, 0) + 1
                 self.sample_seq[model_id] = seq_id
             else:
                 seq_id = int(msg["seq_id"])
-            operation = operation_from_wire(msg)
-            self.futures[(model_id, seq_id)] = str(future)
-            done = self.server.submit(model_id, seq_id, operation)
+                try:
+                    operation = Rejected(msg["error"]) if op == "reject" else operation_from_wire(msg)
+                except (ModelServerError, KeyError, TypeError, ValueError) as exc:
+                    operation = Rejected(f"bad operation: {exc}")
+                if isinstance(operation, Rejected):
+                    self.rejected[(model_id, seq_id)] = operation.reason
+            if future is not None:
+                self.futures[(model_id, seq_id)] = str(future)
+            done = self.server.submit(model_id, seq_id, cast(Operation, operation))
             return [] if done is None else [self._wire(done)]
         except ModelServerError as exc:
             return [] if future is None else [{"future": future, "error": str(exc), "category": exc.category}]
@@ -155,6 +173,9 @@ class ServeLoop:
 
     def _wire(self, o: Outcome) -> WireOutcome:
         future = self.futures.pop((o.model_id, o.seq_id), None)
+        reason = self.rejected.pop((o.model_id, o.seq_id), None)
+        if reason is not None:
+            return {"future": future, "error": reason, "category": "user"}
         if o.error is not None:
             return {"future": future, "error": str(o.error), "category": o.error.category}
         assert o.result is not None

@@ -21,6 +21,7 @@ from tinker import types
 from api.tinker import queue
 from api.tinker.auth import sdk_key
 from api.tinker.models import TinkerFuture, TinkerModel, TinkerSession
+from api.tinker.proto import tinker_public_pb2 as pb
 from api.tinker.server_tokens import model_server_token_issue
 from tests.loopback_asgi import serving
 
@@ -78,6 +79,15 @@ def datum(tokens: list[int]) -> types.Datum:
 
 def _post(url: str, key: str, endpoint: str, body: dict) -> httpx.Response:
     return httpx.post(f"{url}/tinker/api/v1/{endpoint}", json=body, headers={"X-API-Key": key}, timeout=60)
+
+
+def _settled(url: str, key: str, request_id: str) -> dict:
+    """retrieve_future until it is no longer `try_again` (each poll is held open server-side)."""
+    for _ in range(WAIT // 10 + 1):
+        answer = _post(url, key, "retrieve_future", {"request_id": request_id}).json()
+        if answer.get("type") != "try_again":
+            return answer
+    raise AssertionError(f"{request_id} still pending")
 
 
 def test_sdk_supervised_loop_sampling_and_tenancy(
@@ -174,6 +184,20 @@ def test_sdk_supervised_loop_sampling_and_tenancy(
     first, again = (_post(platform, alice_key, "optim_step", optim).json() for _ in range(2))
     assert first["request_id"] == again["request_id"]
     assert TinkerFuture.objects.filter(model_id=model_id, seq_id=nxt).count() == 1
+
+    # A forward_backward the API cannot decode (an image chunk) is refused, yet takes its turn: the next runs.
+    bad = pb.ForwardBackwardRequest(model_id=model_id, seq_id=nxt + 1, loss_fn="cross_entropy")
+    bad.data.add().model_input.add().image.data = b"png"
+    refused = httpx.post(
+        f"{platform}/tinker/api/v1/forward_backward",
+        content=bad.SerializeToString(),
+        headers={"X-API-Key": alice_key, "Content-Type": "application/x-protobuf"},
+    )
+    assert refused.status_code == 400 and "encoded_text" in refused.json()["error"]
+    optim["seq_id"] = nxt + 2
+    after = _post(platform, alice_key, "optim_step", optim).json()["request_id"]
+    assert _settled(platform, alice_key, after)["metrics"]["learning_rate:mean"] == pytest.approx(1e-3)
+    assert TinkerFuture.objects.get(model_id=model_id, seq_id=nxt + 1).state == "failed"
 
     service.close("success").result(timeout=WAIT)
     assert TinkerSession.objects.get(models__pk=model_id).finish_reason == "success"

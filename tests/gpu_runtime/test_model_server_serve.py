@@ -107,6 +107,25 @@ def test_bad_operations_fail_their_future_only(server):
     assert lost["future"] == "f3" and "unknown model" in lost["error"]
 
 
+def test_a_refused_call_takes_its_turn_and_the_next_ones_run(server):
+    loop = ServeLoop(server)
+    loop.handle({"op": "create_model", "future": "c", "model_id": "t3", "lora_config": {"rank": 4}})
+    broken = fb("t3", 1, "f1")
+    del broken["data"]
+    assert loop.handle(broken) == []  # no data: refused, in its turn
+    reject = {"op": "reject", "model_id": "t3", "seq_id": 2, "error": "image chunks unsupported"}
+    assert loop.handle(reject) == []
+    assert loop.handle(fb("t3", 3, "f3")) == []
+    done: list[dict] = []
+    while batch := loop.step():
+        done += batch
+    assert [(o["future"], o.get("error", "ok")[:14]) for o in done] == [
+        ("f1", "bad operation:"),
+        (None, "image chunks u"),
+        ("f3", "ok"),
+    ]
+
+
 class ListTransport:
     """The queue as a list; stops the loop once it is empty and nothing runs."""
 
