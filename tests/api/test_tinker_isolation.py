@@ -166,6 +166,13 @@ def test_an_outsider_gets_404_for_every_acme_object_and_changes_nothing(world):
     assert TinkerSession.objects.filter(pk=world["session"], finished_at=None).exists()
 
 
+@pytest.mark.parametrize("bad", ["-" * 32, "x", "0" * 40, "../../etc", ""])
+def test_malformed_ids_are_404s(world, bad):
+    assert send(world["charlie"], "retrieve_future", {"request_id": bad}).status_code == 404
+    assert send(world["charlie"], "session_heartbeat", {"session_id": bad}).status_code == 404
+    assert send(world["charlie"], "get_info", {"model_id": bad}).status_code == 404
+
+
 def test_a_teammate_reaches_them(world):
     assert send(world["bob"], "get_info", {"model_id": world["model"]}).json()["model_id"] == world["model"]
     r = send(world["bob"], "retrieve_future", {"request_id": world["futures"][2]})
