@@ -8,10 +8,13 @@ trained. Collation right-pads a micro-batch and shifts targets by one to line up
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from gpu_runtime.rollout_log import EpisodeTrace
 
 
 @dataclass
@@ -24,6 +27,7 @@ class Sample:
     group_id: int  # the prompt (seed) this sample answers: advantages are grouped by it
     role: str = "agent"
     truncated: bool = False
+    trace: EpisodeTrace | None = None  # what the episode said and did, for the rollout log (rollout_log)
     # Filled by the trainer / algorithm:
     old_logprobs: list[float] | None = None
     ref_logprobs: list[float] | None = None

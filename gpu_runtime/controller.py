@@ -36,6 +36,7 @@ from gpu_runtime.groups import free_port as free_port
 from gpu_runtime.models import load_tokenizer
 from gpu_runtime.phases import PhaseTimer
 from gpu_runtime.rollout.dynamic_sampling import Refill, collect_informative
+from gpu_runtime.rollout_log import Decoder, step_records
 from gpu_runtime.sink import Sink
 from opentinker.spec import JobSpec
 
@@ -119,6 +120,28 @@ class JobLoop(ABC):
         self.spec = spec
         self.sink = sink
         self.ckpt_prefix = ckpt_prefix
+        self._decoders: dict[str, Decoder] = {}
+        self.records_rollouts = True  # off for the per-policy controllers of a multi-agent job
+
+    def record_rollouts(
+        self, step: int, samples: list[Sample], base_of: dict[str, str] | None = None
+    ) -> None:
+        """A few of the step's episodes, as text, to the sink (spec `rollouts`; gpu_runtime.rollout_log).
+        `base_of`: the model each role's tokens come from, when roles are played by different models."""
+        r = self.spec.rollouts
+        if r.per_step == 0 or self.spec.kind.value != "rl" or not self.records_rollouts:
+            return
+
+        def decoder(s: Sample) -> Decoder:
+            base = (base_of or {}).get(s.role, self.spec.model.base)
+            if base not in self._decoders:  # loaded once, on the first step that records
+                tok = load_tokenizer(base)
+                self._decoders[base] = lambda ids: tok.decode(ids, skip_special_tokens=False)
+            return self._decoders[base]
+
+        episodes = step_records(samples, r.per_step, decoder, r.max_text_chars)
+        if episodes:
+            self.sink.rollouts(step, episodes)
 
     @abstractmethod
     def train_step(self, step: int) -> dict[str, float]: ...
@@ -270,6 +293,8 @@ class Controller(JobLoop):
         timer = PhaseTimer()
         with timer.phase("rollout"):
             generated, samples, metrics = self._rollout(step)
+        with timer.phase("rollout_log"):
+            self.record_rollouts(step, generated)
         n_gen = sum(s.n_generated for s in generated)
         samples = [s for s in samples if s.n_generated > 0]
         if not samples:

@@ -282,12 +282,12 @@ class MultiAgentRolloutWorker:
         codecs = [self._codecs(m) for m in seatings]
         games = run_games(self.make_env, self.protocol, codecs, self.engines, seatings, sampling, seeds)
         per_policy: dict[str, list[Sample]] = {p: [] for p in self.setup.trained}
-        for game, g, seating in zip(games, group_ids, seatings, strict=True):
+        for i, (game, g, seating) in enumerate(zip(games, group_ids, seatings, strict=True)):
             if not game.failed:
                 for role, ep in game.per_role.items():
                     policy = seating[role]
                     if policy is not None:
-                        per_policy[policy].append(episode_to_sample(ep, g))
+                        per_policy[policy].append(episode_to_sample(ep, g, game=i))
         stats = game_stats(games, list(self.setup.role_policy))
         if self.setup.mapping.rotate_roles or self.setup.mapping.rule_mix:  # roles no longer name policies
             stats.update(policy_game_stats(games, seatings, self.setup.trained))
@@ -426,6 +426,9 @@ class _PolicySink(Sink):
     def checkpoint(self, step: int, uri: str, files: list[dict[str, Any]]) -> None:
         self.sink.checkpoint(step, uri, files)
 
+    def rollouts(self, step: int, episodes: list[dict[str, Any]]) -> None:
+        pass  # the multi-agent controller records whole games, every policy's roles together
+
     def heartbeat(self) -> None:
         self.sink.heartbeat()
 
@@ -445,6 +448,10 @@ class MultiAgentController(JobLoop):
         self.policies = {
             p: Controller(self.setup.specs[p], _PolicySink(sink, p), self.views[p], None) for p in self.views
         }
+        for ctl in self.policies.values():
+            ctl.records_rollouts = False  # this controller records whole games (`_rl_step`)
+        roles = self.setup.role_policy.items()
+        self.base_of = {role: self.setup.specs[p].model.base for role, p in roles if p is not None}
 
     def sync_weights(self) -> None:
         for ctl in self.policies.values():
@@ -484,6 +491,8 @@ class MultiAgentController(JobLoop):
                 seeds, seeds, derive_seed(self.spec.seed, step, -1)
             )
         samples = [s for p in self.setup.trained for s in per_policy[p]]
+        with timer.phase("rollout_log"):
+            self.record_rollouts(step, samples, self.base_of)
         metrics = {**reward_metrics(samples), **stats}
         per: dict[str, dict[str, float]] = {}
         for name, ctl in self.policies.items():

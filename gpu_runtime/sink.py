@@ -31,6 +31,9 @@ class Sink(ABC):
     def checkpoint(self, step: int, uri: str, files: list[dict[str, Any]]) -> None:
         """`files`: [{name, size, sha256}]."""
 
+    def rollouts(self, step: int, episodes: list[dict[str, Any]]) -> None:  # noqa: B027 (optional)
+        """A few of the step's episodes as readable records (gpu_runtime.rollout_log); dropped by default."""
+
     @abstractmethod
     def heartbeat(self) -> None: ...
 
@@ -69,6 +72,9 @@ class JsonlSink(Sink):
     def checkpoint(self, step: int, uri: str, files: list[dict[str, Any]]) -> None:
         self._write({"type": "checkpoint", "step": step, "uri": uri, "files": files})
 
+    def rollouts(self, step: int, episodes: list[dict[str, Any]]) -> None:
+        self._write({"type": "rollouts", "step": step, "episodes": episodes})
+
     def heartbeat(self) -> None:
         pass
 
@@ -81,7 +87,8 @@ class IngestError(RuntimeError):
 
 
 class HttpSink(Sink):
-    """Posts to `{ingest}/metrics|events|logs|checkpoints|heartbeat` with `Authorization: Bearer <job token>`.
+    """Posts to `{ingest}/metrics|events|logs|checkpoints|rollouts|heartbeat` with
+    `Authorization: Bearer <job token>`.
 
     Retries connection errors, 429 and 5xx with exponential backoff (the ingest side is idempotent on
     (job, step, metric), so a retried post is harmless); other 4xx are not retried. Heartbeats are
@@ -146,6 +153,13 @@ class HttpSink(Sink):
 
     def checkpoint(self, step: int, uri: str, files: list[dict[str, Any]]) -> None:
         self._post("checkpoints", {"step": step, "uri": uri, "files": files})
+
+    def rollouts(self, step: int, episodes: list[dict[str, Any]]) -> None:
+        # Idempotent on (job, step): a retry or a resumed step replaces the step's record.
+        try:
+            self._post("rollouts", {"step": step, "episodes": episodes})
+        except IngestError as e:  # reading material, not training: a refused record never stops the job
+            print(f"rollouts of step {step} not recorded: {e}", file=sys.stderr, flush=True)
 
     def heartbeat(self) -> None:
         now = time.monotonic()

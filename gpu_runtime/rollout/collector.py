@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from gpu_runtime.batch import Sample
 from gpu_runtime.rollout.base import RolloutEngine, SamplingParams
+from gpu_runtime.rollout_log import trace_of
 from opentinker.env.base import Environment
 from opentinker.env.protocol import Episode, Generation, StopReason, TurnProtocol
 from opentinker.env.remote import WAITING
@@ -148,7 +149,7 @@ def run_episodes(
         return [f.result() for f in futures]
 
 
-def episode_to_sample(ep: Episode, group_id: int) -> Sample:
+def episode_to_sample(ep: Episode, group_id: int, game: int | None = None) -> Sample:
     """Token-level rewards: each turn's reward on the turn's last generated token (per-turn credit for
     token-level estimators); rewards without a turn go on the last generated token."""
     n = len(ep.token_ids)
@@ -170,4 +171,5 @@ def episode_to_sample(ep: Episode, group_id: int) -> Sample:
         group_id=group_id,
         role=ep.role,
         truncated=any(t.truncated for t in ep.turns),
+        trace=trace_of(ep, game),
     )
