@@ -5,6 +5,7 @@ from portal.models.logs import JobLog
 from portal.models.orgs import Invitation, Membership, Organization, Role
 from portal.models.pools import Allocation, ComputePool
 from portal.models.quotas import Quota
+from portal.models.rollouts import RolloutStep
 from portal.models.tokens import ApiToken, Scope
 from portal.models.usage import FairShareUsage, UsageRecord
 
@@ -26,6 +27,7 @@ __all__ = [
     "Organization",
     "Quota",
     "Role",
+    "RolloutStep",
     "Scope",
     "UsageRecord",
 ]
