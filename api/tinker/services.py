@@ -242,17 +242,22 @@ def call_submit(
     return future
 
 
-def call_reject(org: Organization, model_id: str, seq_id: int, error: str) -> None:
-    """A seq-ordered call the API refused (its body could not be decoded): its future fails, and the model
-    server is told to skip its seq_id, so the model's later calls do not wait for it forever."""
+def call_reject(
+    org: Organization, model_id: str, seq_id: int | None, error: str, operation: str = "forward_backward"
+) -> None:
+    """A training client's call the API refused (a body it could not decode, a bad name or number): its
+    future fails, and the model server is told to skip its seq_id, so the later calls do not wait for it
+    forever. (A sampler's calls need no order: nothing to skip.)"""
     model = model_get(org, model_id)
+    if seq_id is None or model.kind != TinkerModel.Kind.TRAIN:
+        return
     with transaction.atomic():
         _, created = TinkerFuture.objects.get_or_create(
             model=model,
             seq_id=seq_id,
             defaults={
                 "organization": org,
-                "operation": "forward_backward",
+                "operation": operation,
                 "state": TinkerFuture.State.FAILED,
                 "error": error[:10000],
                 "error_category": "user",
@@ -283,15 +288,15 @@ def save_submit(
     `save_weights_and_get_sampling_client`, ephemeral (then a sampler on it comes with the result)."""
     model = model_get(org, model_id)
     kind = "sampler_weights" if for_sampler else "weights"
-    if name is None:
-        if sampling_session_seq_id is None:
-            raise TinkerUserError("path (a name) is required")
+    operation = "save_weights_for_sampler" if for_sampler else "save_weights"
+    if name is None and sampling_session_seq_id is not None:
         name = f"ephemeral-{seq_id}"
-    if not NAME_RE.match(name):
-        raise TinkerUserError("path must be a name of letters, digits, '.', '_' or '-' (at most 100)")
+    if name is None or not NAME_RE.match(str(name)):
+        error = "path must be a name of letters, digits, '.', '_' or '-' (at most 100)"
+        call_reject(org, model_id, seq_id, error, operation)
+        raise TinkerUserError(error)
     uri = weights_uri(org, model, kind, name)
     request = {"kind": kind, "name": name, "uri": uri, "sampling_session_seq_id": sampling_session_seq_id}
-    operation = "save_weights_for_sampler" if for_sampler else "save_weights"
     return call_submit(
         org, model_id, seq_id, operation, {"uri": uri, "for_sampler": for_sampler}, request=request
     )

@@ -204,12 +204,15 @@ ADAM_FIELDS = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_c
 @tinker_call()
 def optim_step(request: HttpRequest, membership: Membership) -> HttpResponse:
     body = _json(request)
+    model_id, seq = str(body["model_id"]), _seq(body)
     params = body.get("adam_params") or body.get("optim_params") or body.get("optimizer_params") or {}
-    adam = {k: float(params[k]) for k in ADAM_FIELDS if params.get(k) is not None}
-    model_id = str(body["model_id"])
-    future = services.call_submit(
-        membership.organization, model_id, _seq(body), "optim_step", {"adam_params": adam}
-    )
+    try:
+        adam = {k: float(params[k]) for k in ADAM_FIELDS if params.get(k) is not None}
+    except (TypeError, ValueError) as exc:
+        error = f"adam_params: {exc}"
+        services.call_reject(membership.organization, model_id, seq, error, "optim_step")  # keeps the order
+        raise services.TinkerUserError(error) from None
+    future = services.call_submit(membership.organization, model_id, seq, "optim_step", {"adam_params": adam})
     return _future(future, model_id=model_id)
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from django.test import Client
 
-from api.tinker import services
+from api.tinker import queue, services
 from api.tinker.auth import sdk_key
 from api.tinker.models import TinkerFuture, TinkerWeights
 from portal.models import Membership
@@ -31,10 +31,14 @@ def post(client: Client, endpoint: str, body, content_type: str = "application/j
     return client.post(f"{V1}/{endpoint}", data, content_type=content_type)
 
 
-def test_each_attack_is_a_4xx_and_queues_nothing(alice_api, settings, django_capture_on_commit_callbacks):
+def test_each_attack_is_a_4xx_and_queues_nothing_but_order_keeping_rejects(
+    alice_api, settings, django_capture_on_commit_callbacks
+):
     client, session, model = alice_api
     settings.TINKER_MAX_BODY_BYTES = 4096
     futures = TinkerFuture.objects.count()
+    key = queue.ops_key(BASE)
+    queue.client().delete(key)
     prompt = {"chunks": [{"type": "encoded_text", "tokens": [5]}]}
     attacks = {
         "path traversal in a name": ("save_weights", {"model_id": model, "seq_id": 1, "path": "../x"}),
@@ -64,7 +68,7 @@ def test_each_attack_is_a_4xx_and_queues_nothing(alice_api, settings, django_cap
         "not JSON": ("create_session", "{oops"),
         "a body over the limit": ("telemetry", {"events": ["x" * 5000]}),
     }
-    with django_capture_on_commit_callbacks() as enqueued:
+    with django_capture_on_commit_callbacks(execute=True):
         for name, (endpoint, body) in attacks.items():
             r = post(client, endpoint, body)
             assert 400 <= r.status_code < 500, (name, r.status_code, r.content[:200])
@@ -72,5 +76,11 @@ def test_each_attack_is_a_4xx_and_queues_nothing(alice_api, settings, django_cap
         garbage = post(client, "forward_backward", b"\xff\x00garbage", "application/x-protobuf")
         assert garbage.status_code == 400
         assert client.get(f"{V1}/create_session").status_code == 405
-    assert enqueued == []  # nothing was put on the model server's queue
-    assert TinkerFuture.objects.count() == futures and not TinkerWeights.objects.exists()
+    # Nothing reached the model server but the refusal of the training client's seq_id 1 (a bad weights name,
+    # then a bad learning rate for the same seq_id), so that its seq_id 2 will not wait for it forever.
+    queued = [json.loads(m) for m in queue.client().lrange(key, 0, -1)]
+    queue.client().delete(key)
+    assert [(m["op"], m["seq_id"]) for m in queued] == [("reject", 1)]
+    refused = TinkerFuture.objects.get(model_id=model, seq_id=1)
+    assert (refused.state, refused.error_category, refused.operation) == ("failed", "user", "save_weights")
+    assert TinkerFuture.objects.count() == futures + 1 and not TinkerWeights.objects.exists()
