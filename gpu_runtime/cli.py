@@ -1,5 +1,8 @@
 """`python -m gpu_runtime run spec.yaml|spec.json [--sink jsonl|http] [--resume URI] [--env-package DIR]`.
 
+`python -m gpu_runtime merge-lora SRC -o DST [--base MODEL]`: a downloaded LoRA checkpoint merged into a full
+Hugging Face model directory (gpu_runtime/merge.py).
+
 `--env-package DIR_OR_ARCHIVE` runs a local environment package (a directory with its opentinker.json, or a
 .tar.gz) in the sandbox, as a job runs a published one: authors try a package before `opentinker envs push`.
 
@@ -55,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a local environment package (directory or .tar.gz) to run sandboxed instead of the spec's",
     )
+    merge = sub.add_parser("merge-lora", help="merge a downloaded LoRA checkpoint into a full HF model")
+    merge.add_argument("src", help="a checkpoint step directory (opentinker jobs download ID)")
+    merge.add_argument("-o", "--output", required=True, help="the merged model's directory (must not exist)")
+    merge.add_argument("--base", default=None, help="the base model (default: the one in meta.json's spec)")
     args = p.parse_args(argv)
+    if args.cmd == "merge-lora":
+        return merge_lora(args)
 
     from gpu_runtime.bootstrap import BootstrapError, redeem
 
@@ -88,6 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     return run_job(
         spec, sink, prefix, resume=resume, use_ray=args.ray or args.world_size > 1, world_size=args.world_size
     )
+
+
+def merge_lora(args: argparse.Namespace) -> int:
+    from gpu_runtime.merge import MergeError, merge_checkpoint
+
+    try:
+        written = merge_checkpoint(Path(args.src), Path(args.output), base=args.base)
+    except (MergeError, OSError) as e:
+        print(f"merge-lora: {e}", file=sys.stderr, flush=True)
+        return 1
+    for path in written:
+        print(f"merged model written to {path}", flush=True)
+    return 0
 
 
 def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> int:

@@ -1,0 +1,94 @@
+"""`python -m gpu_runtime merge-lora SRC -o DST`: a LoRA checkpoint merged into a full Hugging Face model.
+
+SRC is a downloaded checkpoint step directory (`opentinker jobs download ID`): the PEFT adapter
+(adapter_config.json, adapter_model.safetensors), the base's config and tokenizer, and meta.json whose spec
+names the base model and the seed a preset base is initialized from. DST gets config.json,
+model.safetensors and the tokenizer: loadable by `AutoModelForCausalLM.from_pretrained` with no PEFT.
+
+Multi-agent checkpoints hold one subdirectory per trained policy; each becomes DST/<policy>. A policy trained
+without LoRA is copied as it is (its trainer state left out). This lives in the runtime, not the SDK: the
+merge needs torch and peft, which the SDK must not depend on (pyproject's import-linter contracts).
+
+DST appears complete or not at all: it is written to a `.partial` directory beside it, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+ADAPTER = "adapter_model.safetensors"
+FULL = "model.safetensors"
+SKIP = {"trainer_state.pt", "meta.json", ADAPTER, "adapter_config.json"}
+
+
+class MergeError(Exception):
+    pass
+
+
+def merge_checkpoint(src: Path, dst: Path, *, base: str | None = None) -> list[Path]:
+    """Merge SRC into DST (which must not exist); returns the model directories written."""
+    if dst.exists():
+        raise MergeError(f"{dst} already exists")
+    meta_path = src / "meta.json"
+    spec: dict[str, Any] = json.loads(meta_path.read_text()).get("spec", {}) if meta_path.exists() else {}
+    seed = int(spec.get("seed", 0))
+    partial = dst.parent / f".{dst.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        if _is_model(src):
+            _merge_one(src, partial, base or _base_of(spec, None), seed)
+            written = [dst]
+        else:
+            policies = sorted(p for p in src.iterdir() if p.is_dir() and _is_model(p))
+            if not policies:
+                raise MergeError(f"{src} holds no adapter or model (expected {ADAPTER} or {FULL})")
+            for p in policies:
+                _merge_one(p, partial / p.name, base or _base_of(spec, p.name), seed)
+            written = [dst / p.name for p in policies]
+        os.replace(partial, dst)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return written
+
+
+def _is_model(d: Path) -> bool:
+    return (d / ADAPTER).exists() or (d / FULL).exists()
+
+
+def _base_of(spec: dict[str, Any], policy: str | None) -> str:
+    model = spec.get("model") or {}
+    if policy is not None:
+        p = ((spec.get("multi_agent") or {}).get("policies") or {}).get(policy) or {}
+        model = p.get("model") or model
+    if not model.get("base"):
+        raise MergeError("the checkpoint's meta.json names no base model: pass --base")
+    return str(model["base"])
+
+
+def _merge_one(src: Path, out: Path, base: str, seed: int) -> None:
+    out.mkdir(parents=True)
+    if not (src / ADAPTER).exists():  # full fine-tuning: already a Hugging Face model
+        for f in src.iterdir():
+            if f.is_file() and f.name not in SKIP:
+                shutil.copy2(f, out / f.name)
+        return
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise MergeError("merging a LoRA adapter needs peft: pip install peft") from None
+    from transformers import AutoTokenizer
+
+    from gpu_runtime.models import load_model
+
+    # The base exactly as the job built it: a preset is a seeded random init, a URI a Hugging Face directory.
+    loaded = load_model(base, seed=seed)
+    merged = PeftModel.from_pretrained(loaded.model, src).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    has_tokenizer = (src / "tokenizer.json").exists() or (src / "tokenizer_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(src) if has_tokenizer else loaded.tokenizer
+    tokenizer.save_pretrained(out)
