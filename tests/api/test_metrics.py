@@ -187,6 +187,23 @@ def test_a_scheduling_pass_counts_its_admissions_per_pool(scrape_on, acme):
     assert value(scrape(), "opentinker_scheduler_admissions_total", pool="gpu-a") - before == 2
 
 
+def test_a_pass_that_reclaims_borrowed_capacity_counts_its_preemptions(scrape_on, acme, globex):
+    make_pool("gpu-a", 8)
+    set_quota(acme, max_gpus=2, borrowing_limit_gpus=6, max_queued_jobs=50)
+    set_quota(globex, max_gpus=4, borrowing_limit_gpus=0)
+    for i in range(4):
+        submit(acme, gpus=2, name=f"a{i}")
+    before = scrape()
+    assert len(schedule_pass().admitted) == 4  # the idle pool lets acme borrow
+    submit(globex, gpus=4, name="owner")
+    assert len(schedule_pass().preempted) == 2  # the owner's 4 GPUs come back from two borrowed jobs
+    after = scrape()
+    counted = {"admissions": 4, "preemptions": 2}
+    for what, n in counted.items():
+        name = f"opentinker_scheduler_{what}_total"
+        assert value(after, name, pool="gpu-a") - value(before, name, pool="gpu-a") == n
+
+
 def _running(org, name) -> Job:
     job = submit(org, name=name)
     for state in (JobState.ADMITTED, JobState.RUNNING):
