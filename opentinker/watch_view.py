@@ -131,7 +131,7 @@ class WatchView:
         if self.tail:
             lines.append("")
             lines += list(self.tail)
-        return [line[: self.width] for line in lines]  # a wrapped line would break the redraw
+        return [line[: self.width].rstrip() for line in lines]  # a wrapped line would break the redraw
 
     # ---- output ------------------------------------------------------------------------------------------
     def _redraw(self) -> None:
