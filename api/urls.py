@@ -12,6 +12,7 @@ from api.views import (
     ingest_env,
     jobs,
     orgs,
+    rollouts,
     stream,
     tokens,
     usage,
@@ -37,6 +38,7 @@ v1 = [
     path("jobs/<str:job_id>/metrics", jobs.JobMetricsApi.as_view()),
     path("jobs/<str:job_id>/events", jobs.JobEventsApi.as_view()),
     path("jobs/<str:job_id>/checkpoints", jobs.JobCheckpointsApi.as_view()),
+    path("jobs/<str:job_id>/rollouts", rollouts.JobRolloutsApi.as_view()),
     path("jobs/<str:job_id>/stream", stream.JobStreamApi.as_view()),
     path(
         "jobs/<str:job_id>/checkpoints/<int:checkpoint_id>/files/<path:name>",
@@ -46,6 +48,7 @@ v1 = [
     path("ingest/jobs/<str:job_id>/events", ingest.IngestEventsApi.as_view()),
     path("ingest/jobs/<str:job_id>/logs", ingest.IngestLogsApi.as_view()),
     path("ingest/jobs/<str:job_id>/checkpoints", ingest.IngestCheckpointsApi.as_view()),
+    path("ingest/jobs/<str:job_id>/rollouts", rollouts.IngestRolloutsApi.as_view()),
     path("ingest/jobs/<str:job_id>/heartbeat", ingest.IngestHeartbeatApi.as_view()),
     path("ingest/jobs/<str:job_id>/state", ingest.IngestStateApi.as_view()),
     path("ingest/jobs/<str:job_id>/environment", ingest_env.IngestEnvironmentApi.as_view()),

@@ -22,6 +22,8 @@ points in batches of at most 5,000 AND about 200 KiB of JSON).
                  uri must lie inside the job's own prefix ``<organization prefix>/jobs/<job id>/`` (else 400);
                  names are relative to uri. 201 (new step) / 200 (same step again: replaced)
                  -> {"id", "step", "uri", "size_bytes"}. Write the files first, then record them.
+    /rollouts    {"step": int, "episodes": [...]}: a step's recorded episodes (api/views/rollouts.py).
+                 Idempotent on (job, step): the step again replaces it -> 201 (new) / 200 (replaced).
     /heartbeat   {} or {"step": int}  -> 200 {"cancel": bool, "state": str}. Send every ~10-30 s; the reaper
                  re-queues a running job whose heartbeats stop. cancel=true: stop at the next step boundary,
                  save a checkpoint if the spec asks, then report "cancelled" (or the job's final state).

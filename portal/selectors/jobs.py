@@ -9,7 +9,7 @@ from django.db import connection
 from django.db.models import QuerySet
 
 from portal.errors import NotFound
-from portal.models import Checkpoint, Job, JobEvent, Metric, Organization
+from portal.models import Checkpoint, Job, JobEvent, Metric, Organization, RolloutStep
 
 MAX_POINTS = 5000
 
@@ -121,3 +121,17 @@ def last_metric_values(jobs: list[Job], name: str) -> dict:
         .values_list("job_id", "step", "value")
     )
     return {job_id: (step, value) for job_id, step, value in rows}
+
+
+def rollout_steps(job: Job) -> list[int]:
+    """The steps whose episodes are stored, in order."""
+    return list(RolloutStep.objects.filter(job=job).order_by("step").values_list("step", flat=True))
+
+
+def rollout_get(job: Job, step: int | None = None) -> RolloutStep:
+    """The episodes of `step`, or of the latest stored step."""
+    qs = RolloutStep.objects.filter(job=job)
+    row = qs.filter(step=step).first() if step is not None else qs.order_by("-step").first()
+    if row is None:
+        raise NotFound(f"no rollouts recorded at step {step}" if step is not None else "no rollouts recorded")
+    return row

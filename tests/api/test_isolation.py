@@ -49,6 +49,7 @@ from portal.models import (
     Organization,
     Quota,
     Role,
+    RolloutStep,
 )
 from portal.services.env_secrets import environment_secret_create
 from portal.services.jobs import job_submit
@@ -177,6 +178,7 @@ def world(alice, bob, charlie, acme, globex, make_token, settings, tmp_path) -> 
         files=[{"name": "model.safetensors", "size": 3, "sha256": hashlib.sha256(FILE_BYTES).hexdigest()}],
         size_bytes=3,
     )
+    RolloutStep.objects.create(job=job, step=5, episodes=[{"index": 0, "role": "agent", "reward": 1.0}])
 
     alice_membership = Membership.objects.get(organization=acme, user=alice)
     invitation, invitation_secret = invitation_create(by=alice_membership, email=INVITEE, role=Role.MEMBER)
@@ -249,6 +251,7 @@ def acme_state(w: AcmeWorld) -> dict[str, Any]:
             Metric.objects.filter(job__organization=org).order_by("id").values("name", "step", "value")
         ),
         "checkpoints": list(Checkpoint.objects.filter(job__organization=org).order_by("id").values()),
+        "rollouts": list(RolloutStep.objects.filter(job__organization=org).order_by("id").values()),
         "file": FILE_BYTES,
         "tokens": list(
             ApiToken.objects.filter(organization=org)
@@ -375,6 +378,7 @@ ROUTES: dict[tuple[str, str], Route] = {
     (f"{V1}/jobs/{{job_id}}/checkpoints/{{checkpoint_id}}/files/{{name}}", "get"): R(404, 403, 403, 403),
     (f"{V1}/jobs/{{job_id}}/events", "get"): R(404, 403, 403, 403),
     (f"{V1}/jobs/{{job_id}}/metrics", "get"): R(404, 403, 403, 403),
+    (f"{V1}/jobs/{{job_id}}/rollouts", "get"): R(404, 403, 403, 403),
     (f"{V1}/jobs/{{job_id}}/stream", "get"): R(404, 403, 403, 403),
     # runtime ingest: job tokens only, so every user credential is a 401 (charlie's own job token on acme's
     # job is a 404: tests/api/test_ingest.py)
@@ -389,6 +393,9 @@ ROUTES: dict[tuple[str, str], Route] = {
     ),
     (f"{V1}/ingest/jobs/{{job_id}}/checkpoints", "post"): R(
         401, 401, 401, 401, lambda w: {"step": 9, "uri": w.checkpoint.uri, "files": w.checkpoint.files}
+    ),
+    (f"{V1}/ingest/jobs/{{job_id}}/rollouts", "post"): R(
+        401, 401, 401, 401, lambda w: {"step": 9, "episodes": []}
     ),
     (f"{V1}/ingest/jobs/{{job_id}}/heartbeat", "post"): R(401, 401, 401, 401, lambda w: {}),
     (f"{V1}/ingest/jobs/{{job_id}}/state", "post"): R(401, 401, 401, 401, lambda w: {"state": "failed"}),
