@@ -50,6 +50,7 @@ from opentinker.types import (
     Organization,
     Page,
     Quota,
+    Rollouts,
     StreamEvent,
     Token,
 )
@@ -517,6 +518,10 @@ class JobsAPI:
 
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
         return self._c._get_results(f"/jobs/{_seg(job_id)}/checkpoints", Checkpoint)
+
+    def rollouts(self, job_id: str, step: int | None = None) -> Rollouts:
+        """The episodes recorded at `step` (the latest recorded step when None), best and worst first."""
+        return self._c._get_model(f"/jobs/{_seg(job_id)}/rollouts", Rollouts, _drop_none({"step": step}))
 
     def download(
         self,

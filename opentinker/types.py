@@ -243,3 +243,37 @@ class ModelPreset(ApiModel):
     family: str | None = None
     params: str | None = None
     description: str | None = ""
+
+
+class RolloutTurn(ApiModel):
+    """One turn of a recorded episode: what the policy generated, what the environment made of it."""
+
+    text: str = ""
+    action: str = ""
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    reward: float = 0.0
+    truncated: bool = False
+    observation: str = ""
+    info: dict[str, Any] = Field(default_factory=dict)
+    tokens: dict[str, int] = Field(default_factory=dict)  # generated (trained), observation (not trained)
+
+
+class RolloutEpisode(ApiModel):
+    index: int = 0
+    group: int = 0
+    game: int | None = None  # multi-agent: the game; its roles share it
+    role: str = "agent"
+    reward: float = 0.0
+    final_reward: float = 0.0
+    stop_reason: str = ""
+    prompt: str = ""
+    turns: list[RolloutTurn] = Field(default_factory=list)
+    tokens: dict[str, int] = Field(default_factory=dict)  # prompt, generated, untrained, total
+
+
+class Rollouts(ApiModel):
+    """A step's recorded episodes (best and worst first) and every step stored."""
+
+    step: int
+    steps: list[int] = Field(default_factory=list)
+    episodes: list[RolloutEpisode] = Field(default_factory=list)
