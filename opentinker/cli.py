@@ -39,6 +39,7 @@ from opentinker.client import (
 )
 from opentinker.errors import OpenTinkerError, ValidationError
 from opentinker.progress import Progress, fmt_bytes, is_terminal
+from opentinker.rollouts_text import rollouts_text
 from opentinker.spec import JobState
 from opentinker.types import EnvironmentPackage, Job, JobEvent, MetricSeries, Page, Token
 from opentinker.watch_view import DEFAULT_METRICS, WatchView
@@ -437,6 +438,15 @@ def cmd_jobs_checkpoints(ctx: Context) -> int:
     return 0
 
 
+def cmd_jobs_rollouts(ctx: Context) -> int:
+    r = ctx.client().jobs.rollouts(ctx.args.id, step=ctx.args.step)
+    if ctx.json:
+        print_json(r)
+    else:
+        print(rollouts_text(r, role=ctx.args.role, full=ctx.args.full), end="")
+    return 0
+
+
 def cmd_jobs_download(ctx: Context) -> int:
     a = ctx.args
     client = ctx.client()
@@ -799,6 +809,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add(jobs, "checkpoints", cmd_jobs_checkpoints, "list a job's checkpoints")
     p.add_argument("id", metavar="ID")
+    p = add(
+        jobs, "rollouts", cmd_jobs_rollouts, "read the episodes recorded at a step (best and worst first)"
+    )
+    p.add_argument("id", metavar="ID")
+    p.add_argument(
+        "--step", type=_non_negative_int, metavar="N", help="the step (default: the latest recorded)"
+    )
+    p.add_argument("--role", metavar="ROLE", help="only this role's episodes (multi-agent)")
+    p.add_argument("--full", action="store_true", help="whole texts (default: the last 400 characters)")
     p = add(jobs, "download", cmd_jobs_download, "download a whole checkpoint, or one file of it")
     p.add_argument("id", metavar="ID")
     p.add_argument("checkpoint", metavar="CKPT", nargs="?", help="checkpoint id (with FILE: one file)")
