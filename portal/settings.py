@@ -239,6 +239,10 @@ ENV_ARCHIVE_MAX_BYTES = env.int(
 INGEST_BASE_URL = env.str("INGEST_BASE_URL", "http://127.0.0.1:8000")
 # Per job: guards against a runtime stuck in a retry loop, not against normal reporting.
 INGEST_RATE_LIMIT = env.rate("INGEST_RATE_LIMIT", "100/s")
+# The Tinker-compatible API (api/tinker/): how long retrieve_future holds a poll open (under the SDK's 45 s),
+# and its body limit (the SDK splits forward_backward at ~5 MB).
+TINKER_POLL_HOLD_SECONDS = env.int("TINKER_POLL_HOLD_SECONDS", 25, minimum=1, maximum=40)
+TINKER_MAX_BODY_BYTES = env.int("TINKER_MAX_BODY_BYTES", 16 * 1024 * 1024, minimum=1024)
 # Job tokens live this long (0: the job's max_hours plus an hour); a bootstrap token (single-use, it fetches
 # the job token and the environment secret on a Ray cluster) this long, never forever.
 JOB_TOKEN_TTL_SECONDS = env.int("JOB_TOKEN_TTL_SECONDS", 0, minimum=0)

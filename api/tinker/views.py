@@ -3,7 +3,8 @@
 Plain Django views rather than DRF: the SDK, not our REST conventions, fixes the wire (a `"type"` field in
 JSON bodies, a protobuf body for `forward_backward`, protobuf results, `X-API-Key: tml-...`). Every call
 but `retrieve_future` is short and synchronous; `retrieve_future` is async and holds the poll open on a
-Valkey channel until the outcome is written or `TINKER_POLL_HOLD_SECONDS` pass, holding no thread meanwhile.
+Valkey channel until the outcome is written or `TINKER_POLL_HOLD_SECONDS` (settings) pass, holding no thread
+meanwhile.
 
 Errors: 401 for a bad key, 404 for anything of another organization (the SDK stops at once on 404), 400
 for a request the SDK sent wrong. A failed call is a 200 `{"error", "category"}` from `retrieve_future`.
@@ -31,8 +32,6 @@ from portal.errors import NotFound
 from portal.models import Membership
 
 PROTOBUF = "application/x-protobuf"
-DEFAULT_HOLD_SECONDS = 25.0  # under the SDK's 45 s per-poll timeout (TINKER_PROTOCOL.md)
-DEFAULT_MAX_BODY = 16 * 1024 * 1024  # the SDK splits forward_backward at ~5 MB
 
 
 def _error(status: int, message: str, category: str = "user") -> JsonResponse:
@@ -40,7 +39,7 @@ def _error(status: int, message: str, category: str = "user") -> JsonResponse:
 
 
 def _body(request: HttpRequest) -> bytes:
-    limit = getattr(settings, "TINKER_MAX_BODY_BYTES", DEFAULT_MAX_BODY)
+    limit = settings.TINKER_MAX_BODY_BYTES
     try:
         size = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
@@ -333,7 +332,7 @@ def _future_of(membership: Membership, future_id: str) -> TinkerFuture:
 async def retrieve_future(request: HttpRequest) -> HttpResponse:
     try:
         membership, future_id = await sync_to_async(_lookup)(request)
-        hold = float(getattr(settings, "TINKER_POLL_HOLD_SECONDS", DEFAULT_HOLD_SECONDS))
+        hold = float(settings.TINKER_POLL_HOLD_SECONDS)
         r = aioredis.Redis.from_url(settings.REDIS_URL)
         try:
             async with r.pubsub() as pubsub:
