@@ -34,6 +34,7 @@ from opentinker.types import (
     Organization,
     Page,
     Quota,
+    Rollouts,
     Token,
 )
 
@@ -55,6 +56,7 @@ CALLS: list[tuple[str, str, str, type[BaseModel], str, set[str]]] = [
     ("GET", "/jobs/{job_id}/metrics", "200", MetricSeries, "series", set()),
     ("GET", "/jobs/{job_id}/events", "200", EventPage, "body", set()),
     ("GET", "/jobs/{job_id}/checkpoints", "200", Checkpoint, "results", set()),
+    ("GET", "/jobs/{job_id}/rollouts", "200", Rollouts, "body", set()),
     ("POST", "/tokens", "201", CreatedToken, "body", set()),
     ("GET", "/tokens", "200", Token, "page", set()),
     ("GET", "/tokens/{token_id}", "200", Token, "body", set()),
