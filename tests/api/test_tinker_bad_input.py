@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from django.core.management import CommandError, call_command
 from django.test import Client
 
 from api.tinker import queue, services
 from api.tinker.auth import sdk_key
 from api.tinker.models import TinkerFuture, TinkerWeights
+from api.tinker.server_tokens import model_server_token_verify
 from portal.models import Membership
 
 pytestmark = pytest.mark.django_db
@@ -84,3 +86,10 @@ def test_each_attack_is_a_4xx_and_queues_nothing_but_order_keeping_rejects(
     refused = TinkerFuture.objects.get(model_id=model, seq_id=1)
     assert (refused.state, refused.error_category, refused.operation) == ("failed", "user", "save_weights")
     assert TinkerFuture.objects.count() == futures + 1 and not TinkerWeights.objects.exists()
+
+
+def test_the_server_token_command_mints_a_token_for_one_base(capsys):
+    call_command("tinker_server_token", BASE)
+    assert model_server_token_verify(capsys.readouterr().out.strip()) == BASE
+    with pytest.raises(CommandError, match="unknown base model"):
+        call_command("tinker_server_token", "nope")
