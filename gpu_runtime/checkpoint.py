@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
@@ -20,14 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gpu_runtime import storage
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from opentinker.storage import file_sha256
 
 
 def step_name(step: int) -> str:
@@ -93,7 +85,7 @@ def publish(
     """Write meta.json (last: it marks the checkpoint complete), list the files, upload, prune old steps."""
     (staging / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
     files = [
-        {"name": str(p.relative_to(staging)), "size": p.stat().st_size, "sha256": _sha256(p)}
+        {"name": str(p.relative_to(staging)), "size": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(staging.rglob("*"))
         if p.is_file()
     ]

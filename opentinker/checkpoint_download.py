@@ -12,7 +12,6 @@ what an exact resume needs and is most of a full checkpoint's size; it is left o
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import shutil
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from opentinker.errors import NotFound, OpenTinkerError
 from opentinker.progress import Progress
+from opentinker.storage import file_sha256
 from opentinker.types import Checkpoint, CheckpointFile
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def download_checkpoint(
     try:
         for f in files:
             target = partial / f.name
-            if f.sha256 and target.is_file() and _sha256(target) == f.sha256.lower():
+            if f.sha256 and target.is_file() and file_sha256(target) == f.sha256.lower():
                 progress.skip_file(f.name, target.stat().st_size)
                 result.verified += 1
                 continue
@@ -128,11 +128,3 @@ def _archive(directory: Path, dest: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -16,6 +16,7 @@ and the registry (package archives), each through a thin module of its own that 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import posixpath
 import shutil
@@ -86,6 +87,15 @@ def file_path(uri: str, *, root: str | None = None) -> Path:
     if scheme(root) != "file" or not resolved.is_relative_to(Path(root.removeprefix("file://")).resolve()):
         raise OutsideStore(f"{uri} is outside the object store")
     return resolved
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a local file, read in 1 MiB blocks (checkpoint files run to gigabytes)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _write_atomically(dest: Path, data: bytes) -> None:
