@@ -13,7 +13,7 @@ Three sources, chosen by where the truth lives:
   oldest wait, the latest step time and tokens/s of each running job. Three indexed queries per scrape; the
   rows are the truth, so every replica answers the same.
 
-Labels are bounded: routes are URL patterns (``api/v1/jobs/<uuid:job_id>``, never a raw path), methods the
+Labels are bounded: routes are URL patterns (``api/v1/jobs/<str:job_id>``, never a raw path), methods the
 standard ones, pools the configured pools, per-job series only for running jobs.
 """
 

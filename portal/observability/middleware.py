@@ -1,7 +1,7 @@
 """Per request: its id (``X-Request-ID``), the log context, and the per-route count and latency.
 
 First in MIDDLEWARE, so it times and labels everything after it (redirects and refusals included). The route
-label is the URL pattern Django matched (``api/v1/jobs/<uuid:job_id>``), never the path: a label per job id
+label is the URL pattern Django matched (``api/v1/jobs/<str:job_id>``), never the path: a label per job id
 would grow Prometheus' memory without bound. Unresolved paths (404s) share one label.
 """
 
