@@ -35,6 +35,7 @@ from portal.selectors.queue import queue_position
 from portal.services.job_resume import RESUMABLE, job_resume
 from portal.services.jobs import MAX_IDEMPOTENCY_KEY, job_cancel, job_submit
 from portal.web.forms import add_domain_error
+from portal.web.rollouts import rollouts_context
 from portal.web.tenancy import org_page, page_scopes, require_scope
 
 PAGE = 50
@@ -308,6 +309,7 @@ def job_detail(request, job_id):
         "config": json.dumps(job.spec, indent=2, sort_keys=True),
         "metrics_url": f"/api/v1/jobs/{job.pk}/metrics?max_points=2000",
         "stream_url": f"/api/v1/jobs/{job.pk}/stream",
+        **rollouts_context(job, request.GET),
     }
     return render(request, "portal/jobs/detail.html", context)
 

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from portal.web import auth, dashboard, jobs, orgs, tokens
+from portal.web import auth, dashboard, jobs, orgs, rollouts, tokens
 
 urlpatterns = [
     path("", dashboard.dashboard, name="home"),
@@ -15,6 +15,7 @@ urlpatterns = [
     path("jobs/new/", jobs.job_new, name="job_new"),
     path("jobs/<str:job_id>/", jobs.job_detail, name="job_detail"),
     path("jobs/<str:job_id>/status/", jobs.job_status, name="job_status"),
+    path("jobs/<str:job_id>/rollouts/", rollouts.job_rollouts, name="job_rollouts"),
     path("jobs/<str:job_id>/cancel/", jobs.job_cancel_view, name="job_cancel"),
     path("jobs/<str:job_id>/resume/", jobs.job_resume_view, name="job_resume"),
     path("tokens/", tokens.token_index, name="tokens"),
