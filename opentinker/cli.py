@@ -477,13 +477,14 @@ def _download_whole(ctx: Context) -> int:
     step = pick_checkpoint(client.jobs.checkpoints(a.id), a.step).step
     default = f"{a.id}-step{step}" + (".tar.gz" if a.archive else "")
     dest = Path(a.output or default)
+    if dest.exists():  # before fetching anything, not after the merge
+        raise OpenTinkerError(f"{dest} already exists; choose another destination", code="exists")
     tmp_dir = None
     if a.merge_lora:
         if a.archive:
             raise UsageError("--merge-lora writes a directory; leave out --archive")
-        tmp_dir = Path(
-            tempfile.mkdtemp(prefix="otk-adapter-", dir=dest.parent if dest.parent.exists() else None)
-        )
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.adapter-", dir=dest.parent))
         fetch_to = tmp_dir / "adapter"
     else:
         fetch_to = dest
