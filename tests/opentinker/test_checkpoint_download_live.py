@@ -154,3 +154,37 @@ def test_download_whole_checkpoint_archive_and_merged_model(
     ours = runtime_greedy(spec, saved["uri"])
     assert len(ours) > 0
     assert transformers_greedy(merged) == ours
+
+
+def test_whole_checkpoint_from_s3_follows_presigned_links(
+    live_server, s3_store, alice, acme, make_token, tmp_path
+):
+    """An S3 store: every file is a redirect to a presigned URL; the SDK follows it (httpx drops the
+    Authorization header on a redirect to another origin) and still checks each sha256. Nested names
+    (multi-agent policies) keep their folders."""
+    import hashlib
+
+    from opentinker.checkpoint_download import download_checkpoint
+    from opentinker.client import Client
+
+    files = {
+        "meta.json": b"{}",
+        "solver/adapter_model.safetensors": b"A" * 100,
+        "solver/trainer_state.pt": b"S",
+    }
+    for name, body in files.items():
+        s3_store.client.put_object(Bucket="otk-store", Key=f"store/ck/{name}", Body=body)
+    job, _ = job_submit(organization=acme, actor=Actor.for_request(alice), spec=small_spec())
+    Checkpoint.objects.create(
+        job=job,
+        step=3,
+        uri="s3://otk-store/store/ck",
+        files=[
+            {"name": n, "size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in files.items()
+        ],
+    )
+    with Client(live_server.url, make_token(alice, acme)) as client:
+        got = download_checkpoint(client, str(job.id), tmp_path / "ck")
+    assert got.verified == 2
+    assert (tmp_path / "ck" / "solver" / "adapter_model.safetensors").read_bytes() == b"A" * 100
+    assert not (tmp_path / "ck" / "solver" / "trainer_state.pt").exists()
