@@ -19,6 +19,7 @@ from portal.models import Job, RolloutStep
 from portal.services import rollouts
 from portal.services.job_tokens import job_token_issue
 from portal.services.jobs import job_submit, job_transition
+from tests.api.test_stream import uvicorn_url  # noqa: F401 (fixture)
 from tests.conftest import client_for
 
 pytestmark = pytest.mark.django_db
@@ -114,3 +115,22 @@ def test_a_multi_agent_game_keeps_its_roles(job, runtime, as_bob):
     assert ingest(runtime, job, {"step": 1, "episodes": eps}).status_code == 201
     got = as_bob.get(f"{V1}/jobs/{job.id}/rollouts").json()["episodes"]
     assert [(e["game"], e["role"], e["reward"]) for e in got] == [(0, "x", 1.0), (0, "o", -1.0)]
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_real_job_ships_its_rollouts_through_the_ingest_api(uvicorn_url, job, as_bob):  # noqa: F811
+    """The runtime (in process) -> HttpSink -> uvicorn -> PostgreSQL -> the read API, end to end."""
+    from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup
+    from gpu_runtime.sink import HttpSink
+    from tests.gpu_runtime.conftest import small_spec
+
+    spec = small_spec(steps=2, batch_size=2, group_size=3)
+    spec = spec.model_copy(update={"rollouts": spec.rollouts.model_copy(update={"per_step": 3})})
+    sink = HttpSink(f"{uvicorn_url}/api/v1/ingest/jobs/{job.id}", job_token_issue(job), retries=1)
+    assert Controller(spec, sink, LocalGroup(spec), None).run().exit_code == EXIT_OK
+    body = as_bob.get(f"{V1}/jobs/{job.id}/rollouts", {"step": 1}).json()
+    assert body["steps"] == [1, 2] and len(body["episodes"]) == 3
+    best, worst = body["episodes"][:2]
+    assert best["reward"] >= worst["reward"] and "Answer with the number only." in best["prompt"]
+    assert best["tokens"]["generated"] == best["turns"][0]["tokens"]["generated"] > 0
