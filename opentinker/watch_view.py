@@ -10,6 +10,7 @@ history replayed at connection time gives the same ETA as watching live.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterable
 from typing import TextIO
@@ -20,6 +21,9 @@ DEFAULT_METRICS = ("reward/mean", "loss", "kl", "entropy", "eval/accuracy")
 ETA_WINDOW = 5
 BAR_WIDTH = 20
 TAIL_LINES = 8
+# Control characters (C0, DEL, C1): a job's log line could otherwise move the cursor, clear the user's screen
+# or set their terminal's title; a newline inside a line would also break the redraw's line count.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def fmt_value(value: float | None) -> str:
@@ -93,6 +97,7 @@ class WatchView:
             self._print("  ".join([self.progress_text(), *chosen]))
 
     def _emit(self, line: str) -> None:
+        line = CONTROL.sub(" ", line)
         if self.live:
             self.tail.append(line)
         else:

@@ -153,3 +153,13 @@ def test_long_lines_are_cut_to_the_terminal_width() -> None:
     view = WatchView(out, total_steps=4, live=True, width=30)
     view.feed(StreamEvent(type="log", lines=[{"seq": 1, "stream": "stderr", "line": "x" * 100}]))
     assert out.getvalue().splitlines() == ["[....................] step -", "", "[stderr] " + "x" * 21]
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_control_characters_in_log_lines_never_reach_the_terminal(live: bool) -> None:
+    out = io.StringIO()
+    view = WatchView(out, total_steps=None, live=live)
+    hostile = "ok\x1b]0;pwned\x07\x1b[2J\rgone\nnext\x9b31m"
+    view.feed(StreamEvent(type="log", lines=[{"seq": 1, "stream": "stdout", "line": hostile}]))
+    expected = "[stdout] ok ]0;pwned  [2J gone next 31m"
+    assert out.getvalue() == (f"step -\n\n{expected}\n" if live else f"{expected}\n")
