@@ -25,6 +25,7 @@ from opentinker.errors import NotFound, OpenTinkerError
 from opentinker.progress import Progress
 from opentinker.storage import file_sha256
 from opentinker.types import Checkpoint, CheckpointFile
+from opentinker.watch_view import CONTROL
 
 if TYPE_CHECKING:
     from opentinker.client import Client
@@ -58,8 +59,8 @@ def wanted_files(checkpoint: Checkpoint, *, with_trainer_state: bool) -> list[Ch
     files = []
     for f in checkpoint.files:
         parts = PurePosixPath(f.name).parts
-        # Names come from the server: never let one climb out of the destination.
-        if not parts or f.name.startswith("/") or ".." in parts:
+        # Names come from the server: never let one climb out of the destination or drive the terminal.
+        if not parts or f.name.startswith("/") or ".." in parts or CONTROL.search(f.name):
             raise OpenTinkerError(f"refusing a checkpoint file named {f.name!r}", code="bad_file_name")
         if parts[-1] == TRAINER_STATE and not with_trainer_state:
             continue

@@ -101,11 +101,14 @@ def test_a_corrupt_file_is_not_kept_and_nothing_appears(api: FakeApi, tmp_path: 
     assert not list((tmp_path / ".model.partial").rglob("*"))
 
 
-def test_a_file_name_that_climbs_out_is_refused(api: FakeApi, tmp_path: Path) -> None:
-    api.on("GET", "/jobs/j1/checkpoints", ok(listing({"../escape": b"x"})))
-    with pytest.raises(errors.OpenTinkerError, match=r"refusing a checkpoint file named '\.\./escape'"):
+@pytest.mark.parametrize("name", ["../escape", "/etc/escape", "a/../../escape", "bell\x07.bin"])
+def test_a_file_name_that_climbs_out_or_holds_control_characters_is_refused(
+    api: FakeApi, tmp_path: Path, name: str
+) -> None:
+    api.on("GET", "/jobs/j1/checkpoints", ok(listing({name: b"x"})))
+    with pytest.raises(errors.OpenTinkerError, match="refusing a checkpoint file named"):
         download_checkpoint(api.client(), "j1", tmp_path / "model")
-    assert not (tmp_path / "escape").exists()
+    assert not (tmp_path / "escape").exists() and not (tmp_path / ".model.partial").exists()
 
 
 def test_progress_bar_on_a_terminal() -> None:
