@@ -664,7 +664,20 @@ def print_env(env: EnvironmentPackage) -> None:
 
 def cmd_envs_push(ctx: Context) -> int:
     a = ctx.args
-    env = ctx.client().envs.push(a.directory, visibility=a.visibility)
+    progress = Progress(0, stream=sys.stderr, tty=None if not ctx.json else False)
+
+    def sent(n: int, total: int) -> None:
+        if progress.total == 0:
+            progress.total = total
+            progress.start_file(f"{Path(a.directory).name or a.directory} (package)")
+        progress.advance(n)
+
+    try:
+        env = ctx.client().envs.push(a.directory, visibility=a.visibility, on_bytes=sent)
+    finally:
+        if progress.tty and progress.total:  # a bar on a terminal only: piped, the result line says it all
+            progress.finish_file("", progress.done, False)
+            progress.close()
     if ctx.json:
         print_json(env)
     newest = env.version_info() or {}

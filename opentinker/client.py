@@ -380,6 +380,18 @@ def _stream_event(kind: str, event_id: str | None, raw: str) -> StreamEvent:
     return _parse(StreamEvent, fields)
 
 
+class _CountedStream(httpx.SyncByteStream):
+    """A request body that reports each chunk as it is sent (upload progress bars)."""
+
+    def __init__(self, inner: Any, total: int, on_bytes: Callable[[int, int], object]) -> None:
+        self.inner, self.total, self.on_bytes = inner, total, on_bytes
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.inner:
+            yield chunk
+            self.on_bytes(len(chunk), self.total)
+
+
 def _seg(value: object) -> str:
     """One URL path segment: ids from users must not add path parts."""
     return quote(str(value), safe="")
@@ -635,16 +647,25 @@ class EnvsAPI:
     def get(self, owner: str, name: str) -> EnvironmentPackage:
         return self._c._get_model(f"/envs/{_seg(owner)}/{_seg(name)}", EnvironmentPackage)
 
-    def push(self, directory: str | os.PathLike[str], *, visibility: str | None = None) -> EnvironmentPackage:
+    def push(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        visibility: str | None = None,
+        on_bytes: Callable[[int, int], object] | None = None,
+    ) -> EnvironmentPackage:
         """Pack ``directory`` (its ``opentinker.json`` or ``manifest.json``) and publish it as a new version.
 
         The server validates it in its sandbox; the returned package shows each version's ``status``.
+        ``on_bytes(n, total)`` is called as each chunk of the upload's ``total`` bytes is sent.
         """
         data = pack_environment(directory)
         form = {"visibility": visibility} if visibility else None
         request = self._c._http.build_request(
             "POST", "/envs", files={"archive": ("package.tar.gz", data, "application/gzip")}, data=form
         )
+        if on_bytes is not None:
+            request.stream = _CountedStream(request.stream, int(request.headers["Content-Length"]), on_bytes)
         try:
             # Never retried: a retried upload of the same version would answer 409.
             response = self._c._http.send(request)
