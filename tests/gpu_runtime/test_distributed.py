@@ -100,3 +100,5 @@ def test_ray_controller_runs_the_job(ray_session, tmp_path):
     steps = sink.metric_steps()
     assert sorted(steps) == [1, 2] and all(k in steps[2] for k in REQUIRED)
     assert [r["step"] for r in sink.records if r["type"] == "checkpoint"] == [2]
+    # The rollout log's traces cross the Ray boundary with the samples: every step records its episodes.
+    assert [len(r["episodes"]) for r in sink.records if r["type"] == "rollouts"] == [4, 4]
