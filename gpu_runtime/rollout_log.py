@@ -15,6 +15,7 @@ Token masks are given as counts per turn (generated = trained, observation = unt
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,7 +62,11 @@ def trace_of(ep: Episode, game: int | None = None) -> EpisodeTrace:
 
 def _small(info: dict[str, Any]) -> dict[str, Any]:
     """The JSON-safe scalar entries of a turn's info, if they are short (a board, a verdict, a winner)."""
-    out = {k: v for k, v in info.items() if isinstance(v, str | int | float | bool) or v is None}
+    out = {
+        k: v
+        for k, v in info.items()
+        if isinstance(v, str | int | bool) or v is None or (isinstance(v, float) and math.isfinite(v))
+    }  # JSON has no NaN: the ingest API would refuse the whole step
     return out if len(json.dumps(out, default=str)) <= MAX_INFO_CHARS else {}
 
 

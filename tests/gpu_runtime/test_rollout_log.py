@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import pytest
 
 from gpu_runtime.batch import Sample
 from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup
 from gpu_runtime.multiagent import MultiAgentController, MultiAgentGroup
-from gpu_runtime.rollout_log import MAX_BYTES, EpisodeTrace, TurnTrace, pick, step_records
+from gpu_runtime.rollout_log import MAX_BYTES, EpisodeTrace, TurnTrace, pick, step_records, trace_of
 from gpu_runtime.sink import HttpSink, JsonlSink
+from opentinker.env.protocol import Episode, StopReason, Turn
 from opentinker.spec import JobSpec
 from tests.gpu_runtime.conftest import small_spec
 from tests.gpu_runtime.test_sink import Ingest
@@ -49,6 +51,12 @@ def test_pick_completes_the_games_of_the_chosen_roles():
     samples.append(sample(0.0, game=1, role="o"))
     chosen = pick(samples, 1)  # the best (game 0's x) brings its opponent along
     assert [(s.trace.game, s.role) for s in chosen] == [(0, "x"), (0, "o")]
+
+
+def test_a_turn_keeps_only_short_json_safe_info():
+    ep = Episode(role="x", token_ids=[1, 2], mask=[0, 1], prompt_len=1, stop_reason=StopReason.DONE)
+    ep.turns.append(Turn("x", 1, 2, 1.0, info={"winner": "x", "board": [1, 2], "nan": math.nan, "n": 3}))
+    assert trace_of(ep, game=2).turns[0].info == {"winner": "x", "n": 3}
 
 
 def test_records_stay_under_the_byte_limit_keeping_best_and_worst():
