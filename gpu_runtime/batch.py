@@ -8,13 +8,31 @@ trained. Collation right-pads a micro-batch and shifts targets by one to line up
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from gpu_runtime.rollout_log import EpisodeTrace
+
+# What an episode said and did, without text (spans, actions, rewards): gpu_runtime.rollout_log decodes
+# the few it keeps.
+@dataclass
+class TurnTrace:
+    start: int  # the generated span is token_ids[start:end]
+    end: int
+    reward: float
+    action: str
+    truncated: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EpisodeTrace:
+    prompt_len: int
+    stop_reason: str
+    turns: list[TurnTrace]
+    final_reward: float
+    game: int | None = None  # multi-agent: the game's index in the step (its roles share it)
 
 
 @dataclass

@@ -17,37 +17,20 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from gpu_runtime.batch import EpisodeTrace, Sample, TurnTrace
 from opentinker.env.tools import parse_tool_calls
 
 if TYPE_CHECKING:
-    from gpu_runtime.batch import Sample
     from opentinker.env.protocol import Episode
+
+__all__ = ["EpisodeTrace", "TurnTrace", "pick", "record", "step_records", "trace_of"]
 
 Decoder = Callable[[list[int]], str]
 MAX_BYTES = 200 * 1024  # one step's records, as JSON: under the ingest API's 256 KiB body limit
 MAX_INFO_CHARS = 500  # a turn's info dict, as JSON
-
-
-@dataclass
-class TurnTrace:
-    start: int  # the generated span is token_ids[start:end]
-    end: int
-    reward: float
-    action: str
-    truncated: bool
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class EpisodeTrace:
-    prompt_len: int
-    stop_reason: str
-    turns: list[TurnTrace]
-    final_reward: float
-    game: int | None = None  # multi-agent: the game's index in the step (its roles share it)
 
 
 def trace_of(ep: Episode, game: int | None = None) -> EpisodeTrace:
