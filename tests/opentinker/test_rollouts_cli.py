@@ -98,3 +98,26 @@ def test_rollouts_of_an_unrecorded_step_is_an_error(
     api.on("GET", "/jobs/j1/rollouts", api_error(404, "not_found", "no rollouts recorded at step 9"))
     assert cli("jobs", "rollouts", "j1", "--step", "9") != 0
     assert "no rollouts recorded at step 9" in capsys.readouterr().err
+
+
+def test_rollouts_strips_terminal_escapes_from_model_and_environment_text(
+    cli: Run, api: FakeApi, logged_in: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model's text could clear the screen or set the title (ESC ]0;...BEL): shown as spaces, not sent."""
+    esc = "\x1b]0;pwned\x07\x1b[2J"
+    hostile = turn(
+        f"line one\tx{esc}\r\nline two", 0.5, f"obs{esc}\nnext",
+        action=f"act\n{esc}", tool_calls=[{"name": f"t{esc}"}], info={f"k{esc}": f"v\n{esc}"},
+    )  # fmt: skip
+    ep = episode(0, 0.5, [hostile], role=f"x{esc}", game=0)
+    ep["prompt"] = f"p{esc}\x9b31m"
+    api.on("GET", "/jobs/j1/rollouts", ok({"step": 1, "steps": [1], "episodes": [ep]}))
+    assert cli("jobs", "rollouts", "j1", "--full") == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\x9b\r\t")
+    assert "game 0: x" in out and "  #0  role x" in out
+    # the layout holds: every line of a multi-line text keeps its prefix, single-line fields stay one line
+    assert "      > line one    x" in out and "\n      > line two\n" in out
+    assert "\n      < next\n" in out and "\n      | p" in out
+    assert "\n      action: act " in out and "\n      tool call: {'name': 't" in out
+    assert "\n      info: k" in out and "=v " in out
