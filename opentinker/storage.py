@@ -76,15 +76,22 @@ def bucket_key(uri: str) -> tuple[str, str]:
 
 
 def file_path(uri: str, *, root: str | None = None) -> Path:
-    """The local path of a `file://` URI; with `root`, resolved (symlinks and `..` followed) and refused
-    unless it lies inside the root's directory (a `file://` root: an `s3://` store has no local files)."""
+    """The local path of a `file://` URI; with `root`, resolved and refused unless it lies inside the root's
+    directory (a `file://` root: an `s3://` store has no local files) and names that place without going
+    through a link inside the store: a link left in one job's folder must not serve another tenant's files."""
     if scheme(uri) != "file":
         raise UnsupportedURI(f"{uri!r} is not a file:// URI")
     path = Path(uri.removeprefix("file://"))
     if root is None:
         return path
-    resolved = path.resolve()
-    if scheme(root) != "file" or not resolved.is_relative_to(Path(root.removeprefix("file://")).resolve()):
+    if scheme(root) != "file":
+        raise OutsideStore(f"{uri} is outside the object store")
+    root_path = Path(os.path.normpath(root.removeprefix("file://")))
+    root_resolved, resolved = root_path.resolve(), path.resolve()
+    lexical = Path(os.path.normpath(path))
+    bases = [r for r in (root_path, root_resolved) if lexical.is_relative_to(r)]
+    rel = lexical.relative_to(bases[0]) if bases else None
+    if rel is None or root_resolved / rel != resolved:
         raise OutsideStore(f"{uri} is outside the object store")
     return resolved
 

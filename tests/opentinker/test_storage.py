@@ -131,6 +131,34 @@ def test_file_paths_outside_the_store_are_refused_before_anything_is_touched(tmp
     assert ObjectStore().get(f"file://{tmp_path}/secret") == b"s"
 
 
+def test_a_link_inside_the_store_never_serves_another_place_in_it(tmp_path):
+    # A job writes its own checkpoint folder: a link it leaves there must not reach another organization's
+    # files, although they lie inside the store too (the API serves checkpoint files by their URI).
+    root = tmp_path / "store"
+    (root / "orgs" / "2" / "ckpt").mkdir(parents=True)
+    (root / "orgs" / "1" / "ckpt").mkdir(parents=True)
+    (root / "orgs" / "2" / "ckpt" / "model.safetensors").write_bytes(b"theirs")
+    (root / "orgs" / "1" / "ckpt" / "model.safetensors").symlink_to(
+        root / "orgs" / "2" / "ckpt" / "model.safetensors"
+    )
+    (root / "orgs" / "1" / "linked").symlink_to(root / "orgs" / "2")
+    objects = ObjectStore(root=f"file://{root}")
+    for uri in (
+        f"file://{root}/orgs/1/ckpt/model.safetensors",
+        f"file://{root}/orgs/1/linked/ckpt/model.safetensors",
+    ):
+        with pytest.raises(OutsideStore, match="outside the object store"):
+            objects.get(uri)
+    assert objects.get(f"file://{root}/orgs/2/ckpt/model.safetensors") == b"theirs"
+    # A store whose root is itself reached through a link works, under either name.
+    (tmp_path / "alias").symlink_to(root)
+    aliased = ObjectStore(root=f"file://{tmp_path}/alias")
+    assert aliased.get(f"file://{tmp_path}/alias/orgs/2/ckpt/model.safetensors") == b"theirs"
+    assert aliased.get(f"file://{root}/orgs/2/ckpt/model.safetensors") == b"theirs"
+    aliased.put(f"file://{tmp_path}/alias/orgs/3/new", b"n")
+    assert (root / "orgs" / "3" / "new").read_bytes() == b"n"
+
+
 def test_other_schemes_are_refused():
     objects = ObjectStore()
     for call in (
