@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import timedelta
 
 import pytest
 from django.utils import timezone
@@ -124,8 +125,9 @@ def test_lost_runner_is_reaped_then_the_retry_limit_fails_the_job(acme, pool, ru
         )
         runner_pid = _runner_of(int(alloc.runtime_handle))
         os.kill(runner_pid, signal.SIGKILL)  # the node (runner) dies; the runtime is orphaned
-        time.sleep(2.5)
-        stats = supervise(now=timezone.now())
+        wait_for(lambda p=runner_pid: not _alive(p), what="runner gone")
+        # The reaper looks past the heartbeat timeout (now + 3 s) instead of the test sleeping through it.
+        stats = supervise(now=timezone.now() + timedelta(seconds=3))
         assert stats["reaped"] == 1
         # The orphaned runtime was killed with its process group.
         wait_for(lambda a=alloc: not _alive(int(a.runtime_handle)), what="runtime killed")
