@@ -31,6 +31,9 @@ __all__ = ["EpisodeTrace", "TurnTrace", "pick", "record", "step_records", "trace
 Decoder = Callable[[list[int]], str]
 MAX_BYTES = 200 * 1024  # one step's records, as JSON: under the ingest API's 256 KiB body limit
 MAX_INFO_CHARS = 500  # a turn's info dict, as JSON
+# A step's records: the ingest API refuses more (portal.services.rollouts.MAX_EPISODES) with a 400 that the
+# sink only logs, so the whole step would be lost. per_step 64 with its games' other roles can exceed it.
+MAX_EPISODES = 128
 
 
 def trace_of(ep: Episode, game: int | None = None) -> EpisodeTrace:
@@ -53,17 +56,36 @@ def _small(info: dict[str, Any]) -> dict[str, Any]:
     return out if len(json.dumps(out, default=str)) <= MAX_INFO_CHARS else {}
 
 
-def pick(samples: list[Sample], count: int) -> list[Sample]:
+def pick(samples: list[Sample], count: int, limit: int = MAX_EPISODES) -> list[Sample]:
     """`count` samples with a trace: the best and the worst of the step first, then an even spread over the
-    rest by reward. Multi-agent: the chosen samples' games come whole (every recorded role of each game)."""
+    rest by reward. Multi-agent: the chosen samples' games come whole (every recorded role of each game).
+    At most `limit` samples in all: a chosen sample whose whole game would not fit is left out."""
     traced = [s for s in samples if s.trace is not None]
     if count <= 0 or not traced:
         return []
     ranked = sorted(traced, key=lambda s: s.reward)  # stable: ties keep the collection order
     n = len(ranked)
     order = [n - 1, 0, *(round(i * (n - 1) / max(count - 1, 1)) for i in range(1, count - 1))]
-    chosen = [ranked[i] for i in dict.fromkeys(order)][:count]
-    games = {s.trace.game for s in chosen if s.trace is not None and s.trace.game is not None}
+    players: dict[int, list[Sample]] = {}
+    for s in traced:
+        if s.trace is not None and s.trace.game is not None:
+            players.setdefault(s.trace.game, []).append(s)
+    chosen: list[Sample] = []
+    games: set[int] = set()
+    total = 0
+    for s in [ranked[i] for i in dict.fromkeys(order)][:count]:
+        game = s.trace.game if s.trace is not None else None
+        cost = 0 if game in games else len(players[game]) if game is not None else 1
+        if total + cost > limit:
+            continue
+        chosen.append(s)
+        total += cost
+        if game is not None:
+            games.add(game)
+    if not chosen:  # the best player's game alone has more roles than the limit: as many of them as fit
+        best = ranked[-1]
+        mates = [s for g, ss in players.items() if best.trace and g == best.trace.game for s in ss]
+        return [best, *(s for s in mates if s is not best)][:limit]
     if games:  # the other roles of a chosen game, so its transcript is complete
         ids = {id(s) for s in chosen}
         chosen += [s for s in traced if s.trace and s.trace.game in games and id(s) not in ids]
@@ -124,9 +146,9 @@ def record(s: Sample, index: int, decode: Decoder, max_chars: int) -> dict[str, 
 def step_records(
     samples: list[Sample], count: int, decoder: Callable[[Sample], Decoder], max_chars: int
 ) -> list[dict[str, Any]]:
-    """The step's records, best and worst first, within MAX_BYTES (records past it are left out, and texts
-    are cut shorter until the best and the worst fit)."""
-    chosen = pick(samples, count)
+    """The step's records, best and worst first, at most MAX_EPISODES of them (whole games) and within
+    MAX_BYTES (records past it are left out, and texts are cut shorter until the best and the worst fit)."""
+    chosen = pick(samples, count, limit=MAX_EPISODES)
     while True:
         records = [record(s, i, decoder(s), max_chars) for i, s in enumerate(chosen)]
         sizes = [len(json.dumps(r)) for r in records]

@@ -11,7 +11,15 @@ import pytest
 from gpu_runtime.batch import Sample
 from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup
 from gpu_runtime.multiagent import MultiAgentController, MultiAgentGroup
-from gpu_runtime.rollout_log import MAX_BYTES, EpisodeTrace, TurnTrace, pick, step_records, trace_of
+from gpu_runtime.rollout_log import (
+    MAX_BYTES,
+    MAX_EPISODES,
+    EpisodeTrace,
+    TurnTrace,
+    pick,
+    step_records,
+    trace_of,
+)
 from gpu_runtime.sink import HttpSink, JsonlSink
 from opentinker.env.protocol import Episode, StopReason, Turn
 from opentinker.spec import JobSpec
@@ -51,6 +59,22 @@ def test_pick_completes_the_games_of_the_chosen_roles():
     samples.append(sample(0.0, game=1, role="o"))
     chosen = pick(samples, 1)  # the best (game 0's x) brings its opponent along
     assert [(s.trace.game, s.role) for s in chosen] == [(0, "x"), (0, "o")]
+
+
+def test_a_step_keeps_at_most_the_ingest_limit_of_whole_games_best_and_worst_first():
+    """per_step 64 with 3 trained roles is 192 records: the ingest API would refuse the step (400)."""
+    from portal.services.rollouts import MAX_EPISODES as INGEST_MAX
+
+    assert MAX_EPISODES <= INGEST_MAX
+    samples = [sample(g + r / 10, game=g, role=role) for g in range(100) for r, role in enumerate("xyz")]
+    records = step_records(samples, 64, lambda s: decode, max_chars=100)
+    assert 0 < len(records) <= MAX_EPISODES
+    assert [(r["game"], r["role"]) for r in records[:2]] == [(99, "z"), (0, "x")]  # the best, the worst
+    per_game: dict[int, set[str]] = {}
+    for r in records:
+        per_game.setdefault(r["game"], set()).add(r["role"])
+    assert all(roles == {"x", "y", "z"} for roles in per_game.values())  # each game whole
+    assert len(pick([sample(float(r)) for r in range(300)], 200)) == MAX_EPISODES
 
 
 def test_a_turn_keeps_only_short_json_safe_info():
@@ -144,3 +168,8 @@ def test_the_http_sink_posts_a_step_and_survives_a_refusal(capfd):
         assert "rollouts of step 5 not recorded: POST rollouts: HTTP 413" in capfd.readouterr().err
     finally:
         srv.server.shutdown()
+
+
+def test_a_game_bigger_than_the_limit_keeps_its_best_player_first():
+    samples = [sample(float(r), game=0, role=f"p{r}") for r in range(5)]
+    assert [s.role for s in pick(samples, 2, limit=3)] == ["p4", "p0", "p1"]
