@@ -110,6 +110,18 @@ def test_retention_keeps_the_last_steps_and_every_tenth_before_them(job):
     assert len(kept) == rollouts.MAX_STEPS and kept[-1] == 50 + 10 * (rollouts.MAX_STEPS - 1)
 
 
+def test_an_old_step_re_sent_is_kept_by_its_own_write(job, runtime, as_bob):
+    """Answered 201 and readable: the retention that runs after the write never deletes what it just wrote."""
+    for step in range(100, 100 + 10 * rollouts.MAX_STEPS, 10):
+        rollouts.rollouts_record(job=job, step=step, episodes=[episode(0.0)])
+    resp = ingest(runtime, job, {"step": 3, "episodes": [episode(1.0)]})
+    assert resp.status_code == 201
+    got = as_bob.get(f"{V1}/jobs/{job.id}/rollouts", {"step": 3})
+    assert got.status_code == 200 and got.json()["episodes"][0]["reward"] == 1.0
+    assert RolloutStep.objects.filter(job=job).count() == rollouts.MAX_STEPS  # the oldest other step went
+    assert not RolloutStep.objects.filter(job=job, step=100).exists()
+
+
 def test_a_multi_agent_game_keeps_its_roles(job, runtime, as_bob):
     eps = [episode(1.0, role="x", game=0), episode(-1.0, role="o", game=0, index=1)]
     assert ingest(runtime, job, {"step": 1, "episodes": eps}).status_code == 201
