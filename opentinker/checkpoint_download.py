@@ -5,6 +5,11 @@ the sha256 the platform recorded; the directory is renamed into place only once 
 destination that exists is complete. Run again after an interruption and the files already in the partial
 directory whose sha256 matches are kept, not fetched again.
 
+The partial directory is keyed by the destination only, so it holds a manifest (MANIFEST: the job, the
+checkpoint and its step, every wanted file with its sha256): a rerun for another checkpoint, another step or
+another file set (``--with-trainer-state`` or not) into the same destination starts over instead of mixing
+two checkpoints' files, and a file the manifest does not list (a leftover temporary file) is removed.
+
 Trainer state (optimizer, scheduler, RNG: ``trainer_state.pt``, per policy in multi-agent checkpoints) is
 what an exact resume needs and is most of a full checkpoint's size; it is left out unless asked for.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -31,6 +37,7 @@ if TYPE_CHECKING:
     from opentinker.client import Client
 
 TRAINER_STATE = "trainer_state.pt"
+MANIFEST = ".opentinker-download.json"  # in the partial directory only; removed before it is put in place
 
 
 @dataclass
@@ -62,6 +69,8 @@ def wanted_files(checkpoint: Checkpoint, *, with_trainer_state: bool) -> list[Ch
         # Names come from the server: never let one climb out of the destination or drive the terminal.
         if not parts or f.name.startswith("/") or ".." in parts or CONTROL.search(f.name):
             raise OpenTinkerError(f"refusing a checkpoint file named {f.name!r}", code="bad_file_name")
+        if f.name == MANIFEST:
+            raise OpenTinkerError(f"refusing a checkpoint file named {f.name!r}", code="bad_file_name")
         if parts[-1] == TRAINER_STATE and not with_trainer_state:
             continue
         files.append(f)
@@ -87,7 +96,7 @@ def download_checkpoint(
     files = wanted_files(checkpoint, with_trainer_state=with_trainer_state)
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.parent / f".{dest.name}.partial"
-    partial.mkdir(exist_ok=True)
+    _prepare_partial(partial, job_id, checkpoint, files)
     total = sum(f.size or 0 for f in files)
     progress = progress or Progress(total, tty=False, stream=io.StringIO())
     progress.total = total
@@ -107,12 +116,44 @@ def download_checkpoint(
             progress.finish_file(f.name, target.stat().st_size, bool(f.sha256))
     finally:
         progress.close()
+    (partial / MANIFEST).unlink()
     if archive:
         _archive(partial, dest)
         shutil.rmtree(partial)
     else:
         os.replace(partial, dest)  # the only moment `dest` appears: complete
     return result
+
+
+def _prepare_partial(partial: Path, job_id: str, checkpoint: Checkpoint, files: list[CheckpointFile]) -> None:
+    """The partial directory for these files: kept from an earlier run only if that run wanted exactly the
+    same files of the same checkpoint (else emptied), and holding only the files the manifest lists."""
+    manifest = {
+        "job": job_id,
+        "checkpoint": checkpoint.id,
+        "step": checkpoint.step,
+        "files": [{"name": f.name, "size": f.size, "sha256": (f.sha256 or "").lower()} for f in files],
+    }
+    path = partial / MANIFEST
+    try:
+        same = json.loads(path.read_text()) == manifest
+    except (OSError, ValueError):
+        same = False  # none (a new download, or one from before manifests) or unreadable: start over
+    if not same and partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(exist_ok=True)
+    names = {f.name for f in files}
+    for p in sorted(partial.rglob("*"), reverse=True):  # children before their folder
+        rel = p.relative_to(partial).as_posix()
+        if p.is_dir() and not p.is_symlink():
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only if empty: a folder the listed files no longer need
+        elif rel not in names and rel != MANIFEST:
+            p.unlink()
+    if not same:
+        tmp = partial / f"{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest))
+        os.replace(tmp, path)
 
 
 def _archive(directory: Path, dest: Path) -> None:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from opentinker import errors
-from opentinker.checkpoint_download import download_checkpoint
+from opentinker.checkpoint_download import MANIFEST, download_checkpoint
 from opentinker.cli import main
 from opentinker.progress import Progress
 
@@ -74,10 +74,9 @@ def test_interrupted_download_leaves_no_destination_and_resumes(api: FakeApi, tm
         download_checkpoint(api.client(), "j1", tmp_path / "model")
     assert not (tmp_path / "model").exists()
     partial = tmp_path / ".model.partial"
-    assert sorted(p.name for p in partial.rglob("*") if p.is_file()) == [
-        "adapter_model.safetensors",
-        "meta.json",
-    ]
+    assert sorted(p.name for p in partial.rglob("*") if p.is_file()) == sorted(
+        [MANIFEST, "adapter_model.safetensors", "meta.json"]
+    )
 
     api.on("GET", f"/jobs/j1/checkpoints/ck2/files/{name}", httpx.Response(200, content=FILES[name]))
     before = len(api.requests)
@@ -93,12 +92,55 @@ def test_interrupted_download_leaves_no_destination_and_resumes(api: FakeApi, tm
     assert not partial.exists() and (tmp_path / "model" / name).read_bytes() == FILES[name]
 
 
+def interrupt(api: FakeApi, tmp_path: Path, name: str, **kwargs: object) -> Path:
+    """A download of ck2 cut at file ``name``: the partial directory it leaves."""
+    api.on("GET", f"/jobs/j1/checkpoints/ck2/files/{name}", httpx.ReadError("connection reset"))
+    with pytest.raises(errors.ApiConnectionError):
+        download_checkpoint(api.client(), "j1", tmp_path / "model", **kwargs)  # type: ignore[arg-type]
+    api.on("GET", f"/jobs/j1/checkpoints/ck2/files/{name}", httpx.Response(200, content=FILES[name]))
+    return tmp_path / ".model.partial"
+
+
+def test_a_rerun_for_another_checkpoint_starts_over_instead_of_mixing(api: FakeApi, tmp_path: Path) -> None:
+    """Same -o, another --step: ck2's meta.json must not stand in for ck1's (same name, other checkpoint)."""
+    interrupt(api, tmp_path, "solver/model.safetensors")
+    ck1 = {"meta.json": b'{"step": 2}'}
+    listed = listing(FILES)
+    listed["results"][0]["files"] = [
+        {"name": "meta.json", "size": 11, "sha256": hashlib.sha256(ck1["meta.json"]).hexdigest()}
+    ]
+    api.on("GET", "/jobs/j1/checkpoints", ok(listed))
+    api.on("GET", "/jobs/j1/checkpoints/ck1/files/meta.json", httpx.Response(200, content=ck1["meta.json"]))
+    got = download_checkpoint(api.client(), "j1", tmp_path / "model", step=2)
+    assert got.checkpoint.id == "ck1"
+    files = sorted(p.relative_to(tmp_path / "model").as_posix() for p in (tmp_path / "model").rglob("*"))
+    assert files == ["meta.json"]  # no ck2 adapter, no manifest
+    assert (tmp_path / "model" / "meta.json").read_bytes() == ck1["meta.json"]
+
+
+def test_a_rerun_with_another_file_set_starts_over_and_strays_are_removed(
+    api: FakeApi, tmp_path: Path
+) -> None:
+    partial = interrupt(api, tmp_path, "solver/model.safetensors", with_trainer_state=True)
+    assert (partial / "proposer" / "trainer_state.pt").is_file()
+    before = len(api.requests)
+    download_checkpoint(api.client(), "j1", tmp_path / "model")  # without --with-trainer-state now
+    fetched = [r.url.path.rsplit("/files/", 1)[-1] for r in api.requests[before:] if "/files/" in r.url.path]
+    assert len(fetched) == 3  # started over
+    assert not list((tmp_path / "model").rglob("trainer_state.pt"))
+
+    partial = interrupt(api, tmp_path / "again", "solver/model.safetensors")
+    (partial / "proposer" / "stray.bin").write_bytes(b"x")  # e.g. a temporary file a crash left behind
+    download_checkpoint(api.client(), "j1", tmp_path / "again" / "model")
+    assert not (tmp_path / "again" / "model" / "proposer" / "stray.bin").exists()
+
+
 def test_a_corrupt_file_is_not_kept_and_nothing_appears(api: FakeApi, tmp_path: Path) -> None:
     api.on("GET", "/jobs/j1/checkpoints", ok(listing(FILES, **{"meta.json": "0" * 64})))
     with pytest.raises(errors.OpenTinkerError, match=r"checksum mismatch for meta\.json"):
         download_checkpoint(api.client(), "j1", tmp_path / "model")
     assert not (tmp_path / "model").exists()
-    assert not list((tmp_path / ".model.partial").rglob("*"))
+    assert [p.name for p in (tmp_path / ".model.partial").rglob("*")] == [MANIFEST]
 
 
 @pytest.mark.parametrize("name", ["../escape", "/etc/escape", "a/../../escape", "bell\x07.bin"])
