@@ -32,8 +32,13 @@ def client() -> redis.Redis:
     return _client(settings.REDIS_URL)
 
 
+def encode(op: dict[str, Any]) -> str:
+    """The operation's JSON; ValueError for NaN or Infinity (the API checks this before a future exists)."""
+    return json.dumps(op, allow_nan=False)
+
+
 def enqueue(base_model: str, op: dict[str, Any]) -> None:
-    client().rpush(ops_key(base_model), json.dumps(op, allow_nan=False))
+    client().rpush(ops_key(base_model), encode(op))
 
 
 def announce_done(future_id: str) -> None:

@@ -26,6 +26,8 @@ from portal.models import Membership, Organization
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 PATH_RE = re.compile(r"^tinker://(?P<run>[^/]+)/(?P<kind>weights|sampler_weights)/(?P<name>[^/]+)$")
 SEQ_OPS = ("forward_backward", "optim_step", "sample", "save_weights", "save_weights_for_sampler")
+# The largest seq_id / model_seq_id accepted: fits the BigInteger column and keeps a model id under 80 chars.
+MAX_SEQ_ID = 2**53 - 1
 
 
 class TinkerUserError(ValueError):
@@ -105,12 +107,11 @@ def model_create(
 ) -> TinkerFuture:
     """A training client with a fresh adapter. Its id is the one the SDK computes for load_weights."""
     _check_base(base_model)
-    rank = int(lora_config.get("rank") or 32)
-    if not 1 <= rank <= 512:
-        raise TinkerUserError("lora_config.rank must be in [1, 512]")
+    rank = bounded_int(lora_config.get("rank") or 32, "lora_config.rank", 1, 512)
+    seed = lora_config.get("seed")
     config = {
         "rank": rank,
-        "seed": lora_config.get("seed"),
+        "seed": None if seed is None else bounded_int(seed, "lora_config.seed", 0, 2**63 - 1),
         "train_mlp": bool(lora_config.get("train_mlp", True)),
         "train_attn": bool(lora_config.get("train_attn", True)),
         "train_unembed": bool(lora_config.get("train_unembed", True)),
@@ -142,7 +143,8 @@ def _model_with_future(
     op: dict[str, Any],
 ) -> TinkerFuture:
     session = session_open(org, session_id)
-    model_id = f"{session.pk}:train:{int(model_seq_id)}"
+    model_id = f"{session.pk}:train:{bounded_int(model_seq_id, 'model_seq_id')}"
+    encoded(op)  # a number JSON cannot carry is refused here, before any row exists
     with transaction.atomic():
         model, created = TinkerModel.objects.get_or_create(
             pk=model_id,
@@ -180,7 +182,8 @@ def sampler_create(
     if not base_model:
         raise TinkerUserError("create_sampling_session needs base_model or model_path")
     _check_base(base_model)
-    return _sampler(org, session, int(sampling_session_seq_id), base_model, uri, model_path or "")
+    seq = bounded_int(sampling_session_seq_id, "sampling_session_seq_id")
+    return _sampler(org, session, seq, base_model, uri, model_path or "")
 
 
 def _sampler(
@@ -230,6 +233,12 @@ def call_submit(
     if existing is not None:
         return existing
     try:
+        encoded(op)
+    except TinkerUserError as exc:
+        # Refused before the future exists, through the reject path: the seq_id's turn is still taken.
+        call_reject(org, model_id, seq_id, str(exc), operation)
+        raise
+    try:
         with transaction.atomic():
             future = TinkerFuture.objects.create(
                 organization=org, model=model, operation=operation, seq_id=seq_id, request=request or {}
@@ -240,6 +249,28 @@ def call_submit(
     except IntegrityError:  # the same call, retried concurrently: the first one wins
         return TinkerFuture.objects.get(model=model, seq_id=seq_id)
     return future
+
+
+def bounded_int(value: Any, name: str, lo: int = 0, hi: int = MAX_SEQ_ID) -> int:
+    """An integer field of a request, in [lo, hi]; anything else (a list, 1e400, NaN, "x") is a user error."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TinkerUserError(f"{name} must be an integer")
+    try:
+        number = int(value)
+    except (OverflowError, ValueError):
+        raise TinkerUserError(f"{name} must be an integer") from None
+    if not lo <= number <= hi:
+        raise TinkerUserError(f"{name} must be in [{lo}, {hi}]")
+    return number
+
+
+def encoded(op: dict[str, Any]) -> str:
+    """The operation as the queue's JSON. Python's json reads NaN and Infinity but the queue's JSON (and
+    jsonb) has none: such a call must be refused while the client can still be told, not after commit."""
+    try:
+        return queue.encode(op)
+    except ValueError:
+        raise TinkerUserError("numbers must be finite (no NaN or Infinity)") from None
 
 
 def call_reject(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -79,6 +80,8 @@ def tinker_call(methods: tuple[str, ...] = ("POST",)) -> Callable[..., Any]:
                 return _error(404, str(exc) or "not found")
             except (services.TinkerUserError, codec.CodecError, KeyError, TypeError, ValueError) as exc:
                 return _error(400, _describe(exc))
+            except (AttributeError, OverflowError) as exc:  # a body of the wrong shape (a list, 1e400)
+                return _error(400, f"malformed request: {exc}")
 
         return inner
 
@@ -121,7 +124,9 @@ def session_heartbeat(request: HttpRequest, membership: Membership) -> HttpRespo
 
 @tinker_call()
 def session_finish(request: HttpRequest, membership: Membership, session_id: str) -> HttpResponse:
-    reason = (_json(request).get("reason") or {}).get("type") or ""
+    reason = _json(request).get("reason") or ""
+    if isinstance(reason, dict):
+        reason = reason.get("type") or ""
     services.session_finish(membership.organization, session_id, str(reason))
     return JsonResponse({})
 
@@ -141,9 +146,9 @@ def create_model(request: HttpRequest, membership: Membership) -> HttpResponse:
     future = services.model_create(
         membership.organization,
         str(body["session_id"]),
-        int(body["model_seq_id"]),
+        body["model_seq_id"],
         str(body["base_model"]),
-        dict(body.get("lora_config") or {}),
+        _object(body.get("lora_config"), "lora_config"),
     )
     return _future(future, model_id=future.model_id)
 
@@ -156,7 +161,7 @@ def load_weights(request: HttpRequest, membership: Membership) -> HttpResponse:
     future = services.model_load(
         membership.organization,
         str(body["session_id"]),
-        int(body["model_seq_id"]),
+        body["model_seq_id"],
         str(body["path"]),
         optimizer=bool(body.get("optimizer")),
     )
@@ -191,8 +196,7 @@ def forward_backward(request: HttpRequest, membership: Membership) -> HttpRespon
             services.call_reject(membership.organization, *called, str(exc))
         raise
     model_id, seq_id = op.pop("model_id"), op.pop("seq_id")
-    if not seq_id:
-        raise services.TinkerUserError("seq_id must be >= 1")
+    seq_id = services.bounded_int(seq_id, "seq_id", 1)
     future = services.call_submit(membership.organization, model_id, seq_id, "forward_backward", op)
     return _future(future, model_id=model_id)
 
@@ -206,8 +210,9 @@ def optim_step(request: HttpRequest, membership: Membership) -> HttpResponse:
     model_id, seq = str(body["model_id"]), _seq(body)
     params = body.get("adam_params") or body.get("optim_params") or body.get("optimizer_params") or {}
     try:
+        params = _object(params, "adam_params")
         adam = {k: float(params[k]) for k in ADAM_FIELDS if params.get(k) is not None}
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         error = f"adam_params: {exc}"
         services.call_reject(membership.organization, model_id, seq, error, "optim_step")  # keeps the order
         raise services.TinkerUserError(error) from None
@@ -216,7 +221,16 @@ def optim_step(request: HttpRequest, membership: Membership) -> HttpResponse:
 
 
 def _seq(body: dict[str, Any]) -> int | None:
-    return None if body.get("seq_id") is None else int(body["seq_id"])
+    return None if body.get("seq_id") is None else services.bounded_int(body["seq_id"], "seq_id")
+
+
+def _object(value: Any, name: str) -> dict[str, Any]:
+    """A field that must be a JSON object (or absent)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise services.TinkerUserError(f"{name} must be an object")
+    return value
 
 
 @tinker_call()
@@ -240,7 +254,7 @@ def save_weights_for_sampler(request: HttpRequest, membership: Membership) -> Ht
         _seq(body),
         for_sampler=True,
         name=body.get("path"),
-        sampling_session_seq_id=None if seq is None else int(seq),
+        sampling_session_seq_id=None if seq is None else services.bounded_int(seq, "sampling_session_seq_id"),
     )
     return _future(future, model_id=model_id)
 
@@ -254,7 +268,7 @@ def create_sampling_session(request: HttpRequest, membership: Membership) -> Htt
     sampler = services.sampler_create(
         membership.organization,
         str(body["session_id"]),
-        int(body["sampling_session_seq_id"]),
+        body["sampling_session_seq_id"],
         base_model=body.get("base_model"),
         model_path=body.get("model_path"),
     )
@@ -277,14 +291,18 @@ def asample(request: HttpRequest, membership: Membership) -> HttpResponse:
     if not body.get("sampling_session_id"):
         raise services.TinkerUserError("asample needs a sampling_session_id (create_sampling_session)")
     prompt: list[int] = []
-    for chunk in body["prompt"]["chunks"]:
+    chunks = _object(body["prompt"], "prompt").get("chunks")
+    if not isinstance(chunks, list):
+        raise services.TinkerUserError("prompt.chunks must be a list")
+    for chunk in chunks:
+        chunk = _object(chunk, "a prompt chunk")
         if chunk.get("type", "encoded_text") != "encoded_text":
             raise services.TinkerUserError("only encoded_text chunks are supported (no images or audio)")
-        prompt += [int(t) for t in chunk["tokens"]]
-    num_samples = int(body.get("num_samples") or 1)
-    if not 1 <= num_samples <= 128:
-        raise services.TinkerUserError("num_samples must be in [1, 128]")
-    params = {k: v for k, v in (body.get("sampling_params") or {}).items() if k in SAMPLING_FIELDS}
+        if not isinstance(chunk.get("tokens"), list):
+            raise services.TinkerUserError("a prompt chunk's tokens must be a list")
+        prompt += [services.bounded_int(t, "a token", 0, 2**31 - 1) for t in chunk["tokens"]]
+    num_samples = services.bounded_int(body.get("num_samples") or 1, "num_samples", 1, 128)
+    params = _sampling_params(_object(body.get("sampling_params"), "sampling_params"))
     op = {
         "prompt": prompt,
         "num_samples": num_samples,
@@ -296,6 +314,26 @@ def asample(request: HttpRequest, membership: Membership) -> HttpResponse:
     )
     ids = [f"{future.pk}:{i}" for i in range(num_samples)]
     return _future(future, sample_sequence_ids=ids)
+
+
+def _sampling_params(given: dict[str, Any]) -> dict[str, Any]:
+    """The known fields, each of its type; numbers finite (a NaN would never reach the model server)."""
+    params = {k: v for k, v in given.items() if k in SAMPLING_FIELDS and v is not None}
+    for k in ("max_tokens", "seed", "top_k"):
+        if k in params:
+            params[k] = services.bounded_int(params[k], f"sampling_params.{k}", -(2**63), 2**63 - 1)
+    for k in ("temperature", "top_p"):
+        if k in params:
+            if isinstance(params[k], bool) or not isinstance(params[k], int | float):
+                raise services.TinkerUserError(f"sampling_params.{k} must be a number")
+            if not math.isfinite(params[k]):
+                raise services.TinkerUserError(f"sampling_params.{k} must be finite")
+    stop = params.get("stop")
+    if stop is not None and not isinstance(stop, str | list):
+        raise services.TinkerUserError("sampling_params.stop must be a string or a list")
+    if "stop" in given and given["stop"] is None:
+        params["stop"] = None
+    return params
 
 
 # ---- futures ----
