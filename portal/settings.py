@@ -243,6 +243,11 @@ INGEST_RATE_LIMIT = env.rate("INGEST_RATE_LIMIT", "100/s")
 # and its body limit (the SDK splits forward_backward at ~5 MB).
 TINKER_POLL_HOLD_SECONDS = env.int("TINKER_POLL_HOLD_SECONDS", 25, minimum=1, maximum=40)
 TINKER_MAX_BODY_BYTES = env.int("TINKER_MAX_BODY_BYTES", 16 * 1024 * 1024, minimum=1024)
+# The shared model servers' work limits per call: a sequence's tokens (prompt plus max_tokens; a datum), a
+# forward_backward's tokens in all, and the calls an organization may have in flight (more get a 429).
+TINKER_MAX_CONTEXT_TOKENS = env.int("TINKER_MAX_CONTEXT_TOKENS", 32768, minimum=16)
+TINKER_MAX_CALL_TOKENS = env.int("TINKER_MAX_CALL_TOKENS", 1_048_576, minimum=16)
+TINKER_MAX_PENDING_FUTURES = env.int("TINKER_MAX_PENDING_FUTURES", 1024, minimum=1)
 # Job tokens live this long (0: the job's max_hours plus an hour); a bootstrap token (single-use, it fetches
 # the job token and the environment secret on a Ray cluster) this long, never forever.
 JOB_TOKEN_TTL_SECONDS = env.int("JOB_TOKEN_TTL_SECONDS", 0, minimum=0)
