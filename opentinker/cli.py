@@ -479,16 +479,20 @@ def _download_whole(ctx: Context) -> int:
     dest = Path(a.output or default)
     if dest.exists():  # before fetching anything, not after the merge
         raise OpenTinkerError(f"{dest} already exists; choose another destination", code="exists")
-    tmp_dir = None
+    work = None
     if a.merge_lora:
         if a.archive:
             raise UsageError("--merge-lora writes a directory; leave out --archive")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.adapter-", dir=dest.parent))
-        fetch_to = tmp_dir / "adapter"
+        # A folder named after the destination, not a fresh temporary one: a rerun after an interruption
+        # resumes the adapter's download there (its .partial folder and manifest). A whole adapter left by a
+        # failed merge is fetched again: which checkpoint it was is no longer recorded.
+        work = dest.parent / f".{dest.name}.merge"
+        fetch_to = work / "adapter"
+        shutil.rmtree(fetch_to, ignore_errors=True)
     else:
         fetch_to = dest
     progress = Progress(0, stream=sys.stderr, tty=None if not ctx.json else False)
+    downloaded = False
     try:
         got = download_checkpoint(
             client,
@@ -499,11 +503,12 @@ def _download_whole(ctx: Context) -> int:
             with_trainer_state=a.with_trainer_state,
             progress=progress,
         )
+        downloaded = True
         if a.merge_lora:
             merge_lora(fetch_to, dest)
     finally:
-        if tmp_dir is not None:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        if work is not None and downloaded:  # an interrupted download stays, to be resumed
+            shutil.rmtree(work, ignore_errors=True)
     summary = {
         "path": str(dest),
         "step": got.checkpoint.step,

@@ -192,3 +192,32 @@ def test_cli_downloads_the_asked_step_as_an_archive(
     assert captured.err == "meta.json  11 B  sha256 ok\n"  # stderr is not a terminal here: plain lines
     assert main(["jobs", "download", "j1", "ck1"], client_factory=factory) == 2
     assert "name a FILE of checkpoint CKPT" in capsys.readouterr().err
+
+
+def test_cli_merge_lora_resumes_an_interrupted_download(
+    api: FakeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The adapter lands in a folder named after -o (not a fresh temporary one): a rerun keeps its files."""
+    monkeypatch.setenv("OPENTINKER_CONFIG", str(tmp_path / "none.json"))
+    monkeypatch.setenv("OPENTINKER_URL", BASE)
+    monkeypatch.setenv("OPENTINKER_TOKEN", TOKEN)
+    monkeypatch.chdir(tmp_path)
+    merged: list[list[str]] = []
+
+    def merge(adapter: Path, dest: Path) -> None:  # the merge itself needs torch: not what is tested here
+        merged.append(sorted(p.relative_to(adapter).as_posix() for p in adapter.rglob("*") if p.is_file()))
+        dest.mkdir()
+
+    monkeypatch.setattr("opentinker.cli.merge_lora", merge)
+    factory = lambda url, token: api.client(url)  # noqa: E731
+    name = "solver/model.safetensors"
+    api.on("GET", f"/jobs/j1/checkpoints/ck2/files/{name}", httpx.ReadError("connection reset"))
+    assert main(["jobs", "download", "j1", "--merge-lora", "-o", "merged"], client_factory=factory) != 0
+    api.on("GET", f"/jobs/j1/checkpoints/ck2/files/{name}", httpx.Response(200, content=FILES[name]))
+    before = len(api.requests)
+    assert main(["jobs", "download", "j1", "--merge-lora", "-o", "merged"], client_factory=factory) == 0
+    fetched = [r.url.path.rsplit("/files/", 1)[-1] for r in api.requests[before:] if "/files/" in r.url.path]
+    assert fetched == [name]  # the two verified files were kept
+    assert merged == [["meta.json", "proposer/adapter_model.safetensors", name]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # the work folder is gone
+    capsys.readouterr()
