@@ -69,7 +69,9 @@ class IngestApi(APIView):
         return request.auth.job
 
 
-def _body(request) -> dict:
+def ingest_body(request) -> dict:
+    """The request's parsed JSON body, which must be an object (a list or a scalar is a 400 naming ``body``)
+    before any serializer sees it. Shared by every ingest endpoint."""
     if not isinstance(request.data, dict):
         raise serializers.ValidationError({"body": ["expected a JSON object"]})
     return request.data
@@ -102,7 +104,7 @@ class IngestMetricsApi(IngestApi):
         description="A batch of metric points. Idempotent on (job, name, step): re-sent points are ignored.",
     )
     def post(self, request, job_id):
-        body = _body(request)
+        body = ingest_body(request)
         unknown = sorted(set(body) - {"points"})
         if unknown:
             raise serializers.ValidationError({name: ["unknown field"] for name in unknown})
@@ -130,7 +132,7 @@ class IngestEventsApi(IngestApi):
         responses={201: IngestEventOutput, 409: ErrorSerializer},
     )
     def post(self, request, job_id):
-        s = IngestEventInput(data=_body(request))
+        s = IngestEventInput(data=ingest_body(request))
         s.is_valid(raise_exception=True)
         event = ingest.event_ingest(job=self.job(request), **s.validated_data)
         return Response({"seq": event.seq}, status=status.HTTP_201_CREATED)
@@ -162,7 +164,7 @@ class IngestLogsApi(IngestApi):
         f"{ingest.MAX_LINE_CHARS} characters is cut.",
     )
     def post(self, request, job_id):
-        s = IngestLogsInput(data=_body(request))
+        s = IngestLogsInput(data=ingest_body(request))
         s.is_valid(raise_exception=True)
         rows = ingest.logs_ingest(job=self.job(request), lines=s.validated_data["lines"])
         return Response({"first_seq": rows[0].seq, "last_seq": rows[-1].seq}, status=status.HTTP_201_CREATED)
@@ -199,7 +201,7 @@ class IngestCheckpointsApi(IngestApi):
         "was recorded before and is replaced).",
     )
     def post(self, request, job_id):
-        s = IngestCheckpointInput(data=_body(request))
+        s = IngestCheckpointInput(data=ingest_body(request))
         s.is_valid(raise_exception=True)
         checkpoint, created = ingest.checkpoint_record(job=self.job(request), **s.validated_data)
         body = {
@@ -231,7 +233,7 @@ class IngestHeartbeatApi(IngestApi):
         description="The runtime is alive; the answer carries the cancel flag.",
     )
     def post(self, request, job_id):
-        IngestHeartbeatInput(data=_body(request)).is_valid(raise_exception=True)
+        IngestHeartbeatInput(data=ingest_body(request)).is_valid(raise_exception=True)
         cancel, state = ingest.heartbeat_record(job=self.job(request))
         return Response({"cancel": cancel, "state": state})
 
@@ -265,7 +267,7 @@ class IngestStateApi(IngestApi):
         description="The runtime started (running) or finished (succeeded, failed, cancelled).",
     )
     def post(self, request, job_id):
-        s = IngestStateInput(data=_body(request))
+        s = IngestStateInput(data=ingest_body(request))
         s.is_valid(raise_exception=True)
         cancel, state = ingest.state_report(
             job=self.job(request),

@@ -16,7 +16,7 @@ from rest_framework.views import APIView
 from api.common import query_filters
 from api.serializers import ErrorSerializer, StrictSerializer
 from api.tenancy import tenant_of
-from api.views.ingest import IngestApi, _body
+from api.views.ingest import IngestApi, ingest_body
 from portal.models import Scope
 from portal.selectors.jobs import job_get, rollout_get, rollout_steps
 from portal.services import ingest, rollouts
@@ -81,7 +81,7 @@ class IngestRolloutsApi(IngestApi):
         description="A step's recorded episodes. Idempotent on (job, step): the same step again replaces it.",
     )
     def post(self, request, job_id):
-        s = IngestRolloutsInput(data=_body(request))
+        s = IngestRolloutsInput(data=ingest_body(request))
         s.is_valid(raise_exception=True)
         row, created = rollouts.rollouts_record(job=self.job(request), **s.validated_data)
         body = {"step": row.step, "episodes": len(row.episodes), "size_bytes": row.size_bytes}

@@ -56,8 +56,12 @@ def _check_writable(state: str, attempt: int, job: Job) -> None:
         raise Conflict(f"the job already finished ({state}): stop")
 
 
-def _lock(job: Job, *, share: bool = False) -> Job:
-    """Re-read the job under a row lock (inside a transaction) and check it still takes writes."""
+def ingest_lock(job: Job, *, share: bool = False) -> Job:
+    """Re-read the job under a row lock (call it inside ``transaction.atomic()``) and check it still takes
+    writes from its runtime (not finished, same attempt: else Conflict, which tells the runtime to stop).
+    A runtime's writes (here and in portal.services.rollouts) take it first. ``share``: a
+    FOR SHARE lock, for writes that may run side by side (metric batches); returns the given job then,
+    else the locked row."""
     if share:
         # FOR SHARE: metric batches run side by side, but a state change waits for them (and they for it),
         # so no point is accepted after the job has finished.
@@ -130,7 +134,7 @@ def metrics_ingest(*, job: Job, points: Any) -> tuple[int, int]:
     values = [t[2] for t in triples]
     table = Metric._meta.db_table
     with transaction.atomic():
-        _lock(job, share=True)
+        ingest_lock(job, share=True)
         with connection.cursor() as cur:
             cur.execute(
                 f"""
@@ -156,7 +160,7 @@ def event_ingest(*, job: Job, kind: str, message: str, data: dict[str, Any] | No
     if kind not in EVENT_KINDS:
         raise DomainError(f"expected one of {', '.join(EVENT_KINDS)}", field="kind")
     with transaction.atomic():
-        locked = _lock(job)
+        locked = ingest_lock(job)
         event = job_event_add(job=locked, actor=_actor(), kind=kind, message=message, data=data or {})
     return event
 
@@ -166,7 +170,7 @@ def logs_ingest(*, job: Job, lines: list[dict[str, str]]) -> list[JobLog]:
     if not lines:
         return []
     with transaction.atomic():
-        _lock(job)  # the row lock numbers concurrent batches one after the other
+        ingest_lock(job)  # the row lock numbers concurrent batches one after the other
         last = JobLog.objects.filter(job_id=job.pk).aggregate(m=Max("seq"))["m"] or 0
         rows = [
             JobLog(
@@ -220,7 +224,7 @@ def checkpoint_record(
             raise _file_error(i, "sha256", "expected 64 lowercase hexadecimal digits")
     clean = [{"name": f["name"], "size": f["size"], "sha256": f["sha256"]} for f in files]
     with transaction.atomic():
-        locked = _lock(job)
+        locked = ingest_lock(job)
         checkpoint, created = Checkpoint.objects.update_or_create(
             job=locked,
             step=step,

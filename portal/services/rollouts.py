@@ -17,7 +17,7 @@ from typing import Any
 from django.db import transaction
 
 from portal.models import Job, RolloutStep
-from portal.services.ingest import _lock
+from portal.services.ingest import ingest_lock
 
 KEEP_LAST = 20
 KEEP_EVERY = 10
@@ -29,7 +29,7 @@ def rollouts_record(*, job: Job, step: int, episodes: list[dict[str, Any]]) -> t
     """Store (or replace) a step's episodes, validated by the caller; returns (row, created)."""
     size = len(json.dumps(episodes))
     with transaction.atomic():
-        locked = _lock(job)
+        locked = ingest_lock(job)
         row, created = RolloutStep.objects.update_or_create(
             job=locked, step=step, defaults={"episodes": episodes, "size_bytes": size}
         )
