@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 from opentinker import errors
 from opentinker.checkpoint_download import MANIFEST, download_checkpoint
 from opentinker.cli import main
+from opentinker.client import Client
 from opentinker.progress import Progress
 
 from .test_client_unit import BASE, TOKEN, FakeApi, ok
@@ -170,17 +172,22 @@ def test_progress_bar_on_a_terminal() -> None:
     ]
 
 
-def test_cli_downloads_the_asked_step_as_an_archive(
-    api: FakeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import tarfile
-
+@pytest.fixture
+def factory(api: FakeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str], Client]:
+    """The CLI run in tmp_path, its client talking to ``api``."""
     monkeypatch.setenv("OPENTINKER_CONFIG", str(tmp_path / "none.json"))
     monkeypatch.setenv("OPENTINKER_URL", BASE)
     monkeypatch.setenv("OPENTINKER_TOKEN", TOKEN)
     monkeypatch.chdir(tmp_path)
+    return lambda url, token: api.client(url)
+
+
+def test_cli_downloads_the_asked_step_as_an_archive(
+    api: FakeApi, tmp_path: Path, factory: Callable[[str, str], Client], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tarfile
+
     api.on("GET", "/jobs/j1/checkpoints/ck1/files/meta.json", httpx.Response(200, content=FILES["meta.json"]))
-    factory = lambda url, token: api.client(url)  # noqa: E731
     assert main(["jobs", "download", "j1", "--step", "2", "--archive"], client_factory=factory) == 0
     with tarfile.open(tmp_path / "j1-step2.tar.gz") as tar:
         assert tar.getnames() == ["j1-step2/meta.json"]
@@ -195,13 +202,13 @@ def test_cli_downloads_the_asked_step_as_an_archive(
 
 
 def test_cli_merge_lora_resumes_an_interrupted_download(
-    api: FakeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    api: FakeApi,
+    tmp_path: Path,
+    factory: Callable[[str, str], Client],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The adapter lands in a folder named after -o (not a fresh temporary one): a rerun keeps its files."""
-    monkeypatch.setenv("OPENTINKER_CONFIG", str(tmp_path / "none.json"))
-    monkeypatch.setenv("OPENTINKER_URL", BASE)
-    monkeypatch.setenv("OPENTINKER_TOKEN", TOKEN)
-    monkeypatch.chdir(tmp_path)
     merged: list[list[str]] = []
 
     def merge(adapter: Path, dest: Path) -> None:  # the merge itself needs torch: not what is tested here
@@ -209,7 +216,6 @@ def test_cli_merge_lora_resumes_an_interrupted_download(
         dest.mkdir()
 
     monkeypatch.setattr("opentinker.cli.merge_lora", merge)
-    factory = lambda url, token: api.client(url)  # noqa: E731
     name = "solver/model.safetensors"
     api.on("GET", f"/jobs/j1/checkpoints/ck2/files/{name}", httpx.ReadError("connection reset"))
     assert main(["jobs", "download", "j1", "--merge-lora", "-o", "merged"], client_factory=factory) != 0
