@@ -15,6 +15,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Max, Min, Q
 from django.utils import timezone
 
 from api.tinker import queue
@@ -28,10 +29,17 @@ PATH_RE = re.compile(r"^tinker://(?P<run>[^/]+)/(?P<kind>weights|sampler_weights
 SEQ_OPS = ("forward_backward", "optim_step", "sample", "save_weights", "save_weights_for_sampler")
 # The largest seq_id / model_seq_id accepted: fits the BigInteger column and keeps a model id under 80 chars.
 MAX_SEQ_ID = 2**53 - 1
+# How far past a training client's next call a seq_id may be (the SDK sends a batch's chunks concurrently, a
+# few ahead): calls far ahead would wait on the shared model server for a turn that may never come.
+MAX_SEQ_AHEAD = 64
 
 
 class TinkerUserError(ValueError):
     """A request the SDK sent wrong (unknown base model, bad name): a 400 the SDK does not retry."""
+
+
+class TooBusy(Exception):
+    """The organization has TINKER_MAX_PENDING_FUTURES calls in flight: a 429, which the SDK retries."""
 
 
 class SessionFinished(TinkerUserError):
@@ -158,6 +166,7 @@ def _model_with_future(
         )
         if not created:  # a retry: the same call
             return model.futures.filter(seq_id=None).order_by("created_at").first()  # type: ignore[return-value]
+        _admit(org)
         future = TinkerFuture.objects.create(organization=org, model=model, operation=operation)
         message = {"op": operation, "future": str(future.pk), "model_id": model_id, **op}
         transaction.on_commit(lambda: queue.enqueue(base_model, message))
@@ -232,6 +241,9 @@ def call_submit(
     existing = TinkerFuture.objects.filter(model=model, seq_id=seq_id).first()
     if existing is not None:
         return existing
+    _admit(org)
+    if model.kind == TinkerModel.Kind.TRAIN:
+        _check_ahead(model, seq_id)
     try:
         encoded(op)
     except TinkerUserError as exc:
@@ -249,6 +261,24 @@ def call_submit(
     except IntegrityError:  # the same call, retried concurrently: the first one wins
         return TinkerFuture.objects.get(model=model, seq_id=seq_id)
     return future
+
+
+def _admit(org: Organization) -> None:
+    limit = settings.TINKER_MAX_PENDING_FUTURES
+    if TinkerFuture.objects.filter(organization=org, state=TinkerFuture.State.PENDING).count() >= limit:
+        raise TooBusy(f"{limit} calls of this organization are in flight; retry when some are done")
+
+
+def _check_ahead(model: TinkerModel, seq_id: int) -> None:
+    """Refuse a seq_id more than MAX_SEQ_AHEAD past the model's next call as the futures show it: its lowest
+    pending seq_id, or the one after its last. (A client filling the window one by one behind a gap moves it;
+    the pending-futures limit and the model server's own SEQ_AHEAD_LIMIT bound that.)"""
+    seen = model.futures.exclude(seq_id=None).aggregate(
+        low=Min("seq_id", filter=Q(state=TinkerFuture.State.PENDING)), high=Max("seq_id")
+    )
+    next_seq = seen["low"] if seen["low"] is not None else (seen["high"] or 0) + 1
+    if seq_id > next_seq + MAX_SEQ_AHEAD:
+        raise TinkerUserError(f"seq_id {seq_id} is more than {MAX_SEQ_AHEAD} past the next call ({next_seq})")
 
 
 def bounded_int(value: Any, name: str, lo: int = 0, hi: int = MAX_SEQ_ID) -> int:

@@ -80,6 +80,8 @@ def tinker_call(methods: tuple[str, ...] = ("POST",)) -> Callable[..., Any]:
                 return _error(404, str(exc) or "not found")
             except (services.TinkerUserError, codec.CodecError, KeyError, TypeError, ValueError) as exc:
                 return _error(400, _describe(exc))
+            except services.TooBusy as exc:
+                return _error(429, str(exc), "server")
             except (AttributeError, OverflowError) as exc:  # a body of the wrong shape (a list, 1e400)
                 return _error(400, f"malformed request: {exc}")
 
@@ -197,6 +199,10 @@ def forward_backward(request: HttpRequest, membership: Membership) -> HttpRespon
         raise
     model_id, seq_id = op.pop("model_id"), op.pop("seq_id")
     seq_id = services.bounded_int(seq_id, "seq_id", 1)
+    error = _too_many_tokens([len(d["model_input"]) for d in op["data"]])
+    if error:
+        services.call_reject(membership.organization, model_id, seq_id, error)  # keeps the order
+        raise services.TinkerUserError(error)
     future = services.call_submit(membership.organization, model_id, seq_id, "forward_backward", op)
     return _future(future, model_id=model_id)
 
@@ -303,6 +309,12 @@ def asample(request: HttpRequest, membership: Membership) -> HttpResponse:
         prompt += [services.bounded_int(t, "a token", 0, 2**31 - 1) for t in chunk["tokens"]]
     num_samples = services.bounded_int(body.get("num_samples") or 1, "num_samples", 1, 128)
     params = _sampling_params(_object(body.get("sampling_params"), "sampling_params"))
+    context = settings.TINKER_MAX_CONTEXT_TOKENS
+    if len(prompt) + int(params.get("max_tokens") or 0) > context:
+        raise services.TinkerUserError(
+            f"the prompt ({len(prompt)} tokens) plus max_tokens is over the limit of {context} "
+            "(TINKER_MAX_CONTEXT_TOKENS)"
+        )
     op = {
         "prompt": prompt,
         "num_samples": num_samples,
@@ -316,10 +328,22 @@ def asample(request: HttpRequest, membership: Membership) -> HttpResponse:
     return _future(future, sample_sequence_ids=ids)
 
 
+def _too_many_tokens(lengths: list[int]) -> str:
+    """Why a forward_backward's data are too much work for the shared model server ("" if they are not)."""
+    context, call = settings.TINKER_MAX_CONTEXT_TOKENS, settings.TINKER_MAX_CALL_TOKENS
+    if lengths and max(lengths) > context:
+        return f"a datum has {max(lengths)} tokens; the limit is {context} (TINKER_MAX_CONTEXT_TOKENS)"
+    if sum(lengths) > call:
+        return f"the call has {sum(lengths)} tokens; the limit is {call} (TINKER_MAX_CALL_TOKENS)"
+    return ""
+
+
 def _sampling_params(given: dict[str, Any]) -> dict[str, Any]:
     """The known fields, each of its type; numbers finite (a NaN would never reach the model server)."""
     params = {k: v for k, v in given.items() if k in SAMPLING_FIELDS and v is not None}
-    for k in ("max_tokens", "seed", "top_k"):
+    if "max_tokens" in params:
+        params["max_tokens"] = services.bounded_int(params["max_tokens"], "sampling_params.max_tokens", 1)
+    for k in ("seed", "top_k"):
         if k in params:
             params[k] = services.bounded_int(params[k], f"sampling_params.{k}", -(2**63), 2**63 - 1)
     for k in ("temperature", "top_p"):

@@ -18,6 +18,10 @@ from gpu_runtime.model_server.types import ModelServerError, Operation, Outcome
 # Per model: how far back a retry is still answered. The SDK retries a call soon after sending it, and an
 # outcome can hold a large batch's log-probs; the API keeps the durable copy (its futures).
 KEEP_OUTCOMES = 64
+# Per model: how far past the next seq_id a call may arrive. Calls far ahead would wait in memory for a turn
+# that may never come; the API refuses them at MAX_SEQ_AHEAD (64, api/tinker/services.py), this is the
+# model server's own, looser guard (the API's "next" is its view from the futures, a little behind).
+SEQ_AHEAD_LIMIT = 256
 
 
 def fingerprint(value: Any) -> str:
@@ -53,9 +57,12 @@ def _feed(h: Any, v: Any) -> None:
 class SeqQueue:
     """One model's queue: calls waiting for their turn, and the outcomes of the last KEEP_OUTCOMES calls."""
 
-    def __init__(self, first_seq_id: int = 1, keep: int = KEEP_OUTCOMES) -> None:
+    def __init__(
+        self, first_seq_id: int = 1, keep: int = KEEP_OUTCOMES, ahead: int = SEQ_AHEAD_LIMIT
+    ) -> None:
         self.next_seq_id = first_seq_id
         self.keep = keep
+        self.ahead = ahead
         self.pending: dict[int, tuple[Operation, str]] = {}
         self.done: OrderedDict[int, tuple[str, Outcome]] = OrderedDict()
 
@@ -71,6 +78,8 @@ class SeqQueue:
             return None
         if seq_id < self.next_seq_id:
             raise ModelServerError(f"seq_id {seq_id} already ran and its outcome is no longer kept")
+        if seq_id >= self.next_seq_id + self.ahead:
+            raise ModelServerError(f"seq_id {seq_id} is too far ahead (next is {self.next_seq_id})")
         self.pending[seq_id] = (op, fp)
         return None
 
