@@ -2,7 +2,8 @@
 
 Every asynchronous call writes a future and, after the transaction commits, puts its operation on the queue
 of the model server for the model's base (`queue`). A retried call (same model, same seq_id) is the same
-call: it finds its first future and enqueues nothing. Outcomes come back through `future_complete` (the
+call: it finds its first future, and queues it again only while that is pending (its first enqueue may have
+been lost; the model server drops copies). Outcomes come back through `future_complete` (the
 ingest endpoint), which writes the future and wakes its long-polls.
 """
 
@@ -165,7 +166,10 @@ def _model_with_future(
             },
         )
         if not created:  # a retry: the same call
-            return model.futures.filter(seq_id=None).order_by("created_at").first()  # type: ignore[return-value]
+            first = model.futures.filter(seq_id=None).order_by("created_at").first()
+            if first is not None and first.state == TinkerFuture.State.PENDING:
+                _requeue(base_model, {"op": operation, "future": str(first.pk), "model_id": model_id, **op})
+            return first  # type: ignore[return-value]
         _admit(org)
         future = TinkerFuture.objects.create(organization=org, model=model, operation=operation)
         message = {"op": operation, "future": str(future.pk), "model_id": model_id, **op}
@@ -210,9 +214,11 @@ def _sampler(
                 "source_path": path,
             },
         )
+        message = {"op": "create_sampler", "model_id": sampler_id, "uri": uri}
         if created:
-            message = {"op": "create_sampler", "model_id": sampler_id, "uri": uri}
             transaction.on_commit(lambda: queue.enqueue(base_model, message))
+        else:  # a retry (the first enqueue may have failed); the model server skips a sampler it has
+            _requeue(base_model, message)
     return model
 
 
@@ -240,6 +246,9 @@ def call_submit(
         raise TinkerUserError(f"{operation} needs a training client")
     existing = TinkerFuture.objects.filter(model=model, seq_id=seq_id).first()
     if existing is not None:
+        if existing.state == TinkerFuture.State.PENDING:
+            message = {"op": operation, "future": str(existing.pk), "model_id": model.pk, "seq_id": seq_id}
+            _requeue(model.base_model, {**message, **op})
         return existing
     _admit(org)
     if model.kind == TinkerModel.Kind.TRAIN:
@@ -261,6 +270,18 @@ def call_submit(
     except IntegrityError:  # the same call, retried concurrently: the first one wins
         return TinkerFuture.objects.get(model=model, seq_id=seq_id)
     return future
+
+
+def _requeue(base_model: str, message: dict[str, Any]) -> None:
+    """A retry of a call still pending: its first enqueue may have been lost (Valkey down at commit, a 500 to
+    the client), so it is queued again. The model server drops the copy: a seq_id it has queued or run (by
+    `(model, seq_id)`), a sample whose future it has, a model or sampler it has (the ingest keeps a future's
+    first outcome). An error here (Valkey still down) is a 500, which the SDK retries."""
+    try:
+        encoded(message)
+    except TinkerUserError:
+        return  # not what the first call sent: that one is the call, and this copy is not queued
+    transaction.on_commit(lambda: queue.enqueue(base_model, message))
 
 
 def _admit(org: Organization) -> None:

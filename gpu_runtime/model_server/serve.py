@@ -128,24 +128,38 @@ class ServeLoop:
         self.futures: dict[tuple[str, int], str] = {}  # (model_id, engine seq_id) -> future id
         self.sample_seq: dict[str, int] = {}  # per sampler: samples are independent, run in arrival order
         self.rejected: dict[tuple[str, int], str] = {}
+        self.created: dict[str, Any] = {}  # model id -> the future that created it
+        self.sampling: set[str] = set()  # futures of samples queued or running: a re-sent one is a copy
 
     def handle(self, msg: dict[str, Any]) -> list[WireOutcome]:
         """Take one operation; returns the outcomes it already has (control calls, retries, bad requests)."""
         future = msg.get("future")
         try:
             model_id, op = str(msg["model_id"]), msg["op"]
+            if model_id in self.server.models and (
+                op == "create_sampler" or (future is not None and self.created.get(model_id) == future)
+            ):
+                # A copy the API re-sent (a retry of a pending call): the model is there (the ingest keeps
+                # the first outcome it got, this one stands in for a lost one).
+                return [] if future is None else [{"future": future, "result": {}}]
             if op == "create_model":
                 self.server.create_model(model_id, LoraConfig(**msg["lora_config"]))
+                self.created[model_id] = future
                 return [{"future": future, "result": {}}]
             if op == "load_weights":
                 self.server.create_model_from_state(model_id, msg["uri"], optimizer=bool(msg["optimizer"]))
+                self.created[model_id] = future
                 return [{"future": future, "result": {}}]
             if op == "create_sampler":
                 self.server.create_sampler(model_id, msg.get("uri"))
                 return []
             operation: Operation | Rejected
             if op == "sample":
+                if future in self.sampling:
+                    return []  # a copy the API re-sent: this sample is already queued
                 operation = operation_from_wire(msg)
+                if future is not None:
+                    self.sampling.add(str(future))
                 # The SDK numbers a sampler's requests from 0 (clones from 1e9 on): the engine gets its own
                 # gapless numbering, as samples need no order. The API has already dropped retries.
                 seq_id = self.sample_seq.get(model_id, 0) + 1
@@ -173,6 +187,7 @@ class ServeLoop:
 
     def _wire(self, o: Outcome) -> WireOutcome:
         future = self.futures.pop((o.model_id, o.seq_id), None)
+        self.sampling.discard(str(future))
         reason = self.rejected.pop((o.model_id, o.seq_id), None)
         if reason is not None:
             return {"future": future, "error": reason, "category": "user"}

@@ -154,3 +154,18 @@ def test_serve_runs_what_is_queued_and_reports_each_outcome_once(server):
     serve(ServeLoop(server), transport, should_stop=lambda: transport.idle)  # type: ignore[arg-type]
     assert [o["future"] for o in transport.posted] == ["c", "f1", "f2"]
     assert all("result" in o for o in transport.posted)
+
+
+def test_a_copy_the_api_re_sent_is_not_run_twice(server):
+    # A retry of a pending call makes the API queue it again (its first enqueue may have been lost).
+    loop = ServeLoop(server)
+    create = {"op": "create_model", "future": "c0", "model_id": "dup", "lora_config": {"rank": 4}}
+    assert loop.handle(create) == [{"future": "c0", "result": {}}]
+    assert loop.handle(create) == [{"future": "c0", "result": {}}]  # answered again, not "already exists"
+    assert loop.handle({"op": "create_sampler", "model_id": "dup-s", "uri": None}) == []
+    assert loop.handle({"op": "create_sampler", "model_id": "dup-s", "uri": None}) == []
+    assert loop.handle(sample("dup-s", 0, "s0")) == []
+    assert loop.handle(sample("dup-s", 0, "s0")) == []
+    assert loop.handle(fb("dup", 1, "f1")) == [] and loop.handle(fb("dup", 1, "f1")) == []
+    done = loop.step() + loop.step() + loop.step()
+    assert sorted(o["future"] for o in done) == ["f1", "s0"]
