@@ -21,6 +21,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -175,19 +176,40 @@ class ObjectStore:
 
     def publish_dir(self, local: Path, uri: str, *, marker: str = MARKER) -> None:
         """Make the finished directory `local` visible at `uri`, replacing what was there; `local` is gone
-        afterwards. `file://` renames it into place; `s3://` uploads `marker` last."""
+        afterwards. `file://`: staged beside the destination (a hidden name), then swapped in by two renames,
+        so a crash never leaves a half-copied directory under the real name and the old one is removed only
+        once the new one is in place. `s3://`: the old marker is deleted first (readers stop taking the
+        directory as complete), the files uploaded, the old files the new directory lacks deleted, and the
+        marker uploaded last."""
         if scheme(uri) == "file":
             dest = self.path(uri)
             dest.parent.mkdir(parents=True, exist_ok=True)
+            tag = uuid.uuid4().hex[:12]
+            incoming, old = (
+                dest.with_name(f".{dest.name}.in-{tag}"),
+                dest.with_name(f".{dest.name}.old-{tag}"),
+            )
+            shutil.move(str(local), incoming)  # may copy (another file system): under the hidden name
             if dest.exists():
-                shutil.rmtree(dest)
-            shutil.move(str(local), dest)
+                os.rename(dest, old)
+            os.rename(incoming, dest)
+            shutil.rmtree(old, ignore_errors=True)
             return
         bucket, key = bucket_key(uri)
         client = self.s3()
+        before = {rel for _key, rel in self._s3_objects(client, uri)}
+        if marker in before:
+            client.delete_object(Bucket=bucket, Key=f"{key}/{marker}")
         files = sorted(p for p in local.rglob("*") if p.is_file())
-        for p in sorted(files, key=lambda p: p.name == marker):  # the marker goes last
-            client.upload_file(str(p), bucket, f"{key}/{p.relative_to(local)}")
+        names = {str(p.relative_to(local)) for p in files}
+        for p in files:
+            if p.name != marker:
+                client.upload_file(str(p), bucket, f"{key}/{p.relative_to(local)}")
+        for rel in sorted(before - names - {marker}):
+            client.delete_object(Bucket=bucket, Key=f"{key}/{rel}")
+        for p in files:  # the marker goes last
+            if p.name == marker:
+                client.upload_file(str(p), bucket, f"{key}/{p.relative_to(local)}")
         shutil.rmtree(local)
 
     def list_dirs(self, prefix: str, *, marker: str = MARKER) -> list[str]:
@@ -196,7 +218,10 @@ class ObjectStore:
             root = self.path(prefix)
             if not root.is_dir():
                 return []
-            return sorted(p.name for p in root.iterdir() if (p / marker).is_file())
+            # Hidden names are directories being swapped in or out by publish_dir.
+            return sorted(
+                p.name for p in root.iterdir() if not p.name.startswith(".") and (p / marker).is_file()
+            )
         names = set()
         for _key, rel in self._s3_objects(self.s3(), prefix):
             if rel.count("/") == 1 and rel.endswith(f"/{marker}"):

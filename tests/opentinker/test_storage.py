@@ -95,12 +95,23 @@ def test_directories_are_listed_only_once_complete_then_downloaded_and_removed(s
     assert objects.get(storage.join(prefix, "step_000002/meta.json")) == b'{"step": 2}'
 
 
-def test_a_file_directory_is_replaced_whole(tmp_path):
-    objects = ObjectStore()
-    uri = f"file://{tmp_path}/ck/step_000001"
+def test_a_directory_is_replaced_whole(store, tmp_path):
+    objects, base = store
+    uri = storage.join(base, "ck/step_000001")
     objects.publish_dir(staged(tmp_path, "a", {"old.bin": b"1", "meta.json": b"{}"}), uri)
     objects.publish_dir(staged(tmp_path, "b", {"new.bin": b"2", "meta.json": b"{}"}), uri)
-    assert sorted(p.name for p in (tmp_path / "ck/step_000001").iterdir()) == ["meta.json", "new.bin"]
+    got = objects.download_dir(uri)
+    assert sorted(p.name for p in got.iterdir()) == ["meta.json", "new.bin"]  # the old file is gone
+    if base.startswith("file://"):  # swapped in by renames: nothing staged is left beside it
+        assert sorted(p.name for p in objects.path(storage.join(base, "ck")).iterdir()) == ["step_000001"]
+
+
+def test_a_directory_being_swapped_in_is_never_listed(tmp_path):
+    objects = ObjectStore(root=f"file://{tmp_path}")
+    (tmp_path / "ck" / ".step_000002.in-abc").mkdir(parents=True)
+    (tmp_path / "ck" / ".step_000002.in-abc" / "meta.json").write_text("{}")
+    objects.publish_dir(staged(tmp_path, "a", {"meta.json": b"{}"}), f"file://{tmp_path}/ck/step_000001")
+    assert objects.list_dirs(f"file://{tmp_path}/ck") == ["step_000001"]
 
 
 @pytest.mark.parametrize("name", ["../other-org/secret", "a/../../x", "/etc/passwd", ""])
