@@ -248,6 +248,9 @@ TINKER_MAX_BODY_BYTES = env.int("TINKER_MAX_BODY_BYTES", 16 * 1024 * 1024, minim
 TINKER_MAX_CONTEXT_TOKENS = env.int("TINKER_MAX_CONTEXT_TOKENS", 32768, minimum=16)
 TINKER_MAX_CALL_TOKENS = env.int("TINKER_MAX_CALL_TOKENS", 1_048_576, minimum=16)
 TINKER_MAX_PENDING_FUTURES = env.int("TINKER_MAX_PENDING_FUTURES", 1024, minimum=1)
+# The model servers' outcome ingest: a forward_backward's log-probs are ~40 bytes of JSON a token (a model
+# server posts at most 8 MiB at once, one larger outcome alone).
+TINKER_MAX_INGEST_BYTES = env.int("TINKER_MAX_INGEST_BYTES", 64 * 1024 * 1024, minimum=1024)
 # Job tokens live this long (0: the job's max_hours plus an hour); a bootstrap token (single-use, it fetches
 # the job token and the environment secret on a Ray cluster) this long, never forever.
 JOB_TOKEN_TTL_SECONDS = env.int("JOB_TOKEN_TTL_SECONDS", 0, minimum=0)

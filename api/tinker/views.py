@@ -39,8 +39,8 @@ def _error(status: int, message: str, category: str = "user") -> JsonResponse:
     return JsonResponse({"error": message, "category": category}, status=status)
 
 
-def _body(request: HttpRequest) -> bytes:
-    limit = settings.TINKER_MAX_BODY_BYTES
+def _body(request: HttpRequest, limit: int | None = None) -> bytes:
+    limit = limit or settings.TINKER_MAX_BODY_BYTES
     try:
         size = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
@@ -53,9 +53,9 @@ def _body(request: HttpRequest) -> bytes:
     return body
 
 
-def _json(request: HttpRequest) -> dict[str, Any]:
+def _json(request: HttpRequest, limit: int | None = None) -> dict[str, Any]:
     try:
-        data = json.loads(_body(request) or b"{}")
+        data = json.loads(_body(request, limit) or b"{}")
     except (ValueError, UnicodeDecodeError):
         raise services.TinkerUserError("the body is not JSON") from None
     if not isinstance(data, dict):
@@ -435,7 +435,7 @@ def ingest_outcomes(request: HttpRequest) -> HttpResponse:
     if base_model is None:
         return _error(401, "invalid or expired model server token")
     try:
-        outcomes = _json(request)["outcomes"]
+        outcomes = _json(request, settings.TINKER_MAX_INGEST_BYTES)["outcomes"]
         written, unknown = 0, 0
         for o in outcomes:
             try:

@@ -57,6 +57,8 @@ from gpu_runtime.model_server.types import (
 log = logging.getLogger(__name__)
 DRAIN_BATCH = 256
 POST_ATTEMPTS = 5
+# One ingest post's JSON at most (the platform's TINKER_MAX_INGEST_BYTES must be larger: 64 MiB by default).
+POST_MAX_BYTES = 8 * 1024 * 1024
 
 
 def ops_key(base_model: str) -> str:
@@ -215,21 +217,59 @@ class Transport:
         return [] if got is None else [json.loads(got[1])]
 
 
-def http_poster(ingest_url: str, token: str) -> Callable[[list[WireOutcome]], None]:
-    client = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30)
+def batches(outcomes: list[WireOutcome], max_bytes: int) -> list[list[WireOutcome]]:
+    """The outcomes in posts of at most `max_bytes` of JSON each (one larger outcome goes alone): a
+    forward_backward's log-probs are ~40 bytes a token, so a few large calls can exceed one body's limit."""
+    out: list[list[WireOutcome]] = []
+    size = max_bytes
+    for o in outcomes:
+        n = len(json.dumps(o)) + 2
+        if size + n > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(o)
+        size += n
+    return out
 
-    def post(outcomes: list[WireOutcome]) -> None:
-        outcomes = [o for o in outcomes if o.get("future")]
-        if not outcomes:
-            return
+
+def http_poster(
+    ingest_url: str, token: str, *, max_bytes: int = POST_MAX_BYTES, client: httpx.Client | None = None
+) -> Callable[[list[WireOutcome]], None]:
+    client = client or httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    def send(outcomes: list[WireOutcome]) -> httpx.Response | None:
+        """Posts, retrying what may pass later (no answer, a 5xx); None when the ingest never answered."""
         for attempt in range(POST_ATTEMPTS):
             try:
-                client.post(ingest_url, json={"outcomes": outcomes}).raise_for_status()
-                return
+                response = client.post(ingest_url, json={"outcomes": outcomes})
+                if response.status_code < 500:
+                    return response
+                log.warning("ingest answered %d (attempt %d)", response.status_code, attempt + 1)
             except httpx.HTTPError as exc:
                 log.warning("ingest failed (attempt %d): %r", attempt + 1, exc)
+            if attempt + 1 < POST_ATTEMPTS:
                 time.sleep(min(2**attempt, 10))  # back off: the platform may be restarting
-        log.error("dropped %d outcomes: the ingest did not answer", len(outcomes))
+        return None
+
+    def post(outcomes: list[WireOutcome]) -> None:
+        for batch in batches([o for o in outcomes if o.get("future")], max_bytes):
+            response = send(batch)
+            if response is None:
+                log.error("dropped %d outcomes: the ingest did not answer", len(batch))
+            elif response.status_code >= 400:
+                # The ingest refused them (too large, malformed): retrying cannot help. Fail their futures
+                # with a small post, so their clients are told instead of waiting forever.
+                reason = f"the model server could not report this outcome: ingest {response.status_code}"
+                log.error(
+                    "ingest refused %d outcomes (%d): %s",
+                    len(batch),
+                    response.status_code,
+                    response.text[:500],
+                )
+                failed = [{"future": o["future"], "error": reason, "category": "server"} for o in batch]
+                again = send(failed)
+                if again is None or again.status_code >= 400:
+                    log.error("dropped %d outcomes: the ingest refused even their failure", len(batch))
 
     return post
 
