@@ -130,6 +130,9 @@ class ServeLoop:
         self.futures: dict[tuple[str, int], str] = {}  # (model_id, engine seq_id) -> future id
         self.sample_seq: dict[str, int] = {}  # per sampler: samples are independent, run in arrival order
         self.rejected: dict[tuple[str, int], str] = {}
+        self.broken_samplers: dict[
+            str, tuple[str, str]
+        ] = {}  # sampler id -> (why, category): its samples fail
         self.created: dict[str, Any] = {}  # model id -> the future that created it
         self.sampling: set[str] = set()  # futures of samples queued or running: a re-sent one is a copy
 
@@ -153,9 +156,13 @@ class ServeLoop:
                 self.created[model_id] = future
                 return [{"future": future, "result": {}}]
             if op == "create_sampler":
-                self.server.create_sampler(model_id, msg.get("uri"))
+                self._create_sampler(model_id, msg.get("uri"))
                 return []
             operation: Operation | Rejected
+            if op == "sample" and model_id in self.broken_samplers:
+                reason, category = self.broken_samplers[model_id]
+                error = f"sampler {model_id} could not be created: {reason}"
+                return [] if future is None else [{"future": future, "error": error, "category": category}]
             if op == "sample":
                 if future in self.sampling:
                     return []  # a copy the API re-sent: this sample is already queued
@@ -183,6 +190,18 @@ class ServeLoop:
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("bad operation %r: %r", msg.get("op"), exc)
             return [] if future is None else [{"future": future, "error": f"bad operation: {exc!r}"}]
+
+    def _create_sampler(self, model_id: str, uri: str | None) -> None:
+        """create_sampler has no future to fail: a failure is logged and kept, and fails the sampler's samples
+        with its reason (not "unknown model"). Any error (unreadable weights) must not stop the loop."""
+        try:
+            self.server.create_sampler(model_id, uri)
+        except ModelServerError as exc:
+            log.error("create_sampler %s (%s) failed: %s", model_id, uri, exc)
+            self.broken_samplers[model_id] = (str(exc), exc.category)
+        except Exception as exc:
+            log.exception("create_sampler %s (%s) failed", model_id, uri)
+            self.broken_samplers[model_id] = (repr(exc), "server")
 
     def step(self) -> list[WireOutcome]:
         return [self._wire(o) for o in self.server.step()]

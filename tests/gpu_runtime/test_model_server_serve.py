@@ -95,16 +95,19 @@ def test_samples_need_no_order_and_nan_never_leaves(server):
         assert first is None and all(isinstance(x, float) and math.isfinite(x) for x in rest)
 
 
-def test_bad_operations_fail_their_future_only(server):
+def test_bad_operations_fail_their_future_only(server, caplog):
     loop = ServeLoop(server)
     (unknown,) = loop.handle(fb("nobody", 1, "f1"))
     assert unknown["category"] == "user" and "unknown model" in unknown["error"]
     (broken,) = loop.handle({"op": "optim_step", "future": "f2", "model_id": "x"})  # no seq_id
     assert broken["future"] == "f2" and "bad operation" in broken["error"]
-    # A sampler whose weights cannot be loaded: no outcome of its own, its samples fail clearly.
+    # A sampler whose weights cannot be loaded: no outcome of its own, but a log line, and its samples fail
+    # with the reason.
     assert loop.handle({"op": "create_sampler", "model_id": "s9", "uri": "file:///nonexistent/weights"}) == []
+    assert any("create_sampler s9" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
     (lost,) = loop.handle(sample("s9", 0, "f3"))
-    assert lost["future"] == "f3" and "unknown model" in lost["error"]
+    assert lost["future"] == "f3" and "sampler s9 could not be created" in lost["error"]
+    assert "unknown model" not in lost["error"]
 
 
 def test_a_refused_call_takes_its_turn_and_the_next_ones_run(server):
