@@ -21,6 +21,8 @@ from django.conf import settings
 PREFIX = "otm_"
 MAX_LENGTH = 400
 DEFAULT_TTL_SECONDS = 7 * 24 * 3600
+# A token cannot be revoked (only the pepper's rotation voids it, with every other token): it must expire.
+MAX_TTL_DAYS = 90
 _FORMAT = re.compile(r"otm_(?P<base>[A-Za-z0-9_-]{1,300})\.(?P<expiry>\d{1,12})\.(?P<sig>[A-Za-z0-9_-]{43})")
 
 

@@ -93,3 +93,5 @@ def test_the_server_token_command_mints_a_token_for_one_base(capsys):
     assert model_server_token_verify(capsys.readouterr().out.strip()) == BASE
     with pytest.raises(CommandError, match="unknown base model"):
         call_command("tinker_server_token", "nope")
+    with pytest.raises(CommandError, match="ttl-days"):
+        call_command("tinker_server_token", BASE, "--ttl-days", "3650")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from api.tinker.server_tokens import model_server_token_issue
+from api.tinker.server_tokens import MAX_TTL_DAYS, model_server_token_issue
 from opentinker.spec import MODEL_PRESETS
 
 
@@ -20,6 +20,6 @@ class Command(BaseCommand):
         if base_model not in MODEL_PRESETS:
             known = ", ".join(sorted(MODEL_PRESETS))
             raise CommandError(f"unknown base model {base_model!r}; known: {known}")
-        if ttl_days < 1:
-            raise CommandError("--ttl-days must be at least 1")
+        if not 1 <= ttl_days <= MAX_TTL_DAYS:
+            raise CommandError(f"--ttl-days must be in [1, {MAX_TTL_DAYS}]: mint a new one before it expires")
         self.stdout.write(model_server_token_issue(base_model, ttl=ttl_days * 86400))
