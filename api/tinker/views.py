@@ -398,8 +398,9 @@ async def retrieve_future(request: HttpRequest) -> HttpResponse:
         r = aioredis.Redis.from_url(settings.REDIS_URL)
         try:
             async with r.pubsub() as pubsub:
-                # Subscribe before reading the row: an outcome written in between still wakes this poll.
-                await pubsub.subscribe(queue.done_channel(future_id))
+                # Subscribed (confirmed) before reading the row: an outcome written in between still wakes
+                # this poll.
+                await subscribe(pubsub, queue.done_channel(future_id), hold)
                 future = await sync_to_async(_future_of)(membership, future_id)
                 if future.state == TinkerFuture.State.PENDING:
                     await _wait(pubsub, hold)
@@ -413,6 +414,18 @@ async def retrieve_future(request: HttpRequest) -> HttpResponse:
         return _error(404, str(exc) or "not found")
     except (services.TinkerUserError, KeyError, TypeError, ValueError) as exc:
         return _error(400, _describe(exc))
+
+
+async def subscribe(pubsub: Any, channel: str, timeout: float) -> None:
+    """Subscribe and wait for Valkey's confirmation: redis-py's subscribe() only sends the command, and a
+    publish the server handles before it would be missed. (A poll without it still ends at its hold.)"""
+    await pubsub.subscribe(channel)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (left := deadline - loop.time()) > 0:
+        message = await pubsub.get_message(timeout=left)
+        if message is not None and message["type"] == "subscribe":
+            return
 
 
 async def _wait(pubsub: Any, hold: float) -> None:
