@@ -1,6 +1,7 @@
 """Sessions, models (training clients and samplers) and futures of the Tinker-compatible API.
 
-Every row belongs to one organization; lookups go through `selectors`, which take the caller's organization.
+Every row belongs to one organization; lookups go through `services` (session_get, model_get, weights_get)
+and the views' `_future_of`, which all filter by the caller's organization.
 A future is the truth about one call: `pending` until the model server reports its outcome through the ingest
 endpoint. A retried call (same model and seq_id) finds its first future again (unique constraint)."""
 

@@ -3,8 +3,9 @@
 Plain Django views rather than DRF: the SDK, not our REST conventions, fixes the wire (a `"type"` field in
 JSON bodies, a protobuf body for `forward_backward`, protobuf results, `X-API-Key: tml-...`). Every call
 but `retrieve_future` is short and synchronous; `retrieve_future` is async and holds the poll open on a
-Valkey channel until the outcome is written or `TINKER_POLL_HOLD_SECONDS` (settings) pass, holding no thread
-meanwhile.
+Valkey channel until the outcome is written or `TINKER_POLL_HOLD_SECONDS` (settings) pass. It does not yet
+spare a thread: the project's synchronous middlewares (settings.MIDDLEWARE) make Django adapt the chain, so a
+held poll still occupies a worker thread of the ASGI server's pool for its hold.
 
 Errors: 401 for a bad key, 404 for anything of another organization (the SDK stops at once on 404), 400
 for a request the SDK sent wrong. A failed call is a 200 `{"error", "category"}` from `retrieve_future`.
