@@ -86,9 +86,14 @@ def token_authenticate(raw: str, *, now: datetime | None = None) -> tuple[ApiTok
         return None
     if not token.user.is_active:
         return None
-    membership = Membership.objects.filter(organization=token.organization, user=token.user).first()
+    # By ids, with the token's own user and organization attached: one query for the membership, none later
+    # when the request reads membership.organization or membership.user (the API's hot path).
+    membership = Membership.objects.filter(
+        organization_id=token.organization_id, user_id=token.user_id
+    ).first()
     if membership is None:
         return None
+    membership.organization, membership.user = token.organization, token.user
     newest = current_pepper_id()
     if token.pepper_id != newest:
         # Rehash on use: a token in use moves to the newest pepper the first time it is seen after a rotation,
