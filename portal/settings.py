@@ -57,6 +57,13 @@ DATABASES = {
 if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
     raise ValueError("OpenTinker runs on PostgreSQL only (DATABASE_URL must start with postgres://)")
 DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = 10
+# Under ASGI every request runs in a thread of its own, so DB_CONN_MAX_AGE keeps nothing between requests: the
+# production server pools connections per process instead (psycopg_pool; README "Running in production").
+DB_POOL_MAX_SIZE = env.int("DB_POOL_MAX_SIZE", 0, minimum=0)
+if DB_POOL_MAX_SIZE:
+    if DATABASES["default"]["CONN_MAX_AGE"]:
+        raise ValueError("DB_POOL_MAX_SIZE and DB_CONN_MAX_AGE exclude each other: set one of them")
+    DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": 1, "max_size": DB_POOL_MAX_SIZE, "timeout": 10}
 
 REDIS_URL = env.str("REDIS_URL", "")
 if not REDIS_URL:
