@@ -1,0 +1,241 @@
+"""The API under load: the demo's single server process against the production configuration, in one run.
+
+    .venv/bin/python bench/api_load.py [--clients 100] [--think 0.5] [--duration 20] [--workers N]
+
+Starts its own embedded PostgreSQL + Valkey (devstack.embedded.EmbeddedServices, in a temporary directory),
+migrates, and seeds one organization with --jobs jobs and one member (and token, jobs:read) per client, so
+the per-user rate limit applies as it would to that many programs. Then, for each server in turn, on loopback:
+
+- demo: the command `make demo` runs (one uvicorn process, settings' defaults: no connection reuse);
+- production: `deploy/web.py` (uvicorn with --workers processes, a psycopg pool per process);
+
+it drives the API with --clients concurrent clients (asyncio + httpx, one keep-alive connection each), every
+client looping: `GET /api/v1/jobs?limit=20` three times out of four, `GET /api/v1/jobs/<id>` otherwise, then
+a think time uniform in [0.5, 1.5] x --think. Two phases per server: with think time (latency at that load),
+then without (saturation throughput). Requests/s and latency percentiles count the --duration seconds after a
+--warmup; errors are non-200 answers and failed requests. The load generator shares the machine's cores with
+the servers and the databases, as it would in a single-host test.
+
+Goal (issue 17): the production configuration serves the mix with think time at p99 under 100 ms, and
+saturates at 5x the demo's 64 requests/s (issue 17's locust run) or more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Phase:
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    seconds: float = 0.0
+
+    def row(self) -> tuple[str, ...]:
+        lat = sorted(self.latencies)
+
+        def pct(q: float) -> str:
+            return f"{lat[min(len(lat) - 1, int(q * len(lat)))] * 1000:.0f}" if lat else "-"
+
+        rate = (len(lat) + self.errors) / self.seconds if self.seconds else 0.0
+        return (f"{rate:.0f}", pct(0.50), pct(0.95), pct(0.99), str(self.errors))
+
+
+async def _client(
+    base: str, token: str, job_ids: list[str], think: float, stop: float, t0: float, out: Phase
+):
+    import httpx
+
+    rng = random.Random()  # noqa: S311 (the request mix, not a secret)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as http:
+        await asyncio.sleep(rng.uniform(0, max(think, 0.05)))  # spread the first requests
+        while True:
+            path = "/api/v1/jobs?limit=20" if rng.random() < 0.75 else f"/api/v1/jobs/{rng.choice(job_ids)}"
+            start = time.monotonic()
+            if start >= stop:
+                return
+            try:
+                ok = (await http.get(path)).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            end = time.monotonic()
+            if start >= t0:  # requests started after the warmup
+                if ok:
+                    out.latencies.append(end - start)
+                else:
+                    out.errors += 1
+            if think:
+                await asyncio.sleep(think * rng.uniform(0.5, 1.5))
+
+
+async def _drive(
+    base: str, tokens: list[str], job_ids: list[str], think: float, warmup: float, duration: float
+):
+    out = Phase()
+    t0 = time.monotonic() + warmup
+    stop = t0 + duration
+    await asyncio.gather(*(_client(base, t, job_ids, think, stop, t0, out) for t in tokens))
+    out.seconds = duration
+    return out
+
+
+def _seed(clients: int, jobs: int) -> tuple[list[str], list[str]]:
+    from django.contrib.auth import get_user_model
+
+    from opentinker.spec import example_rl_spec
+    from portal.actors import Actor
+    from portal.models import Membership, Role
+    from portal.services.jobs import job_submit
+    from portal.services.orgs import organization_create
+    from portal.services.tokens import token_create
+
+    users = get_user_model().objects
+    owner = users.create_user("bench-owner", "owner@example.com", secrets.token_urlsafe(16))
+    org = organization_create(slug="bench", name="Bench", owner=owner)
+    job_ids = []
+    for i in range(jobs):
+        job, _ = job_submit(
+            organization=org,
+            actor=Actor.for_request(owner),
+            spec=example_rl_spec().model_copy(update={"name": f"j{i}"}),
+        )
+        job_ids.append(str(job.id))
+    tokens = []
+    for i in range(clients):
+        user = users.create_user(f"bench-{i}", f"bench-{i}@example.com", secrets.token_urlsafe(16))
+        membership = Membership.objects.create(organization=org, user=user, role=Role.MEMBER)
+        tokens.append(token_create(membership=membership, name="bench", scopes=["jobs:read"])[1])
+    return tokens, job_ids
+
+
+def _wait_up(base: str, proc: subprocess.Popen[bytes]) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{base} did not answer")
+
+
+def _servers(port: int, workers: int) -> dict[str, list[str]]:
+    demo = [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1"]
+    demo += ["--port", str(port), "--log-level", "warning"]  # as devstack/demo.py starts it
+    return {
+        "demo (1 process)": demo,
+        f"production ({workers} workers)": [
+            sys.executable,
+            str(ROOT / "deploy" / "web.py"),
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)),
+        ],
+    }
+
+
+def main() -> int:
+    from deploy.web import default_workers
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=100)
+    p.add_argument("--think", type=float, default=0.5, help="mean think time between a client's requests (s)")
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per phase")
+    p.add_argument("--warmup", type=float, default=4.0)
+    p.add_argument("--jobs", type=int, default=100, help="jobs in the organization")
+    p.add_argument("--workers", type=int, default=default_workers(), help="production server processes")
+    args = p.parse_args()
+
+    from devstack.embedded import EmbeddedServices
+
+    root = Path(tempfile.mkdtemp(prefix="otk-api-load-"))
+    root.chmod(0o755)
+    services = EmbeddedServices(root / "services", fast=True)
+    results: dict[str, tuple[Phase, Phase]] = {}
+    try:
+        urls = services.start()
+        env = {
+            **os.environ,
+            **urls.as_env(),
+            "OPENTINKER_VAR_DIR": str(root / "var"),
+            "SECRET_KEY": secrets.token_urlsafe(50),
+            "TOKEN_PEPPER": secrets.token_urlsafe(32),
+            "DEFAULT_QUOTA_MAX_QUEUED": str(args.jobs),
+        }
+        os.environ.update(env)
+        subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
+        import django
+
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+        django.setup()
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request from the load generator
+        tokens, job_ids = _seed(args.clients, args.jobs)
+        from django.db import connections
+
+        connections.close_all()
+        port = _free_port()
+        base = f"http://127.0.0.1:{port}"
+        for name, cmd in _servers(port, args.workers).items():
+            log = (root / f"{name.split()[0]}.log").open("wb")
+            server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                _wait_up(base, server)
+                print(f"{name}: {args.clients} clients, think {args.think:g} s ...", flush=True)
+                paced = asyncio.run(_drive(base, tokens, job_ids, args.think, args.warmup, args.duration))
+                print(f"{name}: {args.clients} clients, no think time ...", flush=True)
+                flat = asyncio.run(_drive(base, tokens, job_ids, 0.0, args.warmup, args.duration))
+                results[name] = (paced, flat)
+            finally:
+                server.terminate()
+                server.wait(30)
+                log.close()
+    finally:
+        services.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    _table(results, args)
+    return 0
+
+
+def _table(results: dict[str, tuple[Phase, Phase]], args: argparse.Namespace) -> None:
+    head = ("server", "phase", "requests/s", "p50 ms", "p95 ms", "p99 ms", "errors")
+    rows = []
+    for name, (paced, flat) in results.items():
+        rows.append((name, f"think {args.think:g} s", *paced.row()))
+        rows.append((name, "no think (saturation)", *flat.row()))
+    widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
+    print(
+        f"\n{args.clients} clients, 3:1 GET /api/v1/jobs?limit=20 : GET /api/v1/jobs/<id>, "
+        f"{args.duration:g} s measured after {args.warmup:g} s warmup, {os.cpu_count()} CPUs\n"
+    )
+    for r in (head, tuple("-" * w for w in widths), *rows):
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
