@@ -1,0 +1,74 @@
+"""deploy/web.py, the production web server: uvicorn workers sharing nothing but PostgreSQL and Valkey, each
+with a pool of database connections, serve the API; a revoked token is refused at once by every worker."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from django.conf import settings
+from django.utils import timezone
+
+from deploy.web import command, environment
+from portal.models import ApiToken
+
+BASE = Path(__file__).resolve().parents[2]
+
+
+def test_environment_sets_a_pool_and_empties_the_metrics_directory(tmp_path):
+    stale = tmp_path / "prom" / "counter_123.db"
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    env = environment({"PROMETHEUS_MULTIPROC_DIR": str(stale.parent)})
+    assert env["DB_POOL_MAX_SIZE"] == "8" and env["DB_CONN_MAX_AGE"] == "0"
+    assert stale.parent.is_dir() and not stale.exists()
+    assert environment({"DB_POOL_MAX_SIZE": "20"})["DB_POOL_MAX_SIZE"] == "20"  # the operator's value wins
+
+
+def _database_url() -> str:
+    db = settings.DATABASES["default"]  # the test database, so the server sees the tokens made here
+    return f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_production_server_serves_the_api_and_honours_revocation(alice, acme, make_token, tmp_path):
+    secret = make_token(alice, acme)
+    port = _free_port()
+    env = {**os.environ, "DATABASE_URL": _database_url(), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            command("127.0.0.1", port, 2), cwd=BASE, env=environment(env), stdout=out, stderr=out
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the production server did not start"
+                time.sleep(0.2)
+        headers = {"Authorization": f"Bearer {secret}"}
+        # New connections each time: the requests spread over both workers and reuse their pools.
+        for _ in range(6):
+            assert httpx.get(f"{base}/api/v1/jobs?limit=20", headers=headers, timeout=10).status_code == 200
+        ApiToken.objects.filter(user=alice).update(revoked_at=timezone.now())
+        for _ in range(6):
+            assert httpx.get(f"{base}/api/v1/jobs?limit=20", headers=headers, timeout=10).status_code == 401
+    finally:
+        server.terminate()
+        server.wait(30)
