@@ -5,7 +5,7 @@ from __future__ import annotations
 from rest_framework import authentication, exceptions
 
 from api.tenancy import TokenAuth
-from portal.services.tokens import token_authenticate
+from portal.services.token_cache import token_authenticate_cached
 
 MAX_HEADER = 200
 
@@ -24,7 +24,7 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
         # One message for every kind of bad token: never tell a caller which part was wrong.
         if len(raw) > MAX_HEADER:
             raise exceptions.AuthenticationFailed("invalid, expired or revoked token")
-        found = token_authenticate(raw)
+        found = token_authenticate_cached(raw)
         if found is None:
             raise exceptions.AuthenticationFailed("invalid, expired or revoked token")
         token, membership = found

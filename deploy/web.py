@@ -24,6 +24,8 @@ from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_POOL = "8"
+# A process trusts a token it authenticated for this long: revocations reach every worker within it.
+DEFAULT_AUTH_CACHE = "2"
 
 
 def default_workers() -> int:
@@ -58,6 +60,7 @@ def environment(base: dict[str, str]) -> dict[str, str]:
     env = dict(base)
     env.setdefault("DB_POOL_MAX_SIZE", DEFAULT_POOL)
     env.setdefault("DB_CONN_MAX_AGE", "0")  # the pool replaces persistent connections
+    env.setdefault("API_AUTH_CACHE_SECONDS", DEFAULT_AUTH_CACHE)
     multiproc = env.get("PROMETHEUS_MULTIPROC_DIR")
     if multiproc:
         shutil.rmtree(multiproc, ignore_errors=True)

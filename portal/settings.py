@@ -64,6 +64,9 @@ if DB_POOL_MAX_SIZE:
     if DATABASES["default"]["CONN_MAX_AGE"]:
         raise ValueError("DB_POOL_MAX_SIZE and DB_CONN_MAX_AGE exclude each other: set one of them")
     DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": 1, "max_size": DB_POOL_MAX_SIZE, "timeout": 10}
+# Seconds a process trusts a token it authenticated without asking the database again (0: never); a revocation
+# reaches the other processes within this (portal/services/token_cache.py). deploy/web.py sets 2.
+API_AUTH_CACHE_SECONDS = env.seconds("API_AUTH_CACHE_SECONDS", 0, finite=True)
 
 REDIS_URL = env.str("REDIS_URL", "")
 if not REDIS_URL:
