@@ -1,6 +1,6 @@
 """The API under load: the demo's single server process against the production configuration, in one run.
 
-    .venv/bin/python bench/api_load.py [--clients 100] [--think 0.5] [--duration 20] [--workers N]
+    .venv/bin/python bench/api_load.py [--clients 100] [--think 0.5] [--duration 20] [--workers N[,M...]]
 
 Starts its own embedded PostgreSQL + Valkey (devstack.embedded.EmbeddedServices, in a temporary directory),
 migrates, and seeds one organization with --jobs jobs and one member (and token, jobs:read) per client, so
@@ -113,7 +113,7 @@ def _seed(clients: int, jobs: int) -> tuple[list[str], list[str]]:
     from portal.services.tokens import token_create
 
     users = get_user_model().objects
-    owner = users.create_user("bench-owner", "owner@example.com", secrets.token_urlsafe(16))
+    owner = users.create_user("bench-owner", "owner@example.com")  # no password: none to hash
     org = organization_create(slug="bench", name="Bench", owner=owner)
     job_ids = []
     for i in range(jobs):
@@ -125,7 +125,7 @@ def _seed(clients: int, jobs: int) -> tuple[list[str], list[str]]:
         job_ids.append(str(job.id))
     tokens = []
     for i in range(clients):
-        user = users.create_user(f"bench-{i}", f"bench-{i}@example.com", secrets.token_urlsafe(16))
+        user = users.create_user(f"bench-{i}", f"bench-{i}@example.com")
         membership = Membership.objects.create(organization=org, user=user, role=Role.MEMBER)
         tokens.append(token_create(membership=membership, name="bench", scopes=["jobs:read"])[1])
     return tokens, job_ids
@@ -147,17 +147,17 @@ def _wait_up(base: str, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"{base} did not answer")
 
 
-def _servers(port: int, workers: int) -> dict[str, list[str]]:
+def _servers(port: int, workers: list[int]) -> dict[str, list[str]]:
     demo = [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1"]
     demo += ["--port", str(port), "--log-level", "warning"]  # as devstack/demo.py starts it
-    return {
-        "demo (1 process)": demo,
-        f"production ({workers} workers)": [
+    servers = {"demo (1 process)": demo}
+    for n in workers:
+        servers[f"production ({n} workers)"] = [
             sys.executable,
             str(ROOT / "deploy" / "web.py"),
-            *("--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)),
-        ],
-    }
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", str(n)),
+        ]
+    return servers
 
 
 def main() -> int:
@@ -169,7 +169,11 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds per phase")
     p.add_argument("--warmup", type=float, default=4.0)
     p.add_argument("--jobs", type=int, default=100, help="jobs in the organization")
-    p.add_argument("--workers", type=int, default=default_workers(), help="production server processes")
+    p.add_argument(
+        "--workers",
+        default=str(default_workers()),
+        help="production server processes; several (2,4) compare them in the same run",
+    )
     args = p.parse_args()
 
     from devstack.embedded import EmbeddedServices
@@ -201,8 +205,9 @@ def main() -> int:
         connections.close_all()
         port = _free_port()
         base = f"http://127.0.0.1:{port}"
-        for name, cmd in _servers(port, args.workers).items():
-            log = (root / f"{name.split()[0]}.log").open("wb")
+        workers = [int(n) for n in args.workers.split(",")]
+        for i, (name, cmd) in enumerate(_servers(port, workers).items()):
+            log = (root / f"server-{i}.log").open("wb")
             server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             try:
                 _wait_up(base, server)
