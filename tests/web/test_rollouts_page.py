@@ -116,8 +116,13 @@ def test_browser_reads_rollouts_changes_step_and_sorts(page, live_url, sign_in, 
     section.screenshot(path=str(SCREENSHOTS / "rollouts.png"))  # the viewer alone (docs/screenshots/)
     page.select_option("#rollout-step", "2")  # htmx swaps the viewer in place
     expect(page.locator("#rollout-count")).to_have_text("Step 2: 3 of 3 episodes shown.")
+    # htmx binds the swapped-in form only when the swap settles (it then drops `htmx-added`): a change made
+    # before that is lost, and on a loaded machine that window is wide.
+    settled = page.locator(".htmx-added, .htmx-settling, .htmx-swapping")
+    expect(settled).to_have_count(0)
     page.select_option("#rollout-sort", "worst")
     expect(page.locator("#rollouts .episode").first).to_have_attribute("data-reward", "-0.5")
+    expect(settled).to_have_count(0)
     page.fill("#rollout-min", "0.5")
     page.locator("#rollout-min").dispatch_event("change")
     expect(page.locator("#rollout-count")).to_have_text("Step 2: 1 of 3 episodes shown.")
