@@ -32,7 +32,7 @@ def default_workers() -> int:
     return int(os.environ.get("WEB_CONCURRENCY") or 2 * (os.cpu_count() or 1))
 
 
-def command(host: str, port: int, workers: int) -> list[str]:
+def command(host: str, port: int, workers: int, log_level: str = "warning") -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -45,7 +45,7 @@ def command(host: str, port: int, workers: int) -> list[str]:
         "--workers",
         str(workers),
         "--log-level",
-        "warning",
+        log_level,
         "--no-access-log",  # the platform's own access line (opentinker.access) carries the request id
         "--lifespan",
         "off",  # Django has no lifespan handlers

@@ -31,6 +31,7 @@ from portal.models import Job
 from portal.services import ingest, live
 from portal.services.job_tokens import job_token_issue
 from portal.services.jobs import job_cancel, job_submit, job_transition
+from tests.uvicorn_ready import wait_listening
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("builtin_envs")]
 BASE = Path(__file__).resolve().parents[2]
@@ -67,24 +68,18 @@ def running_uvicorn(*extra_args: str, **extra_env: str) -> Iterator[str]:
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1"),
-            *("--port", str(port), "--lifespan", "off", "--log-level", "warning", "--no-access-log"),
+            *("--port", str(port), "--lifespan", "off", "--log-level", "info", "--no-access-log"),
             *extra_args,
         ],
         cwd=BASE,
         env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.1)
+    args = list(extra_args)
+    workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+    wait_listening(proc, workers=workers, port=port)
     try:
         yield url
     finally:
