@@ -193,6 +193,20 @@ class DatasetSpec(_Strict):
         return v
 
 
+class AsyncRolloutSpec(_Strict):
+    """Asynchronous (off-policy) RL: the rollout of the next steps runs while the trainer updates on this
+    step's batch (gpu_runtime.async_rollout). Step k trains on episodes sampled by the weights of at most
+    `max_staleness` updates before its own; the loss re-weights each token by the truncated importance weight
+    min(pi_old / pi_behaviour, tis_cap) (`tis_cap` 2 unless given)."""
+
+    max_staleness: int = Field(
+        1, ge=1, le=8, description="How many updates the behaviour weights may lag the trainer's."
+    )
+
+
+ASYNC_DEFAULT_TIS_CAP = 2.0  # Yao et al. 2025's C; async_rollout without tis_cap gets it
+
+
 class AlgorithmSpec(_Strict):
     """Algorithm and hyperparameters. Defaults follow common GRPO practice on small models."""
 
@@ -237,6 +251,11 @@ class AlgorithmSpec(_Strict):
     )
     tis_cap: float | None = Field(None, gt=0, le=100, description="Truncated importance sampling cap.")
     max_grad_norm: float = Field(1.0, gt=0, le=1e6)
+    async_rollout: AsyncRolloutSpec | None = Field(
+        None,
+        description="rl only: roll out the next step while this one updates (off-policy by at most "
+        "max_staleness steps, importance-weighted); null: synchronous.",
+    )
 
     def with_steps(self, steps: int) -> AlgorithmSpec:
         """This recipe shortened or stretched to `steps`, its warm-up scaled with it (validated)."""
@@ -250,7 +269,10 @@ class AlgorithmSpec(_Strict):
     def _algorithm_defaults(cls, data: Any) -> Any:
         # Dr.GRPO is defined with a constant-length loss sum: choosing it gets that unless loss_agg is given.
         if isinstance(data, dict) and data.get("name") == "dr_grpo" and "loss_agg" not in data:
-            return {**data, "loss_agg": "seq-mean-token-sum-norm"}
+            data = {**data, "loss_agg": "seq-mean-token-sum-norm"}
+        # Off-policy batches need the importance weight against the behaviour policy: on unless capped.
+        if isinstance(data, dict) and data.get("async_rollout") is not None and data.get("tis_cap") is None:
+            data = {**data, "tis_cap": ASYNC_DEFAULT_TIS_CAP}
         return data
 
     @model_validator(mode="after")
@@ -450,6 +472,9 @@ class JobSpec(_Strict):
     def _multi_agent_for_kind(cls, v: MultiAgentSpec | None, info: ValidationInfo) -> MultiAgentSpec | None:
         if v is not None and info.data.get("kind") is JobKind.SFT:
             raise ValueError("multi_agent settings are for rl and eval jobs, not sft")
+        algo = info.data.get("algorithm")
+        if v is not None and algo is not None and algo.async_rollout is not None:
+            raise ValueError("algorithm.async_rollout is not supported for multi-agent jobs yet")
         return v
 
     @field_validator("resume_from")
@@ -501,6 +526,8 @@ class JobSpec(_Strict):
         if kind is not None and v.name not in KIND_ALGORITHMS[kind]:
             allowed = ", ".join(KIND_ALGORITHMS[kind])
             raise ValueError(f"{v.name!r} is not valid for a {kind.value} job; use one of {allowed}")
+        if v.async_rollout is not None and kind is not None and kind is not JobKind.RL:
+            raise ValueError(f"async_rollout is for rl jobs, not {kind.value}")
         return v
 
     @property
