@@ -293,6 +293,18 @@ class ResourcesSpec(_Strict):
         1.0, gt=0, le=24 * 31, description="Wall-clock limit; the job is stopped after it."
     )
     pool: str | None = Field(None, max_length=64, description="Pool name; empty lets the scheduler choose.")
+    rollout_workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Data-parallel rollout engines (Ray actors, each with its own GPU or CPU share); a step's "
+        "prompts are split among them in whole groups. More than 1 runs the job's workers on Ray.",
+    )
+    placement: Literal["pack", "spread"] = Field(
+        "pack",
+        description="Where the job's trainer ranks and rollout workers go: pack (as few nodes as fit) or "
+        "spread (across the cluster's nodes, best effort).",
+    )
 
 
 class CheckpointSpec(_Strict):
@@ -528,6 +540,24 @@ class JobSpec(_Strict):
             raise ValueError(f"{v.name!r} is not valid for a {kind.value} job; use one of {allowed}")
         if v.async_rollout is not None and kind is not None and kind is not JobKind.RL:
             raise ValueError(f"async_rollout is for rl jobs, not {kind.value}")
+        return v
+
+    @field_validator("resources")
+    @classmethod
+    def _rollout_workers_fit(cls, v: ResourcesSpec, info: ValidationInfo) -> ResourcesSpec:
+        n = v.rollout_workers
+        if n == 1:
+            return v
+        if info.data.get("environment") is None:
+            raise ValueError("rollout_workers > 1 needs an environment to roll out")
+        algo, kind = info.data.get("algorithm"), info.data.get("kind")
+        if algo is not None:  # each worker rolls out whole groups (an eval episode is a group of its own)
+            groups = algo.batch_size * algo.group_size if kind is JobKind.EVAL else algo.batch_size
+            if n > groups:
+                raise ValueError(
+                    f"rollout_workers ({n}) must not exceed the step's groups ({groups}): "
+                    "each worker rolls out whole groups"
+                )
         return v
 
     @property
