@@ -244,6 +244,9 @@ ENV_VALIDATION_CALL_TIMEOUT_S = env.seconds("ENV_VALIDATION_CALL_TIMEOUT_S", 5, 
 ENV_ARCHIVE_MAX_BYTES = env.int(
     "ENV_ARCHIVE_MAX_BYTES", MAX_ARCHIVE_BYTES, minimum=1, maximum=MAX_ARCHIVE_BYTES
 )
+# What one organization's registry models, datasets and uploads in progress may take in all (the uploads
+# declare their sizes first, so an upload that would pass it is refused before a byte arrives). 20 GiB.
+REGISTRY_MAX_BYTES = env.int("REGISTRY_MAX_BYTES", 20 * 1024**3, minimum=1)
 
 # Where job runtimes reach the ingest API (the launcher hands it to each job with a job token).
 INGEST_BASE_URL = env.str("INGEST_BASE_URL", "http://127.0.0.1:8000")
