@@ -38,6 +38,16 @@ from opentinker.client import (
     resolve_credentials,
 )
 from opentinker.errors import OpenTinkerError, ValidationError
+from opentinker.export import (
+    TARGETS,
+    WandbMirror,
+    export_jsonl,
+    export_mlflow,
+    export_tensorboard,
+    export_wandb,
+    fetch_history,
+    wandb_flush,
+)
 from opentinker.progress import Progress, fmt_bytes, is_terminal
 from opentinker.rollouts_text import rollouts_text
 from opentinker.spec import JobState
@@ -398,6 +408,12 @@ def cmd_jobs_watch(ctx: Context) -> int:
     final = None
     client = ctx.client()
     view = None
+    # The mirror runs here, on the user's machine, with their W&B key: the platform never sees it.
+    mirror = (
+        WandbMirror(client.jobs.get(a.id), a.wandb_project, entity=a.wandb_entity)
+        if a.wandb_project
+        else None
+    )
     if not ctx.json:
         steps = client.jobs.get(a.id).spec.get("algorithm", {}).get("steps")
         live = is_terminal(sys.stdout) if a.live is None else a.live
@@ -414,12 +430,56 @@ def cmd_jobs_watch(ctx: Context) -> int:
                 print(json.dumps(_to_jsonable(ev.model_dump(exclude={"data"}))), flush=True)
             else:
                 view.feed(ev)
+            if mirror is not None:
+                for p in ev.points:
+                    mirror.add(p.step, p.name, p.value)
+                if ev.type == "sync":
+                    mirror.sync()
             if ev.type == "end":
                 final = ev.state
     except KeyboardInterrupt:
         print(f"Stopped watching; job {ctx.args.id} carries on.", file=sys.stderr)
         return 130
+    finally:
+        if mirror is not None:
+            mirror.finish()
+            wandb_flush()
+            late = f", {mirror.late} late points left out" if mirror.late else ""
+            print(f"W&B run {mirror.run.id}: {mirror.logged} points mirrored{late}", file=sys.stderr)
     return 0 if final == JobState.SUCCEEDED.value else 1
+
+
+def cmd_jobs_export(ctx: Context) -> int:
+    """Copy a job's metrics (and its spec as the run's config) to a tracker, from this machine."""
+    a = ctx.args
+    if a.to == "wandb" and not a.project:
+        raise UsageError("--to wandb needs --project")
+    if a.to == "jsonl" and a.output and Path(a.output).is_dir():
+        raise UsageError(f"{a.output} is a directory: give a file name for --to jsonl")
+    history = fetch_history(ctx.client(), a.id)
+    job = history.job
+    where: str
+    if a.to == "jsonl":
+        where = str(export_jsonl(history, Path(a.output or f"{job.id}.jsonl")))
+    elif a.to == "tensorboard":
+        where = str(export_tensorboard(history, Path(a.output or Path("runs") / job.id)))
+    elif a.to == "wandb":
+        where = "W&B run " + export_wandb(history, a.project, entity=a.entity)
+        wandb_flush()
+    else:
+        where = "MLflow run " + export_mlflow(history, tracking_uri=a.output, experiment=a.experiment)
+    summary = {
+        "job": job.id,
+        "to": a.to,
+        "where": where,
+        "steps": len(history.rows),
+        "points": history.points(),
+    }
+    if ctx.json:
+        print_json(summary)
+    else:
+        print(f"Exported {summary['points']} points over {summary['steps']} steps of job {job.id} to {where}")
+    return 0
 
 
 def cmd_jobs_checkpoints(ctx: Context) -> int:
@@ -819,6 +879,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"a metric to show; repeat for several (default: any of {', '.join(DEFAULT_METRICS)})",
     )
+    p.add_argument(
+        "--wandb-project",
+        metavar="P",
+        help="mirror the metrics into this W&B project from this machine (needs opentinker[wandb])",
+    )
+    p.add_argument("--wandb-entity", metavar="E", help="the W&B entity (team) of --wandb-project")
     view = p.add_mutually_exclusive_group()
     view.add_argument(
         "--live", dest="live", action="store_true", default=None, help="redrawn view (default on a terminal)"
@@ -826,6 +892,19 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument(
         "--plain", dest="live", action="store_false", help="plain lines (default when not a terminal)"
     )
+    p = add(jobs, "export", cmd_jobs_export, "copy a job's metrics to W&B, TensorBoard, MLflow or JSONL")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--to", required=True, choices=TARGETS)
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="jsonl: the file (default ID.jsonl); tensorboard: the log directory (default runs/ID); "
+        "mlflow: the tracking URI or directory (default $MLFLOW_TRACKING_URI)",
+    )
+    p.add_argument("--project", metavar="P", help="wandb: the project")
+    p.add_argument("--entity", metavar="E", help="wandb: the entity (team)")
+    p.add_argument("--experiment", default="opentinker", help="mlflow: the experiment (default opentinker)")
     p = add(jobs, "checkpoints", cmd_jobs_checkpoints, "list a job's checkpoints")
     p.add_argument("id", metavar="ID")
     p = add(
