@@ -26,6 +26,7 @@ import torch
 from gpu_runtime import checkpoint
 from gpu_runtime.algorithms import LossNorm, kl_estimate
 from gpu_runtime.algorithms.registry import algorithm
+from gpu_runtime.async_rollout import RolloutPipeline
 from gpu_runtime.batch import Sample
 from gpu_runtime.data import SFTDataset
 from gpu_runtime.failure_policy import FailureWatch
@@ -101,6 +102,11 @@ def reward_metrics(samples: list[Sample]) -> dict[str, float]:
                 torch.tensor([s.reward for s in samples if s.role == role]).mean()
             )
     return out
+
+
+RolloutOut = tuple[list[Sample], list[Sample], dict[str, float]]  # generated, to train on, metrics
+Produced = tuple[RolloutOut, list[str]]  # an async batch: the rollout and its episodes' errors
+ASYNC_STATE = "async_rollouts"  # the checkpoint's trainer-state key for batches rolled out ahead
 
 
 @dataclass
@@ -220,11 +226,17 @@ class Controller(JobLoop):
         self.algorithm = algorithm(a.name)
         self.kl_in_reward = a.kl_coef > 0 and a.kl_placement == "reward"
         self.dynamic_sampling = a.dynamic_sampling or self.algorithm.dynamic_sampling
+        self.pipeline: RolloutPipeline[Produced] | None = None  # async_rollout: made on first use
+        self._batch_errors: list[str] = []  # async_rollout: why the trained batch's failed episodes failed
         self.sft_data: SFTDataset | None = None
         if spec.kind.value == "sft":
             assert spec.dataset is not None
             self.sft_data = SFTDataset.from_uri(
-                spec.dataset.uri, load_tokenizer(spec.model.base), seed=spec.seed, max_len=SFT_MAX_LEN
+                spec.dataset.uri,
+                load_tokenizer(spec.model.base),
+                seed=spec.seed,
+                max_len=SFT_MAX_LEN,
+                columns=spec.dataset.columns,
             )
 
     # ---- helpers -----------------------------------------------------------------------------------------
@@ -246,10 +258,41 @@ class Controller(JobLoop):
             world_size=self.group.world_size,
         )
 
-    def sync_weights(self) -> None:
+    def sync_weights(self, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """`weights`: a copy taken earlier instead of the trainer's current ones (async rollout)."""
         if self.group.rollout is None:
             return
-        self.group.rollout.load_weights(self.group.full_state_dict())
+        self.group.rollout.load_weights(weights if weights is not None else self.group.full_state_dict())
+
+    def _async(self) -> RolloutPipeline[Produced] | None:
+        """The rollout pipeline of an async job (spec `algorithm.async_rollout`; gpu_runtime.async_rollout),
+        made on first use; None for a synchronous job."""
+        ar = self.spec.algorithm.async_rollout
+        if ar is None or self.pipeline is not None:
+            return self.pipeline
+        lora = self.spec.model.lora
+        if isinstance(self.group, LocalGroup) and lora is not None and lora.dropout > 0:
+            raise ValueError(
+                "async_rollout with LoRA dropout needs the rollout worker in its own process (Ray): in one "
+                "process the dropout would draw from the RNG that the rollout thread reseeds each step"
+            )
+        worker = self._rollout_worker()
+        self.pipeline = RolloutPipeline(
+            produce=lambda step: (self._rollout(step), worker.episode_errors()),
+            snapshot=self.group.full_state_dict,
+            push=self.sync_weights,
+            max_staleness=ar.max_staleness,
+            last_step=self.spec.algorithm.steps,
+        )
+        return self.pipeline
+
+    def run(self, *, resume: str | None = None, start_time: float | None = None) -> RunResult:
+        try:
+            return super().run(resume=resume, start_time=start_time)
+        finally:
+            if self.pipeline is not None:  # batches queued past a cancel or time limit are dropped
+                self.pipeline.close()
+                self.pipeline = None
 
     def _collect_round(self, step: int, r: int) -> tuple[list[Sample], dict[str, float]]:
         """Round `r` of a step: `batch_size` prompts x `group_size` samples (a group = one prompt). Round 0 is
@@ -263,14 +306,22 @@ class Controller(JobLoop):
     # ---- checkpoints -------------------------------------------------------------------------------------
     def resume(self, uri: str) -> int:
         ck = checkpoint.load(uri)
+        ahead = ck.state.pop(ASYNC_STATE, None)  # batches an async job had rolled out for later steps
         self.group.load(ck.weights, ck.state, ck.adapter)
+        if ahead and (pipeline := self._async()) is not None:
+            pipeline.restore(ahead)
         self.sink.log(f"resumed from {uri} at step {ck.step}")
         return ck.step
 
     def save(self, step: int) -> None:
         if self.ckpt_prefix is None:
             return
+        # An async job's batches for later steps are waited for and kept: the weights that sampled them are
+        # gone after this step, so a resumed run trains on these rather than sampling them differently.
+        ahead = self.pipeline.export() if self.pipeline is not None else {}
         payload = self.group.checkpoint_payload()
+        if ahead:
+            payload["state"] = {**payload["state"], ASYNC_STATE: ahead}
         uri, files = checkpoint.save(
             self.ckpt_prefix,
             step,
@@ -291,8 +342,8 @@ class Controller(JobLoop):
 
     def rl_step(self, step: int) -> dict[str, float]:
         timer = PhaseTimer()
-        with timer.phase("rollout"):
-            generated, samples, metrics = self._rollout(step)
+        with timer.phase("rollout"):  # async: the wait for a batch rolled out during earlier updates
+            generated, samples, metrics = self._take_rollout(step)
         with timer.phase("rollout_log"):
             self.record_rollouts(step, generated)
         n_gen = sum(s.n_generated for s in generated)
@@ -308,7 +359,8 @@ class Controller(JobLoop):
         with timer.phase("update"):
             sums = self._update(samples, updates)
         with timer.phase("sync"):
-            self.sync_weights()
+            if self.pipeline is None:  # async: the pipeline pushes a copy before its next rollout
+                self.sync_weights()
         metrics.update(self._update_metrics(sums))
         times = timer.metrics()
         metrics.update(times)
@@ -320,7 +372,14 @@ class Controller(JobLoop):
             )
         return metrics
 
-    def _rollout(self, step: int) -> tuple[list[Sample], list[Sample], dict[str, float]]:
+    def _take_rollout(self, step: int) -> RolloutOut:
+        pipeline = self._async()
+        if pipeline is None:
+            return self._rollout(step)
+        ((generated, samples, metrics), self._batch_errors), extra = pipeline.take(step)
+        return generated, samples, {**metrics, **extra}
+
+    def _rollout(self, step: int) -> RolloutOut:
         """The step's episodes: (every sample generated, the samples to train on, rollout metrics)."""
         a = self.spec.algorithm
         samples, extra = self._collect_round(step, 0)
@@ -475,4 +534,6 @@ class Controller(JobLoop):
         }
 
     def episode_errors(self) -> list[str]:
+        if self.pipeline is not None:
+            return list(self._batch_errors)
         return [] if self.group.rollout is None else list(self.group.rollout.episode_errors())

@@ -229,7 +229,13 @@ class MultiAgentRolloutWorker:
             model = self.setup.specs[name].model  # bf16 sampling on GPU, as the single-agent rollout worker
             loaded = load_model(model.base, seed=spec.seed, dtype=torch_dtype(model.dtype, device=device))
             codecs[name] = HFChatCodec(loaded.tokenizer)
-            engine = rollout_engine(loaded.model, pad_id=loaded.tokenizer.pad_token_id, device=device)
+            engine = rollout_engine(
+                loaded.model,
+                pad_id=loaded.tokenizer.pad_token_id,
+                device=device,
+                choice=spec.rollout.engine,
+                seed=spec.seed,
+            )
             self.engines[name] = WithStops(engine, codecs[name].stop_ids)
         self.policy_codecs = codecs
         # resolve() checked that the environment plays games (a multi-agent environment).
@@ -440,6 +446,8 @@ class MultiAgentController(JobLoop):
     """The step's games, then each trained policy's update by a plain `Controller` on its own samples."""
 
     def __init__(self, spec: JobSpec, sink: Sink, group: MultiAgentGroup, ckpt_prefix: str | None) -> None:
+        if spec.algorithm.async_rollout is not None:  # its per-policy controllers would each run ahead
+            raise ValueError("algorithm.async_rollout is not supported for multi-agent jobs yet")
         super().__init__(spec, sink, ckpt_prefix)
         self.group = group
         self.setup = group.setup
