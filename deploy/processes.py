@@ -27,3 +27,13 @@ PROCESSES: dict[str, list[str]] = {
         "--loglevel=INFO", f"--schedule={BEAT_SCHEDULE}",
     ],
 }  # fmt: skip
+
+# The GPU image (deploy/docker/gpu.Dockerfile, compose's ray-head and ray-worker). On Kubernetes the KubeRay
+# operator starts Ray itself from the RayCluster's rayStartParams.
+RAY_PROCESSES: dict[str, list[str]] = {
+    "ray-head": [
+        "ray", "start", "--head", "--port=6379", "--dashboard-host=0.0.0.0", "--dashboard-port=8265",
+        "--num-gpus=0", "--block",
+    ],
+    "ray-worker": ["ray", "start", "--address=ray-head:6379", "--block"],
+}  # fmt: skip

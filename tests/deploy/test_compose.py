@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 import yaml
 
-from deploy.processes import PROCESSES
+from deploy.processes import PROCESSES, RAY_PROCESSES
 from tests.portal.test_settings_declared import declared_names
 
 BASE = Path(__file__).resolve().parents[2]
@@ -72,6 +72,7 @@ def test_services_images_commands_and_volumes():
         assert services[role]["environment"]["OPENTINKER_MODE"] == "production"
     for name in ("ray-head", "ray-worker"):
         assert services[name]["image"].startswith("opentinker/gpu:")
+        assert services[name]["command"] == RAY_PROCESSES[name]
     for name, service in services.items():  # third-party images pinned to a release, never a moving tag
         image = service["image"]
         assert re.search(r":[^:]*\d[^:]*$", image) and not image.endswith(":latest"), (name, image)
