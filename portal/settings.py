@@ -209,6 +209,8 @@ SPECTACULAR_SETTINGS = {
         "JobKindEnum": "opentinker.spec.JobKind",
         "RoleEnum": "portal.models.orgs.Role",
         "ScopeEnum": "portal.models.tokens.Scope",
+        "UploadKindEnum": "env_registry.models.Upload.Kind",
+        "ValidationStatusEnum": "env_registry.models.ValidationStatus",
     },
     "APPEND_COMPONENTS": {
         "securitySchemes": {
