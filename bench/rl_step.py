@@ -1,7 +1,7 @@
 """One GRPO step, our engine vs TRL's `GRPOTrainer`, side by side in one run.
 
     .venv/bin/python bench/rl_step.py [--preset tiny-qwen2] [--device cpu|cuda] [--prompts 16] [--group 8]
-                                      [--max-new 32] [--steps 3] [--threads 1] [--only ours|trl]
+                                      [--max-new 32] [--steps 3] [--threads 1] [--only ours|trl] [--async]
 
 Needs the `bench` extra (`pip install -e ".[bench]"`: TRL). Both sides run the SAME step:
 
@@ -18,6 +18,11 @@ for us, pushing the new weights to the rollout engine); TRL's split comes from t
 `_generate_and_score_completions` (the rollout half of its `training_step`) inside its step. Each side runs
 one warm-up step, then `--steps` timed steps; the table shows medians. Tokens/s counts completion tokens (the
 tokens each side actually generated) per second of the whole step.
+
+`--async` adds our step with `algorithm.async_rollout: {max_staleness: 1}` (gpu_runtime.async_rollout): the
+next step's rollout runs on a background thread while this step updates. Its row's rollout column is the
+rollout's own time in the background, its step column the wall time per step (less than rollout + update by
+what overlapped); "hidden" is the share of the rollout no step waited for.
 
 On a GPU (`--device cuda`, e.g. `--preset qwen2.5-0.5b-shape --prompts 16 --group 4 --max-new 256`) both
 train in bf16 mixed precision (fp32 weights); our rollout samples from a bf16 copy, TRL's `generate` uses the
@@ -51,6 +56,8 @@ class StepTimes:
     rollout: list[float] = field(default_factory=list)
     update: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # completion tokens generated per step
+    wall: list[float] = field(default_factory=list)  # --async: the step's wall time (rollout overlapped)
+    hidden: list[float] = field(default_factory=list)  # --async: share of the rollout not waited for
     trained_tokens: list[int] = field(default_factory=list)  # prompt + completion tokens in the update
 
     def add(self, rollout: float, update: float, tokens: int, trained: int) -> None:
@@ -62,18 +69,19 @@ class StepTimes:
     def median(self, name: str) -> float:
         return statistics.median(getattr(self, name))
 
+    def walls(self) -> list[float]:
+        return self.wall or [r + u for r, u in zip(self.rollout, self.update, strict=True)]
+
     @property
     def step(self) -> float:
-        return statistics.median(r + u for r, u in zip(self.rollout, self.update, strict=True))
+        return statistics.median(self.walls())
 
     @property
     def tokens_per_s(self) -> float:
-        return statistics.median(
-            t / (r + u) for t, r, u in zip(self.tokens, self.rollout, self.update, strict=True)
-        )
+        return statistics.median(t / w for t, w in zip(self.tokens, self.walls(), strict=True))
 
 
-def _spec(args: argparse.Namespace):
+def _spec(args: argparse.Namespace, *, asynchronous: bool = False):
     from opentinker.spec import JobSpec
 
     gpus = 1 if args.device == "cuda" else 0
@@ -93,6 +101,7 @@ def _spec(args: argparse.Namespace):
                 "temperature": 1.0,
                 "top_p": 1.0,
                 "max_grad_norm": 1.0,
+                **({"async_rollout": {"max_staleness": 1}} if asynchronous else {}),
             },
             "resources": {"gpus": gpus, "cpus": args.threads + 1},
             "seed": SEED,
@@ -105,10 +114,10 @@ class _NullSink:
         return lambda *a, **k: False
 
 
-def run_ours(args: argparse.Namespace) -> StepTimes:
+def run_ours(args: argparse.Namespace, *, asynchronous: bool = False) -> StepTimes:
     from gpu_runtime.controller import Controller, LocalGroup
 
-    spec = _spec(args)
+    spec = _spec(args, asynchronous=asynchronous)
     group = LocalGroup(spec)
     torch.set_num_threads(args.threads)  # the workers set threads from the spec; make it exact
     ctl = Controller(spec, _NullSink(), group, None)
@@ -119,9 +128,20 @@ def run_ours(args: argparse.Namespace) -> StepTimes:
         n = args.prompts * args.group
         tokens = round(m["response_length/mean"] * n)
         update = m["time/logprob"] + m["time/advantages"] + m["time/update"] + m["time/sync"]
-        if step > 1:  # step 1 is the warm-up
-            times.add(m["time/rollout"], update, tokens, tokens + _prompt_tokens(args) * n)
-        print(f"  ours step {step}: rollout {m['time/rollout']:.2f}s update {update:.2f}s", file=sys.stderr)
+        # async: the batch's rollout ran in the background (time/rollout is only the wait for it)
+        rollout = m.get("async/rollout_s", m["time/rollout"])
+        if step > 1:  # step 1 is the warm-up (and, async, has nothing rolled out ahead yet)
+            times.add(rollout, update, tokens, tokens + _prompt_tokens(args) * n)
+            if asynchronous:
+                times.wall.append(m["time/step"])
+                times.hidden.append(m["async/hidden_frac"])
+        print(
+            f"  ours{' async' if asynchronous else ''} step {step}: rollout {rollout:.2f}s "
+            f"update {update:.2f}s step {m['time/step']:.2f}s",
+            file=sys.stderr,
+        )
+    if ctl.pipeline is not None:
+        ctl.pipeline.close()
     group.shutdown()
     return times
 
@@ -273,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", choices=["ours", "trl"], default=None)
+    p.add_argument("--async", dest="asynchronous", action="store_true", help="also ours with async rollout")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -282,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, StepTimes] = {}
     if args.only in (None, "ours"):
         results["OpenTinker"] = run_ours(args)
+        if args.asynchronous:
+            results["OpenTinker async (staleness 1)"] = run_ours(args, asynchronous=True)
     if args.only in (None, "trl"):
         import trl
 
@@ -316,9 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
-    if len(results) == 2:
-        ours, peer = results.values()
-        print(f"\nour step / TRL's step: {ours.step / peer.step:.2f} (goal: <= 0.50)")
+    for name, t in results.items():
+        if t.hidden:
+            print(f"{name}: {statistics.median(t.hidden):.0%} of the rollout hidden behind updates (median)")
+    peers = [t for name, t in results.items() if name.startswith("TRL")]
+    if peers and "OpenTinker" in results:
+        print(f"\nour step / TRL's step: {results['OpenTinker'].step / peers[0].step:.2f} (goal: <= 0.50)")
     return 0
 
 

@@ -16,9 +16,10 @@ time, by the old weights), pi_old the trainer's before this step's update (the p
 PPO, Hilton et al. 2021), so the clip still bounds each update around the current weights.
 
 With an in-process rollout worker (`LocalGroup`) the thread shares the process with the trainer: torch ops
-release the GIL, so rollout and update overlap on two cores; both threads run with the process's torch thread
-count (a new thread does not inherit `torch.set_num_threads`). They share torch's global RNG, which the
-rollout reseeds per step: the trainer must not draw from it (LoRA dropout), or runs would depend on timing.
+release the GIL, so rollout and update overlap on two cores; each thread's ops run their own team of the
+job's torch thread count (`configure_threads`: the job's CPUs minus one), so a 2-CPU job keeps two cores busy.
+They share torch's global RNG, which the rollout reseeds per step: the trainer must not draw from it (LoRA
+dropout), or runs would depend on timing.
 """
 
 from __future__ import annotations
