@@ -10,7 +10,7 @@ const out = join(here, "..", "portal", "static", "portal", "dist");
 mkdirSync(out, { recursive: true });
 
 await esbuild.build({
-  entryPoints: { app: join(here, "src", "app.ts"), job: join(here, "src", "job.ts"), "app-css": join(here, "src", "app.css") },
+  entryPoints: { app: join(here, "src", "app.ts"), job: join(here, "src", "job.ts"), compare: join(here, "src", "compare.ts"), "app-css": join(here, "src", "app.css") },
   outdir: out,
   bundle: true,
   minify: true,
@@ -23,5 +23,5 @@ await esbuild.build({
 copyFileSync(join(out, "app-css.css"), join(out, "app.css"));
 copyFileSync(join(here, "node_modules", "htmx.org", "dist", "htmx.min.js"), join(out, "htmx.min.js"));
 // Written last: the Makefile's stamp of a complete build (portal/web/checks.py names the required files).
-const files = ["app.js", "job.js", "app.css", "htmx.min.js"];
+const files = ["app.js", "job.js", "compare.js", "app.css", "htmx.min.js"];
 writeFileSync(join(out, "manifest.json"), JSON.stringify({ files, built_at: new Date().toISOString() }, null, 1));

@@ -14,7 +14,7 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 
 DIST = Path(__file__).resolve().parent.parent / "static" / "portal" / "dist"
-REQUIRED = ("app.js", "job.js", "app.css", "htmx.min.js")
+REQUIRED = ("app.js", "job.js", "compare.js", "app.css", "htmx.min.js")
 HINT = "build it with `make frontend` (or `cd frontend && npm ci && npm run build`)"
 
 

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from portal.web import auth, dashboard, jobs, orgs, rollouts, tokens
+from portal.web import auth, compare, dashboard, jobs, orgs, rollouts, tokens
 
 urlpatterns = [
     path("", dashboard.dashboard, name="home"),
@@ -13,6 +13,7 @@ urlpatterns = [
     path("orgs/switch/", orgs.org_switch, name="org_switch"),
     path("jobs/", jobs.job_index, name="jobs"),
     path("jobs/new/", jobs.job_new, name="job_new"),
+    path("jobs/compare/", compare.job_compare, name="job_compare"),  # before jobs/<id>/, which would take it
     path("jobs/<str:job_id>/", jobs.job_detail, name="job_detail"),
     path("jobs/<str:job_id>/status/", jobs.job_status, name="job_status"),
     path("jobs/<str:job_id>/rollouts/", rollouts.job_rollouts, name="job_rollouts"),

@@ -22,10 +22,10 @@ def test_the_built_bundle_is_complete_and_the_system_check_passes():
 
 def test_a_missing_bundle_is_a_clear_error(tmp_path):
     (tmp_path / "app.js").write_text("")
-    assert checks.bundle_missing(tmp_path) == ["job.js", "app.css", "htmx.min.js"]
+    assert checks.bundle_missing(tmp_path) == ["job.js", "compare.js", "app.css", "htmx.min.js"]
     with pytest.raises(
         ImproperlyConfigured,
-        match=r"bundle is missing .*\(job.js, app.css, htmx.min.js\): build it with `make frontend`",
+        match=r"bundle is missing .*\(job.js, compare.js, app.css, htmx.min.js\): build it with `make",
     ):
         checks.require_bundle(tmp_path)
 
