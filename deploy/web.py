@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(dict(os.environ))
     os.chdir(BASE_DIR)
     # The server replaces this process: signals from the container runtime reach uvicorn's supervisor.
-    os.execve(sys.executable, command(args.host, args.port, args.workers), env)  # noqa: S606
+    # uvicorn's own lines (a worker started or died) follow LOG_LEVEL when it is set; warnings otherwise.
+    log_level = env.get("LOG_LEVEL", "warning").lower()
+    os.execve(sys.executable, command(args.host, args.port, args.workers, log_level), env)  # noqa: S606
     return 0  # not reached
 
 
