@@ -75,6 +75,8 @@ BREAKS = [
     ("portal/models/_break.py", "import portal.web.jobs\n", "domain"),
     ("opentinker/_break.py", "import django\n", "sdk"),
     ("opentinker/env/_break.py", "from portal import models\n", "sdk"),
+    # a tracker imported outside opentinker/export.py (the SDK must import without the optional extras)
+    ("opentinker/_break.py", "def f():\n    import wandb\n", "sdk-trackers"),
     ("gpu_runtime/_break.py", "from django.conf import settings\n", "runtime"),
     ("api/views/_break.py", "import torch\n", "web-tier"),
     ("workers/_break.py", "from gpu_runtime import controller\n", "web-tier"),
