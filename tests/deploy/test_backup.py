@@ -119,6 +119,12 @@ def object_store(request, settings, tmp_path):
     return lambda: shutil.rmtree(tmp_path / "store")
 
 
+def test_the_runbook_gives_these_commands():
+    runbook = (BASE / "deploy" / "RUNBOOK.md").read_text()
+    assert "python deploy/backup.py backup /backups/" in runbook
+    assert "python deploy/backup.py restore /backups/" in runbook
+
+
 def test_backup_then_restore_into_a_fresh_database_and_store(acme, object_store, fresh_database, tmp_path):
     job, files = _make_history(acme)
     source = connection.settings_dict["NAME"]
