@@ -202,10 +202,10 @@ def export_mlflow(
     """
     if tracking_uri and "://" not in tracking_uri:
         tracking_uri = Path(tracking_uri).resolve().as_uri()
+    _require("mlflow", "mlflow")
     if tracking_uri and tracking_uri.startswith("file:"):
         # MLflow 3 refuses a local directory unless told that the user means it; naming one is telling it.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    _require("mlflow", "mlflow")
     from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient

@@ -131,7 +131,8 @@ def test_export_mlflow_to_a_local_store(finished_job, as_user, alice, acme, tmp_
     from mlflow.tracking import MlflowClient
 
     job_id = str(finished_job.id)
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    # Naming a local directory is what lets MLflow 3 use its file store (export_mlflow says so to it).
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     as_user(alice, acme)
     store = tmp_path / "mlruns"
     assert main(["jobs", "export", job_id, "--to", "mlflow", "-o", str(store), "--json"]) == 0
@@ -211,3 +212,26 @@ def test_mirror_logs_history_in_step_order_then_each_live_step_once(tmp_path, mo
         1: {"kl": 1.5, "loss": 1.0, "reward": 1.0},
         2: {"loss": 2.0},
     }
+
+
+@pytest.mark.parametrize(
+    ("target", "module"), [("wandb", "wandb"), ("tensorboard", "tensorboard"), ("mlflow", "mlflow")]
+)
+def test_a_missing_tracker_names_the_extra_and_writes_nothing(target, module, tmp_path, monkeypatch):
+    from opentinker import export
+    from opentinker.types import Job
+
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it raises ImportError
+    history = export.History(job=Job(id="j", kind="rl", state="succeeded"), rows={0: {"loss": 1.0}})
+    call = {
+        "wandb": lambda: export.export_wandb(history, "p"),
+        "tensorboard": lambda: export.export_tensorboard(history, tmp_path / "tb"),
+        "mlflow": lambda: export.export_mlflow(history, tracking_uri=str(tmp_path / "ml")),
+    }[target]
+    with pytest.raises(export.ExportError) as e:
+        call()
+    assert (
+        str(e.value)
+        == f"exporting to {target} needs the {module} package: pip install 'opentinker[{target}]'"
+    )
+    assert list(tmp_path.iterdir()) == []
