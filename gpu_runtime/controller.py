@@ -232,7 +232,11 @@ class Controller(JobLoop):
         if spec.kind.value == "sft":
             assert spec.dataset is not None
             self.sft_data = SFTDataset.from_uri(
-                spec.dataset.uri, load_tokenizer(spec.model.base), seed=spec.seed, max_len=SFT_MAX_LEN
+                spec.dataset.uri,
+                load_tokenizer(spec.model.base),
+                seed=spec.seed,
+                max_len=SFT_MAX_LEN,
+                columns=spec.dataset.columns,
             )
 
     # ---- helpers -----------------------------------------------------------------------------------------

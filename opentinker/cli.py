@@ -49,6 +49,7 @@ from opentinker.export import (
     wandb_flush,
 )
 from opentinker.progress import Progress, fmt_bytes, is_terminal
+from opentinker.registry_cli import add_registry_commands
 from opentinker.rollouts_text import rollouts_text
 from opentinker.spec import JobState
 from opentinker.types import EnvironmentPackage, Job, JobEvent, MetricSeries, Page, Token
@@ -841,7 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "logout", cmd_logout, "forget the saved credentials")
     add(sub, "whoami", cmd_whoami, "show the current user, organization and token scopes")
     add(sub, "quota", cmd_quota, "show the organization's quota")
-    add(sub, "models", cmd_models, "list the model presets")
+    add_registry_commands(sub, common, cmd_models)
 
     jobs = sub.add_parser("jobs", parents=[common], help="submit and inspect jobs").add_subparsers(
         dest="jobs_command", required=True, metavar="COMMAND"

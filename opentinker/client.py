@@ -35,6 +35,7 @@ from opentinker.errors import (
     ValidationError,
     error_from_response,
 )
+from opentinker.registry_client import RegistryAPI
 from opentinker.spec import JobKind, JobSpec, JobState
 from opentinker.types import (
     Checkpoint,
@@ -184,6 +185,7 @@ class Client:
         self.jobs = JobsAPI(self)
         self.tokens = TokensAPI(self)
         self.envs = EnvsAPI(self)
+        self.registry = RegistryAPI(self)
 
     @classmethod
     def from_env(cls, *, config: str | os.PathLike[str] | None = None, **kwargs: Any) -> Client:

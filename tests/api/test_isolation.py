@@ -33,7 +33,17 @@ from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
 from env_registry import storage as env_storage
-from env_registry.models import EnvironmentPackage, EnvironmentVersion, Star, Visibility
+from env_registry.models import (
+    DatasetVersion,
+    EnvironmentPackage,
+    EnvironmentVersion,
+    ModelVersion,
+    RegisteredDataset,
+    RegisteredModel,
+    Star,
+    Upload,
+    Visibility,
+)
 from opentinker.spec import example_rl_spec
 from portal import storage
 from portal.actors import Actor
@@ -66,6 +76,8 @@ INVITEE = "newhire@acme.example"
 ACME_IDEMPOTENCY_KEY = "acme-nightly-run-0042"
 ACME_ENV_SECRET = "acme-vault-key"
 ACME_ENV_SECRET_VALUE = "acme-plaintext-9d2e41"
+ACME_MODEL = "acme-secret-llm"
+ACME_DATASET = "acme-secret-corpus"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -84,6 +96,7 @@ class AcmeWorld:
     invitation: Invitation
     invitation_secret: str
     env: EnvironmentPackage
+    upload: Upload | None = None
     identifiers: list[str] = field(default_factory=list)
 
     def params(self) -> dict[str, Any]:
@@ -100,6 +113,10 @@ class AcmeWorld:
             "env": self.env.name,
             "env_version": "1.0.0",
             "env_secret": ACME_ENV_SECRET,
+            "model": ACME_MODEL,
+            "dataset": ACME_DATASET,
+            "upload_id": str(self.upload.id) if self.upload else "",
+            "index": 0,
         }
 
 
@@ -117,6 +134,10 @@ def fake_params() -> dict[str, Any]:
         "env": "no-such-env",
         "env_version": "9.9.9",
         "env_secret": "no-such-secret",
+        "model": "no-such-model",
+        "dataset": "no-such-dataset",
+        "upload_id": str(uuid.uuid4()),
+        "index": 0,
     }
 
 
@@ -138,8 +159,12 @@ PATH_PARAMS: dict[str, str | dict[str, str]] = {
         f"{V1}/envs/{{owner}}/{{name}}/fork": "env",
         f"{V1}/envs/{{owner}}/{{name}}/versions/{{version}}/archive": "env",
         f"{V1}/org/env-secrets/{{name}}": "env_secret",
+        f"{V1}/org/models/{{name}}": "model",
+        f"{V1}/org/datasets/{{name}}": "dataset",
     },
     "version": "env_version",
+    "upload_id": "upload_id",
+    "index": "index",
 }
 
 
@@ -204,6 +229,23 @@ def world(alice, bob, charlie, acme, globex, make_token, settings, tmp_path) -> 
 
     environment_secret_create(by=alice_membership, name=ACME_ENV_SECRET, value=ACME_ENV_SECRET_VALUE)
 
+    # A registry model and dataset with a version each, and an upload in progress.
+    model = RegisteredModel.objects.create(organization=acme, name=ACME_MODEL)
+    model_prefix = f"{storage.organization_prefix(acme.slug)}/models/{ACME_MODEL}/1"
+    ModelVersion.objects.create(model=model, version=1, uri=model_prefix, status="valid")
+    dataset = RegisteredDataset.objects.create(organization=acme, name=ACME_DATASET)
+    data_prefix = f"{storage.organization_prefix(acme.slug)}/datasets/{ACME_DATASET}/1"
+    DatasetVersion.objects.create(dataset=dataset, version=1, format="jsonl", uri=data_prefix, num_rows=1)
+    upload = Upload.objects.create(
+        id=uuid.uuid4(),
+        organization=acme,
+        user=alice,
+        kind="model",
+        name=ACME_MODEL,
+        files=[{"path": "config.json", "size": 2, "sha256": "0" * 64, "received": 0}],
+        size_bytes=2,
+    )
+
     w = AcmeWorld(
         org=acme,
         alice_token=alice_token,
@@ -215,8 +257,12 @@ def world(alice, bob, charlie, acme, globex, make_token, settings, tmp_path) -> 
         invitation=invitation,
         invitation_secret=invitation_secret,
         env=env,
+        upload=upload,
     )
     w.identifiers = [
+        ACME_MODEL,
+        ACME_DATASET,
+        str(upload.id),
         str(job.id),
         job.id.hex,
         prefix,
@@ -273,6 +319,9 @@ def acme_state(w: AcmeWorld) -> dict[str, Any]:
         ),
         "env_stars": list(Star.objects.filter(package__organization=org).order_by("id").values()),
         "env_secrets": list(EnvironmentSecret.objects.filter(organization=org).order_by("id").values()),
+        "models": list(ModelVersion.objects.filter(model__organization=org).order_by("id").values()),
+        "datasets": list(DatasetVersion.objects.filter(dataset__organization=org).order_by("id").values()),
+        "uploads": list(Upload.objects.filter(organization=org).order_by("id").values()),
     }
 
 
@@ -311,6 +360,11 @@ def _spec(w: AcmeWorld) -> dict:
 
 def _new_org(w: AcmeWorld) -> dict:
     return {"slug": f"neworg-{next(_org_counter)}", "name": "New Org"}
+
+
+def _new_upload(w: AcmeWorld) -> dict:
+    files = [{"path": "data.jsonl", "size": 3, "sha256": "0" * 64}]
+    return {"kind": "dataset", "name": f"globex-data-{next(_org_counter)}", "files": files}
 
 
 def _new_env_secret(w: AcmeWorld) -> dict:
@@ -421,6 +475,17 @@ ROUTES: dict[tuple[str, str], Route] = {
     (f"{V1}/org/env-secrets", "get"): R(200, 403, 403, 403),
     (f"{V1}/org/env-secrets", "post"): R(201, 403, 403, 403, _new_env_secret),
     (f"{V1}/org/env-secrets/{{name}}", "delete"): R(404, 403, 403, 403),
+    # the organization's registry models and datasets (envs:read) and uploads into it (envs:write); an upload
+    # always lands in the caller's own organization
+    (f"{V1}/org/models", "get"): R(200, 200, 200, 403),
+    (f"{V1}/org/models/{{name}}", "get"): R(404, 404, 200, 403),
+    (f"{V1}/org/datasets", "get"): R(200, 200, 200, 403),
+    (f"{V1}/org/datasets/{{name}}", "get"): R(404, 404, 200, 403),
+    (f"{V1}/org/uploads", "post"): R(201, 403, 403, 403, _new_upload),
+    (f"{V1}/org/uploads/{{upload_id}}", "get"): R(404, 403, 403, 403),
+    (f"{V1}/org/uploads/{{upload_id}}", "delete"): R(404, 403, 403, 403),
+    (f"{V1}/org/uploads/{{upload_id}}/files/{{index}}", "put"): R(404, 403, 403, 403, lambda w: {}),
+    (f"{V1}/org/uploads/{{upload_id}}/complete", "post"): R(404, 403, 403, 403),
     # tokens: every member manages their own; minting through a token needs org:admin
     (f"{V1}/tokens", "get"): R(200, 200, 200, 403),
     (f"{V1}/tokens", "post"): R(201, 403, 403, 403, lambda w: {"name": "ci", "scopes": ["envs:read"]}),

@@ -1,0 +1,316 @@
+"""An organization's own models and datasets: resumable uploads, listings with versions, previews.
+
+Upload protocol (the CLI's `opentinker models push` / `datasets push` speak it):
+1. `POST /org/uploads` {kind, name, files: [{path, size, sha256}]}: refused at once if the files cannot make
+   a model (pickle weights, code, no config/tokenizer/safetensors) or a dataset, or pass REGISTRY_MAX_BYTES.
+2. `PUT /org/uploads/{id}/files/{index}?offset=N` with the raw bytes of one chunk (at most
+   `chunk_max_bytes`), in order; a wrong offset is a 409 saying where to go on.
+3. `GET /org/uploads/{id}`: how much of each file arrived (to resume after a lost connection).
+4. `POST /org/uploads/{id}/complete`: sizes and sha256 checked, contents checked (models: no remote code,
+   safetensors headers; datasets: readable, rows), stored as the next version; a refusal deletes the upload.
+Registry routes use the `envs:read` / `envs:write` scopes (the registry's).
+"""
+
+from __future__ import annotations
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.parsers import BaseParser
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from api.parsers import PayloadTooLarge
+from api.serializers import ErrorSerializer, StrictSerializer
+from api.tenancy import tenant_of
+from env_registry import dataset_registry, model_registry, uploads
+from env_registry.models import DatasetVersion, ModelVersion, RegisteredDataset, RegisteredModel, Upload
+from portal.errors import DomainError
+from portal.models import Scope
+
+
+class ChunkParser(BaseParser):
+    """One chunk's raw bytes, at most CHUNK_MAX_BYTES (413 past it)."""
+
+    media_type = "application/octet-stream"
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        limit = uploads.CHUNK_MAX_BYTES
+        request = parser_context["request"] if parser_context else None
+        try:
+            declared = int(request.META.get("CONTENT_LENGTH") or 0) if request is not None else 0
+        except ValueError:
+            declared = 0
+        if declared > limit:
+            raise PayloadTooLarge(f"a chunk is at most {limit} bytes; this one is {declared}")
+        data = stream.read(limit + 1) if stream is not None else b""
+        if len(data) > limit:
+            raise PayloadTooLarge(f"a chunk is at most {limit} bytes")
+        return data
+
+
+# --- uploads ------------------------------------------------------------------------------------------------
+
+
+class UploadFileSerializer(serializers.Serializer):
+    path = serializers.CharField()
+    size = serializers.IntegerField()
+    sha256 = serializers.CharField()
+    received = serializers.IntegerField()
+
+
+class UploadSerializer(serializers.ModelSerializer):
+    files = UploadFileSerializer(many=True)
+    chunk_max_bytes = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Upload
+        fields = ["id", "kind", "name", "description", "files", "size_bytes", "chunk_max_bytes", "created_at"]
+        read_only_fields = fields
+
+    def get_chunk_max_bytes(self, obj) -> int:
+        return uploads.CHUNK_MAX_BYTES
+
+
+class DeclaredFileInput(StrictSerializer):
+    path = serializers.CharField(max_length=300)
+    size = serializers.IntegerField(min_value=0)
+    sha256 = serializers.RegexField(uploads.SHA256_RE, help_text="64 lowercase hex digits")
+
+
+class UploadListApi(APIView):
+    write_scope = Scope.ENVS_WRITE
+
+    class StartInput(StrictSerializer):
+        kind = serializers.ChoiceField(choices=Upload.Kind.choices)
+        name = serializers.CharField(max_length=64)
+        description = serializers.CharField(max_length=500, required=False, allow_blank=True)
+        files = DeclaredFileInput(many=True)
+
+    @extend_schema(
+        operation_id="uploads_start",
+        request=StartInput,
+        responses={201: UploadSerializer, 400: ErrorSerializer},
+        description="Open a resumable upload of a model directory or a dataset; refused at once if its files "
+        "cannot make one (pickle weights, code, a missing config, tokenizer or safetensors) or if it would "
+        "pass the organization's REGISTRY_MAX_BYTES.",
+    )
+    def post(self, request):
+        tenant = tenant_of(request)
+        body = self.StartInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        d = body.validated_data
+        files = uploads.declared_files([dict(f) for f in d["files"]])
+        start = (
+            model_registry.model_upload_start
+            if d["kind"] == Upload.Kind.MODEL
+            else dataset_registry.dataset_upload_start
+        )
+        upload = start(
+            organization=tenant.organization,
+            user=request.user,
+            name=d["name"],
+            files=files,
+            description=d.get("description", ""),
+        )
+        return Response(UploadSerializer(upload).data, status=status.HTTP_201_CREATED)
+
+
+class UploadDetailApi(APIView):
+    read_scope = Scope.ENVS_WRITE
+    write_scope = Scope.ENVS_WRITE
+
+    @extend_schema(
+        operation_id="uploads_get",
+        responses={200: UploadSerializer},
+        description="How much of each file arrived.",
+    )
+    def get(self, request, upload_id: str):
+        upload = uploads.upload_get(tenant_of(request).organization, upload_id)
+        return Response(UploadSerializer(upload).data)
+
+    @extend_schema(
+        operation_id="uploads_abort", responses={204: None}, description="Drop the upload and its bytes."
+    )
+    def delete(self, request, upload_id: str):
+        upload = uploads.upload_get(tenant_of(request).organization, upload_id)
+        uploads.upload_discard(upload)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class UploadChunkApi(APIView):
+    write_scope = Scope.ENVS_WRITE
+    parser_classes = [ChunkParser]
+
+    @extend_schema(
+        operation_id="uploads_chunk",
+        parameters=[
+            OpenApiParameter("offset", OpenApiTypes.INT, required=True, description="Where it goes.")
+        ],
+        request={"application/octet-stream": OpenApiTypes.BINARY},
+        responses={200: UploadSerializer, 409: ErrorSerializer, 413: ErrorSerializer},
+        description="Append one chunk to file `index` at `offset` (what arrived of it so far).",
+    )
+    def put(self, request, upload_id: str, index: int):
+        upload = uploads.upload_get(tenant_of(request).organization, upload_id)
+        try:
+            offset = int(request.query_params.get("offset", ""))
+        except ValueError:
+            raise DomainError("offset: a number of bytes is required", field="offset") from None
+        data = request.data if isinstance(request.data, bytes) else b""
+        upload = uploads.upload_chunk(upload, index=index, offset=offset, data=data)
+        return Response(UploadSerializer(upload).data)
+
+
+# --- models and datasets ------------------------------------------------------------------------------------
+
+
+class ModelVersionSerializer(serializers.ModelSerializer):
+    ref = serializers.SerializerMethodField()
+    uploaded_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
+    files = serializers.JSONField()
+    info = serializers.JSONField()
+
+    class Meta:
+        model = ModelVersion
+        fields = [
+            "ref",
+            "version",
+            "status",
+            "validation_error",
+            "info",
+            "files",
+            "size_bytes",
+            "uploaded_by",
+            "created_at",
+            "validated_at",
+        ]
+        read_only_fields = fields
+
+    def get_ref(self, obj) -> str:
+        return f"{obj.model.organization.slug}/{obj.model.name}@{obj.version}"
+
+
+class ModelSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="organization.slug")
+    versions = ModelVersionSerializer(many=True)
+
+    class Meta:
+        model = RegisteredModel
+        fields = ["owner", "name", "description", "versions", "created_at", "updated_at"]
+        read_only_fields = fields
+
+
+class DatasetVersionSerializer(serializers.ModelSerializer):
+    ref = serializers.SerializerMethodField()
+    uploaded_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
+    files = serializers.JSONField()
+    columns = serializers.JSONField()
+    preview = serializers.JSONField()
+
+    class Meta:
+        model = DatasetVersion
+        fields = [
+            "ref",
+            "version",
+            "format",
+            "num_rows",
+            "columns",
+            "preview",
+            "files",
+            "size_bytes",
+            "uploaded_by",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_ref(self, obj) -> str:
+        return f"{obj.dataset.organization.slug}/{obj.dataset.name}@{obj.version}"
+
+
+class DatasetSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="organization.slug")
+    versions = DatasetVersionSerializer(many=True)
+
+    class Meta:
+        model = RegisteredDataset
+        fields = ["owner", "name", "description", "versions", "created_at", "updated_at"]
+        read_only_fields = fields
+
+
+class CompleteOutput(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=Upload.Kind.choices)
+    ref = serializers.CharField()
+    model = ModelVersionSerializer(allow_null=True)
+    dataset = DatasetVersionSerializer(allow_null=True)
+
+
+class UploadCompleteApi(APIView):
+    write_scope = Scope.ENVS_WRITE
+
+    @extend_schema(
+        operation_id="uploads_complete",
+        request=None,
+        responses={201: CompleteOutput, 400: ErrorSerializer},
+        description="Check the uploaded files and store them as the next version (`owner/name@N`); a model "
+        "is then validated in the sandbox (its `status`). A refusal deletes the upload: nothing is stored.",
+    )
+    def post(self, request, upload_id: str):
+        upload = uploads.upload_get(tenant_of(request).organization, upload_id)
+        if upload.kind == Upload.Kind.MODEL:
+            version = model_registry.model_upload_complete(upload)
+            version.refresh_from_db()
+            out = {"kind": "model", "model": ModelVersionSerializer(version).data, "dataset": None}
+            out["ref"] = out["model"]["ref"]
+        else:
+            dversion = dataset_registry.dataset_upload_complete(upload)
+            out = {"kind": "dataset", "model": None, "dataset": DatasetVersionSerializer(dversion).data}
+            out["ref"] = out["dataset"]["ref"]
+        return Response(out, status=status.HTTP_201_CREATED)
+
+
+class ModelListApi(APIView):
+    read_scope = Scope.ENVS_READ
+
+    @extend_schema(
+        operation_id="org_models_list",
+        responses={200: ModelSerializer(many=True)},
+        description="Your organization's registry models with their versions (use one as `model.base`: "
+        "`owner/name@N` or `owner/name@latest`, a valid version).",
+    )
+    def get(self, request):
+        models = model_registry.model_list(tenant_of(request).organization).select_related("organization")
+        return Response(ModelSerializer(models, many=True).data)
+
+
+class ModelDetailApi(APIView):
+    read_scope = Scope.ENVS_READ
+
+    @extend_schema(operation_id="org_models_get", responses={200: ModelSerializer})
+    def get(self, request, name: str):
+        return Response(ModelSerializer(model_registry.model_get(tenant_of(request).organization, name)).data)
+
+
+class DatasetListApi(APIView):
+    read_scope = Scope.ENVS_READ
+
+    @extend_schema(
+        operation_id="org_datasets_list",
+        responses={200: DatasetSerializer(many=True)},
+        description="Your organization's datasets with their versions and previews (use one as "
+        "`dataset.uri`: `owner/name@N` or `owner/name@latest`).",
+    )
+    def get(self, request):
+        datasets = dataset_registry.dataset_list(tenant_of(request).organization).select_related(
+            "organization"
+        )
+        return Response(DatasetSerializer(datasets, many=True).data)
+
+
+class DatasetDetailApi(APIView):
+    read_scope = Scope.ENVS_READ
+
+    @extend_schema(operation_id="org_datasets_get", responses={200: DatasetSerializer})
+    def get(self, request, name: str):
+        dataset = dataset_registry.dataset_get(tenant_of(request).organization, name)
+        return Response(DatasetSerializer(dataset).data)

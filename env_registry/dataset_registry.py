@@ -1,0 +1,187 @@
+"""An organization's datasets: one JSONL or Parquet file, or a directory saved by Hugging Face `datasets`
+(`Dataset.save_to_disk`: dataset_info.json, state.json, data-*.arrow), uploaded with the resumable protocol
+(env_registry/uploads.py), read with pyarrow (never executed: no loading scripts) for the preview, and stored
+as numbered versions at `<org prefix>/datasets/<name>/<version>`. Jobs name them as `dataset.ref`
+(`owner/name@2`), resolved at submission to that version's directory; the runtime loads it with `datasets`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from django.db import transaction
+from django.db.models import Max
+
+from env_registry import uploads
+from env_registry.model_files import PATH_RE, DeclaredFile
+from env_registry.models import DatasetVersion, RegisteredDataset, Upload
+from opentinker.spec import ModelRef
+from portal import storage
+from portal.errors import DomainError, NotFound
+from portal.models import Organization
+from portal.services.model_refs import ResolvedModel
+
+PREVIEW_ROWS = 5
+PREVIEW_VALUE_CHARS = 300
+HF_FILES = ("dataset_info.json", "state.json")
+ARROW_RE = re.compile(r"^data-\d{5}-of-\d{5}\.arrow$")
+
+
+class DatasetFilesError(ValueError):
+    pass
+
+
+def dataset_format(files: list[DeclaredFile]) -> str:
+    """jsonl, parquet or hf, from the file list; anything else is refused with the reason."""
+    paths = [f.path for f in files]
+    for p in paths:
+        if not PATH_RE.match(p) or "/" in p:
+            raise DatasetFilesError(
+                f"{p!r}: a dataset's files are plain names (letters, digits, '.', '_', '-')"
+            )
+    if len(paths) == 1 and paths[0].endswith((".jsonl", ".parquet")):
+        return "jsonl" if paths[0].endswith(".jsonl") else "parquet"
+    names = set(paths)
+    arrows = [p for p in paths if ARROW_RE.match(p)]
+    if set(HF_FILES) <= names and arrows and names == set(HF_FILES) | set(arrows):
+        return "hf"
+    raise DatasetFilesError(
+        "a dataset is one .jsonl or .parquet file, or a directory saved by datasets' save_to_disk "
+        "(dataset_info.json, state.json and data-NNNNN-of-NNNNN.arrow files, nothing else)"
+    )
+
+
+def _cut(value: Any) -> Any:
+    text = json.dumps(value, default=str)
+    return value if len(text) <= PREVIEW_VALUE_CHARS else text[:PREVIEW_VALUE_CHARS] + "…"
+
+
+def dataset_inspect(root: Path, fmt: str) -> dict[str, Any]:
+    """Columns, row count and the first rows, read with pyarrow; an unreadable file is refused."""
+    import pyarrow as pa  # lazy: only this path needs it
+    import pyarrow.json as pa_json
+    import pyarrow.parquet as pq
+
+    try:
+        if fmt == "parquet":
+            path = next(root.glob("*.parquet"))
+            meta = pq.read_metadata(path)
+            table = pq.ParquetFile(path).read_row_group(0) if meta.num_row_groups else None
+            schema, num_rows = pq.read_schema(path), meta.num_rows
+        elif fmt == "jsonl":
+            table = pa_json.read_json(next(root.glob("*.jsonl")))
+            schema, num_rows = table.schema, table.num_rows
+        else:
+            tables = []
+            for f in sorted(root.glob("data-*.arrow")):
+                with pa.memory_map(str(f)) as src:
+                    tables.append(pa.ipc.open_stream(src).read_all())
+            table = pa.concat_tables(tables)
+            schema, num_rows = table.schema, table.num_rows
+    except (pa.ArrowException, OSError, StopIteration, ValueError) as e:
+        raise DatasetFilesError(f"the {fmt} data cannot be read: {e}") from None
+    if num_rows == 0:
+        raise DatasetFilesError("the dataset has no rows")
+    rows = table.slice(0, PREVIEW_ROWS).to_pylist() if table is not None else []
+    return {
+        "num_rows": int(num_rows),
+        "columns": [{"name": f.name, "type": str(f.type)} for f in schema],
+        "preview": [{k: _cut(v) for k, v in row.items()} for row in rows],
+    }
+
+
+def dataset_upload_start(
+    *, organization: Organization, user, name: str, files: list[DeclaredFile], description=""
+):
+    try:
+        dataset_format(files)
+    except DatasetFilesError as e:
+        raise DomainError(str(e), field="files") from None
+    return uploads.upload_start(
+        organization=organization,
+        user=user,
+        kind=Upload.Kind.DATASET,
+        name=name,
+        files=files,
+        description=description,
+    )
+
+
+def dataset_upload_complete(upload: Upload) -> DatasetVersion:
+    """Read the uploaded data and store it as the dataset's next version; a refusal deletes the upload."""
+    uploads.upload_check_arrived(upload)
+    files = [DeclaredFile(f["path"], f["size"], f["sha256"]) for f in upload.files]
+    root: Path | None = None
+    try:
+        fmt = dataset_format(files)
+        root = uploads.upload_assemble(upload)
+        info = dataset_inspect(root, fmt)
+    except (DatasetFilesError, DomainError) as e:
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+        uploads.upload_discard(upload)
+        raise DomainError(str(e), field="files") from None
+    organization = upload.organization
+    published = None
+    try:
+        with transaction.atomic():
+            dataset, _ = RegisteredDataset.objects.get_or_create(
+                organization=organization, name=upload.name, defaults={"description": upload.description}
+            )
+            dataset = RegisteredDataset.objects.select_for_update().get(pk=dataset.pk)
+            number = (dataset.versions.aggregate(n=Max("version"))["n"] or 0) + 1
+            prefix = storage.organization_prefix(organization.slug)
+            uri = storage.file_uri(prefix, f"datasets/{dataset.name}/{number}")
+            version = DatasetVersion.objects.create(
+                dataset=dataset,
+                version=number,
+                format=fmt,
+                uri=uri,
+                files=[{k: f[k] for k in ("path", "size", "sha256")} for f in upload.files],
+                size_bytes=upload.size_bytes,
+                uploaded_by=upload.user,
+                **info,
+            )
+            Upload.objects.filter(pk=upload.pk).delete()
+            storage.store().publish_dir(root, uri)
+            published = uri
+    except BaseException:
+        if published:
+            storage.store().remove_dir(published)
+        raise
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    uploads.upload_discard(upload)
+    return version
+
+
+def dataset_list(organization: Organization):
+    return RegisteredDataset.objects.filter(organization=organization).prefetch_related("versions")
+
+
+def dataset_get(organization: Organization, name: str) -> RegisteredDataset:
+    dataset = dataset_list(organization).filter(name=name).first()
+    if dataset is None:
+        raise NotFound(f"no dataset {organization.slug}/{name} in your organization")
+    return dataset
+
+
+class DatasetResolver:
+    """portal.services.model_refs' DatasetResolver: `owner/name@version` -> that version's directory."""
+
+    def resolve(self, organization: Organization, ref: ModelRef) -> ResolvedModel:
+        if ref.owner != organization.slug:
+            raise NotFound(f"no dataset {ref.owner}/{ref.name} in your organization")
+        dataset = dataset_get(organization, ref.name)
+        versions = list(dataset.versions.all())
+        if ref.version == "latest":
+            found = max(versions, key=lambda v: v.version, default=None)
+        else:
+            found = next((v for v in versions if str(v.version) == ref.version), None)
+        if found is None:
+            raise NotFound(f"{ref.owner}/{ref.name} has no version {ref.version}")
+        return ResolvedModel(ref=f"{ref.owner}/{ref.name}@{found.version}", uri=found.uri)

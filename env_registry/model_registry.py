@@ -1,0 +1,219 @@
+"""An organization's model registry: completing a model upload, validating it in the sandbox, reading it,
+and resolving `owner/name@version` for a job's `model.base`.
+
+Completing checks the assembled files (env_registry/model_files.py: kinds of file, no remote code, the
+safetensors headers) and refuses with the reason, deleting the upload, before anything is stored. A version
+that passes is published at `<org prefix>/models/<name>/<version>` (numbered 1, 2, ... per model) and left
+`pending` until `gpu_runtime/model_check.py` ran in the sandbox (the web tier never imports transformers or
+torch): inline or in a Celery task, as ENV_VALIDATION_MODE says for environment packages. Jobs may use only
+a `valid` version. Models are private to their organization (there is no public model marketplace yet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Max
+from django.utils import timezone
+
+from env_registry import uploads
+from env_registry.model_files import DeclaredFile, ModelFilesError, contents_check, files_check
+from env_registry.models import ModelVersion, RegisteredModel, Upload, ValidationStatus
+from opentinker.env.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
+from opentinker.spec import ModelRef
+from portal import storage
+from portal.errors import DomainError, NotFound
+from portal.models import Organization
+from portal.services.enqueue import enqueue
+from portal.services.model_refs import ResolvedModel
+
+log = logging.getLogger(__name__)
+_ERROR_MAX = 2000
+# Loading transformers and torch in the sandbox takes seconds and more address space than an environment.
+CHECK_LIMITS = SandboxLimits(
+    cpu_s=300, memory_mb=8192, file_mb=64, open_files=256, max_processes=64, call_timeout_s=300
+)
+
+
+def model_upload_start(
+    *, organization: Organization, user, name: str, files: list[DeclaredFile], description=""
+):
+    try:
+        files_check(files)
+    except ModelFilesError as e:
+        raise DomainError(str(e), field="files") from None
+    return uploads.upload_start(
+        organization=organization,
+        user=user,
+        kind=Upload.Kind.MODEL,
+        name=name,
+        files=files,
+        description=description,
+    )
+
+
+def model_upload_complete(upload: Upload) -> ModelVersion:
+    """Check the uploaded files and store them as the model's next version (pending validation); a refusal
+    deletes the upload and leaves nothing stored."""
+    uploads.upload_check_arrived(upload)
+    files = [DeclaredFile(f["path"], f["size"], f["sha256"]) for f in upload.files]
+    root: Path | None = None
+    try:
+        root = uploads.upload_assemble(upload)
+        info = contents_check(root, files)
+    except (ModelFilesError, DomainError) as e:
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+        # Refused (or the bytes do not match): nothing of it stays; the client starts over.
+        uploads.upload_discard(upload)
+        raise DomainError(str(e), field="files") from None
+    organization = upload.organization
+    published = None
+    try:
+        with transaction.atomic():
+            model, _ = RegisteredModel.objects.get_or_create(
+                organization=organization, name=upload.name, defaults={"description": upload.description}
+            )
+            model = RegisteredModel.objects.select_for_update().get(pk=model.pk)  # numbers one at a time
+            number = (model.versions.aggregate(n=Max("version"))["n"] or 0) + 1
+            uri = storage.file_uri(
+                storage.organization_prefix(organization.slug), f"models/{model.name}/{number}"
+            )
+            version = ModelVersion.objects.create(
+                model=model,
+                version=number,
+                uri=uri,
+                files=[{k: f[k] for k in ("path", "size", "sha256")} for f in upload.files],
+                size_bytes=upload.size_bytes,
+                info=info,
+                uploaded_by=upload.user,
+            )
+            Upload.objects.filter(pk=upload.pk).delete()
+            storage.store().publish_dir(root, uri)
+            published = uri
+    except BaseException:
+        if published:  # the commit failed after the files went in: take them out again
+            storage.store().remove_dir(published)
+        raise
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    uploads.upload_discard(upload)  # the chunks (the row went with the version's transaction)
+    model_validation_start(version)
+    return version
+
+
+# --- validation in the sandbox ------------------------------------------------------------------------------
+
+
+def model_validation_start(version: ModelVersion) -> None:
+    if settings.ENV_VALIDATION_MODE == "celery":
+        enqueue("env_registry.validate_model_version", version.pk, expires=3600)
+        return
+    with contextlib.suppress(SandboxUnavailable):  # stays pending with its reason; a task may retry
+        model_validate(version.pk)
+    version.refresh_from_db()
+
+
+def _checker_source() -> Path:
+    # Found on disk, never imported: the web tier does not import gpu_runtime (find_spec of a top-level
+    # package locates it without running it).
+    spec = importlib.util.find_spec("gpu_runtime")
+    if spec is None or spec.origin is None:
+        raise SandboxUnavailable("gpu_runtime is not installed here: models cannot be validated on this host")
+    return Path(spec.origin).parent / "model_check.py"
+
+
+def model_check_in_sandbox(model_dir: Path) -> dict:
+    """Run gpu_runtime/model_check.py on `model_dir` in the sandbox; its report, or SandboxError (why)."""
+    with tempfile.TemporaryDirectory(prefix="otk-model-check-") as tmp:
+        pkg = Path(tmp) / "pkg"
+        pkg.mkdir()
+        shutil.copyfile(_checker_source(), pkg / "model_check.py")
+        shutil.copytree(model_dir, pkg / "model")
+        with Sandbox(
+            "model_check:ModelCheck", {"model_dir": "/package/model"}, package_dir=pkg, limits=CHECK_LIMITS
+        ) as sb:
+            return sb.call("reset", 0)
+
+
+def model_validate(version_id: int) -> ModelVersion | None:
+    """Validate a pending version in the sandbox; idempotent (acts on pending only, verdict written once)."""
+    version = ModelVersion.objects.select_related("model__organization").filter(pk=version_id).first()
+    if version is None or version.status != ValidationStatus.PENDING:
+        return version
+    local = storage.store().download_dir(version.uri)
+    report: dict = {}
+    try:
+        report = model_check_in_sandbox(local)
+    except SandboxUnavailable as e:
+        log.error("model %s not validated: %s", version, e)
+        ModelVersion.objects.filter(pk=version.pk, status=ValidationStatus.PENDING).update(
+            validation_error=f"not validated yet: {e}"[:_ERROR_MAX]
+        )
+        raise
+    except Exception as e:  # the model's fault: its reason for being invalid
+        # "reset raised ValueError: <why>" -> "<why>": the checker's reasons are written for people.
+        error = str(e).removeprefix("reset raised ").removeprefix("ValueError: ") or type(e).__name__
+        status = ValidationStatus.INVALID
+    else:
+        error, status = "", ValidationStatus.VALID
+    finally:
+        if not version.uri.startswith("file://"):
+            shutil.rmtree(local, ignore_errors=True)
+    ModelVersion.objects.filter(pk=version.pk, status=ValidationStatus.PENDING).update(
+        status=status,
+        validation_error=error[:_ERROR_MAX],
+        validated_at=timezone.now(),
+        info={**version.info, **report},
+    )
+    version.refresh_from_db()
+    log.info("model %s validated: %s %s", version, version.status, version.validation_error)
+    return version
+
+
+# --- reads --------------------------------------------------------------------------------------------------
+
+
+def model_list(organization: Organization):
+    return RegisteredModel.objects.filter(organization=organization).prefetch_related("versions")
+
+
+def model_get(organization: Organization, name: str) -> RegisteredModel:
+    model = model_list(organization).filter(name=name).first()
+    if model is None:
+        raise NotFound(f"no model {organization.slug}/{name} in your organization")
+    return model
+
+
+def model_version_get(model: RegisteredModel, version: str) -> ModelVersion:
+    versions = list(model.versions.all())
+    if version == "latest":
+        valid = [v for v in versions if v.status == ValidationStatus.VALID]
+        if not valid:
+            raise NotFound(f"{model} has no valid version yet")
+        return max(valid, key=lambda v: v.version)
+    found = next((v for v in versions if str(v.version) == version), None)
+    if found is None:
+        raise NotFound(f"{model} has no version {version}")
+    return found
+
+
+class ModelResolver:
+    """The registry's implementation of portal.services.model_refs.ModelResolver."""
+
+    def resolve(self, organization: Organization, ref: ModelRef) -> ResolvedModel:
+        if ref.owner != organization.slug:
+            # Models are private to their organization: another's is as absent as a missing one.
+            raise NotFound(f"no model {ref.owner}/{ref.name} in your organization")
+        version = model_version_get(model_get(organization, ref.name), ref.version)
+        if version.status != ValidationStatus.VALID:
+            why = f": {version.validation_error}" if version.validation_error else ""
+            raise NotFound(f"{ref.owner}/{ref.name}@{version.version} is {version.status}, not valid{why}")
+        return ResolvedModel(ref=f"{ref.owner}/{ref.name}@{version.version}", uri=version.uri)

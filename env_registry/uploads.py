@@ -1,0 +1,191 @@
+"""Resumable chunked uploads into an organization's model and dataset registries.
+
+`upload_start` takes the file list (path, size, sha256) and refuses a bad one before any byte arrives (names,
+kinds of file, sizes against the organization's REGISTRY_MAX_BYTES). `upload_chunk` appends one chunk at the
+offset the server expects: a client that lost its connection asks `upload_get` how much of each file arrived
+and goes on from there. Each chunk is one object under `<org prefix>/uploads/<id>/`. `upload_assemble` puts
+the files together in a local directory, checking every size and sha256; the registry that completes the
+upload (models, datasets) checks the contents and stores a version. A refusal at any point deletes the upload
+row and its chunks: nothing of it stays.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Sum
+
+from env_registry.model_files import MAX_FILES, DeclaredFile
+from env_registry.models import DatasetVersion, ModelVersion, Upload
+from env_registry.selectors import NAME_RE
+from portal import storage
+from portal.errors import Conflict, DomainError, NotFound
+from portal.models import Organization
+
+CHUNK_MAX_BYTES = 8 * 1024 * 1024  # one request's body; the client splits bigger files
+SHA256_RE = r"^[0-9a-f]{64}$"
+
+
+def _chunks_prefix(upload: Upload) -> str:
+    return storage.file_uri(storage.organization_prefix(upload.organization.slug), f"uploads/{upload.id}")
+
+
+def registry_bytes_used(organization: Organization, *, excluding: Upload | None = None) -> int:
+    """What the organization's models, datasets and open uploads take (against REGISTRY_MAX_BYTES)."""
+    models = ModelVersion.objects.filter(model__organization=organization).aggregate(n=Sum("size_bytes"))["n"]
+    datasets = DatasetVersion.objects.filter(dataset__organization=organization).aggregate(
+        n=Sum("size_bytes")
+    )["n"]
+    open_uploads = Upload.objects.filter(organization=organization)
+    if excluding is not None:
+        open_uploads = open_uploads.exclude(pk=excluding.pk)
+    pending = open_uploads.aggregate(n=Sum("size_bytes"))["n"]
+    return int(models or 0) + int(datasets or 0) + int(pending or 0)
+
+
+def declared_files(raw: list[dict[str, Any]]) -> list[DeclaredFile]:
+    import re
+
+    if not isinstance(raw, list) or not raw:
+        raise DomainError("files: list each file with its path, size and sha256", field="files")
+    if len(raw) > MAX_FILES:
+        raise DomainError(f"at most {MAX_FILES} files in one upload", field="files")
+    out = []
+    for i, f in enumerate(raw):
+        path, size, digest = f.get("path"), f.get("size"), f.get("sha256")
+        if not isinstance(path, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise DomainError(f"files[{i}]: path (text) and size (bytes, >= 0) are required", field="files")
+        if not isinstance(digest, str) or not re.match(SHA256_RE, digest):
+            raise DomainError(f"files[{i}]: sha256 must be 64 lowercase hex digits", field="files")
+        out.append(DeclaredFile(path=path, size=size, sha256=digest))
+    return out
+
+
+def upload_start(
+    *,
+    organization: Organization,
+    user,
+    kind: str,
+    name: str,
+    files: list[DeclaredFile],
+    description: str = "",
+) -> Upload:
+    """Open an upload after checking what it will hold; the caller checked the kinds of file."""
+    if not NAME_RE.match(name or ""):
+        raise DomainError("name is 1-64 lowercase letters, digits, '-' or '_'", field="name")
+    total = sum(f.size for f in files)
+    with transaction.atomic():
+        # One organization's uploads start one at a time, so two cannot both take the last free bytes.
+        Organization.objects.select_for_update().get(pk=organization.pk)
+        limit = settings.REGISTRY_MAX_BYTES
+        used = registry_bytes_used(organization)
+        if used + total > limit:
+            raise DomainError(
+                f"the upload is {total} bytes; your organization's models and datasets may take {limit} "
+                f"bytes and {used} are in use (REGISTRY_MAX_BYTES)",
+                field="files",
+            )
+        return Upload.objects.create(
+            id=uuid.uuid4(),
+            organization=organization,
+            user=user,
+            kind=kind,
+            name=name,
+            description=description[:500],
+            files=[{"path": f.path, "size": f.size, "sha256": f.sha256, "received": 0} for f in files],
+            size_bytes=total,
+        )
+
+
+def upload_get(organization: Organization, upload_id: str) -> Upload:
+    try:
+        key = uuid.UUID(str(upload_id))
+    except ValueError:
+        raise NotFound("no such upload") from None
+    upload = Upload.objects.select_related("organization").filter(pk=key, organization=organization).first()
+    if upload is None:
+        raise NotFound("no such upload")
+    return upload
+
+
+def upload_chunk(upload: Upload, *, index: int, offset: int, data: bytes) -> Upload:
+    """Append `data` to file `index` at `offset`, which must be what arrived of it so far (409 otherwise,
+    saying where to go on)."""
+    with transaction.atomic():
+        locked = Upload.objects.select_for_update().select_related("organization").get(pk=upload.pk)
+        if not 0 <= index < len(locked.files):
+            raise NotFound(f"the upload has no file {index}")
+        entry = locked.files[index]
+        if offset != entry["received"]:
+            raise Conflict(
+                f"{entry['path']}: {entry['received']} bytes arrived so far; "
+                f"send from offset {entry['received']}",
+                field="offset",
+            )
+        if offset + len(data) > entry["size"]:
+            raise DomainError(
+                f"{entry['path']} was declared as {entry['size']} bytes; this chunk would make it "
+                f"{offset + len(data)}",
+                field="offset",
+            )
+        if not data:
+            raise DomainError("an empty chunk", field="body")
+        uri = storage.file_uri(_chunks_prefix(locked), f"{index}/{offset:015d}")
+        storage.store().put(uri, data)
+        entry["received"] = offset + len(data)
+        locked.save(update_fields=["files", "updated_at"])
+        return locked
+
+
+def upload_missing(upload: Upload) -> list[str]:
+    return [f["path"] for f in upload.files if f["received"] != f["size"]]
+
+
+def upload_check_arrived(upload: Upload) -> None:
+    """Refuse to complete an upload that lacks bytes (it stays open: the client goes on with it)."""
+    missing = upload_missing(upload)
+    if missing:
+        raise DomainError(f"not all bytes arrived yet: {', '.join(missing[:5])}", field="files")
+
+
+def upload_assemble(upload: Upload) -> Path:
+    """A new local directory with the upload's files, each size and sha256 checked (the caller removes it)."""
+    upload_check_arrived(upload)
+    root = Path(tempfile.mkdtemp(prefix="otk-upload-"))
+    try:
+        prefix = _chunks_prefix(upload)
+        store = storage.store()
+        for index, entry in enumerate(upload.files):
+            target = root / entry["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            h = sha256()
+            with target.open("wb") as out:
+                offset = 0
+                while offset < entry["size"]:
+                    data = store.get(storage.file_uri(prefix, f"{index}/{offset:015d}"))
+                    h.update(data)
+                    out.write(data)
+                    offset += len(data)
+            if h.hexdigest() != entry["sha256"]:
+                raise DomainError(
+                    f"{entry['path']}: the bytes received have sha256 {h.hexdigest()}, not the declared "
+                    f"{entry['sha256']}",
+                    field="files",
+                )
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return root
+
+
+def upload_discard(upload: Upload) -> None:
+    """Delete the upload's row and chunks (abort, refusal or completion)."""
+    Upload.objects.filter(pk=upload.pk).delete()
+    storage.store().remove_dir(_chunks_prefix(upload))

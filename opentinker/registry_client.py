@@ -1,0 +1,164 @@
+"""Pushing a model directory or a dataset into the organization's registry, resumably.
+
+The server's protocol (api/views/registry.py): declare the files (path, size, sha256), send each file in
+chunks at the offset the server expects, complete. A chunk that fails in transit (connection lost, timeout,
+a 5xx) is retried from what the server says arrived (`GET /org/uploads/{id}`), so nothing is sent twice and
+an interrupted push goes on with `upload_id` where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from opentinker.errors import ApiConnectionError, OpenTinkerError
+
+if TYPE_CHECKING:
+    from opentinker.client import Client
+
+RETRIES = 5
+# Not part of a model or dataset: left out of a push (editor and OS droppings, git).
+SKIPPED = (".git", ".DS_Store", "__pycache__")
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    path: str  # relative, with '/'
+    local: Path
+    size: int
+    sha256: str
+
+
+def scan(directory: str | os.PathLike[str]) -> list[LocalFile]:
+    """The files to push: a directory's files (two levels at most, as the server takes), or one file."""
+    root = Path(directory)
+    if root.is_file():
+        items = [(root.name, root)]
+    elif root.is_dir():
+        items = sorted(
+            (p.relative_to(root).as_posix(), p)
+            for p in root.rglob("*")
+            if p.is_file()
+            and not any(part in SKIPPED or part.startswith(".") for part in p.relative_to(root).parts)
+        )
+    else:
+        raise OpenTinkerError(f"{directory}: no such file or directory", code="usage")
+    out = []
+    for rel, p in items:
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        out.append(LocalFile(rel, p, p.stat().st_size, h.hexdigest()))
+    if not out:
+        raise OpenTinkerError(f"{directory}: nothing to push", code="usage")
+    return out
+
+
+class RegistryAPI:
+    """``client.registry``: push and list the organization's models and datasets."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def models(self) -> list[dict[str, Any]]:
+        return list(self._c._call("GET", "/org/models"))
+
+    def model(self, name: str) -> dict[str, Any]:
+        return dict(self._c._call("GET", f"/org/models/{name}"))
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return list(self._c._call("GET", "/org/datasets"))
+
+    def dataset(self, name: str) -> dict[str, Any]:
+        return dict(self._c._call("GET", f"/org/datasets/{name}"))
+
+    def push(
+        self,
+        kind: str,
+        name: str,
+        directory: str | os.PathLike[str],
+        *,
+        description: str = "",
+        upload_id: str | None = None,
+        on_file: Callable[[str, int], object] | None = None,
+        on_bytes: Callable[[int], object] | None = None,
+        on_file_done: Callable[[str, int], object] | None = None,
+    ) -> dict[str, Any]:
+        """Upload ``directory`` (a model directory, or a dataset file or directory) as the next version of
+        ``name``; returns the server's answer (``ref``, and the version). ``upload_id`` resumes an upload."""
+        files = scan(directory)
+        if upload_id is None:
+            body = {
+                "kind": kind,
+                "name": name,
+                "description": description,
+                "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in files],
+            }
+            upload = self._c._call("POST", "/org/uploads", json=body)
+        else:
+            upload = self._c._call("GET", f"/org/uploads/{upload_id}")
+        uid, chunk = upload["id"], int(upload["chunk_max_bytes"])
+        by_path = {f.path: f for f in files}
+        for index, entry in enumerate(upload["files"]):
+            local = by_path.get(entry["path"])
+            if local is None or local.sha256 != entry["sha256"]:
+                raise OpenTinkerError(f"{entry['path']} changed since the upload began", code="conflict")
+            if on_file is not None:
+                on_file(local.path, local.size)
+            offset = int(entry["received"])
+            if on_bytes is not None and offset:
+                on_bytes(offset)
+            failures = 0
+            with local.local.open("rb") as fh:
+                while offset < local.size:
+                    fh.seek(offset)
+                    data = fh.read(chunk)
+                    try:
+                        self._put_chunk(uid, index, offset, data)
+                    except (ApiConnectionError, _Retry) as e:
+                        failures += 1
+                        if failures > RETRIES:
+                            raise OpenTinkerError(
+                                f"{local.path}: upload keeps failing ({e}); resume with --resume {uid}",
+                                code="connection_error",
+                            ) from None
+                        now = self._c._call("GET", f"/org/uploads/{uid}")["files"][index]["received"]
+                        if on_bytes is not None and now != offset:
+                            on_bytes(int(now) - offset)
+                        offset = int(now)
+                        continue
+                    offset += len(data)
+                    if on_bytes is not None:
+                        on_bytes(len(data))
+            if on_file_done is not None:
+                on_file_done(local.path, local.size)
+        return dict(self._c._call("POST", f"/org/uploads/{uid}/complete"))
+
+    def _put_chunk(self, uid: str, index: int, offset: int, data: bytes) -> None:
+        from opentinker.client import _raise_for_status
+
+        request = self._c._http.build_request(
+            "PUT",
+            f"/org/uploads/{uid}/files/{index}",
+            params={"offset": offset},
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        try:
+            response = self._c._http.send(request)
+        except httpx.TransportError as exc:
+            raise self._c._connection_error("PUT", request, exc) from None
+        if response.status_code >= 500 or response.status_code == 409:
+            raise _Retry(f"HTTP {response.status_code}")  # ask where to go on, then retry
+        _raise_for_status(response, stream=False)
+
+
+class _Retry(Exception):
+    pass

@@ -1,0 +1,437 @@
+"""An organization's model and dataset registries over the API (three actors): resumable uploads, hostile
+models refused with nothing stored, registry references in job specs, dataset previews.
+
+alice (owner) and bob (member) of acme push and read; charlie (globex) gets 404 for every acme object and
+sees none of them in his lists. Validation in the sandbox is run for real once (test_model_push_validates...);
+elsewhere it is left to Celery (which the test transaction never reaches) and the row is marked valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from env_registry import uploads
+from env_registry.models import DatasetVersion, ModelVersion, RegisteredDataset, RegisteredModel, Upload
+from portal.models import Job
+
+pytestmark = pytest.mark.django_db
+V1 = "/api/v1"
+
+
+# ----------------------------------------------------------------------------------------------------
+# a tiny model directory made with transformers, and tiny datasets
+
+
+def tiny_model_files(seed: int = 0) -> dict[str, bytes]:
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from gpu_runtime.models import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    config = Qwen2Config(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def model_files() -> dict[str, bytes]:
+    return tiny_model_files()
+
+
+def prompt_completion_rows(n: int = 12) -> list[dict[str, str]]:
+    return [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(n)]
+
+
+def parquet_bytes(rows: list[dict]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def store(settings, tmp_path) -> Path:
+    root = tmp_path / "objects"
+    settings.OBJECT_STORE_URL = f"file://{root}"
+    return root
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # Several chunks per weights file, so resuming and ordering are exercised with a tiny model.
+    monkeypatch.setattr(uploads, "CHUNK_MAX_BYTES", 16 * 1024)
+
+
+@pytest.fixture
+def no_inline_validation(settings):
+    settings.ENV_VALIDATION_MODE = "celery"  # enqueued on commit, which a test transaction never reaches
+
+
+def stored_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def declare(files: dict[str, bytes]) -> list[dict]:
+    return [{"path": k, "size": len(v), "sha256": hashlib.sha256(v).hexdigest()} for k, v in files.items()]
+
+
+def start(client, kind: str, name: str, files: dict[str, bytes], declared: list[dict] | None = None):
+    body = {"kind": kind, "name": name, "files": declared if declared is not None else declare(files)}
+    return client.post(f"{V1}/org/uploads", body, format="json")
+
+
+def send_all(client, upload: dict, files: dict[str, bytes]) -> None:
+    chunk = upload["chunk_max_bytes"]
+    for index, entry in enumerate(upload["files"]):
+        data = files[entry["path"]]
+        for offset in range(entry["received"], len(data), chunk):
+            resp = client.put(
+                f"{V1}/org/uploads/{upload['id']}/files/{index}?offset={offset}",
+                data[offset : offset + chunk],
+                content_type="application/octet-stream",
+            )
+            assert resp.status_code == 200, resp.content
+
+
+def push(client, kind: str, name: str, files: dict[str, bytes]):
+    resp = start(client, kind, name, files)
+    assert resp.status_code == 201, resp.content
+    send_all(client, resp.json(), files)
+    return client.post(f"{V1}/org/uploads/{resp.json()['id']}/complete")
+
+
+def error_of(resp) -> str:
+    return resp.json()["error"]["message"]
+
+
+def nothing_stored(store: Path) -> None:
+    assert Upload.objects.count() == 0
+    assert RegisteredModel.objects.count() == 0 and ModelVersion.objects.count() == 0
+    assert RegisteredDataset.objects.count() == 0 and DatasetVersion.objects.count() == 0
+    assert stored_files(store) == []
+
+
+def sft_job(model: str, dataset: str, **dataset_extra) -> dict:
+    return {
+        "kind": "sft",
+        "model": {"base": model},
+        "dataset": {"uri": dataset, **dataset_extra},
+        "algorithm": {
+            "name": "sft",
+            "steps": 2,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "learning_rate": 1e-3,
+        },
+        "checkpoint": {"every_steps": 2, "keep_last": 2},
+        "seed": 1,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# models
+
+
+def test_model_push_validates_in_the_sandbox_and_a_job_uses_it_as_model_base(
+    as_alice, as_bob, as_charlie, store, model_files, small_chunks, settings
+):
+    resp = push(as_alice, "model", "tiny", model_files)
+    assert resp.status_code == 201, resp.content
+    body = resp.json()
+    assert body["kind"] == "model" and body["ref"] == "acme/tiny@1" and body["dataset"] is None
+    version = body["model"]
+    assert version["status"] == "valid", version["validation_error"]
+    info = version["info"]
+    assert (info["model_type"], info["architectures"], info["dtypes"]) == (
+        "qwen2",
+        ["Qwen2ForCausalLM"],
+        ["float32"],
+    )
+    # embeddings 320x32 (tied) + 2 layers (q 32x32+32, k/v 2x(16x32+16), o 32x32, mlp 3x32x64, 2 norms) + norm
+    layer = (32 * 32 + 32) + 2 * (16 * 32 + 16) + 32 * 32 + 3 * 32 * 64 + 2 * 32
+    assert info["parameters"] == 320 * 32 + 2 * layer + 32 == 28960
+    assert info["vocab_size"] == 320 and info["chat_template"] is True
+    assert sorted(f["path"] for f in version["files"]) == sorted(model_files)
+    assert stored_files(store) == sorted(f"orgs/acme/models/tiny/1/{name}" for name in model_files)
+    for name, data in model_files.items():
+        assert (store / "orgs/acme/models/tiny/1" / name).read_bytes() == data
+    assert Upload.objects.count() == 0  # chunks and upload row gone
+
+    # bob (member) pushes the next version (validated by the sandbox once is enough here: marked valid)
+    settings.ENV_VALIDATION_MODE = "celery"
+    resp = push(as_bob, "model", "tiny", model_files)
+    ModelVersion.objects.filter(version=2).update(status="valid")
+    assert resp.status_code == 201 and resp.json()["ref"] == "acme/tiny@2"
+    listed = as_bob.get(f"{V1}/org/models").json()
+    assert [(m["owner"], m["name"], [v["version"] for v in m["versions"]]) for m in listed] == [
+        ("acme", "tiny", [2, 1])
+    ]
+    assert as_charlie.get(f"{V1}/org/models").json() == []
+    assert as_charlie.get(f"{V1}/org/models/tiny").status_code == 404
+
+    # usable as model.base (exact and latest), pinned to the version's files
+    resp = as_alice.post(f"{V1}/jobs", sft_job("acme/tiny@1", "file:///nowhere.jsonl"), format="json")
+    assert resp.status_code == 400  # the dataset is outside acme's storage; the model resolved fine
+    assert "dataset.uri" in json.dumps(resp.json())
+    data_uri = f"file://{store}/orgs/acme/data.jsonl"
+    resp = as_alice.post(f"{V1}/jobs", sft_job("acme/tiny@latest", data_uri), format="json")
+    assert resp.status_code == 201, resp.content
+    spec = Job.objects.get(pk=resp.json()["id"]).spec
+    assert spec["model"]["base"] == f"file://{store}/orgs/acme/models/tiny/2"
+    assert spec["model"]["registry_ref"] == "acme/tiny@2"
+    # charlie cannot name acme's model: as absent as one that never existed
+    resp = as_charlie.post(f"{V1}/jobs", sft_job("acme/tiny@1", data_uri), format="json")
+    assert resp.status_code == 400 and "no model acme/tiny in your organization" in error_of(resp)
+
+
+def test_a_pending_or_invalid_version_is_not_usable(as_alice, store, model_files, no_inline_validation):
+    assert push(as_alice, "model", "tiny", model_files).json()["model"]["status"] == "pending"
+    data_uri = f"file://{store}/orgs/acme/data.jsonl"
+    resp = as_alice.post(f"{V1}/jobs", sft_job("acme/tiny@1", data_uri), format="json")
+    assert resp.status_code == 400 and error_of(resp) == "acme/tiny@1 is pending, not valid"
+    resp = as_alice.post(f"{V1}/jobs", sft_job("acme/tiny@latest", data_uri), format="json")
+    assert resp.status_code == 400 and error_of(resp) == "acme/tiny has no valid version yet"
+    assert Job.objects.count() == 0
+
+
+def test_resume_after_a_lost_chunk_and_the_offset_rule(as_alice, store, model_files, small_chunks):
+    files = {k: v for k, v in model_files.items()}
+    upload = start(as_alice, "model", "tiny", files).json()
+    weights = next(i for i, f in enumerate(upload["files"]) if f["path"] == "model.safetensors")
+    url = f"{V1}/org/uploads/{upload['id']}/files/{weights}"
+    data = files["model.safetensors"]
+    assert (
+        as_alice.put(f"{url}?offset=0", data[:1000], content_type="application/octet-stream").status_code
+        == 200
+    )
+    # a chunk sent twice (the answer was lost) or out of order: 409 naming where to go on
+    resp = as_alice.put(f"{url}?offset=0", data[:1000], content_type="application/octet-stream")
+    assert resp.status_code == 409 and "send from offset 1000" in error_of(resp)
+    resp = as_alice.put(f"{url}?offset=5000", data[5000:6000], content_type="application/octet-stream")
+    assert resp.status_code == 409
+    status = as_alice.get(f"{V1}/org/uploads/{upload['id']}").json()
+    assert [f["received"] for f in status["files"]][weights] == 1000
+    # completing early is refused, and keeps the upload to go on with
+    resp = as_alice.post(f"{V1}/org/uploads/{upload['id']}/complete")
+    assert resp.status_code == 400 and "not all bytes arrived yet" in error_of(resp)
+    send_all(as_alice, status, files)
+    resp = as_alice.post(f"{V1}/org/uploads/{upload['id']}/complete")
+    assert resp.status_code == 201 and resp.json()["ref"] == "acme/tiny@1"
+
+
+def test_outsider_cannot_touch_an_upload(as_alice, as_charlie, store, model_files):
+    upload = start(as_alice, "model", "tiny", model_files).json()
+    base = f"{V1}/org/uploads/{upload['id']}"
+    assert as_charlie.get(base).status_code == 404
+    resp = as_charlie.put(f"{base}/files/0?offset=0", b"x", content_type="application/octet-stream")
+    assert resp.status_code == 404
+    assert as_charlie.post(f"{base}/complete").status_code == 404
+    assert as_charlie.delete(base).status_code == 404
+    assert Upload.objects.get().files[0]["received"] == 0
+    assert as_alice.delete(base).status_code == 204
+    assert Upload.objects.count() == 0 and stored_files(store) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# hostile model uploads: refused with a clear error, nothing stored
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ({"pytorch_model.bin": b"\x80\x04pickle"}, "pytorch_model.bin: pickle weights are never loaded"),
+        ({"weights.pt": b"\x80\x04pickle"}, "weights.pt: pickle weights are never loaded"),
+        ({"modeling_evil.py": b"import os"}, "modeling_evil.py: a model may not carry code"),
+        ({"../escape.json": b"{}"}, "'../escape.json': a file path is at most two names"),
+    ],
+)
+def test_files_that_are_code_or_pickles_are_refused_before_any_byte(as_alice, store, model_files, extra, why):
+    resp = start(as_alice, "model", "tiny", {**model_files, **extra})
+    assert resp.status_code == 400 and error_of(resp).startswith(why), resp.content
+    nothing_stored(store)
+
+
+def test_a_directory_without_safetensors_or_tokenizer_is_refused(as_alice, store, model_files):
+    no_weights = {k: v for k, v in model_files.items() if not k.endswith(".safetensors")}
+    resp = start(as_alice, "model", "tiny", no_weights)
+    assert resp.status_code == 400 and "safetensors only" in error_of(resp)
+    no_tok = {k: v for k, v in model_files.items() if not k.startswith("tokenizer")}
+    resp = start(as_alice, "model", "tiny", no_tok)
+    assert resp.status_code == 400 and error_of(resp).startswith("no tokenizer")
+    nothing_stored(store)
+
+
+@pytest.mark.parametrize(
+    ("config_change", "why"),
+    [
+        ({"auto_map": {"AutoModelForCausalLM": "modeling_evil.Evil"}}, "config.json has 'auto_map'"),
+        ({"trust_remote_code": True}, "config.json has 'trust_remote_code'"),
+        ({"text_config": {"auto_map": {"AutoConfig": "x.Y"}}}, "config.json has 'auto_map'"),
+    ],
+)
+def test_a_config_pointing_at_remote_code_is_refused_and_nothing_stays(
+    as_alice, store, model_files, small_chunks, config_change, why
+):
+    config = {**json.loads(model_files["config.json"]), **config_change}
+    files = {**model_files, "config.json": json.dumps(config).encode()}
+    resp = push(as_alice, "model", "tiny", files)
+    assert resp.status_code == 400 and error_of(resp).startswith(why), resp.content
+    assert "remote code are refused" in error_of(resp)
+    nothing_stored(store)  # the upload's chunks went with it
+
+
+def test_an_oversized_upload_is_refused_before_any_byte(as_alice, store, model_files, settings):
+    total = sum(len(v) for v in model_files.values())
+    settings.REGISTRY_MAX_BYTES = total - 1
+    resp = start(as_alice, "model", "tiny", model_files)
+    assert resp.status_code == 400
+    assert error_of(resp) == (
+        f"the upload is {total} bytes; your organization's models and datasets may take {total - 1} bytes "
+        "and 0 are in use (REGISTRY_MAX_BYTES)"
+    )
+    nothing_stored(store)
+
+
+def test_more_bytes_than_declared_and_oversized_chunks_are_refused(as_alice, store, model_files):
+    upload = start(as_alice, "model", "tiny", model_files).json()
+    index, entry = next((i, f) for i, f in enumerate(upload["files"]) if f["path"] == "config.json")
+    url = f"{V1}/org/uploads/{upload['id']}/files/{index}?offset=0"
+    resp = as_alice.put(url, b"x" * (entry["size"] + 1), content_type="application/octet-stream")
+    assert resp.status_code == 400 and "was declared as" in error_of(resp)
+    too_big = b"x" * (uploads.CHUNK_MAX_BYTES + 1)
+    assert as_alice.put(url, too_big, content_type="application/octet-stream").status_code == 413
+    assert Upload.objects.get().files[index]["received"] == 0
+    as_alice.delete(f"{V1}/org/uploads/{upload['id']}")
+    nothing_stored(store)
+
+
+def test_bytes_that_do_not_match_their_sha256_are_refused_and_nothing_stays(as_alice, store, model_files):
+    declared = declare(model_files)
+    tampered = {**model_files, "config.json": model_files["config.json"].replace(b"qwen2", b"qwen3")}
+    resp = start(as_alice, "model", "tiny", model_files, declared=declared)
+    send_all(as_alice, resp.json(), tampered)
+    resp = as_alice.post(f"{V1}/org/uploads/{resp.json()['id']}/complete")
+    assert resp.status_code == 400 and "config.json: the bytes received have sha256" in error_of(resp)
+    nothing_stored(store)
+
+
+def test_safetensors_with_a_lying_header_or_an_odd_dtype_are_refused(as_alice, store, model_files):
+    header = json.dumps({"w": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}).encode()
+    odd = struct.pack("<Q", len(header)) + header + b"\0" * 16
+    resp = push(as_alice, "model", "tiny", {**model_files, "model.safetensors": odd})
+    assert resp.status_code == 400 and "tensor 'w' is I64" in error_of(resp)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}).encode()
+    short = struct.pack("<Q", len(header)) + header + b"\0" * 16
+    resp = push(as_alice, "model", "tiny", {**model_files, "model.safetensors": short})
+    assert resp.status_code == 400 and "the tensors take 4000 bytes but the file holds 16" in error_of(resp)
+    nothing_stored(store)
+
+
+def test_weights_that_do_not_fit_the_architecture_are_invalid_after_the_sandbox(as_alice, store, model_files):
+    config = {**json.loads(model_files["config.json"]), "intermediate_size": 128}
+    resp = push(as_alice, "model", "tiny", {**model_files, "config.json": json.dumps(config).encode()})
+    assert resp.status_code == 201
+    version = resp.json()["model"]
+    assert version["status"] == "invalid"
+    assert version["validation_error"] == (
+        "tensor model.layers.0.mlp.gate_proj.weight has shape [64, 32], the model needs [128, 32]"
+    )
+    data_uri = f"file://{store}/orgs/acme/data.jsonl"
+    resp = as_alice.post(f"{V1}/jobs", sft_job("acme/tiny@1", data_uri), format="json")
+    assert resp.status_code == 400 and error_of(resp) == (
+        "acme/tiny@1 is invalid, not valid: tensor model.layers.0.mlp.gate_proj.weight has shape [64, 32], "
+        "the model needs [128, 32]"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# datasets
+
+
+def test_parquet_dataset_is_previewed_and_usable_in_a_job_spec(
+    as_alice, as_charlie, store, model_files, settings
+):
+    rows = prompt_completion_rows()
+    resp = push(as_alice, "dataset", "arith", {"train.parquet": parquet_bytes(rows)})
+    assert resp.status_code == 201, resp.content
+    body = resp.json()
+    assert body["ref"] == "acme/arith@1" and body["model"] is None
+    version = body["dataset"]
+    assert version["format"] == "parquet" and version["num_rows"] == 12
+    assert version["columns"] == [
+        {"name": "question", "type": "string"},
+        {"name": "answer", "type": "string"},
+    ]
+    assert version["preview"] == rows[:5]
+    assert stored_files(store) == ["orgs/acme/datasets/arith/1/train.parquet"]
+    assert as_charlie.get(f"{V1}/org/datasets").json() == []
+    assert as_charlie.get(f"{V1}/org/datasets/arith").status_code == 404
+
+    settings.ENV_VALIDATION_MODE = "celery"
+    assert push(as_alice, "model", "tiny", model_files).status_code == 201
+    ModelVersion.objects.update(status="valid")
+    columns = {"prompt": "question", "completion": "answer"}
+    resp = as_alice.post(
+        f"{V1}/jobs", sft_job("acme/tiny@1", "acme/arith@latest", columns=columns), format="json"
+    )
+    assert resp.status_code == 201, resp.content
+    spec = Job.objects.get(pk=resp.json()["id"]).spec
+    assert spec["dataset"] == {
+        "uri": f"file://{store}/orgs/acme/datasets/arith/1",
+        "registry_ref": "acme/arith@1",
+        "columns": columns,
+    }
+    resp = as_charlie.post(f"{V1}/jobs", sft_job("tiny-qwen2", "acme/arith@1"), format="json")
+    assert resp.status_code == 400 and "no dataset acme/arith in your organization" in error_of(resp)
+
+
+def test_jsonl_and_saved_hf_datasets(as_alice, store, tmp_path):
+    import datasets
+
+    chats = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 3
+    jsonl = "".join(json.dumps(c) + "\n" for c in chats).encode()
+    version = push(as_alice, "dataset", "chats", {"chats.jsonl": jsonl}).json()["dataset"]
+    assert (version["format"], version["num_rows"], [c["name"] for c in version["columns"]]) == (
+        "jsonl",
+        3,
+        ["messages"],
+    )
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(prompt_completion_rows(7)).save_to_disk(str(saved))
+    files = {p.name: p.read_bytes() for p in saved.iterdir()}
+    version = push(as_alice, "dataset", "saved", files).json()["dataset"]
+    assert (version["format"], version["num_rows"]) == ("hf", 7)
+    assert version["preview"][0] == {"question": "What is 0 + 0?", "answer": "0"}
+
+
+def test_bad_datasets_are_refused_and_nothing_stays(as_alice, store):
+    resp = start(as_alice, "dataset", "d", {"data.csv": b"a,b\n1,2\n"})
+    assert resp.status_code == 400 and error_of(resp).startswith("a dataset is one .jsonl or .parquet file")
+    resp = push(as_alice, "dataset", "d", {"data.parquet": b"PAR1 not really"})
+    assert resp.status_code == 400 and error_of(resp).startswith("the parquet data cannot be read")
+    nothing_stored(store)
