@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any
@@ -41,16 +42,26 @@ def job_device(spec: JobSpec) -> str:
     return "cuda" if spec.resources.gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
-ENGINE_ENV = "OPENTINKER_ROLLOUT_ENGINE"  # "static" (default) or "hf"
+ENGINE_ENV = "OPENTINKER_ROLLOUT_ENGINE"  # what `rollout.engine: auto` means: static (default), hf or vllm
+ENGINES = ("static", "hf", "vllm")
 
 
-def rollout_engine(model: torch.nn.Module, *, pad_id: int, device: str) -> RolloutEngine:
-    """Our decode loop (`StaticDecodeEngine`: static KV cache, CUDA-graph step on GPU) wherever the model
-    allows it (full attention in every layer); HFEngine, the reference implementation, for other models or
-    with OPENTINKER_ROLLOUT_ENGINE=hf."""
-    choice = os.environ.get(ENGINE_ENV, "static")
-    if choice not in ("static", "hf"):
-        raise ValueError(f"{ENGINE_ENV} must be 'static' or 'hf', not {choice!r}")
+def rollout_engine(
+    model: torch.nn.Module, *, pad_id: int, device: str, choice: str = "auto"
+) -> RolloutEngine:
+    """The job spec's `rollout.engine`. auto: our decode loop (`StaticDecodeEngine`: static KV cache,
+    CUDA-graph step on GPU), the fastest measured on the shapes we run (README, Performance), or what
+    OPENTINKER_ROLLOUT_ENGINE names. Our loop needs full attention in every layer: other models get HFEngine,
+    the reference implementation. vllm: `VLLMEngine`, vLLM's own copy of the weights, synced after every
+    update."""
+    if choice == "auto":
+        choice = os.environ.get(ENGINE_ENV, "static")
+        if choice not in ENGINES:
+            raise ValueError(f"{ENGINE_ENV} must be one of {', '.join(ENGINES)}, not {choice!r}")
+    if choice == "vllm":
+        from gpu_runtime.rollout.vllm import VLLMEngine  # lazy: the optional `vllm` extra
+
+        return VLLMEngine(model)
     if choice == "static" and StaticDecodeEngine.supports(model):
         return StaticDecodeEngine(model, pad_id=pad_id, device=device)
     return HFEngine(model, pad_id=pad_id, device=device)
@@ -135,6 +146,11 @@ class RankWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+            # The trainer's FSDP mesh holds the process group: dropped and collected here, the group's gloo
+            # threads stop while the interpreter is whole. Left to interpreter teardown, they could abort the
+            # process ("terminate called without an active exception", SIGABRT) after its work was done.
+            del self.trainer
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -160,7 +176,12 @@ class RolloutWorker:
             spec.model.base, seed=spec.seed, dtype=torch_dtype(spec.model.dtype, device=device)
         )
         self.tokenizer = loaded.tokenizer
-        self.engine = rollout_engine(loaded.model, pad_id=self.tokenizer.pad_token_id, device=device)
+        self.engine = rollout_engine(
+            loaded.model,
+            pad_id=self.tokenizer.pad_token_id,
+            device=device,
+            choice=spec.rollout.engine,
+        )
         self.make_env = env_factory(spec.environment)
         self.codec = HFChatCodec(self.tokenizer)
         kind = protocol_kind(self.make_env)
