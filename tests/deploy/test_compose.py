@@ -12,6 +12,7 @@ import secrets
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
@@ -120,5 +121,8 @@ def test_the_compose_settings_pass_the_deploy_check(role):
     r = subprocess.run(
         [sys.executable, "manage.py", "check", "--deploy"], cwd=BASE, env=env, capture_output=True, text=True
     )
+    # The Ray jobs' runtimes report to INGEST_BASE_URL: its host must be one the server answers to.
+    assert urlsplit(env["INGEST_BASE_URL"]).hostname in env["ALLOWED_HOSTS"].split(",")
+    assert env["ALLOWED_HOSTS"].split(",")[0] == "opentinker.example.com"  # the image's HEALTHCHECK's Host
     assert r.returncode == 0, r.stderr + r.stdout
     assert re.findall(r"\(security\.\w+\)", r.stderr + r.stdout) == ["(security.W008)"], r.stderr + r.stdout

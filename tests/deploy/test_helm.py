@@ -12,6 +12,7 @@ import json
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import helm_python as helm
 import jsonschema
@@ -130,6 +131,8 @@ def test_external_values_run_no_data_service_and_read_urls_from_the_secret():
     assert not by_kind(docs, "StatefulSet")
     config = by_kind(docs, "ConfigMap")["ot-opentinker-config"]["data"]
     assert config["OBJECT_STORE_URL"] == "s3://acme-opentinker-artifacts/prod"
+    # The pools' runtimes report to INGEST_BASE_URL: its host must be one the server answers to.
+    assert urlsplit(config["INGEST_BASE_URL"]).hostname in config["ALLOWED_HOSTS"].split(",")
     assert "REDIS_URL" not in config and "S3_ENDPOINT_URL" not in config
     (web,) = containers(by_kind(docs, "Deployment")["ot-opentinker-web"])
     assert {"secretRef": {"name": "opentinker-secrets"}} in web["envFrom"]
