@@ -82,6 +82,8 @@ function draw(): void {
 
 document.addEventListener("DOMContentLoaded", draw);
 document.addEventListener("htmx:afterSettle", draw);
+// Back and forward restore htmx's snapshot of the page, whose canvases are blank: draw them again.
+document.addEventListener("htmx:historyRestore", draw);
 document.addEventListener("input", (e) => {
   if ((e.target as HTMLElement).id === "compare-smooth") draw();
 });

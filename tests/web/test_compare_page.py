@@ -140,6 +140,15 @@ def test_an_outsider_gets_404_and_never_sees_the_jobs(alice, acme, charlie, glob
     assert "charlies-run" in page and "lr-high" not in page and str(fast.pk) not in page
 
 
+def test_each_job_colour_stands_out_against_the_chart():
+    from portal.web.compare import COLORS
+    from tests.web.test_contrast import ratio
+
+    # WCAG 1.4.11: lines and the table's swatches need 3:1 against the white chart.
+    assert len(set(COLORS)) == MAX_JOBS
+    assert min(ratio(c, "#ffffff") for c in COLORS) >= 3
+
+
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_browser_overlays_runs_switches_alignment_and_smooths(page, live_url, sign_in, alice, acme):
