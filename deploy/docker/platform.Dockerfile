@@ -2,8 +2,7 @@
 # The platform image: web, Celery worker and beat, migrations; one image, the command picks the role
 # (deploy/processes.py; compose and the Helm chart give each service its own). Build from the repository root:
 #   docker build -f deploy/docker/platform.Dockerfile -t opentinker/platform:0.1.0 .
-# Dependencies come from the lock (deploy/requirements/platform.txt, hashes checked); no torch: the web tier
-# never imports it.
+# Dependencies come from the lock (deploy/requirements/platform.txt, hashes checked).
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG NODE_IMAGE=node:22.21.1-bookworm-slim
@@ -44,6 +43,8 @@ COPY api/ api/
 COPY workers/ workers/
 COPY env_registry/ env_registry/
 COPY deploy/ deploy/
+# Never imported here: the workers copy gpu_runtime/model_check.py into the sandbox to validate uploaded models.
+COPY gpu_runtime/ gpu_runtime/
 COPY --from=frontend /src/portal/static/portal/dist/ portal/static/portal/dist/
 # Hashed, compressed static files (whitenoise). Production settings need their secrets to load: throwaway ones
 # here, used by nothing but collectstatic (no database, no Valkey is contacted).
@@ -52,7 +53,7 @@ RUN SECRET_KEY="collectstatic-only-$(python -c 'import secrets; print(secrets.to
     ALLOWED_HOSTS=build.invalid OBJECT_STORE_URL=file:///tmp/objects \
     DATABASE_URL=postgres://build@127.0.0.1:1/build REDIS_URL=redis://127.0.0.1:1/0 \
     python manage.py collectstatic --noinput -v 0 \
-    && python -m compileall -q opentinker portal api workers env_registry deploy
+    && python -m compileall -q opentinker portal api workers env_registry deploy gpu_runtime
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 CMD ["python", "deploy/healthcheck.py"]
