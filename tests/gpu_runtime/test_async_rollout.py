@@ -89,8 +89,8 @@ def test_restore_drops_batches_staler_than_the_bound():
 
 
 def test_the_next_rollout_runs_while_the_trainer_updates():
-    """Step 2's rollout must start and finish while step 1's 'update' (the code between two takes) is still
-    running: the update waits for it. A synchronous pipeline would never run it there (a hang, caught)."""
+    """Step 2's rollout must start while step 1's 'update' (the code between two takes) is still running:
+    the update waits for it to start. A synchronous pipeline would never run it there (a hang, caught)."""
     job = FakeJob()
     started = threading.Event()
 
