@@ -172,6 +172,8 @@ def _wandb_init(job: Job, project: str, entity: str | None, wandb_dir: Path | No
             config={**job.spec, "opentinker": _meta(job)},
             dir=str(wandb_dir) if wandb_dir else None,
             reinit="finish_previous",
+            # Our own output (a `watch` view) is not the run's: W&B would otherwise wrap stdout and stderr.
+            settings=wandb.Settings(console="off"),
         )
     except Exception as exc:  # wandb raises its own types (auth, network, bad project name)
         raise ExportError(f"W&B refused the run: {exc}", code="tracker_error") from exc
