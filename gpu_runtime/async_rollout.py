@@ -84,11 +84,13 @@ class RolloutPipeline(Generic[T]):
         queues every batch up to `step + max_staleness` not queued yet, with the current weights."""
         version = step - 1
         weights: Weights | None = None
-        for j in range(step, min(step + self.max_staleness, self.last_step) + 1):
+        for j in range(step, max(step, min(step + self.max_staleness, self.last_step)) + 1):
             if j not in self._pending:
-                # Copied once per call: the trainer changes its weights in place from the next update on.
+                # Copied once per call (the trainer changes its weights in place from the next update on),
+                # pushed once: the jobs after the first one sample with the weights it loaded.
                 first = weights is None
-                weights = self.snapshot() if first else weights
+                if first:
+                    weights = self.snapshot()
                 self._launch(j, version, weights if first else None)
         t0 = time.perf_counter()
         batch = self._pending.pop(step).result()
