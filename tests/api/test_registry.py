@@ -435,3 +435,30 @@ def test_bad_datasets_are_refused_and_nothing_stays(as_alice, store):
     resp = push(as_alice, "dataset", "d", {"data.parquet": b"PAR1 not really"})
     assert resp.status_code == 400 and error_of(resp).startswith("the parquet data cannot be read")
     nothing_stored(store)
+
+
+# ----------------------------------------------------------------------------------------------------
+# S3 (moto's server): the same protocol, chunks and versions as objects
+
+
+def s3_keys(s3_store) -> list[str]:
+    found = s3_store.client.list_objects_v2(Bucket=s3_store.bucket).get("Contents", [])
+    return sorted(o["Key"] for o in found)
+
+
+def test_uploads_into_an_s3_store(as_alice, s3_store, model_files, small_chunks, no_inline_validation):
+    resp = push(as_alice, "model", "tiny", model_files)
+    assert resp.status_code == 201 and resp.json()["ref"] == "acme/tiny@1", resp.content
+    assert s3_keys(s3_store) == sorted(f"store/orgs/acme/models/tiny/1/{name}" for name in model_files)
+    obj = s3_store.client.get_object(
+        Bucket=s3_store.bucket, Key="store/orgs/acme/models/tiny/1/model.safetensors"
+    )
+    assert obj["Body"].read() == model_files["model.safetensors"]
+    assert ModelVersion.objects.get().uri == "s3://otk-store/store/orgs/acme/models/tiny/1"
+
+    # a refused upload leaves no chunk behind in the bucket either
+    config = {**json.loads(model_files["config.json"]), "auto_map": {"AutoConfig": "x.Y"}}
+    resp = push(as_alice, "model", "tiny", {**model_files, "config.json": json.dumps(config).encode()})
+    assert resp.status_code == 400
+    assert s3_keys(s3_store) == sorted(f"store/orgs/acme/models/tiny/1/{name}" for name in model_files)
+    assert Upload.objects.count() == 0 and ModelVersion.objects.count() == 1
