@@ -185,6 +185,11 @@ def game_stats(games: list[MultiAgentEpisode], roles: list[str]) -> dict[str, fl
         turns = [t for game in ok for t in game.per_role[role].turns]
         if turns:
             stats[f"game/{role}/illegal_rate"] = sum(bool(t.info.get("illegal")) for t in turns) / len(turns)
+        # Board games mark the moves that had to block (`must_block`): the share that did is the skill that
+        # separates a random legal player from the rule player.
+        must = [t for t in turns if t.info.get("must_block")]
+        if must:
+            stats[f"game/{role}/block_rate"] = sum(bool(t.info.get("blocked")) for t in must) / len(must)
     return stats
 
 
@@ -322,6 +327,8 @@ class MultiAgentRolloutWorker:
                     "reward": stats.get(f"reward/{role}/mean", 0.0),
                     "failed": stats["episodes/failed"] / len(games),
                 }
+                if f"game/{role}/block_rate" in stats:
+                    per_role[role]["block_rate"] = stats[f"game/{role}/block_rate"]
             for role, values in per_role.items():
                 for k, v in values.items():
                     out[f"vs_rule/{policy}/{role}/{k}"] = v

@@ -151,3 +151,14 @@ def test_a_rule_mix_seats_each_policy_against_the_rule_player_in_each_role():
     assert {"policy/alice/win_rate", "policy/bob/win_rate"} <= stats.keys()
     none = MultiAgentRolloutWorker(spec(rule_mix=1.0).model_dump_json())
     assert none.seatings([1, 2]) == [{"x": "alice", "o": None}, {"x": "bob", "o": None}]
+
+
+def test_game_statistics_give_the_share_of_forced_blocks_made():
+    # Both play the first free cell: X 11, O 12, X 13, O 21, X 22 (two open lines through 22), O must block
+    # 33 or 31 but plays 23, X wins at 31. O faced one forced block and missed it; X never had to block.
+    engine = BoardEngine("first")
+    (game,) = play([{"x": "first", "o": "first"}], {"first": engine})
+    assert [t.info.get("must_block", False) for t in game.per_role["o"].turns] == [False, False, True]
+    stats = game_stats([game], ["x", "o"])
+    assert stats["game/o/block_rate"] == 0.0 and "game/x/block_rate" not in stats
+    assert game.info["winner"] == "x"

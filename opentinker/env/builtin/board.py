@@ -5,6 +5,10 @@ Raw rewards (reward mode ``custom`` by default, ``reward_mode`` in config may pi
 win +1 to the winner and -1 to the loser, draw 0 to both; an illegal move (unreadable, off the board, or an
 occupied cell) costs its player ``illegal_penalty`` (default 0.5) and the same player moves again; the
 ``max_illegal``-th illegal move of one player (default 3) forfeits the game (-1 to it, +1 to the other).
+A legal move made when the opponent is one stone from a line and the mover cannot win at once has
+``must_block`` and ``blocked`` (did it take a cell the opponent needed) in its info. ``block_reward``
+(default 0) is a shaped per-move reward, environment reward design for small learners: a block earns its
+player that much at once, so the move that saved the game is credited, not only the game's end.
 
 More config: ``opening`` (default 0) places that many random stones (X, O, X, ...; drawn from the game's seed,
 never a finished line) before the first move, so a seed picks one of many positions (diverse training groups,
@@ -45,6 +49,9 @@ class KInARow(MultiAgentEnvironment):
             raise ValueError(f"size must be {self.k}-19")
         self.illegal_penalty = float(config.get("illegal_penalty", 0.5))
         self.max_illegal = int(config.get("max_illegal", 3))
+        self.block_reward = float(config.get("block_reward", 0.0))
+        if not 0 <= self.block_reward <= 1:
+            raise ValueError("block_reward must be 0-1 (a win is worth 1)")
         self.opening = int(config.get("opening", 0))
         if not 0 <= self.opening <= self.n * self.n - 2:
             raise ValueError(f"opening must be 0-{self.n * self.n - 2} stones")
@@ -168,19 +175,33 @@ class KInARow(MultiAgentEnvironment):
                 obs = Observation(f"Illegal move: {move}. Try again.\n{self.render()}\nYour move:")
             return MultiStepResult({role: obs}, {role: -self.illegal_penalty}, False, info)
         r, c = move
+        tactics = self._tactics(role, r, c)  # read before the stone lands
+        bonus = self.block_reward if tactics.get("blocked") else 0.0
         self.board[r][c] = self.mark(role)
         self.moves += 1
-        info = {"move": [r + 1, c + 1], "player": role}
+        info = {"move": [r + 1, c + 1], "player": role, **tactics}
         if self.wins(r, c, self.mark(role)):
             return MultiStepResult({}, {role: 1.0, opp: -1.0}, True, {**info, "winner": role})
         if self.moves == self.n * self.n:
-            return MultiStepResult({}, {role: 0.0, opp: 0.0}, True, {**info, "winner": None})
+            return MultiStepResult({}, {role: bonus, opp: 0.0}, True, {**info, "winner": None})
         self.advance()
         if self.prompt_style == "compact":
             text = self.render()
         else:
             text = f"{self.mark(role)} played {r + 1} {c + 1}.\n{self.render()}\nYour move:"
-        return MultiStepResult({opp: Observation(text)}, {}, False, info)
+        return MultiStepResult({opp: Observation(text)}, {role: bonus} if bonus else {}, False, info)
+
+    def _tactics(self, role: str, r: int, c: int) -> dict[str, bool]:
+        """Whether `role` had to block (no win of its own, the opponent one move from a line) and, if so,
+        whether a move to (r, c) blocks: `{"must_block": True, "blocked": ...}`, else {}. Per-move
+        diagnostics (`game/<role>/block_rate`) and the `block_reward`'s trigger."""
+        free = [(rr, cc) for rr in range(self.n) for cc in range(self.n) if self.board[rr][cc] == "."]
+        them = self.mark(self.other(role))
+        if any(self.wins(rr, cc, self.mark(role)) for rr, cc in free):
+            return {}
+        if not any(self.wins(rr, cc, them) for rr, cc in free):
+            return {}
+        return {"must_block": True, "blocked": self.wins(r, c, them)}
 
     def rule_based_action(self, role: str) -> str:
         """Win if possible, else block the opponent's win, else the cell making the longest lines (own lines

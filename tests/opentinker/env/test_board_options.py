@@ -82,3 +82,25 @@ def test_a_compact_game_against_the_rule_player_is_short():
     ep = game.per_role["x"]
     assert not any(t.info.get("illegal") for t in ep.turns)
     assert len(ep.token_ids) < 100  # bytes: the board and its free cells, one digit per move
+
+
+def test_a_block_earns_the_block_reward_at_once_and_nothing_else_does():
+    env = TicTacToeEnv(prompt_style="compact", block_reward=0.25)
+    env.reset(0)
+    for move in ("1", "5", "2"):  # X threatens 1-2-3
+        assert env.step({env.active_roles()[0]: move}).rewards == {}
+    r = env.step({"o": "3"})  # O blocks it
+    assert r.rewards == {"o": 0.25} and r.info["must_block"] and r.info["blocked"] and not r.done
+    r = env.step({"x": "9"})  # X had to block O's 3-5 at 7 and did not: no shaped reward
+    assert r.rewards == {} and r.info["must_block"] and not r.info["blocked"]
+    r = env.step({"o": "7"})  # a win is the win, not a block (O could win: nothing to block)
+    assert r.rewards == {"o": 1.0, "x": -1.0} and "must_block" not in r.info
+    plain = TicTacToeEnv(prompt_style="compact")  # default 0: the game's rewards only
+    plain.reset(0)
+    for move in ("1", "5"):
+        assert "must_block" not in plain.step({plain.active_roles()[0]: move}).info  # no threat yet
+    plain.step({"x": "2"})
+    assert plain.step({"o": "3"}).rewards == {}
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="block_reward"):
+            TicTacToeEnv(block_reward=bad)
