@@ -234,7 +234,12 @@ class MultiAgentRolloutWorker:
             model = self.setup.specs[name].model  # bf16 sampling on GPU, as the single-agent rollout worker
             loaded = load_model(model.base, seed=spec.seed, dtype=torch_dtype(model.dtype, device=device))
             codecs[name] = HFChatCodec(loaded.tokenizer)
-            engine = rollout_engine(loaded.model, pad_id=loaded.tokenizer.pad_token_id, device=device)
+            engine = rollout_engine(
+                loaded.model,
+                pad_id=loaded.tokenizer.pad_token_id,
+                device=device,
+                choice=spec.rollout.engine,
+            )
             self.engines[name] = WithStops(engine, codecs[name].stop_ids)
         self.policy_codecs = codecs
         # resolve() checked that the environment plays games (a multi-agent environment).
