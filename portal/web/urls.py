@@ -24,8 +24,8 @@ urlpatterns = [
     path("tokens/<int:token_id>/revoke/", tokens.token_revoke_view, name="token_revoke"),
 ]
 
-# Marketplace, team, usage and the admin console (portal/web/{marketplace,team,usage,console}.py).
-from portal.web import console, marketplace, team, usage  # noqa: E402
+# Marketplace, registry (models, datasets), team, usage and the admin console (portal/web/).
+from portal.web import console, marketplace, registry, team, usage  # noqa: E402
 
 urlpatterns += [
     path("envs/", marketplace.env_list, name="envs"),
@@ -34,6 +34,9 @@ urlpatterns += [
     path("envs/<slug:owner>/<slug:name>/star/", marketplace.env_star, name="env_star"),
     path("envs/<slug:owner>/<slug:name>/fork/", marketplace.env_fork, name="env_fork"),
     path("envs/<slug:owner>/<slug:name>/settings/", marketplace.env_settings, name="env_settings"),
+    path("registry/", registry.registry_index, name="registry"),
+    path("registry/models/<slug:name>/", registry.model_detail, name="model_detail"),
+    path("registry/datasets/<slug:name>/", registry.dataset_detail, name="dataset_detail"),
     path("team/", team.team, name="team"),
     path("team/members/<int:member_id>/role/", team.member_role, name="team_member_role"),
     path("team/members/<int:member_id>/remove/", team.member_remove, name="team_member_remove"),
