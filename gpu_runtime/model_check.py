@@ -4,7 +4,7 @@ The web tier never imports transformers or torch, and an uploaded model is not t
 this file alone, next to the model's files, into a sandbox (opentinker.env.sandbox: no network, read-only
 files, limits) and calls `ModelCheck(model_dir).reset(0)`, which returns what it found or raises with the
 reason. So this module imports nothing of the project (the sandbox blocks `gpu_runtime`), only the standard
-library, torch and transformers. `python -m gpu_runtime validate-model DIR` runs the same checks locally.
+library, torch and transformers. `python -m gpu_runtime.model_check DIR` runs the same checks locally.
 
 Checks: the config loads without remote code and names a causal LM architecture transformers implements; the
 tokenizer loads without remote code and fits the vocabulary; the weights (safetensors) hold exactly the
@@ -109,3 +109,24 @@ class ModelCheck:
 
     def close(self) -> None:
         return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gpu_runtime.model_check DIR`: the sandbox's checks on a local directory (JSON report)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m gpu_runtime.model_check MODEL_DIR", file=sys.stderr)
+        return 2
+    try:
+        report = check_model_dir(args[0])
+    except ValueError as e:
+        print(f"invalid: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
