@@ -19,6 +19,12 @@ def ops_key(base_model: str) -> str:
     return f"tinker:ops:{base_model}"
 
 
+def claimed_key(base_model: str) -> str:
+    """What the base model's server has taken from its queue and not yet reported (it fails these on
+    start-up: their server died with them in flight)."""
+    return f"tinker:claimed:{base_model}"
+
+
 def done_channel(future_id: str) -> str:
     return f"tinker:done:{future_id}"
 

@@ -244,6 +244,10 @@ def call_submit(
     trains = operation in ("forward_backward", "optim_step", "save_weights")
     if trains and model.kind != TinkerModel.Kind.TRAIN:
         raise TinkerUserError(f"{operation} needs a training client")
+    if operation == "sample" and model.kind == TinkerModel.Kind.SAMPLE:
+        # What the sampler was created from: a model server that restarted since re-creates it from this.
+        source = weights_get(org, model.source_path).uri if model.source_path else None
+        op = {**op, "sampler_uri": source}
     existing = TinkerFuture.objects.filter(model=model, seq_id=seq_id).first()
     if existing is not None:
         if existing.state == TinkerFuture.State.PENDING:

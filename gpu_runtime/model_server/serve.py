@@ -16,8 +16,16 @@ create_sampler (no future), forward_backward, optim_step, sample, save_weights, 
 reject (`error`: a call the API refused, which still takes its seq_id's turn so the later ones run).
 Outcomes: `{"future", "result": {...}}` or `{"future", "error", "category": "user" | "server"}`.
 
+Surviving a restart: an operation is never just popped. It moves, atomically, from the queue to the base
+model's claimed list, and leaves that list once its outcome is posted (or at once when it has no future). A
+server starting up fails every future still in the claimed list (its predecessor died with them in flight:
+they may have half-run, so re-running is not safe) and clears the list. One model server per base model
+(the claimed list is the base model's). Training clients live in the process: after a restart their calls
+fail clearly ("not on this model server"); saved states (object storage) and futures (PostgreSQL) remain, and
+a sampler is re-created from what its `sample` operations carry (`sampler_uri`).
+
 Not yet: the drivers start and supervise this process (today an operator or a test does), the scheduler
-admits it, and operations popped but not finished are lost with the process (their futures stay pending).
+admits it.
 """
 
 from __future__ import annotations
@@ -64,6 +72,25 @@ POST_MAX_BYTES = 8 * 1024 * 1024
 def ops_key(base_model: str) -> str:
     """The queue's key; the same as api/tinker/queue.py's (the platform side, which this cannot import)."""
     return f"tinker:ops:{base_model}"
+
+
+def claimed_key(base_model: str) -> str:
+    """Operations taken from the queue and not yet reported (api/tinker/queue.py has the same name)."""
+    return f"tinker:claimed:{base_model}"
+
+
+# Moves up to ARGV[1] operations from the queue to the claimed list in one atomic step: a server killed at
+# any point leaves each operation in exactly one of the two lists.
+CLAIM_SCRIPT = """
+local items = redis.call('LPOP', KEYS[1], ARGV[1])
+if items then redis.call('RPUSH', KEYS[2], unpack(items)) end
+return items or {}
+"""
+LOST_IN_FLIGHT = (
+    "the model server restarted while this call was in flight (taken from the queue, not finished); it may "
+    "have partly run, so it was not re-run. Training state not saved with save_state is lost: resume from "
+    "your last saved state"
+)
 
 
 WireOutcome = dict[str, Any]
@@ -159,6 +186,9 @@ class ServeLoop:
                 self._create_sampler(model_id, msg.get("uri"))
                 return []
             operation: Operation | Rejected
+            if op == "sample" and model_id not in self.server.models and "sampler_uri" in msg:
+                # A sampler this process never created (it restarted since): create it as the API did.
+                self._create_sampler(model_id, msg["sampler_uri"])
             if op == "sample" and model_id in self.broken_samplers:
                 reason, category = self.broken_samplers[model_id]
                 error = f"sampler {model_id} could not be created: {reason}"
@@ -166,6 +196,7 @@ class ServeLoop:
             if op == "sample":
                 if future in self.sampling:
                     return []  # a copy the API re-sent: this sample is already queued
+                self._check_known(model_id)
                 operation = operation_from_wire(msg)
                 if future is not None:
                     self.sampling.add(str(future))
@@ -175,6 +206,7 @@ class ServeLoop:
                 self.sample_seq[model_id] = seq_id
             else:
                 seq_id = int(msg["seq_id"])
+                self._check_known(model_id)
                 try:
                     operation = Rejected(msg["error"]) if op == "reject" else operation_from_wire(msg)
                 except (ModelServerError, KeyError, TypeError, ValueError) as exc:
@@ -190,6 +222,15 @@ class ServeLoop:
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("bad operation %r: %r", msg.get("op"), exc)
             return [] if future is None else [{"future": future, "error": f"bad operation: {exc!r}"}]
+
+    def _check_known(self, model_id: str) -> None:
+        # The API only sends calls of models it has: one unknown here was lost with an earlier process.
+        if model_id not in self.server.models:
+            raise ModelServerError(
+                f"unknown model {model_id!r}: not on this model server (lost if the model server restarted "
+                "since it was created; resume from your last save_state)",
+                category="server",
+            )
 
     def _create_sampler(self, model_id: str, uri: str | None) -> None:
         """create_sampler has no future to fail: a failure is logged and kept, and fails the sampler's samples
@@ -221,19 +262,64 @@ class ServeLoop:
             return {"future": future, "error": str(exc), "category": exc.category}
 
 
-@dataclass
 class Transport:
-    queue: redis.Redis
-    key: str
-    post: Callable[[list[WireOutcome]], None]
+    """The Valkey side: claims operations (queue -> claimed list), posts outcomes, then releases the claimed
+    copies whose outcome went out."""
+
+    def __init__(
+        self, queue: redis.Redis, base_model: str, post: Callable[[list[WireOutcome]], None]
+    ) -> None:
+        self.queue, self.poster = queue, post
+        self.key, self.claimed = ops_key(base_model), claimed_key(base_model)
+        self.claim = queue.register_script(CLAIM_SCRIPT)
+        self.inflight: dict[str, list[bytes]] = {}  # future -> its claimed raw messages (a retry adds a copy)
+        self.loose: list[bytes] = []  # claimed messages without a future: released at the next post
+
+    def _claimed(self, raw: list[bytes]) -> list[dict[str, Any]]:
+        msgs = []
+        for r in raw:
+            msg = json.loads(r)
+            future = msg.get("future") if isinstance(msg, dict) else None
+            if future:
+                self.inflight.setdefault(str(future), []).append(r)
+            else:
+                self.loose.append(r)
+            msgs.append(msg)
+        return msgs
 
     def drain(self) -> list[dict[str, Any]]:
-        raw: Any = self.queue.lpop(self.key, DRAIN_BATCH) or []
-        return [json.loads(m) for m in raw]
+        raw: Any = self.claim(keys=[self.key, self.claimed], args=[DRAIN_BATCH])
+        return self._claimed(list(raw))
 
     def wait(self, timeout: float) -> list[dict[str, Any]]:
-        got: Any = self.queue.blpop([self.key], timeout=timeout)
-        return [] if got is None else [json.loads(got[1])]
+        # redis-py's stub says int; Valkey takes a float timeout
+        got: Any = self.queue.blmove(self.key, self.claimed, cast(int, timeout), "LEFT", "RIGHT")
+        return [] if got is None else self._claimed([got])
+
+    def post(self, outcomes: list[WireOutcome]) -> None:
+        self.poster(outcomes)
+        done = self.loose
+        self.loose = []
+        for o in outcomes:
+            done += self.inflight.pop(str(o.get("future")), [])
+        if done:
+            pipe = self.queue.pipeline(transaction=False)
+            for r in done:
+                pipe.lrem(self.claimed, 1, cast(str, r))  # the exact bytes claimed
+            pipe.execute()
+
+    def recover(self) -> int:
+        """At start-up: fail the futures a dead predecessor had claimed, then clear its claimed list.
+        (Failing first: killed in between, the next start fails them again, which the ingest ignores.)"""
+        raw: Any = self.queue.lrange(self.claimed, 0, -1)
+        futures = {str(m["future"]) for m in map(json.loads, raw) if isinstance(m, dict) and m.get("future")}
+        if futures:
+            log.warning("failing %d calls a previous model server had in flight", len(futures))
+            self.poster(
+                [{"future": f, "error": LOST_IN_FLIGHT, "category": "server"} for f in sorted(futures)]
+            )
+        self.queue.delete(self.claimed)
+        return len(futures)
 
 
 def batches(outcomes: list[WireOutcome], max_bytes: int) -> list[list[WireOutcome]]:
@@ -317,8 +403,9 @@ def main(args: Any) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     server = ModelServer(args.base_model, device=args.device, dtype=dtype, seed=args.seed)
     transport = Transport(
-        redis.Redis.from_url(args.queue_url), ops_key(args.base_model), http_poster(args.ingest_url, token)
+        redis.Redis.from_url(args.queue_url), args.base_model, http_poster(args.ingest_url, token)
     )
+    transport.recover()
     log.info("model server for %s on %s: serving", args.base_model, args.device)
     print(f"model server for {args.base_model}: serving", flush=True)  # the launcher waits for this line
     serve(ServeLoop(server), transport, should_stop=lambda: False)

@@ -6,64 +6,22 @@ Actors: alice (owner of acme), bob (member of acme), charlie (outsider, owner of
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import pytest
 import tinker
-from django.conf import settings
-from django.core.asgi import get_asgi_application
 from tinker import types
 
-from api.tinker import queue
 from api.tinker.auth import sdk_key
 from api.tinker.models import TinkerFuture, TinkerModel, TinkerSession
 from api.tinker.proto import tinker_public_pb2 as pb
 from api.tinker.server_tokens import model_server_token_issue
-from tests.loopback_asgi import serving
+from tests.api import tinker_live
+from tests.api.tinker_live import BASE_MODEL, WAIT
 
 pytestmark = pytest.mark.django_db(transaction=True)
-BASE = Path(__file__).resolve().parents[2]
-BASE_MODEL = "tiny-qwen2"
+platform, model_server = tinker_live.platform, tinker_live.model_server
 SCOPES = ["tinker"]
 LR = 5e-3  # 8 steps take the loss from 268 to 100 (tiny-qwen2, seed 0); the bar below is 0.5x
-WAIT = 240  # seconds, only against a hang: the model server's start and a handful of steps on a loaded box
-
-
-@pytest.fixture
-def platform(settings, tmp_path, monkeypatch) -> Iterator[str]:
-    settings.OBJECT_STORE_URL = f"file://{tmp_path}/objects"
-    settings.TINKER_POLL_HOLD_SECONDS = 10
-    monkeypatch.setenv("TINKER_TELEMETRY", "0")
-    queue.client().delete(queue.ops_key(BASE_MODEL))  # nothing left over from an earlier run
-    with serving(get_asgi_application()) as url:
-        yield url
-
-
-@pytest.fixture
-def model_server(platform) -> Iterator[subprocess.Popen]:
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "OPENTINKER_MODEL_SERVER_TOKEN": model_server_token_issue(BASE_MODEL),
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "gpu_runtime.model_server", "serve", "--base-model", BASE_MODEL),
-            *("--queue-url", settings.REDIS_URL, "--ingest-url", f"{platform}/tinker/ingest/outcomes"),
-        ],
-        cwd=BASE,
-        env=env,
-    )
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def sequence() -> list[int]:

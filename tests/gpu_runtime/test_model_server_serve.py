@@ -98,7 +98,7 @@ def test_samples_need_no_order_and_nan_never_leaves(server):
 def test_bad_operations_fail_their_future_only(server, caplog):
     loop = ServeLoop(server)
     (unknown,) = loop.handle(fb("nobody", 1, "f1"))
-    assert unknown["category"] == "user" and "unknown model" in unknown["error"]
+    assert unknown["category"] == "server" and "unknown model" in unknown["error"]
     (broken,) = loop.handle({"op": "optim_step", "future": "f2", "model_id": "x"})  # no seq_id
     assert broken["future"] == "f2" and "bad operation" in broken["error"]
     # A sampler whose weights cannot be loaded: no outcome of its own, but a log line, and its samples fail

@@ -1,0 +1,69 @@
+"""Shared pieces of the live Tinker tests: the platform (ASGI app on a loopback port) and a model server
+process (`python -m gpu_runtime.model_server serve`) on the same Valkey. Import the fixtures into a test
+module to use them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.asgi import get_asgi_application
+
+from api.tinker import queue
+from api.tinker.server_tokens import model_server_token_issue
+from tests.loopback_asgi import serving
+
+BASE = Path(__file__).resolve().parents[2]
+BASE_MODEL = "tiny-qwen2"
+WAIT = 240  # seconds, only against a hang: the model server's start and a handful of steps on a loaded box
+
+
+def clear_queues(base_model: str = BASE_MODEL) -> None:
+    """Nothing left over from an earlier run: the operations list and what a dead server had claimed."""
+    queue.client().delete(queue.ops_key(base_model), queue.claimed_key(base_model))
+
+
+def start_model_server(platform_url: str, base_model: str = BASE_MODEL) -> subprocess.Popen:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "OPENTINKER_MODEL_SERVER_TOKEN": model_server_token_issue(base_model),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "gpu_runtime.model_server", "serve", "--base-model", base_model),
+            *("--queue-url", settings.REDIS_URL, "--ingest-url", f"{platform_url}/tinker/ingest/outcomes"),
+        ],
+        cwd=BASE,
+        env=env,
+    )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def platform(settings, tmp_path, monkeypatch) -> Iterator[str]:
+    settings.OBJECT_STORE_URL = f"file://{tmp_path}/objects"
+    settings.TINKER_POLL_HOLD_SECONDS = 10
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    clear_queues()
+    with serving(get_asgi_application()) as url:
+        yield url
+
+
+@pytest.fixture
+def model_server(platform) -> Iterator[subprocess.Popen]:
+    proc = start_model_server(platform)
+    yield proc
+    stop(proc)
