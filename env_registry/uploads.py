@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import uuid
+from datetime import timedelta
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Sum
+from django.utils import timezone
 
 from env_registry.model_files import MAX_FILES, DeclaredFile
 from env_registry.models import DatasetVersion, ModelVersion, Upload
@@ -30,6 +32,9 @@ from portal.errors import Conflict, DomainError, NotFound
 from portal.models import Organization
 
 CHUNK_MAX_BYTES = 8 * 1024 * 1024  # one request's body; the client splits bigger files
+# An upload nobody sent a chunk to for this long is abandoned: dropped (row and chunks) when its organization
+# starts another, so it stops counting against REGISTRY_MAX_BYTES.
+ABANDONED_AFTER = timedelta(hours=24)
 SHA256_RE = r"^[0-9a-f]{64}$"
 
 
@@ -81,6 +86,9 @@ def upload_start(
     if not NAME_RE.match(name or ""):
         raise DomainError("name is 1-64 lowercase letters, digits, '-' or '_'", field="name")
     total = sum(f.size for f in files)
+    stale = Upload.objects.filter(organization=organization, updated_at__lt=timezone.now() - ABANDONED_AFTER)
+    for old in stale.select_related("organization"):
+        upload_discard(old)
     with transaction.atomic():
         # One organization's uploads start one at a time, so two cannot both take the last free bytes.
         Organization.objects.select_for_update().get(pk=organization.pk)

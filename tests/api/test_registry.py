@@ -12,11 +12,14 @@ import hashlib
 import io
 import json
 import struct
+import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from django.utils import timezone
 
 from env_registry import uploads
 from env_registry.models import DatasetVersion, ModelVersion, RegisteredDataset, RegisteredModel, Upload
@@ -462,3 +465,20 @@ def test_uploads_into_an_s3_store(as_alice, s3_store, model_files, small_chunks,
     assert resp.status_code == 400
     assert s3_keys(s3_store) == sorted(f"store/orgs/acme/models/tiny/1/{name}" for name in model_files)
     assert Upload.objects.count() == 0 and ModelVersion.objects.count() == 1
+
+
+def test_an_abandoned_upload_stops_counting_and_is_dropped(as_alice, store, model_files, settings):
+    total = sum(len(v) for v in model_files.values())
+    settings.REGISTRY_MAX_BYTES = total + 10
+    first = start(as_alice, "model", "tiny", model_files).json()
+    as_alice.put(
+        f"{V1}/org/uploads/{first['id']}/files/0?offset=0", b"{", content_type="application/octet-stream"
+    )
+    resp = start(as_alice, "model", "tiny", model_files)
+    assert resp.status_code == 400 and f"and {total} are in use" in error_of(resp)
+    # a day without a chunk: abandoned, dropped with its chunks when the next upload starts
+    Upload.objects.filter(pk=first["id"]).update(updated_at=timezone.now() - timedelta(hours=25))
+    resp = start(as_alice, "model", "tiny", model_files)
+    assert resp.status_code == 201
+    assert list(Upload.objects.values_list("id", flat=True)) == [uuid.UUID(resp.json()["id"])]
+    assert stored_files(store) == []
