@@ -32,6 +32,8 @@ from django.utils import timezone
 from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
+from api.tinker import services as tinker_services
+from api.tinker.models import TinkerWeights
 from env_registry import storage as env_storage
 from env_registry.models import (
     DatasetVersion,
@@ -97,6 +99,7 @@ class AcmeWorld:
     invitation_secret: str
     env: EnvironmentPackage
     upload: Upload | None = None
+    tinker: dict[str, Any] = field(default_factory=dict)  # a Tinker session, training client, saved weights
     identifiers: list[str] = field(default_factory=list)
 
     def params(self) -> dict[str, Any]:
@@ -117,6 +120,10 @@ class AcmeWorld:
             "dataset": ACME_DATASET,
             "upload_id": str(self.upload.id) if self.upload else "",
             "index": 0,
+            "session_id": self.tinker["session"],
+            "model_id": self.tinker["model"],
+            "weights_id": self.tinker["weights"],
+            "weights_file": "adapter_model.safetensors",
         }
 
 
@@ -138,6 +145,10 @@ def fake_params() -> dict[str, Any]:
         "dataset": "no-such-dataset",
         "upload_id": str(uuid.uuid4()),
         "index": 0,
+        "session_id": str(uuid.uuid4()),
+        "model_id": f"{uuid.uuid4()}:train:0",
+        "weights_id": 2_000_000_005,
+        "weights_file": "adapter_model.safetensors",
     }
 
 
@@ -161,10 +172,14 @@ PATH_PARAMS: dict[str, str | dict[str, str]] = {
         f"{V1}/org/env-secrets/{{name}}": "env_secret",
         f"{V1}/org/models/{{name}}": "model",
         f"{V1}/org/datasets/{{name}}": "dataset",
+        f"{V1}/tinker/weights/{{weights_id}}/files/{{name}}": "weights_file",
     },
     "version": "env_version",
     "upload_id": "upload_id",
     "index": "index",
+    "session_id": "session_id",
+    "model_id": "model_id",
+    "weights_id": "weights_id",
 }
 
 
@@ -246,6 +261,16 @@ def world(alice, bob, charlie, acme, globex, make_token, settings, tmp_path) -> 
         size_bytes=2,
     )
 
+    # A Tinker session with a training client and saved weights whose adapter is on disk.
+    session = tinker_services.session_create(alice_membership, tags=["acme-tinker"], sdk_version="0.38.0")
+    created = tinker_services.model_create(acme, str(session.pk), 0, "tiny-qwen2", {"rank": 4})
+    saved = tinker_services.save_submit(acme, created.model_id, 1, for_sampler=True, name="acme-adapter")
+    adapter_dir = Path(urlparse(saved.request["uri"]).path)
+    adapter_dir.mkdir(parents=True)
+    (adapter_dir / "adapter_model.safetensors").write_bytes(FILE_BYTES)
+    tinker_services.future_complete("tiny-qwen2", str(saved.pk), result={"uri": saved.request["uri"]})
+    tinker_weights = TinkerWeights.objects.get(model_id=created.model_id)
+
     w = AcmeWorld(
         org=acme,
         alice_token=alice_token,
@@ -258,11 +283,15 @@ def world(alice, bob, charlie, acme, globex, make_token, settings, tmp_path) -> 
         invitation_secret=invitation_secret,
         env=env,
         upload=upload,
+        tinker={"session": str(session.pk), "model": created.model_id, "weights": tinker_weights.pk},
     )
     w.identifiers = [
         ACME_MODEL,
         ACME_DATASET,
         str(upload.id),
+        str(session.pk),
+        "acme-adapter",
+        "acme-tinker",
         str(job.id),
         job.id.hex,
         prefix,
@@ -322,6 +351,7 @@ def acme_state(w: AcmeWorld) -> dict[str, Any]:
         "models": list(ModelVersion.objects.filter(model__organization=org).order_by("id").values()),
         "datasets": list(DatasetVersion.objects.filter(dataset__organization=org).order_by("id").values()),
         "uploads": list(Upload.objects.filter(organization=org).order_by("id").values()),
+        "tinker_weights": list(TinkerWeights.objects.filter(organization=org).order_by("id").values()),
     }
 
 
@@ -486,6 +516,14 @@ ROUTES: dict[tuple[str, str], Route] = {
     (f"{V1}/org/uploads/{{upload_id}}", "delete"): R(404, 403, 403, 403),
     (f"{V1}/org/uploads/{{upload_id}}/files/{{index}}", "put"): R(404, 403, 403, 403, lambda w: {}),
     (f"{V1}/org/uploads/{{upload_id}}/complete", "post"): R(404, 403, 403, 403),
+    # the organization's Tinker sessions, training clients and saved weights (jobs:read)
+    (f"{V1}/tinker/sessions", "get"): R(200, 403, 403, 403),
+    (f"{V1}/tinker/sessions/{{session_id}}", "get"): R(404, 403, 403, 403),
+    (f"{V1}/tinker/models", "get"): R(200, 403, 403, 403),
+    (f"{V1}/tinker/models/{{model_id}}", "get"): R(404, 403, 403, 403),
+    (f"{V1}/tinker/weights", "get"): R(200, 403, 403, 403),
+    (f"{V1}/tinker/weights/{{weights_id}}", "get"): R(404, 403, 403, 403),
+    (f"{V1}/tinker/weights/{{weights_id}}/files/{{name}}", "get"): R(404, 403, 403, 403),
     # tokens: every member manages their own; minting through a token needs org:admin
     (f"{V1}/tokens", "get"): R(200, 200, 200, 403),
     (f"{V1}/tokens", "post"): R(201, 403, 403, 403, lambda w: {"name": "ci", "scopes": ["envs:read"]}),
