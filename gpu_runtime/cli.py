@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         or f"file://{Path('var/checkpoints').resolve()}/{run_name}"
     )
     resume = args.resume or os.environ.get("OPENTINKER_RESUME_FROM") or spec.resume_from
-    return run_job(
-        spec, sink, prefix, resume=resume, use_ray=args.ray or args.world_size > 1, world_size=args.world_size
-    )
+    # Several trainer ranks or rollout workers are Ray actors.
+    use_ray = args.ray or args.world_size > 1 or spec.resources.rollout_workers > 1
+    return run_job(spec, sink, prefix, resume=resume, use_ray=use_ray, world_size=args.world_size)
 
 
 def merge_lora(args: argparse.Namespace) -> int:
@@ -128,6 +128,8 @@ def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> 
                 address = os.environ.get("RAY_ADDRESS")
                 ray.init(address=address, **({} if address else {"num_cpus": 2}), log_to_driver=False)
         if is_multi_agent(spec):  # games through the coordinator, one parameter set per trained policy
+            if spec.resources.rollout_workers > 1:
+                raise ValueError("resources.rollout_workers > 1 is not supported for multi-agent jobs yet")
             group = games = MultiAgentGroup(spec, use_ray=use_ray, world_size=world_size)
             controller = MultiAgentController(spec, sink, games, prefix)
         else:

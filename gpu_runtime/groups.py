@@ -1,10 +1,11 @@
-"""Worker groups: the controller's typed way to its trainer ranks and its rollout worker.
+"""Worker groups: the controller's typed way to its trainer ranks and its rollout worker(s).
 
 `WorkerGroup` has one method per thing a step asks of the trainer ranks; each runs `RankWorker`'s method of
 that name on every rank at once, rank r with its own arguments (FSDP's collectives need every rank in the
 same call). Implementations differ only in how a call reaches the ranks (`_on_ranks`): in this process
 (`LocalGroup`, world size 1: fast tests and small jobs) or as Ray actors placed with a placement group
-(`RayGroup`). `rollout` is the rollout worker as the `Rollout` interface, or None (SFT: nothing to roll out).
+(`RayGroup`). `rollout` is the rollout worker (or a data-parallel pool of them) as the `Rollout` interface,
+or None (SFT: nothing to roll out).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from typing import Any, Protocol, TypeVar, cast
 
 import torch
 
+from gpu_runtime import placement
 from gpu_runtime.algorithms import LossNorm
 from gpu_runtime.batch import Sample
 from gpu_runtime.envs import REMOTE_SECRET_VAR, egress_env
+from gpu_runtime.rollout_pool import RolloutPool
 from gpu_runtime.workers import RankWorker, RolloutWorker
 from opentinker.spec import JobSpec
 
@@ -117,6 +120,8 @@ class LocalGroup(WorkerGroup):
 
     def __init__(self, spec: JobSpec, *, rollout: bool = True) -> None:
         # rollout=False: the trainer only (a multi-agent job's policies share one rollout worker).
+        if spec.resources.rollout_workers > 1 and rollout:
+            raise ValueError("resources.rollout_workers > 1 needs Ray: run the job with --ray")
         js = spec.model_dump_json()
         self.ranks = [RankWorker(js)]
         # SFT without an environment has nothing to roll out.
@@ -128,57 +133,66 @@ class LocalGroup(WorkerGroup):
 
 
 class RayGroup(WorkerGroup):
-    """Trainer ranks and one rollout worker as Ray actors in one placement group (PACK: one node when it
-    fits). On a CPU-only node the bundles share the node's CPUs fractionally."""
+    """Trainer ranks and the rollout workers as Ray actors in one placement group (`gpu_runtime.placement`:
+    a bundle per rank, then one per rollout worker; `resources.placement` packs them on few nodes or spreads
+    them across nodes). The ranks meet at rank 0's node address. Several rollout workers
+    (`resources.rollout_workers`) are one `Rollout` to the controller (`gpu_runtime.rollout_pool`)."""
 
     def __init__(self, spec: JobSpec, world_size: int, *, rollout: bool = True) -> None:
         # rollout=False: trainer ranks only (a multi-agent job's policies share one rollout worker).
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.ray = ray
         self.world_size = world_size
-        gpus = spec.resources.gpus
-        n_actors = world_size + int(rollout)
-        # The rollout worker gets a GPU of its own when the job has one to spare; otherwise it shares rank
-        # 0's bundle (half each), so a one-GPU job fits on one GPU.
-        colocate = rollout and 0 < gpus <= world_size
-        if gpus > 0:
-            bundles = [{"CPU": 1, "GPU": 1} for _ in range(n_actors - int(colocate))]
-            bundles[0]["CPU"] += int(colocate)
-        else:
-            cpu = min(1.0, ray.cluster_resources().get("CPU", 1) / n_actors)
-            bundles = [{"CPU": cpu} for _ in range(n_actors)]
-        self.pg = placement_group(bundles, strategy="PACK")
-        ray.get(self.pg.ready(), timeout=120)
+        res = spec.resources
+        n_workers = res.rollout_workers if spec.environment is not None and rollout else 0
+        self.plan = plan = placement.plan(
+            gpus=res.gpus,
+            world_size=world_size,
+            rollout_workers=n_workers,
+            # What is free now: inside a Ray job the entrypoint (this process) already holds a CPU slot.
+            cluster_cpus=ray.available_resources().get("CPU", 0),
+        )
+        bundles = plan.bundles
+        self.pg = placement_group(bundles, strategy=placement.STRATEGIES[res.placement])
+        try:
+            ray.get(self.pg.ready(), timeout=120)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise RuntimeError(
+                f"the cluster could not place {bundles} ({res.placement}) within 120 s; "
+                f"free now: {ray.available_resources()}"
+            ) from None
+
+        def strategy(i: int) -> PlacementGroupSchedulingStrategy:
+            return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
 
         def opts(i: int, share: float = 1.0) -> dict[str, Any]:
             b = bundles[i]
             return dict(
-                num_cpus=b["CPU"] * share,
-                num_gpus=b.get("GPU", 0) * share,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                num_cpus=b["CPU"] * share, num_gpus=b.get("GPU", 0) * share, scheduling_strategy=strategy(i)
             )
 
         js = spec.model_dump_json()
-        master = f"127.0.0.1:{free_port()}"  # single-node; a multi-node pool would use rank 0's node IP
+        # A process group only when RankWorker makes one (several ranks, or NCCL on a GPU).
+        needs_master = world_size > 1 or res.gpus > 0
+        self.master = placement.rendezvous(ray, strategy(0)) if needs_master else None
         rank_cls = ray.remote(RankWorker)
+        half = 0.5 if plan.colocate else 1.0
         self.ranks = [
-            rank_cls.options(**opts(r, 0.5 if colocate and r == 0 else 1.0)).remote(js, r, world_size, master)
+            rank_cls.options(**opts(r, half if r == 0 else 1.0)).remote(js, r, world_size, self.master)
             for r in range(world_size)
         ]
-        self.rollout_actor = (
-            ray.remote(RolloutWorker)
-            .options(**(opts(0, 0.5) if colocate else opts(world_size)))
+        worker_cls = ray.remote(RolloutWorker)
+        self.rollout_actors = [
+            worker_cls.options(**opts(plan.worker_bundle(world_size, i), half))
             # An argument, not the actor's runtime_env (readable through the cluster's API like the job's).
             .remote(js, os.environ.get(REMOTE_SECRET_VAR), egress_env())
-            if spec.environment is not None and rollout
-            else None
-        )
-        self.rollout = (
-            blocking(ray, self.rollout_actor, RolloutWorker) if self.rollout_actor is not None else None
-        )
+            for i in range(n_workers)
+        ]
+        self.rollout = RolloutPool(ray, self.rollout_actors) if self.rollout_actors else None
 
     def _on_ranks(self, method: Callable[..., T], per_rank: Sequence[tuple[Any, ...]]) -> list[T]:
         # Every rank's call is sent before any result is awaited: the ranks meet in the same collectives.
@@ -193,7 +207,6 @@ class RayGroup(WorkerGroup):
         try:
             self.leave_process_group()
         finally:
-            for a in [*self.ranks, self.rollout_actor]:
-                if a is not None:
-                    self.ray.kill(a)
+            for a in [*self.ranks, *self.rollout_actors]:
+                self.ray.kill(a)
             remove_placement_group(self.pg)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -27,9 +29,26 @@ def small_spec(*, lora: dict | None = None, **algorithm) -> JobSpec:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session (starting Ray costs seconds)."""
+    """One local Ray for the whole test session (starting Ray costs seconds): a cluster of two nodes of one
+    CPU each on this machine (Ray's own test cluster, ~10 s), so that jobs can be spread across nodes."""
     import ray
+    from ray.cluster_utils import Cluster
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    # A head node turns token auth on when ~/.ray/auth_token exists (any local ray.init() writes one), and
+    # then refuses the second node: a loopback-only test cluster goes without.
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    node = {"num_cpus": 1, "object_store_memory": 80_000_000}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    try:
+        cluster.add_node(**node)
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        yield ray
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
