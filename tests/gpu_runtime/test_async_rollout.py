@@ -9,10 +9,12 @@ import threading
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from gpu_runtime.async_rollout import Batch, RolloutPipeline
 from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup
 from gpu_runtime.workers import RankWorker
+from opentinker.spec import JobSpec
 from tests.gpu_runtime.conftest import small_spec
 from tests.gpu_runtime.test_controller import ListSink, _params, coin_env, run  # noqa: F401 (fixture)
 
@@ -173,3 +175,40 @@ def test_an_async_run_resumes_exactly(tmp_path, coin_env):  # noqa: F811
     ck_b = {r["step"]: r["uri"] for r in sink_b.records if r["type"] == "checkpoint"}
     pa, pb = _params(ckpts[4]), _params(ck_b[4])
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def _job(**over):
+    base = {
+        "kind": "rl",
+        "model": {"base": "tiny-qwen2"},
+        "environment": {"ref": "opentinker/arithmetic@1.0.0"},
+        "algorithm": {"async_rollout": {}},
+    }
+    return {**base, **over}
+
+
+def test_the_spec_option_turns_on_the_correction_and_refuses_what_it_cannot_run():
+    spec = JobSpec.model_validate(_job())
+    assert (spec.algorithm.async_rollout.max_staleness, spec.algorithm.tis_cap) == (1, 2.0)
+    spec = JobSpec.model_validate(_job(algorithm={"async_rollout": {"max_staleness": 2}, "tis_cap": 5}))
+    assert (spec.algorithm.async_rollout.max_staleness, spec.algorithm.tis_cap) == (2, 5.0)
+    assert spec.algorithm.with_steps(3).async_rollout == spec.algorithm.async_rollout
+    assert JobSpec.model_validate(_job(algorithm={})).algorithm.tis_cap is None  # synchronous: unchanged
+    refused = [
+        (_job(algorithm={"async_rollout": {"max_staleness": 0}}), "greater than or equal to 1"),
+        (_job(algorithm={"async_rollout": {"lag": 1}}), "Extra inputs are not permitted"),
+        (_job(kind="eval", algorithm={"name": "eval", "async_rollout": {}}), "async_rollout is for rl jobs"),
+        (
+            _job(multi_agent={"policies": {"p": {}}, "roles": {"x": "p"}}),
+            "not supported for multi-agent jobs yet",
+        ),
+    ]
+    for data, why in refused:
+        with pytest.raises(ValidationError, match=why):
+            JobSpec.model_validate(data)
+
+
+def test_lora_dropout_is_refused_with_an_in_process_rollout(coin_env):  # noqa: F811
+    spec = small_spec(lora={"rank": 4, "dropout": 0.1}, async_rollout={"max_staleness": 1})
+    with pytest.raises(ValueError, match="LoRA dropout needs the rollout worker in its own process"):
+        run(spec, None)
