@@ -17,8 +17,10 @@
   runtime checkpoints at its next step boundary, SIGKILL after ``OPENTINKER_STOP_GRACE_S``).
 - **capacity** is read from the cluster's alive nodes (GPUs by accelerator type, or CPU slots without GPUs).
 
-The runtime inside a Ray job needs no Ray of its own for one trainer rank (``gpu_runtime`` runs in process);
-with more ranks it joins this cluster through the ``RAY_ADDRESS`` that Ray sets for every job.
+The runtime inside a Ray job needs no Ray of its own for one trainer rank and one rollout worker
+(``gpu_runtime`` runs in process); with more ranks or ``resources.rollout_workers`` > 1 it joins this cluster
+through the ``RAY_ADDRESS`` that Ray sets for every job and places its actors there (``resources.placement``:
+packed or spread over the nodes; the ranks meet at rank 0's node address, ``gpu_runtime/placement.py``).
 """
 
 from __future__ import annotations
