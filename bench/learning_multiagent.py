@@ -10,10 +10,12 @@ Each run is the README's multi-agent example, in process, through the same contr
 job against the rule-based player in both seats (greedy, held-out openings) before the first update and at
 the end.
 
-The table, per seed and policy: illegal-move rate and win-or-draw rate against the rule player in each seat
-(X, O) and their mean, before -> after the co-training job; how far each trained parameter set moved (alice:
-the norm of its weights' change from the warm start; bob: the norm of its LoRA update, scale * B @ A, summed
-over the adapted matrices); wall time of the SFT and co-training jobs (the in-job evaluations included).
+The table, per seed and policy: illegal-move rate, the share of forced blocks made (moves where the rule
+player was one stone from a line and the policy could not win at once) and win-or-draw rate against the rule
+player in each seat (X, O) and the mean win-or-draw, before -> after the co-training job; how far each
+trained parameter set moved (alice: the norm of its weights' change from the warm start; bob: the norm of its
+LoRA update, scale * B @ A, summed over the adapted matrices); wall time of the SFT and co-training jobs
+(the in-job evaluations included).
 
 `--references` prints, first, what fixed players score on the same held-out openings and the same metric
 (win-or-draw against the rule player, mean over both seats): a random legal player, one that takes a winning
@@ -129,6 +131,8 @@ def summary(before: dict[str, float], after: dict[str, float], policy: str) -> d
         for role in ("x", "o"):
             out[f"wd_{role}_{when}"] = m[f"{p}/{role}/win_or_draw"]
             out[f"illegal_{role}_{when}"] = m[f"{p}/{role}/illegal_rate"]
+            # Forced blocks made (NaN: the seat never faced one).
+            out[f"block_{role}_{when}"] = m.get(f"{p}/{role}/block_rate", math.nan)
     return out
 
 
@@ -203,8 +207,9 @@ def reference_table(seeds: list[int], games: int) -> str:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| seed | policy | illegal X | illegal O | win-or-draw X | win-or-draw O | win-or-draw (mean) "
-        "| change | ‖Δθ‖ | SFT s | co-train s |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| seed | policy | illegal X | illegal O | blocks X | blocks O | win-or-draw X | win-or-draw O "
+        "| win-or-draw (mean) | change | ‖Δθ‖ | SFT s | co-train s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
@@ -212,6 +217,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['seed']} | {r['policy']} ({r['kind']}) "
             f"| {r['illegal_x_before']:.2f} → {r['illegal_x_after']:.2f} "
             f"| {r['illegal_o_before']:.2f} → {r['illegal_o_after']:.2f} "
+            f"| {r['block_x_before']:.2f} → {r['block_x_after']:.2f} "
+            f"| {r['block_o_before']:.2f} → {r['block_o_after']:.2f} "
             f"| {r['wd_x_before']:.2f} → {r['wd_x_after']:.2f} "
             f"| {r['wd_o_before']:.2f} → {r['wd_o_after']:.2f} "
             f"| {r['wd_before']:.2f} → {r['wd_after']:.2f} | {r['wd_after'] - r['wd_before']:+.2f} "
