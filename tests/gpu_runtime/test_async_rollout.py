@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from gpu_runtime.async_rollout import Batch, RolloutPipeline
-from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup
+from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup, RayGroup
 from gpu_runtime.workers import RankWorker
 from opentinker.spec import JobSpec
 from tests.gpu_runtime.conftest import small_spec
@@ -212,3 +212,23 @@ def test_lora_dropout_is_refused_with_an_in_process_rollout(coin_env):  # noqa: 
     spec = small_spec(lora={"rank": 4, "dropout": 0.1}, async_rollout={"max_staleness": 1})
     with pytest.raises(ValueError, match="LoRA dropout needs the rollout worker in its own process"):
         run(spec, None)
+
+
+@pytest.mark.slow
+def test_async_with_the_rollout_worker_as_a_ray_actor(ray_session, tmp_path):
+    """The background thread waits on the actor's calls (the rollout runs in the actor's process)."""
+    spec = small_spec(steps=3, async_rollout={"max_staleness": 1})
+    sink = ListSink()
+    group = RayGroup(spec, world_size=1)
+    try:
+        result = Controller(spec, sink, group, f"file://{tmp_path}").run()
+    finally:
+        group.shutdown()
+    assert result.exit_code == EXIT_OK
+    m = sink.metric_steps()
+    assert [(m[k]["async/staleness"], m[k]["async/behaviour_version"]) for k in (1, 2, 3)] == [
+        (0.0, 0.0),
+        (1.0, 0.0),
+        (1.0, 1.0),
+    ]
+    assert [r["step"] for r in sink.records if r["type"] == "checkpoint"] == [2, 3]
