@@ -293,6 +293,10 @@ class Client:
             self._sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _checked(self, response: httpx.Response) -> httpx.Response:
+        """The response, or the error its status means (for requests built by hand: uploads)."""
+        return _raise_for_status(response, stream=False)
+
     def _connection_error(self, method: str, request: httpx.Request, exc: Exception) -> ApiConnectionError:
         detail = str(exc) or type(exc).__name__
         message = f"cannot reach {self.base_url} ({detail})"

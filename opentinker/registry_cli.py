@@ -8,11 +8,12 @@ otherwise) and prints the new version's reference (`acme/my-model@3`) and its va
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from opentinker.progress import Progress
+from opentinker.progress import Progress, fmt_bytes
 
 
 def _push(ctx: Any, kind: str) -> int:
@@ -35,9 +36,7 @@ def _push(ctx: Any, kind: str) -> int:
     finally:
         progress.close()
     if ctx.json:
-        from opentinker.cli import print_json
-
-        print_json(result)
+        _print_json(result)
         return 0
     version = result.get(kind) or {}
     line = f"pushed {result['ref']}"
@@ -60,26 +59,30 @@ def cmd_datasets_push(ctx: Any) -> int:
     return _push(ctx, "dataset")
 
 
-def _list(ctx: Any, rows: list[dict[str, Any]], extra: Callable[[dict[str, Any]], str]) -> None:
-    from opentinker.cli import print_table
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
 
-    print_table(
-        ["REF", "STATUS", "SIZE", "DETAILS"],
-        (
-            [v["ref"], v.get("status", "-"), str(v["size_bytes"]), extra(v)]
-            for item in rows
-            for v in item["versions"]
-        ),
-        empty="None yet.",
-    )
+
+def _list(ctx: Any, rows: list[dict[str, Any]], extra: Callable[[dict[str, Any]], str]) -> None:
+    # Its own small table (opentinker.cli imports this module; importing it back would be a cycle).
+    cells = [
+        [v["ref"], v.get("status", "-"), fmt_bytes(v["size_bytes"]), extra(v)]
+        for item in rows
+        for v in item["versions"]
+    ]
+    if not cells:
+        print("None yet.")
+        return
+    headers = ["REF", "STATUS", "SIZE", "DETAILS"]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    for row in [headers, *cells]:
+        print("  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)), row[-1]]))
 
 
 def cmd_models_list(ctx: Any, presets: Callable[[Any], int] | None = None) -> int:
     rows = ctx.client().registry.models()
     if ctx.json:
-        from opentinker.cli import print_json
-
-        print_json(rows)
+        _print_json(rows)
         return 0
     _list(
         ctx, rows, lambda v: f"{v['info'].get('model_type', '?')} {v['info'].get('parameters', '?')} params"
@@ -90,9 +93,7 @@ def cmd_models_list(ctx: Any, presets: Callable[[Any], int] | None = None) -> in
 def cmd_datasets_list(ctx: Any) -> int:
     rows = ctx.client().registry.datasets()
     if ctx.json:
-        from opentinker.cli import print_json
-
-        print_json(rows)
+        _print_json(rows)
         return 0
     _list(ctx, rows, lambda v: f"{v['format']} {v['num_rows']} rows")
     return 0

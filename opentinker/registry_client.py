@@ -13,14 +13,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
 from opentinker.errors import ApiConnectionError, OpenTinkerError
-
-if TYPE_CHECKING:
-    from opentinker.client import Client
 
 RETRIES = 5
 # Not part of a model or dataset: left out of a push (editor and OS droppings, git).
@@ -64,7 +61,8 @@ def scan(directory: str | os.PathLike[str]) -> list[LocalFile]:
 class RegistryAPI:
     """``client.registry``: push and list the organization's models and datasets."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Any) -> None:
+        # The Client that owns it (typed loosely: its module imports this one).
         self._c = client
 
     def models(self) -> list[dict[str, Any]]:
@@ -142,8 +140,6 @@ class RegistryAPI:
         return dict(self._c._call("POST", f"/org/uploads/{uid}/complete"))
 
     def _put_chunk(self, uid: str, index: int, offset: int, data: bytes) -> None:
-        from opentinker.client import _raise_for_status
-
         request = self._c._http.build_request(
             "PUT",
             f"/org/uploads/{uid}/files/{index}",
@@ -157,7 +153,7 @@ class RegistryAPI:
             raise self._c._connection_error("PUT", request, exc) from None
         if response.status_code >= 500 or response.status_code == 409:
             raise _Retry(f"HTTP {response.status_code}")  # ask where to go on, then retry
-        _raise_for_status(response, stream=False)
+        self._c._checked(response)
 
 
 class _Retry(Exception):
