@@ -39,6 +39,7 @@ from gpu_runtime.phases import PhaseTimer
 from gpu_runtime.rollout.dynamic_sampling import Refill, collect_informative
 from gpu_runtime.rollout_log import Decoder, step_records
 from gpu_runtime.sink import Sink
+from gpu_runtime.workers import job_device
 from opentinker.spec import JobSpec
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED, EXIT_TIME_LIMIT = 0, 1, 3, 4
@@ -275,6 +276,12 @@ class Controller(JobLoop):
             raise ValueError(
                 "async_rollout with LoRA dropout needs the rollout worker in its own process (Ray): in one "
                 "process the dropout would draw from the RNG that the rollout thread reseeds each step"
+            )
+        if isinstance(self.group, LocalGroup) and job_device(self.spec) == "cuda":
+            raise ValueError(
+                "async_rollout on a GPU needs the rollout worker in its own process (--ray): in one "
+                "process both threads would queue on one CUDA stream (no overlap) while the decode loop "
+                "captures its CUDA graphs"
             )
         worker = self._rollout_worker()
         self.pipeline = RolloutPipeline(
