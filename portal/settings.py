@@ -249,6 +249,9 @@ ENV_ARCHIVE_MAX_BYTES = env.int(
 # What one organization's registry models, datasets and uploads in progress may take in all (the uploads
 # declare their sizes first, so an upload that would pass it is refused before a byte arrives). 20 GiB.
 REGISTRY_MAX_BYTES = env.int("REGISTRY_MAX_BYTES", 20 * 1024**3, minimum=1)
+# Hugging Face Hub repositories that `manage.py registry_import_model` may copy into a registry: fnmatch
+# patterns (`Qwen/*`, `HuggingFaceTB/SmolLM2-135M`), comma-separated; none by default (imports off).
+HUB_IMPORT_ALLOW = env.list("HUB_IMPORT_ALLOW", [])
 
 # Where job runtimes reach the ingest API (the launcher hands it to each job with a job token).
 INGEST_BASE_URL = env.str("INGEST_BASE_URL", "http://127.0.0.1:8000")
