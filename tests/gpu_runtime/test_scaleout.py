@@ -1,6 +1,6 @@
 """Scale-out: N rollout workers and trainer ranks on several nodes (issue 14, item 3).
 
-The 2-node test runs on the session's Ray cluster (two nodes of one CPU each, `ray_session`): 2 rollout
+The 2-node test runs on the session's Ray cluster (two nodes of two CPUs each, `ray_session`): 2 rollout
 workers and 2 trainer ranks spread across the nodes give the parameters of 1 worker and 1 rank in process.
 Sampling is collapsed to the most likely id (top_p 1e-6): N workers draw their own noise, so only a
 noise-free rollout can give the very same batch; the log-probs are still the untruncated ones at T = 1, so
