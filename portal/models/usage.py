@@ -14,8 +14,8 @@ class UsageRecord(models.Model):
     cpu_seconds = models.FloatField(default=0)
     # The Tinker-compatible API: tokens its model servers processed (forward/backward rows, sampled prompts
     # and completions) and the model-server time its calls took (a shared pass split by tokens).
-    tinker_tokens = models.BigIntegerField(default=0)
-    model_server_seconds = models.FloatField(default=0)
+    tinker_tokens = models.BigIntegerField(default=0, db_default=0)  # db_default: raw upserts omit it
+    model_server_seconds = models.FloatField(default=0, db_default=0)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
