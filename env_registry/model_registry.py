@@ -74,12 +74,41 @@ def model_upload_complete(upload: Upload) -> ModelVersion:
         # Refused (or the bytes do not match): nothing of it stays; the client starts over.
         uploads.upload_discard(upload)
         raise DomainError(str(e), field="files") from None
-    organization = upload.organization
+    version = model_version_store(
+        organization=upload.organization,
+        user=upload.user,
+        name=upload.name,
+        description=upload.description,
+        root=root,
+        files=upload.files,
+        size_bytes=upload.size_bytes,
+        info=info,
+        upload=upload,
+    )
+    uploads.upload_discard(upload)  # the chunks (the row went with the version's transaction)
+    model_validation_start(version)
+    return version
+
+
+def model_version_store(
+    *,
+    organization: Organization,
+    user,
+    name: str,
+    description: str,
+    root: Path,
+    files: list[dict],
+    size_bytes: int,
+    info: dict,
+    upload: Upload | None = None,
+) -> ModelVersion:
+    """Store the checked directory `root` as the model's next version (pending validation); `root` is gone
+    afterwards. The version row and the files go in together: a failed commit takes the files out again."""
     published = None
     try:
         with transaction.atomic():
             model, _ = RegisteredModel.objects.get_or_create(
-                organization=organization, name=upload.name, defaults={"description": upload.description}
+                organization=organization, name=name, defaults={"description": description}
             )
             model = RegisteredModel.objects.select_for_update().get(pk=model.pk)  # numbers one at a time
             number = (model.versions.aggregate(n=Max("version"))["n"] or 0) + 1
@@ -90,12 +119,13 @@ def model_upload_complete(upload: Upload) -> ModelVersion:
                 model=model,
                 version=number,
                 uri=uri,
-                files=[{k: f[k] for k in ("path", "size", "sha256")} for f in upload.files],
-                size_bytes=upload.size_bytes,
+                files=[{k: f[k] for k in ("path", "size", "sha256")} for f in files],
+                size_bytes=size_bytes,
                 info=info,
-                uploaded_by=upload.user,
+                uploaded_by=user,
             )
-            Upload.objects.filter(pk=upload.pk).delete()
+            if upload is not None:
+                Upload.objects.filter(pk=upload.pk).delete()
             storage.store().publish_dir(root, uri)
             published = uri
     except BaseException:
@@ -104,8 +134,6 @@ def model_upload_complete(upload: Upload) -> ModelVersion:
         raise
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    uploads.upload_discard(upload)  # the chunks (the row went with the version's transaction)
-    model_validation_start(version)
     return version
 
 
