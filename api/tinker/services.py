@@ -24,6 +24,7 @@ from api.tinker.models import TinkerFuture, TinkerModel, TinkerSession, TinkerWe
 from opentinker.spec import MODEL_PRESETS
 from portal.errors import NotFound
 from portal.models import Membership, Organization
+from portal.services.usage import tinker_usage_charge
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 PATH_RE = re.compile(r"^tinker://(?P<run>[^/]+)/(?P<kind>weights|sampler_weights)/(?P<name>[^/]+)$")
@@ -412,9 +413,11 @@ def future_complete(
     result: dict[str, Any] | None = None,
     error: str = "",
     category: str = "",
+    usage: Any = None,
 ) -> TinkerFuture:
     """Write a call's outcome, as the model server of `base_model` reports it. Idempotent: a future already
-    completed keeps its first outcome (a model server may report twice after a lost answer)."""
+    completed keeps its first outcome (a model server may report twice after a lost answer), and its
+    `usage` (`{"tokens", "seconds"}`) is charged to the future's organization once, with that outcome."""
     with transaction.atomic():
         future = (
             TinkerFuture.objects.select_for_update()
@@ -435,8 +438,32 @@ def future_complete(
             future.state = TinkerFuture.State.DONE
             future.result = _reply(future, result)
         future.save()
+        tokens, seconds = _usage(usage)
+        tinker_usage_charge(
+            organization_id=future.organization_id, when=future.completed_at, tokens=tokens, seconds=seconds
+        )
         transaction.on_commit(lambda: queue.announce_done(str(future.pk)))
     return future
+
+
+# One call's usage at most (a model server's report is trusted, but a broken number must not poison a month).
+MAX_CALL_TOKENS, MAX_CALL_SECONDS = 10**9, 86400.0
+
+
+def _usage(usage: Any) -> tuple[int, float]:
+    """(tokens, seconds) of a reported usage; (0, 0) for anything that is not two sane numbers."""
+    if not isinstance(usage, dict):
+        return 0, 0.0
+    tokens, seconds = usage.get("tokens", 0), usage.get("seconds", 0.0)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= MAX_CALL_TOKENS:
+        tokens = 0
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 <= seconds <= MAX_CALL_SECONDS
+    ):
+        seconds = 0.0
+    return tokens, float(seconds)
 
 
 def _reply(future: TinkerFuture, result: dict[str, Any]) -> dict[str, Any]:

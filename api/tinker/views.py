@@ -443,7 +443,7 @@ async def _wait(pubsub: Any, hold: float) -> None:
 @csrf_exempt
 @require_http_methods(["POST"])
 def ingest_outcomes(request: HttpRequest) -> HttpResponse:
-    """`{"outcomes": [{"future", "result"} | {"future", "error", "category"}]}` from the model server of
+    """`{"outcomes": [{"future", "result" | "error" + "category", "usage"?}]}` from the model server of
     the token's base model. Unknown futures (or another base's) are counted, not written."""
     base_model = authenticate_model_server(request)
     if base_model is None:
@@ -459,6 +459,7 @@ def ingest_outcomes(request: HttpRequest) -> HttpResponse:
                     result=o.get("result"),
                     error=str(o.get("error") or ""),
                     category=str(o.get("category") or ""),
+                    usage=o.get("usage"),
                 )
                 written += 1
             except NotFound:

@@ -17,6 +17,8 @@ class MonthUsageSerializer(serializers.Serializer):
     cpu_hours = serializers.FloatField()
     gpu_hours_quota = serializers.IntegerField(allow_null=True, help_text="Monthly quota (current month).")
     running_gpus = serializers.IntegerField(help_text="GPUs held right now (current month only).")
+    tinker_tokens = serializers.IntegerField(help_text="Tokens the Tinker API's model servers processed.")
+    model_server_hours = serializers.FloatField(help_text="Model-server time the Tinker API's calls took.")
 
 
 class OrgUsageApi(APIView):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ from gpu_runtime.model_server.types import (
     Outcome,
     Result,
     Sample,
+    SampleResult,
     SaveState,
     SaveStateResult,
 )
@@ -219,12 +221,30 @@ class ModelServer:
                     break
                 batch.append((m, seq_id, op))
                 budget -= size
-        outcomes = [self._run_single(m, seq_id, op) for m, seq_id, op in singles]
-        outcomes += self._run_forward_backward(batch) if batch else []
+        outcomes = [self._timed_single(m, seq_id, op) for m, seq_id, op in singles]
+        if batch:
+            start = time.perf_counter()
+            done = self._run_forward_backward(batch)
+            elapsed = time.perf_counter() - start
+            sizes = [sum(len(d.model_input) for d in op.data) for _, _, op in batch]
+            for o, size in zip(done, sizes, strict=True):
+                o.seconds = elapsed * size / max(sum(sizes), 1)
+                o.tokens = size if o.error is None else 0
+            outcomes += done
         for o in outcomes:
             self.models[o.model_id].queue.complete(o)
         self._evict_past_limit(keep=set())
         return outcomes
+
+    def _timed_single(self, m: _Model, seq_id: int, op: Operation) -> Outcome:
+        start = time.perf_counter()
+        o = self._run_single(m, seq_id, op)
+        o.seconds = time.perf_counter() - start
+        if isinstance(o.result, SampleResult) and isinstance(op, Sample):
+            o.tokens = len(op.prompt) + sum(len(s.tokens) for s in o.result.sequences)
+        elif isinstance(o.result, ComputeLogprobsResult):
+            o.tokens = len(o.result.logprobs)
+        return o
 
     def _run_single(self, m: _Model, seq_id: int, op: Operation) -> Outcome:
         try:

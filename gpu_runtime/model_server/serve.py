@@ -248,6 +248,11 @@ class ServeLoop:
         return [self._wire(o) for o in self.server.step()]
 
     def _wire(self, o: Outcome) -> WireOutcome:
+        wire = self._wire_outcome(o)
+        wire["usage"] = {"tokens": o.tokens, "seconds": o.seconds}
+        return wire
+
+    def _wire_outcome(self, o: Outcome) -> WireOutcome:
         future = self.futures.pop((o.model_id, o.seq_id), None)
         self.sampling.discard(str(future))
         reason = self.rejected.pop((o.model_id, o.seq_id), None)

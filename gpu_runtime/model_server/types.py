@@ -174,6 +174,10 @@ class Outcome:
     seq_id: int
     result: Result | None = None
     error: ModelServerError | None = None
+    # Metering: tokens the call processed (input rows; a sample's prompt and completions) and the seconds of
+    # model-server time it took (a batched pass's time split by each call's share of its tokens).
+    tokens: int = 0
+    seconds: float = 0.0
 
     def unwrap(self) -> Result:
         if self.error is not None:

@@ -19,6 +19,8 @@ class MonthUsage:
     cpu_hours: float
     gpu_hours_quota: int | None = None
     running_gpus: int = 0
+    tinker_tokens: int = 0
+    model_server_hours: float = 0.0
 
 
 def organization_usage(organization: Organization, *, months: int = 12) -> list[MonthUsage]:
@@ -45,6 +47,8 @@ def organization_usage(organization: Organization, *, months: int = 12) -> list[
                 cpu_hours=round((r.cpu_seconds if r else 0.0) / 3600, 4),
                 gpu_hours_quota=quota.gpu_hours_per_month if quota and month == current else None,
                 running_gpus=running if month == current else 0,
+                tinker_tokens=r.tinker_tokens if r else 0,
+                model_server_hours=round((r.model_server_seconds if r else 0.0) / 3600, 6),
             )
         )
     return out

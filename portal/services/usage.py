@@ -111,6 +111,27 @@ def accounting_tick(*, now: datetime | None = None) -> int:
     return len(ids)
 
 
+def tinker_usage_charge(*, organization_id: int, when: datetime, tokens: int, seconds: float) -> None:
+    """The Tinker API's metering: tokens a model server processed and its time, added to the month of
+    `when` (an additive upsert, like ``usage_charge``)."""
+    if tokens <= 0 and seconds <= 0:
+        return
+    with connection.cursor() as cur:
+        cur.execute(
+            """
+            INSERT INTO portal_usagerecord (organization_id, month, gpu_seconds, cpu_seconds, tinker_tokens,
+                model_server_seconds, updated_at)
+            VALUES (%s, %s, 0, 0, %s, %s, now())
+            ON CONFLICT (organization_id, month) DO UPDATE SET
+                tinker_tokens = portal_usagerecord.tinker_tokens + EXCLUDED.tinker_tokens,
+                model_server_seconds
+                    = portal_usagerecord.model_server_seconds + EXCLUDED.model_server_seconds,
+                updated_at = now()
+            """,
+            [organization_id, month_start(when.astimezone(UTC)), max(tokens, 0), max(seconds, 0.0)],
+        )
+
+
 def month_bounds(month: date) -> tuple[datetime, datetime]:
     start = datetime.combine(month, datetime.min.time(), tzinfo=UTC)
     return start, datetime.combine(_next_month(month), datetime.min.time(), tzinfo=UTC)
@@ -122,5 +143,6 @@ __all__ = [
     "month_bounds",
     "month_start",
     "split_by_month",
+    "tinker_usage_charge",
     "usage_charge",
 ]

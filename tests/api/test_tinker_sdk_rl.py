@@ -18,6 +18,7 @@ import tinker
 from tinker import types
 
 from api.tinker.auth import sdk_key
+from portal.models import UsageRecord
 from tests.api import tinker_live
 from tests.api.tinker_live import BASE_MODEL, WAIT
 
@@ -98,4 +99,13 @@ def test_sdk_rl_loop_reward_rises_and_resume(platform, model_server, alice, acme
     assert loss["without"] == pytest.approx(loss["original"], rel=1e-5), loss
     assert after["with_adam"] == pytest.approx(after["original"], rel=1e-5), after
     assert after["without"] != pytest.approx(after["original"], rel=1e-3), after
+
+    # Metering: every token the model server processed is charged to acme (a sample's prompt once and its
+    # completions; each forward_backward / forward row), with the model server's time.
+    sampled = len(PROMPT) + GROUP * 2
+    trained = GROUP * (len(PROMPT) + 1)
+    probed = 3 * 2 * (len(PROMPT) - 1)
+    usage = UsageRecord.objects.get(organization=acme)
+    assert usage.tinker_tokens == STEPS * (sampled + trained) + probed
+    assert usage.model_server_seconds > 0
     service.close("success").result(timeout=WAIT)

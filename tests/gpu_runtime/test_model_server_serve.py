@@ -89,6 +89,7 @@ def test_samples_need_no_order_and_nan_never_leaves(server):
     done = loop.step() + loop.step()
     assert sorted(o["future"] for o in done) == ["a", "b"]
     for o in done:
+        assert o["usage"]["tokens"] == len(TOKENS) + 2 * 3  # the prompt once, and two completions of 3
         seqs = o["result"]["sequences"]
         assert [len(s["tokens"]) for s in seqs] == [3, 3] and all(s["stop_reason"] == "length" for s in seqs)
         first, *rest = o["result"]["prompt_logprobs"]
@@ -157,6 +158,9 @@ def test_serve_runs_what_is_queued_and_reports_each_outcome_once(server):
     serve(ServeLoop(server), transport, should_stop=lambda: transport.idle)  # type: ignore[arg-type]
     assert [o["future"] for o in transport.posted] == ["c", "f1", "f2"]
     assert all("result" in o for o in transport.posted)
+    # Metering: a forward_backward's tokens are its rows' (5 each); a pass's time is split among its calls.
+    assert [o["usage"]["tokens"] for o in transport.posted[1:]] == [5, 5]
+    assert all(o["usage"]["seconds"] > 0 for o in transport.posted[1:])
 
 
 def test_a_copy_the_api_re_sent_is_not_run_twice(server):
