@@ -70,6 +70,21 @@ def _base_of(spec: dict[str, Any], policy: str | None) -> str:
     return str(model["base"])
 
 
+def _untie_if_adapted(model: Any, src: Path) -> None:
+    """A base whose output layer shares the input embeddings' weight (tie_word_embeddings), under an adapter
+    of its output layer (Tinker's train_unembed): merging into the shared weight would change the embeddings
+    too. The output layer gets its own copy first, and the merged model's config says it is not tied."""
+    config = json.loads((src / "adapter_config.json").read_text())
+    targets = config.get("target_modules") or []
+    if "lm_head" not in targets or not getattr(model.config, "tie_word_embeddings", False):
+        return
+    import torch
+
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    model.config.tie_word_embeddings = False
+
+
 def _merge_one(src: Path, out: Path, base: str, seed: int) -> None:
     out.mkdir(parents=True)
     if not (src / ADAPTER).exists():  # full fine-tuning: already a Hugging Face model
@@ -87,6 +102,7 @@ def _merge_one(src: Path, out: Path, base: str, seed: int) -> None:
 
     # The base exactly as the job built it: a preset is a seeded random init, a URI a Hugging Face directory.
     loaded = load_model(base, seed=seed)
+    _untie_if_adapted(loaded.model, src)
     merged = PeftModel.from_pretrained(loaded.model, src).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
     has_tokenizer = (src / "tokenizer.json").exists() or (src / "tokenizer_config.json").exists()

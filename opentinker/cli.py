@@ -52,6 +52,7 @@ from opentinker.progress import Progress, fmt_bytes, is_terminal
 from opentinker.registry_cli import add_registry_commands
 from opentinker.rollouts_text import rollouts_text
 from opentinker.spec import JobState
+from opentinker.tinker_cli import add_tinker_commands
 from opentinker.types import EnvironmentPackage, Job, JobEvent, MetricSeries, Page, Token
 from opentinker.watch_view import DEFAULT_METRICS, WatchView
 
@@ -101,8 +102,11 @@ def print_json(obj: Any) -> None:
     print(json.dumps(_to_jsonable(obj), indent=2))
 
 
-def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], empty: str = "(none)") -> None:
-    cells = [[_cell(v) for v in row] for row in rows]
+def print_table(
+    headers: Sequence[str], rows: Iterable[Sequence[Any]], empty: str = "(none)", max_len: int = 60
+) -> None:
+    """`max_len`: where a cell is cut (ids and paths a user copies must not be)."""
+    cells = [[_cell(v, max_len) for v in row] for row in rows]
     if not cells:
         print(empty)
         return
@@ -113,11 +117,11 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], empty: st
         print("  ".join([*padded, row[-1]]))
 
 
-def print_fields(pairs: Iterable[tuple[str, Any]]) -> None:
+def print_fields(pairs: Iterable[tuple[str, Any]], max_len: int = 60) -> None:
     pairs = list(pairs)
     width = max(len(k) for k, _ in pairs) + 1
     for key, value in pairs:
-        print(f"{key + ':':<{width}} {_cell(value)}")
+        print(f"{key + ':':<{width}} {_cell(value, max_len)}")
 
 
 def _cell(value: Any, max_len: int = 60) -> str:
@@ -589,9 +593,11 @@ def _download_whole(ctx: Context) -> int:
     return 0
 
 
-def merge_lora(adapter_dir: Path, dest: Path) -> None:
-    """Merge with the runtime's tool in a subprocess: the SDK itself never imports torch or peft."""
+def merge_lora(adapter_dir: Path, dest: Path, *, base: str | None = None) -> None:
+    """Merge with the runtime's tool in a subprocess: the SDK itself never imports torch or peft. `base`:
+    the base model when the adapter's meta.json names none in a job spec (a Tinker adapter's)."""
     cmd = [sys.executable, "-m", "gpu_runtime", "merge-lora", str(adapter_dir), "-o", str(dest)]
+    cmd += ["--base", base] if base else []
     try:
         done = subprocess.run(cmd, check=False)
     except OSError as exc:
@@ -843,6 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "whoami", cmd_whoami, "show the current user, organization and token scopes")
     add(sub, "quota", cmd_quota, "show the organization's quota")
     add_registry_commands(sub, common, cmd_models)
+    add_tinker_commands(sub, common)
 
     jobs = sub.add_parser("jobs", parents=[common], help="submit and inspect jobs").add_subparsers(
         dest="jobs_command", required=True, metavar="COMMAND"

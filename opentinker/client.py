@@ -37,6 +37,7 @@ from opentinker.errors import (
 )
 from opentinker.registry_client import RegistryAPI
 from opentinker.spec import JobKind, JobSpec, JobState
+from opentinker.tinker_client import TinkerAPI
 from opentinker.types import (
     Checkpoint,
     CreatedToken,
@@ -186,6 +187,7 @@ class Client:
         self.tokens = TokensAPI(self)
         self.envs = EnvsAPI(self)
         self.registry = RegistryAPI(self)
+        self.tinker = TinkerAPI(self)
 
     @classmethod
     def from_env(cls, *, config: str | os.PathLike[str] | None = None, **kwargs: Any) -> Client:

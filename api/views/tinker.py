@@ -22,6 +22,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from api.serializers import ErrorSerializer
 from api.tenancy import tenant_of
 from api.tinker import selectors
 from portal import storage
@@ -114,6 +115,7 @@ def _query(request, name: str) -> str | None:
     return value or None
 
 
+# A filter naming no object of the organization is a 404 (as the object's own route), not an empty list.
 SESSION_FILTER = OpenApiParameter("session", str, description="Only this session's (its id).")
 MODEL_FILTER = OpenApiParameter("model", str, description="Only this training client's (its model_id).")
 
@@ -146,7 +148,7 @@ class TinkerModelListApi(APIView):
     @extend_schema(
         operation_id="tinker_models",
         parameters=[SESSION_FILTER],
-        responses={200: _listing(TinkerModelSerializer)},
+        responses={200: _listing(TinkerModelSerializer), 404: ErrorSerializer},
         description="The organization's training clients (LoRA adapters on a base model), newest first.",
     )
     def get(self, request):
@@ -170,7 +172,7 @@ class TinkerWeightsListApi(APIView):
     @extend_schema(
         operation_id="tinker_weights",
         parameters=[SESSION_FILTER, MODEL_FILTER],
-        responses={200: _listing(TinkerWeightsSerializer)},
+        responses={200: _listing(TinkerWeightsSerializer), 404: ErrorSerializer},
         description="The organization's saved weights (save_state, save_weights_for_sampler), newest first.",
     )
     def get(self, request):
