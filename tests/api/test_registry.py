@@ -8,6 +8,7 @@ elsewhere it is left to Celery (which the test transaction never reaches) and th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -34,6 +35,12 @@ V1 = "/api/v1"
 
 
 def tiny_model_files(seed: int = 0) -> dict[str, bytes]:
+    """config.json, model.safetensors and the tokenizer's files of a 29k-parameter Qwen2 (a fresh dict)."""
+    return dict(_tiny_model_files(seed))
+
+
+@functools.cache
+def _tiny_model_files(seed: int) -> dict[str, bytes]:
     import tempfile
 
     import torch
