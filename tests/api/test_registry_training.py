@@ -1,7 +1,8 @@
 """End to end: a model made with transformers and a Parquet dataset pushed through the API drive an SFT job
 (model.base = acme/tiny@1, dataset.uri = acme/arith@1 with a column mapping, as the platform pins them), and
 the job's checkpoint round-trips: it loads with transformers, keeps the uploaded tokenizer and architecture,
-and goes back into the registry as acme/tiny@2, a valid model holding exactly the trained weights.
+and goes back into the registry as acme/tiny@2, a valid model holding exactly the trained weights, which
+then drives an RL job (model.base = acme/tiny@latest).
 
 The job runs in this process (Controller + LocalGroup, as tests/gpu_runtime/test_sft.py does), on the spec
 the API stored: the same JobSpec a pool's runtime would get.
@@ -32,6 +33,7 @@ pytestmark = [pytest.mark.django_db, pytest.mark.slow]
 CHAT = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
 
 
+@pytest.mark.usefixtures("builtin_envs")
 def test_pushed_model_and_parquet_dataset_train_an_sft_job_and_the_checkpoint_round_trips(
     as_alice, settings, tmp_path
 ):
@@ -103,3 +105,21 @@ def test_pushed_model_and_parquet_dataset_train_an_sft_job_and_the_checkpoint_ro
     again = load_model(v2.uri)
     for k, v in trained.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[k], v), k
+
+    # The trained model, now a registry version, is the base of an RL job (one GRPO step on arithmetic).
+    ModelVersion.objects.filter(pk=v2.pk).update(status="valid")
+    rl_body = {
+        "kind": "rl",
+        "model": {"base": "acme/tiny@latest"},
+        "environment": {"ref": "opentinker/arithmetic@1.0.0", "config": {"max_operand": 9}},
+        "algorithm": {"name": "grpo", "steps": 1, "batch_size": 2, "group_size": 2, "max_new_tokens": 4},
+        "seed": 1,
+    }
+    resp = as_alice.post(f"{V1}/jobs", rl_body, format="json")
+    assert resp.status_code == 201, resp.content
+    rl_spec = JobSpec.model_validate(Job.objects.get(pk=resp.json()["id"]).spec)
+    assert (rl_spec.model.base, rl_spec.model.registry_ref) == (v2.uri, "acme/tiny@2")
+    rl_sink = ListSink()
+    result = Controller(rl_spec, rl_sink, LocalGroup(rl_spec), f"file://{store}/orgs/acme/jobs/rl").run()
+    assert result.exit_code == EXIT_OK and result.step == 1
+    assert "reward/mean" in rl_sink.metric_steps()[1]
