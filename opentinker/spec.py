@@ -371,8 +371,8 @@ class ResourcesSpec(_Strict):
         1,
         ge=1,
         le=256,
-        description="Data-parallel rollout engines (Ray actors, each with its own GPU or CPU share); a step's "
-        "prompts are split among them in whole groups. More than 1 runs the job's workers on Ray.",
+        description="Data-parallel rollout engines (Ray actors, each with its own GPU or CPU share); a "
+        "step's prompts are split among them in whole groups. More than 1 runs the job's workers on Ray.",
     )
     placement: Literal["pack", "spread"] = Field(
         "pack",
