@@ -63,3 +63,11 @@ urlpatterns += [
     path("console/audit/", audit.console_audit, name="console_audit"),
     path("console/audit/export/", audit.console_audit_export, name="console_audit_export"),
 ]
+
+# Training through the Tinker-compatible API (its SDK's own routes are under /tinker/, so the page is not).
+from portal.web import tinker  # noqa: E402
+
+urlpatterns += [
+    path("training/", tinker.tinker_index, name="tinker"),
+    path("console/model-servers/", tinker.console_model_servers, name="console_model_servers"),
+]

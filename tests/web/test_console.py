@@ -70,7 +70,7 @@ def test_non_staff_get_404_on_every_console_url(alice, bob, acme, charlie, globe
     job = submit(acme, gpus=1, name="job")
     before = quota_values(acme)
     urls = console_urls(job.pk, "acme")
-    assert len(urls) == 2 * 10
+    assert len(urls) == 2 * 11
     # With CSRF enforced, as in a browser: even a POST without a token is a 404, not a CSRF 403.
     visitors = [signed_in(u, o, csrf=True) for u, o in ((alice, acme), (bob, acme), (charlie, globex))]
     for who in (Client(enforce_csrf_checks=True), *visitors):
