@@ -112,6 +112,14 @@ def dataset_upload_start(
 
 
 def dataset_upload_complete(upload: Upload) -> DatasetVersion:
+    """Check the uploaded files and store them as the next version; a refusal deletes the upload and leaves
+    nothing stored. One completion of an upload runs at a time (uploads.upload_completing)."""
+    with uploads.upload_completing(upload):
+        fresh = Upload.objects.select_related("organization", "user").get(pk=upload.pk)
+        return _dataset_upload_complete(fresh)
+
+
+def _dataset_upload_complete(upload: Upload) -> DatasetVersion:
     """Read the uploaded data and store it as the dataset's next version; a refusal deletes the upload."""
     uploads.upload_check_arrived(upload)
     files = [DeclaredFile(f["path"], f["size"], f["sha256"]) for f in upload.files]

@@ -60,6 +60,14 @@ def model_upload_start(
 
 
 def model_upload_complete(upload: Upload) -> ModelVersion:
+    """Check the uploaded files and store them as the next version; a refusal deletes the upload and leaves
+    nothing stored. One completion of an upload runs at a time (uploads.upload_completing)."""
+    with uploads.upload_completing(upload):
+        fresh = Upload.objects.select_related("organization", "user").get(pk=upload.pk)
+        return _model_upload_complete(fresh)
+
+
+def _model_upload_complete(upload: Upload) -> ModelVersion:
     """Check the uploaded files and store them as the model's next version (pending validation); a refusal
     deletes the upload and leaves nothing stored."""
     uploads.upload_check_arrived(upload)

@@ -11,16 +11,18 @@ row and its chunks: nothing of it stays.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
@@ -191,6 +193,26 @@ def upload_assemble(upload: Upload) -> Path:
         shutil.rmtree(root, ignore_errors=True)
         raise
     return root
+
+
+@contextlib.contextmanager
+def upload_completing(upload: Upload) -> Iterator[None]:
+    """Let one completion of an upload run at a time (a retried or doubled request must not store it twice):
+    a PostgreSQL advisory lock on the upload's id, held for the completion; a second one meanwhile gets 409,
+    one after it a 404 (the upload is gone, as a version or refused)."""
+    key = int.from_bytes(upload.id.bytes[:8], "big", signed=True)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
+        (locked,) = cursor.fetchone()
+    if not locked:
+        raise Conflict("this upload is being completed by another request")
+    try:
+        if not Upload.objects.filter(pk=upload.pk).exists():
+            raise NotFound("no such upload")
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
 
 
 def upload_discard(upload: Upload) -> None:

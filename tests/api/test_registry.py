@@ -489,3 +489,41 @@ def test_an_abandoned_upload_stops_counting_and_is_dropped(as_alice, store, mode
     assert resp.status_code == 201
     assert list(Upload.objects.values_list("id", flat=True)) == [uuid.UUID(resp.json()["id"])]
     assert stored_files(store) == []
+
+
+def test_one_completion_at_a_time_and_none_after_it(as_alice, store, model_files, no_inline_validation):
+    """A completion already running (its advisory lock held by another connection) makes a second one a 409;
+    after it, the upload is gone (404), so a retried request never stores a second version."""
+    import threading
+
+    from django.db import connections
+
+    upload = start(as_alice, "model", "tiny", model_files).json()
+    send_all(as_alice, upload, model_files)
+    key = int.from_bytes(uuid.UUID(upload["id"]).bytes[:8], "big", signed=True)
+    held, release = threading.Event(), threading.Event()
+
+    def other_request():
+        with connections["default"].cursor() as cursor:  # this thread's own connection
+            cursor.execute("SELECT pg_advisory_lock(%s)", [key])
+            held.set()
+            release.wait(timeout=60)
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+        connections["default"].close()
+
+    t = threading.Thread(target=other_request)
+    t.start()
+    try:
+        assert held.wait(timeout=60)
+        resp = as_alice.post(f"{V1}/org/uploads/{upload['id']}/complete")
+        assert (
+            resp.status_code == 409 and error_of(resp) == "this upload is being completed by another request"
+        )
+    finally:
+        release.set()
+        t.join(timeout=60)
+    resp = as_alice.post(f"{V1}/org/uploads/{upload['id']}/complete")
+    assert resp.status_code == 201 and resp.json()["ref"] == "acme/tiny@1"
+    resp = as_alice.post(f"{V1}/org/uploads/{upload['id']}/complete")
+    assert resp.status_code == 404
+    assert ModelVersion.objects.count() == 1
