@@ -251,9 +251,10 @@ class UploadCompleteApi(APIView):
     @extend_schema(
         operation_id="uploads_complete",
         request=None,
-        responses={201: CompleteOutput, 400: ErrorSerializer},
+        responses={201: CompleteOutput, 400: ErrorSerializer, 404: ErrorSerializer, 409: ErrorSerializer},
         description="Check the uploaded files and store them as the next version (`owner/name@N`); a model "
-        "is then validated in the sandbox (its `status`). A refusal deletes the upload: nothing is stored.",
+        "is then validated in the sandbox (its `status`). A refusal deletes the upload: nothing is stored. "
+        "One completion at a time: a concurrent one gets 409, a later one 404 (the upload is gone).",
     )
     def post(self, request, upload_id: str):
         upload = uploads.upload_get(tenant_of(request).organization, upload_id)
