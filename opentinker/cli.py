@@ -436,10 +436,7 @@ def cmd_jobs_watch(ctx: Context) -> int:
             else:
                 view.feed(ev)
             if mirror is not None:
-                for p in ev.points:
-                    mirror.add(p.step, p.name, p.value)
-                if ev.type == "sync":
-                    mirror.sync()
+                mirror.feed(ev)
             if ev.type == "end":
                 final = ev.state
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opentinker.errors import OpenTinkerError
-from opentinker.types import Job
+from opentinker.types import Job, StreamEvent
 
 if TYPE_CHECKING:
     from opentinker.client import Client
@@ -258,42 +258,77 @@ def wandb_flush() -> None:
 class WandbMirror:
     """Mirrors a job's live metrics into a W&B run while ``opentinker jobs watch`` follows its stream.
 
-    W&B needs steps in increasing order. The stream first replays the history (ordered by metric name, not by
-    step) and then says ``sync``: the history is held until then and logged in step order. After it, a step's
-    points may still come in several frames: a step is logged once a later step shows up (or the stream
-    ends). A point for a step already logged (a late straggler) is counted in ``late`` and left out.
+    W&B needs steps in increasing order, and each step logged once. The stream sends two kinds of metrics
+    frames. Live ones hold the points one ingest call brought. Replayed ones (``"replay": true``: the history
+    before ``sync``, a refill after a lost publication, a reconnect whose place the stream lost) come from the
+    database ordered by metric name, then step, so a later frame may still bring any earlier step. Hence:
+
+    * each frame's points are taken in step order;
+    * while a replay is under way nothing is written; it ends at ``sync`` or at the next live frame;
+    * otherwise a step is written once a frame shows up whose smallest step is above it (a frame may finish
+      an earlier step), and everything left at the end of the stream.
+
+    A point for a step already written is left out: counted in ``repeated`` if it was written (a replay
+    re-sends a margin of what was already live), in ``late`` if not (W&B cannot add to a written step).
     """
 
     def __init__(
         self, job: Job, project: str, *, entity: str | None = None, wandb_dir: Path | None = None
     ) -> None:
         self.run = _wandb_init(job, project, entity, wandb_dir)
-        self.pending: dict[int, dict[str, float]] = {}
+        self.pending: dict[int, dict[str, float | None]] = {}
+        self.written: dict[int, set[str]] = {}  # names per written step, to tell repeats from late points
         self.synced = False
+        self.replaying = False
         self.logged_through = -1
         self.logged = 0
         self.late = 0
+        self.repeated = 0
+
+    def feed(self, event: StreamEvent) -> None:
+        """One event of the stream, as ``client.jobs.watch`` yields it."""
+        if event.type == "metrics":
+            self.frame(
+                [(p.step, p.name, p.value) for p in event.points], replay=event.data.get("replay") is True
+            )
+        elif event.type == "sync":
+            self.sync()
+
+    def frame(self, points: list[tuple[int, str, float | None]], *, replay: bool = False) -> None:
+        """One metrics frame: ``(step, name, value)`` points (None or non-finite values are left out)."""
+        if not points:
+            return
+        if replay:
+            self.replaying = True
+        elif self.synced:
+            self.replaying = False  # live again
+        for step, name, value in sorted(points, key=lambda p: p[0]):
+            if step <= self.logged_through:
+                if name in self.written.get(step, ()):
+                    self.repeated += 1
+                else:
+                    self.late += 1
+                continue
+            self.pending.setdefault(step, {})[name] = value
+        if self.synced and not self.replaying:
+            self._flush(below=min(p[0] for p in points))
 
     def add(self, step: int, name: str, value: float | None) -> None:
-        if step <= self.logged_through:
-            self.late += 1
-            return
-        row = self.pending.setdefault(step, {})
-        if value is not None and value == value and abs(value) != float("inf"):
-            row[name] = value
-        if self.synced:
-            self._flush(below=max(self.pending))
+        """A single live point (a frame of one)."""
+        self.frame([(step, name, value)])
 
     def sync(self) -> None:
-        """The history is in: log it, and from now on log each step when a later one shows up."""
+        """The history (or a replay) is in: log it, all but the last step, which a later frame may finish."""
         self.synced = True
+        self.replaying = False
         self._flush(below=max(self.pending, default=None))
 
     def _flush(self, below: int | None = None) -> None:
         for step in sorted(self.pending):
             if below is not None and step >= below:
                 break
-            row = self.pending.pop(step)
+            self.written[step] = set(self.pending[step])
+            row = _finite(self.pending.pop(step))
             if row:
                 self.run.log(row, step=step)
                 self.logged += len(row)

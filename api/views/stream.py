@@ -5,7 +5,8 @@ a plain DRF view that checks them and answers with a streaming response whose bo
 which uvicorn (ASGI) serves from its event loop, holding no thread while the stream waits.
 
 Events (``event:`` names; ``data:`` is one line of JSON):
-    metrics  {"points": [{"step", "name", "value"}]}      new metric points
+    metrics  {"points": [{"step", "name", "value"}]}      new metric points; "replay": true when read from the
+             database (history, a refill): ordered by (name, step), so later frames may bring earlier steps
     event    {"seq", "kind", "created_at", "actor", "from_state", "to_state", "message", "data"}: info,
              warning or error
     state    the same fields plus "state": a state change of the job
@@ -356,7 +357,8 @@ class Follower:
         while True:
             page = await _db(live.replay_metrics_page)(self.job_id, since=since, after=key, chunk=5000)
             if page:
-                yield _frame(self.cursor, "metrics", live.dumps(live.metrics_payload(page)))
+                payload = {**live.metrics_payload(page), "replay": True}
+                yield _frame(self.cursor, "metrics", live.dumps(payload))
             if len(page) < 5000:
                 return
             key = (page[-1][0], page[-1][1])

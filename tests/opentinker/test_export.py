@@ -235,3 +235,52 @@ def test_a_missing_tracker_names_the_extra_and_writes_nothing(target, module, tm
         == f"exporting to {target} needs the {module} package: pip install 'opentinker[{target}]'"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mirror_survives_a_replay_in_the_middle_of_the_stream(tmp_path, monkeypatch):
+    """A refill (lost publication, Valkey reconnect, reconnect after the stream lost our place) re-sends from
+    the database by (name, step), in pages: no step may be written before every name of it is in."""
+    from opentinker.export import WandbMirror, wandb_flush
+    from opentinker.types import Job, StreamEvent
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+
+    def metrics(points, replay=False):
+        data = {"points": [{"step": s, "name": n, "value": v} for s, n, v in points]}
+        return StreamEvent(
+            type="metrics", points=data["points"], data={**data, "replay": True} if replay else data
+        )
+
+    def val(step, name):
+        return step + {"a": 0.25, "b": 0.5, "c": 0.75}[name]
+
+    mirror = WandbMirror(Job(id="job-2", name="r", kind="rl", state="running", spec={}), "live")
+    mirror.feed(metrics([(s, n, val(s, n)) for n in "ab" for s in (0, 1)], replay=True))  # the history
+    mirror.feed(StreamEvent(type="sync"))
+    # Live, one frame per step; a frame's points in any order.
+    for step in (2, 3):
+        mirror.feed(metrics([(step, n, val(step, n)) for n in "ba"]))
+    assert mirror.logged_through == 2
+    # A refill from step 2 (a margin already written) to 6, by name then step, in three pages: the second
+    # holds only the tail of "a", so its smallest step (5) says nothing about "b" and "c" still to come.
+    mirror.feed(metrics([(s, "a", val(s, "a")) for s in (2, 3, 4)], replay=True))
+    mirror.feed(metrics([(s, "a", val(s, "a")) for s in (5, 6)], replay=True))
+    assert mirror.logged_through == 2  # nothing written during the replay
+    page = [(s, "b", val(s, "b")) for s in (2, 3, 4, 5, 6)] + [(s, "c", val(s, "c")) for s in (3, 4, 5, 6)]
+    mirror.feed(metrics(page, replay=True))
+    assert mirror.logged_through == 2
+    mirror.feed(metrics([(7, "a", val(7, "a")), (6, "b", 99.0)]))  # live again: steps below 6 go out
+    assert mirror.logged_through == 5
+    mirror.feed(metrics([(3, "d", 0.0)]))  # a straggler for a written step: left out, counted
+    mirror.finish()
+    wandb_flush()
+    # a@2, b@2 are the replay's margin (written already); b@6 replayed, then live again (the latest kept).
+    assert (mirror.repeated, mirror.late) == (2, 1)
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    want = {s: {n: val(s, n) for n in "ab"} for s in range(3)}
+    want |= {s: {n: val(s, n) for n in "abc"} for s in (3, 4, 5, 6)}
+    want[6]["b"] = 99.0
+    want[7] = {"a": val(7, "a")}
+    assert wandb_rows(read_run(run_dir)) == want
