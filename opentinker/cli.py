@@ -41,6 +41,8 @@ from opentinker.errors import OpenTinkerError, ValidationError
 from opentinker.export import (
     TARGETS,
     WandbMirror,
+    check_jsonl_destination,
+    check_tensorboard_destination,
     export_jsonl,
     export_mlflow,
     export_tensorboard,
@@ -456,13 +458,18 @@ def cmd_jobs_export(ctx: Context) -> int:
     a = ctx.args
     if a.to == "wandb" and not a.project:
         raise UsageError("--to wandb needs --project")
-    if a.to == "jsonl" and a.output and Path(a.output).is_dir():
-        raise UsageError(f"{a.output} is a directory: give a file name for --to jsonl")
+    if a.overwrite and a.to != "jsonl":
+        raise UsageError("--overwrite is for --to jsonl only")
+    # Checked before the history is read: a long fetch should not end in "exists".
+    if a.to == "jsonl":
+        check_jsonl_destination(Path(a.output or f"{a.id}.jsonl"), overwrite=a.overwrite)
+    elif a.to == "tensorboard":
+        check_tensorboard_destination(Path(a.output or Path("runs") / a.id))
     history = fetch_history(ctx.client(), a.id)
     job = history.job
     where: str
     if a.to == "jsonl":
-        where = str(export_jsonl(history, Path(a.output or f"{job.id}.jsonl")))
+        where = str(export_jsonl(history, Path(a.output or f"{job.id}.jsonl"), overwrite=a.overwrite))
     elif a.to == "tensorboard":
         where = str(export_tensorboard(history, Path(a.output or Path("runs") / job.id)))
     elif a.to == "wandb":
@@ -910,6 +917,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", metavar="P", help="wandb: the project")
     p.add_argument("--entity", metavar="E", help="wandb: the entity (team)")
     p.add_argument("--experiment", default="opentinker", help="mlflow: the experiment (default opentinker)")
+    p.add_argument("--overwrite", action="store_true", help="jsonl: replace an existing file")
     p = add(jobs, "checkpoints", cmd_jobs_checkpoints, "list a job's checkpoints")
     p.add_argument("id", metavar="ID")
     p = add(

@@ -7,7 +7,10 @@ stays importable without them, and they are optional extras (``pip install 'open
 
 The metrics API answers at most 5,000 points per series and averages longer ones into buckets, so the history
 is read in windows of ``WINDOW`` steps: a series has at most one point per step, so no window is downsampled
-and every point is exported exactly as recorded.
+and every point is exported as recorded (TensorBoard itself stores scalars as float32).
+
+An existing destination is refused: a JSONL file unless ``overwrite`` (``--overwrite``), a TensorBoard log
+directory that is not empty (a second event file there would mix two exports in one run).
 """
 
 from __future__ import annotations
@@ -106,17 +109,46 @@ def _meta(job: Job) -> dict[str, Any]:
 # --- targets ---
 
 
-def export_jsonl(history: History, path: Path) -> Path:
-    """One JSON object a line: first ``{"type": "job", ...}`` with the spec, then ``{"type": "metric",
-    "step", "name", "value"}`` by step and name (``value`` null where the job recorded a non-finite one)."""
+def check_jsonl_destination(path: Path, *, overwrite: bool = False) -> None:
+    """Refuse a directory, and an existing file unless ``overwrite``: before anything is fetched."""
     path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"{path} is a directory: give a file name for --to jsonl", code="bad_destination")
+    if path.exists() and not overwrite:
+        raise ExportError(
+            f"{path} exists: choose another file, or pass --overwrite", code="destination_exists"
+        )
+
+
+def check_tensorboard_destination(logdir: Path) -> None:
+    """Refuse a file, and a directory that is not empty (its event files would join this export's run)."""
+    logdir = Path(logdir)
+    if logdir.exists() and (not logdir.is_dir() or any(logdir.iterdir())):
+        raise ExportError(
+            f"{logdir} exists and is not an empty directory: choose a new log directory",
+            code="destination_exists",
+        )
+
+
+def export_jsonl(history: History, path: Path, *, overwrite: bool = False) -> Path:
+    """One JSON object a line: first ``{"type": "job", ...}`` with the spec, then ``{"type": "metric",
+    "step", "name", "value"}`` by step and name (``value`` null where the job recorded a non-finite one).
+
+    Written to ``PATH.part`` and renamed once complete: never a half-written file under the asked name; the
+    ``.part`` is removed if writing fails."""
+    path = Path(path)
+    check_jsonl_destination(path, overwrite=overwrite)
     tmp = path.with_name(path.name + ".part")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(json.dumps({"type": "job", **_meta(history.job), "spec": history.job.spec}) + "\n")
-        for step in history.steps():
-            for name, value in sorted(history.rows[step].items()):
-                f.write(json.dumps({"type": "metric", "step": step, "name": name, "value": value}) + "\n")
-    tmp.replace(path)  # never a half-written file under the asked name
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(json.dumps({"type": "job", **_meta(history.job), "spec": history.job.spec}) + "\n")
+            for step in history.steps():
+                for name, value in sorted(history.rows[step].items()):
+                    f.write(json.dumps({"type": "metric", "step": step, "name": name, "value": value}) + "\n")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -127,6 +159,7 @@ def export_tensorboard(history: History, logdir: Path) -> Path:
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     logdir = Path(logdir)
+    check_tensorboard_destination(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     writer = EventFileWriter(str(logdir))
     try:

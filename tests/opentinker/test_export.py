@@ -284,3 +284,39 @@ def test_mirror_survives_a_replay_in_the_middle_of_the_stream(tmp_path, monkeypa
     want[6]["b"] = 99.0
     want[7] = {"a": val(7, "a")}
     assert wandb_rows(read_run(run_dir)) == want
+
+
+def test_an_existing_destination_is_refused_and_nothing_half_written(
+    finished_job, as_user, alice, acme, tmp_path, capsys
+):
+    job_id = str(finished_job.id)
+    as_user(alice, acme)
+    out = tmp_path / "job.jsonl"
+    out.write_text("mine\n")
+    assert main(["jobs", "export", job_id, "--to", "jsonl", "-o", str(out)]) == 1
+    assert capsys.readouterr().err == f"error: {out} exists: choose another file, or pass --overwrite\n"
+    assert out.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["job.jsonl"]
+    assert main(["jobs", "export", job_id, "--to", "jsonl", "-o", str(out), "--overwrite"]) == 0
+    assert len(out.read_text().splitlines()) == 1 + 18
+
+    logdir = tmp_path / "tb"
+    logdir.mkdir()
+    (logdir / "events.out.tfevents.old").write_bytes(b"x")
+    capsys.readouterr()
+    assert main(["jobs", "export", job_id, "--to", "tensorboard", "-o", str(logdir)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {logdir} exists and is not an empty directory: choose a new log directory\n"
+    )
+    assert [p.name for p in logdir.iterdir()] == ["events.out.tfevents.old"]
+    assert main(["jobs", "export", job_id, "--to", "tensorboard", "-o", str(logdir), "--overwrite"]) == 2
+
+
+def test_a_failed_jsonl_write_leaves_no_part_file(tmp_path):
+    from opentinker import export
+    from opentinker.types import Job
+
+    # A spec JSON cannot encode: the write fails after the .part was opened.
+    history = export.History(job=Job(id="j", kind="rl", state="succeeded", spec={"x": {1, 2}}), rows={})
+    with pytest.raises(TypeError):
+        export.export_jsonl(history, tmp_path / "out.jsonl")
+    assert list(tmp_path.iterdir()) == []
