@@ -10,28 +10,46 @@ Python): the platform never merges, its web tier holds no torch.
 from __future__ import annotations
 
 import argparse
-import functools
+import json
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from opentinker.errors import OpenTinkerError
+from opentinker.merge_tool import merge_lora
 from opentinker.progress import Progress, fmt_bytes
-
-# Model ids and tinker:// paths are what a user copies into the next command: never cut short.
-WIDE = 300
 
 
 def _out() -> tuple[Callable[[Any], None], Callable[..., None], Callable[..., None]]:
-    from opentinker.cli import print_fields, print_json, print_table
+    # Its own printers: opentinker.cli imports this module, importing it back would be a cycle. Cells are
+    # never cut short: model ids and tinker:// paths are what a user copies into the next command.
+    return _print_json, _print_table, _print_fields
 
-    return (
-        print_json,
-        functools.partial(print_table, max_len=WIDE),
-        functools.partial(print_fields, max_len=WIDE),
-    )
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None or value == "" else " ".join(str(value).split())
+
+
+def _print_table(headers: list[str], rows: Iterable[list[Any]], empty: str) -> None:
+    cells = [[_cell(v) for v in row] for row in rows]
+    if not cells:
+        print(empty)
+        return
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    for row in [headers, *cells]:
+        print("  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)), row[-1]]))
+
+
+def _print_fields(pairs: list[tuple[str, Any]]) -> None:
+    width = max(len(k) for k, _ in pairs) + 1
+    for key, value in pairs:
+        print(f"{key + ':':<{width}} {_cell(value)}")
 
 
 def _when(value: str | None) -> str:
@@ -184,8 +202,7 @@ def cmd_weights_show(ctx: Any) -> int:
 
 
 def cmd_weights_download(ctx: Any) -> int:
-    from opentinker.cli import merge_lora, print_json
-
+    print_json, _, _ = _out()
     a = ctx.args
     client = ctx.client()
     weights = client.tinker.weights_detail(a.ref)

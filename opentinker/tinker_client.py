@@ -12,22 +12,20 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 
 from opentinker.errors import ApiConnectionError, NotFound, OpenTinkerError
 
-if TYPE_CHECKING:
-    from opentinker.client import Client
-
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 class TinkerAPI:
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Any) -> None:
+        # The Client that owns it (typed loosely: its module imports this one).
         self._c = client
 
     def sessions(self) -> list[dict[str, Any]]:

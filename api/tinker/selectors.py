@@ -18,6 +18,7 @@ from django.db.models import Count, Max, Q, QuerySet
 
 from api.tinker import queue
 from api.tinker.models import TinkerFuture, TinkerModel, TinkerSession, TinkerWeights
+from api.tinker.services import uuid_or_none  # the same id parsing as the SDK's routes
 from opentinker import storage as objects
 from portal import storage
 from portal.errors import NotFound
@@ -48,8 +49,6 @@ def session_list(org: Organization) -> QuerySet[TinkerSession]:
 
 
 def session_detail(org: Organization, session_id: str) -> TinkerSession:
-    from api.tinker.services import uuid_or_none  # the same id parsing as the SDK's routes
-
     session = session_list(org).filter(pk=uuid_or_none(session_id)).first()
     if session is None:
         raise NotFound("no such session")
