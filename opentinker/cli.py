@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -50,6 +49,7 @@ from opentinker.export import (
     fetch_history,
     wandb_flush,
 )
+from opentinker.merge_tool import merge_lora
 from opentinker.progress import Progress, fmt_bytes, is_terminal
 from opentinker.registry_cli import add_registry_commands
 from opentinker.rollouts_text import rollouts_text
@@ -104,11 +104,8 @@ def print_json(obj: Any) -> None:
     print(json.dumps(_to_jsonable(obj), indent=2))
 
 
-def print_table(
-    headers: Sequence[str], rows: Iterable[Sequence[Any]], empty: str = "(none)", max_len: int = 60
-) -> None:
-    """`max_len`: where a cell is cut (ids and paths a user copies must not be)."""
-    cells = [[_cell(v, max_len) for v in row] for row in rows]
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], empty: str = "(none)") -> None:
+    cells = [[_cell(v) for v in row] for row in rows]
     if not cells:
         print(empty)
         return
@@ -119,11 +116,11 @@ def print_table(
         print("  ".join([*padded, row[-1]]))
 
 
-def print_fields(pairs: Iterable[tuple[str, Any]], max_len: int = 60) -> None:
+def print_fields(pairs: Iterable[tuple[str, Any]]) -> None:
     pairs = list(pairs)
     width = max(len(k) for k, _ in pairs) + 1
     for key, value in pairs:
-        print(f"{key + ':':<{width}} {_cell(value, max_len)}")
+        print(f"{key + ':':<{width}} {_cell(value)}")
 
 
 def _cell(value: Any, max_len: int = 60) -> str:
@@ -595,24 +592,6 @@ def _download_whole(ctx: Context) -> int:
             + (" as a merged model" if a.merge_lora else "")
         )
     return 0
-
-
-def merge_lora(adapter_dir: Path, dest: Path, *, base: str | None = None) -> None:
-    """Merge with the runtime's tool in a subprocess: the SDK itself never imports torch or peft. `base`:
-    the base model when the adapter's meta.json names none in a job spec (a Tinker adapter's)."""
-    cmd = [sys.executable, "-m", "gpu_runtime", "merge-lora", str(adapter_dir), "-o", str(dest)]
-    cmd += ["--base", base] if base else []
-    try:
-        done = subprocess.run(cmd, check=False)
-    except OSError as exc:
-        raise OpenTinkerError(f"could not run the merge: {exc}", code="merge_failed") from None
-    if done.returncode != 0:
-        raise OpenTinkerError(
-            "merging the adapter needs the runtime's packages (torch, transformers, peft) in this Python; "
-            "or download without --merge-lora and run `python -m gpu_runtime merge-lora DIR -o OUT` "
-            "where they are",
-            code="merge_failed",
-        )
 
 
 def cmd_tokens_create(ctx: Context) -> int:
