@@ -28,6 +28,8 @@ CODE_SUFFIXES = (".py", ".pyc", ".so", ".sh")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Keys of a config that make transformers import code shipped with the model.
 REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipelines")
+# Written by the platform beside an adapter (its base, read by gpu_runtime/models.py); never uploaded.
+RESERVED_NAMES = ("opentinker_base.json",)
 SAFETENSORS_DTYPES = ("F32", "F16", "BF16")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
@@ -54,10 +56,16 @@ def files_check(files: Iterable[DeclaredFile]) -> None:
     seen: set[str] = set()
     for f in files:
         _path_check(f.path)
+        if f.path.rsplit("/", 1)[-1] in RESERVED_NAMES:
+            raise ModelFilesError(f"{f.path}: a name the platform writes itself; rename or leave it out")
         if f.path in seen:
             raise ModelFilesError(f"{f.path} is listed twice")
         seen.add(f.path)
     names = {p.rsplit("/", 1)[-1] for p in seen}
+    if is_adapter(seen):
+        if "adapter_model.safetensors" not in seen:
+            raise ModelFilesError("an adapter needs adapter_model.safetensors (safetensors only)")
+        return
     if "config.json" not in seen:
         raise ModelFilesError("config.json is missing: upload a Hugging Face model directory")
     if not any(p.endswith(".safetensors") for p in seen):
@@ -66,6 +74,12 @@ def files_check(files: Iterable[DeclaredFile]) -> None:
         raise ModelFilesError(
             "no tokenizer: upload tokenizer.json and/or tokenizer_config.json with the model"
         )
+
+
+def is_adapter(paths: Iterable[str]) -> bool:
+    """A PEFT adapter directory (adapter_config.json, no config.json): trained on top of a base model."""
+    paths = set(paths)
+    return "adapter_config.json" in paths and "config.json" not in paths
 
 
 def _path_check(path: str) -> None:
@@ -104,10 +118,17 @@ def _json_check(path: Path, name: str) -> None:
         data = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelFilesError(f"{name} is not valid JSON ({e})") from None
-    if name.rsplit("/", 1)[-1] in ("config.json", "tokenizer_config.json", "generation_config.json"):
+    configs = ("config.json", "tokenizer_config.json", "generation_config.json", "adapter_config.json")
+    if name.rsplit("/", 1)[-1] in configs:
         if not isinstance(data, dict):
             raise ModelFilesError(f"{name} must hold a JSON object")
         _no_remote_code(data, name)
+        # PEFT records the base's class as `auto_mapping` (only AutoPeftModel reads it, which we do not use);
+        # anything but a transformers class is code from elsewhere.
+        mapping = data.get("auto_mapping") if name.endswith("adapter_config.json") else None
+        library = mapping.get("parent_library") if isinstance(mapping, dict) else mapping
+        if mapping is not None and not str(library).startswith("transformers."):
+            raise ModelFilesError(f"{name}: auto_mapping names {library!r}, not a transformers class")
 
 
 def _no_remote_code(data: Any, name: str, depth: int = 0) -> None:

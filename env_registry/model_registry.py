@@ -24,7 +24,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from env_registry import uploads
-from env_registry.model_files import DeclaredFile, ModelFilesError, contents_check, files_check
+from env_registry.model_files import DeclaredFile, ModelFilesError, contents_check, files_check, is_adapter
 from env_registry.models import ModelVersion, RegisteredModel, Upload, ValidationStatus
 from opentinker.env.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
 from opentinker.spec import ModelRef
@@ -76,6 +76,8 @@ def _model_upload_complete(upload: Upload) -> ModelVersion:
     try:
         root = uploads.upload_assemble(upload)
         info = contents_check(root, files)
+        if is_adapter(f.path for f in files):
+            info |= adapter_base_pin(upload.organization, root)
     except (ModelFilesError, DomainError) as e:
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
@@ -143,6 +145,43 @@ def model_version_store(
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return version
+
+
+# --- PEFT adapters -----------------------------------------------------------------------------------------
+
+BASE_FILE = "opentinker_base.json"  # written by the platform beside an adapter's files: its resolved base
+
+
+def adapter_base_pin(organization: Organization, root: Path) -> dict:
+    """An adapter's base (adapter_config.json's base_model_name_or_path) must be a preset or a valid model of
+    the organization's registry (`owner/name@N`); its resolution is written beside the adapter (BASE_FILE),
+    which the runtime reads to load the base and merge the adapter into it."""
+    import json
+
+    from opentinker.spec import MODEL_PRESETS, parse_registry_ref
+
+    config = json.loads((root / "adapter_config.json").read_bytes())
+    if config.get("peft_type") != "LORA":
+        raise ModelFilesError(
+            f"adapter_config.json: only LoRA adapters are taken (not {config.get('peft_type')})"
+        )
+    base = config.get("base_model_name_or_path")
+    ref = parse_registry_ref(base) if isinstance(base, str) else None
+    if isinstance(base, str) and base in MODEL_PRESETS:
+        pinned = {"base": base, "base_source": base}
+    elif ref is not None:
+        try:
+            resolved = ModelResolver().resolve(organization, ref)
+        except NotFound as e:
+            raise ModelFilesError(f"adapter_config.json: base_model_name_or_path {base!r}: {e}") from None
+        pinned = {"base": resolved.ref, "base_source": resolved.uri}
+    else:
+        raise ModelFilesError(
+            f"adapter_config.json: base_model_name_or_path must be a preset or a model of your registry "
+            f"(owner/name@N), not {base!r}"
+        )
+    (root / BASE_FILE).write_text(json.dumps({"base": pinned["base_source"], "ref": pinned["base"]}))
+    return {"kind": "adapter", **pinned}
 
 
 # --- validation in the sandbox ------------------------------------------------------------------------------

@@ -42,8 +42,42 @@ def _safetensors_params(root: Path) -> tuple[dict[str, list[int]], set[str]]:
     return shapes, dtypes
 
 
+def check_adapter_dir(root: Path) -> dict[str, Any]:
+    """A PEFT LoRA adapter: its config loads (peft, no remote code) and its weights are LoRA matrices only.
+    Whether it fits its base is checked when a job merges it (the base is not in the sandbox)."""
+    from peft import LoraConfig
+
+    try:
+        config = LoraConfig.from_pretrained(str(root))
+    except Exception as e:
+        raise ValueError(f"adapter_config.json does not load: {e}") from None
+    shapes, dtypes = _safetensors_params(root)
+    stray = sorted(n for n in shapes if "lora_" not in n)
+    if stray:
+        raise ValueError(
+            f"the adapter's weights hold {len(stray)} tensors that are not LoRA's, e.g. {stray[0]}"
+        )
+    parameters = 0
+    for shape in shapes.values():
+        n = 1
+        for d in shape:
+            n *= d
+        parameters += n
+    return {
+        "kind": "adapter",
+        "peft_type": "LORA",
+        "r": int(config.r),
+        "lora_alpha": float(config.lora_alpha),
+        "target_modules": sorted(config.target_modules or []),
+        "parameters": parameters,
+        "dtypes": sorted(dtypes),
+    }
+
+
 def check_model_dir(path: str | Path) -> dict[str, Any]:
     """What the model is (model_type, parameters, dtypes, ...), or ValueError saying why it cannot be used."""
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        return check_adapter_dir(Path(path))
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

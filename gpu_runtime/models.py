@@ -7,6 +7,7 @@ Presets need no download: the tokenizer is a byte-level tokenizer built here fro
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,10 +116,26 @@ def uri_to_path(uri: str) -> Path:
     return storage.download_prefix(uri)
 
 
+# Written by the platform beside a registry adapter's files (env_registry/model_registry.py): the preset or
+# URI of the base model the adapter is merged into when a job loads it.
+ADAPTER_BASE_FILE = "opentinker_base.json"
+
+
+def _adapter_base(path: Path) -> str | None:
+    marker = path / ADAPTER_BASE_FILE
+    if not (marker.is_file() and (path / "adapter_config.json").is_file()):
+        return None
+    return str(json.loads(marker.read_text())["base"])
+
+
 def load_tokenizer(base: str) -> PreTrainedTokenizerFast:
     if base in PRESET_CONFIGS:
         return build_byte_tokenizer()
-    return AutoTokenizer.from_pretrained(uri_to_path(base))
+    path = uri_to_path(base)
+    adapter_base = _adapter_base(path)
+    if adapter_base is not None and not (path / "tokenizer_config.json").is_file():
+        return load_tokenizer(adapter_base)  # an adapter without its own tokenizer uses its base's
+    return AutoTokenizer.from_pretrained(path)
 
 
 def load_model(base: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -132,8 +149,17 @@ def load_model(base: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) 
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         path = uri_to_path(base)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        adapter_base = _adapter_base(path)
+        if adapter_base is not None:
+            # A registry LoRA adapter: its base, with the adapter merged in (a plain model from then on).
+            from peft import PeftModel
+
+            loaded = load_model(adapter_base, seed=seed, dtype=dtype)
+            model = PeftModel.from_pretrained(loaded.model, str(path)).merge_and_unload()
+            tokenizer = load_tokenizer(base)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer)

@@ -527,3 +527,101 @@ def test_one_completion_at_a_time_and_none_after_it(as_alice, store, model_files
     resp = as_alice.post(f"{V1}/org/uploads/{upload['id']}/complete")
     assert resp.status_code == 404
     assert ModelVersion.objects.count() == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# PEFT (LoRA) adapters with their base
+
+
+def lora_adapter_files(model_files: dict[str, bytes], base: str, tmp: Path) -> dict[str, bytes]:
+    """A LoRA adapter (random, non-zero B: it changes the model) for the tiny model, naming `base`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    src = tmp / "base"
+    src.mkdir()
+    for name, data in model_files.items():
+        (src / name).write_bytes(data)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    out = tmp / "adapter"
+    peft_model.save_pretrained(out)
+    adapter_config = {
+        **json.loads((out / "adapter_config.json").read_text()),
+        "base_model_name_or_path": base,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config))
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def test_a_lora_adapter_with_its_registry_base_is_validated_pinned_and_loads_merged(
+    as_alice, as_charlie, store, model_files, settings, tmp_path
+):
+    import torch
+    from peft import PeftModel
+
+    from gpu_runtime.models import load_model
+
+    settings.ENV_VALIDATION_MODE = "celery"
+    assert push(as_alice, "model", "tiny", model_files).status_code == 201
+    ModelVersion.objects.update(status="valid")
+    settings.ENV_VALIDATION_MODE = "inline"
+    adapter = lora_adapter_files(model_files, "acme/tiny@1", tmp_path)
+    assert sorted(adapter) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    resp = push(as_alice, "model", "tiny-lora", adapter)
+    assert resp.status_code == 201, resp.content
+    version = resp.json()["model"]
+    assert version["status"] == "valid", version["validation_error"]
+    info = version["info"]
+    assert (info["kind"], info["base"], info["r"], info["target_modules"]) == (
+        "adapter",
+        "acme/tiny@1",
+        4,
+        ["q_proj", "v_proj"],
+    )
+    # 2 layers x (q: 4x32 + 32x4, v: 4x32 + 16x4)
+    assert info["parameters"] == 2 * (4 * 32 + 32 * 4 + 4 * 32 + 16 * 4) == 896
+    pinned = json.loads((store / "orgs/acme/models/tiny-lora/1/opentinker_base.json").read_text())
+    assert pinned == {"base": f"file://{store}/orgs/acme/models/tiny/1", "ref": "acme/tiny@1"}
+
+    # The runtime loads it as its base with the adapter merged in.
+    loaded = load_model(f"file://{store}/orgs/acme/models/tiny-lora/1")
+    base = load_model(f"file://{store}/orgs/acme/models/tiny/1")
+    expected = PeftModel.from_pretrained(
+        base.model, str(store / "orgs/acme/models/tiny-lora/1")
+    ).merge_and_unload()
+    got, want = loaded.model.state_dict(), expected.state_dict()
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    original = load_model(f"file://{store}/orgs/acme/models/tiny/1").model.state_dict()[q]
+    assert not torch.equal(got[q], original)  # the adapter did change the model
+
+    data_uri = f"file://{store}/orgs/acme/data.jsonl"
+    resp = as_alice.post(f"{V1}/jobs", sft_job("acme/tiny-lora@1", data_uri), format="json")
+    assert resp.status_code == 201, resp.content
+    # Another organization's model is no base for charlie's adapter; nothing of it stays.
+    resp = push(as_charlie, "model", "stolen", adapter)
+    assert resp.status_code == 400
+    assert error_of(resp) == (
+        "adapter_config.json: base_model_name_or_path 'acme/tiny@1': no model acme/tiny in your organization"
+    )
+    assert Upload.objects.count() == 0 and not RegisteredModel.objects.filter(name="stolen").exists()
+
+
+def test_the_platforms_own_base_file_cannot_be_uploaded(as_alice, store, model_files):
+    files = {**model_files, "opentinker_base.json": b'{"base": "s3://other-org/model"}'}
+    resp = start(as_alice, "model", "tiny", files)
+    assert resp.status_code == 400 and error_of(resp).startswith("opentinker_base.json: a name the platform")
+    nothing_stored(store)
+
+
+def test_an_adapter_pointing_at_code_outside_transformers_is_refused(as_alice, store, model_files, tmp_path):
+    adapter = lora_adapter_files(model_files, "tiny-qwen2", tmp_path)
+    config = json.loads(adapter["adapter_config.json"])
+    config["auto_mapping"] = {"base_model_class": "Evil", "parent_library": "evil_module"}
+    resp = push(as_alice, "model", "lora", {**adapter, "adapter_config.json": json.dumps(config).encode()})
+    assert resp.status_code == 400
+    assert error_of(resp) == "adapter_config.json: auto_mapping names 'evil_module', not a transformers class"
+    nothing_stored(store)
