@@ -8,8 +8,14 @@ installed.
 - `backup DIR`: `pg_dump` (custom format) of the database, then a copy of every object under
   `OBJECT_STORE_URL`, then `manifest.json` (sizes and sha256 of everything). The database goes first: a
   checkpoint's files are written before its row, so every row in the dump finds its files in the copy taken
-  after it (objects written in between are extra, never missing). Written under a hidden name beside DIR
-  and renamed to DIR at the end: a DIR that exists is a complete backup.
+  after it (objects written in between are extra, never missing). That holds only if no object is DELETED
+  between the dump and the copy: a runtime pruning a job's old checkpoints (`keep_last`), the clean-up of
+  an abandoned or refused upload's chunks, an environment archive removed after a failed publish can each
+  remove objects that a row in the dump still names; that row then comes back without its files. For a
+  backup with that guarantee, stop what deletes (workers, beat, running jobs) for its duration
+  (deploy/RUNBOOK.md, "Backup").
+  Written under a hidden name beside DIR and renamed to DIR at the end: a DIR that exists is a complete
+  backup.
 - `restore DIR`: checks every file of the backup against the manifest, refuses a database that has tables
   and a store that holds objects the backup does not have (or has with other contents), uploads the objects
   (those already there with the same contents are skipped, so a restore cut short can be run again) and
@@ -39,7 +45,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 if str(BASE_DIR) not in sys.path:  # run as a script from anywhere: the SDK's storage module is in the tree
@@ -78,21 +84,22 @@ def pg_bin(name: str) -> str:
 
 
 def pg_target(database_url: str) -> tuple[str, dict[str, str]]:
-    """The connection string without its password, and the environment that carries it (PGPASSWORD), so
-    the password never shows in a process listing."""
+    """The connection string without its user and password, and the environment that carries them
+    (PGUSER, PGPASSWORD), so the password never shows in a process listing. Both are percent-decoded, as in
+    a URL (a password with `@`, `:` or `/` is written %40, %3A, %2F in DATABASE_URL)."""
     parts = urlsplit(database_url)
     if parts.scheme not in ("postgres", "postgresql") or not parts.path.strip("/"):
         raise BackupError("DATABASE_URL must be postgres://user:password@host:port/database")
     env = dict(os.environ)
     if parts.password is not None:
-        env["PGPASSWORD"] = parts.password
+        env["PGPASSWORD"] = unquote(parts.password)
+    if parts.username:
+        env["PGUSER"] = unquote(parts.username)
     netloc = parts.hostname or ""
     if ":" in netloc:  # an IPv6 address
         netloc = f"[{netloc}]"
     if parts.port:
         netloc = f"{netloc}:{parts.port}"
-    if parts.username:
-        netloc = f"{parts.username}@{netloc}"
     return urlunsplit(("postgresql", netloc, parts.path, parts.query, "")), env
 
 
@@ -126,9 +133,31 @@ def _store() -> tuple[str, ObjectStore]:
     return normalize(url), ObjectStore(endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None, root=url)
 
 
+def check_rel(rel: str) -> str:
+    """`rel` if it is a safe relative name of an object (from a store's listing or a manifest); else
+    BackupError. S3 keys are any strings: `a/../../x` or `/etc/x` must not become a path outside the
+    backup or the store."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\x00" in rel or any(p in ("", ".", "..") for p in parts):
+        raise BackupError(
+            f"object name {rel!r} cannot be a file name (an empty part, '.', '..', a leading '/' or '//'): "
+            "rename or remove that object"
+        )
+    return rel
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """`root/rel`, checked to stay under `root` once symlinks are resolved."""
+    target = root / check_rel(rel)
+    if not target.resolve().is_relative_to(root.resolve()):
+        raise BackupError(f"object name {rel!r} leads outside {root}")
+    return target
+
+
 def store_objects(url: str, store: ObjectStore) -> Iterator[str]:
     """Names, relative to the store's URL, of every object in it. `file://`: hidden names (a directory or
-    file being swapped in by a writer, never a finished object) are left out."""
+    file being swapped in by a writer, never a finished object) are left out. S3: zero-byte keys ending in
+    `/` (the "folder" markers consoles create) are left out; other names are checked (`check_rel`)."""
     if scheme(url) == "file":
         root = store.path(url)
         if not root.is_dir():
@@ -142,7 +171,10 @@ def store_objects(url: str, store: ObjectStore) -> Iterator[str]:
     prefix = f"{key}/" if key else ""
     for page in store.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            yield obj["Key"][len(prefix) :]
+            rel = obj["Key"][len(prefix) :]
+            if rel.endswith("/") and obj.get("Size", 0) == 0:
+                continue
+            yield check_rel(rel)
 
 
 def _sha256(path: Path) -> str:
@@ -177,7 +209,11 @@ def _upload(store: ObjectStore, url: str, rel: str, src: Path) -> None:
 def _stored_sha256(store: ObjectStore, url: str, rel: str) -> str:
     if scheme(url) == "file":
         return _sha256(store.path(f"{url}/{rel}"))
-    return hashlib.sha256(store.get(f"{url}/{rel}")).hexdigest()
+    bucket, key = bucket_key(f"{url}/{rel}")
+    h = hashlib.sha256()  # streamed: a checkpoint's objects can be larger than memory
+    for chunk in store.s3().get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- the two commands
@@ -211,7 +247,7 @@ def backup(dest: Path) -> dict[str, Any]:
         )
         objects: dict[str, dict[str, Any]] = {}
         for rel in store_objects(url, store):
-            target = work / OBJECTS / rel
+            target = _inside(work / OBJECTS, rel)
             _download(store, url, rel, target)
             objects[rel] = {"size": target.stat().st_size, "sha256": _sha256(target)}
         manifest = {
@@ -240,6 +276,8 @@ def read_manifest(src: Path) -> dict[str, Any]:
         raise BackupError(f"{src} is not a backup of deploy/backup.py ({MANIFEST}: {exc})") from None
     if manifest.get("format") != FORMAT:
         raise BackupError(f"{src}: manifest format {manifest.get('format')!r}, expected {FORMAT}")
+    for rel in manifest["objects"]:  # a manifest is read from a directory someone handed over: check it
+        _inside(src / OBJECTS, rel)
     files = {DUMP: manifest["database"]} | {f"{OBJECTS}/{rel}": e for rel, e in manifest["objects"].items()}
     for rel, entry in files.items():
         path = src / rel

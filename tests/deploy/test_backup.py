@@ -6,12 +6,15 @@ damaged backup and another store URL are refused with nothing written."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -36,9 +39,8 @@ def _url(dbname: str) -> str:
     return f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST']}:{db['PORT']}/{dbname}"
 
 
-@pytest.fixture
-def fresh_database():
-    """A new, empty database on the same server, dropped afterwards."""
+@contextlib.contextmanager
+def _new_database() -> Iterator[str]:
     name = f"otk_restore_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(_url("postgres"), autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -47,6 +49,13 @@ def fresh_database():
     finally:
         with psycopg.connect(_url("postgres"), autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def fresh_database():
+    """A new, empty database on the same server, dropped afterwards."""
+    with _new_database() as name:
+        yield name
 
 
 def _run(command: str, directory: Path, database: str) -> subprocess.CompletedProcess[str]:
@@ -156,6 +165,13 @@ def test_backup_then_restore_into_a_fresh_database_and_store(acme, object_store,
         data = store.get(f"{uri}/{entry['name']}")
         assert data == files[entry["name"]] and hashlib.sha256(data).hexdigest() == entry["sha256"]
 
+    # Into another fresh database with the objects already in the store (same contents, hashed from the
+    # store, streamed on S3): nothing to upload, the database restored.
+    with _new_database() as second:
+        done = _run("restore", backup_dir, second)
+        assert done.returncode == 0, done.stderr
+        assert _rows(second) == before
+
     # Run again over the restored database: refused before anything is written.
     again = _run("restore", backup_dir, fresh_database)
     assert again.returncode == 1 and "is not empty" in again.stderr
@@ -193,3 +209,49 @@ def _rows_count(dbname: str) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def test_the_database_url_is_percent_decoded():
+    from deploy import backup
+
+    dsn, env = backup.pg_target("postgres://us%40er:p%40ss%3Aw%2Frd%25@db.example:5433/otk?sslmode=require")
+    assert dsn == "postgresql://db.example:5433/otk?sslmode=require"  # nothing secret on a command line
+    assert (env["PGUSER"], env["PGPASSWORD"]) == ("us@er", "p@ss:w/rd%")
+
+    for bad in ("", "/etc/passwd", "a//b", "a/./b", "a/../../x", "..", "a/", "."):
+        with pytest.raises(backup.BackupError, match="cannot be a file name"):
+            backup.check_rel(bad)
+    assert backup.check_rel("orgs/1/ckpt/a..b/.x") == "orgs/1/ckpt/a..b/.x"
+
+
+def test_s3_folder_markers_are_skipped_and_unsafe_keys_refused(acme, s3_store, tmp_path):
+    """Keys the platform never writes but a console or a hostile tenant of the bucket could."""
+    _make_history(acme)
+    s3_store.client.put_object(Bucket=s3_store.bucket, Key="store/orgs/", Body=b"")  # a folder marker
+    source = connection.settings_dict["NAME"]
+    done = _run("backup", tmp_path / "ok", source)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "ok" / "manifest.json").read_text())
+    assert len(manifest["objects"]) == 2 and not [r for r in manifest["objects"] if r.endswith("/")]
+
+    s3_store.client.put_object(Bucket=s3_store.bucket, Key="store/a/../../../escaped", Body=b"x")
+    refused = _run("backup", tmp_path / "bad", source)
+    assert refused.returncode == 1
+    assert "object name 'a/../../../escaped' cannot be a file name" in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]  # no partial backup, nothing outside
+
+
+def test_a_manifest_naming_a_path_outside_the_backup_is_refused(acme, settings, tmp_path, fresh_database):
+    settings.OBJECT_STORE_URL = f"file://{tmp_path / 'store'}"
+    settings.S3_ENDPOINT_URL = None
+    _make_history(acme)
+    backup_dir = tmp_path / "backup"
+    assert _run("backup", backup_dir, connection.settings_dict["NAME"]).returncode == 0
+    shutil.rmtree(tmp_path / "store")
+    (tmp_path / "secret").write_bytes(b"s")
+    manifest = json.loads((backup_dir / "manifest.json").read_text())
+    manifest["objects"]["../../secret"] = {"size": 1, "sha256": hashlib.sha256(b"s").hexdigest()}
+    (backup_dir / "manifest.json").write_text(json.dumps(manifest))
+    bad = _run("restore", backup_dir, fresh_database)
+    assert bad.returncode == 1 and "object name '../../secret' cannot be a file name" in bad.stderr
+    assert _rows_count(fresh_database) == 0 and not (tmp_path / "store").exists()
