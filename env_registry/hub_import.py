@@ -21,7 +21,14 @@ from typing import Protocol
 
 from django.conf import settings
 
-from env_registry.model_files import SAFE_SUFFIXES, DeclaredFile, ModelFilesError, contents_check, files_check
+from env_registry.model_files import (
+    SAFE_SUFFIXES,
+    DeclaredFile,
+    ModelFilesError,
+    contents_check,
+    files_check,
+    is_adapter,
+)
 from env_registry.model_registry import model_validation_start, model_version_store
 from env_registry.models import ModelVersion
 from env_registry.selectors import NAME_RE
@@ -101,6 +108,8 @@ def model_import(
             if rel.startswith(".") or "/." in rel:  # huggingface_hub's own bookkeeping (.cache/)
                 continue
             files.append(DeclaredFile(rel, path.stat().st_size, sha256(path.read_bytes()).hexdigest()))
+        if is_adapter(f.path for f in files):
+            raise DomainError(f"{repo_id} is an adapter: push it with its base instead", field="repo")
         try:
             files_check(files)
             info = contents_check(root, files)
