@@ -48,7 +48,8 @@ class TinkerAPI:
     def weights_detail(self, ref: str) -> dict[str, Any]:
         """One saved weights by its id or its ``tinker://`` path, with its files."""
         if ref.startswith("tinker://"):
-            found = [w for w in self.weights() if w["path"] == ref]
+            model = ref.removeprefix("tinker://").split("/", 1)[0]  # tinker://{model}/{kind}/{name}
+            found = [w for w in self.weights(model=model) if w["path"] == ref] if model else []
             if not found:
                 raise NotFound(f"no saved weights at {ref}", code="not_found")
             ref = str(found[0]["id"])
