@@ -100,7 +100,7 @@ def test_model_server_restart_keeps_acknowledged_work_and_fails_lost_calls(platf
 
         # Acknowledged work: a finished future still answers (protobuf), the saved state resumes with the same
         # loss and trains on, the sampling client on saved weights samples the same tokens for the same seed.
-        done = TinkerFuture.objects.filter(model_id=trainer.model_id, operation="forward_backward").first()
+        done = TinkerFuture.objects.get(model_id=trainer.model_id, operation="forward_backward", seq_id=1)
         reply = _post(platform, key, "retrieve_future", {"request_id": str(done.pk)})
         assert reply.status_code == 200 and reply.headers["content-type"] == "application/x-protobuf"
         resumed = service.create_training_client_from_state_with_optimizer(saved.path).result(timeout=WAIT)
