@@ -16,7 +16,16 @@ from pathlib import Path
 
 from opentinker.storage import ObjectStore, join
 
-__all__ = ["download_prefix", "join", "list_dirs", "publish_dir", "read_bytes", "remove_dir", "write_bytes"]
+__all__ = [
+    "delete",
+    "download_prefix",
+    "join",
+    "list_dirs",
+    "publish_dir",
+    "read_bytes",
+    "remove_dir",
+    "write_bytes",
+]
 
 
 def _store(endpoint_url: str | None = None) -> ObjectStore:
@@ -45,6 +54,11 @@ def download_prefix(uri: str) -> Path:
 def read_bytes(uri: str) -> bytes:
     """The contents of one object (a dataset file): `file://` path or `s3://bucket/key`."""
     return _store().get(uri)
+
+
+def delete(uri: str) -> None:
+    """Remove one object; one that is not there is not an error."""
+    _store().delete(uri)
 
 
 def write_bytes(uri: str, data: bytes, *, endpoint_url: str | None = None) -> None:

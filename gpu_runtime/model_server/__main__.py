@@ -19,6 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", default="cpu")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--spill-uri",
+        default="",
+        help="file:// or s3:// prefix where a stopping server parks its training clients for the next one",
+    )
+    run.add_argument(
+        "--idle-exit-s", type=float, default=0.0, help="stop after this many seconds without work (0: never)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per posted outcome

@@ -150,6 +150,45 @@ class ModelServer:
         self._touch(self.models[sampler_id])
         return self.info(sampler_id)
 
+    # ---- parking: a stopping server leaves its training clients in storage for the next one ----
+
+    def _parked(self, model_id: str) -> tuple[str, str]:
+        assert self.spill_uri is not None
+        name = urllib.parse.quote(model_id, safe="")
+        return storage.join(self.spill_uri, name), storage.join(self.spill_uri, "next-seq", name)
+
+    def park(self) -> list[str]:
+        """Save every training client with nothing queued (adapter, Adam state, pending gradients, the seq_id
+        it runs next) to `spill_uri` for the next model server to `unpark`: a stopping server's last act."""
+        if self.spill_uri is None:
+            return []
+        parked = []
+        for model_id, m in list(self.models.items()):
+            if not m.trainable or m.queue.pending:
+                continue
+            self.evict(model_id)
+            assert m.spilled is not None
+            storage.write_bytes(self._parked(model_id)[1], str(m.queue.next_seq_id).encode())  # written last
+            del self.models[model_id]
+            parked.append(model_id)
+        return parked
+
+    def unpark(self, model_id: str) -> bool:
+        """Take back a training client an earlier model server parked; False when there is none."""
+        if self.spill_uri is None or model_id in self.models:
+            return False
+        uri, marker = self._parked(model_id)
+        try:
+            next_seq = int(storage.read_bytes(marker))
+        except Exception:  # not parked (file:// and s3:// say so differently)
+            return False
+        adapter = adapter_io.load_adapter(self.host, uri, optimizer=True, grads=True)
+        self.models[model_id] = _Model(model_id, SeqQueue(next_seq), True, adapter, adapter.config)
+        self._touch(self.models[model_id])
+        storage.remove_dir(uri)
+        storage.delete(marker)
+        return True
+
     def remove(self, model_id: str) -> None:
         m = self._model(model_id)
         if m.spilled is not None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -224,13 +225,20 @@ class ServeLoop:
             return [] if future is None else [{"future": future, "error": f"bad operation: {exc!r}"}]
 
     def _check_known(self, model_id: str) -> None:
-        # The API only sends calls of models it has: one unknown here was lost with an earlier process.
-        if model_id not in self.server.models:
+        # The API only sends calls of models it has: one unknown here was parked by an earlier process (taken
+        # back now) or lost with it.
+        if model_id not in self.server.models and not self._unpark(model_id):
             raise ModelServerError(
                 f"unknown model {model_id!r}: not on this model server (lost if the model server restarted "
                 "since it was created; resume from your last save_state)",
                 category="server",
             )
+
+    def _unpark(self, model_id: str) -> bool:
+        try:
+            return self.server.unpark(model_id)
+        except ModelServerError as exc:
+            raise ModelServerError(f"cannot take back parked {model_id!r}: {exc}", category="server") from exc
 
     def _create_sampler(self, model_id: str, uri: str | None) -> None:
         """create_sampler has no future to fail: a failure is logged and kept, and fails the sampler's samples
@@ -385,8 +393,17 @@ def http_poster(
 
 
 def serve(
-    loop: ServeLoop, transport: Transport, *, idle_wait: float = 1.0, should_stop: Callable[[], bool]
+    loop: ServeLoop,
+    transport: Transport,
+    *,
+    idle_wait: float = 1.0,
+    should_stop: Callable[[], bool],
+    idle_exit_s: float = 0.0,
 ) -> None:
+    """Run until `should_stop()` or, with `idle_exit_s`, until no operation came for that long and nothing
+    waits; then park the training clients (ModelServer.park: with a spill_uri, the next server takes them
+    back on their next call)."""
+    last_work = time.monotonic()
     while not should_stop():
         outcomes: list[WireOutcome] = []
         for msg in transport.drain():
@@ -394,9 +411,19 @@ def serve(
         outcomes += loop.step()
         if outcomes:
             transport.post(outcomes)
+            last_work = time.monotonic()
             continue
-        for msg in transport.wait(idle_wait):  # nothing could run: block until an operation arrives
+        msgs = transport.wait(idle_wait)  # nothing could run: block until an operation arrives
+        for msg in msgs:
             transport.post(loop.handle(msg))
+        if msgs or loop.server.pending():
+            last_work = time.monotonic()
+        elif idle_exit_s and time.monotonic() - last_work >= idle_exit_s:
+            log.info("idle for %.0f s: stopping", idle_exit_s)
+            break
+    parked = loop.server.park()
+    transport.post([])  # releases what is claimed and answered
+    log.info("stopped; parked %d training clients", len(parked))
 
 
 def main(args: Any) -> int:
@@ -406,12 +433,16 @@ def main(args: Any) -> int:
     if not token:
         raise SystemExit("OPENTINKER_MODEL_SERVER_TOKEN is not set (the platform's model-server token)")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    server = ModelServer(args.base_model, device=args.device, dtype=dtype, seed=args.seed)
+    server = ModelServer(
+        args.base_model, device=args.device, dtype=dtype, seed=args.seed, spill_uri=args.spill_uri or None
+    )
     transport = Transport(
         redis.Redis.from_url(args.queue_url), args.base_model, http_poster(args.ingest_url, token)
     )
     transport.recover()
     log.info("model server for %s on %s: serving", args.base_model, args.device)
     print(f"model server for {args.base_model}: serving", flush=True)  # the launcher waits for this line
-    serve(ServeLoop(server), transport, should_stop=lambda: False)
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))  # a driver's stop
+    serve(ServeLoop(server), transport, should_stop=lambda: bool(stopping), idle_exit_s=args.idle_exit_s)
     return 0

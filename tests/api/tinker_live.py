@@ -27,7 +27,9 @@ def clear_queues(base_model: str = BASE_MODEL) -> None:
     queue.client().delete(queue.ops_key(base_model), queue.claimed_key(base_model))
 
 
-def start_model_server(platform_url: str, base_model: str = BASE_MODEL) -> subprocess.Popen:
+def start_model_server(
+    platform_url: str, base_model: str = BASE_MODEL, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     env = {
         "PATH": "/usr/bin:/bin",
         "OPENTINKER_MODEL_SERVER_TOKEN": model_server_token_issue(base_model),
@@ -37,6 +39,7 @@ def start_model_server(platform_url: str, base_model: str = BASE_MODEL) -> subpr
         [
             *(sys.executable, "-m", "gpu_runtime.model_server", "serve", "--base-model", base_model),
             *("--queue-url", settings.REDIS_URL, "--ingest-url", f"{platform_url}/tinker/ingest/outcomes"),
+            *extra,
         ],
         cwd=BASE,
         env=env,
