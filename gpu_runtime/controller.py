@@ -372,7 +372,9 @@ class Controller(JobLoop):
         times = timer.metrics()
         metrics.update(times)
         metrics["tokens_per_s"] = n_gen / times["time/step"]
-        metrics["rollout/tokens_per_s"] = n_gen / max(times["time/rollout"], 1e-9)
+        # Async: time/rollout is the wait for the batch, rolled out in the background (async/rollout_s).
+        rollout_s = metrics.get("async/rollout_s", times["time/rollout"])
+        metrics["rollout/tokens_per_s"] = n_gen / max(rollout_s, 1e-9)
         if "value_loss" in sums:
             metrics["value_loss"] = sums["value_loss"] / (
                 self.spec.algorithm.epochs * self.spec.algorithm.minibatches

@@ -155,6 +155,10 @@ def test_importance_weights_are_against_the_behaviour_policy(coin_env):  # noqa:
     assert m[2]["is_weight/mean"] == pytest.approx(float(expected), abs=1e-5)
     assert abs(m[2]["is_weight/mean"] - 1.0) > 1e-3  # on-policy log-probs would give 1 exactly
     assert m[2]["logprob_gap"] == pytest.approx(float((v1 - behaviour).abs().mean()), abs=1e-5)
+    for k in (1, 2, 3):  # the rollout's rate is over its own (background) time, not the step's wait for it
+        generated = m[k]["tokens_per_s"] * m[k]["time/step"]
+        assert generated > 0
+        assert m[k]["rollout/tokens_per_s"] * m[k]["async/rollout_s"] == pytest.approx(generated, rel=1e-9)
 
 
 def test_an_async_run_resumes_exactly(tmp_path, coin_env):  # noqa: F811
