@@ -18,8 +18,11 @@ PPO, Hilton et al. 2021), so the clip still bounds each update around the curren
 With an in-process rollout worker (`LocalGroup`) the thread shares the process with the trainer: torch ops
 release the GIL, so rollout and update overlap on two cores; each thread's ops run their own team of the
 job's torch thread count (`configure_threads`: the job's CPUs minus one), so a 2-CPU job keeps two cores busy.
-They share torch's global RNG, which the rollout reseeds per step: the trainer must not draw from it (LoRA
-dropout), or runs would depend on timing.
+They share torch's global RNG, which the rollout reseeds per step and samples from (HF generate's
+multinomial, the static decode loop's seed draw): the trainer must not draw from it, or runs would depend
+on timing and resume inexactly. It draws from it for dropout only (in train mode), so an in-process async
+job refuses a model with any dropout (`dropout_sources`: LoRA's, a registry model's resid/attn/hidden
+dropout). Giving the rollout its own torch.Generator instead is not possible for HF generate (takes none).
 """
 
 from __future__ import annotations
@@ -34,6 +37,23 @@ import torch
 
 T = TypeVar("T")
 Weights = dict[str, torch.Tensor]
+
+
+def dropout_sources(model: torch.nn.Module) -> list[str]:
+    """Where `model`, in train mode, draws from torch's global RNG: dropout modules with p > 0 (GPT-2's
+    resid/embd/attn dropout, LoRA's) and dropout that HF attention applies as a function argument, read from
+    the config (`attention_dropout`, `attn_pdrop`, ...). Empty: training draws nothing from it."""
+    found = [
+        f"{name} (p={m.p})"
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
+    ]
+    config = getattr(model, "config", None)
+    items = config.to_dict().items() if hasattr(config, "to_dict") else ()
+    for key, value in sorted(items):
+        if ("dropout" in key or "pdrop" in key) and type(value) in (int, float) and value > 0:
+            found.append(f"config.{key}={value}")
+    return found
 
 
 @dataclass

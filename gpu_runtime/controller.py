@@ -26,7 +26,7 @@ import torch
 from gpu_runtime import checkpoint
 from gpu_runtime.algorithms import LossNorm, kl_estimate
 from gpu_runtime.algorithms.registry import algorithm
-from gpu_runtime.async_rollout import RolloutPipeline
+from gpu_runtime.async_rollout import RolloutPipeline, dropout_sources
 from gpu_runtime.batch import Sample
 from gpu_runtime.data import SFTDataset
 from gpu_runtime.failure_policy import FailureWatch
@@ -277,6 +277,16 @@ class Controller(JobLoop):
                 "async_rollout with LoRA dropout needs the rollout worker in its own process (Ray): in one "
                 "process the dropout would draw from the RNG that the rollout thread reseeds each step"
             )
+        if isinstance(self.group, LocalGroup):
+            drops = dropout_sources(self.group.ranks[0].trainer.model)
+            if drops:
+                raise ValueError(
+                    f"async_rollout with a model that has dropout ({', '.join(drops[:3])}"
+                    f"{f' and {len(drops) - 3} more' if len(drops) > 3 else ''}) needs the rollout worker in "
+                    "its own process (--ray): in one process the dropout would draw from the RNG that the "
+                    "rollout thread reseeds and samples from, so the run would depend on timing and not "
+                    "resume exactly; or use a copy of the model with its dropout set to 0"
+                )
         if isinstance(self.group, LocalGroup) and job_device(self.spec) == "cuda":
             raise ValueError(
                 "async_rollout on a GPU needs the rollout worker in its own process (--ray): in one "

@@ -218,6 +218,34 @@ def test_lora_dropout_is_refused_with_an_in_process_rollout(coin_env):  # noqa: 
         run(spec, None)
 
 
+def test_model_dropout_is_refused_with_an_in_process_rollout(coin_env, tmp_path):  # noqa: F811
+    """Not only LoRA's: any dropout of the model draws from the global RNG the rollout thread reseeds."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from gpu_runtime.async_rollout import dropout_sources
+    from gpu_runtime.models import build_byte_tokenizer, load_model, preset_config
+
+    assert dropout_sources(load_model("tiny-qwen2").model) == []
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
+    found = dropout_sources(gpt2)
+    assert "transformer.drop (p=0.1)" in found and "transformer.h.0.attn.attn_dropout (p=0.1)" in found
+    assert {"config.attn_pdrop=0.1", "config.embd_pdrop=0.1", "config.resid_pdrop=0.1"} <= set(found)
+
+    tokenizer = build_byte_tokenizer()  # tiny-qwen2 as a model directory, with attention dropout
+    config = preset_config("tiny-qwen2", tokenizer)
+    config.attention_dropout = 0.1
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    spec = small_spec(async_rollout={"max_staleness": 1})
+    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"base": f"file://{tmp_path}/m"})})
+    with pytest.raises(ValueError) as e:
+        run(spec, None)
+    assert str(e.value).startswith(
+        "async_rollout with a model that has dropout (config.attention_dropout=0.1) needs the rollout worker "
+        "in its own process (--ray)"
+    )
+
+
 @pytest.mark.slow
 def test_async_with_the_rollout_worker_as_a_ray_actor(ray_session, tmp_path):
     """The background thread waits on the actor's calls (the rollout runs in the actor's process)."""
