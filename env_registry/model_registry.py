@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import shutil
 import tempfile
@@ -27,7 +28,7 @@ from env_registry import uploads
 from env_registry.model_files import DeclaredFile, ModelFilesError, contents_check, files_check, is_adapter
 from env_registry.models import ModelVersion, RegisteredModel, Upload, ValidationStatus
 from opentinker.env.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
-from opentinker.spec import ModelRef
+from opentinker.spec import MODEL_PRESETS, ModelRef, parse_registry_ref
 from portal import storage
 from portal.errors import DomainError, NotFound
 from portal.models import Organization
@@ -156,10 +157,6 @@ def adapter_base_pin(organization: Organization, root: Path) -> dict:
     """An adapter's base (adapter_config.json's base_model_name_or_path) must be a preset or a valid model of
     the organization's registry (`owner/name@N`); its resolution is written beside the adapter (BASE_FILE),
     which the runtime reads to load the base and merge the adapter into it."""
-    import json
-
-    from opentinker.spec import MODEL_PRESETS, parse_registry_ref
-
     config = json.loads((root / "adapter_config.json").read_bytes())
     if config.get("peft_type") != "LORA":
         raise ModelFilesError(
