@@ -12,6 +12,7 @@ from __future__ import annotations
 from django.shortcuts import render
 
 from api.tinker import selectors
+from portal.selectors.usage import organization_usage
 from portal.web.console import staff_page
 from portal.web.tenancy import org_page
 
@@ -32,6 +33,9 @@ def tinker_index(request):
         "sessions": selectors.session_list(org)[:100],
         "models": selectors.model_list(org, session_id=session_id)[:200],
         "weights": weights[:200],
+        # Metered per organization and month (tokens the model servers processed, their time), not per model.
+        "usage": [m for m in organization_usage(org, months=6) if m.tinker_tokens or m.model_server_hours]
+        or organization_usage(org, months=1),
     }
     return render(request, "portal/tinker/index.html", context)
 

@@ -12,9 +12,12 @@ import re
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
 from api.tinker import queue
 from api.tinker.models import TinkerWeights
+from portal.models import UsageRecord
+from portal.services.usage import month_start
 from tests.api.test_tinker_objects_api import ADAPTER, BASE, tinker_world
 from tests.web.conftest import SCREENSHOTS
 from tests.web.pages import signed_in
@@ -59,6 +62,18 @@ def test_members_see_sessions_models_and_weights(store, alice, bob, acme, charli
     html = outsider.get("/training/").content.decode()
     assert rows(html, "data-session") == [theirs["session"]] and w["model"] not in html
     assert outsider.get(f"/training/?session={w['session']}").status_code == 404
+
+
+def test_metered_usage_of_the_organization(store, alice, acme, charlie, globex):
+    month = month_start(timezone.now())
+    UsageRecord.objects.create(organization=acme, month=month, tinker_tokens=12345, model_server_seconds=36)
+    UsageRecord.objects.create(organization=globex, month=month, tinker_tokens=777, model_server_seconds=1)
+    html = signed_in(alice, acme).get("/training/").content.decode()
+    row = html.split(f'data-month="{month:%Y-%m}"')[1].split("</tr>")[0]
+    assert re.search(r'data-testid="tinker-tokens">12345<', row) and ">0.0100<" in row
+    assert "777" not in html
+    html = signed_in(charlie, globex).get("/training/").content.decode()
+    assert re.search(r'data-testid="tinker-tokens">777<', html) and "12345" not in html
 
 
 def test_session_filter_shows_only_that_sessions_objects(store, alice, acme):
@@ -109,6 +124,8 @@ def test_browser_tinker_page(page, live_url, sign_in, alice, acme):
 
     # The store the server process also uses (tests/embedded_services.py's temporary OBJECT_STORE_URL).
     w = tinker_world(acme, alice, steps=3)
+    month = month_start(timezone.now())
+    UsageRecord.objects.create(organization=acme, month=month, tinker_tokens=4096, model_server_seconds=45)
     sign_in(alice)
     page.goto("/")
     page.get_by_role("link", name="Tinker", exact=True).click()
@@ -118,6 +135,8 @@ def test_browser_tinker_page(page, live_url, sign_in, alice, acme):
     expect(models.locator("tbody tr td")).to_have_text(
         [w["model"], BASE, "4", "3", "3", "1", "2", re.compile(".+")]
     )
+    usage = page.get_by_role("table", name="Tinker usage per month")
+    expect(usage.locator("tbody tr").first.locator("td")).to_have_text([f"{month:%Y-%m}", "4096", "0.0125"])
     weights = page.get_by_role("table", name="Saved weights")
     expect(weights.locator("tbody tr")).to_have_count(2)
     expect(weights).to_contain_text(f"tinker://{w['model']}/weights/ck")
