@@ -114,6 +114,15 @@ def _check_references(spec: JobSpec, organization: Organization, actor: Actor) -
 def _model_resolved(spec: JobSpec, organization: Organization) -> JobSpec:
     """A registry model or dataset (`owner/name@version`) replaced by the URI of that exact version's files,
     the pinned reference kept in `registry_ref`: a retried or resumed attempt loads the same bytes."""
+    policies = spec.multi_agent.policies if spec.multi_agent else {}
+    for name, policy in policies.items():
+        if policy.model is not None and policy.model.registry is not None:
+            # Not resolved per policy yet: refused here rather than failing in the runtime.
+            raise DomainError(
+                f"policy {name!r}: registry models are not supported per policy yet; "
+                "use the job's model.base",
+                field=f"multi_agent.policies.{name}.model.base",
+            )
     ref = spec.model.registry
     if ref is not None:
         try:

@@ -625,3 +625,17 @@ def test_an_adapter_pointing_at_code_outside_transformers_is_refused(as_alice, s
     assert resp.status_code == 400
     assert error_of(resp) == "adapter_config.json: auto_mapping names 'evil_module', not a transformers class"
     nothing_stored(store)
+
+
+def test_a_registry_model_per_multi_agent_policy_is_refused_clearly(as_alice, store):
+    from opentinker.spec import example_multiagent_spec
+
+    spec = example_multiagent_spec("tiny-qwen2").model_dump(mode="json")
+    name = next(iter(spec["multi_agent"]["policies"]))
+    spec["multi_agent"]["policies"][name]["model"] = {"base": "acme/tiny@1"}
+    resp = as_alice.post(f"{V1}/jobs", spec, format="json")
+    assert resp.status_code == 400
+    assert error_of(resp) == (
+        f"policy {name!r}: registry models are not supported per policy yet; use the job's model.base"
+    )
+    assert Job.objects.count() == 0
