@@ -193,3 +193,24 @@ def test_collector_multi_turn_with_vllm(engine):
         t1, t2 = ep.turns
         assert sum(s.mask) == (t1.end - t1.start) + (t2.end - t2.start)
         assert s.rollout_logprobs[t2.start] != 0.0 and s.rollout_logprobs[t2.start - 1] == 0.0
+
+
+def test_an_async_job_on_vllm():
+    """`async_rollout` with the vLLM engine: the rollout (and its weight loads) on the background thread, the
+    trainer in this process beside vLLM's hidden process group (a trainer that saw it would shard over it)."""
+    from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup
+    from opentinker.spec import JobSpec
+    from tests.gpu_runtime.conftest import small_spec
+    from tests.gpu_runtime.test_controller import ListSink
+
+    spec = small_spec(steps=3).model_dump()
+    spec["rollout"] = {"engine": "vllm"}
+    spec["algorithm"]["async_rollout"] = {"max_staleness": 1}
+    spec["checkpoint"]["every_steps"] = 100
+    js = JobSpec.model_validate(spec)
+    group = LocalGroup(js)
+    assert isinstance(group.rollout.engine, VLLMEngine) and not group.ranks[0].trainer.sharded
+    result = Controller(js, ListSink(), group, None).run()
+    assert result.exit_code == EXIT_OK
+    assert [h["async/staleness"] for h in result.history] == [0.0, 1.0, 1.0]
+    assert all(h["logprob_gap"] < 1e-4 for h in result.history)
