@@ -99,10 +99,41 @@ def test_every_variable_comes_from_the_env_file_and_every_setting_is_declared():
         "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
         "POSTGRES_USER", "POSTGRES_DB", "POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
         "MC_HOST_store", "DJANGO_SUPERUSER_USERNAME", "DJANGO_SUPERUSER_EMAIL", "DJANGO_SUPERUSER_PASSWORD",
-        "OPENTINKER_VERSION",
+        "OPENTINKER_VERSION", "RUNTIME_S3_ACCESS_KEY", "RUNTIME_S3_SECRET_KEY",
     }  # fmt: skip
     given = set(example) | {k for s in compose()["services"].values() for k in s.get("environment", {})}
     assert given - declared - outside == set(), "unknown settings (typo, or add them to portal/settings.py)"
+
+
+def test_web_is_published_on_loopback_and_the_runtimes_reach_only_what_they_need():
+    doc = compose()
+    services = doc["services"]
+    assert services["web"]["ports"] == ["127.0.0.1:${WEB_PORT:-8000}:8000"]  # for the TLS proxy only
+    assert [n for n, s in services.items() if s.get("ports")] == ["web"]
+    assert set(doc["networks"]) == {"platform", "runtime"}
+    # Every service names its networks (one left on compose's `default` would reach nothing).
+    assert {
+        n for n, s in services.items() if not set(s.get("networks", [])) <= {"platform", "runtime"}
+    } == set()
+    assert {n for n, s in services.items() if "platform" in s["networks"]} == set(services) - {
+        "ray-head",
+        "ray-worker",
+    }
+    on_runtime = {n for n, s in services.items() if "runtime" in s["networks"]}
+    assert on_runtime == {"ray-head", "ray-worker", "web", "worker", "minio"}  # no postgres, no valkey
+    assert services["ray-head"]["networks"] == services["ray-worker"]["networks"] == ["runtime"]
+    for name in ("ray-head", "ray-worker"):  # a bucket-scoped MinIO user, never the root credentials
+        env = services[name]["environment"]
+        assert env["AWS_ACCESS_KEY_ID"] == "${RUNTIME_S3_ACCESS_KEY:?set it in deploy/.env}"
+        assert "MINIO_ROOT" not in json.dumps(env)
+    bucket = "\n".join(services["bucket"]["command"])
+    assert 'mc admin user add store "$$RUNTIME_S3_ACCESS_KEY"' in bucket
+    assert '"Resource": ["arn:aws:s3:::opentinker/*"]' in bucket and "s3:*" not in bucket
+    # The sandbox (bwrap) needs user namespaces: the default seccomp and AppArmor profiles refuse them.
+    for name in ("worker", "ray-head", "ray-worker"):
+        assert services[name]["security_opt"] == ["seccomp=unconfined", "apparmor=unconfined"], name
+    for name in ("web", "beat", "migrate", "postgres", "valkey", "minio", "bucket"):
+        assert "security_opt" not in services[name], name
 
 
 @pytest.mark.parametrize("role", ["web", "worker"])

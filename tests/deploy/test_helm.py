@@ -162,7 +162,12 @@ def test_gpu_pools_are_rayclusters_registered_as_ray_pools_and_isolated(values_f
         assert cluster["metadata"]["namespace"] == pool["namespace"]
         worker = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
         assert worker["resources"]["limits"]["nvidia.com/gpu"] == pool["workers"]["gpusPerPod"]
-        (isolation,) = [p for p in policies if p["metadata"].get("namespace") == pool["namespace"]]
+        (isolation,) = [
+            p
+            for p in policies
+            if p["metadata"].get("namespace") == pool["namespace"]
+            and p["metadata"]["name"] == "pool-isolation"
+        ]
         spec = isolation["spec"]
         assert spec["podSelector"] == {} and spec["policyTypes"] == ["Ingress", "Egress"]
         # Into another namespace only to the platform's web (ingest) and MinIO, never the database or Valkey.
@@ -186,3 +191,88 @@ def test_gpu_pools_are_rayclusters_registered_as_ray_pools_and_isolated(values_f
                 "ports": [{"port": 5432, "protocol": "TCP"}],
             }
         ]
+
+
+def _pool(**workers: Any) -> dict:
+    pool = copy.deepcopy(yaml.safe_load((CHART / "values.yaml").read_text())["rayClusters"][0])
+    pool["workers"].update(workers)
+    return pool
+
+
+def test_an_autoscaling_pool_lets_its_head_reach_the_api_server():
+    """KubeRay's autoscaler (in the head pod) calls the API server, inside the private ranges the pool's
+    policy denies: fixed size by default; autoscaling needs the API server's addresses, which it may reach."""
+    (fixed,) = by_kind(render(None), "RayCluster").values()
+    assert fixed["spec"]["enableInTreeAutoscaling"] is False
+    assert "autoscaler-apiserver" not in by_kind(render(None), "NetworkPolicy")
+
+    with pytest.raises(Exception, match=r"rayClusters gpu-a autoscales .* set networkPolicy\.apiServerCIDRs"):
+        render(None, rayClusters=[_pool(minReplicas=0, maxReplicas=4)])
+
+    network = {"enabled": True, "runtimeDeniedCIDRs": ["10.0.0.0/8"], "apiServerCIDRs": ["10.96.0.1/32"]}
+    docs = render(None, rayClusters=[_pool(minReplicas=0, maxReplicas=4)], networkPolicy=network)
+    (cluster,) = by_kind(docs, "RayCluster").values()
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    (api,) = [
+        d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "autoscaler-apiserver"
+    ]
+    assert api["metadata"]["namespace"] == "opentinker-pool-gpu-a"
+    assert api["spec"] == {
+        "podSelector": {"matchLabels": {"ray.io/node-type": "head"}},
+        "policyTypes": ["Egress"],
+        "egress": [
+            {
+                "to": [{"ipBlock": {"cidr": "10.96.0.1/32"}}],
+                "ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}],
+            }
+        ],
+    }
+    for doc in docs:
+        validate(doc)
+    # Without NetworkPolicies nothing blocks the autoscaler: no addresses needed.
+    off = render(None, rayClusters=[_pool(minReplicas=0, maxReplicas=4)], networkPolicy={"enabled": False})
+    assert not [
+        d for d in off if d["kind"] == "NetworkPolicy" and "pool" in d["metadata"].get("namespace", "")
+    ]
+
+
+def test_the_sandbox_may_make_user_namespaces_in_the_worker_and_the_ray_pods():
+    docs = render(None)
+    unconfined = {"seccompProfile": {"type": "Unconfined"}, "appArmorProfile": {"type": "Unconfined"}}
+    deployments = by_kind(docs, "Deployment")
+    (worker,) = containers(deployments["ot-opentinker-worker"])
+    assert worker["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+        **unconfined,
+    }  # fmt: skip
+    for role in ("web", "beat"):  # the rest keep the pod's RuntimeDefault
+        (c,) = containers(deployments[f"ot-opentinker-{role}"])
+        assert "seccompProfile" not in c["securityContext"] and "appArmorProfile" not in c["securityContext"]
+    (cluster,) = by_kind(docs, "RayCluster").values()
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    ray_worker = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    for c in (head, ray_worker):
+        assert c["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            **unconfined,
+        }
+    # A stricter profile from the values replaces it (null removes a default, as everywhere in Helm).
+    strict_profile = {"seccompProfile": {"type": "Localhost", "localhostProfile": "profiles/userns.json"}}
+    docs = render(None, sandbox={"securityContext": {**strict_profile, "appArmorProfile": None}})
+    (worker,) = containers(by_kind(docs, "Deployment")["ot-opentinker-worker"])
+    assert worker["securityContext"]["seccompProfile"] == strict_profile["seccompProfile"]
+    assert "appArmorProfile" not in worker["securityContext"]
+
+
+def test_install_migrations_and_the_runbook_agree_on_no_wait():
+    """The bundled PostgreSQL is installed by the same release, so the migrations are a post-install hook and
+    the pods wait for them: `helm install --wait` would wait for those pods before starting the hook."""
+    jobs = by_kind(render(None), "Job")
+    hooks = jobs["ot-opentinker-migrate"]["metadata"]["annotations"]["helm.sh/hook"].split(",")
+    assert hooks == ["post-install", "pre-upgrade"]
+    runbook = (BASE / "deploy" / "RUNBOOK.md").read_text()
+    install = runbook[runbook.index("helm install ot") :]
+    install = install[: install.index("\n", install.index("--set host="))]
+    assert "--wait" not in install and "--atomic" not in install
+    assert "no --wait on install" in runbook and "Hence no\n`--wait` on `helm install`" in runbook
