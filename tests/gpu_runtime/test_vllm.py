@@ -214,3 +214,19 @@ def test_an_async_job_on_vllm():
     assert result.exit_code == EXIT_OK
     assert [h["async/staleness"] for h in result.history] == [0.0, 1.0, 1.0]
     assert all(h["logprob_gap"] < 1e-4 for h in result.history)
+
+
+def test_a_two_policy_multi_agent_job_on_vllm():
+    """Two trained policies: a vLLM engine each in the one rollout worker (two engines live in a process)."""
+    import json
+
+    from opentinker.spec import JobSpec
+    from tests.gpu_runtime.test_multiagent_jobs import TWO_POLICIES, by_type, job, run
+
+    ma = json.loads(json.dumps(TWO_POLICIES).replace("WARM", "tiny-qwen2"))
+    spec = job("tiny-qwen2", ma, steps=2).model_dump()
+    spec["rollout"] = {"engine": "vllm"}
+    spec["checkpoint"]["every_steps"] = 100
+    metrics = by_type(run(JobSpec.model_validate(spec), None), "metrics")
+    assert sorted(metrics) == [1, 2]
+    assert all(m["logprob_gap"] < 1e-4 for m in metrics.values())
