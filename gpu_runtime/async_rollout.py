@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -48,9 +48,9 @@ def dropout_sources(model: torch.nn.Module) -> list[str]:
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
     ]
-    config = getattr(model, "config", None)
-    items = config.to_dict().items() if hasattr(config, "to_dict") else ()
-    for key, value in sorted(items):
+    to_dict = getattr(getattr(model, "config", None), "to_dict", None)  # an HF config
+    items: dict[str, Any] = to_dict() if callable(to_dict) else {}
+    for key, value in sorted(items.items()):
         if ("dropout" in key or "pdrop" in key) and type(value) in (int, float) and value > 0:
             found.append(f"config.{key}={value}")
     return found
