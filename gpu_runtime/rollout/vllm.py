@@ -2,9 +2,9 @@
 
 The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): start-up takes seconds instead of the
 multi-process engine's 20-30 s on a small CPU machine, and needs no `__main__` guard or spawn start method.
-Three side effects of vLLM's in-process worker are undone after start-up: it replaces `torch.set_num_threads`
-with a no-op for the whole process, seeds the global RNGs (torch, numpy, random) with its own seed, and
-makes its process group (a world of one) this process's default one.
+Side effects of vLLM's in-process worker are undone after start-up: it replaces `torch.set_num_threads` with a
+no-op for the whole process, seeds the global RNGs (torch, numpy, random) with its own seed, makes its process
+group (a world of one) this process's default one and sets LD_PRELOAD for the processes started after it.
 
 Sampling is seeded per request from torch's global RNG, so a call's result depends only on that RNG's state
 (the rollout worker seeds it per step) and not on how vLLM batches requests or what its prefix cache holds.
@@ -24,6 +24,7 @@ cache is reset, without which a prompt whose prefix is cached is answered from K
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import random
@@ -41,15 +42,13 @@ from gpu_runtime.rollout.base import GenerateResult, RolloutEngine, SamplingPara
 
 # The worker extension (vllm_sync.py) is imported by name inside vLLM's worker.
 EXTENSION = "gpu_runtime.rollout.vllm_sync.WeightSync"
+CHILD_ENV = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LOCAL_WORLD_SIZE")
 KV_CACHE_BYTES = 256 * 2**20  # on CPU, unless vLLM's VLLM_CPU_KVCACHE_SPACE (GiB) says otherwise
 
 
 def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # without importing it: its import changes the environment (LD_LIBRARY_PATH) for child processes
+    return importlib.util.find_spec("vllm") is not None
 
 
 def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -74,6 +73,9 @@ _IDLE: dict[str, list[Any]] = {}
 def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, Any]) -> Any:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine (see the module docstring)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # keep our own thread placement
+    # vLLM sets these for the processes it would start (LD_PRELOAD: torch's libgomp); ours (Ray workers,
+    # sandboxes, servers) must not inherit them.
+    inherited = {k: os.environ.get(k) for k in CHILD_ENV}
     from vllm import LLM  # lazy: the extra is optional
 
     # A job's log gets vLLM's warnings, not its per-sync INFO lines; the rotary embedding's "failed to load
@@ -110,6 +112,11 @@ def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, 
         # destroy it under vLLM. A next engine in this process makes and hides its own the same way.
         _world.default_pg = None
         torch.set_num_threads = set_num_threads
+        for k, v in inherited.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         torch.set_rng_state(rng[0])
         np.random.set_state(rng[1])
         random.setstate(rng[2])

