@@ -399,11 +399,12 @@ def serve(
     idle_wait: float = 1.0,
     should_stop: Callable[[], bool],
     idle_exit_s: float = 0.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Run until `should_stop()` or, with `idle_exit_s`, until no operation came for that long and nothing
     waits; then park the training clients (ModelServer.park: with a spill_uri, the next server takes them
-    back on their next call)."""
-    last_work = time.monotonic()
+    back on their next call). `clock` is injectable so the idle rule is testable without waiting."""
+    last_work = clock()
     while not should_stop():
         outcomes: list[WireOutcome] = []
         for msg in transport.drain():
@@ -411,14 +412,14 @@ def serve(
         outcomes += loop.step()
         if outcomes:
             transport.post(outcomes)
-            last_work = time.monotonic()
+            last_work = clock()
             continue
         msgs = transport.wait(idle_wait)  # nothing could run: block until an operation arrives
         for msg in msgs:
             transport.post(loop.handle(msg))
         if msgs or loop.server.pending():
-            last_work = time.monotonic()
-        elif idle_exit_s and time.monotonic() - last_work >= idle_exit_s:
+            last_work = clock()
+        elif idle_exit_s and clock() - last_work >= idle_exit_s:
             log.info("idle for %.0f s: stopping", idle_exit_s)
             break
     parked = loop.server.park()

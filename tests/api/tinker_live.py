@@ -47,9 +47,11 @@ def start_model_server(
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM: the server finishes what runs, parks its training clients, and exits 0. WAIT is only a hang
+    guard (parking writes each adapter and its Adam state: seconds on a loaded box), then SIGKILL."""
     proc.terminate()
     try:
-        proc.wait(10)
+        proc.wait(WAIT)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

@@ -176,3 +176,43 @@ def test_a_copy_the_api_re_sent_is_not_run_twice(server):
     assert loop.handle(fb("dup", 1, "f1")) == [] and loop.handle(fb("dup", 1, "f1")) == []
     done = loop.step() + loop.step() + loop.step()
     assert sorted(o["future"] for o in done) == ["f1", "s0"]
+
+
+class ClockTransport(ListTransport):
+    """The queue on a fake clock: `arrivals` come at their (fake) times; a wait with nothing arriving moves
+    the clock on by its whole timeout. The idle rule is tested in clock time, not by waiting."""
+
+    def __init__(self, ops: list[dict], arrivals: list[tuple[float, dict]]) -> None:
+        super().__init__(ops)
+        self.now, self.arrivals = 0.0, list(arrivals)
+
+    def wait(self, timeout: float) -> list[dict]:
+        assert self.now < 100, "serve() never went idle"  # a hang guard in fake time
+        if self.arrivals and self.arrivals[0][0] <= self.now + timeout:
+            self.now, op = self.arrivals.pop(0)
+            return [op]
+        self.now += timeout
+        return []
+
+
+def test_serve_stops_after_idle_exit_s_without_work_and_parks_its_clients(tmp_path):
+    spill = f"file://{tmp_path}/spill"
+    server = ModelServer("tiny-qwen2", spill_uri=spill)
+    ops = [
+        {"op": "create_model", "future": "c", "model_id": "idle", "lora_config": {"rank": 4}},
+        fb("idle", 1, "f1"),
+    ]
+    transport = ClockTransport(ops, arrivals=[(4.0, fb("idle", 2, "f2", forward_only=True))])
+    serve(
+        ServeLoop(server),
+        transport,  # type: ignore[arg-type]
+        idle_wait=1.0,
+        should_stop=lambda: False,
+        idle_exit_s=5,
+        clock=lambda: transport.now,
+    )
+    # The call at t=4 restarted the idle count: it stopped at 4 + 5, not at 5.
+    assert transport.now == 9.0
+    assert [o["future"] for o in transport.posted] == ["c", "f1", "f2"]
+    assert (tmp_path / "spill" / "next-seq" / "idle").read_text() == "3"  # parked: runs seq_id 3 next
+    assert server.models == {}
