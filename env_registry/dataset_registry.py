@@ -29,6 +29,7 @@ PREVIEW_ROWS = 5
 PREVIEW_VALUE_CHARS = 300
 HF_FILES = ("dataset_info.json", "state.json")
 ARROW_RE = re.compile(r"^data-\d{5}-of-\d{5}\.arrow$")
+MAX_STATE_JSON_BYTES = 1024 * 1024
 
 
 class DatasetFilesError(ValueError):
@@ -60,6 +61,31 @@ def _cut(value: Any) -> Any:
     return value if len(text) <= PREVIEW_VALUE_CHARS else text[:PREVIEW_VALUE_CHARS] + "…"
 
 
+def _check_state_json(root: Path) -> None:
+    """state.json's `_data_files` must name exactly the uploaded arrow files: `datasets.load_from_disk` joins
+    those names onto the directory, so `../other-org/...` or an absolute path would read another
+    organization's data (the runtime loads the arrow files itself too, never trusting this file)."""
+    arrows = sorted(p.name for p in root.iterdir() if ARROW_RE.match(p.name))
+    state_path = root / "state.json"
+    if state_path.stat().st_size > MAX_STATE_JSON_BYTES:
+        raise DatasetFilesError(f"state.json is over {MAX_STATE_JSON_BYTES} bytes")
+    try:
+        state = json.loads(state_path.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        raise DatasetFilesError("state.json is not JSON") from None
+    files = state.get("_data_files") if isinstance(state, dict) else None
+    named = (
+        [f.get("filename") if isinstance(f, dict) else f for f in files] if isinstance(files, list) else None
+    )
+    if arrows != [f"data-{i:05d}-of-{len(arrows):05d}.arrow" for i in range(len(arrows))]:
+        raise DatasetFilesError(f"the arrow files are not one complete set: {', '.join(arrows)}")
+    if named != arrows:
+        raise DatasetFilesError(
+            f"state.json's _data_files must name exactly the uploaded arrow files {arrows}, in order; "
+            f"it names {named!r}"[:500]
+        )
+
+
 def dataset_inspect(root: Path, fmt: str) -> dict[str, Any]:
     """Columns, row count and the first rows, read with pyarrow; an unreadable file is refused."""
     import pyarrow as pa  # lazy: only this path needs it
@@ -76,6 +102,7 @@ def dataset_inspect(root: Path, fmt: str) -> dict[str, Any]:
             table = pa_json.read_json(next(root.glob("*.jsonl")))
             schema, num_rows = table.schema, table.num_rows
         else:
+            _check_state_json(root)
             tables = []
             for f in sorted(root.glob("data-*.arrow")):
                 with pa.memory_map(str(f)) as src:

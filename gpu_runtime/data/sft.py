@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,26 @@ def _local(uri: str, tmp: str) -> Path:
     return storage.download_prefix(uri)
 
 
+ARROW_RE = re.compile(r"^data-(\d{5})-of-(\d{5})\.arrow$")
+
+
+def _saved_dataset_rows(path: Path, uri: str) -> list[dict[str, Any]]:
+    """The rows of a directory saved by `Dataset.save_to_disk`, from its own data-NNNNN-of-NNNNN.arrow files
+    in order. state.json is never read: `load_from_disk` joins the file names it lists onto the directory, so
+    an uploaded state.json naming `../other/data-00000-of-00001.arrow` (or an absolute path) would read
+    another organization's data."""
+    import datasets
+
+    shards = sorted(p.name for p in path.iterdir() if ARROW_RE.match(p.name) and p.is_file())
+    numbers = [m.groups() for m in map(ARROW_RE.match, shards) if m]
+    if not shards:
+        raise ValueError(f"{uri}: a saved dataset without data-NNNNN-of-NNNNN.arrow files")
+    if numbers != [(f"{i:05d}", f"{len(shards):05d}") for i in range(len(shards))]:
+        raise ValueError(f"{uri}: the arrow files are not one complete set: {', '.join(shards)}")
+    parts = [datasets.Dataset.from_file(str(path / name), in_memory=True) for name in shards]
+    return list(parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts))
+
+
 def load_rows(uri: str) -> list[dict[str, Any]]:
     """The rows of a JSONL or Parquet file, or of a directory holding one or a saved Hugging Face dataset
     (`save_to_disk`), loaded with `datasets` (a data format, never a loading script)."""
@@ -65,10 +86,7 @@ def load_rows(uri: str) -> list[dict[str, Any]]:
         path = _local(uri, tmp)
         cache = str(Path(tmp) / "cache")
         if path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file():
-            ds = datasets.load_from_disk(str(path), keep_in_memory=True)
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-            return list(ds)
+            return _saved_dataset_rows(path, uri)
         files = sorted(path.glob("*.parquet")) + sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
         kinds = {f.suffix for f in files}
         if not files or len(kinds) != 1 or not kinds <= {".parquet", ".jsonl"}:

@@ -439,6 +439,61 @@ def test_jsonl_and_saved_hf_datasets(as_alice, store, tmp_path):
     assert version["preview"][0] == {"question": "What is 0 + 0?", "answer": "0"}
 
 
+def saved_dataset_files(tmp_path: Path, name: str, rows: list[dict], state_files: list | None = None):
+    import datasets
+
+    saved = tmp_path / name
+    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+    if state_files is not None:
+        state = json.loads((saved / "state.json").read_text())
+        state["_data_files"] = [{"filename": f} for f in state_files]
+        (saved / "state.json").write_text(json.dumps(state))
+    return saved, {p.name: p.read_bytes() for p in saved.iterdir()}
+
+
+def test_a_state_json_pointing_into_another_organizations_dataset_is_refused_and_never_followed(
+    as_alice, as_charlie, store, tmp_path
+):
+    from gpu_runtime.data.sft import load_rows
+
+    theirs = [{"question": "globex secret", "answer": "42"}]
+    _, files = saved_dataset_files(tmp_path, "theirs", theirs)
+    assert push(as_charlie, "dataset", "secret", files).status_code == 201
+    stolen = "../../../../globex/datasets/secret/1/data-00000-of-00001.arrow"
+    hostiles = [[stolen], ["data-00000-of-00001.arrow", stolen], [f"{store}/orgs/globex/x.arrow"], []]
+    for i, hostile in enumerate(hostiles):
+        _, files = saved_dataset_files(tmp_path, f"mine{i}", prompt_completion_rows(3), hostile)
+        resp = push(as_alice, "dataset", "mine", files)
+        assert resp.status_code == 400, resp.content
+        assert "state.json's _data_files must name exactly the uploaded arrow files" in error_of(resp)
+    assert not RegisteredDataset.objects.filter(organization__slug="acme").exists()
+    assert stored_files(store / "orgs" / "acme") == [] and Upload.objects.count() == 0
+
+    # The runtime never reads state.json: a hostile one (written straight into storage) reads only its own
+    # folder's arrow files. Through datasets.load_from_disk this returned globex's row.
+    mine, _ = saved_dataset_files(tmp_path, "placed", prompt_completion_rows(3), [stolen])
+    placed = store / "orgs/acme/datasets/mine/1"
+    placed.parent.mkdir(parents=True, exist_ok=True)
+    mine.rename(placed)
+    assert load_rows(f"file://{placed}") == prompt_completion_rows(3)
+
+
+def test_a_saved_dataset_in_several_shards_loads_in_order(tmp_path):
+    import datasets
+
+    from gpu_runtime.data.sft import load_rows
+
+    rows = prompt_completion_rows(11)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "d"), num_shards=3)
+    assert sorted(p.name for p in (tmp_path / "d").glob("*.arrow")) == [
+        f"data-0000{i}-of-00003.arrow" for i in range(3)
+    ]
+    assert load_rows(f"file://{tmp_path / 'd'}") == rows
+    (tmp_path / "d/data-00001-of-00003.arrow").unlink()
+    with pytest.raises(ValueError, match="not one complete set"):
+        load_rows(f"file://{tmp_path / 'd'}")
+
+
 def test_bad_datasets_are_refused_and_nothing_stays(as_alice, store):
     resp = start(as_alice, "dataset", "d", {"data.csv": b"a,b\n1,2\n"})
     assert resp.status_code == 400 and error_of(resp).startswith("a dataset is one .jsonl or .parquet file")
