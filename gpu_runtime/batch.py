@@ -7,7 +7,8 @@ trained. Collation right-pads a micro-batch and shifts targets by one to line up
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import numbers
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -62,6 +63,37 @@ def dummy_sample() -> Sample:
     # A rank whose shard has fewer micro-batches than its peers still runs the same number of forward and
     # backward passes (FSDP collectives), on this sample whose mask is all zero: it adds nothing to the loss.
     return Sample([0, 0], [0, 0], [0.0, 0.0], [0.0, 0.0], 0.0, -1, advantages=[0.0, 0.0], returns=[0.0, 0.0])
+
+
+def sample_to_plain(s: Sample) -> dict[str, Any]:
+    """The sample as plain data (lists, dicts, numbers, strings): what a checkpoint's trainer state may hold,
+    as it is loaded with torch.load(weights_only=True) (gpu_runtime.checkpoint)."""
+    return _plain(asdict(s))
+
+
+def sample_from_plain(d: dict[str, Any]) -> Sample:
+    trace = d.get("trace")
+    if trace is not None:
+        trace = EpisodeTrace(**{**trace, "turns": [TurnTrace(**t) for t in trace["turns"]]})
+    return Sample(**{**d, "trace": trace})
+
+
+def _plain(v: Any) -> Any:
+    # Exact built-in types: a subclass (numpy's float64, a str enum) pickles as its class, which a
+    # weights_only load refuses. Environments' rewards and info values may be such subclasses.
+    if v is None or type(v) in (bool, int, float, str):
+        return v
+    if isinstance(v, dict):
+        return {_plain(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, str):
+        return str.__str__(v)
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    raise TypeError(f"{type(v).__name__} is not plain data (numbers, strings, lists, dicts)")
 
 
 def _pad(rows: list[list[Any]], value: float | int, dtype: torch.dtype, length: int) -> Tensor:

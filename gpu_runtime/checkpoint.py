@@ -3,13 +3,16 @@
 <prefix>/step_000005/
     model.safetensors, config.json, tokenizer files     (full fine-tuning: loadable by from_pretrained)
     adapter_model.safetensors, adapter_config.json      (LoRA: a PEFT adapter, mergeable into the base)
-    trainer_state.pt                                    optimizer, scheduler, RNG (and critic) state
+    trainer_state.pt                                    optimizer, scheduler, RNG (and critic) state: plain
+                                                        data only, loaded with weights_only=True (no pickles)
     meta.json                                           step, data state; written last = complete
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,12 @@ from safetensors.torch import load_file, save_file
 
 from gpu_runtime import storage
 from opentinker.storage import file_sha256
+
+STATE = "trainer_state.pt"
+
+
+class CheckpointError(ValueError):
+    pass
 
 
 def step_name(step: int) -> str:
@@ -76,7 +85,15 @@ def write_model(
         config.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    torch.save(state, directory / "trainer_state.pt")
+    torch.save(state, directory / STATE)
+    # Checked here, not first at a resume: a state that a weights_only load refuses makes an unresumable
+    # checkpoint.
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(directory / STATE)
+    if unsafe:
+        raise CheckpointError(
+            f"the trainer state holds objects that are not plain data ({', '.join(unsafe)}): a resume "
+            "loads it with weights_only=True (tensors, numbers, strings, lists, dicts) and would refuse it"
+        )
 
 
 def publish(
@@ -129,5 +146,31 @@ def read_model(directory: Path) -> tuple[dict[str, torch.Tensor], bool, dict[str
     """(weights, is_adapter, trainer state) of one model written by `write_model`."""
     adapter = (directory / "adapter_model.safetensors").exists()
     weights = load_file(directory / ("adapter_model.safetensors" if adapter else "model.safetensors"))
-    state = torch.load(directory / "trainer_state.pt", weights_only=False)
-    return weights, adapter, state
+    return weights, adapter, read_state(directory / STATE)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A trainer state as plain data. Nothing in a checkpoint is unpickled (a tenant can write one): a file
+    that needs more than tensors, numbers, strings, lists and dicts is refused, whatever it holds."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        op = re.search(r"WeightsUnpickler error: \s*(.+?)\s*$", str(exc).split("Check the documentation")[0])
+        why = (
+            f"holds an object of {found.group(1)}, which only unpickling (running code) could rebuild"
+            if found
+            else f"is not plain data that a weights-only load reads ({op.group(1) if op else exc})"
+        )
+        raise CheckpointError(
+            f"{path.name} {why}; trainer state is loaded as plain data only (tensors, numbers, strings, "
+            "lists, dicts). A checkpoint written before trainer states were plain data (numpy RNG state, "
+            "async batches as objects) cannot be resumed: start a new job from its weights"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:  # not a torch file, truncated, unreadable
+        raise CheckpointError(
+            f"{path.name} is not a readable trainer state: {str(exc) or 'empty or truncated'}"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path.name} holds a {type(state).__name__}, not a trainer state (a dict)")
+    return state

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_runtime import checkpoint
+from gpu_runtime import async_state, checkpoint
 from gpu_runtime.algorithms import LossNorm, kl_estimate
 from gpu_runtime.algorithms.registry import algorithm
 from gpu_runtime.async_rollout import RolloutPipeline, dropout_sources
@@ -326,7 +326,7 @@ class Controller(JobLoop):
         ahead = ck.state.pop(ASYNC_STATE, None)  # batches an async job had rolled out for later steps
         self.group.load(ck.weights, ck.state, ck.adapter)
         if ahead and (pipeline := self._async()) is not None:
-            pipeline.restore(ahead)
+            pipeline.restore(async_state.from_plain(ahead))
         self.sink.log(f"resumed from {uri} at step {ck.step}")
         return ck.step
 
@@ -338,7 +338,7 @@ class Controller(JobLoop):
         ahead = self.pipeline.export() if self.pipeline is not None else {}
         payload = self.group.checkpoint_payload()
         if ahead:
-            payload["state"] = {**payload["state"], ASYNC_STATE: ahead}
+            payload["state"] = {**payload["state"], ASYNC_STATE: async_state.to_plain(ahead)}
         uri, files = checkpoint.save(
             self.ckpt_prefix,
             step,

@@ -182,6 +182,14 @@ class ValueModel(nn.Module):
         return self.head(h[:, :-1]).float().squeeze(-1)
 
 
+def _numpy_rng_plain() -> tuple[str, torch.Tensor, int, int, float]:
+    # numpy's state with its key array as a tensor: a checkpoint's trainer state is loaded with
+    # weights_only=True, which rebuilds no numpy arrays.
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # the legacy form: a tuple
+    assert isinstance(keys, np.ndarray)
+    return str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
+
+
 class Trainer:
     def __init__(self, spec: JobSpec, *, device: str = "cpu") -> None:
         self.spec = spec
@@ -447,7 +455,7 @@ class Trainer:
             "rng": {
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_rng_plain(),
                 **({"cuda": torch.cuda.get_rng_state_all()} if self.device.startswith("cuda") else {}),
             },
         }
@@ -488,7 +496,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        name, keys, *rest = state["rng"]["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
         if "cuda" in state["rng"] and self.device.startswith("cuda"):
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if self.critic is not None and self.critic_opt is not None and "critic" in state:
