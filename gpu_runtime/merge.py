@@ -2,8 +2,10 @@
 
 SRC is a downloaded checkpoint step directory (`opentinker jobs download ID`): the PEFT adapter
 (adapter_config.json, adapter_model.safetensors), the base's config and tokenizer, and meta.json whose spec
-names the base model and the seed a preset base is initialized from. DST gets config.json,
-model.safetensors and the tokenizer: loadable by `AutoModelForCausalLM.from_pretrained` with no PEFT.
+names the base model and the seed a preset base is initialized from. Or a Tinker adapter (`opentinker tinker
+weights download`), whose meta.json names the model server's base and seed (`base_model`, `base_seed`).
+DST gets config.json, model.safetensors and the tokenizer: loadable by `AutoModelForCausalLM.from_pretrained`
+with no PEFT.
 
 Multi-agent checkpoints hold one subdirectory per trained policy; each becomes DST/<policy>. A policy trained
 without LoRA is copied as it is (its trainer state left out). This lives in the runtime, not the SDK: the
@@ -34,8 +36,15 @@ def merge_checkpoint(src: Path, dst: Path, *, base: str | None = None) -> list[P
     if dst.exists():
         raise MergeError(f"{dst} already exists")
     meta_path = src / "meta.json"
-    spec: dict[str, Any] = json.loads(meta_path.read_text()).get("spec", {}) if meta_path.exists() else {}
+    meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    spec: dict[str, Any] = meta.get("spec", {})
     seed = int(spec.get("seed", 0))
+    if "base_model" in meta:  # a Tinker adapter: its server's base, initialized from the server's seed
+        if base is not None and base != meta["base_model"]:
+            raise MergeError(f"{src} was trained on {meta['base_model']!r}, not on {base!r}")
+        base = str(meta["base_model"])
+        # Saved before the seed was recorded: the model server's default --seed, 0.
+        seed = int(meta.get("base_seed", 0))
     partial = dst.parent / f".{dst.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:

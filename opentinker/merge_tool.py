@@ -12,7 +12,8 @@ from opentinker.errors import OpenTinkerError
 
 
 def merge_lora(adapter_dir: Path, dest: Path, *, base: str | None = None) -> None:
-    """`base`: the base model when the adapter's meta.json names none in a job spec (a Tinker adapter's)."""
+    """`base`: the base model when the adapter's meta.json names none; a Tinker adapter's meta.json names its
+    server's base and seed, and a `base` that differs is refused."""
     cmd = [sys.executable, "-m", "gpu_runtime", "merge-lora", str(adapter_dir), "-o", str(dest)]
     cmd += ["--base", base] if base else []
     try:

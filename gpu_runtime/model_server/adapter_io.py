@@ -1,7 +1,8 @@
 """An adapter on storage: a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`, which
 `peft.PeftModel.from_pretrained(base, dir)` loads onto the base), plus, for a training state, the AdamW
 moments (`optimizer.safetensors`) and, for an evicted adapter, its pending gradients (`grads.safetensors`).
-`meta.json` (our LoRA config and step count) is written last: the storage helpers publish a directory whole.
+`meta.json` (our LoRA config, step count, base model and its seed) is written last: the storage helpers
+publish a directory whole.
 
 Everything is safetensors or JSON: nothing read back is unpickled.
 """
@@ -39,10 +40,17 @@ _PREFIX = "base_model.model."
 
 
 def save_adapter(
-    adapter: LoraAdapter, uri: str, *, base_model: str, optimizer: bool, grads: bool = False
+    adapter: LoraAdapter,
+    uri: str,
+    *,
+    base_model: str,
+    base_seed: int,
+    optimizer: bool,
+    grads: bool = False,
 ) -> None:
     """Publish the adapter at `uri` (file:// or s3://): the PEFT files always; Adam state and gradients when
-    asked."""
+    asked. `base_seed`: the seed a preset base was initialized from (the server's --seed), which a merge
+    needs to rebuild the same base."""
     staging = Path(tempfile.mkdtemp(prefix="otk-adapter-"))
     try:
         params = adapter.named_parameters()
@@ -72,6 +80,7 @@ def save_adapter(
             "lora_alpha": adapter.alpha,
             "steps": adapter.steps,
             "base_model": base_model,
+            "base_seed": base_seed,
             "optimizer": optimizer,
         }
         (staging / META).write_text(json.dumps(meta, indent=1))

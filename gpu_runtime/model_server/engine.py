@@ -108,7 +108,7 @@ class ModelServer:
         if max_resident is not None and spill_uri is None:
             raise ValueError("max_resident needs a spill_uri to evict adapters to")
         loaded = load_model(base_model, seed=seed, dtype=dtype)
-        self.base_model = base_model
+        self.base_model, self.seed = base_model, seed
         self.tokenizer = loaded.tokenizer
         self.host = MultiLoraModel(loaded.model.to(device))
         self.sampler = AdapterSampler(self.host, self.tokenizer)  # puts the model in eval mode: no dropout
@@ -430,7 +430,9 @@ class ModelServer:
         if adapter is None:
             raise ModelServerError(f"{m.model_id!r} is the base model: nothing to save")
         optimizer = m.trainable and not op.for_sampler
-        adapter_io.save_adapter(adapter, op.uri, base_model=self.base_model, optimizer=optimizer)
+        adapter_io.save_adapter(
+            adapter, op.uri, base_model=self.base_model, base_seed=self.seed, optimizer=optimizer
+        )
         return SaveStateResult(op.uri)
 
     def _load(self, m: _Model, op: LoadState) -> LoadStateResult:
@@ -469,7 +471,9 @@ class ModelServer:
             if self.spill_uri is None:
                 raise ModelServerError("no spill_uri: training adapters cannot be evicted")
             uri = storage.join(self.spill_uri, urllib.parse.quote(model_id, safe=""))
-            adapter_io.save_adapter(m.adapter, uri, base_model=self.base_model, optimizer=True, grads=True)
+            adapter_io.save_adapter(
+                m.adapter, uri, base_model=self.base_model, base_seed=self.seed, optimizer=True, grads=True
+            )
             m.spilled = uri
         m.adapter = None
 

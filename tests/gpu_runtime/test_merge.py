@@ -85,3 +85,38 @@ def test_refusals(multi_agent_checkpoint, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["merge-lora", str(tmp_path / "empty"), "-o", str(tmp_path / "y")]) == 1
     assert "holds no adapter or model" in capsys.readouterr().err
+
+
+def test_a_tinker_adapter_merges_onto_the_base_its_server_seeded(tmp_path):
+    """A model server started with --seed 3 built its preset base from seed 3: the adapter's meta.json says
+    so, and the merge rebuilds that base, not the default seed 0's."""
+    from peft import PeftModel
+
+    from gpu_runtime.model_server import AdamParams, Datum, ForwardBackward, ModelServer, OptimStep, SaveState
+    from gpu_runtime.model_server import LoraConfig as TinkerLora
+
+    prompt = [257, 10, 20, 30, 40]
+    server = ModelServer("tiny-qwen2", seed=SEED)
+    server.create_model("m", TinkerLora(rank=2, seed=1))
+    datum = Datum(prompt[:-1], {"target_tokens": prompt[1:], "weights": [1.0] * 4})
+    server.call("m", 1, ForwardBackward([datum], "cross_entropy"))
+    server.call("m", 2, OptimStep(AdamParams(learning_rate=1e-2)))
+    server.call("m", 3, SaveState(f"file://{tmp_path}/sw", for_sampler=True))
+    meta = json.loads((tmp_path / "sw" / "meta.json").read_text())
+    assert (meta["base_model"], meta["base_seed"]) == ("tiny-qwen2", SEED)
+
+    assert merge_checkpoint(tmp_path / "sw", tmp_path / "merged", base="tiny-qwen2") == [tmp_path / "merged"]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+        on = {
+            s: PeftModel.from_pretrained(load_model("tiny-qwen2", seed=s).model, tmp_path / "sw")
+            for s in (0, SEED)
+        }
+        expected, on_seed_0 = (on[s].eval()(ids).logits for s in (SEED, 0))
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+    assert (merged - on_seed_0).abs().max() > 1e-2  # the seed matters: seed 0's base is another model
+
+    with pytest.raises(MergeError, match=r"sw was trained on 'tiny-qwen2', not on 'qwen2.5-0.5b-shape'"):
+        merge_checkpoint(tmp_path / "sw", tmp_path / "other", base="qwen2.5-0.5b-shape")
+    assert not (tmp_path / "other").exists() and not (tmp_path / ".other.partial").exists()
