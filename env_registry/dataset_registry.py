@@ -19,6 +19,7 @@ from django.db.models import Max
 from env_registry import uploads
 from env_registry.model_files import PATH_RE, DeclaredFile
 from env_registry.models import DatasetVersion, RegisteredDataset, Upload
+from env_registry.registry_uris import registry_location
 from opentinker.spec import ModelRef
 from portal import storage
 from portal.errors import DomainError, NotFound
@@ -220,3 +221,16 @@ class DatasetResolver:
         if found is None:
             raise NotFound(f"{ref.owner}/{ref.name} has no version {ref.version}")
         return ResolvedModel(ref=f"{ref.owner}/{ref.name}@{found.version}", uri=found.uri)
+
+    def uri_problem(self, organization: Organization, uri: str) -> str | None:
+        """Why a raw URI under the organization's datasets/ may not be used (None: not there, or a stored
+        version's directory; a version row exists only once its files were checked and published)."""
+        where = registry_location(organization, uri, "datasets")
+        if where is None or isinstance(where, str):
+            return where
+        name, number = where
+        if not DatasetVersion.objects.filter(
+            dataset__organization=organization, dataset__name=name, version=number
+        ).exists():
+            return f"{uri!r} is not a stored version of a dataset in your organization's registry"
+        return None

@@ -27,6 +27,7 @@ from django.utils import timezone
 from env_registry import uploads
 from env_registry.model_files import DeclaredFile, ModelFilesError, contents_check, files_check, is_adapter
 from env_registry.models import ModelVersion, RegisteredModel, Upload, ValidationStatus
+from env_registry.registry_uris import registry_location
 from opentinker.env.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
 from opentinker.spec import MODEL_PRESETS, ModelRef, parse_registry_ref
 from portal import storage
@@ -289,3 +290,21 @@ class ModelResolver:
             why = f": {version.validation_error}" if version.validation_error else ""
             raise NotFound(f"{ref.owner}/{ref.name}@{version.version} is {version.status}, not valid{why}")
         return ResolvedModel(ref=f"{ref.owner}/{ref.name}@{version.version}", uri=version.uri)
+
+    def uri_problem(self, organization: Organization, uri: str) -> str | None:
+        """Why a raw URI under the organization's models/ may not be used (None: not there, or a valid
+        version's directory)."""
+        where = registry_location(organization, uri, "models")
+        if where is None or isinstance(where, str):
+            return where
+        name, number = where
+        version = ModelVersion.objects.filter(
+            model__organization=organization, model__name=name, version=number
+        ).first()
+        if version is None:
+            return f"{uri!r} is not a version of a model in your organization's registry"
+        if version.status != ValidationStatus.VALID:
+            why = f": {version.validation_error}" if version.validation_error else ""
+            ref = f"{organization.slug}/{name}@{number}"
+            return f"{uri!r} is {ref}, which is {version.status}, not valid{why}"
+        return None

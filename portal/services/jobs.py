@@ -108,6 +108,11 @@ def _check_references(spec: JobSpec, organization: Organization, actor: Actor) -
         # A job reads only its own organization's objects: never another tenant's checkpoints or data.
         if uri and not storage.organization_may_read(uri, organization.slug):
             raise DomainError(f"{uri!r} is not in your organization's storage ({prefix}/...)", field=field)
+        # Raw URIs into the registry's folders (resolved refs too: one query) must be a usable version.
+        for registry in (model_refs.resolver(), model_refs.dataset_resolver()):
+            problem = registry.uri_problem(organization, uri) if uri else None
+            if problem:
+                raise DomainError(problem, field=field)
     return version
 
 

@@ -27,6 +27,11 @@ class ModelResolver(Protocol):
         """The valid version `ref` names in `organization`; raises NotFound (with the reason)."""
         ...
 
+    def uri_problem(self, organization: Organization, uri: str) -> str | None:
+        """Why a raw storage URI inside the registry's folder may not be used by a job (a version pending,
+        invalid, missing, or a path that is no version's directory); None when it may."""
+        ...
+
 
 _resolver: ModelResolver | None = None
 

@@ -229,6 +229,45 @@ def test_a_pending_or_invalid_version_is_not_usable(as_alice, store, model_files
     assert Job.objects.count() == 0
 
 
+def test_a_raw_uri_into_the_registry_must_be_a_usable_versions_directory(
+    as_alice, store, model_files, no_inline_validation
+):
+    assert push(as_alice, "model", "tiny", model_files).status_code == 201
+    arith = {"a.parquet": parquet_bytes(prompt_completion_rows())}
+    assert push(as_alice, "dataset", "arith", arith).status_code == 201
+    models, data = f"file://{store}/orgs/acme/models", f"file://{store}/orgs/acme/datasets"
+
+    def refusal(model: str, dataset: str) -> str:
+        resp = as_alice.post(f"{V1}/jobs", sft_job(model, dataset), format="json")
+        assert resp.status_code == 400, resp.content
+        return error_of(resp)
+
+    assert refusal(f"{models}/tiny/1", f"{data}/arith/1") == (
+        f"'{models}/tiny/1' is acme/tiny@1, which is pending, not valid"
+    )
+    ModelVersion.objects.update(status="invalid", validation_error="weights do not fit")
+    assert refusal(f"{models}/tiny/1/", f"{data}/arith/1") == (
+        f"'{models}/tiny/1/' is acme/tiny@1, which is invalid, not valid: weights do not fit"
+    )
+    ModelVersion.objects.update(status="valid", validation_error="")
+    assert refusal(f"{models}/tiny/2", f"{data}/arith/1") == (
+        f"'{models}/tiny/2' is not a version of a model in your organization's registry"
+    )
+    assert refusal(f"{models}/tiny/1/model.safetensors", f"{data}/arith/1").endswith(
+        "is inside the models registry's storage but is not one version's directory: "
+        "name it as acme/<name>@<version>"
+    )
+    assert refusal(f"{models}/tiny/1", f"{data}/arith/9") == (
+        f"'{data}/arith/9' is not a stored version of a dataset in your organization's registry"
+    )
+    assert refusal(f"{models}/x/../tiny/1", f"{data}/arith/1/a.parquet").startswith(
+        f"'{data}/arith/1/a.parquet'"
+    )
+    assert Job.objects.count() == 0
+    resp = as_alice.post(f"{V1}/jobs", sft_job(f"{models}/tiny/1", f"{data}/arith/1"), format="json")
+    assert resp.status_code == 201, resp.content
+
+
 def test_resume_after_a_lost_chunk_and_the_offset_rule(as_alice, store, model_files, small_chunks):
     files = {k: v for k, v in model_files.items()}
     upload = start(as_alice, "model", "tiny", files).json()
