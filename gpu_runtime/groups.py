@@ -152,8 +152,9 @@ class RayGroup(WorkerGroup):
             gpus=res.gpus,
             world_size=world_size,
             rollout_workers=n_workers,
-            # What is free now: inside a Ray job the entrypoint (this process) already holds a CPU slot.
-            cluster_cpus=ray.available_resources().get("CPU", 0),
+            # The job's admitted CPUs, not what the shared cluster has free (others' share). The Ray driver's
+            # entrypoint (this process) holds only a token share then (workers/drivers/ray.py).
+            cpus=res.cpus,
         )
         bundles = plan.bundles
         self.pg = placement_group(bundles, strategy=placement.STRATEGIES[res.placement])

@@ -2,7 +2,8 @@
 
 - **Bundles**: on GPUs each actor gets a GPU of its own; a single rollout worker shares rank 0's bundle when
   the job has no GPU to spare (`colocate`), so a one-GPU job fits on one GPU. Several rollout workers each
-  need their own GPU. On CPUs the actors share the cluster's CPUs fractionally.
+  need their own GPU. On CPUs the actors share the job's `resources.cpus` (what the scheduler admitted, not
+  what the shared cluster has free) evenly.
 - **Strategy**: spec `resources.placement`: `pack` (as few nodes as fit) or `spread` (across nodes, best
   effort: Ray's SPREAD places bundles round-robin over the nodes that have room).
 - **Rendezvous**: the trainer ranks meet at rank 0's node address and a port free there, found by a task run
@@ -28,7 +29,7 @@ class Plan:
         return 0 if self.colocate else world_size + i
 
 
-def plan(*, gpus: int, world_size: int, rollout_workers: int, cluster_cpus: float) -> Plan:
+def plan(*, gpus: int, world_size: int, rollout_workers: int, cpus: float) -> Plan:
     """The bundles of `world_size` trainer ranks and `rollout_workers` rollout workers (0: none)."""
     if gpus > 0:
         colocate = rollout_workers == 1 and gpus <= world_size
@@ -43,8 +44,8 @@ def plan(*, gpus: int, world_size: int, rollout_workers: int, cluster_cpus: floa
             bundles[0]["CPU"] += 1
         return Plan(bundles, colocate)
     n = world_size + rollout_workers
-    # A bundle needs some CPU to be placed; a busy cluster gets the smallest share, not an empty bundle.
-    cpu = max(min(1.0, cluster_cpus / n), 0.01)
+    # A bundle needs some CPU to be placed: never an empty one, however many actors share the job's CPUs.
+    cpu = max(cpus / n, 0.01)
     return Plan([{"CPU": cpu} for _ in range(n)], False)
 
 

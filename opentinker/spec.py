@@ -636,6 +636,11 @@ class JobSpec(_Strict):
             return v
         if info.data.get("environment") is None:
             raise ValueError("rollout_workers > 1 needs an environment to roll out")
+        if v.gpus > 0 and v.gpus < n + 1:  # gpu_runtime.placement: a GPU per rollout worker and trainer rank
+            raise ValueError(
+                f"rollout_workers ({n}) on GPUs need a GPU each besides the trainer's: gpus must be at least "
+                f"{n + 1}, not {v.gpus}"
+            )
         algo, kind = info.data.get("algorithm"), info.data.get("kind")
         if algo is not None:  # each worker rolls out whole groups (an eval episode is a group of its own)
             groups = algo.batch_size * algo.group_size if kind is JobKind.EVAL else algo.batch_size

@@ -1,14 +1,19 @@
 """Scale-out: N rollout workers and trainer ranks on several nodes (issue 14, item 3).
 
 The 2-node test runs on the session's Ray cluster (two nodes of two CPUs each, `ray_session`): 2 rollout
-workers and 2 trainer ranks spread across the nodes give the parameters of 1 worker and 1 rank in process.
-Sampling is collapsed to the most likely id (top_p 1e-6): N workers draw their own noise, so only a
-noise-free rollout can give the very same batch; the log-probs are still the untruncated ones at T = 1, so
-the update is a real one. PPO: the critic's values give every token an advantage though a random tiny model
-earns no reward.
+workers and 2 trainer ranks across the nodes give the parameters of 1 worker and 1 rank in process. The
+1-worker reference rolls out the very parts the 2 workers get (same episodes, batch shapes and per-part
+seeds, concatenated in part order: what the pool must merge to), so both runs take the same float path
+and a near-tie in the random tiny model's logits cannot pick another token in one of them. Sampling is
+collapsed to the most likely id (top_p 1e-6, the spec has no greedy training rollout); the log-probs are
+still the untruncated ones at T = 1, so the update is a real one. PPO: the critic's values give every token
+an advantage though a random tiny model earns no reward.
 """
 
 from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +26,7 @@ from gpu_runtime.rollout_pool import part_seed, split_groups
 from opentinker.spec import JobSpec
 from tests.gpu_runtime.conftest import small_spec
 from tests.gpu_runtime.test_controller import ListSink
+from workers.drivers.ray import ENTRYPOINT_CPU_TOKEN, entrypoint_resources
 
 LR = 1e-3
 
@@ -37,16 +43,43 @@ def test_split_groups_gives_whole_groups_in_order():
 
 
 def test_placement_plan():
-    cpu = plan(gpus=0, world_size=2, rollout_workers=2, cluster_cpus=2)
+    cpu = plan(gpus=0, world_size=2, rollout_workers=2, cpus=2)
     assert cpu.bundles == [{"CPU": 0.5}] * 4 and not cpu.colocate
-    busy = plan(gpus=0, world_size=1, rollout_workers=2, cluster_cpus=0)  # nothing free: the least share
-    assert busy.bundles == [{"CPU": 0.01}] * 3
-    one_gpu = plan(gpus=1, world_size=1, rollout_workers=1, cluster_cpus=8)
+    # The job's admitted CPUs, shared evenly: not what the (shared) cluster has free.
+    assert plan(gpus=0, world_size=1, rollout_workers=2, cpus=6).bundles == [{"CPU": 2.0}] * 3
+    many = plan(gpus=0, world_size=1, rollout_workers=255, cpus=1)  # never an empty bundle
+    assert many.bundles == [{"CPU": 0.01}] * 256
+    one_gpu = plan(gpus=1, world_size=1, rollout_workers=1, cpus=8)
     assert one_gpu.colocate and one_gpu.bundles == [{"CPU": 2, "GPU": 1}] and one_gpu.worker_bundle(1, 0) == 0
-    four = plan(gpus=4, world_size=2, rollout_workers=2, cluster_cpus=8)
+    four = plan(gpus=4, world_size=2, rollout_workers=2, cpus=8)
     assert four.bundles == [{"CPU": 1, "GPU": 1}] * 4 and four.worker_bundle(2, 1) == 3
     with pytest.raises(ValueError, match=r"resources\.gpus must be at least 4, not 3"):
-        plan(gpus=3, world_size=2, rollout_workers=2, cluster_cpus=8)
+        plan(gpus=3, world_size=2, rollout_workers=2, cpus=8)
+
+
+def test_gpus_for_rollout_workers_validated_at_submission():
+    base = small_spec().model_dump()
+    base["resources"].update(rollout_workers=2, gpus=2)
+    with pytest.raises(ValueError, match=r"rollout_workers \(2\) on GPUs .* gpus must be at least 3, not 2"):
+        JobSpec.model_validate(base)
+    base["resources"]["gpus"] = 3
+    assert JobSpec.model_validate(base).resources.gpus == 3
+    base["resources"]["gpus"] = 0  # CPUs: the workers share the job's cpus
+    assert JobSpec.model_validate(base).resources.rollout_workers == 2
+
+
+def test_the_ray_entrypoint_holds_the_jobs_resources_only_when_it_runs_everything():
+    gpu_pool = SimpleNamespace(pool=SimpleNamespace(cpu_slots=False), gpus=3)
+    cpu_pool = SimpleNamespace(pool=SimpleNamespace(cpu_slots=True), gpus=0)
+    in_process = {"resources": {"gpus": 3, "rollout_workers": 1}}
+    assert entrypoint_resources(in_process, gpu_pool) == {"entrypoint_num_cpus": 0, "entrypoint_num_gpus": 3}
+    assert entrypoint_resources(in_process, cpu_pool) == {"entrypoint_num_cpus": 1, "entrypoint_num_gpus": 0}
+    # Several rollout workers: the runtime's placement group takes the admitted GPUs/CPUs, not both.
+    token = {"entrypoint_num_cpus": ENTRYPOINT_CPU_TOKEN, "entrypoint_num_gpus": 0}
+    placed = {"resources": {"gpus": 3, "rollout_workers": 2}}
+    assert entrypoint_resources(placed, gpu_pool) == token
+    assert entrypoint_resources(placed, cpu_pool) == token
+    assert 0 < ENTRYPOINT_CPU_TOKEN <= 0.05
 
 
 def test_rollout_workers_validated():
@@ -96,6 +129,32 @@ def parity_url(monkeypatch):
         yield url
 
 
+class InOrderParts:
+    """The reference for a pool of `n` rollout workers: one in-process worker rolls out, one after the other,
+    the very parts the pool's workers get (`split_groups`, `part_seed`), and their results are concatenated
+    in part order: the batch a correct pool merges to, from the same batch shapes (so the same float path)."""
+
+    def __init__(self, worker, n: int) -> None:
+        self.worker, self.n = worker, n
+
+    def collect(self, seeds, group_ids, torch_seed, greedy=False):
+        samples, stats = [], {}
+        for k, p in enumerate(split_groups(group_ids, self.n)):
+            part = self.worker.collect(
+                [seeds[i] for i in p], [group_ids[i] for i in p], part_seed(torch_seed, k), greedy
+            )
+            samples += part[0]
+            for key, v in part[1].items():
+                stats[key] = stats.get(key, 0.0) + v
+        return samples, stats
+
+    def load_weights(self, state_dict) -> None:
+        self.worker.load_weights(state_dict)
+
+    def episode_errors(self) -> list[str]:
+        return self.worker.episode_errors()
+
+
 def _run(spec: JobSpec, group, prefix: str) -> tuple[ListSink, dict[str, torch.Tensor]]:
     sink = ListSink()
     assert Controller(spec, sink, group, prefix).run().exit_code == EXIT_OK
@@ -106,10 +165,15 @@ def _run(spec: JobSpec, group, prefix: str) -> tuple[ListSink, dict[str, torch.T
 @pytest.mark.slow
 def test_two_workers_and_two_ranks_on_two_nodes_match_one_of_each(ray_session, parity_url, tmp_path):
     ray = ray_session
-    single = _spec(parity_url)
-    one_sink, one = _run(single, LocalGroup(single), f"file://{tmp_path}/one")
+    # 3 CPUs over 4 bundles: 0.75 each, so a 2-CPU node holds two of them at most and the group must take
+    # both nodes (capacity decides, not SPREAD's best effort on a cluster other tests share).
+    single = _spec(parity_url, cpus=3)
+    reference = LocalGroup(single)
+    reference.rollout = InOrderParts(reference.rollout, 2)
+    # (Each worker, in process or an actor, takes the job's torch thread count: the same kernels' paths.)
+    one_sink, one = _run(single, reference, f"file://{tmp_path}/one")
 
-    spec = _spec(parity_url, rollout_workers=2, placement="spread")
+    spec = _spec(parity_url, cpus=3, rollout_workers=2, placement="spread")
     group = RayGroup(spec, world_size=2)
     try:
 
@@ -121,9 +185,11 @@ def test_two_workers_and_two_ranks_on_two_nodes_match_one_of_each(ray_session, p
     finally:
         group.shutdown()
 
-    # Really on two nodes: the ranks on different ones, the rollout workers on different ones, and the ranks
-    # met at rank 0's node address (on this machine's two-node cluster, this machine's address).
-    assert len(set(ranks)) == 2 and len(set(workers)) == 2, (ranks, workers)
+    # Really on two nodes, two actors each (the bundles' size leaves no other way): whichever way SPREAD put
+    # them, something crosses nodes (the ranks' collectives, or the weights to the workers). The ranks met
+    # at rank 0's node address (on this machine's two-node cluster, this machine's address).
+    print(f"ranks on {ranks}, rollout workers on {workers}")
+    assert sorted(Counter(ranks + workers).values()) == [2, 2], (ranks, workers)
     address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     assert group.master is not None and group.master.rsplit(":", 1)[0] == address[ranks[0]]
 

@@ -7,7 +7,8 @@
   Both are readable by anyone with the cluster's Job API, so no secret goes there: the job token and the
   environment secret are fetched by the runtime at start with a single-use, short-lived bootstrap token
   (portal/services/job_bootstrap.py, gpu_runtime/bootstrap.py).
-  A job takes ``entrypoint_num_gpus`` GPUs (one CPU on a CPU-only cluster, where a slot is a CPU).
+  A job takes ``entrypoint_num_gpus`` GPUs (one CPU on a CPU-only cluster, where a slot is a CPU); with
+  ``resources.rollout_workers`` > 1 its placement group takes them instead, the entrypoint a token CPU share.
 - **follow** (every supervisor pass): copies the log lines the job printed since the last pass into the job's
   log (``Allocation.log_offset`` remembers how far; at most ``LOG_LINES_PER_PASS`` lines a pass, so a
   finished job with more left is drained over the next passes before its outcome is recorded); a live
@@ -25,9 +26,11 @@ packed or spread over the nodes; the ranks meet at rank 0's node address, ``gpu_
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -53,6 +56,25 @@ def ray_runtime_command() -> list[str]:
     """What the cluster runs (its own Python, not this worker's): ``OPENTINKER_RAY_RUNTIME_COMMAND``."""
     configured = settings.OPENTINKER_RAY_RUNTIME_COMMAND
     return [str(x) for x in configured] if configured else ["python", "-m", "gpu_runtime", "run"]
+
+
+# What the entrypoint holds when the runtime places its actors in a placement group of its own: a token CPU
+# share (Ray needs some to schedule it), no GPU, so the job's resources are not claimed twice.
+ENTRYPOINT_CPU_TOKEN = 0.01
+
+
+def entrypoint_resources(spec: dict[str, Any], alloc: Allocation) -> dict[str, float]:
+    """`entrypoint_num_cpus`/`_gpus` of the job. In process (one trainer rank, one rollout worker) the
+    entrypoint runs everything and holds the job's GPUs (or its CPU slot); with `rollout_workers` > 1 the
+    runtime's placement group takes exactly the admitted resources (gpu_runtime/placement.py), and the
+    entrypoint (the controller only) holds a token share: both holding them would need twice the GPUs the
+    scheduler admitted, and the placement group would time out or take others' GPUs."""
+    resources = spec.get("resources") or {}
+    if int(resources.get("rollout_workers", 1)) > 1:
+        return {"entrypoint_num_cpus": ENTRYPOINT_CPU_TOKEN, "entrypoint_num_gpus": 0}
+    if alloc.pool.cpu_slots:
+        return {"entrypoint_num_cpus": 1, "entrypoint_num_gpus": 0}
+    return {"entrypoint_num_cpus": 0, "entrypoint_num_gpus": alloc.gpus}
 
 
 def submission_id(alloc: Allocation) -> str:
@@ -119,8 +141,7 @@ class RayDriver(Driver):
                 entrypoint=shlex.join([*ray_runtime_command(), spec_path.name]),
                 submission_id=sid,
                 runtime_env={"working_dir": str(work_dir), "env_vars": env_vars},
-                entrypoint_num_gpus=0 if alloc.pool.cpu_slots else alloc.gpus,
-                entrypoint_num_cpus=1 if alloc.pool.cpu_slots else 0,
+                **entrypoint_resources(json.loads(spec_path.read_text()), alloc),
                 metadata={"opentinker_job": str(alloc.job_id), "attempt": str(alloc.attempt)},
             )
         except Exception as e:
