@@ -234,3 +234,40 @@ def test_a_two_policy_multi_agent_job_on_vllm():
     metrics = by_type(run(JobSpec.model_validate(spec), None), "metrics")
     assert sorted(metrics) == [1, 2]
     assert all(m["logprob_gap"] < 1e-4 for m in metrics.values())
+
+
+def test_lora_weights_reach_vllm_merged():
+    """LoRA: the trainer merges the adapter into full weights (Hugging Face names) for the sync; after it
+    vLLM's log-probs match the trainer's (adapter applied), before it they do not."""
+    from gpu_runtime.controller import Controller, LocalGroup
+    from opentinker.spec import JobSpec
+    from tests.gpu_runtime.conftest import small_spec
+    from tests.gpu_runtime.test_controller import ListSink
+
+    spec = small_spec(lora={"rank": 4, "alpha": 8.0}).model_dump()
+    spec["rollout"] = {"engine": "vllm"}
+    js = JobSpec.model_validate(spec)
+    group = LocalGroup(js)
+    trainer, engine = group.ranks[0].trainer, group.rollout.engine
+    assert isinstance(engine, VLLMEngine)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:  # zero at init: give the adapter an effect
+                p.normal_(0.0, 0.05)
+
+    def gap() -> float:
+        torch.manual_seed(0)
+        res = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0.7))
+        samples = [
+            Sample(p + g, [0] * len(p) + [1] * len(g), [0.0] * len(p) + lp, [], 0.0, 0)
+            for p, g, lp in zip(PROMPTS, res.token_ids, res.logprobs, strict=True)
+        ]
+        mb = collate(samples)
+        with torch.no_grad():
+            lp, _ = token_logprobs(trainer.model, mb, 0.7)
+        return ((lp - mb.rollout_logprobs).abs() * mb.loss_mask).max().item()
+
+    assert gap() > 1e-2  # the adapter is not in vLLM yet
+    Controller(js, ListSink(), group, None).sync_weights()
+    assert gap() < 1e-4
