@@ -28,7 +28,7 @@ from env_registry import uploads
 from env_registry.model_files import DeclaredFile, ModelFilesError, contents_check, files_check, is_adapter
 from env_registry.models import ModelVersion, RegisteredModel, Upload, ValidationStatus
 from env_registry.registry_uris import registry_location
-from opentinker.env.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
+from opentinker.env.sandbox import Sandbox, SandboxError, SandboxLimits, SandboxUnavailable
 from opentinker.spec import MODEL_PRESETS, ModelRef, parse_registry_ref
 from portal import storage
 from portal.errors import DomainError, NotFound
@@ -185,11 +185,21 @@ def adapter_base_pin(organization: Organization, root: Path) -> dict:
 # --- validation in the sandbox ------------------------------------------------------------------------------
 
 
+# How the sandbox reports the checker's own refusal (gpu_runtime/model_check.py raises ValueError with the
+# reason): the only failure that makes a version invalid.
+CHECKER_REFUSAL = "reset raised ValueError: "
+
+
+class ValidationDeferred(RuntimeError):
+    """The check ended without a verdict for a reason that is not the model's: the version stays pending and
+    the Celery task retries (workers/env_tasks.py)."""
+
+
 def model_validation_start(version: ModelVersion) -> None:
     if settings.ENV_VALIDATION_MODE == "celery":
         enqueue("env_registry.validate_model_version", version.pk, expires=3600)
         return
-    with contextlib.suppress(SandboxUnavailable):  # stays pending with its reason; a task may retry
+    with contextlib.suppress(SandboxUnavailable, ValidationDeferred):  # stays pending with its reason
         model_validate(version.pk)
     version.refresh_from_db()
 
@@ -221,9 +231,10 @@ def model_validate(version_id: int) -> ModelVersion | None:
     version = ModelVersion.objects.select_related("model__organization").filter(pk=version_id).first()
     if version is None or version.status != ValidationStatus.PENDING:
         return version
-    local = storage.store().download_dir(version.uri)
+    local: Path | None = None
     report: dict = {}
     try:
+        local = storage.store().download_dir(version.uri)
         report = model_check_in_sandbox(local)
     except SandboxUnavailable as e:
         log.error("model %s not validated: %s", version, e)
@@ -231,14 +242,22 @@ def model_validate(version_id: int) -> ModelVersion | None:
             validation_error=f"not validated yet: {e}"[:_ERROR_MAX]
         )
         raise
-    except Exception as e:  # the model's fault: its reason for being invalid
+    except Exception as e:
+        if not (isinstance(e, SandboxError) and str(e).startswith(CHECKER_REFUSAL)):
+            # Not the model's fault (a sandbox timeout or crash, the task's time limit, memory, storage):
+            # no verdict; the version stays pending with the reason and the task retries.
+            log.exception("model %s not validated", version)
+            ModelVersion.objects.filter(pk=version.pk, status=ValidationStatus.PENDING).update(
+                validation_error=f"not validated yet: {type(e).__name__}: {e}"[:_ERROR_MAX]
+            )
+            raise ValidationDeferred(f"{version}: {type(e).__name__}: {e}") from e
         # "reset raised ValueError: <why>" -> "<why>": the checker's reasons are written for people.
-        error = str(e).removeprefix("reset raised ").removeprefix("ValueError: ") or type(e).__name__
+        error = str(e).removeprefix(CHECKER_REFUSAL) or type(e).__name__
         status = ValidationStatus.INVALID
     else:
         error, status = "", ValidationStatus.VALID
     finally:
-        if not version.uri.startswith("file://"):
+        if local is not None and not version.uri.startswith("file://"):
             shutil.rmtree(local, ignore_errors=True)
     ModelVersion.objects.filter(pk=version.pk, status=ValidationStatus.PENDING).update(
         status=status,

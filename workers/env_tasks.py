@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from env_registry.model_registry import model_validate
+from env_registry.model_registry import ValidationDeferred, model_validate
 from env_registry.services import version_validate
 from opentinker.env.sandbox import SandboxUnavailable
 
@@ -44,7 +44,7 @@ def validate_version_task(version_id: int) -> str:
     acks_late=True,
     reject_on_worker_lost=True,
     ignore_result=True,
-    autoretry_for=(SandboxUnavailable,),
+    autoretry_for=(SandboxUnavailable, ValidationDeferred),  # no verdict: not the model's fault
     retry_backoff=30,
     retry_backoff_max=600,
     max_retries=12,

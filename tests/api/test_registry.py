@@ -418,6 +418,47 @@ def test_weights_that_do_not_fit_the_architecture_are_invalid_after_the_sandbox(
     )
 
 
+def test_a_failure_that_is_not_the_models_leaves_it_pending_and_retried(
+    as_alice, store, model_files, no_inline_validation, monkeypatch
+):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from env_registry import model_registry
+    from opentinker.env.sandbox import SandboxError
+    from workers.env_tasks import validate_model_version_task
+
+    assert push(as_alice, "model", "tiny", model_files).status_code == 201
+    version = ModelVersion.objects.get()
+    # The sandbox's report stands in for the checker: what matters is how each outcome is judged.
+    outcomes: list[BaseException] = [
+        SoftTimeLimitExceeded(),  # its str() is "SoftTimeLimitExceeded()"
+        SandboxError("reset timed out after 60s"),
+        SandboxError("reset: the environment process died (killed by signal 9)"),
+        MemoryError("out of memory"),
+        SandboxError("reset raised ValueError: config.json needs remote code (auto_map)"),
+    ]
+
+    def check(model_dir: Path) -> dict:
+        raise outcomes.pop(0)
+
+    monkeypatch.setattr(model_registry, "model_check_in_sandbox", check)
+    for why in [
+        "SoftTimeLimitExceeded: SoftTimeLimitExceeded()",
+        "SandboxError: reset timed out after 60s",
+        "SandboxError: reset: the environment process died (killed by signal 9)",
+        "MemoryError: out of memory",
+    ]:
+        with pytest.raises(model_registry.ValidationDeferred):
+            model_registry.model_validate(version.pk)
+        version.refresh_from_db()
+        assert (version.status, version.validation_error) == ("pending", f"not validated yet: {why}")
+    assert model_registry.ValidationDeferred in validate_model_version_task.autoretry_for
+    assert model_registry.model_validate(version.pk).status == "invalid"
+    version.refresh_from_db()
+    assert version.validation_error == "config.json needs remote code (auto_map)"
+    assert outcomes == []
+
+
 # ----------------------------------------------------------------------------------------------------
 # datasets
 
