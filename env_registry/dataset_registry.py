@@ -28,6 +28,8 @@ from portal.services.model_refs import ResolvedModel
 
 PREVIEW_ROWS = 5
 PREVIEW_VALUE_CHARS = 300
+# The preview reads at most this much of a JSONL file (its first rows), never the whole file.
+PREVIEW_MAX_BYTES = 8 * 1024 * 1024
 HF_FILES = ("dataset_info.json", "state.json")
 ARROW_RE = re.compile(r"^data-\d{5}-of-\d{5}\.arrow$")
 MAX_STATE_JSON_BYTES = 1024 * 1024
@@ -87,30 +89,71 @@ def _check_state_json(root: Path) -> None:
         )
 
 
+def _jsonl_rows(path: Path) -> int:
+    """Non-blank lines, counted in blocks (memory stays one block whatever the file or a line's size)."""
+    rows, filled = 0, False
+    with path.open("rb") as f:
+        while block := f.read(1024 * 1024):
+            lines = block.split(b"\n")
+            for n, line in enumerate(lines):
+                filled = filled or bool(line.strip())
+                if n < len(lines) - 1:  # a newline ends this line
+                    rows += filled
+                    filled = False
+    return rows + filled
+
+
+def _jsonl_head(path: Path) -> bytes:
+    """The first PREVIEW_ROWS non-blank lines, read line by line up to PREVIEW_MAX_BYTES."""
+    head: list[bytes] = []
+    with path.open("rb") as f:
+        while len(head) < PREVIEW_ROWS:
+            line = f.readline(PREVIEW_MAX_BYTES + 1)
+            if not line:
+                break
+            if len(line) > PREVIEW_MAX_BYTES or sum(map(len, head)) + len(line) > PREVIEW_MAX_BYTES:
+                if head:
+                    break
+                raise DatasetFilesError(f"the first row is over {PREVIEW_MAX_BYTES} bytes")
+            if line.strip():
+                head.append(line if line.endswith(b"\n") else line + b"\n")
+    return b"".join(head)
+
+
 def dataset_inspect(root: Path, fmt: str) -> dict[str, Any]:
-    """Columns, row count and the first rows, read with pyarrow; an unreadable file is refused."""
+    """Columns, row count and the first rows, read with pyarrow without loading the data: Parquet's count
+    from its metadata and the first batch only, JSONL's first lines and a streamed line count, the arrow
+    files memory-mapped batch by batch. An unreadable file is refused."""
     import pyarrow as pa  # lazy: only this path needs it
     import pyarrow.json as pa_json
     import pyarrow.parquet as pq
 
+    table: Any = None
     try:
         if fmt == "parquet":
-            path = next(root.glob("*.parquet"))
-            meta = pq.read_metadata(path)
-            table = pq.ParquetFile(path).read_row_group(0) if meta.num_row_groups else None
-            schema, num_rows = pq.read_schema(path), meta.num_rows
+            pf = pq.ParquetFile(next(root.glob("*.parquet")))
+            schema, num_rows = pf.schema_arrow, pf.metadata.num_rows
+            if num_rows:
+                table = next(pf.iter_batches(batch_size=PREVIEW_ROWS))
         elif fmt == "jsonl":
-            table = pa_json.read_json(next(root.glob("*.jsonl")))
-            schema, num_rows = table.schema, table.num_rows
+            path = next(root.glob("*.jsonl"))
+            table = pa_json.read_json(pa.BufferReader(_jsonl_head(path)))
+            schema, num_rows = table.schema, _jsonl_rows(path) if table.num_rows else 0
         else:
             _check_state_json(root)
-            tables = []
+            batches, schema, num_rows = [], None, 0
             for f in sorted(root.glob("data-*.arrow")):
                 with pa.memory_map(str(f)) as src:
-                    tables.append(pa.ipc.open_stream(src).read_all())
-            table = pa.concat_tables(tables)
-            schema, num_rows = table.schema, table.num_rows
+                    reader = pa.ipc.open_stream(src)
+                    schema = schema or reader.schema
+                    for batch in reader:
+                        num_rows += batch.num_rows
+                        if sum(b.num_rows for b in batches) < PREVIEW_ROWS:
+                            batches.append(batch.slice(0, PREVIEW_ROWS))
+            table = pa.Table.from_batches(batches, schema=schema) if batches else None
     except (pa.ArrowException, OSError, StopIteration, ValueError) as e:
+        if isinstance(e, DatasetFilesError):
+            raise
         raise DatasetFilesError(f"the {fmt} data cannot be read: {e}") from None
     if num_rows == 0:
         raise DatasetFilesError("the dataset has no rows")

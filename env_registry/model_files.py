@@ -33,6 +33,11 @@ RESERVED_NAMES = ("opentinker_base.json",)
 SAFETENSORS_DTYPES = ("F32", "F16", "BF16")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+# JSON files are parsed whole in the web tier: configs are a few KB, tokenizer.json (vocab and merges) tens of
+# MB at most (~17 MB for a 256k vocabulary).
+CONFIG_FILES = ("config.json", "tokenizer_config.json", "generation_config.json", "adapter_config.json")
+CONFIG_JSON_MAX_BYTES = 1024 * 1024
+JSON_MAX_BYTES = 50 * 1024 * 1024
 
 
 class ModelFilesError(ValueError):
@@ -60,6 +65,7 @@ def files_check(files: Iterable[DeclaredFile]) -> None:
             raise ModelFilesError(f"{f.path}: a name the platform writes itself; rename or leave it out")
         if f.path in seen:
             raise ModelFilesError(f"{f.path} is listed twice")
+        _json_size_check(f.path, f.size)
         seen.add(f.path)
     names = {p.rsplit("/", 1)[-1] for p in seen}
     if is_adapter(seen):
@@ -113,13 +119,21 @@ def contents_check(root: Path, files: Iterable[DeclaredFile]) -> dict[str, Any]:
     return {"parameters": parameters, "dtypes": sorted(dtypes)}
 
 
+def _json_size_check(name: str, size: int) -> None:
+    if not name.endswith(".json"):
+        return
+    cap = CONFIG_JSON_MAX_BYTES if name.rsplit("/", 1)[-1] in CONFIG_FILES else JSON_MAX_BYTES
+    if size > cap:
+        raise ModelFilesError(f"{name} is {size} bytes; at most {cap} bytes for this JSON file")
+
+
 def _json_check(path: Path, name: str) -> None:
+    _json_size_check(name, path.stat().st_size)
     try:
         data = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelFilesError(f"{name} is not valid JSON ({e})") from None
-    configs = ("config.json", "tokenizer_config.json", "generation_config.json", "adapter_config.json")
-    if name.rsplit("/", 1)[-1] in configs:
+    if name.rsplit("/", 1)[-1] in CONFIG_FILES:
         if not isinstance(data, dict):
             raise ModelFilesError(f"{name} must hold a JSON object")
         _no_remote_code(data, name)

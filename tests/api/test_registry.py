@@ -574,6 +574,53 @@ def test_a_saved_dataset_in_several_shards_loads_in_order(tmp_path):
         load_rows(f"file://{tmp_path / 'd'}")
 
 
+def test_the_preview_reads_only_the_first_rows_and_counts_the_rest(as_alice, store, tmp_path, monkeypatch):
+    import datasets
+
+    from env_registry import dataset_registry
+
+    rows = prompt_completion_rows(1000)
+    lines = [json.dumps(r) for r in rows]
+    # Blank lines are not rows; past the preview, lines are counted, not parsed (the runtime's loader reports
+    # a bad one with its line number), and no trailing newline still ends a row.
+    lines[700] = "{not json"
+    jsonl = "\n".join([*lines[:10], "", "  ", *lines[10:]]).encode()
+    version = push(as_alice, "dataset", "lines", {"d.jsonl": jsonl}).json()["dataset"]
+    assert (version["num_rows"], version["preview"]) == (1000, rows[:5])
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf, row_group_size=300)
+    version = push(as_alice, "dataset", "groups", {"d.parquet": buf.getvalue()}).json()["dataset"]
+    assert (version["num_rows"], version["preview"]) == (1000, rows[:5])
+
+    datasets.Dataset.from_list(rows[:11]).save_to_disk(str(tmp_path / "s"), num_shards=3)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+    version = push(as_alice, "dataset", "shards", files).json()["dataset"]
+    assert (version["format"], version["num_rows"], version["preview"]) == ("hf", 11, rows[:5])
+
+    monkeypatch.setattr(dataset_registry, "PREVIEW_MAX_BYTES", 100)
+    big = json.dumps({"text": "x" * 200}).encode() + b"\n"
+    resp = push(as_alice, "dataset", "big", {"d.jsonl": big})
+    assert resp.status_code == 400 and error_of(resp) == "the first row is over 100 bytes"
+    # The preview stops at the byte cap with the rows that fit in it (three of 30 bytes).
+    small = b"".join(json.dumps({"n": f"{i:020d}"}).encode() + b"\n" for i in range(10))
+    version = push(as_alice, "dataset", "small", {"d.jsonl": small}).json()["dataset"]
+    assert (version["num_rows"], len(version["preview"])) == (10, 3)
+
+
+def test_json_files_over_their_cap_are_refused_before_any_byte(as_alice, store, model_files):
+    from env_registry.model_files import CONFIG_JSON_MAX_BYTES, JSON_MAX_BYTES
+
+    assert (CONFIG_JSON_MAX_BYTES, JSON_MAX_BYTES) == (1024 * 1024, 50 * 1024 * 1024)
+    for name, size in [("config.json", CONFIG_JSON_MAX_BYTES + 1), ("tokenizer.json", JSON_MAX_BYTES + 1)]:
+        declared = [f for f in declare(model_files) if f["path"] != name]
+        declared.append({"path": name, "size": size, "sha256": "0" * 64})
+        resp = start(as_alice, "model", "tiny", model_files, declared)
+        assert resp.status_code == 400, resp.content
+        assert error_of(resp) == f"{name} is {size} bytes; at most {size - 1} bytes for this JSON file"
+    nothing_stored(store)
+
+
 def test_bad_datasets_are_refused_and_nothing_stays(as_alice, store):
     resp = start(as_alice, "dataset", "d", {"data.csv": b"a,b\n1,2\n"})
     assert resp.status_code == 400 and error_of(resp).startswith("a dataset is one .jsonl or .parquet file")
