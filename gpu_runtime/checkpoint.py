@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -149,11 +150,17 @@ def read_model(directory: Path) -> tuple[dict[str, torch.Tensor], bool, dict[str
     return weights, adapter, read_state(directory / STATE)
 
 
+# numpy arrays rebuild without running code (torch's documented allow-list for them): checkpoints written
+# before the trainer stored numpy's RNG keys as a tensor hold them as an array, and stay resumable.
+_NUMPY_ARRAYS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]  # type: ignore[attr-defined]
+
+
 def read_state(path: Path) -> dict[str, Any]:
     """A trainer state as plain data. Nothing in a checkpoint is unpickled (a tenant can write one): a file
     that needs more than tensors, numbers, strings, lists and dicts is refused, whatever it holds."""
     try:
-        state = torch.load(path, weights_only=True)
+        with torch.serialization.safe_globals(_NUMPY_ARRAYS):
+            state = torch.load(path, weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         op = re.search(r"WeightsUnpickler error: \s*(.+?)\s*$", str(exc).split("Check the documentation")[0])
@@ -163,9 +170,8 @@ def read_state(path: Path) -> dict[str, Any]:
             else f"is not plain data that a weights-only load reads ({op.group(1) if op else exc})"
         )
         raise CheckpointError(
-            f"{path.name} {why}; trainer state is loaded as plain data only (tensors, numbers, strings, "
-            "lists, dicts). A checkpoint written before trainer states were plain data (numpy RNG state, "
-            "async batches as objects) cannot be resumed: start a new job from its weights"
+            f"{path.name} {why}; trainer state is loaded as plain data only (tensors, numpy arrays, numbers, "
+            "strings, lists, dicts): start a new job from its weights"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:  # not a torch file, truncated, unreadable
         raise CheckpointError(

@@ -497,7 +497,8 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         name, keys, *rest = state["rng"]["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # an array in older checkpoints
+        np.random.set_state((name, keys.astype(np.uint32), *rest))
         if "cuda" in state["rng"] and self.device.startswith("cuda"):
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if self.critic is not None and self.critic_opt is not None and "critic" in state:

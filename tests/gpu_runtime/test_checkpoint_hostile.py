@@ -76,15 +76,13 @@ def test_a_trainer_state_that_runs_code_when_unpickled_is_refused(tmp_path, how,
     )
 
 
-def test_an_old_checkpoint_with_numpy_state_is_refused_with_the_reason(tmp_path):
-    # Written before trainer states were plain data: numpy's RNG state as an array.
-    uri = _checkpoint_with_state(tmp_path, lambda p: torch.save({"rng": {"numpy": np.random.get_state()}}, p))
-    with pytest.raises(checkpoint.CheckpointError, match=r"holds an object of numpy\.\S+, which only"):
-        checkpoint.load(uri)
-    with pytest.raises(
-        checkpoint.CheckpointError, match="cannot be resumed: start a new job from its weights"
-    ):
-        checkpoint.load(uri)
+def test_an_old_checkpoint_with_numpy_state_still_loads(tmp_path):
+    # Written before the trainer stored numpy's RNG keys as a tensor: they are an array, which rebuilds
+    # without running code, so a job preempted before an upgrade resumes after it.
+    rng = np.random.get_state()
+    uri = _checkpoint_with_state(tmp_path, lambda p: torch.save({"rng": {"numpy": rng}}, p))
+    name, keys, *rest = checkpoint.load(uri).state["rng"]["numpy"]
+    assert name == "MT19937" and keys.dtype == np.uint32 and (keys == rng[1]).all() and rest == list(rng[2:])
 
 
 def test_garbage_and_a_non_dict_are_refused(tmp_path):
