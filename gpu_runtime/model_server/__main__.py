@@ -27,7 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--idle-exit-s", type=float, default=0.0, help="stop after this many seconds without work (0: never)"
     )
+    run.add_argument(
+        "--lease-ttl-s",
+        type=float,
+        default=serve.LEASE_TTL_S,
+        help="the base model's one-server lease: how long a killed server's lease outlives it",
+    )
     args = parser.parse_args(argv)
+    if args.lease_ttl_s <= 0:
+        parser.error(f"--lease-ttl-s must be positive, not {args.lease_ttl_s}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per posted outcome
     return serve.main(args)

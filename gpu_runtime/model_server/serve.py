@@ -20,9 +20,13 @@ Surviving a restart: an operation is never just popped. It moves, atomically, fr
 model's claimed list, and leaves that list once its outcome is posted (or at once when it has no future). A
 server starting up fails every future still in the claimed list (its predecessor died with them in flight:
 they may have half-run, so re-running is not safe) and clears the list. One model server per base model
-(the claimed list is the base model's). Training clients live in the process: after a restart their calls
-fail clearly ("not on this model server"); saved states (object storage) and futures (PostgreSQL) remain, and
-a sampler is re-created from what its `sample` operations carry (`sampler_uri`).
+(the claimed list is the base model's), enforced by a lease in Valkey (`Lease`: `tinker:server:<base>`, SET NX
+with a TTL, renewed by the serve loop) taken before `recover`: a second server started while the first holds
+it exits at once with a clear error, touching nothing (a rolling restart stops the old one first: SIGTERM
+parks its clients and releases the lease; a killed one's lease lapses after `--lease-ttl-s`). Training clients
+live in the process: after a restart their calls fail clearly ("not on this model server"); saved states
+(object storage) and futures (PostgreSQL) remain, and a sampler is re-created from what its `sample`
+operations carry (`sampler_uri`).
 
 Not yet: the drivers start and supervise this process (today an operator or a test does), the scheduler
 admits it.
@@ -33,7 +37,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -78,6 +84,64 @@ def ops_key(base_model: str) -> str:
 def claimed_key(base_model: str) -> str:
     """Operations taken from the queue and not yet reported (api/tinker/queue.py has the same name)."""
     return f"tinker:claimed:{base_model}"
+
+
+def lease_key(base_model: str) -> str:
+    """Which model server serves the base model (its holder id), for `Lease`'s TTL."""
+    return f"tinker:server:{base_model}"
+
+
+LEASE_TTL_S = 60.0  # a killed server's successor waits this long at most; renewed every third of it
+# Extend / delete the lease only while this holder has it (one that lapsed may be another server's now).
+RENEW_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class LeaseHeld(Exception):
+    """Another model server serves this base model."""
+
+
+class Lease:
+    """One model server per base model: the holder's id under `lease_key`, with a TTL the serve loop renews.
+    A server stopped cleanly releases it; a killed one's lapses after the TTL."""
+
+    def __init__(self, queue: redis.Redis, base_model: str, holder: str, ttl_s: float = LEASE_TTL_S) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"the lease's TTL must be positive, not {ttl_s}")
+        self.queue, self.base_model, self.holder = queue, base_model, holder
+        self.key, self.ttl_ms = lease_key(base_model), int(ttl_s * 1000)
+        self._renew = queue.register_script(RENEW_SCRIPT)
+        self._release = queue.register_script(RELEASE_SCRIPT)
+
+    def acquire(self) -> None:
+        if not self.queue.set(self.key, self.holder, nx=True, px=self.ttl_ms):
+            other: Any = self.queue.get(self.key)
+            left: Any = self.queue.pttl(self.key)
+            raise LeaseHeld(
+                f"another model server ({other.decode() if other else 'gone just now'}) serves "
+                f"{self.base_model!r}: one per base model. Stop it first (SIGTERM parks its clients and "
+                f"releases the lease); a killed one's lease lapses in {max(int(left), 0) / 1000:.0f} s"
+            )
+
+    def renew(self) -> bool:
+        """Extend the TTL; False when this server no longer holds the lease (it lapsed: taken over)."""
+        return bool(self._renew(keys=[self.key], args=[self.holder, self.ttl_ms]))
+
+    def release(self) -> None:
+        self._release(keys=[self.key], args=[self.holder])
+
+
+def take_base(lease: Lease, transport: Transport) -> None:
+    """Start-up: the lease first, then `recover` (failing a dead predecessor's claimed calls): a second server
+    must not fail the calls the live one is running."""
+    lease.acquire()
+    transport.recover()
 
 
 # Moves up to ARGV[1] operations from the queue to the claimed list in one atomic step: a server killed at
@@ -400,12 +464,20 @@ def serve(
     should_stop: Callable[[], bool],
     idle_exit_s: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
+    renew: Callable[[], bool] | None = None,
+    renew_every_s: float = LEASE_TTL_S / 3,
 ) -> None:
     """Run until `should_stop()` or, with `idle_exit_s`, until no operation came for that long and nothing
     waits; then park the training clients (ModelServer.park: with a spill_uri, the next server takes them
-    back on their next call). `clock` is injectable so the idle rule is testable without waiting."""
-    last_work = clock()
+    back on their next call). `clock` is injectable so the idle rule is testable without waiting. `renew`
+    (the lease's) runs every `renew_every_s`; once it fails another server has the base model: stop."""
+    last_work = last_renew = clock()
     while not should_stop():
+        if renew is not None and clock() - last_renew >= renew_every_s:
+            if not renew():
+                log.error("lost the base model's lease (another model server took over): stopping")
+                break
+            last_renew = clock()
         outcomes: list[WireOutcome] = []
         for msg in transport.drain():
             outcomes += loop.handle(msg)
@@ -428,8 +500,6 @@ def serve(
 
 
 def main(args: Any) -> int:
-    import os
-
     token = os.environ.get("OPENTINKER_MODEL_SERVER_TOKEN", "")
     if not token:
         raise SystemExit("OPENTINKER_MODEL_SERVER_TOKEN is not set (the platform's model-server token)")
@@ -440,10 +510,24 @@ def main(args: Any) -> int:
     transport = Transport(
         redis.Redis.from_url(args.queue_url), args.base_model, http_poster(args.ingest_url, token)
     )
-    transport.recover()
+    lease = Lease(transport.queue, args.base_model, f"{socket.gethostname()}:{os.getpid()}", args.lease_ttl_s)
+    try:
+        take_base(lease, transport)
+    except LeaseHeld as exc:
+        raise SystemExit(f"model server not started: {exc}") from None
     log.info("model server for %s on %s: serving", args.base_model, args.device)
     print(f"model server for {args.base_model}: serving", flush=True)  # the launcher waits for this line
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))  # a driver's stop
-    serve(ServeLoop(server), transport, should_stop=lambda: bool(stopping), idle_exit_s=args.idle_exit_s)
+    try:
+        serve(
+            ServeLoop(server),
+            transport,
+            should_stop=lambda: bool(stopping),
+            idle_exit_s=args.idle_exit_s,
+            renew=lease.renew,
+            renew_every_s=args.lease_ttl_s / 3,
+        )
+    finally:
+        lease.release()
     return 0

@@ -8,6 +8,7 @@ Actors: alice (owner of acme) only; these routes' tenancy is test_tinker_sdk's a
 
 from __future__ import annotations
 
+import subprocess
 import urllib.parse
 
 import pytest
@@ -44,6 +45,10 @@ def test_a_stopped_model_server_parks_its_clients_and_the_next_one_takes_them_ba
         trainer.forward_backward(DATA, "cross_entropy").result(timeout=WAIT)
         trainer.optim_step(ADAM).result(timeout=WAIT)
         saved = trainer.save_state("before-idle").result(timeout=WAIT)
+        # One model server per base model: a second one, started now, is refused and touches nothing.
+        second = tinker_live.start_model_server(platform, extra=spill, stderr=subprocess.PIPE)
+        _, err = second.communicate(timeout=WAIT)
+        assert second.returncode == 1 and "model server not started: another model server" in err, err
         before = trainer.forward(DATA, "cross_entropy").result(timeout=WAIT).metrics["loss:sum"]
         # seq_ids 1-4 ran: the client runs 5 next.
         tinker_live.stop(proc)  # SIGTERM: parks

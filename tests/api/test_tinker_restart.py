@@ -83,6 +83,7 @@ def test_model_server_restart_keeps_acknowledged_work_and_fails_lost_calls(platf
 
         proc.kill()  # SIGKILL: nothing runs on the way out
         proc.wait(WAIT)
+        tinker_live.lease_lapses()  # its one-server lease outlives it by its TTL: played out here
         lost_next = trainer.forward(DATA, "cross_entropy")  # sent while no server runs: it waits in the queue
         proc = tinker_live.start_model_server(platform)
 

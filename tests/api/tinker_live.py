@@ -15,6 +15,7 @@ from django.core.asgi import get_asgi_application
 
 from api.tinker import queue
 from api.tinker.server_tokens import model_server_token_issue
+from gpu_runtime.model_server.serve import lease_key
 from tests.loopback_asgi import serving
 
 BASE = Path(__file__).resolve().parents[2]
@@ -23,12 +24,18 @@ WAIT = 240  # seconds, only against a hang: the model server's start and a handf
 
 
 def clear_queues(base_model: str = BASE_MODEL) -> None:
-    """Nothing left over from an earlier run: the operations list and what a dead server had claimed."""
-    queue.client().delete(queue.ops_key(base_model), queue.claimed_key(base_model))
+    """Nothing left over from an earlier run: the operations list, what a dead server had claimed, and its
+    one-server lease (it lapses only after its TTL)."""
+    queue.client().delete(queue.ops_key(base_model), queue.claimed_key(base_model), lease_key(base_model))
+
+
+def lease_lapses(base_model: str = BASE_MODEL) -> None:
+    """What the TTL does to a killed server's lease, without waiting for it."""
+    queue.client().delete(lease_key(base_model))
 
 
 def start_model_server(
-    platform_url: str, base_model: str = BASE_MODEL, extra: tuple[str, ...] = ()
+    platform_url: str, base_model: str = BASE_MODEL, extra: tuple[str, ...] = (), stderr: int | None = None
 ) -> subprocess.Popen:
     env = {
         "PATH": "/usr/bin:/bin",
@@ -43,6 +50,8 @@ def start_model_server(
         ],
         cwd=BASE,
         env=env,
+        stderr=stderr,
+        text=True,
     )
 
 
