@@ -185,8 +185,9 @@ class ModelServer:
         adapter = adapter_io.load_adapter(self.host, uri, optimizer=True, grads=True)
         self.models[model_id] = _Model(model_id, SeqQueue(next_seq), True, adapter, adapter.config)
         self._touch(self.models[model_id])
-        storage.remove_dir(uri)
+        # The marker first: a crash in between leaves orphaned bytes, never a marker pointing at nothing.
         storage.delete(marker)
+        storage.remove_dir(uri)
         return True
 
     def remove(self, model_id: str) -> None:

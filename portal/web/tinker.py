@@ -22,7 +22,8 @@ def tinker_index(request):
     org = request.organization
     session_id = request.GET.get("session") or None
     session = selectors.session_detail(org, session_id) if session_id else None  # another org's: a 404
-    weights = list(selectors.weights_list(org, session_id=session_id))
+    # The page shows 200 at most: slice before listing each one's files (a storage LIST per row).
+    weights = list(selectors.weights_list(org, session_id=session_id)[:200])
     for w in weights:
         w.path = selectors.weights_path(w)
         w.files = selectors.weights_files(w)
@@ -32,7 +33,7 @@ def tinker_index(request):
         "session": session,
         "sessions": selectors.session_list(org)[:100],
         "models": selectors.model_list(org, session_id=session_id)[:200],
-        "weights": weights[:200],
+        "weights": weights,
         # Metered per organization and month (tokens the model servers processed, their time), not per model.
         "usage": [m for m in organization_usage(org, months=6) if m.tinker_tokens or m.model_server_hours]
         or organization_usage(org, months=1),

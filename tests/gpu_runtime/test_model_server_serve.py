@@ -216,3 +216,25 @@ def test_serve_stops_after_idle_exit_s_without_work_and_parks_its_clients(tmp_pa
     assert [o["future"] for o in transport.posted] == ["c", "f1", "f2"]
     assert (tmp_path / "spill" / "next-seq" / "idle").read_text() == "3"  # parked: runs seq_id 3 next
     assert server.models == {}
+
+
+def test_taking_back_a_parked_client_deletes_its_marker_before_its_state(tmp_path, monkeypatch):
+    from gpu_runtime.model_server import engine
+
+    spill = f"file://{tmp_path}/spill"
+    server = ModelServer("tiny-qwen2", spill_uri=spill)
+    loop = ServeLoop(server)
+    loop.handle({"op": "create_model", "future": "c", "model_id": "p1", "lora_config": {"rank": 4}})
+    assert server.park() == ["p1"]
+    marker = tmp_path / "spill" / "next-seq" / "p1"
+    assert marker.read_text() == "1" and (tmp_path / "spill" / "p1").is_dir()
+
+    def crash(uri: str) -> None:
+        raise RuntimeError("killed while removing the parked state")
+
+    monkeypatch.setattr(engine.storage, "remove_dir", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        ModelServer("tiny-qwen2", spill_uri=spill).unpark("p1")
+    # A crash in between leaves orphaned bytes, never a marker naming a half-removed state.
+    assert not marker.exists() and (tmp_path / "spill" / "p1").is_dir()
+    assert ModelServer("tiny-qwen2", spill_uri=spill).unpark("p1") is False

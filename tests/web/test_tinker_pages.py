@@ -152,3 +152,25 @@ def test_browser_tinker_page(page, live_url, sign_in, alice, acme):
     expect(page.get_by_test_id("session-filter")).to_contain_text(w["session"])
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.locator("main").screenshot(path=str(SCREENSHOTS / "tinker.png"))  # docs/screenshots/tinker.png
+
+
+def test_the_page_lists_storage_only_for_the_200_weights_it_shows(store, alice, acme, monkeypatch):
+    from api.tinker import selectors
+
+    w = tinker_world(acme, alice, steps=1)
+    first = TinkerWeights.objects.get(model_id=w["model"], name="ck")
+    TinkerWeights.objects.bulk_create(
+        TinkerWeights(organization=acme, model_id=w["model"], kind="weights", name=f"x{i}", uri=first.uri)
+        for i in range(205)
+    )
+    listed: list[int] = []
+    real = selectors.weights_files
+
+    def counted(weights):
+        listed.append(weights.pk)
+        return real(weights)
+
+    monkeypatch.setattr(selectors, "weights_files", counted)  # counts the storage LISTs, still runs each
+    html = signed_in(alice, acme).get("/training/").content.decode()
+    shown = rows(html, "data-weights")
+    assert len(shown) == 200 and sorted(map(int, shown)) == sorted(listed)
