@@ -30,10 +30,16 @@ from env_registry.model_files import MAX_FILES, DeclaredFile
 from env_registry.models import DatasetVersion, ModelVersion, Upload
 from env_registry.selectors import NAME_RE
 from portal import storage
-from portal.errors import Conflict, DomainError, NotFound
+from portal.errors import Conflict, DomainError, NotFound, QuotaExceeded
 from portal.models import Organization
 
 CHUNK_MAX_BYTES = 8 * 1024 * 1024  # one request's body; the client splits bigger files
+# Every chunk but a file's last is at least this (or CHUNK_MAX_BYTES where that is lower): each chunk is one
+# stored object and one request, so a client sending bytes one at a time cannot make millions of them.
+CHUNK_MIN_BYTES = 1024 * 1024
+# Open uploads per organization: each holds a row and stored chunks until completed, aborted or abandoned
+# (ABANDONED_AFTER); REGISTRY_MAX_BYTES caps their bytes, this their number (empty files weigh nothing).
+MAX_OPEN_UPLOADS = 16
 # An upload nobody sent a chunk to for this long is abandoned: dropped (row and chunks) when its organization
 # starts another, so it stops counting against REGISTRY_MAX_BYTES.
 ABANDONED_AFTER = timedelta(hours=24)
@@ -71,6 +77,8 @@ def declared_files(raw: list[dict[str, Any]]) -> list[DeclaredFile]:
             raise DomainError(f"files[{i}]: path (text) and size (bytes, >= 0) are required", field="files")
         if not isinstance(digest, str) or not re.match(SHA256_RE, digest):
             raise DomainError(f"files[{i}]: sha256 must be 64 lowercase hex digits", field="files")
+        if any(d.path == path for d in out):
+            raise DomainError(f"files[{i}]: {path!r} is listed twice", field="files")
         out.append(DeclaredFile(path=path, size=size, sha256=digest))
     return out
 
@@ -94,6 +102,13 @@ def upload_start(
     with transaction.atomic():
         # One organization's uploads start one at a time, so two cannot both take the last free bytes.
         Organization.objects.select_for_update().get(pk=organization.pk)
+        open_now = Upload.objects.filter(organization=organization).count()
+        if open_now >= MAX_OPEN_UPLOADS:
+            raise QuotaExceeded(
+                f"your organization has {open_now} uploads open (at most {MAX_OPEN_UPLOADS}): complete or "
+                "abort some first",
+                field="files",
+            )
         limit = settings.REGISTRY_MAX_BYTES
         used = registry_bytes_used(organization)
         if used + total > limit:
@@ -147,6 +162,13 @@ def upload_chunk(upload: Upload, *, index: int, offset: int, data: bytes) -> Upl
             )
         if not data:
             raise DomainError("an empty chunk", field="body")
+        floor, left = min(CHUNK_MIN_BYTES, CHUNK_MAX_BYTES), entry["size"] - offset
+        if len(data) < min(floor, left):
+            raise DomainError(
+                f"{entry['path']}: a chunk is at least {floor} bytes unless it ends the file ({left} bytes "
+                f"are left); this one is {len(data)}",
+                field="body",
+            )
         uri = storage.file_uri(_chunks_prefix(locked), f"{index}/{offset:015d}")
         storage.store().put(uri, data)
         entry["received"] = offset + len(data)

@@ -95,6 +95,7 @@ def store(settings, tmp_path) -> Path:
 def small_chunks(monkeypatch):
     # Several chunks per weights file, so resuming and ordering are exercised with a tiny model.
     monkeypatch.setattr(uploads, "CHUNK_MAX_BYTES", 16 * 1024)
+    monkeypatch.setattr(uploads, "CHUNK_MIN_BYTES", 512)
 
 
 @pytest.fixture
@@ -291,6 +292,54 @@ def test_resume_after_a_lost_chunk_and_the_offset_rule(as_alice, store, model_fi
     send_all(as_alice, status, files)
     resp = as_alice.post(f"{V1}/org/uploads/{upload['id']}/complete")
     assert resp.status_code == 201 and resp.json()["ref"] == "acme/tiny@1"
+
+
+def test_chunks_below_the_minimum_duplicate_paths_and_too_many_open_uploads_are_refused(
+    as_alice, as_bob, store, model_files, small_chunks
+):
+    upload = start(as_alice, "model", "tiny", model_files).json()
+    weights = next(i for i, f in enumerate(upload["files"]) if f["path"] == "model.safetensors")
+    url = f"{V1}/org/uploads/{upload['id']}/files/{weights}"
+    data = model_files["model.safetensors"]
+    resp = as_alice.put(f"{url}?offset=0", data[:511], content_type="application/octet-stream")
+    assert resp.status_code == 400 and error_of(resp) == (
+        f"model.safetensors: a chunk is at least 512 bytes unless it ends the file ({len(data)} bytes are "
+        "left); this one is 511"
+    )
+    resp = as_alice.put(f"{url}?offset=0", data[:512], content_type="application/octet-stream")
+    assert resp.status_code == 200
+    # a file's last chunk may be smaller
+    config = model_files["config.json"]
+    assert 512 < len(config) < 1024
+    index = next(i for i, f in enumerate(upload["files"]) if f["path"] == "config.json")
+    for offset, part in [(0, config[:512]), (512, config[512:])]:
+        resp = as_alice.put(
+            f"{V1}/org/uploads/{upload['id']}/files/{index}?offset={offset}",
+            part,
+            content_type="application/octet-stream",
+        )
+        assert resp.status_code == 200, resp.content
+    send_all(as_alice, as_alice.get(f"{V1}/org/uploads/{upload['id']}").json(), model_files)
+    assert as_alice.post(f"{V1}/org/uploads/{upload['id']}/complete").status_code == 201
+
+    rows = {"a.jsonl": b'{"a": 1}\n'}
+    twice = declare(rows) * 2
+    resp = start(as_alice, "dataset", "d", rows, twice)
+    assert resp.status_code == 400 and error_of(resp) == "files[1]: 'a.jsonl' is listed twice"
+    arrow = declare({"data-00000-of-00001.arrow": b"x", "state.json": b"{}", "dataset_info.json": b"{}"})
+    resp = start(as_alice, "dataset", "d", rows, [*arrow, arrow[0]])
+    assert resp.status_code == 400 and error_of(resp) == (
+        "files[3]: 'data-00000-of-00001.arrow' is listed twice"
+    )
+
+    opened = [start(as_bob if i % 2 else as_alice, "dataset", "d", rows).json()["id"] for i in range(16)]
+    assert Upload.objects.count() == 16
+    resp = start(as_alice, "dataset", "d", rows)
+    assert resp.status_code == 429 and error_of(resp) == (
+        "your organization has 16 uploads open (at most 16): complete or abort some first"
+    )
+    assert as_alice.delete(f"{V1}/org/uploads/{opened[0]}").status_code == 204
+    assert start(as_alice, "dataset", "d", rows).status_code == 201
 
 
 def test_outsider_cannot_touch_an_upload(as_alice, as_charlie, store, model_files):
