@@ -17,9 +17,12 @@ from typing import Any
 
 import httpx
 
-from opentinker.errors import ApiConnectionError, OpenTinkerError
+from opentinker.errors import ApiConnectionError, NotFound, OpenTinkerError
 
 RETRIES = 5
+# Completing assembles, hashes and checks every file, then publishes them: minutes for a model of tens of GB,
+# far past the client's usual 30 s per request.
+COMPLETE_TIMEOUT_S = 3600.0
 # Not part of a model or dataset: left out of a push (editor and OS droppings, git).
 SKIPPED = (".git", ".DS_Store", "__pycache__")
 
@@ -101,7 +104,11 @@ class RegistryAPI:
             }
             upload = self._c._call("POST", "/org/uploads", json=body)
         else:
-            upload = self._c._call("GET", f"/org/uploads/{upload_id}")
+            try:
+                upload = self._c._call("GET", f"/org/uploads/{upload_id}")
+            except NotFound:
+                # Gone: completed (perhaps after the client stopped waiting), refused or aborted.
+                return self._stored_version(kind, name, files, upload_id)
         uid, chunk = upload["id"], int(upload["chunk_max_bytes"])
         by_path = {f.path: f for f in files}
         for index, entry in enumerate(upload["files"]):
@@ -137,7 +144,41 @@ class RegistryAPI:
                         on_bytes(len(data))
             if on_file_done is not None:
                 on_file_done(local.path, local.size)
-        return dict(self._c._call("POST", f"/org/uploads/{uid}/complete"))
+        return self._complete(kind, name, files, uid)
+
+    def _complete(self, kind: str, name: str, files: list[LocalFile], uid: str) -> dict[str, Any]:
+        request = self._c._http.build_request(
+            "POST", f"/org/uploads/{uid}/complete", timeout=httpx.Timeout(30.0, read=COMPLETE_TIMEOUT_S)
+        )
+        try:
+            response = self._c._http.send(request)
+        except httpx.TransportError as exc:
+            error = self._c._connection_error("POST", request, exc)
+            raise ApiConnectionError(
+                f"{error}; `--resume {uid}` finds out whether the version was stored", code=error.code
+            ) from None
+        try:
+            return dict(self._c._checked(response).json())
+        except NotFound:
+            # A repeat of a completion that already ran (the upload is gone): the version, if stored.
+            return self._stored_version(kind, name, files, uid)
+
+    def _stored_version(self, kind: str, name: str, files: list[LocalFile], uid: str) -> dict[str, Any]:
+        """The newest version of `name` holding exactly these files (path and sha256), as `complete` answers
+        it; an error saying so when there is none (the upload was refused or aborted)."""
+        wanted = sorted((f.path, f.sha256) for f in files)
+        try:
+            entry = self._c._call("GET", f"/org/{kind}s/{name}")
+        except NotFound:
+            entry = {"versions": []}
+        for version in sorted(entry["versions"], key=lambda v: -int(v["version"])):
+            if sorted((f["path"], f["sha256"]) for f in version["files"]) == wanted:
+                return {"kind": kind, "ref": version["ref"], "model": None, "dataset": None, kind: version}
+        raise OpenTinkerError(
+            f"upload {uid} is gone and no version of {name} holds these files: it was refused or aborted; "
+            "push again without --resume",
+            code="not_found",
+        )
 
     def _put_chunk(self, uid: str, index: int, offset: int, data: bytes) -> None:
         request = self._c._http.build_request(

@@ -109,3 +109,47 @@ def test_push_goes_on_from_what_arrived_when_answers_are_lost(tokens, tmp_path, 
     stored = Path(ModelVersion.objects.get().uri.removeprefix("file://"))
     for p in d.iterdir():
         assert (stored / p.name).read_bytes() == p.read_bytes()
+
+
+class LoseTheCompletion(httpx.BaseTransport):
+    """Delivers every request; the answer of the first `complete` is lost (the server stored the version)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.complete_timeouts: list[dict] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if request.url.path.endswith("/complete"):
+            self.complete_timeouts.append(dict(request.extensions["timeout"]))
+            if len(self.complete_timeouts) == 1:
+                response.read()
+                raise httpx.ReadTimeout("timed out", request=request)
+        return response
+
+
+def test_a_lost_completion_is_found_on_resume_and_completion_waits_long(tokens, tmp_path, live_server):
+    from opentinker.errors import ApiConnectionError, OpenTinkerError
+    from opentinker.registry_client import COMPLETE_TIMEOUT_S
+
+    d = model_dir(tmp_path / "tiny")
+    transport = LoseTheCompletion()
+    with Client(live_server.url, tokens["alice"], transport=transport) as client:
+        with pytest.raises(ApiConnectionError) as lost:
+            client.registry.push("model", "tiny", d)
+        assert Upload.objects.count() == 0 and ModelVersion.objects.count() == 1  # it did complete
+        message = str(lost.value)
+        assert (
+            "may or may not have been applied" in message
+            and "finds out whether the version was stored" in (message)
+        )
+        uid = message.split("--resume ")[1].split("`")[0]
+        result = client.registry.push("model", "tiny", d, upload_id=uid)
+        assert result["ref"] == "acme/tiny@1" and result["model"]["version"] == 1
+        # a resumed upload whose files no version holds was refused or aborted
+        (d / "config.json").write_text((d / "config.json").read_text() + " ")
+        with pytest.raises(OpenTinkerError, match="no version of tiny holds these files"):
+            client.registry.push("model", "tiny", d, upload_id=uid)
+    assert transport.complete_timeouts[0]["read"] == COMPLETE_TIMEOUT_S == 3600.0
+    assert transport.complete_timeouts[0]["connect"] == 30.0
+    assert ModelVersion.objects.count() == 1
