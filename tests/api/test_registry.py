@@ -468,9 +468,10 @@ def test_weights_that_do_not_fit_the_architecture_are_invalid_after_the_sandbox(
 
 
 def test_a_failure_that_is_not_the_models_leaves_it_pending_and_retried(
-    as_alice, store, model_files, no_inline_validation, monkeypatch
+    as_alice, store, model_files, no_inline_validation, monkeypatch, settings
 ):
     from celery.exceptions import SoftTimeLimitExceeded
+    from django.core.management import CommandError, call_command
 
     from env_registry import model_registry
     from opentinker.env.sandbox import SandboxError
@@ -502,10 +503,19 @@ def test_a_failure_that_is_not_the_models_leaves_it_pending_and_retried(
         version.refresh_from_db()
         assert (version.status, version.validation_error) == ("pending", f"not validated yet: {why}")
     assert model_registry.ValidationDeferred in validate_model_version_task.autoretry_for
-    assert model_registry.model_validate(version.pk).status == "invalid"
+    # Retries spent, an admin validates the pending versions again (inline here).
+    settings.ENV_VALIDATION_MODE = "inline"
+    out = io.StringIO()
+    call_command("registry_revalidate", "--org", "acme", stdout=out)
+    assert out.getvalue() == "acme/tiny@1: invalid (config.json needs remote code (auto_map))\n"
     version.refresh_from_db()
-    assert version.validation_error == "config.json needs remote code (auto_map)"
+    assert (version.status, version.validation_error) == (
+        "invalid",
+        "config.json needs remote code (auto_map)",
+    )
     assert outcomes == []
+    with pytest.raises(CommandError, match="no organization 'nope'"):
+        call_command("registry_revalidate", "--org", "nope")
 
 
 # ----------------------------------------------------------------------------------------------------
