@@ -148,8 +148,9 @@ class UploadChunkApi(APIView):
             OpenApiParameter("offset", OpenApiTypes.INT, required=True, description="Where it goes.")
         ],
         request={"application/octet-stream": OpenApiTypes.BINARY},
-        responses={200: UploadSerializer, 409: ErrorSerializer, 413: ErrorSerializer},
-        description="Append one chunk to file `index` at `offset` (what arrived of it so far).",
+        responses={200: UploadSerializer, 400: ErrorSerializer, 409: ErrorSerializer, 413: ErrorSerializer},
+        description="Append one chunk to file `index` at `offset` (what arrived of it so far). Every chunk "
+        "but a file's last is at least 1 MiB (or `chunk_max_bytes` where lower).",
     )
     def put(self, request, upload_id: str, index: int):
         upload = uploads.upload_get(tenant_of(request).organization, upload_id)
