@@ -141,16 +141,18 @@ def dataset_inspect(root: Path, fmt: str) -> dict[str, Any]:
             schema, num_rows = table.schema, _jsonl_rows(path) if table.num_rows else 0
         else:
             _check_state_json(root)
-            batches, schema, num_rows = [], None, 0
+            head: list[dict[str, Any]] = []
+            schema, num_rows = None, 0
             for f in sorted(root.glob("data-*.arrow")):
-                with pa.memory_map(str(f)) as src:
+                with pa.memory_map(str(f)) as src:  # batches are views of the map: copied out inside
                     reader = pa.ipc.open_stream(src)
-                    schema = schema or reader.schema
+                    if schema is not None and not reader.schema.equals(schema):
+                        raise DatasetFilesError(f"{f.name} has other columns than the first arrow file")
+                    schema = reader.schema
                     for batch in reader:
                         num_rows += batch.num_rows
-                        if sum(b.num_rows for b in batches) < PREVIEW_ROWS:
-                            batches.append(batch.slice(0, PREVIEW_ROWS))
-            table = pa.Table.from_batches(batches, schema=schema) if batches else None
+                        head += batch.slice(0, PREVIEW_ROWS - len(head)).to_pylist()
+            table = pa.Table.from_pylist(head, schema=schema) if head else None
     except (pa.ArrowException, OSError, StopIteration, ValueError) as e:
         if isinstance(e, DatasetFilesError):
             raise
