@@ -28,6 +28,7 @@ import importlib.util
 import logging
 import os
 import random
+import sys
 import tempfile
 import weakref
 from typing import Any
@@ -73,9 +74,14 @@ _IDLE: dict[str, list[Any]] = {}
 def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, Any]) -> Any:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine (see the module docstring)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # keep our own thread placement
-    # vLLM sets these for the processes it would start (LD_PRELOAD: torch's libgomp); ours (Ray workers,
-    # sandboxes, servers) must not inherit them.
-    inherited = {k: os.environ.get(k) for k in CHILD_ENV}
+    # Its world of one listens on loopback: vLLM would otherwise find "its" address by routing towards a
+    # public one, and bind the machine's external interface.
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    # vLLM's import and start-up set variables for the processes it would start (CHILD_ENV: LD_PRELOAD is
+    # torch's libgomp; thread counts, Ray client mode, ...): ours (Ray workers, sandboxes, servers) must not
+    # inherit them, so everything but vLLM's own VLLM_* (which it reads again later) is put back.
+    inherited = dict(os.environ)
+    excepthook = sys.excepthook
     from vllm import LLM  # lazy: the extra is optional
 
     # A job's log gets vLLM's warnings, not its per-sync INFO lines; the rotary embedding's "failed to load
@@ -112,11 +118,13 @@ def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, 
         # destroy it under vLLM. A next engine in this process makes and hides its own the same way.
         _world.default_pg = None
         torch.set_num_threads = set_num_threads
+        for k in set(os.environ) - set(inherited):
+            if not k.startswith("VLLM_"):
+                del os.environ[k]
         for k, v in inherited.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
+            if os.environ.get(k) != v and not k.startswith("VLLM_"):
                 os.environ[k] = v
+        sys.excepthook = excepthook  # torch.distributed's, installed with vLLM's process group
         torch.set_rng_state(rng[0])
         np.random.set_state(rng[1])
         random.setstate(rng[2])
