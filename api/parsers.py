@@ -14,19 +14,32 @@ class PayloadTooLarge(APIException):
     default_code = "payload_too_large"
 
 
+def read_limited(stream, parser_context, limit: int, *, declared_too_large, too_large: str) -> bytes:
+    """A request body of at most `limit` bytes: refused (413) on its declared length before reading, or once
+    `limit` + 1 bytes arrived (a body without, or lying about, its length)."""
+    request = parser_context["request"] if parser_context else None
+    try:
+        declared = int(request.META.get("CONTENT_LENGTH") or 0) if request is not None else 0
+    except ValueError:
+        declared = 0
+    if declared > limit:
+        raise PayloadTooLarge(declared_too_large(declared))
+    raw = stream.read(limit + 1) if stream is not None else b""
+    if len(raw) > limit:
+        raise PayloadTooLarge(too_large)
+    return raw
+
+
 class LimitedJSONParser(JSONParser):
     def parse(self, stream, media_type=None, parser_context=None):
         limit = settings.API_MAX_BODY_BYTES
-        request = parser_context["request"] if parser_context else None
-        try:
-            declared = int(request.META.get("CONTENT_LENGTH") or 0) if request is not None else 0
-        except ValueError:
-            declared = 0
-        if declared > limit:
-            raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit} bytes")
-        raw = stream.read(limit + 1) if stream is not None else b""
-        if len(raw) > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        raw = read_limited(
+            stream,
+            parser_context,
+            limit,
+            declared_too_large=lambda n: f"request body is {n} bytes; the limit is {limit} bytes",
+            too_large=f"request body is over the limit of {limit} bytes",
+        )
         if not raw:
             return {}
         try:

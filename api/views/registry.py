@@ -20,7 +20,7 @@ from rest_framework.parsers import BaseParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from api.parsers import PayloadTooLarge
+from api.parsers import read_limited
 from api.serializers import ErrorSerializer, StrictSerializer
 from api.tenancy import tenant_of
 from env_registry import dataset_registry, model_registry, uploads
@@ -36,17 +36,13 @@ class ChunkParser(BaseParser):
 
     def parse(self, stream, media_type=None, parser_context=None):
         limit = uploads.CHUNK_MAX_BYTES
-        request = parser_context["request"] if parser_context else None
-        try:
-            declared = int(request.META.get("CONTENT_LENGTH") or 0) if request is not None else 0
-        except ValueError:
-            declared = 0
-        if declared > limit:
-            raise PayloadTooLarge(f"a chunk is at most {limit} bytes; this one is {declared}")
-        data = stream.read(limit + 1) if stream is not None else b""
-        if len(data) > limit:
-            raise PayloadTooLarge(f"a chunk is at most {limit} bytes")
-        return data
+        return read_limited(
+            stream,
+            parser_context,
+            limit,
+            declared_too_large=lambda n: f"a chunk is at most {limit} bytes; this one is {n}",
+            too_large=f"a chunk is at most {limit} bytes",
+        )
 
 
 # --- uploads ------------------------------------------------------------------------------------------------
