@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from gpu_runtime.model_check import check_model_dir, main
-from tests.api.test_registry import tiny_model_files
+from tests.tiny_model import tiny_model_files
 
 
 def write(root, files):

@@ -13,7 +13,6 @@ an advantage though a random tiny model earns no reward.
 from __future__ import annotations
 
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,7 +25,6 @@ from gpu_runtime.rollout_pool import part_seed, split_groups
 from opentinker.spec import JobSpec
 from tests.gpu_runtime.conftest import small_spec
 from tests.gpu_runtime.test_controller import ListSink
-from workers.drivers.ray import ENTRYPOINT_CPU_TOKEN, entrypoint_resources
 
 LR = 1e-3
 
@@ -66,20 +64,6 @@ def test_gpus_for_rollout_workers_validated_at_submission():
     assert JobSpec.model_validate(base).resources.gpus == 3
     base["resources"]["gpus"] = 0  # CPUs: the workers share the job's cpus
     assert JobSpec.model_validate(base).resources.rollout_workers == 2
-
-
-def test_the_ray_entrypoint_holds_the_jobs_resources_only_when_it_runs_everything():
-    gpu_pool = SimpleNamespace(pool=SimpleNamespace(cpu_slots=False), gpus=3)
-    cpu_pool = SimpleNamespace(pool=SimpleNamespace(cpu_slots=True), gpus=0)
-    in_process = {"resources": {"gpus": 3, "rollout_workers": 1}}
-    assert entrypoint_resources(in_process, gpu_pool) == {"entrypoint_num_cpus": 0, "entrypoint_num_gpus": 3}
-    assert entrypoint_resources(in_process, cpu_pool) == {"entrypoint_num_cpus": 1, "entrypoint_num_gpus": 0}
-    # Several rollout workers: the runtime's placement group takes the admitted GPUs/CPUs, not both.
-    token = {"entrypoint_num_cpus": ENTRYPOINT_CPU_TOKEN, "entrypoint_num_gpus": 0}
-    placed = {"resources": {"gpus": 3, "rollout_workers": 2}}
-    assert entrypoint_resources(placed, gpu_pool) == token
-    assert entrypoint_resources(placed, cpu_pool) == token
-    assert 0 < ENTRYPOINT_CPU_TOKEN <= 0.05
 
 
 def test_rollout_workers_validated():
