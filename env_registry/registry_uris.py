@@ -10,14 +10,18 @@ from portal.models import Organization
 
 
 def registry_location(organization: Organization, uri: str, folder: str) -> tuple[str, int] | str | None:
-    """None when `uri` is not under the organization's `<folder>/`; (name, version) when it is a version's
-    directory; otherwise the reason it names none."""
+    """None when `uri` is not under the organization's `<folder>/<name>/<number>`; (name, version) when it is
+    a version's directory; otherwise (a path inside one) the reason it names none."""
     base = storage.normalize(storage.file_uri(storage.organization_prefix(organization.slug), folder))
     wanted = storage.normalize(uri)
     if not wanted.startswith(base + "/"):
         return None
     parts = wanted[len(base) + 1 :].split("/")
-    if len(parts) != 2 or not parts[1].isdigit() or len(parts[1]) > 9:
+    if len(parts) < 2 or not parts[1].isdigit():
+        # Not the registry's `<name>/<version>` layout: files the organization wrote there with its own tools
+        # (the data CLIs, `make demo`'s example), usable as before.
+        return None
+    if len(parts) != 2 or len(parts[1]) > 9:
         return (
             f"{uri!r} is inside the {folder} registry's storage but is not one version's directory: "
             f"name it as {organization.slug}/<name>@<version>"

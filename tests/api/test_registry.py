@@ -232,6 +232,9 @@ def test_a_raw_uri_into_the_registry_must_be_a_usable_versions_directory(
     assert Job.objects.count() == 0
     resp = as_alice.post(f"{V1}/jobs", sft_job(f"{models}/tiny/1", f"{data}/arith/1"), format="json")
     assert resp.status_code == 201, resp.content
+    # Outside the <name>/<version> layout: a file the organization wrote there itself (as make demo does)
+    resp = as_alice.post(f"{V1}/jobs", sft_job(f"{models}/tiny/1", f"{data}/arith-sft.jsonl"), format="json")
+    assert resp.status_code == 201, resp.content
 
 
 def test_resume_after_a_lost_chunk_and_the_offset_rule(as_alice, store, model_files, small_chunks):
