@@ -71,6 +71,26 @@ def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 _IDLE: dict[str, list[Any]] = {}
 
 
+def _set_aside_unprobeable_globals() -> list[tuple[Any, str, Any]]:
+    """vLLM's kernel registration (`vllm.triton_utils.dispatcher._rebind_kernels`, 0.32) probes every module
+    global with `hasattr(value, "__dict__")`. A context-bound proxy (werkzeug's LocalProxy, e.g.
+    `flask.current_app`, which a tracking library may have imported) raises RuntimeError there, not
+    AttributeError, and the engine would not start. Such globals are set to None while it starts."""
+    found = []
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for attr, value in list(namespace.items()):
+            try:
+                hasattr(value, "__dict__")
+            except Exception:
+                found.append((module, attr, value))
+    for module, attr, _ in found:
+        setattr(module, attr, None)
+    return found
+
+
 def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, Any]) -> Any:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine (see the module docstring)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # keep our own thread placement
@@ -98,6 +118,7 @@ def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, 
     model.save_pretrained(workdir, safe_serialization=True)
     set_num_threads = torch.set_num_threads
     rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    set_aside = _set_aside_unprobeable_globals()
     try:
         return LLM(
             model=workdir,
@@ -113,6 +134,8 @@ def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, 
             **llm_kwargs,
         )
     finally:
+        for module, attr, value in set_aside:
+            setattr(module, attr, value)
         # vLLM's world of one (gloo) stays alive for vLLM, but is no longer this process's default group: a
         # trainer here would otherwise take it for its own and shard (FSDP) over it, and its shutdown would
         # destroy it under vLLM. A next engine in this process makes and hides its own the same way.

@@ -77,6 +77,17 @@ def test_engine_start_leaves_the_process_as_it_was(engine):
     assert all(k not in os.environ or os.environ[k] == env[k] for k in CHILD_ENV if k in env)
 
 
+def test_starts_beside_a_context_bound_proxy_in_a_module(base):
+    # flask's current_app (a werkzeug LocalProxy; a tracking library may import flask) raises RuntimeError,
+    # not AttributeError, when vLLM's kernel registration probes module globals: the start sets it aside.
+    flask = pytest.importorskip("flask")
+    proxy = flask.current_app
+    with pytest.raises(RuntimeError):
+        hasattr(proxy, "__dict__")
+    VLLMEngine(base, max_num_seqs=7).close()  # a shape of its own: a real start, not an idle engine
+    assert flask.current_app is proxy
+
+
 def test_greedy_equals_hf_engine_in_fp32(engine, reference):
     sp = _greedy()
     a, b = engine.generate(PROMPTS, sp), reference.generate(PROMPTS, sp)
