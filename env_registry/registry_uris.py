@@ -5,6 +5,8 @@ pending, failed validation, or is still being published."""
 
 from __future__ import annotations
 
+import re
+
 from portal import storage
 from portal.models import Organization
 
@@ -17,7 +19,7 @@ def registry_location(organization: Organization, uri: str, folder: str) -> tupl
     if not wanted.startswith(base + "/"):
         return None
     parts = wanted[len(base) + 1 :].split("/")
-    if len(parts) < 2 or not parts[1].isdigit():
+    if len(parts) < 2 or not re.fullmatch(r"[0-9]+", parts[1]):  # str.isdigit takes "²", which int() refuses
         # Not the registry's `<name>/<version>` layout: files the organization wrote there with its own tools
         # (the data CLIs, `make demo`'s example), usable as before.
         return None

@@ -54,7 +54,11 @@ def normalize(uri: str) -> str:
 
 
 def is_under(uri: str, prefix: str) -> bool:
-    """Whether `uri` lies inside `prefix`, by whole path segments (`store-other/` is not in `store/`)."""
+    """Whether `uri` lies inside `prefix`, by whole path segments (`store-other/` is not in `store/`). A URI
+    with a query, fragment or parameters is not: `normalize` drops them, but a path read from the raw string
+    would not (`x?/../../other`)."""
+    if any(c in uri for c in "?#;"):
+        return False
     return normalize(uri).startswith(normalize(prefix) + "/")
 
 

@@ -26,8 +26,8 @@ from portal.errors import NotFound
 from portal.models import Membership, Organization
 from portal.services.usage import tinker_usage_charge
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-PATH_RE = re.compile(r"^tinker://(?P<run>[^/]+)/(?P<kind>weights|sampler_weights)/(?P<name>[^/]+)$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
+PATH_RE = re.compile(r"^tinker://(?P<run>[^/\s]+)/(?P<kind>weights|sampler_weights)/(?P<name>[^/\s]+)\Z")
 SEQ_OPS = ("forward_backward", "optim_step", "sample", "save_weights", "save_weights_for_sampler")
 # The largest seq_id / model_seq_id accepted: fits the BigInteger column and keeps a model id under 80 chars.
 MAX_SEQ_ID = 2**53 - 1

@@ -103,6 +103,9 @@ def _check_references(spec: JobSpec, organization: Organization, actor: Actor) -
         "dataset.uri": spec.dataset.uri if spec.dataset else "",
         "resume_from": spec.resume_from or "",
     }
+    for name, policy in (spec.multi_agent.policies if spec.multi_agent else {}).items():
+        if policy.model is not None and not policy.model.is_preset:  # each policy's runtime loads it too
+            uris[f"multi_agent.policies.{name}.model.base"] = policy.model.base
     prefix = storage.organization_prefix(organization.slug)
     for field, uri in uris.items():
         # A job reads only its own organization's objects: never another tenant's checkpoints or data.

@@ -312,6 +312,15 @@ JOB_CASES = [
         STORAGE_WORDS,
     ),
     (
+        # normalize() drops a query: the path a runtime would read from the raw string is another org's
+        "model-uri-query-escapes",
+        J(model={"base": f"{STORE}/orgs/acme/x?/../../globex/jobs/y"}),
+        400,
+        "invalid",
+        "model.base",
+        STORAGE_WORDS,
+    ),
+    (
         "resume-from-other-bucket",
         J(resume_from="s3://other-bucket/ckpt"),
         400,

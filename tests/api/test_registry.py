@@ -836,6 +836,27 @@ def test_an_adapter_pointing_at_code_outside_transformers_is_refused(as_alice, s
     nothing_stored(store)
 
 
+def test_a_policy_model_outside_the_organizations_storage_is_refused(as_alice, store):
+    # Each policy's runtime loads its own model.base: checked like the job's (another organization's
+    # checkpoint, or a raw URI into a registry version that is not valid).
+    from opentinker.spec import example_multiagent_spec
+
+    spec = example_multiagent_spec("tiny-qwen2").model_dump(mode="json")
+    name = next(iter(spec["multi_agent"]["policies"]))
+    theirs = f"file://{store}/orgs/globex/jobs/x/checkpoints/step-5"
+    spec["multi_agent"]["policies"][name]["model"] = {"base": theirs}
+    resp = as_alice.post(f"{V1}/jobs", spec, format="json")
+    assert resp.status_code == 400
+    assert error_of(resp).startswith(f"{theirs!r} is not in your organization's storage")
+    assert list(resp.json()["error"]["fields"]) == [f"multi_agent.policies.{name}.model.base"]
+    ours = f"file://{store}/orgs/acme/models/tiny/3"
+    spec["multi_agent"]["policies"][name]["model"] = {"base": ours}
+    resp = as_alice.post(f"{V1}/jobs", spec, format="json")
+    assert resp.status_code == 400
+    assert error_of(resp) == f"{ours!r} is not a version of a model in your organization's registry"
+    assert Job.objects.count() == 0
+
+
 def test_a_registry_model_per_multi_agent_policy_is_refused_clearly(as_alice, store):
     from opentinker.spec import example_multiagent_spec
 
