@@ -232,6 +232,9 @@ def test_a_raw_uri_into_the_registry_must_be_a_usable_versions_directory(
     assert Job.objects.count() == 0
     resp = as_alice.post(f"{V1}/jobs", sft_job(f"{models}/tiny/1", f"{data}/arith/1"), format="json")
     assert resp.status_code == 201, resp.content
+    # "²" is a digit to str.isdigit, not to int(): outside the layout, not a 500
+    resp = as_alice.post(f"{V1}/jobs", sft_job(f"{models}/tiny/²", f"{data}/arith/1"), format="json")
+    assert resp.status_code == 201, resp.content
     # Outside the <name>/<version> layout: a file the organization wrote there itself (as make demo does)
     resp = as_alice.post(f"{V1}/jobs", sft_job(f"{models}/tiny/1", f"{data}/arith-sft.jsonl"), format="json")
     assert resp.status_code == 201, resp.content
