@@ -17,17 +17,12 @@ from tinker import types
 
 from api.tinker.auth import sdk_key
 from tests.api import tinker_live
-from tests.api.tinker_live import BASE_MODEL, WAIT
+from tests.api.tinker_live import BASE_MODEL, WAIT, datum
 
 pytestmark = pytest.mark.django_db(transaction=True)
 platform = tinker_live.platform
 TOKENS = [ord(c) % 200 + 3 for c in "the cat sat on the mat."]
-DATA = [
-    types.Datum(
-        model_input=types.ModelInput.from_ints(TOKENS[:-1]),
-        loss_fn_inputs={"target_tokens": TOKENS[1:], "weights": [1.0] * (len(TOKENS) - 1)},
-    )
-]
+DATA = [datum(TOKENS)]
 ADAM = types.AdamParams(learning_rate=1e-2)
 
 

@@ -11,7 +11,6 @@ Actors: alice (owner of acme) only; these routes' tenancy is test_tinker_sdk's a
 
 from __future__ import annotations
 
-import httpx
 import pytest
 import tinker
 from tinker import types
@@ -20,30 +19,12 @@ from api.tinker import queue
 from api.tinker.auth import sdk_key
 from api.tinker.models import TinkerFuture
 from tests.api import tinker_live
-from tests.api.tinker_live import BASE_MODEL, WAIT
+from tests.api.tinker_live import BASE_MODEL, WAIT, datum, post, settled
 
 pytestmark = pytest.mark.django_db(transaction=True)
 platform = tinker_live.platform
 TOKENS = [ord(c) % 200 + 3 for c in "the cat sat on the mat."]
-DATA = [
-    types.Datum(
-        model_input=types.ModelInput.from_ints(TOKENS[:-1]),
-        loss_fn_inputs={"target_tokens": TOKENS[1:], "weights": [1.0] * (len(TOKENS) - 1)},
-    )
-]
-
-
-def _post(url: str, key: str, endpoint: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{url}/tinker/api/v1/{endpoint}", json=body, headers={"X-API-Key": key}, timeout=60)
-
-
-def _settled(url: str, key: str, request_id: str) -> dict:
-    """retrieve_future until it is no longer `try_again` (each poll is held open server-side)."""
-    for _ in range(WAIT // 10 + 1):
-        answer = _post(url, key, "retrieve_future", {"request_id": request_id}).json()
-        if answer.get("type") != "try_again":
-            return answer
-    raise AssertionError(f"{request_id} still pending")
+DATA = [datum(TOKENS)]
 
 
 def test_model_server_restart_keeps_acknowledged_work_and_fails_lost_calls(platform, alice, acme, make_token):
@@ -65,17 +46,17 @@ def test_model_server_restart_keeps_acknowledged_work_and_fails_lost_calls(platf
         before = sampler.sample(prompt=prompt, num_samples=2, sampling_params=params).result(timeout=WAIT)
 
         # A call the server takes and cannot finish yet: seq_id 2 of a model whose seq_id 1 never comes.
-        session = _post(platform, key, "create_session", {"tags": []}).json()["session_id"]
+        session = post(platform, key, "create_session", {"tags": []}).json()["session_id"]
         create = {
             "session_id": session,
             "model_seq_id": 0,
             "base_model": BASE_MODEL,
             "lora_config": {"rank": 4},
         }
-        created = _post(platform, key, "create_model", create).json()
-        stuck_model = _settled(platform, key, created["request_id"])["model_id"]
+        created = post(platform, key, "create_model", create).json()
+        stuck_model = settled(platform, key, created["request_id"])["model_id"]
         optim = {"model_id": stuck_model, "seq_id": 2, "adam_params": {"learning_rate": 1e-3}}
-        stuck = _post(platform, key, "optim_step", optim).json()["request_id"]
+        stuck = post(platform, key, "optim_step", optim).json()["request_id"]
         # The queue is FIFO: once a later call is answered, the server has claimed the stuck one.
         sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result(timeout=WAIT)
         claimed = queue.client().lrange(queue.claimed_key(BASE_MODEL), 0, -1)
@@ -88,7 +69,7 @@ def test_model_server_restart_keeps_acknowledged_work_and_fails_lost_calls(platf
         proc = tinker_live.start_model_server(platform)
 
         # The in-flight call fails clearly; it is not pending, nor silently re-run.
-        failed = _settled(platform, key, stuck)
+        failed = settled(platform, key, stuck)
         assert failed["category"] == "server" and "restarted while this call was in flight" in failed["error"]
         assert TinkerFuture.objects.get(pk=stuck).state == "failed"
         # The training client the dead server held: its next call fails clearly, naming the way out.
@@ -102,7 +83,7 @@ def test_model_server_restart_keeps_acknowledged_work_and_fails_lost_calls(platf
         # Acknowledged work: a finished future still answers (protobuf), the saved state resumes with the same
         # loss and trains on, the sampling client on saved weights samples the same tokens for the same seed.
         done = TinkerFuture.objects.get(model_id=trainer.model_id, operation="forward_backward", seq_id=1)
-        reply = _post(platform, key, "retrieve_future", {"request_id": str(done.pk)})
+        reply = post(platform, key, "retrieve_future", {"request_id": str(done.pk)})
         assert reply.status_code == 200 and reply.headers["content-type"] == "application/x-protobuf"
         resumed = service.create_training_client_from_state_with_optimizer(saved.path).result(timeout=WAIT)
         assert resumed.forward(DATA, "cross_entropy").result(timeout=WAIT).metrics[

@@ -16,7 +16,7 @@ from api.tinker.models import TinkerFuture, TinkerModel, TinkerSession
 from api.tinker.proto import tinker_public_pb2 as pb
 from api.tinker.server_tokens import model_server_token_issue
 from tests.api import tinker_live
-from tests.api.tinker_live import BASE_MODEL, WAIT
+from tests.api.tinker_live import BASE_MODEL, WAIT, datum, post, settled
 
 pytestmark = pytest.mark.django_db(transaction=True)
 platform, model_server = tinker_live.platform, tinker_live.model_server
@@ -26,26 +26,6 @@ LR = 5e-3  # 8 steps take the loss from 268 to 100 (tiny-qwen2, seed 0); the bar
 
 def sequence() -> list[int]:
     return [ord(c) % 200 + 3 for c in "the cat sat on the mat. the cat sat on the mat."]
-
-
-def datum(tokens: list[int]) -> types.Datum:
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
-    )
-
-
-def _post(url: str, key: str, endpoint: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{url}/tinker/api/v1/{endpoint}", json=body, headers={"X-API-Key": key}, timeout=60)
-
-
-def _settled(url: str, key: str, request_id: str) -> dict:
-    """retrieve_future until it is no longer `try_again` (each poll is held open server-side)."""
-    for _ in range(WAIT // 10 + 1):
-        answer = _post(url, key, "retrieve_future", {"request_id": request_id}).json()
-        if answer.get("type") != "try_again":
-            return answer
-    raise AssertionError(f"{request_id} still pending")
 
 
 def test_sdk_supervised_loop_sampling_and_tenancy(
@@ -105,23 +85,23 @@ def test_sdk_supervised_loop_sampling_and_tenancy(
 
     # Tenancy: every object belongs to acme. bob (same organization) sees the model; charlie gets 404s.
     model_id = trainer.model_id
-    assert _post(platform, bob_key, "get_info", {"model_id": model_id}).json()["model_id"] == model_id
-    assert _post(platform, charlie_key, "get_info", {"model_id": model_id}).status_code == 404
+    assert post(platform, bob_key, "get_info", {"model_id": model_id}).json()["model_id"] == model_id
+    assert post(platform, charlie_key, "get_info", {"model_id": model_id}).status_code == 404
     done = TinkerFuture.objects.filter(model_id=model_id, operation="forward_backward").first()
-    assert _post(platform, charlie_key, "retrieve_future", {"request_id": str(done.pk)}).status_code == 404
-    fb_reply = _post(platform, bob_key, "retrieve_future", {"request_id": str(done.pk)})
+    assert post(platform, charlie_key, "retrieve_future", {"request_id": str(done.pk)}).status_code == 404
+    fb_reply = post(platform, bob_key, "retrieve_future", {"request_id": str(done.pk)})
     assert fb_reply.headers["content-type"] == "application/x-protobuf"
     optim = {"model_id": model_id, "seq_id": 1000, "adam_params": {"learning_rate": 1e-3}}
-    assert _post(platform, charlie_key, "optim_step", optim).status_code == 404
-    charlies = _post(platform, charlie_key, "create_session", {"tags": []}).json()["session_id"]
+    assert post(platform, charlie_key, "optim_step", optim).status_code == 404
+    charlies = post(platform, charlie_key, "create_session", {"tags": []}).json()["session_id"]
     load = {"session_id": charlies, "model_seq_id": 0, "path": saved.path, "optimizer": True}
-    assert _post(platform, charlie_key, "load_weights", load).status_code == 404
+    assert post(platform, charlie_key, "load_weights", load).status_code == 404
 
     # charlie's own training client: his, invisible to alice.
     other = tinker.ServiceClient(base_url=f"{platform}/tinker", api_key=charlie_key)
     theirs = other.create_lora_training_client(base_model=BASE_MODEL, rank=4).result(timeout=WAIT)
     assert TinkerModel.objects.get(pk=theirs.model_id).organization == globex
-    assert _post(platform, alice_key, "get_info", {"model_id": theirs.model_id}).status_code == 404
+    assert post(platform, alice_key, "get_info", {"model_id": theirs.model_id}).status_code == 404
     assert theirs.forward(data, "cross_entropy").result(timeout=WAIT).metrics["loss:sum"] > 0
     # A call the model server refuses fails in the SDK with the user's category, and the client goes on.
     n = len(sequence()) - 1
@@ -139,7 +119,7 @@ def test_sdk_supervised_loop_sampling_and_tenancy(
         TinkerFuture.objects.filter(model_id=model_id).exclude(seq_id=None).order_by("-seq_id")[0].seq_id + 1
     )
     optim = {"model_id": model_id, "seq_id": nxt, "adam_params": {"learning_rate": 1e-3}}
-    first, again = (_post(platform, alice_key, "optim_step", optim).json() for _ in range(2))
+    first, again = (post(platform, alice_key, "optim_step", optim).json() for _ in range(2))
     assert first["request_id"] == again["request_id"]
     assert TinkerFuture.objects.filter(model_id=model_id, seq_id=nxt).count() == 1
 
@@ -153,8 +133,8 @@ def test_sdk_supervised_loop_sampling_and_tenancy(
     )
     assert refused.status_code == 400 and "encoded_text" in refused.json()["error"]
     optim["seq_id"] = nxt + 2
-    after = _post(platform, alice_key, "optim_step", optim).json()["request_id"]
-    assert _settled(platform, alice_key, after)["metrics"]["learning_rate:mean"] == pytest.approx(1e-3)
+    after = post(platform, alice_key, "optim_step", optim).json()["request_id"]
+    assert settled(platform, alice_key, after)["metrics"]["learning_rate:mean"] == pytest.approx(1e-3)
     assert TinkerFuture.objects.get(model_id=model_id, seq_id=nxt + 1).state == "failed"
 
     service.close("success").result(timeout=WAIT)
@@ -165,10 +145,10 @@ def test_sdk_supervised_loop_sampling_and_tenancy(
 def test_keys_and_ingest_tokens(platform, alice, acme, make_token):
     token = make_token(alice, acme, scopes=SCOPES)
     without_scope = sdk_key(make_token(alice, acme, scopes=["jobs:read", "jobs:write"]))
-    assert _post(platform, without_scope, "create_session", {"tags": []}).status_code == 403
-    assert _post(platform, token, "create_session", {"tags": []}).status_code == 401  # no tml- prefix
-    assert _post(platform, "tml-otk_000000000000_" + "x" * 43, "create_session", {}).status_code == 401
-    created = _post(platform, sdk_key(token), "create_session", {"tags": [], "sdk_version": "0.38.0"})
+    assert post(platform, without_scope, "create_session", {"tags": []}).status_code == 403
+    assert post(platform, token, "create_session", {"tags": []}).status_code == 401  # no tml- prefix
+    assert post(platform, "tml-otk_000000000000_" + "x" * 43, "create_session", {}).status_code == 401
+    created = post(platform, sdk_key(token), "create_session", {"tags": [], "sdk_version": "0.38.0"})
     assert created.status_code == 200 and created.json()["type"] == "create_session"
 
     ingest = f"{platform}/tinker/ingest/outcomes"
@@ -177,7 +157,7 @@ def test_keys_and_ingest_tokens(platform, alice, acme, make_token):
     assert httpx.post(ingest, json=body, headers={"Authorization": "Bearer otm_x.1.y"}).status_code == 401
     # A model server may complete only futures of its own base model.
     session = created.json()["session_id"]
-    future = _post(
+    future = post(
         platform,
         sdk_key(token),
         "create_model",
@@ -188,7 +168,7 @@ def test_keys_and_ingest_tokens(platform, alice, acme, make_token):
     answer = httpx.post(ingest, json=outcome, headers={"Authorization": f"Bearer {elsewhere}"})
     assert answer.json() == {"written": 0, "unknown": 1}
     assert TinkerFuture.objects.get(pk=future).state == "pending"
-    unknown = _post(
+    unknown = post(
         platform,
         sdk_key(token),
         "create_model",
@@ -196,9 +176,9 @@ def test_keys_and_ingest_tokens(platform, alice, acme, make_token):
     )
     assert unknown.status_code == 400 and "no-such-model" in unknown.json()["error"]
     # A finished session: its heartbeat gets 410 (the SDK stops it), nothing more runs in it.
-    assert _post(
+    assert post(
         platform, sdk_key(token), f"sessions/{session}/finish", {"reason": {"type": "success"}}
     ).is_success
-    assert _post(platform, sdk_key(token), "session_heartbeat", {"session_id": session}).status_code == 410
+    assert post(platform, sdk_key(token), "session_heartbeat", {"session_id": session}).status_code == 410
     again = {"session_id": session, "model_seq_id": 2, "base_model": BASE_MODEL}
-    assert _post(platform, sdk_key(token), "create_model", again).status_code == 400
+    assert post(platform, sdk_key(token), "create_model", again).status_code == 400

@@ -9,9 +9,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from django.conf import settings
 from django.core.asgi import get_asgi_application
+from tinker import types
 
 from api.tinker import queue
 from api.tinker.server_tokens import model_server_token_issue
@@ -21,6 +23,28 @@ from tests.loopback_asgi import serving
 BASE = Path(__file__).resolve().parents[2]
 BASE_MODEL = "tiny-qwen2"
 WAIT = 240  # seconds, only against a hang: the model server's start and a handful of steps on a loaded box
+
+
+def datum(tokens: list[int]) -> types.Datum:
+    """A next-token datum: every token after the first is a target of weight 1."""
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
+
+
+def post(url: str, key: str, endpoint: str, body: dict) -> httpx.Response:
+    """One raw call of the SDK's API, as the SDK would send it."""
+    return httpx.post(f"{url}/tinker/api/v1/{endpoint}", json=body, headers={"X-API-Key": key}, timeout=60)
+
+
+def settled(url: str, key: str, request_id: str) -> dict:
+    """retrieve_future until it is no longer `try_again` (each poll is held open server-side)."""
+    for _ in range(WAIT // 10 + 1):
+        answer = post(url, key, "retrieve_future", {"request_id": request_id}).json()
+        if answer.get("type") != "try_again":
+            return answer
+    raise AssertionError(f"{request_id} still pending")
 
 
 def clear_queues(base_model: str = BASE_MODEL) -> None:
