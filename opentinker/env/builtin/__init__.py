@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from opentinker.env.base import Environment
+from opentinker.env.builtin.answer_match import AnswerMatchEnv
 from opentinker.env.builtin.arithmetic import ArithmeticEnv
 from opentinker.env.builtin.calculator import CalculatorEnv
 from opentinker.env.builtin.gomoku import GomokuEnv
@@ -25,6 +26,7 @@ BUILTINS: dict[str, type[Environment] | type[MultiAgentEnvironment]] = {
     "math-word": MathWordEnv,
     "tic-tac-toe": TicTacToeEnv,
     "gomoku": GomokuEnv,
+    "answer-match": AnswerMatchEnv,
 }
 
 # The protocol kind each built-in is published with (its manifest's `protocol`).
@@ -35,6 +37,7 @@ PROTOCOL_KINDS: dict[str, str] = {
     "math-word": "single-turn",
     "tic-tac-toe": "multi-agent",
     "gomoku": "multi-agent",
+    "answer-match": "single-turn",
 }
 
 
@@ -55,6 +58,7 @@ def make_builtin(name: str, **config: Any) -> Environment | MultiAgentEnvironmen
 __all__ = [
     "BUILTINS",
     "PROTOCOL_KINDS",
+    "AnswerMatchEnv",
     "ArithmeticEnv",
     "CalculatorEnv",
     "GomokuEnv",
