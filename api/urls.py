@@ -40,6 +40,7 @@ v1 = [
     path("jobs/<str:job_id>/metrics", jobs.JobMetricsApi.as_view()),
     path("jobs/<str:job_id>/events", jobs.JobEventsApi.as_view()),
     path("jobs/<str:job_id>/checkpoints", jobs.JobCheckpointsApi.as_view()),
+    path("jobs/<str:job_id>/promote", registry.ModelPromoteApi.as_view()),
     path("jobs/<str:job_id>/rollouts", rollouts.JobRolloutsApi.as_view()),
     path("jobs/<str:job_id>/stream", stream.JobStreamApi.as_view()),
     path(

@@ -128,6 +128,13 @@ def _adapter_base(path: Path) -> str | None:
     return str(json.loads(marker.read_text())["base"])
 
 
+def _adapter_base_seed(path: Path) -> int | None:
+    """The seed a preset base was built with, where the platform pinned one (an adapter promoted from a job
+    on a preset: its base is that job's seeded random init, not the loading job's)."""
+    seed = json.loads((path / ADAPTER_BASE_FILE).read_text()).get("seed")
+    return int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def load_tokenizer(base: str) -> PreTrainedTokenizerFast:
     if base in PRESET_CONFIGS:
         return build_byte_tokenizer()
@@ -154,7 +161,8 @@ def load_model(base: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) 
             # A registry LoRA adapter: its base, with the adapter merged in (a plain model from then on).
             from peft import PeftModel
 
-            loaded = load_model(adapter_base, seed=seed, dtype=dtype)
+            pinned = _adapter_base_seed(path)
+            loaded = load_model(adapter_base, seed=seed if pinned is None else pinned, dtype=dtype)
             model = PeftModel.from_pretrained(loaded.model, str(path)).merge_and_unload()
             tokenizer = load_tokenizer(base)
         else:

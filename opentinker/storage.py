@@ -167,6 +167,23 @@ class ObjectStore:
         bucket, key = bucket_key(uri)
         self.s3().delete_object(Bucket=bucket, Key=key)
 
+    def download_file(self, uri: str, dest: Path) -> None:
+        """Copy one object to the local file `dest` (its folder made), streaming; FileNotFoundError if the
+        object is not there."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if scheme(uri) == "file":
+            shutil.copyfile(self.path(uri), dest)
+            return
+        from botocore.exceptions import ClientError  # lazy, as boto3
+
+        bucket, key = bucket_key(uri)
+        try:
+            self.s3().download_file(bucket, key, str(dest))
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey"):
+                raise FileNotFoundError(uri) from None
+            raise
+
     def presigned_url(self, uri: str, *, expires: int) -> str:
         """A link that downloads one `s3://` object for `expires` seconds, without credentials."""
         bucket, key = bucket_key(uri)

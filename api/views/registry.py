@@ -23,10 +23,11 @@ from rest_framework.views import APIView
 from api.parsers import read_limited
 from api.serializers import ErrorSerializer, StrictSerializer
 from api.tenancy import tenant_of
-from env_registry import dataset_registry, model_registry, uploads
+from env_registry import dataset_registry, model_promote, model_registry, uploads
 from env_registry.models import DatasetVersion, ModelVersion, RegisteredDataset, RegisteredModel, Upload
 from portal.errors import DomainError
 from portal.models import Scope
+from portal.selectors.jobs import job_get
 
 
 class ChunkParser(BaseParser):
@@ -312,3 +313,44 @@ class DatasetDetailApi(APIView):
     def get(self, request, name: str):
         dataset = dataset_registry.dataset_get(tenant_of(request).organization, name)
         return Response(DatasetSerializer(dataset).data)
+
+
+class ModelPromoteApi(APIView):
+    write_scope = Scope.ENVS_WRITE
+
+    class PromoteInput(StrictSerializer):
+        name = serializers.CharField(max_length=64, help_text="The registry model to add a version to.")
+        step = serializers.IntegerField(
+            min_value=0, max_value=10**9, required=False, allow_null=True, help_text="Default: the latest."
+        )
+        description = serializers.CharField(max_length=500, required=False, allow_blank=True)
+
+    @extend_schema(
+        operation_id="jobs_promote",
+        request=PromoteInput,
+        responses={201: CompleteOutput, 400: ErrorSerializer, 404: ErrorSerializer},
+        description="Copy the job's checkpoint at `step` (default: the latest) into your organization's "
+        "model registry as `name`'s next version, server side: each file's size and sha256 checked against "
+        "the checkpoint's record, trainer state left out, checked like an upload, validated in the sandbox "
+        "(its `status`). A LoRA checkpoint becomes an adapter with the job's base pinned. Members and up.",
+    )
+    def post(self, request, job_id: str):
+        tenant = tenant_of(request)
+        job = job_get(tenant.organization, job_id)
+        body = self.PromoteInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        d = body.validated_data
+        version = model_promote.model_promote(
+            organization=tenant.organization,
+            user=request.user,
+            job=job,
+            step=d.get("step"),
+            name=d["name"],
+            description=d.get("description", ""),
+        )
+        version.refresh_from_db()
+        data = ModelVersionSerializer(version).data
+        return Response(
+            {"kind": "model", "ref": data["ref"], "model": data, "dataset": None},
+            status=status.HTTP_201_CREATED,
+        )
