@@ -214,7 +214,14 @@ class EnvironmentSpec(_Strict):
         return None if self.ref.startswith(("https://", "http://")) else parse_environment_ref(self.ref)
 
 
-DATASET_COLUMN_ROLES = ("messages", "prompt", "completion", "system")
+# What a dataset column may hold. SFT: a chat (`messages`) or `prompt` + `completion` (+ `system`). RL and
+# eval: the prompt (`prompt` text, optional `system`; or `messages`, a chat ending in a user turn) and the
+# reference `answer` the environment scores a completion against (verl's `reward_model.ground_truth`).
+SFT_COLUMN_ROLES = ("messages", "prompt", "completion", "system")
+RL_COLUMN_ROLES = ("messages", "prompt", "system", "answer")
+DATASET_COLUMN_ROLES = ("messages", "prompt", "completion", "system", "answer")
+# Built-in environments whose episodes are the rows of the job's `dataset` (rl and eval jobs).
+DATASET_ENVIRONMENTS = ("answer-match",)
 
 
 class DatasetSpec(_Strict):
@@ -231,9 +238,22 @@ class DatasetSpec(_Strict):
     )
     columns: dict[str, str] | None = Field(
         None,
-        description="Which column holds what (SFT): `messages` (a list of {role, content}), or `prompt` and "
-        "`completion` (text; optional `system`). Without it: a `messages` column, else `prompt` and "
-        "`completion`.",
+        description="Which column holds what. SFT: `messages` (a list of {role, content}), or `prompt` and "
+        "`completion` (text; optional `system`); without it a `messages` column, else `prompt` and "
+        "`completion`. RL and eval (environment opentinker/answer-match): `prompt` (text; optional `system`) "
+        "or `messages` (a chat ending in a user turn), and `answer` (the reference the completion is scored "
+        "against); without it a `prompt` column, else `messages`, and `answer`.",
+    )
+    eval_rows: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="RL and eval: hold the dataset's last `eval_rows` rows out of training and evaluate on "
+        "them (greedy, `eval/*` metrics): an rl job every `eval_every` steps and after its last step, an "
+        "eval job once. 0: an rl job trains on every row; an eval job evaluates every row.",
+    )
+    eval_every: int | None = Field(
+        None, ge=1, le=1_000_000, description="RL: evaluate the held-out rows every this many steps."
     )
 
     @field_validator("uri")
@@ -251,16 +271,52 @@ class DatasetSpec(_Strict):
     def _columns(cls, v: dict[str, str] | None) -> dict[str, str] | None:
         if v is None:
             return v
+        if len(v) > len(DATASET_COLUMN_ROLES):
+            raise ValueError(f"columns: at most {len(DATASET_COLUMN_ROLES)} roles")
         unknown = sorted(set(v) - set(DATASET_COLUMN_ROLES))
         if unknown:
             raise ValueError(f"columns: unknown role {unknown[0]!r} (use {', '.join(DATASET_COLUMN_ROLES)})")
-        if "messages" in v and set(v) - {"messages"}:
-            raise ValueError("columns: either `messages`, or `prompt` and `completion` (and `system`)")
-        if "messages" not in v and not {"prompt", "completion"} <= set(v):
-            raise ValueError("columns: `prompt` and `completion` are both needed (or `messages`)")
         if any(not c or len(c) > 128 for c in v.values()):
             raise ValueError("columns: a column name is 1-128 characters")
         return v
+
+    @field_validator("eval_every")
+    @classmethod
+    def _eval_every(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("eval_rows"):
+            raise ValueError("eval_every needs eval_rows: the rows held out to evaluate on")
+        return v
+
+    def column_errors(self, kind: JobKind) -> list[str]:
+        """What is wrong with `columns` (and the eval split) for a job of this kind (empty: nothing)."""
+        v = self.columns
+        if kind is JobKind.SFT:
+            errors = []
+            if self.eval_rows or self.eval_every:
+                errors.append("eval_rows and eval_every are for rl and eval jobs, not sft")
+            if v is None:
+                return errors
+            if "answer" in v:
+                errors.append("columns: `answer` is for rl and eval datasets; sft datasets have `completion`")
+            elif "messages" in v and set(v) - {"messages"}:
+                errors.append("columns: either `messages`, or `prompt` and `completion` (and `system`)")
+            elif "messages" not in v and not {"prompt", "completion"} <= set(v):
+                errors.append("columns: `prompt` and `completion` are both needed (or `messages`)")
+            return errors
+        if v is None:
+            return []
+        if "completion" in v:
+            return [
+                "columns: `completion` is for sft datasets; an rl or eval dataset has `prompt` (or "
+                "`messages`) and `answer`, the reference the environment scores against"
+            ]
+        if "messages" in v and "prompt" in v:
+            return ["columns: the prompt is either `prompt` (text) or `messages` (a chat), not both"]
+        if "messages" in v and "system" in v:
+            return ["columns: `system` goes with `prompt`; a `messages` chat carries its own system turn"]
+        if not {"prompt", "messages"} & set(v) or "answer" not in v:
+            return ["columns: an rl or eval dataset needs `prompt` (or `messages`) and `answer`"]
+        return []
 
     @property
     def registry(self) -> ModelRef | None:
@@ -570,6 +626,8 @@ class JobSpec(_Strict):
     def _multi_agent_for_kind(cls, v: MultiAgentSpec | None, info: ValidationInfo) -> MultiAgentSpec | None:
         if v is not None and info.data.get("kind") is JobKind.SFT:
             raise ValueError("multi_agent settings are for rl and eval jobs, not sft")
+        if v is not None and info.data.get("dataset") is not None:
+            raise ValueError("a dataset of prompts is for single-agent jobs, not multi_agent ones")
         algo = info.data.get("algorithm")
         if v is not None and algo is not None and algo.async_rollout is not None:
             raise ValueError("algorithm.async_rollout is not supported for multi-agent jobs yet")
@@ -613,8 +671,26 @@ class JobSpec(_Strict):
     @field_validator("dataset")
     @classmethod
     def _dataset_for_kind(cls, v: DatasetSpec | None, info: ValidationInfo) -> DatasetSpec | None:
-        if v is None and info.data.get("kind") is JobKind.SFT:
+        kind, env = info.data.get("kind"), info.data.get("environment")
+        if v is None and kind is JobKind.SFT:
             raise ValueError("an sft job needs a dataset")
+        ref = env.registry_ref if env is not None else None
+        takes = ref is not None and ref.owner == "opentinker" and ref.name in DATASET_ENVIRONMENTS
+        if v is None:
+            if takes and env is not None and not {"rows", "dataset"} & set(env.config):
+                raise ValueError(f"environment {env.ref} plays the rows of a dataset: give the job a dataset")
+            return v
+        if kind is None:
+            return v
+        errors = v.column_errors(kind)
+        if errors:
+            raise ValueError("; ".join(errors))
+        if kind is not JobKind.SFT and env is not None and not takes:
+            takers = ", ".join(f"opentinker/{n}" for n in DATASET_ENVIRONMENTS)
+            raise ValueError(
+                f"environment {env.ref} does not take a dataset (its prompts are its own); a dataset's "
+                f"prompts and answers are played by {takers}"
+            )
         return v
 
     @field_validator("algorithm")

@@ -195,6 +195,11 @@ class Clock:
 
 
 def _messages(env: Environment, obs: Observation) -> list[Message]:
+    """The first prompt: the environment's system prompt and the observation, or the whole chat an
+    observation carries in `info["messages"]` (a dataset row's prompt: system, few-shot turns, the user's)."""
+    chat = obs.info.get("messages")
+    if isinstance(chat, list) and chat:
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in chat]
     msgs = [{"role": "system", "content": env.system_prompt}] if env.system_prompt else []
     return [*msgs, {"role": obs.role, "content": obs.text}]
 
