@@ -51,6 +51,22 @@ def _push(ctx: Any, kind: str) -> int:
     return 0 if kind == "dataset" or version.get("status") != "invalid" else 1
 
 
+def cmd_models_promote(ctx: Any) -> int:
+    args = ctx.args
+    result = ctx.client().registry.promote(
+        args.job_id, args.name, step=args.step, description=args.description or ""
+    )
+    if ctx.json:
+        _print_json(result)
+        return 0
+    version = result.get("model") or {}
+    line = f"promoted {result['ref']}  status: {version.get('status')}"
+    if version.get("validation_error"):
+        line += f"  ({version['validation_error']})"
+    print(line)
+    return 0 if version.get("status") != "invalid" else 1
+
+
 def cmd_models_push(ctx: Any) -> int:
     return _push(ctx, "model")
 
@@ -119,6 +135,12 @@ def add_registry_commands(
     p.add_argument("--name", required=True, help="the model's name in your organization's registry")
     p.add_argument("--description", help="a line about it")
     p.add_argument("--resume", metavar="UPLOAD_ID", help="go on with an interrupted upload")
+
+    p = add(msub, "promote", cmd_models_promote, "copy a job's checkpoint into the registry as a new version")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
+    p.add_argument("--name", required=True, help="the model's name in your organization's registry")
+    p.add_argument("--description", help="a line about it")
 
     datasets = sub.add_parser("datasets", parents=[common], help="your organization's datasets")
     dsub = datasets.add_subparsers(dest="datasets_command", required=True, metavar="COMMAND")

@@ -80,6 +80,26 @@ class RegistryAPI:
     def dataset(self, name: str) -> dict[str, Any]:
         return dict(self._c._call("GET", f"/org/datasets/{name}"))
 
+    def promote(
+        self, job_id: str, name: str, *, step: int | None = None, description: str = ""
+    ) -> dict[str, Any]:
+        """Copy a job's checkpoint (``step``, default the latest) into the registry as ``name``'s next
+        version, server side; returns the server's answer (``ref``, and the version with its ``status``)."""
+        body: dict[str, Any] = {"name": name, "description": description}
+        if step is not None:
+            body["step"] = step
+        request = self._c._http.build_request(
+            "POST",
+            f"/jobs/{job_id}/promote",
+            json=body,
+            timeout=httpx.Timeout(30.0, read=COMPLETE_TIMEOUT_S),  # copies, checks, may validate inline
+        )
+        try:
+            response = self._c._http.send(request)
+        except httpx.TransportError as exc:
+            raise self._c._connection_error("POST", request, exc) from None
+        return dict(self._c._checked(response).json())
+
     def push(
         self,
         kind: str,

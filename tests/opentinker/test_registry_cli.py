@@ -12,6 +12,8 @@ from env_registry import uploads
 from env_registry.models import ModelVersion, Upload
 from opentinker.cli import main
 from opentinker.client import Client
+from opentinker.spec import example_rl_spec
+from portal.models import Job
 from tests.api.test_registry import parquet_bytes, prompt_completion_rows, tiny_model_files
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -152,4 +154,23 @@ def test_a_lost_completion_is_found_on_resume_and_completion_waits_long(tokens, 
             client.registry.push("model", "tiny", d, upload_id=uid)
     assert transport.complete_timeouts[0]["read"] == COMPLETE_TIMEOUT_S == 3600.0
     assert transport.complete_timeouts[0]["connect"] == 30.0
+    assert ModelVersion.objects.count() == 1
+
+
+def test_models_promote_copies_a_jobs_checkpoint_into_the_registry(tokens, monkeypatch, tmp_path, capsys):
+    from tests.api.test_registry_promote import RUNTIME_FILES, write_checkpoint
+    from tests.conftest import client_for
+
+    spec = example_rl_spec().model_dump(mode="json")
+    resp = client_for(tokens["alice"]).post("/api/v1/jobs", spec, format="json")
+    assert resp.status_code == 201, resp.content
+    job = Job.objects.get(pk=resp.json()["id"])
+    write_checkpoint(tmp_path / "objects", job, 4, {**tiny_model_files(), **RUNTIME_FILES})
+    args = ("models", "promote", str(job.id), "--step", "4", "--name", "trained")
+    assert cli(monkeypatch, tokens["alice"], *args) == 0
+    assert capsys.readouterr().out.strip() == "promoted acme/trained@1  status: pending"
+    assert sorted(f["path"] for f in ModelVersion.objects.get().files) == sorted(tiny_model_files())
+    # another organization's job is as absent as one that never existed
+    assert cli(monkeypatch, tokens["charlie"], *args) != 0
+    assert "no such job" in capsys.readouterr().err
     assert ModelVersion.objects.count() == 1
