@@ -12,6 +12,9 @@ launcher gives `OPENTINKER_BOOTSTRAP_TOKEN` instead, redeemed first for the job 
 secret (gpu_runtime/bootstrap.py). Checkpoints go to
 `--checkpoint-prefix`, else `OPENTINKER_CHECKPOINT_PREFIX` / `OPENTINKER_CHECKPOINT_URI`, else
 `file://./var/checkpoints/<job name>-<time>`; a re-queued job resumes from `OPENTINKER_RESUME_FROM`.
+Several trainer ranks (`resources.trainer_ranks`, or `--world-size N`) are Ray actors with `--ray` or inside a
+Ray cluster (`RAY_ADDRESS`, a `ray` pool's job), else processes of this machine that this one, rank 0, starts
+(`python -m gpu_runtime rank ...`, gpu_runtime/ranks.py).
 Exit codes: 0 succeeded, 1 failed, 2 usage, 3 cancelled, 4 max_hours reached.
 """
 
@@ -52,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--resume", default=None, help="checkpoint URI (a step directory or a prefix)")
     run.add_argument("--checkpoint-prefix", default=None)
     run.add_argument("--ray", action="store_true", help="run workers as Ray actors (RAY_ADDRESS or local)")
-    run.add_argument("--world-size", type=int, default=1, help="trainer ranks (FSDP2); >1 implies --ray")
+    run.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="trainer ranks (FSDP2; default the spec's resources.trainer_ranks): Ray actors with --ray or "
+        "in a Ray cluster (RAY_ADDRESS), else processes of this machine",
+    )
     run.add_argument(
         "--env-package",
         default=None,
@@ -62,9 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("src", help="a checkpoint step directory (opentinker jobs download ID)")
     merge.add_argument("-o", "--output", required=True, help="the merged model's directory (must not exist)")
     merge.add_argument("--base", default=None, help="the base model (default: the one in meta.json's spec)")
+    # Started by rank 0 of a job whose ranks are local processes (gpu_runtime/ranks.py); the spec on stdin.
+    rank = sub.add_parser("rank", help=argparse.SUPPRESS)
+    rank.add_argument("rank", type=int)
+    rank.add_argument("world_size", type=int)
+    rank.add_argument("master")
+    rank.add_argument("parent", type=int)
     args = p.parse_args(argv)
     if args.cmd == "merge-lora":
         return merge_lora(args)
+    if args.cmd == "rank":
+        from gpu_runtime.ranks import follow
+
+        return follow(args.rank, args.world_size, args.master, args.parent)
 
     from gpu_runtime.bootstrap import BootstrapError, redeem
 
@@ -74,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     except BootstrapError as e:
         print(f"opentinker: {e}", file=sys.stderr, flush=True)
         return 1
+    raw = json.loads(Path(args.spec).read_text()) if args.spec.endswith(".json") else None
+    if isinstance(raw, dict) and raw.get("kind") == "tinker":
+        # A model server the platform started as a job (portal/services/model_servers.py), not a JobSpec.
+        from gpu_runtime.model_server.serve import serve_spec
+
+        return serve_spec(raw)
     spec = load_spec(args.spec)
     if args.env_package:
         os.environ["OPENTINKER_ENV_PACKAGE"] = str(Path(args.env_package).resolve())
@@ -94,9 +119,16 @@ def main(argv: list[str] | None = None) -> int:
         or f"file://{Path('var/checkpoints').resolve()}/{run_name}"
     )
     resume = args.resume or os.environ.get("OPENTINKER_RESUME_FROM") or spec.resume_from
-    # Several trainer ranks or rollout workers are Ray actors.
-    use_ray = args.ray or args.world_size > 1 or spec.resources.rollout_workers > 1
-    return run_job(spec, sink, prefix, resume=resume, use_ray=use_ray, world_size=args.world_size)
+    world_size = args.world_size or spec.resources.trainer_ranks
+    # Several rollout workers are Ray actors; so are several trainer ranks inside a Ray cluster (a `ray`
+    # pool's job: RAY_ADDRESS), where they may sit on several nodes. Elsewhere the ranks are processes of
+    # this machine (run_job).
+    use_ray = (
+        args.ray
+        or spec.resources.rollout_workers > 1
+        or (world_size > 1 and bool(os.environ.get("RAY_ADDRESS")))
+    )
+    return run_job(spec, sink, prefix, resume=resume, use_ray=use_ray, world_size=world_size)
 
 
 def merge_lora(args: argparse.Namespace) -> int:
@@ -121,19 +153,32 @@ def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> 
     group: WorkerGroup | MultiAgentGroup | None = None
     controller: JobLoop
     try:
+        multi_agent = is_multi_agent(spec)
+        # Several ranks without Ray: processes of this machine (gpu_runtime/ranks.py), rank 0 this one. A
+        # multi-agent job has ranks per policy: those are Ray actors (a local Ray without RAY_ADDRESS).
+        spawn = world_size > 1 and not use_ray and not multi_agent
+        use_ray = use_ray or (world_size > 1 and not spawn)
         if use_ray:
             import ray
 
             if not ray.is_initialized():
                 address = os.environ.get("RAY_ADDRESS")
                 ray.init(address=address, **({} if address else {"num_cpus": 2}), log_to_driver=False)
-        if is_multi_agent(spec):  # games through the coordinator, one parameter set per trained policy
+        if multi_agent:  # games through the coordinator, one parameter set per trained policy
             if spec.resources.rollout_workers > 1:
                 raise ValueError("resources.rollout_workers > 1 is not supported for multi-agent jobs yet")
             group = games = MultiAgentGroup(spec, use_ray=use_ray, world_size=world_size)
             controller = MultiAgentController(spec, sink, games, prefix)
         else:
-            group = ranks = RayGroup(spec, world_size) if use_ray else LocalGroup(spec)
+            ranks: WorkerGroup
+            if use_ray:
+                group = ranks = RayGroup(spec, world_size)
+            elif spawn:
+                from gpu_runtime.ranks import SpawnedGroup
+
+                group = ranks = SpawnedGroup(spec, world_size)
+            else:
+                group = ranks = LocalGroup(spec)
             controller = Controller(spec, sink, ranks, prefix)
         result = controller.run(resume=resume, start_time=started)
         return result.exit_code

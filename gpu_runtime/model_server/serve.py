@@ -21,25 +21,31 @@ model's claimed list, and leaves that list once its outcome is posted (or at onc
 server starting up fails every future still in the claimed list (its predecessor died with them in flight:
 they may have half-run, so re-running is not safe) and clears the list. One model server per base model
 (the claimed list is the base model's), enforced by a lease in Valkey (`Lease`: `tinker:server:<base>`, SET NX
-with a TTL, renewed by the serve loop) taken before `recover`: a second server started while the first holds
+with a TTL, renewed by `LeaseKeeper`) taken before `recover`: a second server started while the first holds
 it exits at once with a clear error, touching nothing (a rolling restart stops the old one first: SIGTERM
 parks its clients and releases the lease; a killed one's lease lapses after `--lease-ttl-s`). Training clients
 live in the process: after a restart their calls fail clearly ("not on this model server"); saved states
 (object storage) and futures (PostgreSQL) remain, and a sampler is re-created from what its `sample`
 operations carry (`sampler_uri`).
 
-Not yet: the drivers start and supervise this process (today an operator or a test does), the scheduler
-admits it.
+Started by hand (`serve`, above) or by the platform: a Tinker call for a base with no server enqueues a
+model-server job (portal/services/model_servers.py), the scheduler admits it, a pool's driver starts
+`python -m gpu_runtime run spec.json`, whose spec (`"kind": "tinker"`) lands in `serve_spec`, and the job
+ends when the server exits (idle, SIGTERM). The lease is renewed by `LeaseKeeper`, a thread of its own, so
+a long engine pass never lets it lapse; once a renewal finds it lost the loop stops taking work.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
 import signal
 import socket
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -108,7 +114,7 @@ class LeaseHeld(Exception):
 
 
 class Lease:
-    """One model server per base model: the holder's id under `lease_key`, with a TTL the serve loop renews.
+    """One model server per base model: the holder's id under `lease_key`, with a TTL `LeaseKeeper` renews.
     A server stopped cleanly releases it; a killed one's lapses after the TTL."""
 
     def __init__(self, queue: redis.Redis, base_model: str, holder: str, ttl_s: float = LEASE_TTL_S) -> None:
@@ -119,10 +125,22 @@ class Lease:
         self._renew = queue.register_script(RENEW_SCRIPT)
         self._release = queue.register_script(RELEASE_SCRIPT)
 
-    def acquire(self) -> None:
-        if not self.queue.set(self.key, self.holder, nx=True, px=self.ttl_ms):
+    def acquire(
+        self,
+        wait_s: float = 0.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        """Take the lease; with `wait_s`, wait that long for a holder's lease to lapse (a platform-started
+        server replacing a killed one: its lease outlives it by up to the TTL)."""
+        deadline = clock() + wait_s
+        while not self.queue.set(self.key, self.holder, nx=True, px=self.ttl_ms):
             other: Any = self.queue.get(self.key)
             left: Any = self.queue.pttl(self.key)
+            if clock() < deadline:
+                sleep(min(1.0, max(int(left), 50) / 1000, max(deadline - clock(), 0.0)))
+                continue
             raise LeaseHeld(
                 f"another model server ({other.decode() if other else 'gone just now'}) serves "
                 f"{self.base_model!r}: one per base model. Stop it first (SIGTERM parks its clients and "
@@ -137,10 +155,64 @@ class Lease:
         self._release(keys=[self.key], args=[self.holder])
 
 
-def take_base(lease: Lease, transport: Transport) -> None:
+class LeaseKeeper:
+    """Renews the lease on a thread of its own, every third of its TTL, so that an engine pass longer than
+    the TTL never lets it lapse. `lost` is set once a renewal finds another holder, or once renewals have
+    failed (Valkey unreachable) for a whole TTL, after which the lease has lapsed anyway; the serve loop then
+    stops taking work. `stop()` ends the thread and waits for it. `clock` is injectable for tests."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        *,
+        every_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.lease, self.clock = lease, clock
+        self.ttl_s = lease.ttl_ms / 1000
+        self.every_s = self.ttl_s / 3 if every_s is None else every_s
+        self.lost = threading.Event()
+        self.why = ""
+        self.renewals = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        last_ok = self.clock()
+        while not self._stop.wait(self.every_s):
+            try:
+                held = self.lease.renew()
+            except redis.RedisError as exc:
+                if self.clock() - last_ok < self.ttl_s:
+                    log.warning("could not renew the lease (%r); retrying", exc)
+                    continue
+                self._lose(f"could not renew the lease for {self.ttl_s:g} s (Valkey: {exc!r}): it has lapsed")
+                return
+            if not held:
+                self._lose("the lease was lost: another model server took over the base model")
+                return
+            self.renewals += 1
+            last_ok = self.clock()
+
+    def _lose(self, why: str) -> None:
+        self.why = why
+        log.error("%s; stopping", why)
+        self.lost.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+def take_base(lease: Lease, transport: Transport, *, wait_s: float = 0.0) -> None:
     """Start-up: the lease first, then `recover` (failing a dead predecessor's claimed calls): a second server
     must not fail the calls the live one is running."""
-    lease.acquire()
+    lease.acquire(wait_s)
     transport.recover()
 
 
@@ -464,20 +536,20 @@ def serve(
     should_stop: Callable[[], bool],
     idle_exit_s: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
-    renew: Callable[[], bool] | None = None,
-    renew_every_s: float = LEASE_TTL_S / 3,
-) -> None:
+    lease_lost: Callable[[], bool] = lambda: False,
+) -> str:
     """Run until `should_stop()` or, with `idle_exit_s`, until no operation came for that long and nothing
     waits; then park the training clients (ModelServer.park: with a spill_uri, the next server takes them
-    back on their next call). `clock` is injectable so the idle rule is testable without waiting. `renew`
-    (the lease's) runs every `renew_every_s`; once it fails another server has the base model: stop."""
-    last_work = last_renew = clock()
+    back on their next call). `clock` is injectable so the idle rule is testable without waiting. Once
+    `lease_lost()` (`LeaseKeeper.lost`) another server has the base model: stop taking work at once.
+    Returns why it stopped: "stopped", "idle" or "lease lost"."""
+    last_work = clock()
+    why = "stopped"
     while not should_stop():
-        if renew is not None and clock() - last_renew >= renew_every_s:
-            if not renew():
-                log.error("lost the base model's lease (another model server took over): stopping")
-                break
-            last_renew = clock()
+        if lease_lost():
+            log.error("lost the base model's lease (another model server took over): stopping")
+            why = "lease lost"
+            break
         outcomes: list[WireOutcome] = []
         for msg in transport.drain():
             outcomes += loop.handle(msg)
@@ -486,6 +558,8 @@ def serve(
             transport.post(outcomes)
             last_work = clock()
             continue
+        if lease_lost():
+            continue  # taken over while it waited: take nothing more
         msgs = transport.wait(idle_wait)  # nothing could run: block until an operation arrives
         for msg in msgs:
             transport.post(loop.handle(msg))
@@ -493,10 +567,15 @@ def serve(
             last_work = clock()
         elif idle_exit_s and clock() - last_work >= idle_exit_s:
             log.info("idle for %.0f s: stopping", idle_exit_s)
+            why = "idle"
             break
     parked = loop.server.park()
     transport.post([])  # releases what is claimed and answered
-    log.info("stopped; parked %d training clients", len(parked))
+    log.info("stopped (%s); parked %d training clients", why, len(parked))
+    return why
+
+
+LEASE_LOST_EXIT = 3  # the process's exit code when it stopped because another server took its base model
 
 
 def main(args: Any) -> int:
@@ -512,22 +591,59 @@ def main(args: Any) -> int:
     )
     lease = Lease(transport.queue, args.base_model, f"{socket.gethostname()}:{os.getpid()}", args.lease_ttl_s)
     try:
-        take_base(lease, transport)
+        take_base(lease, transport, wait_s=getattr(args, "lease_wait_s", 0.0))
     except LeaseHeld as exc:
         raise SystemExit(f"model server not started: {exc}") from None
     log.info("model server for %s on %s: serving", args.base_model, args.device)
     print(f"model server for {args.base_model}: serving", flush=True)  # the launcher waits for this line
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))  # a driver's stop
+    keeper = LeaseKeeper(lease).start()
     try:
-        serve(
+        why = serve(
             ServeLoop(server),
             transport,
             should_stop=lambda: bool(stopping),
             idle_exit_s=args.idle_exit_s,
-            renew=lease.renew,
-            renew_every_s=args.lease_ttl_s / 3,
+            lease_lost=keeper.lost.is_set,
         )
     finally:
+        keeper.stop()
         lease.release()
+    if why == "lease lost":
+        print(f"model server for {args.base_model} stopped: {keeper.why}", file=sys.stderr, flush=True)
+        return LEASE_LOST_EXIT
     return 0
+
+
+def serve_spec(spec: dict[str, Any]) -> int:
+    """A model server the platform started as a job (`python -m gpu_runtime run spec.json` with
+    `"kind": "tinker"`): its settings from the spec, where to reach the platform from the environment the
+    driver set (OPENTINKER_QUEUE_URL, OPENTINKER_TINKER_INGEST_URL, OPENTINKER_MODEL_SERVER_TOKEN)."""
+    conf = spec.get("model_server") or {}
+    queue_url = os.environ.get("OPENTINKER_QUEUE_URL", "")
+    ingest_url = os.environ.get("OPENTINKER_TINKER_INGEST_URL", "")
+    if not queue_url or not ingest_url or not conf.get("base_model"):
+        print(
+            "opentinker: a model-server job needs model_server.base_model in its spec and "
+            "OPENTINKER_QUEUE_URL and OPENTINKER_TINKER_INGEST_URL in its environment",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    ttl = float(conf.get("lease_ttl_s") or LEASE_TTL_S)
+    args = argparse.Namespace(
+        base_model=str(conf["base_model"]),
+        queue_url=queue_url,
+        ingest_url=ingest_url,
+        device="cuda" if gpus and torch.cuda.is_available() else "cpu",
+        dtype=str(conf.get("dtype") or "float32"),
+        seed=int(conf.get("seed") or 0),
+        spill_uri=str(conf.get("spill_uri") or ""),
+        idle_exit_s=float(conf.get("idle_exit_s") or 0.0),
+        lease_ttl_s=ttl,
+        # The job was re-queued after its server died: that server's lease outlives it by up to its TTL.
+        lease_wait_s=ttl * 1.5,
+    )
+    return main(args)

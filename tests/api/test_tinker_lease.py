@@ -6,6 +6,8 @@ finds it lost and stops. The lease's expiry is played by deleting the key (no wa
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import uuid
 
 import pytest
@@ -16,6 +18,7 @@ from gpu_runtime.model_server.serve import (
     LOST_IN_FLIGHT,
     Lease,
     LeaseHeld,
+    LeaseKeeper,
     Transport,
     claimed_key,
     lease_key,
@@ -89,16 +92,105 @@ def test_serve_stops_once_its_lease_is_lost():
     from gpu_runtime.model_server.serve import ServeLoop
 
     transport = IdleTransport()
-    renewals = iter([True, True, False])
-    serve(
+    why = serve(
         ServeLoop(ModelServer("tiny-qwen2")),
         transport,  # type: ignore[arg-type]
         should_stop=lambda: False,
-        clock=lambda: float(transport.waits),  # one wait = one second
-        renew=lambda: next(renewals),
-        renew_every_s=2,
+        lease_lost=lambda: transport.waits >= 6,  # the keeper's thread finds it lost during the sixth wait
     )
-    assert transport.waits == 6  # renewed at 2 and 4, lost at 6
+    assert (why, transport.waits) == ("lease lost", 6)  # no seventh wait: it takes no more work
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_keeper_renews_on_its_own_thread_and_stops_cleanly(valkey):
+    client, base = valkey
+    lease = Lease(client, base, "me", ttl_s=30)
+    lease.acquire()
+    renewed = threading.Event()
+    real_renew = lease.renew
+
+    def renew() -> bool:
+        held = real_renew()
+        renewed.set()
+        return held
+
+    lease.renew = renew  # type: ignore[method-assign]
+    client.pexpire(lease_key(base), 5_000)  # nearly lapsed: only a renewal gives it its 30 s back
+    keeper = LeaseKeeper(lease, every_s=0.01).start()
+    assert renewed.wait(60)  # renewed while the main thread does nothing (a long engine pass)
+    keeper.stop()
+    assert keeper.renewals >= 1 and not keeper.lost.is_set()
+    assert 5_000 < client.pttl(lease_key(base)) <= 30_000
+    assert not keeper._thread.is_alive()  # stop() joined it
+    count = keeper.renewals
+    client.pexpire(lease_key(base), 5_000)
+    assert keeper.renewals == count and client.pttl(lease_key(base)) <= 5_000  # no renewal after stop
+
+
+def test_the_keeper_finds_its_lease_taken_over(valkey):
+    client, base = valkey
+    lease = Lease(client, base, "first", ttl_s=30)
+    lease.acquire()
+    client.set(lease_key(base), "second")  # it lapsed during a stall and another server took it
+    keeper = LeaseKeeper(lease, every_s=0.01).start()
+    assert keeper.lost.wait(60)
+    keeper.stop()
+    assert keeper.why == "the lease was lost: another model server took over the base model"
+    assert client.get(lease_key(base)) == b"second"  # untouched
+
+
+def test_the_keeper_gives_the_lease_up_once_valkey_has_been_away_for_a_ttl(valkey):
+    _client, base = valkey
+    with socket.socket() as s:  # a loopback port nothing listens on: every renewal fails to connect
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    away = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+    clock = Clock()
+    keeper = LeaseKeeper(Lease(away, base, "me", ttl_s=30), every_s=0.01, clock=clock)
+    failures = threading.Event()
+    real_run_renew = keeper.lease.renew
+
+    def renew() -> bool:
+        try:
+            return real_run_renew()
+        finally:
+            failures.set()
+
+    keeper.lease.renew = renew  # type: ignore[method-assign]
+    keeper.start()
+    assert failures.wait(60)  # it failed at least once, and still holds on: less than a TTL has passed
+    assert not keeper.lost.is_set()
+    clock.now = 30.0  # a whole TTL without a renewal: the lease has lapsed in Valkey by now
+    assert keeper.lost.wait(60)
+    keeper.stop()
+    assert keeper.why.startswith("could not renew the lease for 30 s (Valkey: ")
+    assert keeper.why.endswith("ConnectionError): it has lapsed")
+
+
+def test_a_waiting_start_takes_the_lease_once_the_dead_holders_lapses(valkey):
+    client, base = valkey
+    client.set(lease_key(base), "dead", px=30_000)
+    clock = Clock()
+    naps: list[float] = []
+
+    def sleep(s: float) -> None:
+        naps.append(s)
+        clock.now += s
+        if len(naps) == 3:
+            client.delete(lease_key(base))  # the TTL runs out
+
+    Lease(client, base, "next", ttl_s=30).acquire(45, clock=clock, sleep=sleep)
+    assert client.get(lease_key(base)) == b"next" and naps == [1.0, 1.0, 1.0]
+    client.set(lease_key(base), "dead", px=30_000)
+    with pytest.raises(LeaseHeld):  # waited 45 s (in fake time) and it is still held: refused
+        Lease(client, base, "next", ttl_s=30).acquire(45, clock=clock, sleep=sleep)
 
 
 def test_a_lease_needs_a_positive_ttl(valkey):
