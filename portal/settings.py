@@ -269,6 +269,15 @@ TINKER_MAX_PENDING_FUTURES = env.int("TINKER_MAX_PENDING_FUTURES", 1024, minimum
 # The model servers' outcome ingest: a forward_backward's log-probs are ~40 bytes of JSON a token (a model
 # server posts at most 8 MiB at once, one larger outcome alone).
 TINKER_MAX_INGEST_BYTES = env.int("TINKER_MAX_INGEST_BYTES", 64 * 1024 * 1024, minimum=1024)
+# Model servers started on demand (portal/services/model_servers.py): a Tinker call for a base model with no
+# server enqueues a model-server job of the platform organization; it exits after this long without work
+# (0: never), holds this many GPUs (0: a CPU slot), prefers this pool ("" any), and its one-server lease lasts
+# this long (a killed server's successor waits for it). AUTOSTART off: operators start servers by hand.
+OPENTINKER_TINKER_AUTOSTART = env.bool("OPENTINKER_TINKER_AUTOSTART", True)
+OPENTINKER_TINKER_IDLE_EXIT_S = env.seconds("OPENTINKER_TINKER_IDLE_EXIT_S", 600, finite=True)
+OPENTINKER_TINKER_SERVER_GPUS = env.int("OPENTINKER_TINKER_SERVER_GPUS", 0, minimum=0, maximum=64)
+OPENTINKER_TINKER_POOL = env.str("OPENTINKER_TINKER_POOL", "")
+OPENTINKER_TINKER_LEASE_TTL_S = env.seconds("OPENTINKER_TINKER_LEASE_TTL_S", 60, finite=True, positive=True)
 # Job tokens live this long (0: the job's max_hours plus an hour); a bootstrap token (single-use, it fetches
 # the job token and the environment secret on a Ray cluster) this long, never forever.
 JOB_TOKEN_TTL_SECONDS = env.int("JOB_TOKEN_TTL_SECONDS", 0, minimum=0)
