@@ -11,6 +11,12 @@ from opentinker.spec import JobKind, JobState
 from portal.models.orgs import Organization
 from portal.models.tokens import ApiToken
 
+# A model server of the Tinker API (portal/services/model_servers.py): a job of the platform organization
+# whose spec is {"kind": "tinker", "model_server": {...}, "resources": {...}}, not a JobSpec. Never submitted
+# by a tenant.
+MODEL_SERVER_KIND = "tinker"
+LIVE_STATES = (JobState.QUEUED, JobState.ADMITTED, JobState.RUNNING, JobState.CANCELLING)
+
 
 class Job(models.Model):
     # UUIDs, not sequential ids: an id reveals nothing about other tenants' job counts.
@@ -20,7 +26,10 @@ class Job(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
     name = models.CharField(max_length=100)
-    kind = models.CharField(max_length=10, choices=[(k.value, k.value) for k in JobKind])
+    kind = models.CharField(
+        max_length=10,
+        choices=[*((k.value, k.value) for k in JobKind), (MODEL_SERVER_KIND, "model server")],
+    )
     state = models.CharField(
         max_length=12, choices=[(s.value, s.value) for s in JobState], default=JobState.QUEUED.value
     )
@@ -54,7 +63,13 @@ class Job(models.Model):
                 fields=["organization", "idempotency_key"],
                 condition=~models.Q(idempotency_key=""),
                 name="uniq_job_idempotency_key",
-            )
+            ),
+            # One live model server per base model (its name): two API workers asking at once make one job.
+            models.UniqueConstraint(
+                fields=["name"],
+                condition=models.Q(kind=MODEL_SERVER_KIND, state__in=[s.value for s in LIVE_STATES]),
+                name="uniq_live_model_server",
+            ),
         ]
 
     def __str__(self) -> str:
