@@ -5,7 +5,9 @@ Built to sit behind a queue: `submit(model_id, seq_id, op)` accepts a call (plai
 model's calls run in seq_id order and a retried (model_id, seq_id) is answered from its first outcome
 (`ordering`). In a step, the `forward` / `forward_backward` calls waiting at the head of every model's queue
 (and those queued right behind them) run together: ONE forward and ONE backward over all their rows, each
-row routed to its model's adapter (`lora`). Other calls run one by one.
+row routed to its model's adapter (`lora`). Likewise the `sample` calls at the heads of the queues (and those
+right behind them), whatever adapter each names, decode together in ONE batched loop with per-row adapter
+routing (`sampling`). Other calls run one by one.
 
 Models come in two kinds: training clients (`create_model`, `create_model_from_state`: an adapter with AdamW
 state and a gradient accumulator) and samplers (`create_sampler`: the base, or a saved adapter, frozen).
@@ -54,6 +56,11 @@ from gpu_runtime.model_server.types import (
 from gpu_runtime.models import load_model
 
 DEFAULT_BATCH_TOKENS = 65536
+
+
+def _sample_size(op: Sample) -> int:
+    """A sample call's share of a batch: its rows' prompt and completion tokens."""
+    return max(op.num_samples, 1) * (len(op.prompt) + max(op.sampling_params.max_tokens, 0))
 
 
 @dataclass(frozen=True)
@@ -244,11 +251,22 @@ class ModelServer:
         """Run what may run now: every model's head calls that are forward / forward_backward, batched in one
         pass, and each other head call on its own. Returns the outcomes, in each model's seq_id order."""
         batch: list[tuple[_Model, int, ForwardBackward]] = []
+        samples: list[tuple[_Model, int, Sample]] = []
         singles: list[tuple[_Model, int, Operation]] = []
-        budget = self.max_batch_tokens
+        budget = sample_budget = self.max_batch_tokens
         for m in list(self.models.values()):
             ready = m.queue.ready()
             if not ready:
+                continue
+            if isinstance(ready[0][1], Sample):
+                for seq_id, op in ready:  # the run of samples at the head of this model's queue
+                    if not isinstance(op, Sample):
+                        break
+                    size = _sample_size(op)
+                    if samples and size > sample_budget:
+                        break
+                    samples.append((m, seq_id, op))
+                    sample_budget -= size
                 continue
             if not isinstance(ready[0][1], ForwardBackward):
                 singles.append((m, *ready[0]))
@@ -262,6 +280,8 @@ class ModelServer:
                 batch.append((m, seq_id, op))
                 budget -= size
         outcomes = [self._timed_single(m, seq_id, op) for m, seq_id, op in singles]
+        if samples:
+            outcomes += self._run_samples(samples)
         if batch:
             start = time.perf_counter()
             done = self._run_forward_backward(batch)
@@ -285,6 +305,37 @@ class ModelServer:
         elif isinstance(o.result, ComputeLogprobsResult):
             o.tokens = len(o.result.logprobs)
         return o
+
+    def _run_samples(self, calls: list[tuple[_Model, int, Sample]]) -> list[Outcome]:
+        """Sample calls of any models (adapters) on this base: one batched decode loop for all of them."""
+        start = time.perf_counter()
+        outcomes: dict[tuple[str, int], Outcome] = {}
+        ready: list[tuple[_Model, int, Sample, LoraAdapter | None]] = []
+        for m, seq_id, op in calls:
+            try:
+                ready.append((m, seq_id, op, self._adapter(m)))
+            except Exception as exc:  # the adapter could not be reloaded: this call fails, the rest run
+                err = exc if isinstance(exc, ModelServerError) else None
+                err = err or ModelServerError(repr(exc), category="server")
+                outcomes[(m.model_id, seq_id)] = Outcome(m.model_id, seq_id, error=err)
+        if ready:
+            try:
+                results = self.sampler.sample_many([(adapter, op) for _, _, op, adapter in ready])
+            except Exception as exc:  # the pass failed as a whole (out of memory...): so did each call in it
+                err = ModelServerError(f"sample failed: {exc!r}", category="server")
+                results = [err] * len(ready)
+            for (m, seq_id, op, _), r in zip(ready, results, strict=True):
+                if isinstance(r, ModelServerError):
+                    outcomes[(m.model_id, seq_id)] = Outcome(m.model_id, seq_id, error=r)
+                else:
+                    tokens = len(op.prompt) + sum(len(q.tokens) for q in r.sequences)
+                    outcomes[(m.model_id, seq_id)] = Outcome(m.model_id, seq_id, result=r, tokens=tokens)
+        elapsed = time.perf_counter() - start
+        done = [outcomes[(m.model_id, seq_id)] for m, seq_id, _ in calls]
+        total = sum(o.tokens for o in done)
+        for o in done:
+            o.seconds = elapsed * o.tokens / total if total else elapsed / len(done)
+        return done
 
     def _run_single(self, m: _Model, seq_id: int, op: Operation) -> Outcome:
         try:

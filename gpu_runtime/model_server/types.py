@@ -87,7 +87,8 @@ class OptimStepResult:
 @dataclass
 class SamplingParams:
     """Tinker's sampling params. stop: None = the tokenizer's EOS; token ids, or strings (matched on the
-    decoded text); [] = run to max_tokens. temperature 0 = greedy. top_k is not supported yet (-1 only)."""
+    decoded text); [] = run to max_tokens. temperature 0 = greedy. top_k: the k most likely ids only (-1 or
+    0 = off), applied before top_p."""
 
     max_tokens: int
     temperature: float = 1.0

@@ -364,7 +364,7 @@ def test_bad_input_fails_that_call_clearly_and_the_client_goes_on():
         (_raw([1, 2], target_tokens=[2.5, 3.0], weights=[1, 1]), "target_tokens must be integers"),
         (ForwardBackward([], "cross_entropy"), "at least one datum"),
         (OptimStep(AdamParams(learning_rate=-1.0)), "learning_rate >= 0"),
-        (Sample([1, 2], 1, SamplingParams(max_tokens=2, top_k=5)), "top_k is not supported"),
+        (Sample([1, 2], 1, SamplingParams(max_tokens=2, top_k=-2)), r"top_k must be -1 \(off\) or >= 1"),
         (LoadState("file:///nonexistent/state"), "no saved adapter"),
     ]
     for seq, (op, message) in enumerate(bad, start=1):
