@@ -29,6 +29,7 @@ from gpu_runtime.algorithms.registry import algorithm
 from gpu_runtime.async_rollout import RolloutPipeline, dropout_sources
 from gpu_runtime.batch import Sample
 from gpu_runtime.data import SFTDataset
+from gpu_runtime.data.prompts import PromptOrder, load_prompt_rows
 from gpu_runtime.failure_policy import FailureWatch
 from gpu_runtime.groups import LocalGroup as LocalGroup  # re-exported: benches and tests import them here
 from gpu_runtime.groups import RayGroup as RayGroup
@@ -205,6 +206,11 @@ class JobLoop(ABC):
                 self.sink.event("time_limit", step=step - 1, max_hours=spec.resources.max_hours)
                 return RunResult(EXIT_TIME_LIMIT, "time_limit", step - 1, history)
             m = self.train_step(step)
+            ds = spec.dataset
+            if spec.kind.value == "rl" and ds is not None and ds.eval_rows:  # the dataset's held-out rows
+                every = ds.eval_every or a.steps
+                if step == a.steps or step % every == 0:
+                    m = {**m, **self.evaluate(ds.eval_rows, step=step)}
             history.append(m)
             self.sink.metrics(step, m)
             if spec.kind.value == "rl" and (reason := watch.after_step(step, m)):
@@ -230,6 +236,11 @@ class Controller(JobLoop):
         self.pipeline: RolloutPipeline[Produced] | None = None  # async_rollout: made on first use
         self._batch_errors: list[str] = []  # async_rollout: why the trained batch's failed episodes failed
         self.sft_data: SFTDataset | None = None
+        self.prompts: PromptOrder | None = None  # rl/eval on a dataset: which row each group plays
+        if spec.dataset is not None and spec.kind.value != "sft":
+            n = len(load_prompt_rows(spec.dataset))
+            held_out = spec.dataset.eval_rows
+            self.prompts = PromptOrder(train=n - held_out, held_out=held_out, seed=spec.seed)
         if spec.kind.value == "sft":
             assert spec.dataset is not None
             self.sft_data = SFTDataset.from_uri(
@@ -318,7 +329,17 @@ class Controller(JobLoop):
         group_ids = [derive_seed(self.spec.seed, step, r * a.batch_size + g) for g in range(a.batch_size)]
         seeds = [g for g in group_ids for _ in range(a.group_size)]
         torch_seed = derive_seed(self.spec.seed, step, -1, *([r] if r else []))
-        return self._rollout_worker().collect(seeds, seeds, torch_seed)
+        if self.prompts is None:
+            return self._rollout_worker().collect(seeds, seeds, torch_seed)
+        # A dataset: the environment's seed is the row. Round 0 walks the epoch-shuffled stream; a refill
+        # round (dynamic sampling) draws rows at random from the training split.
+        rows = (
+            self.prompts.step_rows(step, a.batch_size)
+            if r == 0
+            else [g % self.prompts.train for g in group_ids]
+        )
+        env_seeds = [row for row in rows for _ in range(a.group_size)]
+        return self._rollout_worker().collect(env_seeds, seeds, torch_seed)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def resume(self, uri: str) -> int:
@@ -541,8 +562,12 @@ class Controller(JobLoop):
 
     # ---- evaluation and the failure policy's inputs --------------------------------------------------------
     def evaluate(self, n: int, *, step: int = 0) -> dict[str, float]:
-        """Greedy episodes on held-out seeds (a seed stream disjoint from training's derivation)."""
+        """Greedy episodes on held-out seeds (a seed stream disjoint from training's derivation); on a
+        dataset, one on each held-out row (each row when none is held out)."""
         seeds = [derive_seed(self.spec.seed, -7, i) for i in range(n)]
+        if self.prompts is not None:
+            seeds = self.prompts.eval_rows()
+            n = len(seeds)
         samples, stats = self._rollout_worker().collect(seeds, list(range(n)), 0, True)
         rewards = [s.reward for s in samples]
         return {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from typing import Any
 
 from gpu_runtime.env_packages import ENV_PACKAGE_VAR, package_factory
 from opentinker.env.base import Environment
@@ -38,7 +39,8 @@ def builtin_class(name: str) -> type[Environment]:
 REMOTE_SECRET_VAR = "OPENTINKER_ENV_SECRET"  # noqa: S105 (a variable name, not a secret)
 
 
-def env_factory(spec: EnvironmentSpec) -> Callable[[], Environment]:
+def env_factory(spec: EnvironmentSpec, rows: list[dict[str, Any]] | None = None) -> Callable[[], Environment]:
+    """`rows`: the job's dataset rows (gpu_runtime.data.prompts), for a built-in that plays them."""
     ref = spec.registry_ref
     if ref is None:
         from opentinker.egress import Egress
@@ -59,6 +61,9 @@ def env_factory(spec: EnvironmentSpec) -> Callable[[], Environment]:
     if ref.owner != "opentinker" or os.environ.get(ENV_PACKAGE_VAR):
         return package_factory(spec)
     cls = builtin_class(ref.name)
+    if rows is not None:  # the job's dataset, instead of any the config names
+        config = {k: v for k, v in spec.config.items() if k not in ("rows", "dataset")}
+        return functools.partial(cls, **config, rows=rows)
     return functools.partial(cls, **spec.config)
 
 

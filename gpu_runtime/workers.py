@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from gpu_runtime.algorithms import LossNorm
 from gpu_runtime.batch import Sample
+from gpu_runtime.data.prompts import load_prompt_rows
 from gpu_runtime.envs import REMOTE_SECRET_VAR, env_factory, protocol_kind
 from gpu_runtime.models import load_model, torch_dtype
 from gpu_runtime.rollout.base import RolloutEngine, SamplingParams
@@ -182,7 +183,9 @@ class RolloutWorker:
             device=device,
             choice=spec.rollout.engine,
         )
-        self.make_env = env_factory(spec.environment)
+        prompts = spec.dataset if spec.kind.value != "sft" else None  # rl/eval: the dataset's prompts
+        rows = load_prompt_rows(prompts) if prompts is not None else None
+        self.make_env = env_factory(spec.environment, rows)
         self.codec = HFChatCodec(self.tokenizer)
         kind = protocol_kind(self.make_env)
         a = spec.algorithm
