@@ -63,6 +63,7 @@ v1 = [
     path("envs/<str:owner>/<str:name>/versions/<str:version>/archive", envs.EnvironmentArchiveApi.as_view()),
     path("models", catalog.ModelListApi.as_view()),
     path("org/models", registry.ModelListApi.as_view()),
+    path("org/model-imports", registry.ModelImportApi.as_view()),
     path("org/models/<str:name>", registry.ModelDetailApi.as_view()),
     path("org/datasets", registry.DatasetListApi.as_view()),
     path("org/datasets/<str:name>", registry.DatasetDetailApi.as_view()),

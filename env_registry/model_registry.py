@@ -231,6 +231,8 @@ def model_validate(version_id: int) -> ModelVersion | None:
     version = ModelVersion.objects.select_related("model__organization").filter(pk=version_id).first()
     if version is None or version.status != ValidationStatus.PENDING:
         return version
+    if version.info.get("import") in ("queued", "fetching"):  # hub_import's task fills it first
+        return version
     local: Path | None = None
     report: dict = {}
     try:

@@ -252,6 +252,9 @@ REGISTRY_MAX_BYTES = env.int("REGISTRY_MAX_BYTES", 20 * 1024**3, minimum=1)
 # Hugging Face Hub repositories that `manage.py registry_import_model` may copy into a registry: fnmatch
 # patterns (`Qwen/*`, `HuggingFaceTB/SmolLM2-135M`), comma-separated; none by default (imports off).
 HUB_IMPORT_ALLOW = env.list("HUB_IMPORT_ALLOW", [])
+# Where imports fetch from: the Hub's API (or a server mirroring it), or `file:///dir`, a local mirror laid
+# out as `<dir>/<owner>/<name>/` (air-gapped servers, and the tests: these machines cannot reach the Hub).
+HUB_ENDPOINT = env.str("HUB_ENDPOINT", "https://huggingface.co")
 
 # Where job runtimes reach the ingest API (the launcher hands it to each job with a job token).
 INGEST_BASE_URL = env.str("INGEST_BASE_URL", "http://127.0.0.1:8000")

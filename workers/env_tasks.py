@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from env_registry.hub_import import model_import_run
 from env_registry.model_registry import ValidationDeferred, model_validate
 from env_registry.services import version_validate
 from opentinker.env.sandbox import SandboxUnavailable
@@ -51,4 +52,19 @@ def validate_version_task(version_id: int) -> str:
 )
 def validate_model_version_task(version_id: int) -> str:
     version = model_validate(version_id)
+    return version.status if version is not None else "missing"
+
+
+# Fetching a repository from the Hub: minutes for a few GB; a redelivery finds the version no longer queued.
+@shared_task(
+    name="env_registry.import_hub_model",
+    time_limit=1800,
+    soft_time_limit=1740,
+    ignore_result=True,
+    autoretry_for=(OSError,),  # the network or the store, not the repository (that makes it invalid)
+    retry_backoff=60,
+    max_retries=3,
+)
+def import_hub_model_task(version_id: int) -> str:
+    version = model_import_run(version_id)
     return version.status if version is not None else "missing"

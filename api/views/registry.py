@@ -23,7 +23,7 @@ from rest_framework.views import APIView
 from api.parsers import read_limited
 from api.serializers import ErrorSerializer, StrictSerializer
 from api.tenancy import tenant_of
-from env_registry import dataset_registry, model_promote, model_registry, uploads
+from env_registry import dataset_registry, hub_import, model_promote, model_registry, uploads
 from env_registry.models import DatasetVersion, ModelVersion, RegisteredDataset, RegisteredModel, Upload
 from portal.errors import DomainError
 from portal.models import Scope
@@ -353,4 +353,42 @@ class ModelPromoteApi(APIView):
         return Response(
             {"kind": "model", "ref": data["ref"], "model": data, "dataset": None},
             status=status.HTTP_201_CREATED,
+        )
+
+
+class ModelImportApi(APIView):
+    scopes = {"POST": Scope.ORG_ADMIN}
+
+    class ImportInput(StrictSerializer):
+        repo = serializers.CharField(max_length=200, help_text="`owner/name` on the Hugging Face Hub.")
+        name = serializers.CharField(max_length=64, help_text="The registry model to add a version to.")
+        revision = serializers.CharField(max_length=128, required=False, allow_null=True)
+
+    @extend_schema(
+        operation_id="org_models_import",
+        request=ImportInput,
+        responses={202: CompleteOutput, 400: ErrorSerializer, 403: ErrorSerializer},
+        description="Import an allow-listed (HUB_IMPORT_ALLOW) Hugging Face Hub repository into your "
+        "organization's model registry as `name`'s next version: reserved now (`pending`, `info.import` "
+        "`queued`), fetched from HUB_ENDPOINT by a background task (only safetensors, configs and tokenizer "
+        "files), checked like an upload and validated in the sandbox; follow it with GET "
+        "/org/models/{name}. A refused repository (pickle weights only, remote code, too big) leaves the "
+        "version `invalid` with the reason and no file stored. Organization admins only.",
+    )
+    def post(self, request):
+        tenant = tenant_of(request)
+        body = self.ImportInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        d = body.validated_data
+        version = hub_import.model_import_request(
+            organization=tenant.organization,
+            user=request.user,
+            repo_id=d["repo"],
+            name=d["name"],
+            revision=d.get("revision"),
+        )
+        data = ModelVersionSerializer(version).data
+        return Response(
+            {"kind": "model", "ref": data["ref"], "model": data, "dataset": None},
+            status=status.HTTP_202_ACCEPTED,
         )
