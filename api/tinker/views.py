@@ -344,15 +344,20 @@ def _sampling_params(given: dict[str, Any]) -> dict[str, Any]:
     params = {k: v for k, v in given.items() if k in SAMPLING_FIELDS and v is not None}
     if "max_tokens" in params:
         params["max_tokens"] = services.bounded_int(params["max_tokens"], "sampling_params.max_tokens", 1)
-    for k in ("seed", "top_k"):
-        if k in params:
-            params[k] = services.bounded_int(params[k], f"sampling_params.{k}", -(2**63), 2**63 - 1)
+    if "seed" in params:
+        params["seed"] = services.bounded_int(params["seed"], "sampling_params.seed", -(2**63), 2**63 - 1)
+    if "top_k" in params:  # -1 (the SDK's default) or 0: off; k: the k most likely tokens only
+        params["top_k"] = services.bounded_int(params["top_k"], "sampling_params.top_k", -1, 2**31 - 1)
     for k in ("temperature", "top_p"):
         if k in params:
             if isinstance(params[k], bool) or not isinstance(params[k], int | float):
                 raise services.TinkerUserError(f"sampling_params.{k} must be a number")
             if not math.isfinite(params[k]):
                 raise services.TinkerUserError(f"sampling_params.{k} must be finite")
+    if params.get("temperature", 1) < 0:
+        raise services.TinkerUserError("sampling_params.temperature must be >= 0 (0 = greedy)")
+    if not 0 < params.get("top_p", 1) <= 1:
+        raise services.TinkerUserError("sampling_params.top_p must be in (0, 1]")
     stop = params.get("stop")
     if stop is not None and not isinstance(stop, str | list):
         raise services.TinkerUserError("sampling_params.stop must be a string or a list")

@@ -5,6 +5,7 @@ Actor: alice (owner of acme) with a `tinker` key; the enqueue on commit runs."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -68,3 +69,25 @@ def test_an_organization_with_too_many_calls_in_flight_gets_a_429(
     assert [m.get("seq_id") for m in queued()] == [1, 1]  # the retry of the pending call is queued again
     queue.client().delete(queue.ops_key(BASE))
     assert json.loads(first.content)["model_id"] == model
+
+
+def test_bad_sampling_params_are_refused_in_the_sdks_error_shape(api, django_capture_on_commit_callbacks):
+    client, _, _, sampler = api
+    bad = {
+        "top_k": (-2, r"top_k must be in \[-1, 2147483647\]"),
+        "top_p": (0, r"top_p must be in \(0, 1\]"),
+        "temperature": (-0.5, "temperature must be >= 0"),
+    }
+    with django_capture_on_commit_callbacks(execute=True):
+        for field, (value, message) in bad.items():
+            body = sample(sampler, 2, 3)
+            body["sampling_params"][field] = value
+            r = post(client, "asample", body)
+            assert r.status_code == 400 and r.json()["category"] == "user", r.content
+            assert re.search(message, r.json()["error"]), r.json()
+        ok = sample(sampler, 2, 3)
+        ok["sampling_params"].update(top_k=5, top_p=0.5, temperature=0)
+        assert post(client, "asample", ok).status_code == 200
+    assert [m["sampling_params"] for m in queued() if m["op"] == "sample"] == [
+        {"max_tokens": 3, "top_k": 5, "top_p": 0.5, "temperature": 0}
+    ]
