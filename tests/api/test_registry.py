@@ -525,6 +525,8 @@ def test_parquet_dataset_is_previewed_and_usable_in_a_job_spec(
         "uri": f"file://{store}/orgs/acme/datasets/arith/1",
         "registry_ref": "acme/arith@1",
         "columns": columns,
+        "eval_rows": 0,
+        "eval_every": None,
     }
     resp = as_charlie.post(f"{V1}/jobs", sft_job("tiny-qwen2", "acme/arith@1"), format="json")
     assert resp.status_code == 400 and "no dataset acme/arith in your organization" in error_of(resp)
