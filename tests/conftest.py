@@ -146,7 +146,11 @@ def builtin_envs(db):
 
     from django.apps import apps
 
-    for name in ("0002_fill_builtin_environments", "0003_fill_more_builtin_environments"):
+    for name in (
+        "0002_fill_builtin_environments",
+        "0003_fill_more_builtin_environments",
+        "0008_fill_answer_match_environment",
+    ):
         importlib.import_module(f"env_registry.migrations.{name}").fill(apps, None)
 
 
