@@ -19,6 +19,10 @@ from collections.abc import MutableMapping
 BOOTSTRAP_VAR = "OPENTINKER_BOOTSTRAP_TOKEN"
 JOB_TOKEN_VAR = "OPENTINKER_JOB_TOKEN"  # noqa: S105 (a variable name)
 ENV_SECRET_VAR = "OPENTINKER_ENV_SECRET"  # noqa: S105 (a variable name, not a secret)
+MODEL_SERVER_VARS = {
+    "model_server_token": "OPENTINKER_MODEL_SERVER_TOKEN",
+    "queue_url": "OPENTINKER_QUEUE_URL",
+}
 
 
 class BootstrapError(RuntimeError):
@@ -64,4 +68,7 @@ def redeem(
     secret = body.get("environment_secret")
     if secret:
         environ[ENV_SECRET_VAR] = str(secret)
+    for key, var in MODEL_SERVER_VARS.items():  # a Tinker model server's (serve.py `serve_spec`)
+        if body.get(key):
+            environ[var] = str(body[key])
     return True

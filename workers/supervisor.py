@@ -7,9 +7,11 @@ once, or a pass racing a runner's exit report, are harmless.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from datetime import timedelta
 
+import redis
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -21,6 +23,7 @@ from portal.models import Allocation, ComputePool, Job
 from portal.observability import context
 from portal.services.env_secrets import EnvironmentSecretMissing
 from portal.services.jobs import job_transition
+from portal.services.model_servers import model_servers_reconcile
 from portal.services.pools import pool_ensure, pool_report
 from portal.services.supervision import (
     SYSTEM,
@@ -155,7 +158,17 @@ def supervise(now=None) -> dict:
             driver.kill(alloc)  # the runner reports the signal: re-queued as lost
             stats["reaped"] += 1
     accounting_tick(now=now)
+    # A Tinker queue with work and no model server gets one (a nudge lost at commit, an idle exit's race).
+    try:
+        stats["model_servers"] = len(model_servers_reconcile(_valkey(settings.REDIS_URL)))
+    except redis.RedisError as e:
+        logger.warning("model servers not reconciled: %r", e)
     return stats
+
+
+@functools.cache
+def _valkey(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=10)
 
 
 __all__ = ["Job", "launch", "pools_refresh", "stop_allocation", "supervise"]

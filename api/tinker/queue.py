@@ -8,11 +8,16 @@ gpu_runtime/model_server/serve.py, which cannot import this module: keep them in
 from __future__ import annotations
 
 import json
+import logging
 from functools import cache
 from typing import Any
 
 import redis
 from django.conf import settings
+
+from portal.services.model_servers import model_server_ensure
+
+log = logging.getLogger(__name__)
 
 
 def ops_key(base_model: str) -> str:
@@ -43,8 +48,28 @@ def encode(op: dict[str, Any]) -> str:
     return json.dumps(op, allow_nan=False)
 
 
+def lease_key(base_model: str) -> str:
+    """Held by the base model's running model server (gpu_runtime/model_server/serve.py `Lease`)."""
+    return f"tinker:server:{base_model}"
+
+
 def enqueue(base_model: str, op: dict[str, Any]) -> None:
     client().rpush(ops_key(base_model), encode(op))
+    server_wanted(base_model)
+
+
+def server_wanted(base_model: str) -> None:
+    """An operation waits for the base model: with no model server holding its lease, make sure one is
+    queued as a job (portal/services/model_servers.py). One Valkey read while a server runs. Never fails the
+    call: the supervisor's pass queues a server for any queue left waiting."""
+    if not settings.OPENTINKER_TINKER_AUTOSTART:
+        return
+    try:
+        if client().exists(lease_key(base_model)):
+            return
+        model_server_ensure(base_model)
+    except Exception:
+        log.exception("could not ask for a model server for %s (the supervisor will)", base_model)
 
 
 def announce_done(future_id: str) -> None:

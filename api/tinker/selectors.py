@@ -22,7 +22,9 @@ from api.tinker.services import uuid_or_none  # the same id parsing as the SDK's
 from opentinker import storage as objects
 from portal import storage
 from portal.errors import NotFound
-from portal.models import Organization
+from portal.models import MODEL_SERVER_KIND, Job, Organization
+from portal.models.jobs import LIVE_STATES
+from portal.services.model_servers import ServerAllocation, model_server_allocations
 
 # What a saved weights directory holds (gpu_runtime/model_server/adapter_io.py): the PEFT adapter is
 # adapter_config.json + adapter_model.safetensors; a saved state adds the Adam moments.
@@ -158,13 +160,15 @@ def weights_file_uri(weights: TinkerWeights, name: str) -> str:
 class ModelServerView:
     """What the console shows of one base model's model server: its queue in Valkey (None when Valkey does
     not answer), the calls PostgreSQL holds as pending, the training clients (adapters) of open sessions
-    and the organizations they belong to."""
+    and the organizations they belong to; `server`: its model-server job's allocation (pool, state, started,
+    released), None when the platform never started one (a server started by hand)."""
 
     base_model: str
     queued: int | None
     pending_calls: int
     adapters: list[dict[str, Any]]
     samplers: int
+    server: ServerAllocation | None = None
 
 
 def model_servers() -> list[ModelServerView]:
@@ -181,7 +185,10 @@ def model_servers() -> list[ModelServerView]:
         .annotate(n=Count("pk"))
         .values_list("model__base_model", "n")
     )
+    live = Job.objects.filter(kind=MODEL_SERVER_KIND, state__in=[s.value for s in LIVE_STATES])
+    bases = sorted(set(bases) | {str(j.spec["model_server"]["base_model"]) for j in live.only("spec")})
     depths = queue_depths(bases)
+    servers = model_server_allocations(bases)
     out = []
     for base in bases:
         adapters = [
@@ -201,7 +208,11 @@ def model_servers() -> list[ModelServerView]:
             .order_by("organization__slug", "pk")
         ]
         samplers = open_models.filter(base_model=base, kind=TinkerModel.Kind.SAMPLE).count()
-        out.append(ModelServerView(base, depths.get(base), pending.get(base, 0), adapters, samplers))
+        out.append(
+            ModelServerView(
+                base, depths.get(base), pending.get(base, 0), adapters, samplers, servers.get(base)
+            )
+        )
     return out
 
 

@@ -3,7 +3,8 @@
 Part of the ingest contract (api/views/ingest.py), for runtimes started where their environment is readable
 by others (a Ray job's ``runtime_env``): the driver gives them ``OPENTINKER_BOOTSTRAP_TOKEN`` instead of the
 job token and the environment secret (portal/services/job_bootstrap.py). ``Authorization: Bearer otb_...``,
-an empty body -> 200 ``{"job_token": "otj_...", "environment_secret": str | null}``, ``Cache-Control:
+an empty body -> 200 ``{"job_token": "otj_...", "environment_secret": str | null}`` (a Tinker model server's
+job also gets ``model_server_token`` and ``queue_url``), ``Cache-Control:
 no-store``. The token works once, before it expires, for its own job's live attempt: anything else is a 401
 (the runtime stops). 409 when the job's environment secret was deleted since submission.
 """
@@ -31,6 +32,12 @@ class BootstrapOutput(serializers.Serializer):
     job_token = serializers.CharField(help_text="The job token for every other ingest call of this attempt.")
     environment_secret = serializers.CharField(
         allow_null=True, help_text="The job's environment secret (OPENTINKER_ENV_SECRET), or null."
+    )
+    model_server_token = serializers.CharField(
+        required=False, help_text="A Tinker model-server job only: its base model's model-server token."
+    )
+    queue_url = serializers.CharField(
+        required=False, help_text="A Tinker model-server job only: the Valkey URL of its operations queue."
     )
 
 
@@ -68,7 +75,10 @@ class IngestBootstrapApi(APIView):
             raise Conflict(e.message) from None
         if got is None:
             raise exceptions.AuthenticationFailed(INVALID)
-        response = Response({"job_token": got.job_token, "environment_secret": got.environment_secret})
+        body = {"job_token": got.job_token, "environment_secret": got.environment_secret}
+        if got.model_server is not None:  # a Tinker model server's token and queue URL
+            body.update(got.model_server)
+        response = Response(body)
         response["Cache-Control"] = "no-store"
         return response
 

@@ -25,9 +25,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from portal.models import Allocation, Job
+from portal.models import MODEL_SERVER_KIND, Allocation, Job
 from portal.services.env_secrets import environment_secret_reveal
 from portal.services.job_tokens import job_token_issue
+from portal.services.model_servers import model_server_env
 from portal.services.secrets import secret_hash
 
 PREFIX = "otb_"
@@ -56,6 +57,9 @@ class Bootstrap:
     job: Job
     job_token: str
     environment_secret: str | None
+    # A Tinker model server's secrets (portal/services/model_servers.py `model_server_env`): its model-server
+    # token and the Valkey URL of its queue; None for other jobs.
+    model_server: dict[str, str] | None = None
 
 
 def bootstrap_redeem(raw: str, job_id) -> Bootstrap | None:
@@ -87,4 +91,11 @@ def bootstrap_redeem(raw: str, job_id) -> Bootstrap | None:
     value = None
     if secret_name:
         value = environment_secret_reveal(job.organization, secret_name)
-    return Bootstrap(job=job, job_token=job_token_issue(job), environment_secret=value)
+    extra = None
+    if job.kind == MODEL_SERVER_KIND:
+        env = model_server_env(job)
+        extra = {
+            "model_server_token": env["OPENTINKER_MODEL_SERVER_TOKEN"],
+            "queue_url": env["OPENTINKER_QUEUE_URL"],
+        }
+    return Bootstrap(job=job, job_token=job_token_issue(job), environment_secret=value, model_server=extra)

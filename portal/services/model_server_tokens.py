@@ -3,8 +3,9 @@
 ``otm_<base model, base64url>.<expiry unix seconds>.<signature>``: stateless and signed like job tokens
 (portal/services/job_tokens.py) with a key of its own derived from the token pepper. A token speaks for the
 model server of ONE base model: it may complete only futures of models on that base. User tokens are never
-accepted there, and these tokens nowhere else. The driver that will start model servers (issue 16, later)
-hands one over at launch; today the operator mints it (`model_server_token_issue`).
+accepted there, and these tokens nowhere else. In the platform's domain (not api/) because the drivers hand
+one to a model server they start (portal/services/model_servers.py); an operator starting one by hand mints
+one with `manage.py tinker_server_token`.
 """
 
 from __future__ import annotations

@@ -94,6 +94,7 @@ def stop(proc: subprocess.Popen) -> None:
 def platform(settings, tmp_path, monkeypatch) -> Iterator[str]:
     settings.OBJECT_STORE_URL = f"file://{tmp_path}/objects"
     settings.TINKER_POLL_HOLD_SECONDS = 10
+    settings.OPENTINKER_TINKER_AUTOSTART = False  # these tests start their model servers by hand
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
     clear_queues()
     with serving(get_asgi_application()) as url:

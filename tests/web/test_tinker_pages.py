@@ -174,3 +174,20 @@ def test_the_page_lists_storage_only_for_the_200_weights_it_shows(store, alice, 
     html = signed_in(alice, acme).get("/training/").content.decode()
     shown = rows(html, "data-weights")
     assert len(shown) == 200 and sorted(map(int, shown)) == sorted(listed)
+
+
+def test_console_shows_the_model_servers_allocation(store, alice, acme, staffer):
+    from portal.models import Allocation, ComputePool
+    from portal.services.model_servers import model_server_ensure
+
+    tinker_world(acme, alice, steps=1)
+    job, created = model_server_ensure(BASE)
+    assert created and model_server_ensure(BASE) == (job, False)  # one live job per base model
+    pool = ComputePool.objects.create(name="gpu-a", total_gpus=1, health=ComputePool.Health.HEALTHY)
+    Allocation.objects.create(job=job, pool=pool, slots=1, launched_at=timezone.now())
+    job.state = "running"
+    job.save()
+    html = signed_in(staffer).get("/console/model-servers/").content.decode()
+    section = html.split(f'data-base="{BASE}"')[1]
+    assert re.search(r'data-testid="server-state">running<', section)
+    assert re.search(r'data-testid="server-pool">gpu-a<', section) and str(job.pk) in section

@@ -13,10 +13,11 @@ from typing import Any
 from django.conf import settings
 
 from portal import storage
-from portal.models import Allocation, Checkpoint, ComputePool, Job
+from portal.models import MODEL_SERVER_KIND, Allocation, Checkpoint, ComputePool, Job
 from portal.services.egress import runtime_egress_env
 from portal.services.env_secrets import REMOTE_SECRET_VAR, environment_secret_reveal
 from portal.services.job_tokens import job_runtime_env
+from portal.services.model_servers import model_server_env
 from workers.drivers.base import Driver, Launched, runtime_command
 from workers.drivers.local import LocalDriver
 from workers.drivers.ray import RayDriver
@@ -39,6 +40,10 @@ def job_env(job: Job, alloc: Allocation) -> dict[str, str]:
     resume = latest_checkpoint(job)
     if resume:
         env["OPENTINKER_RESUME_FROM"] = resume
+    if job.kind == MODEL_SERVER_KIND:
+        # A Tinker model server: its queue, the Tinker ingest and its base model's token (the Ray driver keeps
+        # the last two out of the cluster's job API: the runtime redeems its bootstrap token for them).
+        env.update(model_server_env(job))
     ref = str((job.spec.get("environment") or {}).get("ref", ""))
     if ref.startswith(("https://", "http://")):
         # The runtime checks the policy again at connect time, with this job's (organization's, pool's) list.

@@ -45,7 +45,10 @@ logger = logging.getLogger(__name__)
 
 LIVE = {"PENDING", "RUNNING"}
 # Never in a Ray job's runtime_env (the runtime gets them by redeeming its bootstrap token).
-SECRET_VARS = frozenset({"OPENTINKER_JOB_TOKEN", "OPENTINKER_ENV_SECRET"})
+# A Tinker model server's token and queue URL (which may carry Valkey's password) come the same way.
+SECRET_VARS = frozenset(
+    {"OPENTINKER_JOB_TOKEN", "OPENTINKER_ENV_SECRET", "OPENTINKER_MODEL_SERVER_TOKEN", "OPENTINKER_QUEUE_URL"}
+)
 # What one supervisor pass copies of a job's log at most; the rest waits for the next pass.
 LOG_LINES_PER_PASS = 2000
 LOG_CHARS_PER_PASS = 1_000_000
