@@ -1,13 +1,18 @@
-"""The Tinker model server's engine in-process: forward_backward + optim_step throughput for 1, 4 and 8
-tenants' LoRA adapters on one base, batched across adapters (one forward and backward per round over every
-tenant's rows) vs one adapter at a time (what peers without multi-LoRA batching do).
+"""The Tinker model server's engine in-process: forward_backward + optim_step throughput, and sample
+throughput, for 1, 4 and 8 tenants' LoRA adapters on one base, batched across adapters (one pass per round
+over every tenant's rows, each row routed to its adapter) vs one adapter at a time (what peers without
+multi-LoRA batching do).
 
     python bench/tinker_api.py [--device cpu|cuda] [--preset tiny-qwen2] [--tenants 1,4,8] [--datums 4]
-                               [--tokens 64] [--rank 16] [--rounds 5] [--threads N]
+                               [--tokens 64] [--rank 16] [--rounds 5] [--threads N] [--only train|sample]
+                               [--samples 4] [--prompt 16] [--new 32]
 
-A round: each tenant sends one forward_backward (`--datums` sequences of `--tokens` random tokens,
-cross_entropy) and one optim_step. Tokens/s counts every tenant's tokens; the median of `--rounds` after one
-warm-up round. The API's own overhead per call (protobuf, queue, long-poll): bench/tinker_api_overhead.py.
+forward_backward: a round is each tenant's forward_backward (`--datums` sequences of `--tokens` random
+tokens, cross_entropy) and optim_step; tokens/s counts every tenant's tokens. sample: a round is each
+tenant's `sample` call (`--samples` sequences of `--new` tokens, no stop, temperature 1, seeded, from a
+`--prompt`-token prompt of its own): one batched decode loop for all tenants vs one call at a time; tokens/s
+counts sampled tokens. The median of `--rounds` after one warm-up round. The API's own overhead per call
+(protobuf, queue, long-poll): bench/tinker_api_overhead.py.
 """
 
 from __future__ import annotations
@@ -22,7 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from gpu_runtime.model_server import AdamParams, Datum, ForwardBackward, LoraConfig, ModelServer, OptimStep
+from gpu_runtime.model_server import (
+    AdamParams,
+    Datum,
+    ForwardBackward,
+    LoraConfig,
+    ModelServer,
+    OptimStep,
+    Sample,
+    SamplingParams,
+)
 from gpu_runtime.models import torch_dtype
 
 
@@ -45,6 +59,33 @@ def _round(server: ModelServer, tenants: list[str], seq: int, data: list[Datum],
     return time.perf_counter() - start
 
 
+def _sample_round(server: ModelServer, calls: dict[str, Sample], seq: int, batched: bool) -> float:
+    sync = torch.cuda.synchronize if server.host.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    if batched:  # every tenant's call queued first: the engine decodes them in one loop
+        for t, op in calls.items():
+            server.submit(t, seq, op)
+        server.run_until_idle()
+    else:
+        for t, op in calls.items():
+            server.call(t, seq, op)
+    sync()
+    return time.perf_counter() - start
+
+
+def _servers(args: argparse.Namespace, n: int) -> tuple[ModelServer, list[str]]:
+    server = ModelServer(args.preset, device=args.device, dtype=torch_dtype("auto", device=args.device))
+    tenants = [f"t{i}" for i in range(n)]
+    for i, t in enumerate(tenants):
+        server.create_model(t, LoraConfig(rank=args.rank, seed=i))
+    return server, tenants
+
+
+def _row(n: int, rates: dict[bool, float]) -> str:
+    return f"| {n} | {rates[False]:,.0f} | {rates[True]:,.0f} | {rates[True] / rates[False]:.2f}x |"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -55,27 +96,45 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--only", choices=["train", "sample"], help="one table only")
+    p.add_argument("--samples", type=int, default=4, help="sample: sequences per call")
+    p.add_argument("--prompt", type=int, default=16, help="sample: prompt tokens")
+    p.add_argument("--new", type=int, default=32, help="sample: tokens sampled per sequence")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (args.datums, args.tokens + 1), generator=gen).tolist()
     data = [Datum(x[:-1], {"target_tokens": x[1:], "weights": [1.0] * args.tokens}) for x in ids]
-    per = f"{args.datums} x {args.tokens} tokens per tenant and round"
-    print(f"{args.preset} on {args.device}, {per}, rank {args.rank}, {torch.get_num_threads()} CPU threads")
-    print("| tenants | one adapter at a time (tokens/s) | batched across adapters (tokens/s) | speed-up |")
-    print("|---:|---:|---:|---:|")
-    for n in (int(x) for x in args.tenants.split(",")):
-        rates = {}
-        for batched in (False, True):
-            dtype = torch_dtype("auto", device=args.device)
-            server = ModelServer(args.preset, device=args.device, dtype=dtype)
-            tenants = [f"t{i}" for i in range(n)]
-            for i, t in enumerate(tenants):
-                server.create_model(t, LoraConfig(rank=args.rank, seed=i))
-            times = [_round(server, tenants, 2 * r + 1, data, batched) for r in range(args.rounds + 1)][1:]
-            rates[batched] = n * args.datums * args.tokens / statistics.median(times)
-        print(f"| {n} | {rates[False]:,.0f} | {rates[True]:,.0f} | {rates[True] / rates[False]:.2f}x |")
+    print(f"{args.preset} on {args.device}, rank {args.rank}, {torch.get_num_threads()} CPU threads")
+    tenant_counts = [int(x) for x in args.tenants.split(",")]
+    if args.only != "sample":
+        print(f"\nforward_backward + optim_step, {args.datums} x {args.tokens} tokens per tenant and round")
+        print("| tenants | one adapter at a time (tokens/s) | batched across adapters | speed-up |")
+        print("|---:|---:|---:|---:|")
+        for n in tenant_counts:
+            rates = {}
+            for batched in (False, True):
+                server, tenants = _servers(args, n)
+                rounds = range(args.rounds + 1)
+                times = [_round(server, tenants, 2 * r + 1, data, batched) for r in rounds][1:]
+                rates[batched] = n * args.datums * args.tokens / statistics.median(times)
+            print(_row(n, rates))
+    if args.only != "train":
+        shape = f"{args.samples} x {args.new} tokens from a {args.prompt}-token prompt"
+        print(f"\nsample, {shape} per tenant and round")
+        print("| tenants | one adapter at a time (sampled tokens/s) | batched across adapters | speed-up |")
+        print("|---:|---:|---:|---:|")
+        for n in tenant_counts:
+            rates = {}
+            for batched in (False, True):
+                server, tenants = _servers(args, n)
+                prompts = torch.randint(0, 256, (n, args.prompt), generator=gen).tolist()
+                params = SamplingParams(max_tokens=args.new, seed=1, stop=[])
+                calls = {t: Sample(prompts[i], args.samples, params) for i, t in enumerate(tenants)}
+                times = [_sample_round(server, calls, r + 1, batched) for r in range(args.rounds + 1)][1:]
+                rates[batched] = n * args.samples * args.new / statistics.median(times)
+            print(_row(n, rates))
 
 
 if __name__ == "__main__":
