@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from django.conf import settings
 from django.http import JsonResponse
+
+from env_registry import uploads
 
 BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 # Environment package uploads (multipart) have their own, larger limit: the archive's plus the form's
@@ -12,9 +16,15 @@ ENV_UPLOAD_PATH = "/api/v1/envs"
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
+# A registry upload's chunk (raw bytes, up to env_registry.uploads.CHUNK_MAX_BYTES: its parser's limit).
+UPLOAD_CHUNK_PATH = re.compile(r"^/api/v1/org/uploads/[^/]+/files/[0-9]+$")
+
+
 def body_limit(request) -> int:
     if request.path == ENV_UPLOAD_PATH and request.method == "POST":
         return settings.ENV_ARCHIVE_MAX_BYTES + MULTIPART_OVERHEAD_BYTES
+    if request.method == "PUT" and UPLOAD_CHUNK_PATH.match(request.path):
+        return max(uploads.CHUNK_MAX_BYTES, settings.API_MAX_BODY_BYTES)
     return settings.API_MAX_BODY_BYTES
 
 
