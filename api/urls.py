@@ -71,6 +71,11 @@ v1 = [
     path("org/uploads/<str:upload_id>", registry.UploadDetailApi.as_view()),
     path("org/uploads/<str:upload_id>/files/<int:index>", registry.UploadChunkApi.as_view()),
     path("org/uploads/<str:upload_id>/complete", registry.UploadCompleteApi.as_view()),
+    path("org/uploads/<str:upload_id>/files/<int:index>/multipart", registry.UploadMultipartApi.as_view()),
+    path(
+        "org/uploads/<str:upload_id>/files/<int:index>/multipart/complete",
+        registry.UploadMultipartCompleteApi.as_view(),
+    ),
     path("tinker/sessions", tinker.TinkerSessionListApi.as_view()),
     path("tinker/sessions/<str:session_id>", tinker.TinkerSessionDetailApi.as_view()),
     path("tinker/models", tinker.TinkerModelListApi.as_view()),

@@ -7,6 +7,13 @@ and goes on from there. Each chunk is one object under `<org prefix>/uploads/<id
 the files together in a local directory, checking every size and sha256; the registry that completes the
 upload (models, datasets) checks the contents and stores a version. A refusal at any point deletes the upload
 row and its chunks: nothing of it stays.
+
+Where the object store is S3, a file may instead go straight to the store (`upload_multipart_start`): the
+server starts an S3 multipart upload of the file's object and hands the client presigned `upload_part` links,
+the client PUTs the parts and reports their ETags (`upload_multipart_complete`), and the server completes it
+and checks the object's size. The client's sha256 is never taken on its word: `upload_assemble` reads every
+file back from the store, direct ones included, and refuses one whose bytes hash otherwise. Discarding an
+upload (abort, refusal, abandonment) aborts its multipart uploads, so no parts stay behind.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import ClientError
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Sum
@@ -44,6 +52,12 @@ MAX_OPEN_UPLOADS = 16
 # starts another, so it stops counting against REGISTRY_MAX_BYTES.
 ABANDONED_AFTER = timedelta(hours=24)
 SHA256_RE = r"^[0-9a-f]{64}$"
+# Direct (S3 multipart) uploads: parts of at least MULTIPART_PART_BYTES (S3 takes 5 MiB to 5 GiB, the last
+# part smaller), at most MULTIPART_MAX_PARTS of them (bigger files get bigger parts), so one answer carries at
+# most that many links.
+MULTIPART_PART_BYTES = 64 * 1024 * 1024
+MULTIPART_MAX_PART_BYTES = 5 * 1024**3
+MULTIPART_MAX_PARTS = 1000
 
 
 def _chunks_prefix(upload: Upload) -> str:
@@ -148,6 +162,8 @@ def upload_chunk(upload: Upload, *, index: int, offset: int, data: bytes) -> Upl
         if not 0 <= index < len(locked.files):
             raise NotFound(f"the upload has no file {index}")
         entry = locked.files[index]
+        if entry.get("multipart") or entry.get("direct"):
+            raise Conflict(f"{entry['path']} is sent straight to the store (multipart)", field="index")
         if offset != entry["received"]:
             raise Conflict(
                 f"{entry['path']}: {entry['received']} bytes arrived so far; "
@@ -176,6 +192,99 @@ def upload_chunk(upload: Upload, *, index: int, offset: int, data: bytes) -> Upl
         return locked
 
 
+def multipart_offered() -> bool:
+    """Whether files may go straight to the store: an S3 store, where presigned part links exist."""
+    return storage.normalize(settings.OBJECT_STORE_URL).startswith("s3://")
+
+
+def _direct_uri(upload: Upload, index: int) -> str:
+    return storage.file_uri(_chunks_prefix(upload), f"{index}/direct")
+
+
+def multipart_part_bytes(size: int) -> int:
+    return max(MULTIPART_PART_BYTES, -(-size // MULTIPART_MAX_PARTS))
+
+
+def upload_multipart_start(upload: Upload, *, index: int) -> dict[str, Any]:
+    """Start (or, asked again, go on with) sending file `index` straight to the store: the part size and a
+    presigned link for each part. Only for a file none of whose bytes came through the API."""
+    if not multipart_offered():
+        raise DomainError(
+            "the object store is not S3: send the file in chunks through the API", field="index"
+        )
+    with transaction.atomic():
+        locked = Upload.objects.select_for_update().select_related("organization").get(pk=upload.pk)
+        if not 0 <= index < len(locked.files):
+            raise NotFound(f"the upload has no file {index}")
+        entry = locked.files[index]
+        if entry.get("direct"):
+            raise Conflict(f"{entry['path']} arrived already", field="index")
+        if entry["received"]:
+            raise Conflict(
+                f"{entry['path']}: {entry['received']} bytes arrived through the API; send the rest there",
+                field="index",
+            )
+        if entry["size"] == 0:
+            raise DomainError(f"{entry['path']} is empty: there is nothing to send", field="index")
+        part_bytes = multipart_part_bytes(entry["size"])
+        if part_bytes > MULTIPART_MAX_PART_BYTES:
+            raise DomainError(f"{entry['path']} is too big for a multipart upload", field="index")
+        uri = _direct_uri(locked, index)
+        if not entry.get("multipart"):
+            entry["multipart"] = {"id": storage.store().multipart_create(uri), "part_bytes": part_bytes}
+            locked.save(update_fields=["files", "updated_at"])
+        multipart = entry["multipart"]
+    count = -(-entry["size"] // multipart["part_bytes"])
+    expires = int(settings.OBJECT_STORE_LINK_SECONDS)
+    store = storage.store()
+    return {
+        "part_bytes": multipart["part_bytes"],
+        "expires_in": expires,
+        "parts": [
+            {"number": n, "url": store.multipart_part_url(uri, multipart["id"], n, expires=expires)}
+            for n in range(1, count + 1)
+        ],
+    }
+
+
+def upload_multipart_complete(upload: Upload, *, index: int, etags: list[tuple[int, str]]) -> Upload:
+    """Put file `index`'s parts together (numbers 1..N with the ETags the store answered) and check the
+    object's size; a wrong size drops the object and the file starts over. Its sha256 is checked when the
+    upload completes (upload_assemble reads it back)."""
+    with transaction.atomic():
+        locked = Upload.objects.select_for_update().select_related("organization").get(pk=upload.pk)
+        if not 0 <= index < len(locked.files):
+            raise NotFound(f"the upload has no file {index}")
+        entry = locked.files[index]
+        multipart = entry.get("multipart")
+        if not multipart:
+            raise Conflict(f"{entry['path']}: no multipart upload is in progress for it", field="index")
+        count = -(-entry["size"] // multipart["part_bytes"])
+        if sorted(n for n, _ in etags) != list(range(1, count + 1)):
+            raise DomainError(
+                f"{entry['path']} is sent in {count} parts: list each part number 1..{count} once with its "
+                "ETag",
+                field="parts",
+            )
+        uri, store = _direct_uri(locked, index), storage.store()
+        try:
+            store.multipart_complete(uri, multipart["id"], sorted(etags))
+        except ClientError as e:  # the store's refusal (a wrong ETag, a part too small, a missing part)
+            raise DomainError(f"{entry['path']}: the store refused the parts ({e})", field="parts") from None
+        entry.pop("multipart")
+        size = store.size(uri)
+        if size == entry["size"]:
+            entry["received"], entry["direct"] = size, True
+        else:
+            store.delete(uri)  # and without its multipart, the file starts over
+        locked.save(update_fields=["files", "updated_at"])
+    if size != entry["size"]:
+        raise DomainError(
+            f"{entry['path']} was declared as {entry['size']} bytes; the parts hold {size}", field="parts"
+        )
+    return locked
+
+
 def upload_missing(upload: Upload) -> list[str]:
     return [f["path"] for f in upload.files if f["received"] != f["size"]]
 
@@ -198,13 +307,19 @@ def upload_assemble(upload: Upload) -> Path:
             target = root / entry["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
             h = sha256()
-            with target.open("wb") as out:
-                offset = 0
-                while offset < entry["size"]:
-                    data = store.get(storage.file_uri(prefix, f"{index}/{offset:015d}"))
-                    h.update(data)
-                    out.write(data)
-                    offset += len(data)
+            if entry.get("direct"):  # one object in the store, read back here: its sha256 is ours
+                store.download_file(_direct_uri(upload, index), target)
+                with target.open("rb") as fh:
+                    for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                        h.update(block)
+            else:
+                with target.open("wb") as out:
+                    offset = 0
+                    while offset < entry["size"]:
+                        data = store.get(storage.file_uri(prefix, f"{index}/{offset:015d}"))
+                        h.update(data)
+                        out.write(data)
+                        offset += len(data)
             if h.hexdigest() != entry["sha256"]:
                 raise DomainError(
                     f"{entry['path']}: the bytes received have sha256 {h.hexdigest()}, not the declared "
@@ -238,6 +353,10 @@ def upload_completing(upload: Upload) -> Iterator[None]:
 
 
 def upload_discard(upload: Upload) -> None:
-    """Delete the upload's row and chunks (abort, refusal or completion)."""
+    """Delete the upload's row and chunks (abort, refusal or completion), aborting its multipart uploads."""
     Upload.objects.filter(pk=upload.pk).delete()
-    storage.store().remove_dir(_chunks_prefix(upload))
+    store = storage.store()
+    for index, entry in enumerate(upload.files):
+        if entry.get("multipart"):
+            store.multipart_abort(_direct_uri(upload, index), entry["multipart"]["id"])
+    store.remove_dir(_chunks_prefix(upload))

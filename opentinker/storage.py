@@ -193,6 +193,61 @@ class ObjectStore:
             )
         )
 
+    def size(self, uri: str) -> int:
+        """The size in bytes of one object; FileNotFoundError if it is not there."""
+        if scheme(uri) == "file":
+            return self.path(uri).stat().st_size
+        from botocore.exceptions import ClientError  # lazy, as boto3
+
+        bucket, key = bucket_key(uri)
+        try:
+            return int(self.s3().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(uri) from None
+            raise
+
+    # S3 multipart uploads: a client sends the parts of one big object straight to the store with presigned
+    # links, and the server, which holds the credentials, starts, completes or aborts it.
+
+    def multipart_create(self, uri: str) -> str:
+        """Start a multipart upload of the `s3://` object `uri`; its upload id."""
+        bucket, key = self._s3_only(uri)
+        return str(self.s3().create_multipart_upload(Bucket=bucket, Key=key)["UploadId"])
+
+    def multipart_part_url(self, uri: str, upload_id: str, number: int, *, expires: int) -> str:
+        """A link that PUTs part `number` (1-based) of the multipart upload, without credentials."""
+        bucket, key = self._s3_only(uri)
+        params = {"Bucket": bucket, "Key": key, "UploadId": upload_id, "PartNumber": number}
+        return str(self.s3().generate_presigned_url("upload_part", Params=params, ExpiresIn=expires))
+
+    def multipart_complete(self, uri: str, upload_id: str, parts: list[tuple[int, str]]) -> None:
+        """Put the parts (number, ETag) together into the object."""
+        bucket, key = self._s3_only(uri)
+        self.s3().complete_multipart_upload(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etag} for n, etag in parts]},
+        )
+
+    def multipart_abort(self, uri: str, upload_id: str) -> None:
+        """Drop a multipart upload and the parts it holds; one that is gone is not an error."""
+        from botocore.exceptions import ClientError  # lazy, as boto3
+
+        bucket, key = self._s3_only(uri)
+        with contextlib.suppress(ClientError):
+            self.s3().abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+
+    @staticmethod
+    def _s3_only(uri: str) -> tuple[str, str]:
+        if scheme(uri) != "s3":
+            raise UnsupportedURI(f"{uri!r}: multipart uploads are for s3:// stores")
+        bucket, key = bucket_key(uri)
+        if not key:
+            raise UnsupportedURI(f"storage URI {uri!r} names no object")
+        return bucket, key
+
     # Directories (checkpoints, models).
 
     def publish_dir(self, local: Path, uri: str, *, marker: str = MARKER) -> None:

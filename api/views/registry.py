@@ -54,19 +54,40 @@ class UploadFileSerializer(serializers.Serializer):
     size = serializers.IntegerField()
     sha256 = serializers.CharField()
     received = serializers.IntegerField()
+    direct = serializers.SerializerMethodField(help_text="Sent straight to the store (S3 multipart).")
+
+    def get_direct(self, obj) -> bool:
+        return bool(obj.get("direct") or obj.get("multipart"))
 
 
 class UploadSerializer(serializers.ModelSerializer):
     files = UploadFileSerializer(many=True)
     chunk_max_bytes = serializers.SerializerMethodField()
+    multipart = serializers.SerializerMethodField(
+        help_text="Whether files may go straight to the object store (S3) with presigned part links: "
+        "POST .../files/{index}/multipart."
+    )
 
     class Meta:
         model = Upload
-        fields = ["id", "kind", "name", "description", "files", "size_bytes", "chunk_max_bytes", "created_at"]
+        fields = [
+            "id",
+            "kind",
+            "name",
+            "description",
+            "files",
+            "size_bytes",
+            "chunk_max_bytes",
+            "multipart",
+            "created_at",
+        ]
         read_only_fields = fields
 
     def get_chunk_max_bytes(self, obj) -> int:
         return uploads.CHUNK_MAX_BYTES
+
+    def get_multipart(self, obj) -> bool:
+        return uploads.multipart_offered()
 
 
 class DeclaredFileInput(StrictSerializer):
@@ -157,6 +178,62 @@ class UploadChunkApi(APIView):
             raise DomainError("offset: a number of bytes is required", field="offset") from None
         data = request.data if isinstance(request.data, bytes) else b""
         upload = uploads.upload_chunk(upload, index=index, offset=offset, data=data)
+        return Response(UploadSerializer(upload).data)
+
+
+class MultipartPartSerializer(serializers.Serializer):
+    number = serializers.IntegerField()
+    url = serializers.CharField()
+
+
+class MultipartStartOutput(serializers.Serializer):
+    part_bytes = serializers.IntegerField(help_text="Every part but the last holds exactly this many bytes.")
+    expires_in = serializers.IntegerField(help_text="Seconds the links work; ask again for fresh ones.")
+    parts = MultipartPartSerializer(many=True)
+
+
+class UploadMultipartApi(APIView):
+    write_scope = Scope.ENVS_WRITE
+
+    @extend_schema(
+        operation_id="uploads_multipart_start",
+        request=None,
+        responses={200: MultipartStartOutput, 400: ErrorSerializer, 409: ErrorSerializer},
+        description="Send file `index` straight to the object store (S3 stores only; `multipart` in the "
+        "upload says so): an S3 multipart upload with a presigned link per part. PUT each part's bytes "
+        "to its link, keep the `ETag` header of each answer, then POST them to `.../multipart/complete`. "
+        "Asked again, the same multipart upload with fresh links. At most 1000 parts.",
+    )
+    def post(self, request, upload_id: str, index: int):
+        upload = uploads.upload_get(tenant_of(request).organization, upload_id)
+        return Response(uploads.upload_multipart_start(upload, index=index))
+
+
+class MultipartPartInput(StrictSerializer):
+    number = serializers.IntegerField(min_value=1, max_value=uploads.MULTIPART_MAX_PARTS)
+    etag = serializers.CharField(max_length=200, help_text="The ETag header of the part's PUT answer.")
+
+
+class UploadMultipartCompleteApi(APIView):
+    write_scope = Scope.ENVS_WRITE
+
+    class CompleteInput(StrictSerializer):
+        parts = MultipartPartInput(many=True, max_length=uploads.MULTIPART_MAX_PARTS, allow_empty=False)
+
+    @extend_schema(
+        operation_id="uploads_multipart_complete",
+        request=CompleteInput,
+        responses={200: UploadSerializer, 400: ErrorSerializer, 409: ErrorSerializer},
+        description="Put file `index`'s parts together ({parts: [{number, etag}]}, every part once) and "
+        "check the object's size against the declared one (a wrong size drops it: send the file again). Its "
+        "sha256 is checked by the server when the upload completes, from the stored bytes.",
+    )
+    def post(self, request, upload_id: str, index: int):
+        upload = uploads.upload_get(tenant_of(request).organization, upload_id)
+        body = self.CompleteInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        etags = [(p["number"], p["etag"]) for p in body.validated_data["parts"]]
+        upload = uploads.upload_multipart_complete(upload, index=index, etags=etags)
         return Response(UploadSerializer(upload).data)
 
 
