@@ -32,10 +32,12 @@ from opentinker.spec import JobSpec
 def configure_threads(spec: JobSpec) -> None:
     """CPU jobs: torch threads = the job's CPUs minus one (the driver, environment threads and Ray need a
     core). Oversubscribed OpenMP teams spin against each other: on 2 busy cores a tiny-qwen2 update measured
-    0.4 s with 1 thread and 3-7 s with 2. `OPENTINKER_TORCH_THREADS` overrides."""
+    0.4 s with 1 thread and 3-7 s with 2. Several trainer ranks split those threads.
+    `OPENTINKER_TORCH_THREADS` overrides."""
     if torch.cuda.is_available() and spec.resources.gpus > 0:
         return
-    n = int(os.environ.get("OPENTINKER_TORCH_THREADS", max(1, spec.resources.cpus - 1)))
+    res = spec.resources
+    n = int(os.environ.get("OPENTINKER_TORCH_THREADS", max(1, (res.cpus - 1) // res.trainer_ranks)))
     torch.set_num_threads(n)
 
 

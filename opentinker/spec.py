@@ -430,6 +430,15 @@ class ResourcesSpec(_Strict):
         description="Data-parallel rollout engines (Ray actors, each with its own GPU or CPU share); a "
         "step's prompts are split among them in whole groups. More than 1 runs the job's workers on Ray.",
     )
+    trainer_ranks: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="FSDP2 trainer ranks; a step's samples are split among them. On GPUs each takes a GPU "
+        "of its own (gpus counts them), on CPUs a CPU each (cpus at least this; a CPU-slot pool charges a "
+        "slot per rank). On a Ray pool the ranks are actors placed per `placement` (several nodes); on a "
+        "local pool, processes of the job's runtime.",
+    )
     placement: Literal["pack", "spread"] = Field(
         "pack",
         description="Where the job's trainer ranks and rollout workers go: pack (as few nodes as fit) or "
@@ -707,17 +716,33 @@ class JobSpec(_Strict):
     @field_validator("resources")
     @classmethod
     def _rollout_workers_fit(cls, v: ResourcesSpec, info: ValidationInfo) -> ResourcesSpec:
-        n = v.rollout_workers
+        n, ranks = v.rollout_workers, v.trainer_ranks
+        algo, kind = info.data.get("algorithm"), info.data.get("kind")
+        if ranks > 1:
+            if v.gpus > 0 and v.gpus < ranks:  # gpu_runtime.placement: a GPU per trainer rank
+                raise ValueError(
+                    f"trainer_ranks ({ranks}) on GPUs need a GPU each: gpus must be at least {ranks}"
+                )
+            if v.gpus == 0 and v.cpus < ranks:
+                raise ValueError(
+                    f"trainer_ranks ({ranks}) on CPUs need a CPU each: cpus must be at least {ranks}"
+                )
+            if algo is not None and kind is not None:  # every rank trains on a share of each step's samples
+                samples = algo.batch_size * (1 if kind is JobKind.SFT else algo.group_size)
+                if ranks > samples:
+                    raise ValueError(
+                        f"trainer_ranks ({ranks}) must not exceed a step's samples ({samples}): each rank "
+                        "trains on a share of them"
+                    )
         if n == 1:
             return v
         if info.data.get("environment") is None:
             raise ValueError("rollout_workers > 1 needs an environment to roll out")
-        if v.gpus > 0 and v.gpus < n + 1:  # gpu_runtime.placement: a GPU per rollout worker and trainer rank
+        if v.gpus > 0 and v.gpus < n + ranks:  # gpu_runtime.placement: a GPU per rollout worker and rank
             raise ValueError(
-                f"rollout_workers ({n}) on GPUs need a GPU each besides the trainer's: gpus must be at least "
-                f"{n + 1}, not {v.gpus}"
+                f"rollout_workers ({n}) on GPUs need a GPU each besides the trainer ranks' ({ranks}): gpus "
+                f"must be at least {n + ranks}, not {v.gpus}"
             )
-        algo, kind = info.data.get("algorithm"), info.data.get("kind")
         if algo is not None:  # each worker rolls out whole groups (an eval episode is a group of its own)
             groups = algo.batch_size * algo.group_size if kind is JobKind.EVAL else algo.batch_size
             if n > groups:

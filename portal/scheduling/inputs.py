@@ -87,12 +87,20 @@ def load(now: datetime, *, lock: bool) -> Inputs:
             org=j["organization_id"],
             gpus=j["gpus"],
             cpus=int(j["cpus"] or 1),
+            ranks=int(j["ranks"] or 1),  # specs stored before trainer_ranks have none: one rank
             priority=j["priority"],
             created_at=j["created_at"].timestamp(),
             pool=j["pool"],
         )
         for j in Job.objects.filter(state=JobState.QUEUED).values(
-            "id", "organization_id", "gpus", "priority", "created_at", "pool", cpus=F("spec__resources__cpus")
+            "id",
+            "organization_id",
+            "gpus",
+            "priority",
+            "created_at",
+            "pool",
+            cpus=F("spec__resources__cpus"),
+            ranks=F("spec__resources__trainer_ranks"),
         )
     ]
     org_ids = {j.org for j in queued} | set(org_used_gpus)

@@ -86,6 +86,7 @@ class JobView:
     org: int
     gpus: int
     cpus: int = 1
+    ranks: int = 1  # trainer ranks: on a CPU-slot pool each takes a slot
     priority: int = 0
     created_at: float = 0.0  # any monotone number (epoch seconds)
     pool: str = ""  # requested pool; empty lets the scheduler choose
@@ -175,8 +176,8 @@ LN2 = math.log(2)
 
 def slots_needed(job: JobView, pool: PoolView) -> int:
     if job.gpus:
-        return job.gpus
-    return 1 if pool.cpu_slots else 0
+        return job.gpus  # a GPU per trainer rank (and rollout worker) is in the spec's gpus already
+    return job.ranks if pool.cpu_slots else 0
 
 
 def _fits(job: JobView, pool: PoolView, free: int) -> bool:
@@ -523,7 +524,13 @@ class _Pass:
             return Wait(Why.CAPACITY, "no pool is available")
         if all(slots_needed(job, p) > p.slots for p in candidates):
             biggest = max(p.slots for p in candidates)
-            return Wait(Why.CAPACITY, f"needs {job.gpus} GPUs; the largest pool it may use has {biggest}")
+            if job.gpus:
+                return Wait(Why.CAPACITY, f"needs {job.gpus} GPUs; the largest pool it may use has {biggest}")
+            return Wait(
+                Why.CAPACITY,
+                f"needs {job.ranks} CPU slots (a slot per trainer rank); the largest pool it may use has "
+                f"{biggest}",
+            )
         # What changes from pass to pass comes last: the permanent reasons above explain a wait better.
         if job.gpus and org.used_gpus + job.gpus > org.gpu_limit:
             return Wait(

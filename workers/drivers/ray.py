@@ -8,7 +8,8 @@
   environment secret are fetched by the runtime at start with a single-use, short-lived bootstrap token
   (portal/services/job_bootstrap.py, gpu_runtime/bootstrap.py).
   A job takes ``entrypoint_num_gpus`` GPUs (one CPU on a CPU-only cluster, where a slot is a CPU); with
-  ``resources.rollout_workers`` > 1 its placement group takes them instead, the entrypoint a token CPU share.
+  ``resources.trainer_ranks`` or ``resources.rollout_workers`` > 1 its placement group takes them instead, the
+  entrypoint a token CPU share.
 - **follow** (every supervisor pass): copies the log lines the job printed since the last pass into the job's
   log (``Allocation.log_offset`` remembers how far; at most ``LOG_LINES_PER_PASS`` lines a pass, so a
   finished job with more left is drained over the next passes before its outcome is recorded); a live
@@ -19,9 +20,10 @@
 - **capacity** is read from the cluster's alive nodes (GPUs by accelerator type, or CPU slots without GPUs).
 
 The runtime inside a Ray job needs no Ray of its own for one trainer rank and one rollout worker
-(``gpu_runtime`` runs in process); with more ranks or ``resources.rollout_workers`` > 1 it joins this cluster
-through the ``RAY_ADDRESS`` that Ray sets for every job and places its actors there (``resources.placement``:
-packed or spread over the nodes; the ranks meet at rank 0's node address, ``gpu_runtime/placement.py``).
+(``gpu_runtime`` runs in process); with ``resources.trainer_ranks`` or ``resources.rollout_workers`` > 1 it
+joins this cluster through the ``RAY_ADDRESS`` that Ray sets for every job and places its actors there
+(``resources.placement``: packed or spread over the nodes; the ranks meet at rank 0's node address,
+``gpu_runtime/placement.py``).
 """
 
 from __future__ import annotations
@@ -68,12 +70,13 @@ ENTRYPOINT_CPU_TOKEN = 0.01
 
 def entrypoint_resources(spec: dict[str, Any], alloc: Allocation) -> dict[str, float]:
     """`entrypoint_num_cpus`/`_gpus` of the job. In process (one trainer rank, one rollout worker) the
-    entrypoint runs everything and holds the job's GPUs (or its CPU slot); with `rollout_workers` > 1 the
-    runtime's placement group takes exactly the admitted resources (gpu_runtime/placement.py), and the
-    entrypoint (the controller only) holds a token share: both holding them would need twice the GPUs the
-    scheduler admitted, and the placement group would time out or take others' GPUs."""
+    entrypoint runs everything and holds the job's GPUs (or its CPU slot); with `trainer_ranks` or
+    `rollout_workers` > 1 the runtime's placement group takes exactly the admitted resources
+    (gpu_runtime/placement.py), and the entrypoint (the controller only) holds a token share: both holding
+    them would need twice the GPUs the scheduler admitted, and the placement group would time out or take
+    others' GPUs."""
     resources = spec.get("resources") or {}
-    if int(resources.get("rollout_workers", 1)) > 1:
+    if int(resources.get("rollout_workers", 1)) > 1 or int(resources.get("trainer_ranks", 1)) > 1:
         return {"entrypoint_num_cpus": ENTRYPOINT_CPU_TOKEN, "entrypoint_num_gpus": 0}
     if alloc.pool.cpu_slots:
         return {"entrypoint_num_cpus": 1, "entrypoint_num_gpus": 0}
