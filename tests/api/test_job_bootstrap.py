@@ -131,3 +131,27 @@ def test_the_runtime_redeems_it_over_http_into_its_environment(
         redeem(environ, attempts=1)
     assert "OPENTINKER_JOB_TOKEN" not in environ and "OPENTINKER_ENV_SECRET" not in environ
     assert redeem({}) is False  # not bootstrapped (the local driver): nothing to do
+
+
+def test_a_model_server_job_gets_its_token_and_queue_url_not_in_the_ray_env(settings):
+    """A Tinker model server's job (portal/services/model_servers.py): the driver gives it its base model's
+    token and the queue's URL; on Ray they come through the bootstrap token, never in the runtime_env."""
+    from portal.models import ComputePool
+    from portal.services.model_server_tokens import model_server_token_verify
+    from portal.services.model_servers import model_server_ensure
+    from workers.drivers import job_env
+    from workers.drivers.ray import SECRET_VARS
+
+    job, _ = model_server_ensure("tiny-qwen2")
+    pool = ComputePool.objects.create(name="ray-a", driver="ray", health=ComputePool.Health.HEALTHY)
+    alloc = Allocation.objects.create(job=job, pool=pool, slots=1)
+    env = job_env(job, alloc)
+    assert env["OPENTINKER_QUEUE_URL"] == settings.REDIS_URL
+    assert env["OPENTINKER_TINKER_INGEST_URL"] == f"{settings.INGEST_BASE_URL}/tinker/ingest/outcomes"
+    assert model_server_token_verify(env["OPENTINKER_MODEL_SERVER_TOKEN"]) == "tiny-qwen2"
+    assert {"OPENTINKER_MODEL_SERVER_TOKEN", "OPENTINKER_QUEUE_URL"} <= SECRET_VARS  # never in runtime_env
+    body = exchange(job, bootstrap_issue(alloc)).json()
+    assert set(body) == {"job_token", "environment_secret", "model_server_token", "queue_url"}
+    assert model_server_token_verify(body["model_server_token"]) == "tiny-qwen2"
+    assert body["queue_url"] == settings.REDIS_URL
+    assert body["environment_secret"] is None
