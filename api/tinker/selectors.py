@@ -46,7 +46,7 @@ def session_list(org: Organization) -> QuerySet[TinkerSession]:
             training_clients=Count("models", filter=Q(models__kind=TinkerModel.Kind.TRAIN), distinct=True),
             samplers=Count("models", filter=Q(models__kind=TinkerModel.Kind.SAMPLE), distinct=True),
         )
-        .order_by("-created_at")
+        .order_by("-created_at", "pk")  # a total order: pages neither repeat nor skip a session
     )
 
 

@@ -12,16 +12,16 @@ from __future__ import annotations
 from django.http import FileResponse, HttpResponseRedirect
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
-    OpenApiParameter,
     OpenApiResponse,
     extend_schema,
     extend_schema_field,
-    inline_serializer,
 )
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from api.common import PageFilter, page_response, query_filters
+from api.schema import paginated
 from api.serializers import ErrorSerializer
 from api.tenancy import tenant_of
 from api.tinker import selectors
@@ -106,18 +106,29 @@ class TinkerModelDetailSerializer(TinkerModelSerializer):
         ).data
 
 
-def _listing(item: type[serializers.Serializer]) -> serializers.Serializer:
-    return inline_serializer(item.__name__.removesuffix("Serializer") + "List", {"results": item(many=True)})
+# Lists are pages (`limit`, default 50, at most 200, from `offset`: api.common.Pagination). A filter naming
+# no object of the organization is a 404 (as the object's own route), not an empty list.
+def _id_filter(help_text: str) -> serializers.CharField:
+    return serializers.CharField(required=False, allow_blank=True, max_length=200, help_text=help_text)
 
 
-def _query(request, name: str) -> str | None:
-    value = request.query_params.get(name)
-    return value or None
+class SessionListFilter(PageFilter):
+    pass
 
 
-# A filter naming no object of the organization is a 404 (as the object's own route), not an empty list.
-SESSION_FILTER = OpenApiParameter("session", str, description="Only this session's (its id).")
-MODEL_FILTER = OpenApiParameter("model", str, description="Only this training client's (its model_id).")
+class ModelListFilter(PageFilter):
+    session = _id_filter("Only this session's (its id).")
+
+
+class WeightsListFilter(PageFilter):
+    session = _id_filter("Only this session's (its id).")
+    model = _id_filter("Only this training client's (its model_id).")
+
+
+def _filters(request, filter_class: type[PageFilter]) -> dict[str, str | None]:
+    """The validated filters (a bad or unknown parameter is a 400); an empty id filters nothing."""
+    d = query_filters(request, filter_class)
+    return {"session": d.get("session") or None, "model": d.get("model") or None}
 
 
 class TinkerSessionListApi(APIView):
@@ -125,12 +136,14 @@ class TinkerSessionListApi(APIView):
 
     @extend_schema(
         operation_id="tinker_sessions",
-        responses={200: _listing(TinkerSessionSerializer)},
+        parameters=[SessionListFilter],
+        responses={200: paginated(TinkerSessionSerializer)},
         description="The organization's Tinker API sessions, newest first.",
     )
     def get(self, request):
+        _filters(request, SessionListFilter)
         sessions = selectors.session_list(tenant_of(request).organization)
-        return Response({"results": TinkerSessionSerializer(sessions, many=True).data})
+        return page_response(self, request, sessions, TinkerSessionSerializer)
 
 
 class TinkerSessionDetailApi(APIView):
@@ -147,14 +160,14 @@ class TinkerModelListApi(APIView):
 
     @extend_schema(
         operation_id="tinker_models",
-        parameters=[SESSION_FILTER],
-        responses={200: _listing(TinkerModelSerializer), 404: ErrorSerializer},
+        parameters=[ModelListFilter],
+        responses={200: paginated(TinkerModelSerializer), 404: ErrorSerializer},
         description="The organization's training clients (LoRA adapters on a base model), newest first.",
     )
     def get(self, request):
-        org = tenant_of(request).organization
-        models = selectors.model_list(org, session_id=_query(request, "session"))
-        return Response({"results": TinkerModelSerializer(models, many=True).data})
+        d = _filters(request, ModelListFilter)
+        models = selectors.model_list(tenant_of(request).organization, session_id=d["session"])
+        return page_response(self, request, models, TinkerModelSerializer)
 
 
 class TinkerModelDetailApi(APIView):
@@ -171,16 +184,16 @@ class TinkerWeightsListApi(APIView):
 
     @extend_schema(
         operation_id="tinker_weights",
-        parameters=[SESSION_FILTER, MODEL_FILTER],
-        responses={200: _listing(TinkerWeightsSerializer), 404: ErrorSerializer},
+        parameters=[WeightsListFilter],
+        responses={200: paginated(TinkerWeightsSerializer), 404: ErrorSerializer},
         description="The organization's saved weights (save_state, save_weights_for_sampler), newest first.",
     )
     def get(self, request):
-        org = tenant_of(request).organization
+        d = _filters(request, WeightsListFilter)
         weights = selectors.weights_list(
-            org, model_id=_query(request, "model"), session_id=_query(request, "session")
+            tenant_of(request).organization, model_id=d["model"], session_id=d["session"]
         )
-        return Response({"results": TinkerWeightsSerializer(weights, many=True).data})
+        return page_response(self, request, weights, TinkerWeightsSerializer)
 
 
 class TinkerWeightsDetailApi(APIView):

@@ -60,6 +60,9 @@ def test_lists_are_documented_as_pages_and_every_status_is_listed():
         ("/api/v1/org/members", "Member"),
         ("/api/v1/tokens", "TokenOutput"),
         ("/api/v1/admin/orgs", "AdminOrg"),
+        ("/api/v1/tinker/sessions", "TinkerSession"),
+        ("/api/v1/tinker/models", "TinkerModel"),
+        ("/api/v1/tinker/weights", "TinkerWeights"),
     ]:
         page = ok_schema(path)
         assert page["required"] == ["count", "next", "previous", "results"], path

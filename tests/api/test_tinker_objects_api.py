@@ -198,3 +198,37 @@ def test_weights_file_from_s3_is_a_signed_redirect(s3_store, alice, acme, as_ali
     assert resp.status_code == 302
     fetched = httpx.get(resp["Location"])
     assert hashlib.sha256(fetched.content).hexdigest() == hashlib.sha256(ADAPTER).hexdigest()
+
+
+def test_lists_are_pages_for_owner_and_teammate_and_the_outsider_sees_only_his(
+    world, alice, acme, as_alice, as_bob, as_charlie
+):
+    """acme: 3 sessions, 3 training clients, 6 saved weights; pages of 2 (sessions, models) and 4 (weights)
+    cover each list once, newest first; limit over 200, 0, a negative offset or an unknown parameter: 400."""
+    more = [tinker_world(acme, alice, steps=0) for _ in range(2)]
+    sessions = [m["session"] for m in reversed(more)] + [world["acme"]["session"]]
+    models = [m["model"] for m in reversed(more)] + [world["acme"]["model"]]
+    for client in (as_alice, as_bob):
+        for what, limit, expected in (("sessions", 2, sessions), ("models", 2, models), ("weights", 4, None)):
+            first = client.get(f"{V1}/{what}", {"limit": limit}).json()
+            assert first["count"] == (6 if what == "weights" else 3) and first["previous"] is None
+            assert len(first["results"]) == limit and "offset=" + str(limit) in first["next"]
+            rest = client.get(first["next"]).json()
+            assert rest["next"] is None and len(rest["results"]) == first["count"] - limit
+            got = [r["id"] for r in first["results"] + rest["results"]]
+            if expected is not None:
+                assert got == expected
+            else:
+                assert len(set(got)) == 6 and {r["model"] for r in first["results"] + rest["results"]} == set(
+                    models
+                )
+    one = as_alice.get(f"{V1}/weights", {"session": more[0]["session"], "limit": 1, "offset": 1}).json()
+    assert one["count"] == 2 and [w["name"] for w in one["results"]] == ["ck"]
+    mine = as_charlie.get(f"{V1}/sessions", {"limit": 1}).json()
+    assert mine["count"] == 1 and [s["id"] for s in mine["results"]] == [world["globex"]["session"]]
+    assert as_charlie.get(f"{V1}/weights", {"limit": 200}).json()["count"] == 2
+    for params in ({"limit": 201}, {"limit": 0}, {"offset": -1}, {"limit": "x"}, {"page": 2}):
+        for what in ("sessions", "models", "weights"):
+            resp = as_alice.get(f"{V1}/{what}", params)
+            assert resp.status_code == 400, (what, params)
+            assert list(resp.json()["error"]["fields"]) == list(params), resp.json()
