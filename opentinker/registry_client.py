@@ -4,6 +4,11 @@ The server's protocol (api/views/registry.py): declare the files (path, size, sh
 chunks at the offset the server expects, complete. A chunk that fails in transit (connection lost, timeout,
 a 5xx) is retried from what the server says arrived (`GET /org/uploads/{id}`), so nothing is sent twice and
 an interrupted push goes on with `upload_id` where it stopped.
+
+Where the server's store is S3 (the upload says `multipart`), a file of DIRECT_MIN_BYTES or more goes straight
+to the store instead: the server hands out a presigned link per part, the parts are PUT there (without the
+API token: the link carries its own signature) and their ETags reported back; the server checks the size,
+and the sha256 from the stored bytes when the upload completes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ RETRIES = 5
 # Completing assembles, hashes and checks every file, then publishes them: minutes for a model of tens of GB,
 # far past the client's usual 30 s per request.
 COMPLETE_TIMEOUT_S = 3600.0
+# Files this big go straight to an S3 store in parts when the server offers it (smaller ones: a chunk or two).
+DIRECT_MIN_BYTES = 16 * 1024 * 1024
+PART_TIMEOUT_S = 600.0  # one part is up to 64 MiB (more for huge files)
 # Not part of a model or dataset: left out of a push (editor and OS droppings, git).
 SKIPPED = (".git", ".DS_Store", "__pycache__")
 
@@ -140,6 +148,10 @@ class RegistryAPI:
             offset = int(entry["received"])
             if on_bytes is not None and offset:
                 on_bytes(offset)
+            direct = bool(upload.get("multipart")) and offset == 0 < local.size
+            if direct and (entry.get("direct") or local.size >= DIRECT_MIN_BYTES):
+                self._send_direct(uid, index, local, on_bytes)
+                offset = local.size
             failures = 0
             with local.local.open("rb") as fh:
                 while offset < local.size:
@@ -165,6 +177,42 @@ class RegistryAPI:
             if on_file_done is not None:
                 on_file_done(local.path, local.size)
         return self._complete(kind, name, files, uid)
+
+    def _send_direct(
+        self, uid: str, index: int, local: LocalFile, on_bytes: Callable[[int], object] | None
+    ) -> None:
+        """Send one file straight to the store: a presigned link per part, then the parts' ETags."""
+        base = f"/org/uploads/{uid}/files/{index}/multipart"
+        links = self._c._call("POST", base)
+        step, parts = int(links["part_bytes"]), []
+        timeout = httpx.Timeout(30.0, write=PART_TIMEOUT_S, read=PART_TIMEOUT_S)
+        with httpx.Client(timeout=timeout) as s3, local.local.open("rb") as fh:
+            for part in links["parts"]:
+                number = int(part["number"])
+                fh.seek((number - 1) * step)
+                data = fh.read(step)
+                for attempt in range(RETRIES + 1):
+                    try:
+                        response = s3.put(str(part["url"]), content=data)
+                    except httpx.TransportError as exc:
+                        error: str = str(exc)
+                    else:
+                        if response.status_code == 200 and response.headers.get("ETag"):
+                            break
+                        error = f"HTTP {response.status_code} from the store"
+                        if response.status_code == 403:  # the links expired: fresh ones, same upload
+                            links = self._c._call("POST", base)
+                            part = links["parts"][number - 1]
+                    if attempt == RETRIES:
+                        raise OpenTinkerError(
+                            f"{local.path}: part {number} keeps failing ({error}); resume with "
+                            f"--resume {uid}",
+                            code="connection_error",
+                        )
+                parts.append({"number": number, "etag": response.headers["ETag"]})
+                if on_bytes is not None:
+                    on_bytes(len(data))
+        self._c._call("POST", f"{base}/complete", json={"parts": parts})
 
     def _complete(self, kind: str, name: str, files: list[LocalFile], uid: str) -> dict[str, Any]:
         request = self._c._http.build_request(

@@ -174,3 +174,30 @@ def test_models_promote_copies_a_jobs_checkpoint_into_the_registry(tokens, monke
     assert cli(monkeypatch, tokens["charlie"], *args) != 0
     assert "no such job" in capsys.readouterr().err
     assert ModelVersion.objects.count() == 1
+
+
+def test_models_push_sends_files_straight_to_an_s3_store_in_parts(
+    live_server, alice, acme, make_token, s3_store, settings, tmp_path, monkeypatch, capsys
+):
+    from opentinker import registry_client
+
+    settings.ENV_VALIDATION_MODE = "celery"
+    monkeypatch.setattr(registry_client, "DIRECT_MIN_BYTES", 0)  # every file, however small
+    calls: list[str] = []  # which way each file went (the views call the module's functions)
+    for way in ("upload_chunk", "upload_multipart_complete"):
+        real = getattr(uploads, way)
+        monkeypatch.setattr(
+            uploads, way, lambda *a, _real=real, _way=way, **k: calls.append(_way) or _real(*a, **k)
+        )
+    monkeypatch.setenv("OPENTINKER_URL", live_server.url)
+    monkeypatch.setenv("OPENTINKER_CONFIG", str(tmp_path / "no-config.json"))
+    d = model_dir(tmp_path / "tiny")
+    capsys.readouterr()
+    assert cli(monkeypatch, make_token(alice, acme), "models", "push", str(d), "--name", "tiny") == 0
+    assert capsys.readouterr().out.strip() == "pushed acme/tiny@1  status: pending"
+    prefix = "store/orgs/acme/models/tiny/1/"
+    for name, data in tiny_model_files().items():
+        assert s3_store.client.get_object(Bucket=s3_store.bucket, Key=prefix + name)["Body"].read() == data
+    listed = s3_store.client.list_objects_v2(Bucket=s3_store.bucket)["Contents"]
+    assert sorted(o["Key"] for o in listed) == sorted(prefix + n for n in tiny_model_files())
+    assert calls == ["upload_multipart_complete"] * len(tiny_model_files())
