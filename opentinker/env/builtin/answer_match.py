@@ -1,7 +1,7 @@
 """Answer match: single-turn, dataset-driven; the prompts and reference answers are the rows of a dataset.
 
-Card: each episode is one row: `prompt` (text, with an optional `system`) or `messages` (a chat ending in a user
-turn), and `answer`, the reference. An rl or eval job names the dataset in its spec (`dataset.uri`, with
+Card: each episode is one row: `prompt` (text, with an optional `system`) or `messages` (a chat ending in a
+user turn), and `answer`, the reference. An rl or eval job names the dataset in its spec (`dataset.uri`, with
 `dataset.columns` mapping its columns to these roles; the runtime hands the rows over) and the job's seeded,
 epoch-shuffled order picks the row of each group; `config.rows` gives rows inline (tests, small sets).
 The reward is 1.0 when the completion's answer matches the reference, else 0.0 (GSM8K-style practice, as in
@@ -99,14 +99,19 @@ def check_row(row: Any, i: int) -> None:
         raise ValueError(f"dataset row {i}: `answer` must be text, not {type(row.get('answer')).__name__}")
     if "messages" in row:
         msgs = row["messages"]
-        ok = isinstance(msgs, list) and msgs and all(
-            isinstance(m, dict) and m.get("role") in PROMPT_ROLES and isinstance(m.get("content"), str)
-            for m in msgs
+        ok = (
+            isinstance(msgs, list)
+            and msgs
+            and all(
+                isinstance(m, dict) and m.get("role") in PROMPT_ROLES and isinstance(m.get("content"), str)
+                for m in msgs
+            )
         )
         if not ok:
             raise ValueError(f"dataset row {i}: `messages` must be a list of {{role, content}} chat turns")
         if msgs[-1]["role"] != "user":
-            raise ValueError(f"dataset row {i}: the prompt's last turn must be the user's, not {msgs[-1]['role']}")
+            last = msgs[-1]["role"]
+            raise ValueError(f"dataset row {i}: the prompt's last turn must be the user's, not {last}")
     elif not isinstance(row.get("prompt"), str):
         raise ValueError(f"dataset row {i}: needs a `prompt` (text) or `messages` (a chat)")
 
