@@ -21,6 +21,7 @@ from opentinker.errors import ApiConnectionError, NotFound, OpenTinkerError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 OPTIMIZER_FILE = "optimizer.safetensors"
+PAGE = 200  # the lists' largest page (the server's api.common.Pagination.max_limit)
 
 
 class TinkerAPI:
@@ -28,22 +29,30 @@ class TinkerAPI:
         # The Client that owns it (typed loosely: its module imports this one).
         self._c = client
 
+    def _all(self, path: str, params: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Every item of a paged list, page after page (the server's largest page, `PAGE`)."""
+        rows: list[dict[str, Any]] = []
+        while True:
+            page = self._c._call("GET", path, params={**(params or {}), "limit": PAGE, "offset": len(rows)})
+            rows += page["results"]
+            if not page.get("next") or not page["results"]:
+                return rows
+
     def sessions(self) -> list[dict[str, Any]]:
-        return list(self._c._call("GET", "/tinker/sessions")["results"])
+        return self._all("/tinker/sessions")
 
     def session(self, session_id: str) -> dict[str, Any]:
         return dict(self._c._call("GET", f"/tinker/sessions/{quote(session_id, safe='')}"))
 
     def models(self, *, session: str | None = None) -> list[dict[str, Any]]:
-        params = {"session": session} if session else None
-        return list(self._c._call("GET", "/tinker/models", params=params)["results"])
+        return self._all("/tinker/models", {"session": session} if session else None)
 
     def model(self, model_id: str) -> dict[str, Any]:
         return dict(self._c._call("GET", f"/tinker/models/{quote(model_id, safe='')}"))
 
     def weights(self, *, model: str | None = None, session: str | None = None) -> list[dict[str, Any]]:
         params = {k: v for k, v in (("model", model), ("session", session)) if v}
-        return list(self._c._call("GET", "/tinker/weights", params=params or None)["results"])
+        return self._all("/tinker/weights", params)
 
     def weights_detail(self, ref: str) -> dict[str, Any]:
         """One saved weights by its id or its ``tinker://`` path, with its files."""

@@ -25,6 +25,7 @@ from gpu_runtime.model_server import (
     SaveState,
 )
 from gpu_runtime.models import load_model
+from opentinker import tinker_client
 from opentinker.cli import main
 from tests.api.test_tinker_objects_api import ADAPTER, CONFIG, tinker_world
 
@@ -98,6 +99,21 @@ def test_list_show_and_download_an_adapter(tokens, alice, acme, monkeypatch, tmp
     assert json.loads(capsys.readouterr().out)["files"] == 4 and (full / "optimizer.safetensors").exists()
     assert cli(monkeypatch, tokens["alice"], "tinker", "weights", "download", path, "-o", str(dest)) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_lists_page_through_every_page(tokens, alice, acme, charlie, globex, monkeypatch, capsys):
+    """Pages of 2 (the client's page size patched down from 200): 3 sessions, 3 models, 6 weights all come."""
+    monkeypatch.setattr(tinker_client, "PAGE", 2)
+    worlds = [tinker_world(acme, alice, steps=0) for _ in range(3)]
+    tinker_world(globex, charlie, steps=0)
+    for what, count in (("sessions", 3), ("models", 3), ("weights", 6)):
+        assert cli(monkeypatch, tokens["alice"], "tinker", what, "list", "--json") == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert len(rows) == count and len({r["id"] for r in rows}) == count, what
+    assert cli(monkeypatch, tokens["alice"], "tinker", "sessions", "list", "--json") == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == [w["session"] for w in reversed(worlds)]
+    assert cli(monkeypatch, tokens["charlie"], "tinker", "weights", "list", "--json") == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
 
 
 def test_outsider_sees_nothing(tokens, alice, acme, monkeypatch, capsys):
