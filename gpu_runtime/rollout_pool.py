@@ -3,30 +3,21 @@
 - `collect` splits the call's episodes into N contiguous parts of whole groups (a group = one prompt's
   samples; runs of equal group ids), as even as the group count allows, sends every part before waiting for
   any, and concatenates the results in part order: the merged batch holds the same groups in the same order
-  whatever N is. Part k samples with its own torch seed (part 0 with the call's seed, so one worker samples
-  exactly as before; the others with seeds derived from it: workers with one seed would draw the same noise
-  for their rows). With sampling, N workers therefore draw other (equally distributed) tokens than one worker
-  does; greedy or top-p-collapsed decoding gives the very same batch.
+  whatever N is. Every part gets the call's torch seed and the step-wide index of its first episode: each
+  request samples with a seed of (torch seed, episode index, turn) (`collector.request_seed`), so N workers
+  draw the very tokens one worker draws (with the engines that seed per request: our decode loop and vLLM;
+  up to float differences of the forward between batch shapes).
 - `load_weights` puts the state dict into Ray's object store once and every worker loads it from there
   (one copy per node), all at once; it returns when every worker has them.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
 
 from gpu_runtime.batch import Sample
-
-
-def part_seed(torch_seed: int, part: int) -> int:
-    """Part 0 keeps the call's seed; part k > 0 a stable 31-bit seed derived from (seed, k)."""
-    if part == 0:
-        return torch_seed
-    digest = hashlib.sha256(repr(("rollout-part", torch_seed, part)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def split_groups(group_ids: list[int], n: int) -> list[range]:
@@ -62,10 +53,10 @@ class RolloutPool:
             (
                 a,
                 a.collect.remote(
-                    [seeds[i] for i in p], [group_ids[i] for i in p], part_seed(torch_seed, k), greedy
+                    [seeds[i] for i in p], [group_ids[i] for i in p], torch_seed, greedy, p.start
                 ),
             )
-            for k, (a, p) in enumerate(zip(self.actors, parts, strict=True))
+            for a, p in zip(self.actors, parts, strict=True)
             if len(p)
         ]
         results = self.ray.get([ref for _, ref in calls])  # in part order, whatever finished first

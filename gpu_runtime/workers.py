@@ -205,11 +205,13 @@ class RolloutWorker:
         )
 
     def collect(
-        self, seeds: list[int], group_ids: list[int], torch_seed: int, greedy: bool = False
+        self, seeds: list[int], group_ids: list[int], torch_seed: int, greedy: bool = False, first: int = 0
     ) -> tuple[list[Sample], dict[str, float]]:
+        """`first`: the step-wide index of `seeds[0]` (this worker's part of the step): each request samples
+        with a seed of (torch_seed, episode index, turn), so the tokens do not depend on the split."""
         torch.manual_seed(torch_seed)  # sampling depends only on (job seed, step): resume is exact
         episodes = run_episodes(
-            self.make_env, self.protocol, self.codec, self.engine, self.sampling(greedy=greedy), seeds
+            self.make_env, self.protocol, self.codec, self.engine, self.sampling(greedy=greedy), seeds, first
         )
         samples = [
             episode_to_sample(ep, g) for ep, g in zip(episodes, group_ids, strict=True) if not ep.failed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,13 @@ class GenerateResult:
 
 class RolloutEngine(ABC):
     @abstractmethod
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> GenerateResult: ...
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> GenerateResult:
+        """`seeds`: one sampling seed per prompt (non-negative, < 2**63). An engine that seeds per request
+        (our decode loop, vLLM) draws a prompt's tokens from its seed alone, whatever else is in the batch;
+        None: the engine draws the seeds from torch's global RNG. HFEngine samples batch-wise and ignores
+        them."""
 
     @abstractmethod
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:

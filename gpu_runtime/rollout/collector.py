@@ -4,16 +4,25 @@
 batch across episodes, each episode runs in its own thread and its generate call parks in `_Batcher`; when
 every live episode is waiting, one batched `engine.generate` serves them all. Multi-turn episodes that finish
 early simply leave the batch. Environments thus keep the exact same code path as in evaluation and inference.
+
+Sampling noise is per request: request j of the episode with step-wide index i is sampled with the seed
+`request_seed(base, i, j)`, `base` drawn from torch's global RNG when the collection starts (the rollout
+worker seeds it from the job's seed and the step). A step's tokens thus depend neither on how its episodes
+are split across rollout workers (`first`: the step-wide index of this call's first episode) nor on which
+other requests share a batch, with the engines that seed per request (our decode loop, vLLM; not HFEngine).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+
+import torch
 
 from gpu_runtime.batch import Sample
 from gpu_runtime.rollout.base import RolloutEngine, SamplingParams
@@ -21,6 +30,13 @@ from gpu_runtime.rollout_log import trace_of
 from opentinker.env.base import Environment
 from opentinker.env.protocol import Episode, Generation, StopReason, TurnProtocol
 from opentinker.env.remote import WAITING
+
+
+def request_seed(base: int, index: int, request: int) -> int:
+    """The sampling seed of an episode's `request`-th generation (0, 1, ... per episode or game), a stable
+    63-bit function of (base, step-wide episode index, request number)."""
+    digest = hashlib.blake2b(repr(("rollout-request", base, index, request)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 class _Batcher:
@@ -34,7 +50,11 @@ class _Batcher:
     """
 
     def __init__(
-        self, engine: RolloutEngine | Mapping[str, RolloutEngine], sampling: SamplingParams, n_episodes: int
+        self,
+        engine: RolloutEngine | Mapping[str, RolloutEngine],
+        sampling: SamplingParams,
+        n_episodes: int,
+        first: int = 0,
     ) -> None:
         # One engine, or one per policy name (multi-agent: a role's request goes to its policy's engine).
         self.engines = dict(engine) if isinstance(engine, Mapping) else {"": engine}
@@ -46,6 +66,10 @@ class _Batcher:
         self.results: dict[int, Generation | BaseException] = {}
         self.ready: dict[int, threading.Event] = {}
         self.calls = 0
+        # per-request sampling seeds (module docstring); drawn on the calling thread, before any episode
+        self.base = int(torch.randint(0, 2**62, (1,)).item())
+        self.first = first
+        self.requests: dict[int, int] = {}  # episode index -> its generations so far
 
     def generate(self, key: int, prompt: list[int], max_new: int, policy: str = "") -> Generation:
         # `key` is the episode's index: an episode has at most one request in flight, and batches are ordered
@@ -105,10 +129,17 @@ class _Batcher:
         for key, (_, max_new, policy) in sorted(batch.items()):
             by_budget.setdefault((policy, max_new), []).append(key)
         results: dict[int, Generation | BaseException] = {}
+        seeds = {}
+        for key in batch:  # an episode has one request in flight: its count is this request's number
+            n = self.requests.get(key, 0)
+            seeds[key] = request_seed(self.base, self.first + key, n)
+            self.requests[key] = n + 1
         for (policy, max_new), keys in by_budget.items():
             try:
                 res = self.engines[policy].generate(
-                    [batch[k][0] for k in keys], replace(self.sampling, max_new_tokens=max_new)
+                    [batch[k][0] for k in keys],
+                    replace(self.sampling, max_new_tokens=max_new),
+                    [seeds[k] for k in keys],
                 )
                 for i, k in enumerate(keys):
                     results[k] = Generation(res.token_ids[i], res.logprobs[i], res.finished[i])
@@ -125,9 +156,11 @@ def run_episodes(
     engine: RolloutEngine,
     sampling: SamplingParams,
     seeds: list[int],
+    first: int = 0,
 ) -> list[Episode]:
-    """Run one episode per seed (repeat a seed for a group), batched; results in the order of `seeds`."""
-    batcher = _Batcher(engine, sampling, len(seeds))
+    """Run one episode per seed (repeat a seed for a group), batched; results in the order of `seeds`.
+    `first`: the step-wide index of the first episode (a rollout worker's part of a step; sampling seeds)."""
+    batcher = _Batcher(engine, sampling, len(seeds), first)
 
     def one(index: int) -> Episode:
         WAITING.set(batcher.waiting)

@@ -10,9 +10,11 @@ processors, stopping criteria, cache bookkeeping) is what limits throughput on a
 - each distinct prompt is prefilled once (a GRPO group's samples share it: `shared_prefix.plan_prefixes`)
   and its keys and values are copied into its rows of the static cache;
 - a step computes only the last position's logits [B, V] and only they go to fp32. The sampled id is
-  argmax(z/T - log E) with E ~ Exp(1) from the engine's seeded generator (the exponential race: an exact draw
-  from softmax(z/T), no normalising or cumulative sums); its log-prob is z/T - logsumexp(z/T). Top-p sorts
-  only when top_p < 1;
+  argmax(z/T - log E) with E ~ Exp(1) (the exponential race: an exact draw from softmax(z/T), no normalising
+  or cumulative sums); its log-prob is z/T - logsumexp(z/T). Top-p sorts only when top_p < 1. The noise is
+  per request: each row draws its E from a generator seeded with that prompt's own seed, so a prompt's tokens
+  do not depend on the other rows of the batch (how a step's episodes are split across rollout workers or
+  batched by turn), up to float differences in the forward itself;
 - finished rows keep running (fixed shapes) but emit pad and are not returned; whether all rows are finished
   is read on the host only every `sync_every` steps, so the loop does not wait for the GPU in between;
 - on CUDA the one-token step (forward and sampling) is compiled with mode="reduce-overhead" (CUDA graphs) for
@@ -26,6 +28,7 @@ softmax(logits / T) (before top-p truncation, as HFEngine reports them), and whe
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -143,9 +146,11 @@ def _next_pow2(n: int) -> int:
 class StaticDecodeEngine(RolloutEngine):
     """Rollout with our own decode loop (see the module docstring).
 
-    `seed`: None (default) seeds the engine's generator at every `generate` call from the global torch RNG,
-    so `torch.manual_seed(s)` before a call fixes its samples (the rollout worker does so per step: resumes
-    are exact); an int seeds it once and the calls continue one stream.
+    Sampling seeds are per prompt (`generate(..., seeds=)`; the rollout collector derives them from the step's
+    seed and each request's episode index and turn). Without them, the engine draws one per prompt from its
+    generator. `seed`: None (default) seeds that generator at every `generate` call from the global torch RNG,
+    so `torch.manual_seed(s)` before a call fixes its samples; an int seeds it once and the calls continue
+    one stream.
     `compile`: None = on CUDA unless OPENTINKER_DECODE_COMPILE=0, never on CPU. `pad_batch`: pad each chunk
     to a power of two (default: when compiling, so the graph count stays small)."""
 
@@ -219,13 +224,24 @@ class StaticDecodeEngine(RolloutEngine):
         self.model.load_state_dict(state_dict, strict=True)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> GenerateResult:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> GenerateResult:
         self._validate(prompts, sampling)
-        if self.seed is None and not sampling.greedy:
-            self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        if sampling.greedy:
+            seeds = []
+        elif seeds is None:
+            if self.seed is None:
+                self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+            drawn = torch.randint(0, 2**62, (len(prompts),), generator=self.generator, device=self.device)
+            seeds = drawn.tolist()
+        elif any(not 0 <= s < 2**63 for s in seeds):
+            raise ValueError("seeds must be in [0, 2**63)")
         out = GenerateResult([], [], [])
         for i in range(0, len(prompts), self.max_batch):
-            part = self._generate(prompts[i : i + self.max_batch], sampling)
+            part = self._generate(prompts[i : i + self.max_batch], sampling, seeds[i : i + self.max_batch])
             out.token_ids += part.token_ids
             out.logprobs += part.logprobs
             out.finished += part.finished
@@ -311,9 +327,16 @@ class StaticDecodeEngine(RolloutEngine):
         bufs.pos.copy_(attn.sum(-1, keepdim=True).to(self.device).index_select(0, rows))
         return out.logits[:, -1].index_select(0, rows)
 
-    def _pick(self, logits: Tensor | None, bufs: _Buffers, sp: SamplingParams) -> tuple[Tensor, Tensor]:
-        """The next ids and log-probs: from `logits` (the prefill's), or from one step on the buffers."""
-        noise = None if sp.greedy else bufs.noise.exponential_(generator=self.generator)
+    def _pick(
+        self, logits: Tensor | None, bufs: _Buffers, sp: SamplingParams, rows: list[torch.Generator]
+    ) -> tuple[Tensor, Tensor]:
+        """The next ids and log-probs: from `logits` (the prefill's), or from one step on the buffers.
+        `rows`: each request's generator (its row's noise; padding rows keep whatever noise they hold)."""
+        noise = None
+        if not sp.greedy:
+            for r, g in enumerate(rows):
+                bufs.noise[r].exponential_(generator=g)
+            noise = bufs.noise
         args = (self.model, self._cache_name, bufs.cache, bufs.tokens, bufs.pos, bufs.attn)
         if sp.top_p < 1 and noise is not None:
             if logits is None:
@@ -329,7 +352,7 @@ class StaticDecodeEngine(RolloutEngine):
         if self.compiled:  # a new iteration: the previous replay's outputs have been consumed
             torch.compiler.cudagraph_mark_step_begin()
 
-    def _generate(self, prompts: list[list[int]], sp: SamplingParams) -> GenerateResult:
+    def _generate(self, prompts: list[list[int]], sp: SamplingParams, seeds: Sequence[int]) -> GenerateResult:
         n, max_new = len(prompts), sp.max_new_tokens
         if max_new == 0:
             return GenerateResult([[] for _ in prompts], [[] for _ in prompts], [False] * n)
@@ -352,11 +375,12 @@ class StaticDecodeEngine(RolloutEngine):
         stop = torch.tensor(sorted(set(sp.stop_ids)), dtype=torch.long, device=dev) if sp.stop_ids else None
         pad = torch.tensor(self.pad_id, dtype=torch.long, device=dev)
 
-        ids, logp = self._pick(self._prefill(prompts, bufs, width), bufs, sp)
+        rows = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
+        ids, logp = self._pick(self._prefill(prompts, bufs, width), bufs, sp, rows)
         for t in range(max_new):
             if t > 0:
                 bufs.attn[:, width + t - 1] = True  # the column the fed token is written to
-                ids, logp = self._pick(None, bufs, sp)
+                ids, logp = self._pick(None, bufs, sp, rows)
                 bufs.pos += 1
             ids = torch.where(done, pad, ids)
             out_ids[:, t] = ids

@@ -27,8 +27,10 @@ class WithStops(RolloutEngine):
         self.engine = engine
         self.stop_ids = tuple(sorted(stop_ids))
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> GenerateResult:
-        return self.engine.generate(prompts, replace(sampling, stop_ids=self.stop_ids))
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> GenerateResult:
+        return self.engine.generate(prompts, replace(sampling, stop_ids=self.stop_ids), seeds)
 
     def load_weights(self, state_dict) -> None:
         self.engine.load_weights(state_dict)

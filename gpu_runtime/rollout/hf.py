@@ -4,10 +4,14 @@
 (`output_logits=True`) as log softmax(logits / T), the same distribution the trainer scores. With top_p < 1
 the sampler draws from a truncated distribution, so these log-probs are not exactly the sampler's: the gap
 metric shows it and truncated importance sampling (`tis_cap`) corrects for it.
+
+Sampling is batch-wise from torch's global RNG (`generate` has no per-row generators): per-request `seeds` are
+ignored, so a prompt's tokens depend on the batch it was sampled in (unlike our decode loop and vLLM).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -41,7 +45,9 @@ class HFEngine(RolloutEngine):
         self.model.load_state_dict(state_dict, strict=True)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> GenerateResult:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> GenerateResult:
         out = GenerateResult([], [], [])
         for i in range(0, len(prompts), self.max_batch):
             part = self._generate(prompts[i : i + self.max_batch], sampling)

