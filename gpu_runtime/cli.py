@@ -158,6 +158,9 @@ def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> 
         # multi-agent job has ranks per policy: those are Ray actors (a local Ray without RAY_ADDRESS).
         spawn = world_size > 1 and not use_ray and not multi_agent
         use_ray = use_ray or (world_size > 1 and not spawn)
+        if world_size > 1:  # in the job's log: how this job trains
+            how = "Ray actors" if use_ray else "processes of this machine"
+            print(f"trainer ranks: {world_size}, {how}", file=sys.stderr, flush=True)
         if use_ray:
             import ray
 
