@@ -87,3 +87,24 @@ def test_environment_refs_parse():
 def test_states():
     assert [s.value for s in JobState if s.is_terminal] == ["succeeded", "failed", "cancelled"]
     assert str(JobState.RUNNING) == "running"
+
+
+def test_trainer_ranks_need_a_gpu_or_cpu_each_and_a_share_of_the_samples():
+    assert JobSpec.model_validate(BASE).resources.trainer_ranks == 1
+    algo = {"name": "grpo", "batch_size": 2, "group_size": 2}  # 4 samples a step
+    spec = {**BASE, "algorithm": algo, "resources": {"cpus": 2, "trainer_ranks": 2}}
+    assert JobSpec.model_validate(spec).resources.trainer_ranks == 2
+    on = {**spec, "resources": {"cpus": 1, "trainer_ranks": 2}}
+    cpu = "Value error, trainer_ranks (2) on CPUs need a CPU each: cpus must be at least 2"
+    assert errors(on) == {"resources": cpu}
+    on = {**spec, "resources": {"gpus": 1, "trainer_ranks": 2}}
+    gpu = "Value error, trainer_ranks (2) on GPUs need a GPU each: gpus must be at least 2"
+    assert errors(on) == {"resources": gpu}
+    on = {**spec, "resources": {"cpus": 8, "trainer_ranks": 5}}
+    assert errors(on)["resources"].endswith(
+        "trainer_ranks (5) must not exceed a step's samples (4): each rank trains on a share of them"
+    )
+    # With several rollout workers on GPUs: a GPU per rank and per worker.
+    on = {**spec, "resources": {"gpus": 3, "trainer_ranks": 2, "rollout_workers": 2}}
+    assert "gpus must be at least 4, not 3" in errors(on)["resources"]
+    assert "resources.trainer_ranks" in errors({**BASE, "resources": {"trainer_ranks": 257}})

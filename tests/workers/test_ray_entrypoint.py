@@ -18,4 +18,8 @@ def test_the_ray_entrypoint_holds_the_jobs_resources_only_when_it_runs_everythin
     placed = {"resources": {"gpus": 3, "rollout_workers": 2}}
     assert entrypoint_resources(placed, gpu_pool) == token
     assert entrypoint_resources(placed, cpu_pool) == token
+    # Several trainer ranks: Ray actors in that placement group too.
+    ranks = {"resources": {"gpus": 3, "trainer_ranks": 2}}
+    assert entrypoint_resources(ranks, gpu_pool) == token
+    assert entrypoint_resources(ranks, cpu_pool) == token
     assert 0 < ENTRYPOINT_CPU_TOKEN <= 0.05
