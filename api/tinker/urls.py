@@ -21,6 +21,10 @@ v1 = [
     path("samplers/<str:sampler_id>", views.get_sampler),
     path("asample", views.asample),
     path("retrieve_future", views.retrieve_future),
+    path("sessions", views.list_sessions),
+    path("training_runs", views.list_training_runs),
+    path("training_runs/<str:model_id>/checkpoints", views.list_checkpoints),
+    path("checkpoints", views.list_user_checkpoints),
 ]
 
 urlpatterns = [

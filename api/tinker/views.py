@@ -27,7 +27,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
-from api.tinker import codec, queue, services
+from api.tinker import codec, queue, selectors, services
 from api.tinker.auth import TinkerAuthError, authenticate, authenticate_model_server
 from api.tinker.models import TinkerFuture
 from portal.errors import NotFound
@@ -364,6 +364,95 @@ def _sampling_params(given: dict[str, Any]) -> dict[str, Any]:
     if "stop" in given and given["stop"] is None:
         params["stop"] = None
     return params
+
+
+# ---- lists (the SDK's RestClient: list_sessions, list_training_runs, list_user_checkpoints, ...) ----
+
+MAX_PAGE = 200  # as the REST lists (api.common.Pagination.max_limit): a larger limit is a 400
+
+
+def _page(request: HttpRequest, default: int) -> tuple[int, int]:
+    """(limit, offset) of a list call; the SDK's `access_scope` is accepted ("accessible" is what the
+    organization owns: nothing is shared across organizations) and a `project_id` refused (no projects)."""
+    known = {"limit", "offset", "access_scope"}
+    unknown = sorted(set(request.GET) - known)
+    if unknown:
+        raise services.TinkerUserError(f"unknown parameter(s) {unknown}; a list takes {sorted(known)}")
+    if request.GET.get("access_scope", "owned") not in ("owned", "accessible"):
+        raise services.TinkerUserError("access_scope must be 'owned' or 'accessible'")
+    limit = services.bounded_int(request.GET.get("limit", default), "limit", 1, MAX_PAGE)
+    offset = services.bounded_int(request.GET.get("offset", 0), "offset", 0, 2**31 - 1)
+    return limit, offset
+
+
+def _cursor(limit: int, offset: int, total: int) -> dict[str, int]:
+    return {"offset": offset, "limit": limit, "total_count": total}
+
+
+_CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
+
+
+def _checkpoint(w: Any) -> dict[str, Any]:
+    return {
+        "checkpoint_id": f"{w.kind}/{w.name}",
+        "checkpoint_type": _CHECKPOINT_TYPES.get(w.kind, "training"),
+        "time": w.created_at.isoformat(),
+        "tinker_path": selectors.weights_path(w),
+        "size_bytes": None,
+        "public": False,
+    }
+
+
+@tinker_call(("GET",))
+def list_sessions(request: HttpRequest, membership: Membership) -> HttpResponse:
+    limit, offset = _page(request, 20)
+    sessions = selectors.session_list(membership.organization)
+    return JsonResponse({"sessions": [str(s.pk) for s in sessions[offset : offset + limit]]})
+
+
+@tinker_call(("GET",))
+def list_training_runs(request: HttpRequest, membership: Membership) -> HttpResponse:
+    limit, offset = _page(request, 20)
+    models = selectors.model_list(membership.organization)
+    page = list(models.select_related("session__created_by")[offset : offset + limit])
+    latest: dict[tuple[str, str], Any] = {}
+    for w in (
+        selectors.weights_list(membership.organization).filter(model__in=page).order_by("created_at", "pk")
+    ):
+        latest[(w.model_id, w.kind)] = w  # the newest of each kind wins
+    runs = []
+    for m in page:
+        owner = m.session.created_by
+        last = latest.get((m.pk, "weights")), latest.get((m.pk, "sampler_weights"))
+        runs.append(
+            {
+                "training_run_id": m.pk,
+                "base_model": m.base_model,
+                "model_owner": owner.username if owner else membership.organization.slug,
+                "is_lora": m.lora_rank is not None,
+                "corrupted": False,
+                "lora_rank": m.lora_rank,
+                "last_request_time": (m.last_call_at or m.created_at).isoformat(),
+                "last_checkpoint": _checkpoint(last[0]) if last[0] else None,
+                "last_sampler_checkpoint": _checkpoint(last[1]) if last[1] else None,
+            }
+        )
+    return JsonResponse({"training_runs": runs, "cursor": _cursor(limit, offset, models.count())})
+
+
+@tinker_call(("GET",))
+def list_user_checkpoints(request: HttpRequest, membership: Membership) -> HttpResponse:
+    limit, offset = _page(request, 100)
+    weights = selectors.weights_list(membership.organization)
+    items = [_checkpoint(w) for w in weights[offset : offset + limit]]
+    return JsonResponse({"checkpoints": items, "cursor": _cursor(limit, offset, weights.count())})
+
+
+@tinker_call(("GET",))
+def list_checkpoints(request: HttpRequest, membership: Membership, model_id: str) -> HttpResponse:
+    """One training run's checkpoints, newest first (the SDK reads this one unpaginated: cursor null)."""
+    weights = selectors.weights_list(membership.organization, model_id=model_id)
+    return JsonResponse({"checkpoints": [_checkpoint(w) for w in weights], "cursor": None})
 
 
 # ---- futures ----

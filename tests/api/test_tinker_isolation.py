@@ -98,6 +98,7 @@ def calls(w) -> list[tuple[str, str, object]]:
             {"session_id": mine, "sampling_session_seq_id": 0, "model_path": path},
         ),
         ("samplers/<str:sampler_id>", f"samplers/{sampler}", None),
+        ("training_runs/<str:model_id>/checkpoints", f"training_runs/{model}/checkpoints", None),
         (
             "asample",
             "asample",
@@ -119,6 +120,10 @@ UNNAMED = [
     ("client/config", "client/config", {"sdk_version": "0.38.0"}),
     ("create_session", "create_session", {"tags": []}),
     ("telemetry", "telemetry", {"events": []}),
+    # the lists (GET): the caller's organization's objects only
+    ("sessions", "sessions?limit=200", None),
+    ("training_runs", "training_runs?limit=200&access_scope=accessible", None),
+    ("checkpoints", "checkpoints?limit=200", None),
 ]
 
 
