@@ -9,6 +9,7 @@ client's steps are its completed `optim_step` calls (the futures are the truth a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -169,6 +170,7 @@ class ModelServerView:
     adapters: list[dict[str, Any]]
     samplers: int
     server: ServerAllocation | None = None
+    last_answered_at: datetime | None = None
 
 
 def model_servers() -> list[ModelServerView]:
@@ -189,6 +191,13 @@ def model_servers() -> list[ModelServerView]:
     bases = sorted(set(bases) | {str(j.spec["model_server"]["base_model"]) for j in live.only("spec")})
     depths = queue_depths(bases)
     servers = model_server_allocations(bases)
+    # Idle since: the last call a server answered for the base (its idle exit counts from its last work).
+    answered = dict(
+        TinkerFuture.objects.filter(model__base_model__in=bases, completed_at__isnull=False)
+        .values_list("model__base_model")
+        .annotate(last=Max("completed_at"))
+        .values_list("model__base_model", "last")
+    )
     out = []
     for base in bases:
         adapters = [
@@ -210,7 +219,13 @@ def model_servers() -> list[ModelServerView]:
         samplers = open_models.filter(base_model=base, kind=TinkerModel.Kind.SAMPLE).count()
         out.append(
             ModelServerView(
-                base, depths.get(base), pending.get(base, 0), adapters, samplers, servers.get(base)
+                base,
+                depths.get(base),
+                pending.get(base, 0),
+                adapters,
+                samplers,
+                servers.get(base),
+                answered.get(base),
             )
         )
     return out

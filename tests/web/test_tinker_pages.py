@@ -191,3 +191,11 @@ def test_console_shows_the_model_servers_allocation(store, alice, acme, staffer)
     section = html.split(f'data-base="{BASE}"')[1]
     assert re.search(r'data-testid="server-state">running<', section)
     assert re.search(r'data-testid="server-pool">gpu-a<', section) and str(job.pk) in section
+    assert 'data-testid="idle-since"' not in section  # a call is pending: not idle
+    from api.tinker.models import TinkerFuture
+
+    last = timezone.now().replace(microsecond=0)
+    TinkerFuture.objects.update(state="done", completed_at=last)
+    html = signed_in(staffer).get("/console/model-servers/").content.decode()
+    idle = timezone.localtime(last).strftime("%Y-%m-%d %H:%M:%S")
+    assert f'data-testid="idle-since">{idle}<' in html.split(f'data-base="{BASE}"')[1]
