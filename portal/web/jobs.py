@@ -15,6 +15,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
+from env_registry.model_promote import model_promote
 from env_registry.models import EnvironmentVersion
 from env_registry.selectors import package_visible_list, version_list
 from env_registry.visibility import Viewer
@@ -294,6 +295,7 @@ def _status_context(request, job) -> dict:
         "checkpoints": checkpoints,
         "can_cancel": can_write and job.state not in _TERMINAL and job.state != JobState.CANCELLING.value,
         "can_resume": can_write and job.state in RESUMABLE and bool(checkpoints),
+        "can_promote": Scope.ENVS_WRITE in page_scopes(request) and bool(checkpoints),
         "finished": job.state in _TERMINAL,
     }
 
@@ -348,3 +350,29 @@ def job_resume_view(request, job_id):
         return redirect("job_detail", job_id=job.pk)
     messages.success(request, f"Submitted {new_job.name}, resuming from the last checkpoint of {job.name}.")
     return redirect(reverse("job_detail", kwargs={"job_id": new_job.pk}))
+
+
+@org_page
+@require_POST
+def job_promote_view(request, job_id):
+    """Copy one of the job's checkpoints into the organization's model registry (as the API does)."""
+    job = job_get(request.organization, job_id)
+    require_scope(request, Scope.ENVS_WRITE, "promote checkpoints into the model registry")
+    try:
+        step = int(request.POST.get("step", ""))
+    except ValueError:
+        step = None
+    try:
+        version = model_promote(
+            organization=request.organization,
+            user=request.user,
+            job=job,
+            step=step,
+            name=request.POST.get("name", "").strip(),
+        )
+    except DomainError as e:
+        messages.error(request, e.message)
+        return redirect("job_detail", job_id=job.pk)
+    ref = f"{request.organization.slug}/{version.model.name}@{version.version}"
+    messages.success(request, f"Promoted the checkpoint as {ref} ({version.status}).")
+    return redirect("job_detail", job_id=job.pk)

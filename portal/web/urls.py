@@ -19,6 +19,7 @@ urlpatterns = [
     path("jobs/<str:job_id>/rollouts/", rollouts.job_rollouts, name="job_rollouts"),
     path("jobs/<str:job_id>/cancel/", jobs.job_cancel_view, name="job_cancel"),
     path("jobs/<str:job_id>/resume/", jobs.job_resume_view, name="job_resume"),
+    path("jobs/<str:job_id>/promote/", jobs.job_promote_view, name="job_promote"),
     path("tokens/", tokens.token_index, name="tokens"),
     path("tokens/<int:token_id>/", tokens.token_detail, name="token_detail"),
     path("tokens/<int:token_id>/revoke/", tokens.token_revoke_view, name="token_revoke"),
