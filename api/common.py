@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from django.db.models import Count, QuerySet, Window
 from rest_framework import serializers
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
@@ -20,6 +21,21 @@ from api.serializers import StrictSerializer
 class Pagination(LimitOffsetPagination):
     default_limit = 50
     max_limit = 200
+
+    def paginate_counted(self, queryset: QuerySet, request, view=None) -> list[Any]:
+        """`paginate_queryset` in one query: the page's rows each carry the total (`count(*) OVER ()`).
+
+        Only an empty page (no rows, or an offset past the end) costs the separate count. Not for a queryset
+        with DISTINCT: the window counts the rows before it.
+        """
+        self.request = request
+        self.limit = self.get_limit(request)
+        self.offset = self.get_offset(request)
+        page = list(queryset.annotate(_page_total=Window(Count("*")))[self.offset : self.offset + self.limit])
+        self.count = page[0]._page_total if page else self.get_count(queryset)
+        if self.count > self.limit and self.template is not None:
+            self.display_page_controls = True
+        return page
 
 
 class PageFilter(StrictSerializer):
@@ -43,10 +59,19 @@ def page_response(
     queryset: Iterable[Any],
     serializer_class: type[serializers.Serializer],
     row: Callable[[Any], Any] | None = None,
+    *,
+    counted: bool = False,
 ) -> Response:
-    """One page of `queryset` (`limit`/`offset` from the request), each item serialized (after `row`)."""
+    """One page of `queryset` (`limit`/`offset` from the request), each item serialized (after `row`).
+
+    `counted`: the page and its total in one query (`Pagination.paginate_counted`; a queryset without
+    DISTINCT).
+    """
     paginator = Pagination()
-    page = paginator.paginate_queryset(queryset, request, view=view)
+    if counted:
+        page = paginator.paginate_counted(queryset, request, view=view)  # type: ignore[arg-type]
+    else:
+        page = paginator.paginate_queryset(queryset, request, view=view)
     items = [row(item) for item in page] if row else page
     return paginator.get_paginated_response(serializer_class(items, many=True).data)
 
