@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup
 from gpu_runtime.data.arithmetic_sft import arithmetic_conversations
@@ -111,7 +113,7 @@ def test_first_hour_push_model_and_parquet_sft_then_rl_download_merged_same_gree
     for name, body in tiny_model_files(seed=3).items():
         (model_dir / name).write_bytes(body)
     assert cli(alice, acme, "models", "push", str(model_dir), "--name", "tiny") == 0
-    convs = arithmetic_conversations(24, seed=0, max_operand=9)
+    convs = arithmetic_conversations(24, seed=0, max_operand=2)  # answers 0-4: some sampled right
     rows = [{"sys": c[0]["content"], "q": c[1]["content"], "a": c[2]["content"]} for c in convs]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "arith.parquet")
     assert cli(alice, acme, "datasets", "push", str(tmp_path / "arith.parquet"), "--name", "arith") == 0
@@ -140,7 +142,7 @@ def test_first_hour_push_model_and_parquet_sft_then_rl_download_merged_same_gree
         "environment": {"ref": "opentinker/answer-match@latest", "config": {"match": "numeric"}},
         "dataset": {"uri": "acme/arith@latest", "columns": {"system": "sys", "prompt": "q", "answer": "a"},
                     "eval_rows": held_out},
-        "algorithm": {"name": "grpo", "steps": RL_STEPS, "batch_size": 2, "group_size": 2,
+        "algorithm": {"name": "grpo", "steps": RL_STEPS, "batch_size": 2, "group_size": 8,
                       "max_new_tokens": MAX_NEW, "learning_rate": 1e-2},
         "checkpoint": {"every_steps": 100, "keep_last": 1},
         "seed": 1,
@@ -151,6 +153,8 @@ def test_first_hour_push_model_and_parquet_sft_then_rl_download_merged_same_gree
         series = {s.name: s for s in client.jobs.metrics(str(rl.id))}
         [rl_ckpt] = client.jobs.checkpoints(str(rl.id))
     assert series["reward/mean"].steps == [1, 2]
+    # Some group had both right and wrong answers, so GRPO had something to learn from.
+    assert min(v for v in series["groups/zero_std_frac"].values) < 1.0, series["reward/mean"].values
     assert series["eval/episodes"].points() == [(RL_STEPS, float(held_out))]
 
     # Downloaded merged; the outsider gets nothing.
@@ -159,6 +163,11 @@ def test_first_hour_push_model_and_parquet_sft_then_rl_download_merged_same_gree
     assert not merged.exists()
     assert cli(alice, acme, "jobs", "download", str(rl.id), "--merge-lora", "-o", str(merged)) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in merged.iterdir()}
+    sft_weights = load_file(Path(urlparse(sft_ckpt.uri).path) / "model.safetensors")
+    weights = load_file(merged / "model.safetensors")
+    assert set(weights) <= set(sft_weights) and len(weights) >= 20  # the whole model, no adapter keys
+    changed = [k for k in weights if not torch.equal(weights[k], sft_weights[k])]
+    assert changed and all("proj" in k for k in changed)  # the RL adapter's update, merged into the SFT model
 
     # Plain transformers on the merged model = the runtime's own greedy eval, on a held-out row.
     row = len(rows) - 1
