@@ -274,7 +274,7 @@ class Controller(JobLoop):
         """`weights`: a copy taken earlier instead of the trainer's current ones (async rollout)."""
         if self.group.rollout is None:
             return
-        self.group.rollout.load_weights(weights if weights is not None else self.group.full_state_dict())
+        self.group.rollout.load_weights(weights if weights is not None else self.group.rollout_state_dict())
 
     def _async(self) -> RolloutPipeline[Produced] | None:
         """The rollout pipeline of an async job (spec `algorithm.async_rollout`; gpu_runtime.async_rollout),
@@ -307,7 +307,7 @@ class Controller(JobLoop):
         worker = self._rollout_worker()
         self.pipeline = RolloutPipeline(
             produce=lambda step: (self._rollout(step), worker.episode_errors()),
-            snapshot=self.group.full_state_dict,
+            snapshot=self.group.rollout_state_dict,
             push=self.sync_weights,
             max_staleness=ar.max_staleness,
             last_step=self.spec.algorithm.steps,

@@ -97,6 +97,12 @@ class WorkerGroup(ABC):
         assert sd is not None  # rank 0 holds them
         return sd
 
+    def rollout_state_dict(self) -> dict[str, torch.Tensor]:
+        """What the rollout engines load (`RankWorker.rollout_state_dict`), on rank 0 (collective)."""
+        sd = self._on_every_rank(RankWorker.rollout_state_dict)[0]
+        assert sd is not None  # rank 0 holds them
+        return sd
+
     def checkpoint_payload(self) -> dict[str, Any]:
         payload = self._on_every_rank(RankWorker.checkpoint_payload)[0]
         assert payload is not None  # rank 0 holds it

@@ -50,13 +50,19 @@ ENGINES = ("static", "hf", "vllm")
 
 
 def rollout_engine(
-    model: torch.nn.Module, *, pad_id: int, device: str, choice: str = "auto"
+    model: torch.nn.Module,
+    *,
+    pad_id: int,
+    device: str,
+    choice: str = "auto",
+    lora_adapter: dict[str, Any] | None = None,
 ) -> RolloutEngine:
     """The job spec's `rollout.engine`. auto: our decode loop (`StaticDecodeEngine`: static KV cache,
     CUDA-graph step on GPU), the fastest measured on the shapes we run (README, Performance), or what
     OPENTINKER_ROLLOUT_ENGINE names. Our loop needs full attention in every layer: other models get HFEngine,
     the reference implementation. vllm: `VLLMEngine`, vLLM's own copy of the weights, synced after every
-    update."""
+    update (`lora_adapter`: the job's LoRA settings, to serve the adapter as a vLLM adapter instead of merged
+    weights)."""
     if choice == "auto":
         choice = os.environ.get(ENGINE_ENV, "static")
         if choice not in ENGINES:
@@ -64,7 +70,7 @@ def rollout_engine(
     if choice == "vllm":
         from gpu_runtime.rollout.vllm import VLLMEngine  # lazy: the optional `vllm` extra
 
-        return VLLMEngine(model)
+        return VLLMEngine(model, lora=lora_adapter)
     if choice == "static" and StaticDecodeEngine.supports(model):
         return StaticDecodeEngine(model, pad_id=pad_id, device=device)
     return HFEngine(model, pad_id=pad_id, device=device)
@@ -89,6 +95,7 @@ class RankWorker:
 
         configure_threads(spec)
         self.trainer = Trainer(spec, device=device)
+        self.adapter_sync = spec.model.lora is not None and spec.rollout.vllm_lora == "adapter"
 
     def runtime_info(self) -> dict[str, Any]:
         """What this rank runs on (the GPU smoke test checks it)."""
@@ -119,6 +126,16 @@ class RankWorker:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         sd = self.trainer.full_state_dict()  # collective: every rank calls it
         return sd if self.trainer.rank == 0 else None
+
+    def rollout_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """What the rollout engines load after an update: the full weights (LoRA merged), or the adapter's
+        tensors when the engine serves it as an adapter (spec `rollout.vllm_lora: adapter`). Collective."""
+        t = self.trainer
+        if not self.adapter_sync:
+            return self.full_state_dict()
+        sd = t.adapter_state_dict()
+        sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}  # FSDP: gathered
+        return {k: v.cpu() for k, v in sd.items()} if t.rank == 0 else None
 
     def checkpoint_payload(self) -> dict[str, Any] | None:
         """Everything a checkpoint needs, gathered to rank 0 (collective)."""
@@ -179,11 +196,13 @@ class RolloutWorker:
             spec.model.base, seed=spec.seed, dtype=torch_dtype(spec.model.dtype, device=device)
         )
         self.tokenizer = loaded.tokenizer
+        adapter = spec.rollout.vllm_lora == "adapter"  # the spec: only with engine vllm and model.lora
         self.engine = rollout_engine(
             loaded.model,
             pad_id=self.tokenizer.pad_token_id,
             device=device,
             choice=spec.rollout.engine,
+            lora_adapter=spec.model.lora.model_dump() if adapter and spec.model.lora else None,
         )
         prompts = spec.dataset if spec.kind.value != "sft" else None  # rl/eval: the dataset's prompts
         rows = load_prompt_rows(prompts) if prompts is not None else None

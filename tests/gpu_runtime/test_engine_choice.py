@@ -25,6 +25,21 @@ def test_spec_default_is_auto_and_bad_engines_are_refused():
         _spec(engine="hf", gpus=1)
 
 
+def test_vllm_lora_adapter_needs_vllm_lora_and_one_policy():
+    base = example_rl_spec().model_dump()
+    lora = {**base, "model": {**base["model"], "lora": {"rank": 8}}}
+    assert _spec(engine="vllm").rollout.vllm_lora == "merge"  # the default
+    ok = JobSpec.model_validate({**lora, "rollout": {"engine": "vllm", "vllm_lora": "adapter"}})
+    assert ok.rollout.vllm_lora == "adapter"
+    msg = "rollout.vllm_lora adapter needs rollout.engine vllm and model.lora"
+    with pytest.raises(pydantic.ValidationError, match=msg):
+        JobSpec.model_validate({**lora, "rollout": {"engine": "static", "vllm_lora": "adapter"}})
+    with pytest.raises(pydantic.ValidationError, match=msg):
+        _spec(engine="vllm", vllm_lora="adapter")  # no LoRA
+    with pytest.raises(pydantic.ValidationError, match=r"rollout\.vllm_lora"):
+        _spec(engine="vllm", vllm_lora="served")
+
+
 def test_choice_and_auto(monkeypatch):
     m = _model()
     monkeypatch.delenv(ENGINE_ENV, raising=False)

@@ -263,38 +263,83 @@ def test_a_two_policy_multi_agent_job_on_vllm():
     assert all(m["logprob_gap"] < 1e-4 for m in metrics.values())
 
 
-def test_lora_weights_reach_vllm_merged():
-    """LoRA: the trainer merges the adapter into full weights (Hugging Face names) for the sync; after it
-    vLLM's log-probs match the trainer's (adapter applied), before it they do not."""
+def _peft_gap(engine, peft, temperature: float = 0.7) -> float:
+    """The largest gap between the engine's sampled-token log-probs and the PEFT model's (fp32)."""
+    res = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=temperature), list(range(7)))
+    samples = [
+        Sample(p + g, [0] * len(p) + [1] * len(g), [0.0] * len(p) + lp, [], 0.0, 0)
+        for p, g, lp in zip(PROMPTS, res.token_ids, res.logprobs, strict=True)
+    ]
+    mb = collate(samples)
+    with torch.no_grad():
+        lp, _ = token_logprobs(peft, mb, temperature)
+    return ((lp - mb.rollout_logprobs).abs() * mb.loss_mask).max().item()
+
+
+def test_lora_served_as_a_vllm_adapter(base, reference):
+    """`lora=`: vLLM serves the adapter itself; each sync adds the new version as a new adapter and removes
+    the old one. After a sync, sampled log-probs are the PEFT model's and greedy ids HFEngine's on it."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    lora = {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]}
+    cfg = LoraConfig(r=4, lora_alpha=8.0, target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+    peft = get_peft_model(_model(), cfg).eval()
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:  # zero at init: give the adapter an effect
+                p.normal_(0.0, 0.05)
+    engine = VLLMEngine(_model(), lora=lora)
+    try:
+        assert engine.llm.llm_engine.list_loras() == set() and _peft_gap(engine, peft) > 1e-2
+        with pytest.raises(ValueError, match="an adapter's tensors only"):
+            engine.load_weights(base.state_dict())
+        engine.load_weights(get_peft_model_state_dict(peft))
+        first = engine.adapter
+        assert engine.llm.llm_engine.list_loras() == {first.lora_int_id}
+        assert _peft_gap(engine, peft) < 1e-4
+        greedy = engine.generate(PROMPTS, _greedy()).token_ids
+        assert greedy == HFEngine(peft, pad_id=PAD).generate(PROMPTS, _greedy()).token_ids
+        assert greedy != reference.generate(PROMPTS, _greedy()).token_ids  # the base model's
+
+        with torch.no_grad():  # the next version: stale until synced, then served alone
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.add_(0.05)
+        assert _peft_gap(engine, peft) > 1e-2
+        engine.load_weights(get_peft_model_state_dict(peft))
+        assert _peft_gap(engine, peft) < 1e-4
+        assert engine.llm.llm_engine.list_loras() == {engine.adapter.lora_int_id} != {first.lora_int_id}
+        assert not os.path.exists(first.lora_path)  # the old version's files are gone too
+        sd = get_peft_model_state_dict(peft)
+        with pytest.raises(ValueError, match="missing adapter keys"):
+            engine.load_weights({k: v for k, v in sd.items() if "o_proj" not in k})
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("sync", ["merge", "adapter"])
+def test_lora_weights_reach_vllm(sync):
+    """LoRA: the trainer merges the adapter into full weights (Hugging Face names) for the sync, or
+    (`rollout.vllm_lora: adapter`) sends the adapter's tensors, which vLLM serves as an adapter; after the
+    sync vLLM's log-probs match the trainer's (adapter applied), before it they do not."""
     from gpu_runtime.controller import Controller, LocalGroup
     from opentinker.spec import JobSpec
     from tests.gpu_runtime.conftest import small_spec
     from tests.gpu_runtime.test_controller import ListSink
 
     spec = small_spec(lora={"rank": 4, "alpha": 8.0}).model_dump()
-    spec["rollout"] = {"engine": "vllm"}
+    spec["rollout"] = {"engine": "vllm", "vllm_lora": sync}
     js = JobSpec.model_validate(spec)
     group = LocalGroup(js)
     trainer, engine = group.ranks[0].trainer, group.rollout.engine
-    assert isinstance(engine, VLLMEngine)
+    assert isinstance(engine, VLLMEngine) and (engine.lora is not None) == (sync == "adapter")
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(0)
         for name, p in trainer.model.named_parameters():
             if "lora_B" in name:  # zero at init: give the adapter an effect
                 p.normal_(0.0, 0.05)
 
-    def gap() -> float:
-        torch.manual_seed(0)
-        res = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0.7))
-        samples = [
-            Sample(p + g, [0] * len(p) + [1] * len(g), [0.0] * len(p) + lp, [], 0.0, 0)
-            for p, g, lp in zip(PROMPTS, res.token_ids, res.logprobs, strict=True)
-        ]
-        mb = collate(samples)
-        with torch.no_grad():
-            lp, _ = token_logprobs(trainer.model, mb, 0.7)
-        return ((lp - mb.rollout_logprobs).abs() * mb.loss_mask).max().item()
-
-    assert gap() > 1e-2  # the adapter is not in vLLM yet
+    assert _peft_gap(engine, trainer.model) > 1e-2  # the adapter is not in vLLM yet
     Controller(js, ListSink(), group, None).sync_weights()
-    assert gap() < 1e-4
+    assert _peft_gap(engine, trainer.model) < 1e-4
