@@ -257,6 +257,8 @@ def upload_multipart_complete(upload: Upload, *, index: int, etags: list[tuple[i
             raise NotFound(f"the upload has no file {index}")
         entry = locked.files[index]
         multipart = entry.get("multipart")
+        if entry.get("direct"):  # a repeat of a completion that ran (its answer was lost)
+            return locked
         if not multipart:
             raise Conflict(f"{entry['path']}: no multipart upload is in progress for it", field="index")
         count = -(-entry["size"] // multipart["part_bytes"])

@@ -67,6 +67,8 @@ def test_a_big_file_goes_straight_to_s3_in_parts(as_alice, as_bob, as_charlie, s
     assert resp.status_code == 400 and "list each part number 1..2 once" in error_of(resp)
     resp = as_bob.post(f"{url}/complete", {"parts": parts}, format="json")
     assert resp.status_code == 200, resp.content
+    again = as_bob.post(f"{url}/complete", {"parts": parts}, format="json")  # a retry after a lost answer
+    assert again.status_code == 200 and again.json() == resp.json()
     assert resp.json()["files"][0] == {
         "path": "big.jsonl",
         "size": len(data),
