@@ -10,7 +10,7 @@ import pytest
 
 from gpu_runtime.controller import EXIT_OK, Controller, LocalGroup
 from gpu_runtime.data.prompts import PromptOrder, map_rows
-from opentinker.spec import JobSpec
+from opentinker.spec import JobKind, JobSpec
 from tests.gpu_runtime.test_controller import ListSink
 
 ROWS = [
@@ -119,3 +119,13 @@ def test_a_dataset_without_rows_to_train_on_fails_with_its_reason(tmp_path):
     pq.write_table(pa.Table.from_pylist(ROWS), path)
     with pytest.raises(ValueError, match="eval_rows 6 leaves no row to train on \\(6 rows\\)"):
         Controller(spec_for(f"file://{path}", eval_rows=6), ListSink(), None, None)
+
+
+def test_an_eval_job_on_a_dataset_evaluates_every_row_once(tmp_path):
+    path = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), path)
+    spec = spec_for(f"file://{path}").model_copy(update={"kind": JobKind.EVAL})
+    spec = JobSpec.model_validate(spec.model_dump() | {"algorithm": {"name": "eval", "max_new_tokens": 3}})
+    sink, calls = run(spec, None)
+    assert calls == [(True, [0, 1, 2, 3, 4, 5])]
+    assert sink.metric_steps()[0]["eval/episodes"] == 6.0
