@@ -49,7 +49,6 @@ from gpu_runtime.model_server.types import (
     Outcome,
     Result,
     Sample,
-    SampleResult,
     SaveState,
     SaveStateResult,
 )
@@ -300,9 +299,7 @@ class ModelServer:
         start = time.perf_counter()
         o = self._run_single(m, seq_id, op)
         o.seconds = time.perf_counter() - start
-        if isinstance(o.result, SampleResult) and isinstance(op, Sample):
-            o.tokens = len(op.prompt) + sum(len(s.tokens) for s in o.result.sequences)
-        elif isinstance(o.result, ComputeLogprobsResult):
+        if isinstance(o.result, ComputeLogprobsResult):
             o.tokens = len(o.result.logprobs)
         return o
 
@@ -342,8 +339,6 @@ class ModelServer:
             result: Result
             if isinstance(op, OptimStep):
                 result = self._optim_step(m, op.adam_params)
-            elif isinstance(op, Sample):
-                result = self.sampler.sample(self._adapter(m), op)
             elif isinstance(op, ComputeLogprobs):
                 prompt = [int(t) for t in op.prompt]
                 result = ComputeLogprobsResult(self.sampler.compute_logprobs(self._adapter(m), prompt))
