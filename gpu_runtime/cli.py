@@ -21,6 +21,7 @@ Exit codes: 0 succeeded, 1 failed, 2 usage, 3 cancelled, 4 max_hours reached.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -81,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "merge-lora":
         return merge_lora(args)
     if args.cmd == "rank":
-        from gpu_runtime.ranks import follow
+        if not die_with_parent(args.parent):
+            return 1
+        from gpu_runtime.ranks import follow  # torch: after the line above, not before
 
-        return follow(args.rank, args.world_size, args.master, args.parent)
+        return follow(args.rank, args.world_size, args.master)
 
     from gpu_runtime.bootstrap import BootstrapError, redeem
 
@@ -129,6 +132,17 @@ def main(argv: list[str] | None = None) -> int:
         or (world_size > 1 and bool(os.environ.get("RAY_ADDRESS")))
     )
     return run_job(spec, sink, prefix, resume=resume, use_ray=use_ray, world_size=world_size)
+
+
+def die_with_parent(parent: int) -> bool:
+    """A follower rank dies with rank 0 (SIGKILL when its parent ends, Linux), set before its slow imports;
+    False when rank 0 is gone already."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    return os.getppid() == parent
 
 
 def merge_lora(args: argparse.Namespace) -> int:

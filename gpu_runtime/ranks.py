@@ -21,7 +21,6 @@ they would through Ray; nothing a tenant wrote is unpickled here.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import gc
 import os
@@ -42,7 +41,6 @@ T = TypeVar("T")
 
 # Never in a follower's environment: it trains, it neither reports nor reaches the environment.
 SECRET_VARS = ("OPENTINKER_JOB_TOKEN", "OPENTINKER_ENV_SECRET", "OPENTINKER_BOOTSTRAP_TOKEN")
-PR_SET_PDEATHSIG = 1
 
 
 def _control_timeout(spec: JobSpec) -> datetime.timedelta:
@@ -78,7 +76,8 @@ class SpawnedGroup(WorkerGroup):
             for r in range(1, world_size):
                 cmd = [sys.executable, "-m", "gpu_runtime", "rank", str(r), str(world_size), master]
                 cmd.append(str(os.getpid()))
-                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=_follower_env(r))
+                # Their stdout goes to stderr: rank 0's stdout may be the job's JSONL record stream.
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=2, env=_follower_env(r))
                 assert proc.stdin is not None
                 proc.stdin.write(js.encode())
                 proc.stdin.close()
@@ -156,13 +155,9 @@ class SpawnedGroup(WorkerGroup):
                 proc.kill()
 
 
-def follow(rank: int, world_size: int, master: str, parent: int) -> int:
-    """A follower rank (`python -m gpu_runtime rank`): join the ranks, then run what rank 0 sends until it
-    says stop. The spec comes on stdin."""
-    with contextlib.suppress(OSError, AttributeError):  # Linux: die with rank 0, however it ends
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # rank 0 was gone before the line above
-        return 1
+def follow(rank: int, world_size: int, master: str) -> int:
+    """A follower rank (`python -m gpu_runtime rank`, after `die_with_parent`): join the ranks, then run what
+    rank 0 sends until it says stop. The spec comes on stdin."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 ends the job; the runner kills what is left
     spec_json = sys.stdin.read()
     spec = JobSpec.model_validate_json(spec_json)
