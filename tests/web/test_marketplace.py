@@ -163,18 +163,18 @@ def test_the_list_is_paged_and_pages_keep_the_search(alice, acme, store, monkeyp
     from portal.web import marketplace
 
     monkeypatch.setattr(marketplace, "PAGE_SIZE", 4)
-    publish(acme, alice)  # with the six built-ins: 7 environments
+    publish(acme, alice)  # with the seven built-ins: 8 environments
     client = signed_in(alice, acme)
     first = client.get("/envs/?sort=name").content.decode()
     assert names_in_order(first) == [
         "acme/echo",
+        "opentinker/answer-match",
         "opentinker/arithmetic",
         "opentinker/calculator",
-        "opentinker/gomoku",
     ]
-    assert "Page 1 of 2 (7 environments)" in first and 'href="?q=&amp;tag=&amp;sort=name&amp;page=2"' in first
+    assert "Page 1 of 2 (8 environments)" in first and 'href="?q=&amp;tag=&amp;sort=name&amp;page=2"' in first
     second = client.get("/envs/?sort=name&page=2").content.decode()
-    assert len(names_in_order(second)) == 3 and 'rel="prev"' in second and 'rel="next"' not in second
+    assert len(names_in_order(second)) == 4 and 'rel="prev"' in second and 'rel="next"' not in second
     assert names_in_order(client.get("/envs/?page=99").content.decode()) == names_in_order(second)
     assert "Page 1 of" not in client.get("/envs/?tag=demo").content.decode()  # one page: no pager
 
