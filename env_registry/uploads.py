@@ -28,7 +28,6 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import ClientError
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Sum
@@ -251,6 +250,8 @@ def upload_multipart_complete(upload: Upload, *, index: int, etags: list[tuple[i
     """Put file `index`'s parts together (numbers 1..N with the ETags the store answered) and check the
     object's size; a wrong size drops the object and the file starts over. Its sha256 is checked when the
     upload completes (upload_assemble reads it back)."""
+    from botocore.exceptions import ClientError  # lazy, as boto3: only S3 stores come here
+
     with transaction.atomic():
         locked = Upload.objects.select_for_update().select_related("organization").get(pk=upload.pk)
         if not 0 <= index < len(locked.files):
