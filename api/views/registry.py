@@ -8,7 +8,12 @@ Upload protocol (the CLI's `opentinker models push` / `datasets push` speak it):
 3. `GET /org/uploads/{id}`: how much of each file arrived (to resume after a lost connection).
 4. `POST /org/uploads/{id}/complete`: sizes and sha256 checked, contents checked (models: no remote code,
    safetensors headers; datasets: readable, rows), stored as the next version; a refusal deletes the upload.
-Registry routes use the `envs:read` / `envs:write` scopes (the registry's).
+Where the store is S3 (`multipart` in the upload), step 2 may instead send a file straight to the store:
+`POST .../files/{index}/multipart` (presigned part links), PUT the parts there, `POST .../multipart/complete`
+with their ETags; the server checks the size there and the sha256 from the stored bytes at step 4.
+Also: `POST /jobs/{id}/promote` (a checkpoint into the model registry, server side) and
+`POST /org/model-imports` (an allow-listed Hub repository, fetched by a Celery task; org admins).
+Registry routes use the `envs:read` / `envs:write` scopes (the registry's); imports `org:admin`.
 """
 
 from __future__ import annotations
