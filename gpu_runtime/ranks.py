@@ -140,12 +140,16 @@ class SpawnedGroup(WorkerGroup):
             else:
                 self.leave_process_group()
         finally:
-            for proc in self.procs:
+            clean = not self._in_call
+            for r, proc in enumerate(self.procs, 1):
                 try:
-                    proc.wait(timeout=120)
+                    code = proc.wait(timeout=120)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-                    proc.wait()
+                    code = proc.wait()
+                if clean and code != 0:  # the job's work is done; said in its log, not hidden
+                    what = f"trainer rank {r} ended with code {code} after the job"
+                    print(what, file=sys.stderr, flush=True)
             self.procs = []
 
     def _kill(self) -> None:

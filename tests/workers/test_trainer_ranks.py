@@ -147,6 +147,7 @@ def test_two_ranks_end_with_the_parameters_of_one(
             current = sdk.jobs.get(job.id)
             assert current.state.value == "succeeded", f"{current.state_reason}\n{logs(job.id)[-3000:]}"
     assert "trainer ranks: 2, processes of this machine" in logs(two.id)
+    assert "after the job" not in logs(two.id)  # rank 1 left the process group and exited 0 too
     assert "trainer ranks" not in logs(one.id)
     a, b = final_weights(one.id, 2), final_weights(two.id, 2)
     assert set(a) == set(b)
