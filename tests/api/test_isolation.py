@@ -464,6 +464,8 @@ ROUTES: dict[tuple[str, str], Route] = {
     (f"{V1}/jobs/{{job_id}}/metrics", "get"): R(404, 403, 403, 403),
     (f"{V1}/jobs/{{job_id}}/rollouts", "get"): R(404, 403, 403, 403),
     (f"{V1}/jobs/{{job_id}}/stream", "get"): R(404, 403, 403, 403),
+    # promoting a checkpoint into the caller's registry (envs:write): acme's job is a 404
+    (f"{V1}/jobs/{{job_id}}/promote", "post"): R(404, 403, 403, 403, lambda w: {"name": "stolen"}),
     # runtime ingest: job tokens only, so every user credential is a 401 (charlie's own job token on acme's
     # job is a 404: tests/api/test_ingest.py)
     (f"{V1}/ingest/jobs/{{job_id}}/metrics", "post"): R(
@@ -516,6 +518,14 @@ ROUTES: dict[tuple[str, str], Route] = {
     (f"{V1}/org/uploads/{{upload_id}}", "delete"): R(404, 403, 403, 403),
     (f"{V1}/org/uploads/{{upload_id}}/files/{{index}}", "put"): R(404, 403, 403, 403, lambda w: {}),
     (f"{V1}/org/uploads/{{upload_id}}/complete", "post"): R(404, 403, 403, 403),
+    (f"{V1}/org/uploads/{{upload_id}}/files/{{index}}/multipart", "post"): R(404, 403, 403, 403),
+    (f"{V1}/org/uploads/{{upload_id}}/files/{{index}}/multipart/complete", "post"): R(
+        404, 403, 403, 403, lambda w: {"parts": [{"number": 1, "etag": '"x"'}]}
+    ),
+    # a Hub import lands in the caller's own organization (org:admin); nothing is allow-listed here: 400
+    (f"{V1}/org/model-imports", "post"): R(
+        400, 403, 403, 403, lambda w: {"repo": "acme/secret-model", "name": "stolen"}
+    ),
     # the organization's Tinker sessions, training clients and saved weights (jobs:read)
     (f"{V1}/tinker/sessions", "get"): R(200, 403, 403, 403),
     (f"{V1}/tinker/sessions/{{session_id}}", "get"): R(404, 403, 403, 403),
