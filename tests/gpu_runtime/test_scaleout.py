@@ -1,13 +1,10 @@
 """Scale-out: N rollout workers and trainer ranks on several nodes (issue 14, item 3).
 
 The 2-node test runs on the session's Ray cluster (two nodes of two CPUs each, `ray_session`): 2 rollout
-workers and 2 trainer ranks across the nodes give the parameters of 1 worker and 1 rank in process. The
-1-worker reference rolls out the very parts the 2 workers get (same episodes, batch shapes and per-part
-seeds, concatenated in part order: what the pool must merge to), so both runs take the same float path
-and a near-tie in the random tiny model's logits cannot pick another token in one of them. Sampling is
-collapsed to the most likely id (top_p 1e-6, the spec has no greedy training rollout); the log-probs are
-still the untruncated ones at T = 1, so the update is a real one. PPO: the critic's values give every token
-an advantage though a random tiny model earns no reward.
+workers and 2 trainer ranks across the nodes give the parameters of 1 worker and 1 rank in process, which
+rolls out the whole step in one batch. Sampling at T = 1, top-p 1: the noise is per request (job seed, step,
+episode index, turn), so the 2 workers draw the tokens the 1 worker draws. PPO: the critic's values give
+every token an advantage though a random tiny model earns no reward.
 """
 
 from __future__ import annotations
@@ -132,7 +129,7 @@ def _spec(url: str, **resources) -> JobSpec:
 
     base = remote_spec(url, steps=2).model_dump()
     base["algorithm"].update(
-        name="ppo", batch_size=4, group_size=2, minibatches=2, top_p=1e-6, learning_rate=LR, max_new_tokens=4
+        name="ppo", batch_size=4, group_size=2, minibatches=2, learning_rate=LR, max_new_tokens=4
     )
     base["checkpoint"].update(every_steps=1)
     base["resources"].update(resources)
@@ -160,33 +157,6 @@ def parity_url(monkeypatch):
         yield url
 
 
-class InOrderParts:
-    """The reference for a pool of `n` rollout workers: one in-process worker rolls out, one after the other,
-    the very parts the pool's workers get (`split_groups`, each part's first episode index), and their results
-    are concatenated in part order: the batch a correct pool merges to, from the same batch shapes (so the
-    same float path)."""
-
-    def __init__(self, worker, n: int) -> None:
-        self.worker, self.n = worker, n
-
-    def collect(self, seeds, group_ids, torch_seed, greedy=False):
-        samples, stats = [], {}
-        for p in split_groups(group_ids, self.n):
-            part = self.worker.collect(
-                [seeds[i] for i in p], [group_ids[i] for i in p], torch_seed, greedy, p.start
-            )
-            samples += part[0]
-            for key, v in part[1].items():
-                stats[key] = stats.get(key, 0.0) + v
-        return samples, stats
-
-    def load_weights(self, state_dict) -> None:
-        self.worker.load_weights(state_dict)
-
-    def episode_errors(self) -> list[str]:
-        return self.worker.episode_errors()
-
-
 def _run(spec: JobSpec, group, prefix: str) -> tuple[ListSink, dict[str, torch.Tensor]]:
     sink = ListSink()
     assert Controller(spec, sink, group, prefix).run().exit_code == EXIT_OK
@@ -200,8 +170,7 @@ def test_two_workers_and_two_ranks_on_two_nodes_match_one_of_each(ray_session, p
     # 3 CPUs over 4 bundles: 0.75 each, so a 2-CPU node holds two of them at most and the group must take
     # both nodes (capacity decides, not SPREAD's best effort on a cluster other tests share).
     single = _spec(parity_url, cpus=3)
-    reference = LocalGroup(single)
-    reference.rollout = InOrderParts(reference.rollout, 2)
+    reference = LocalGroup(single)  # one worker, the whole step in one batch
     # (Each worker, in process or an actor, takes the job's torch thread count: the same kernels' paths.)
     one_sink, one = _run(single, reference, f"file://{tmp_path}/one")
 
