@@ -265,7 +265,8 @@ class DatasetResolver:
             found = next((v for v in versions if str(v.version) == ref.version), None)
         if found is None:
             raise NotFound(f"{ref.owner}/{ref.name} has no version {ref.version}")
-        return ResolvedModel(ref=f"{ref.owner}/{ref.name}@{found.version}", uri=found.uri)
+        columns = tuple(str(c.get("name")) for c in found.columns if isinstance(c, dict))
+        return ResolvedModel(ref=f"{ref.owner}/{ref.name}@{found.version}", uri=found.uri, columns=columns)
 
     def uri_problem(self, organization: Organization, uri: str) -> str | None:
         """Why a raw URI under the organization's datasets/ may not be used (None: not there, or a stored

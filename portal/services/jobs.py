@@ -11,7 +11,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from opentinker.spec import TERMINAL_STATES, JobSpec, JobState
+from opentinker.spec import TERMINAL_STATES, JobKind, JobSpec, JobState
 from portal import storage
 from portal.actors import Actor
 from portal.errors import Conflict, DomainError, NotFound, QuotaExceeded
@@ -119,6 +119,27 @@ def _check_references(spec: JobSpec, organization: Organization, actor: Actor) -
     return version
 
 
+def _columns_problem(spec: JobSpec, ref: str, have: tuple[str, ...]) -> str | None:
+    """Why the registry dataset `ref` (with columns `have`) cannot feed this job's column mapping, or the
+    default column names when the spec gives none; None when it can. The runtime reads the same names."""
+    assert spec.dataset is not None
+    mapping = spec.dataset.columns
+    if mapping is None:
+        if spec.kind is JobKind.SFT:
+            ok = "messages" in have or {"prompt", "completion"} <= set(have)
+            wanted = "`messages` column, nor `prompt` and `completion` columns"
+        else:
+            ok = bool({"prompt", "messages"} & set(have)) and "answer" in have
+            wanted = "`prompt` (or `messages`) and `answer` columns"
+        if ok:
+            return None
+        return f"{ref} has no {wanted} (its columns: {', '.join(have)}): map them in dataset.columns"
+    missing = [c for c in mapping.values() if c not in have]
+    if missing:
+        return f"{ref} has no column {missing[0]!r} (its columns: {', '.join(have)})"
+    return None
+
+
 def _model_resolved(spec: JobSpec, organization: Organization) -> JobSpec:
     """A registry model or dataset (`owner/name@version`) replaced by the URI of that exact version's files,
     the pinned reference kept in `registry_ref`: a retried or resumed attempt loads the same bytes."""
@@ -145,6 +166,10 @@ def _model_resolved(spec: JobSpec, organization: Organization) -> JobSpec:
             resolved = model_refs.dataset_resolver().resolve(organization, ref)
         except NotFound as e:
             raise DomainError(str(e), field="dataset.uri") from None
+        if resolved.columns:
+            problem = _columns_problem(spec, resolved.ref, resolved.columns)
+            if problem:
+                raise DomainError(problem, field="dataset.columns")
         dataset = spec.dataset.model_copy(update={"uri": resolved.uri, "registry_ref": resolved.ref})
         spec = spec.model_copy(update={"dataset": dataset})
     return spec

@@ -20,6 +20,7 @@ from portal.models import Organization
 class ResolvedModel:
     ref: str  # exact: `owner/name@3`
     uri: str  # the model directory in the organization's storage
+    columns: tuple[str, ...] | None = None  # a dataset's column names, where the registry knows them
 
 
 class ModelResolver(Protocol):

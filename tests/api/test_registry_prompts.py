@@ -75,9 +75,18 @@ def test_a_prompt_dataset_the_job_cannot_use_is_a_clear_400(as_alice, store):
         (rl_job("acme/prompts@1") | {"dataset": {"uri": "acme/prompts@1", "columns": {"question": "q"}}},
          "unknown role 'question'"),
         (rl_job("acme/prompts@9"), "acme/prompts has no version 9"),
+        (rl_job("acme/prompts@1") | {"dataset": {"uri": "acme/prompts@1", "columns": {"prompt": "question",
+                                                                                      "answer": "answer"}}},
+         "acme/prompts@1 has no column 'answer' (its columns: question, solution)"),
+        (rl_job("acme/prompts@latest") | {"dataset": {"uri": "acme/prompts@latest"}},
+         "acme/prompts@1 has no `prompt` (or `messages`) and `answer` columns (its columns: question, "
+         "solution): map them in dataset.columns"),
+        ({"kind": "sft", "model": {"base": "tiny-qwen2"}, "dataset": {"uri": "acme/prompts@1"}},
+         "acme/prompts@1 has no `messages` column, nor `prompt` and `completion` columns"),
     ]  # fmt: skip
     for body, message in cases:
         resp = as_alice.post(f"{V1}/jobs", body, format="json")
         assert resp.status_code == 400, body
         assert message in error_of(resp), error_of(resp)
+        assert any(f.startswith("dataset") for f in resp.json()["error"]["fields"]), resp.json()
     assert Job.objects.count() == 0 and DatasetVersion.objects.count() == 1
