@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from django.db.models import Count, QuerySet, Window
+from django.db.models import IntegerField, QuerySet, Subquery
 from rest_framework import serializers
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
@@ -18,20 +18,27 @@ from rest_framework.response import Response
 from api.serializers import StrictSerializer
 
 
+class _CountOf(Subquery):
+    template = "(SELECT count(*) FROM (%(subquery)s) page_count)"
+    output_field = IntegerField()
+
+
 class Pagination(LimitOffsetPagination):
     default_limit = 50
     max_limit = 200
 
     def paginate_counted(self, queryset: QuerySet, request, view=None) -> list[Any]:
-        """`paginate_queryset` in one query: the page's rows each carry the total (`count(*) OVER ()`).
+        """`paginate_queryset` in one query: the page's rows each carry the total, an uncorrelated subquery.
 
-        Only an empty page (no rows, or an offset past the end) costs the separate count. Not for a queryset
-        with DISTINCT: the window counts the rows before it.
+        PostgreSQL runs the count once (an InitPlan) and still reads only the page's rows in index order, as
+        the two queries did (`count(*) OVER ()` would read and sort every row of the list first). Only an
+        empty page (no rows, or an offset past the end) costs the separate count.
         """
         self.request = request
         self.limit = self.get_limit(request)
         self.offset = self.get_offset(request)
-        page = list(queryset.annotate(_page_total=Window(Count("*")))[self.offset : self.offset + self.limit])
+        total = _CountOf(queryset.order_by().values("pk"))
+        page = list(queryset.annotate(_page_total=total)[self.offset : self.offset + self.limit])
         self.count = page[0]._page_total if page else self.get_count(queryset)
         if self.count > self.limit and self.template is not None:
             self.display_page_controls = True
@@ -64,8 +71,7 @@ def page_response(
 ) -> Response:
     """One page of `queryset` (`limit`/`offset` from the request), each item serialized (after `row`).
 
-    `counted`: the page and its total in one query (`Pagination.paginate_counted`; a queryset without
-    DISTINCT).
+    `counted`: the page and its total in one query (`Pagination.paginate_counted`).
     """
     paginator = Pagination()
     if counted:

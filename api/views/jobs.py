@@ -70,7 +70,7 @@ class JobOutputSerializer(serializers.ModelSerializer):
     def to_representation(self, instance):
         # Written out field by field: DRF's generic path builds the fields from the model on every request
         # and walks them per row, most of a list page's CPU. The same dict as `generic_representation`
-        # (tests/api/test_api_hot_path.py compares them); a new field goes into both.
+        # (tests/api/test_api_rendering.py compares them); a new field goes into both.
         job = instance
         created_by = job.created_by
         return {
