@@ -218,7 +218,7 @@ def main() -> int:
         "--client",
         choices=("aiohttp", "httpx"),
         default="aiohttp",
-        help="the load generator's HTTP client (httpx: the SDK's, which costs the shared cores more per request)",
+        help="the load generator's HTTP client (httpx: the SDK's, more CPU per request on the shared cores)",
     )
     cores = os.cpu_count() or 1
     p.add_argument(
