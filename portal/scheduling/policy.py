@@ -224,7 +224,7 @@ def fair_caps(
         org = orgs[o]
         jobs = by_org.get(o, ())
         gpus = sum(j.gpus for j in jobs)
-        cpu_only = sum(1 for j in jobs if not j.gpus) if cpu_pool else 0
+        cpu_only = sum(j.ranks for j in jobs if not j.gpus) if cpu_pool else 0  # a CPU slot per rank
         demand[o] = org.used_slots + min(gpus, max(0, org.gpu_limit - org.used_gpus)) + cpu_only
     capacity = sum(p.slots for p in live_pools)
     targets = fair_targets({o: orgs[o].weight for o in demand}, demand, capacity)
@@ -315,7 +315,7 @@ def plan(
                     result.waiting[job.id] = _drain_wait(drain, starts=starts)
                     continue
                 if not final:
-                    if org.used_slots + max(job.gpus, 1) > limit + 1e-9:
+                    if org.used_slots + max(job.gpus, job.ranks) > limit + 1e-9:
                         continue
                     if ctx.place(job, org) is None:
                         started = True
@@ -393,14 +393,14 @@ def _reserve(
 
     def drains(job: JobView) -> bool:
         org, cap = orgs[job.org], caps.get(job.org, 0.0)
-        return max(job.gpus, 1) > cap + 1 and bool(org.used_slots or cap < targets.get(job.org, 0.0))
+        return max(job.gpus, job.ranks) > cap + 1 and bool(org.used_slots or cap < targets.get(job.org, 0.0))
 
     # Organizations that drain first: what their owners claim (reclaimed or kept free slots) is settled
     # before any other head job may borrow.
     heads.sort(key=lambda t: not drains(t[-1]))
     for below, *_, job in heads:
         org = orgs[job.org]
-        need = max(job.gpus, 1)
+        need = max(job.gpus, job.ranks)
         if need > caps.get(org.id, 0.0) + 1:  # bigger than its share
             ctx.draining[org.id] = job.id
             # It reserves once drained and once the organization's recent usage is no longer above its fair

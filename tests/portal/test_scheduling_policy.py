@@ -97,6 +97,18 @@ def test_an_organization_without_a_quota_waits():
 
 
 # --- fair share ---------------------------------------------------------------------------------------
+def test_trainer_ranks_count_as_slots_in_the_fair_share():
+    """A CPU job with N trainer ranks takes N slots: its organization's demand and fair-share limit count
+    them, so a busy tenant's multi-rank jobs (once counted as 1 slot each) do not crowd out another's."""
+    pools = [PoolView("cpu", 8, cpu_slots=True, cpus=64)]
+    orgs = [OrgView(0, nominal_gpus=0), OrgView(1, nominal_gpus=0)]
+    busy = [("a", 1), ("b", 3), ("c", 1), ("d", 1), ("e", 4), ("f", 3)]
+    queue = [JobView(n, 0, 0, cpus=r, ranks=r, created_at=i) for i, (n, r) in enumerate(busy)]
+    queue.append(JobView("small", 1, 0, cpus=3, ranks=3, created_at=2.5))
+    targets, _ = fair_caps({o.id: o for o in orgs}, {0: queue[:-1], 1: queue[-1:]}, pools, 0)
+    assert targets == {0: 5.0, 1: 3.0}  # demand 13 and 3 slots
+    result = plan(pools, orgs, queue, half_life_s=0)
+    assert [(a.job, a.slots) for a in result.admit] == [("a", 1), ("b", 3), ("small", 3), ("c", 1)]
 
 
 def test_fair_targets_water_fill_by_weight():
