@@ -244,6 +244,12 @@ class MultiAgentRolloutWorker:
         self.policy_codecs = codecs
         # resolve() checked that the environment plays games (a multi-agent environment).
         self.make_env = cast(Callable[[], MultiAgentEnvironment], env_factory(spec.environment))
+        rule_eval = self.setup.mapping.eval_vs_rule
+        self.make_eval_env = self.make_env  # the games against the rule player: a training curriculum off
+        if rule_eval is not None and rule_eval.environment_config:
+            config = {**spec.environment.config, **rule_eval.environment_config}
+            env = spec.environment.model_copy(update={"config": config})
+            self.make_eval_env = cast(Callable[[], MultiAgentEnvironment], env_factory(env))
         a = spec.algorithm
         self.protocol = MultiAgentProtocol(
             Budget(max_turns=self.setup.mapping.max_rounds, max_new_tokens=a.max_new_tokens)
@@ -315,7 +321,7 @@ class MultiAgentRolloutWorker:
             for role in roles:
                 seating = {r: (policy if r == role else None) for r in roles}
                 games = run_games(
-                    self.make_env,
+                    self.make_eval_env,
                     self.protocol,
                     self._codecs(seating),
                     self.engines,

@@ -536,6 +536,12 @@ class RuleEvalSpec(_Strict):
 
     games: int = Field(32, ge=1, le=4096, description="Greedy games per trained policy and role.")
     every_steps: int = Field(10, ge=1, le=1_000_000)
+    environment_config: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Overrides of environment.config for the evaluation games only (e.g. a training "
+        "curriculum turned off: `{threat_openings: 0}`); empty: the training environment.",
+    )
 
 
 class MultiAgentSpec(_Strict):

@@ -162,3 +162,18 @@ def test_game_statistics_give_the_share_of_forced_blocks_made():
     stats = game_stats([game], ["x", "o"])
     assert stats["game/o/block_rate"] == 0.0 and "game/x/block_rate" not in stats
     assert game.info["winner"] == "x"
+
+
+def test_the_evaluation_against_the_rule_player_may_override_the_training_environment():
+    # Training on a curriculum (every game opens on a forced block), evaluating on the regular openings.
+    train = {"prompt_style": "compact", "opening": 2, "threat_openings": 1.0}
+    js = spec(eval_vs_rule={"games": 2, "environment_config": {"threat_openings": 0}}).model_dump(mode="json")
+    js["environment"]["config"] = train
+    worker = MultiAgentRolloutWorker(JobSpec.model_validate(js).model_dump_json())
+    trained, evaluated = worker.make_env(), worker.make_eval_env()
+    assert trained.threat_openings == 1.0 and evaluated.threat_openings == 0.0
+    assert evaluated.opening == 2 and evaluated.prompt_style == "compact"  # the rest as in training
+    trained.reset(5), evaluated.reset(5)
+    assert trained.moves >= 3 and evaluated.moves == 2
+    plain = MultiAgentRolloutWorker(spec(eval_vs_rule={"games": 2}).model_dump_json())
+    assert plain.make_eval_env is plain.make_env  # no overrides: the training environment

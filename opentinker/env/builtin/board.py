@@ -13,13 +13,22 @@ player that much at once, so the move that saved the game is credited, not only 
 More config: ``opening`` (default 0) places that many random stones (X, O, X, ...; drawn from the game's seed,
 never a finished line) before the first move, so a seed picks one of many positions (diverse training groups,
 held-out evaluation positions against the deterministic rule-based player); the role whose turn it is then
-moves first. ``prompt_style`` ``"compact"`` (3x3 boards) drops the system prompt and shows only the board, one
-character per cell: a stone's mark (``X``, ``O``) or, on a free cell, the digit that names it (``1`` top
-left to ``9`` bottom right, in reading order), then a line with the free cells' digits, under the player's
-mark on its first message and under ``illegal`` after an illegal move. A move is then one digit (``row col``
-is still read); the rule-based player answers with the digit. No digit occurs in the chat template (unlike
-letters), and the last line puts a legal move at the same distance from the answer in every position, which
-is what a tiny model picks up first. A game is ~150 tokens per role instead of ~650.
+moves first. ``threat_openings`` (default 0) is a training curriculum: that share of the games (drawn from the
+seed) opens instead on a random position where the mover faces a forced block (the opponent one stone from a
+line at exactly one cell, the mover unable to win at once), so the game's first generated move is the decisive
+one and a group of samples from that position is ranked by it alone (clean credit for the skill that separates
+a random legal player from the rule player); evaluate on the regular openings
+(`multi_agent.eval_vs_rule.environment_config: {threat_openings: 0}`). ``move_limit`` (default 0: none) ends
+a game as a draw after that many moves past the opening: with ``threat_openings: 1`` and ``move_limit: 2``
+every training game is a tactics puzzle, the mover's block (or not) and the opponent's win (or not), both
+rewarded at once (-1 / +1 for a missed block that the opponent punished, 0 otherwise).
+``prompt_style`` ``"compact"`` (3x3 boards) drops the system prompt and shows only the board, one character
+per cell: a stone's mark (``X``, ``O``) or, on a free cell, the digit that names it (``1`` top left to ``9``
+bottom right, in reading order), then a line with the free cells' digits, under the player's mark on its first
+message and under ``illegal`` after an illegal move. A move is then one digit (``row col`` is still read); the
+rule-based player answers with the digit. No digit occurs in the chat template (unlike letters), and the last
+line puts a legal move at the same distance from the answer in every position, which is what a tiny model
+picks up first. A game is ~150 tokens per role instead of ~650.
 """
 
 from __future__ import annotations
@@ -55,6 +64,12 @@ class KInARow(MultiAgentEnvironment):
         self.opening = int(config.get("opening", 0))
         if not 0 <= self.opening <= self.n * self.n - 2:
             raise ValueError(f"opening must be 0-{self.n * self.n - 2} stones")
+        self.threat_openings = float(config.get("threat_openings", 0.0))
+        if not 0 <= self.threat_openings <= 1:
+            raise ValueError("threat_openings must be 0-1 (a share of the games)")
+        self.move_limit = int(config.get("move_limit", 0))
+        if not 0 <= self.move_limit <= self.n * self.n:
+            raise ValueError(f"move_limit must be 0-{self.n * self.n} (0: none)")
         self.prompt_style = str(config.get("prompt_style", "default"))
         if self.prompt_style not in _PROMPT_STYLES:
             raise ValueError(f"prompt_style must be one of {list(_PROMPT_STYLES)}")
@@ -63,6 +78,7 @@ class KInARow(MultiAgentEnvironment):
         self.board: list[list[str]] = []
         self.illegal: dict[str, int] = {}
         self.moves = 0
+        self.opened = 0  # stones the opening placed
 
     @property
     def system_prompt(self) -> str:  # type: ignore[override]
@@ -97,6 +113,7 @@ class KInARow(MultiAgentEnvironment):
         self.moves = 0
         self._next = 0
         self._play_opening(seed)
+        self.opened = self.moves
         mover = self.active_roles()[0]
         other = self.other(mover)
         if self.prompt_style == "compact":
@@ -107,7 +124,7 @@ class KInARow(MultiAgentEnvironment):
         if self.opening:
             return {
                 mover: Observation(
-                    f"You are {self.mark(mover)}; the game opened with {self.opening} random moves and it is "
+                    f"You are {self.mark(mover)}; the game opened with {self.moves} random moves and it is "
                     f"your turn.\n{self.render()}\nYour move:"
                 ),
                 other: Observation(f"You are {self.mark(other)}; {self.mark(mover)} moves next."),
@@ -118,9 +135,33 @@ class KInARow(MultiAgentEnvironment):
         }
 
     def _play_opening(self, seed: int) -> None:
-        """`opening` random stones, alternating from X, none completing a line; the turn passes on each."""
+        """`opening` random stones, alternating from X, none completing a line; the turn passes on each. With
+        `threat_openings`, that share of the seeds opens on a forced block instead (`_play_threat`)."""
         rng = random.Random(seed)  # noqa: S311 (reproducible positions, not secrets)
-        for _ in range(self.opening):
+        if self.threat_openings and rng.random() < self.threat_openings and self._play_threat(rng):
+            return
+        self._random_stones(rng, self.opening)
+
+    def _play_threat(self, rng: random.Random) -> bool:
+        """Random stones (3 or more, none completing a line) until the mover must block at exactly one cell;
+        False (an empty board again) if no such position turned up in a bounded number of tries."""
+        for _ in range(200):
+            self.board = [["." for _ in range(self.n)] for _ in range(self.n)]
+            self.moves, self._next = 0, 0
+            self._random_stones(rng, rng.randint(3, min(2 * self.k, self.n * self.n - 3)))
+            mover = self.active_roles()[0]
+            free = [(r, c) for r in range(self.n) for c in range(self.n) if self.board[r][c] == "."]
+            them = self.mark(self.other(mover))
+            if any(self.wins(r, c, self.mark(mover)) for r, c in free):
+                continue
+            if sum(self.wins(r, c, them) for r, c in free) == 1:
+                return True
+        self.board = [["." for _ in range(self.n)] for _ in range(self.n)]
+        self.moves, self._next = 0, 0
+        return False
+
+    def _random_stones(self, rng: random.Random, count: int) -> None:
+        for _ in range(count):
             mark = self.mark(self.active_roles()[0])
             free = [(r, c) for r in range(self.n) for c in range(self.n) if self.board[r][c] == "."]
             cells = [(r, c) for r, c in free if not self.wins(r, c, mark)]
@@ -184,6 +225,8 @@ class KInARow(MultiAgentEnvironment):
             return MultiStepResult({}, {role: 1.0, opp: -1.0}, True, {**info, "winner": role})
         if self.moves == self.n * self.n:
             return MultiStepResult({}, {role: bonus, opp: 0.0}, True, {**info, "winner": None})
+        if self.move_limit and self.moves - self.opened >= self.move_limit:  # a puzzle's end: no result
+            return MultiStepResult({}, {role: bonus, opp: 0.0}, True, {**info, "winner": None, "limit": True})
         self.advance()
         if self.prompt_style == "compact":
             text = self.render()

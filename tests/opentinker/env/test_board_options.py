@@ -104,3 +104,70 @@ def test_a_block_earns_the_block_reward_at_once_and_nothing_else_does():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="block_reward"):
             TicTacToeEnv(block_reward=bad)
+
+
+def test_threat_openings_put_the_mover_at_one_forced_block_for_that_share_of_the_seeds():
+    env = TicTacToeEnv(prompt_style="compact", opening=2, threat_openings=0.5)
+    threats = 0
+    for seed in range(200):
+        first = env.reset(seed)
+        mover = env.active_roles()[0]
+        free = [(r, c) for r in range(3) for c in range(3) if env.board[r][c] == "."]
+        them = env.mark(env.other(mover))
+        if env.moves == 2 and not any(env.wins(r, c, them) for r, c in free):
+            continue  # a regular opening: two stones, nothing to block yet
+        threats += 1
+        assert env.moves >= 3 and not any(env.wins(r, c, env.mark(mover)) for r, c in free)
+        (cell,) = [(r, c) for r, c in free if env.wins(r, c, them)]  # exactly one cell to block
+        assert first[mover].text == f"{env.mark(mover)}\n{env.render()}"
+        digit = str(cell[0] * 3 + cell[1] + 1)
+        assert env.rule_based_action(mover) == digit  # the rule player blocks it
+        r = env.step({mover: digit})
+        assert r.info["must_block"] and r.info["blocked"]
+    assert 70 < threats < 130  # about half
+    env.reset(3)
+    board = [row[:] for row in env.board]
+    env.reset(3)
+    assert env.board == board  # a seed fixes its position
+    regular, default = TicTacToeEnv(opening=2), TicTacToeEnv(opening=2, threat_openings=0)
+    for seed in range(20):  # the default draws the same openings as before the option existed
+        regular.reset(seed), default.reset(seed)
+        assert regular.board == default.board
+    all_threats = TicTacToeEnv(opening=2, threat_openings=1)
+    for seed in range(20):
+        all_threats.reset(seed)
+        assert all_threats.moves >= 3
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="threat_openings"):
+            TicTacToeEnv(threat_openings=bad)
+
+
+def test_a_move_limit_ends_the_game_as_a_draw_that_many_moves_past_the_opening():
+    # A tactics puzzle: a forced block, then the opponent's answer; a missed block punished is -1 / +1.
+    env = TicTacToeEnv(prompt_style="compact", threat_openings=1.0, move_limit=2)
+    env.reset(4)
+    mover = env.active_roles()[0]
+    block = env.rule_based_action(mover)
+    miss = next(
+        d for d in "123456789" if d != block and env.board[(int(d) - 1) // 3][(int(d) - 1) % 3] == "."
+    )
+    first = env.step({mover: miss})
+    assert not first.done and first.info["must_block"] and not first.info["blocked"]
+    win = env.step({env.other(mover): block})  # the opponent takes the cell the block needed
+    assert win.done and win.rewards == {env.other(mover): 1.0, mover: -1.0}
+    env.reset(4)
+    assert not env.step({mover: block}).done
+    r = env.step({env.other(mover): env.rule_based_action(env.other(mover))})
+    assert (
+        r.done
+        and r.info["winner"] is None
+        and r.info["limit"]
+        and r.rewards == {env.other(mover): 0.0, mover: 0.0}
+    )
+    assert env.moves == env.opened + 2
+    long = TicTacToeEnv(prompt_style="compact", opening=2)  # default: no limit
+    long.reset(4)
+    for _ in range(3):
+        assert not long.step({long.active_roles()[0]: long.rule_based_action(long.active_roles()[0])}).done
+    with pytest.raises(ValueError, match="move_limit"):
+        TicTacToeEnv(move_limit=10)
