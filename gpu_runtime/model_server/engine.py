@@ -57,9 +57,15 @@ from gpu_runtime.models import load_model
 DEFAULT_BATCH_TOKENS = 65536
 
 
-def _sample_size(op: Sample) -> int:
-    """A sample call's share of a batch: its rows' prompt and completion tokens."""
-    return max(op.num_samples, 1) * (len(op.prompt) + max(op.sampling_params.max_tokens, 0))
+def _padded_sample_size(rows: int, width: int, steps: int, op: Sample) -> tuple[int, int, int]:
+    """A batched decode pass's (rows, widest prompt, most steps) with `op` added: every row is left-padded
+    to the widest prompt and decodes as many steps as the longest max_tokens (its static cache), so the
+    pass holds rows x (width + steps) tokens, whatever the calls' own sizes sum to."""
+    return (
+        rows + max(op.num_samples, 1),
+        max(width, len(op.prompt)),
+        max(steps, op.sampling_params.max_tokens),
+    )
 
 
 @dataclass(frozen=True)
@@ -252,7 +258,8 @@ class ModelServer:
         batch: list[tuple[_Model, int, ForwardBackward]] = []
         samples: list[tuple[_Model, int, Sample]] = []
         singles: list[tuple[_Model, int, Operation]] = []
-        budget = sample_budget = self.max_batch_tokens
+        budget = self.max_batch_tokens
+        shape = (0, 0, 0)  # the sample pass's rows, widest prompt, most steps
         for m in list(self.models.values()):
             ready = m.queue.ready()
             if not ready:
@@ -261,11 +268,13 @@ class ModelServer:
                 for seq_id, op in ready:  # the run of samples at the head of this model's queue
                     if not isinstance(op, Sample):
                         break
-                    size = _sample_size(op)
-                    if samples and size > sample_budget:
+                    # the pass's padded size (not the calls' sum) bounds its memory: one long prompt
+                    # widens every row of the pass
+                    rows, width, steps = _padded_sample_size(*shape, op)
+                    if samples and rows * (width + steps) > self.max_batch_tokens:
                         break
                     samples.append((m, seq_id, op))
-                    sample_budget -= size
+                    shape = (rows, width, steps)
                 continue
             if not isinstance(ready[0][1], ForwardBackward):
                 singles.append((m, *ready[0]))

@@ -109,3 +109,19 @@ def test_top_k_then_top_p_on_an_exact_small_vocabulary():
     torch.testing.assert_close(logp, p.log()[ids])
     kept = ids[:n].bincount(minlength=5).float() / n  # top_k=3 alone: p renormalised over the three
     torch.testing.assert_close(kept[:3], p[:3] / p[:3].sum(), atol=0.03, rtol=0)
+
+
+def test_a_sample_pass_is_bounded_by_its_padded_size_not_the_calls_sum():
+    # a: 1 row of a 40-token prompt; b: 8 rows of 2 tokens. Their sizes sum to 41 + 8 * 4 = 73, but one
+    # pass pads b's rows to a's prompt: 9 rows x (40 + 2) = 378 token slots, over a budget of 100
+    s = _server(max_batch_tokens=100)
+    s.create_sampler("base")
+    passes = _counting_passes(s)
+    s.submit("a", _next(s, "a"), Sample(list(range(1, 41)), 1, SamplingParams(max_tokens=1, seed=1)))
+    s.submit("b", _next(s, "b"), Sample([5, 6], 8, SamplingParams(max_tokens=2, seed=2)))
+    s.submit("base", _next(s, "base"), Sample([7, 8], 8, SamplingParams(max_tokens=2, seed=3)))
+    first = s.step()
+    assert passes == [1] and [o.model_id for o in first] == ["a"]
+    second = s.step()  # b and base: 16 rows x (2 + 2) = 64, within the budget
+    assert passes == [1, 2] and sorted(o.model_id for o in second) == ["b", "base"]
+    assert all(o.error is None for o in first + second) and s.pending() == 0
