@@ -49,6 +49,7 @@ from gpu_runtime.model_server.types import (
     Outcome,
     Result,
     Sample,
+    SampleResult,
     SaveState,
     SaveStateResult,
 )
@@ -325,11 +326,7 @@ class ModelServer:
                 err = err or ModelServerError(repr(exc), category="server")
                 outcomes[(m.model_id, seq_id)] = Outcome(m.model_id, seq_id, error=err)
         if ready:
-            try:
-                results = self.sampler.sample_many([(adapter, op) for _, _, op, adapter in ready])
-            except Exception as exc:  # the pass failed as a whole (out of memory...): so did each call in it
-                err = ModelServerError(f"sample failed: {exc!r}", category="server")
-                results = [err] * len(ready)
+            results = self._sample_pass([(adapter, op) for _, _, op, adapter in ready])
             for (m, seq_id, op, _), r in zip(ready, results, strict=True):
                 if isinstance(r, ModelServerError):
                     outcomes[(m.model_id, seq_id)] = Outcome(m.model_id, seq_id, error=r)
@@ -342,6 +339,20 @@ class ModelServer:
         for o in done:
             o.seconds = elapsed * o.tokens / total if total else elapsed / len(done)
         return done
+
+    def _sample_pass(
+        self, calls: list[tuple[LoraAdapter | None, Sample]]
+    ) -> list[SampleResult | ModelServerError]:
+        """sample_many over `calls`; a pass that fails as a whole (out of memory, ...) is run again one call
+        at a time, so only the calls that fail alone fail (a call never gets another's outcome)."""
+        try:
+            return self.sampler.sample_many(calls)
+        except Exception as exc:
+            if len(calls) == 1:
+                return [ModelServerError(f"sample failed: {exc!r}", category="server")]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what the failed pass held
+        return [r for call in calls for r in self._sample_pass([call])]
 
     def _run_single(self, m: _Model, seq_id: int, op: Operation) -> Outcome:
         try:

@@ -125,3 +125,29 @@ def test_a_sample_pass_is_bounded_by_its_padded_size_not_the_calls_sum():
     second = s.step()  # b and base: 16 rows x (2 + 2) = 64, within the budget
     assert passes == [1, 2] and sorted(o.model_id for o in second) == ["b", "base"]
     assert all(o.error is None for o in first + second) and s.pending() == 0
+
+
+def test_a_call_that_fails_the_batched_pass_fails_alone_and_the_others_get_their_own_outcomes():
+    s = _server()
+    s.create_sampler("base")
+    decode = s.sampler._decode
+    poison = [99, 98, 97]
+
+    def failing(calls):  # as an out-of-memory would: the whole pass raises when the poison call is in it
+        if any(c.prompt == poison for c in calls):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return decode(calls)
+
+    s.sampler._decode = failing  # type: ignore[method-assign]
+    alone = {mid: s.call(mid, _next(s, mid), CALLS[mid]) for mid in ("a", "base")}
+    s.submit("a", _next(s, "a"), CALLS["a"])
+    s.submit("b", _next(s, "b"), Sample(poison, 1, SamplingParams(max_tokens=3, seed=4)))
+    s.submit("base", _next(s, "base"), CALLS["base"])
+    outcomes = {o.model_id: o for o in s.step()}
+    assert s.pending() == 0
+    b = outcomes["b"]
+    assert b.result is None and b.error is not None and "out of memory" in str(b.error)
+    for mid in ("a", "base"):  # seeded: the same tokens as the call alone, nothing of b's
+        got, ref = outcomes[mid].unwrap(), alone[mid]
+        assert isinstance(got, SampleResult) and isinstance(ref, SampleResult)
+        assert [q.tokens for q in got.sequences] == [q.tokens for q in ref.sequences]
