@@ -35,6 +35,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from opentinker.spec import JobState
 from portal import storage
@@ -51,6 +52,8 @@ SPEC_VERSION = 1
 ACTOR = Actor.system("tinker")
 # The key names gpu_runtime/model_server/serve.py and api/tinker/queue.py use (neither can be imported here).
 OPS_PREFIX = "tinker:ops:"
+# After a base's model-server job failed, the next one is queued this long after at the earliest.
+FAILED_RETRY_AFTER_S = 300.0
 
 
 def ops_key(base_model: str) -> str:
@@ -100,10 +103,22 @@ def live_server_job(base_model: str) -> Job | None:
 def model_server_ensure(base_model: str) -> tuple[Job, bool]:
     """The live model-server job of the base model, queued now if there is none; (job, created). Safe
     to call from any number of processes at once: the unique constraint lets one create it, the others find
-    it."""
+    it. Within `FAILED_RETRY_AFTER_S` of the base's last job failing (its re-queues used up, or a server
+    that cannot start) none is queued and that job is returned: a server failing at every start would
+    otherwise be queued again at every call and supervisor pass, without end."""
     job = live_server_job(base_model)
     if job is not None:
         return job, False
+    last = (
+        Job.objects.filter(kind=MODEL_SERVER_KIND, name=job_name(base_model)).order_by("-created_at").first()
+    )
+    if (
+        last is not None
+        and last.state == JobState.FAILED.value
+        and last.finished_at is not None
+        and (timezone.now() - last.finished_at).total_seconds() < FAILED_RETRY_AFTER_S
+    ):
+        return last, False
     org = platform_org()
     try:
         with transaction.atomic():

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import timedelta
 
 import pytest
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from api.tinker import queue
 from portal.models import MODEL_SERVER_KIND, Job
-from portal.services.model_servers import model_server_ensure, model_servers_reconcile
+from portal.services.model_servers import (
+    FAILED_RETRY_AFTER_S,
+    model_server_ensure,
+    model_servers_reconcile,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -71,3 +77,21 @@ def test_the_supervisor_queues_a_server_for_a_waiting_queue(base, settings):
     assert base in model_servers_reconcile(client)
     assert base not in model_servers_reconcile(client)  # queued already: not a second job
     assert Job.objects.filter(kind=MODEL_SERVER_KIND, name=f"model server {base}").count() == 1
+
+
+def test_a_failed_server_is_not_queued_again_at_once(base):
+    """A server that fails at every start (its re-queues used up) is queued again only after
+    FAILED_RETRY_AFTER_S, not at the next call or supervisor pass: that loop would never end."""
+    client = queue.client()
+    client.rpush(queue.ops_key(base), json.dumps({"op": "x"}))
+    job, created = model_server_ensure(base)
+    assert created
+    Job.objects.filter(pk=job.pk).update(state="failed", finished_at=timezone.now())
+    assert model_server_ensure(base) == (job, False)
+    assert base not in model_servers_reconcile(client)
+    queue.enqueue(base, {"op": "x"})
+    assert Job.objects.filter(kind=MODEL_SERVER_KIND, name=job.name).count() == 1
+    earlier = timezone.now() - timedelta(seconds=FAILED_RETRY_AFTER_S + 1)
+    Job.objects.filter(pk=job.pk).update(finished_at=earlier)
+    assert base in model_servers_reconcile(client)
+    assert Job.objects.filter(kind=MODEL_SERVER_KIND, name=job.name, state="queued").count() == 1
