@@ -113,6 +113,29 @@ def test_collector_multi_turn_masks_env_tokens_and_places_turn_rewards(engine):
         assert s.rollout_logprobs[t2.start] != 0.0 and s.rollout_logprobs[t2.start - 1] == 0.0
 
 
+def test_collector_multi_turn_tokens_do_not_depend_on_the_split():
+    """Per-request seeds (base from the global RNG, step-wide episode index, turn): two multi-turn episodes
+    collected as a part starting at index 2 get the tokens they get in the whole call."""
+    from gpu_runtime.rollout.decode import StaticDecodeEngine
+    from tests.gpu_runtime.test_decode import _model
+
+    tok = build_byte_tokenizer()
+    ours = StaticDecodeEngine(_model(), pad_id=tok.pad_token_id)
+    proto = protocol_for("multi-turn", Budget(max_turns=4, max_new_tokens=6))
+    sp = SamplingParams(max_new_tokens=6, stop_ids=(tok.eos_token_id,))
+
+    def run(seeds: list[int], first: int, torch_seed: int = 3) -> list[list[int]]:
+        torch.manual_seed(torch_seed)
+        eps = run_episodes(TwoTurnEnv, proto, HFChatCodec(tok), ours, sp, seeds, first)
+        return [list(ep.token_ids) for ep in eps]
+
+    whole = run([5, 5, 6, 7], 0)
+    assert run([6, 7], 2) == whole[2:] and run([5, 5], 0) == whole[:2]
+    assert run([6, 7], 0) != whole[2:]  # other indices, other noise
+    assert whole[0] != whole[1]  # one prompt, two episodes: two samples
+    assert run([5, 5, 6, 7], 0, torch_seed=4) != whole
+
+
 def test_collector_on_arithmetic_groups_share_the_problem(engine):
     tok = build_byte_tokenizer()
     proto = protocol_for("single-turn", Budget(max_turns=1, max_new_tokens=4))
