@@ -101,7 +101,9 @@ class MirrorFetcher:
 
     def _src(self, repo_id: str, revision: str | None) -> Path:
         src = self.root / repo_id / (revision or "")
-        if not src.is_dir():
+        # a revision naming a link the repository holds must not lead out of the repository's directory
+        inside = src.resolve().is_relative_to((self.root / repo_id).resolve())
+        if not src.is_dir() or not inside:
             raise DomainError(f"{repo_id} is not in the mirror", field="repo")
         return src
 

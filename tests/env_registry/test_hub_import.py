@@ -81,3 +81,20 @@ def test_management_command(acme, mirror):
         call_command(
             "registry_import_model", "nope", "tiny-org/tiny-llm", "--name", "t", "--mirror", str(root)
         )
+
+
+def test_a_mirror_revision_never_leads_out_of_the_repository_through_a_symlink(mirror, tmp_path):
+    root, _ = mirror
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text('{"secret": 1}')
+    (root / "tiny-org" / "tiny-llm" / "elsewhere").symlink_to(outside)  # a link the repository holds
+    fetcher = MirrorFetcher(root)
+    with pytest.raises(DomainError, match="is not in the mirror"):
+        fetcher.list_files("tiny-org/tiny-llm", "elsewhere")
+    with pytest.raises(DomainError, match="is not in the mirror"):
+        fetcher.fetch("tiny-org/tiny-llm", "elsewhere", tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    (root / "tiny-org" / "tiny-llm" / "main").mkdir()  # a revision that is a directory of the repository
+    (root / "tiny-org" / "tiny-llm" / "main" / "config.json").write_text("{}")
+    assert fetcher.list_files("tiny-org/tiny-llm", "main") == ["config.json"]
