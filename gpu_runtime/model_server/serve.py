@@ -576,6 +576,25 @@ def serve(
 
 
 LEASE_LOST_EXIT = 3  # the process's exit code when it stopped because another server took its base model
+# A server stops taking work this long before its model-server token expires, so that its last outcomes are
+# still accepted; the next call (or the supervisor's pass) starts a fresh server with a fresh token.
+TOKEN_MARGIN_S = 3600.0
+
+
+def token_expiring(
+    token: str, *, margin_s: float = TOKEN_MARGIN_S, clock: Callable[[], float] = time.time
+) -> Callable[[], bool]:
+    """A check: true once the model-server token (`otm_<base>.<expiry unix seconds>.<signature>`,
+    portal/services/model_server_tokens.py) expires within `margin_s`: past its expiry the ingest refuses
+    every outcome, and a busy server, never idle, would keep taking calls whose answers are all dropped.
+    A token of another form never expires here."""
+    parts = token.rsplit(".", 2)
+    expiry = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+    def expiring() -> bool:
+        return expiry is not None and clock() >= expiry - margin_s
+
+    return expiring
 
 
 def main(args: Any) -> int:
@@ -598,12 +617,13 @@ def main(args: Any) -> int:
     print(f"model server for {args.base_model}: serving", flush=True)  # the launcher waits for this line
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))  # a driver's stop
+    expiring = token_expiring(token)
     keeper = LeaseKeeper(lease).start()
     try:
         why = serve(
             ServeLoop(server),
             transport,
-            should_stop=lambda: bool(stopping),
+            should_stop=lambda: bool(stopping) or expiring(),
             idle_exit_s=args.idle_exit_s,
             lease_lost=keeper.lost.is_set,
         )
@@ -613,6 +633,12 @@ def main(args: Any) -> int:
     if why == "lease lost":
         print(f"model server for {args.base_model} stopped: {keeper.why}", file=sys.stderr, flush=True)
         return LEASE_LOST_EXIT
+    if not stopping and expiring():
+        print(
+            f"model server for {args.base_model} stopped: its model-server token expires within "
+            f"{TOKEN_MARGIN_S:.0f} s (a fresh server takes the next call)",
+            flush=True,
+        )
     return 0
 
 

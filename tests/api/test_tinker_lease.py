@@ -197,3 +197,52 @@ def test_a_lease_needs_a_positive_ttl(valkey):
     client, base = valkey
     with pytest.raises(ValueError, match="TTL must be positive, not 0"):
         Lease(client, base, "x", ttl_s=0)
+
+
+def test_a_server_whose_token_expires_soon_stops_taking_work(valkey, monkeypatch, capsys):
+    """Past its model-server token's expiry the ingest refuses every outcome: a busy server (never idle)
+    would take calls and drop all their answers. It stops TOKEN_MARGIN_S before the expiry instead, parking
+    its clients and releasing the lease, and the next call starts a fresh server with a fresh token."""
+    import argparse
+
+    from gpu_runtime.model_server.serve import TOKEN_MARGIN_S, main, token_expiring
+    from portal.services.model_server_tokens import model_server_token_issue
+
+    client, base = valkey
+    clock = Clock()
+    token = model_server_token_issue("tiny-qwen2", ttl=7 * 24 * 3600)
+    expiry = int(token.rsplit(".", 2)[1])
+    expiring = token_expiring(token, clock=clock)
+    clock.now = expiry - TOKEN_MARGIN_S - 1
+    assert not expiring()
+    clock.now += 1
+    assert expiring()
+    assert not token_expiring("a-token-of-another-form", clock=clock)()
+
+    # The server itself, with a token that expires within the margin: it stops at once (not after 60 s idle).
+    monkeypatch.setenv("OPENTINKER_MODEL_SERVER_TOKEN", model_server_token_issue(base, ttl=60))
+    args = argparse.Namespace(
+        base_model=base,
+        queue_url=settings.REDIS_URL,
+        ingest_url="http://127.0.0.1:9/never-posted",
+        device="cpu",
+        dtype="float32",
+        seed=0,
+        spill_uri="",
+        idle_exit_s=60.0,
+        lease_ttl_s=30.0,
+    )
+    monkeypatch.setattr("gpu_runtime.model_server.serve.ModelServer", lambda *a, **k: _NoModel())
+    assert main(args) == 0
+    assert "its model-server token expires within 3600 s" in capsys.readouterr().out
+    assert not client.exists(lease_key(base))  # released for the next server
+
+
+class _NoModel:
+    """What `serve` asks of a model server that never gets a call."""
+
+    def pending(self) -> bool:
+        return False
+
+    def park(self) -> list[str]:
+        return []
