@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 
 import pydantic
+from django.db import connection
 from django.http import FileResponse, HttpResponseRedirect
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
@@ -12,7 +15,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from api.common import PageFilter, page_response, query_filters
+from api.common import PageFilter, Pagination, page_response, query_filters
 from api.errors import SpecInvalid
 from api.schema import paginated
 from api.serializers import ErrorSerializer, StrictSerializer
@@ -28,6 +31,7 @@ from portal.selectors.jobs import (
     event_list,
     job_get,
     job_list,
+    job_list_version,
     metric_series,
 )
 from portal.services.jobs import MAX_IDEMPOTENCY_KEY, job_cancel, job_submit
@@ -106,6 +110,35 @@ def _datetime(value):
     return None if value is None else _DATETIME.to_representation(value)
 
 
+# Pages of unfiltered job lists, serialized, by (organization id, limit, offset, count, version): a page is
+# the same for every member allowed to list jobs, and the version (job_list_version) changes with any write
+# to what the page shows, so a hit is the page the database holds now. Per process, least recently used out.
+_PAGES: OrderedDict[tuple, list] = OrderedDict()
+_PAGES_LOCK = threading.Lock()
+MAX_PAGES = 256
+
+
+def _unfiltered_page(view, request, organization) -> Response:
+    """The list without filters: one query (the count and version) when the page is stored, two otherwise."""
+    paginator = Pagination()
+    paginator.request = request
+    paginator.limit, paginator.offset = paginator.get_limit(request), paginator.get_offset(request)
+    paginator.count, version = job_list_version(organization)
+    key = (organization.pk, paginator.limit, paginator.offset, paginator.count, version)
+    with _PAGES_LOCK:
+        results = _PAGES.get(key)
+        if results is not None:
+            _PAGES.move_to_end(key)
+    if results is None:
+        page = job_list(organization)[paginator.offset : paginator.offset + paginator.limit]
+        results = list(JobOutputSerializer(page, many=True).data)
+        with _PAGES_LOCK:
+            _PAGES[key] = results
+            while len(_PAGES) > MAX_PAGES:
+                _PAGES.popitem(last=False)
+    return paginator.get_paginated_response(results)
+
+
 class JobListApi(APIView):
     read_scope = Scope.JOBS_READ
     write_scope = Scope.JOBS_WRITE
@@ -123,6 +156,10 @@ class JobListApi(APIView):
     def get(self, request):
         tenant = tenant_of(request)
         d = query_filters(request, self.JobListFilter, multi=("state",))
+        # Outside a transaction only: inside one, a later write of the same transaction keeps the row
+        # versions (one transaction id) that a page stored earlier in it was filed under.
+        if not (d.keys() - {"limit", "offset"}) and not connection.in_atomic_block:
+            return _unfiltered_page(self, request, tenant.organization)
         qs = job_list(
             tenant.organization,
             state=sorted(d.get("state", [])) or None,

@@ -31,6 +31,28 @@ def job_list(
     return qs.order_by("-created_at", "id")
 
 
+def job_list_version(organization: Organization) -> tuple[int, tuple]:
+    """The organization's job count and a version of everything its job list shows, in one query.
+
+    The version sums the row versions (PostgreSQL's `xmin`, the id of the transaction that wrote the row) of
+    the organization's jobs, of their creators and of the organization itself: any insert, update or delete
+    of one of those rows changes it, however it was written (save(), a queryset's update(), raw SQL), so a
+    page stored under one version is the page as the database holds it.
+    """
+    job, user = Job._meta.db_table, Job._meta.get_field("created_by").related_model._meta.db_table
+    org = Organization._meta.db_table
+    sql = f"""
+        SELECT count(*), sum(j.xmin::text::bigint), sum(u.xmin::text::bigint),
+               (SELECT o.xmin::text::bigint FROM "{org}" o WHERE o.id = %s)
+        FROM "{job}" j LEFT JOIN "{user}" u ON u.id = j.created_by_id
+        WHERE j.organization_id = %s
+    """  # noqa: S608 (table names from the models' metadata; values are parameters)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [organization.pk, organization.pk])
+        count, *version = cursor.fetchone()
+    return count, tuple(version)
+
+
 def job_get(organization: Organization, job_id: str | uuid.UUID) -> Job:
     try:
         job_uuid = uuid.UUID(str(job_id))
