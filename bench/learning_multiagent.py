@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import platform
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -85,9 +87,27 @@ def warm_start(root: Path, seed: int, sft_steps: int | None = None) -> tuple[str
     return f"file://{root}/sft/step_{sft.algorithm.steps:06d}", time.perf_counter() - t
 
 
-def co_train(root: Path, base: str, seed: int, steps: int | None = None) -> tuple[JobSpec, dict, float]:
+def merged(js: JobSpec, override: dict[str, Any] | None) -> JobSpec:
+    """`js` with `override` (a partial spec, e.g. `{"environment": {"config": {"threat_openings": 1}}}`)
+    merged in, key by key: recipe variants without editing the example."""
+    if not override:
+        return js
+
+    def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    return JobSpec.model_validate(merge(js.model_dump(mode="json"), override))
+
+
+def co_train(
+    root: Path, base: str, seed: int, steps: int | None = None, override: dict[str, Any] | None = None
+) -> tuple[JobSpec, dict, float]:
     """Stage 2: the two-policy job; returns its spec, every step's metrics and its wall time."""
-    spec = with_steps(example_multiagent_spec(base).model_copy(update={"seed": seed}), steps)
+    spec = example_multiagent_spec(base).model_copy(update={"seed": seed})
+    spec = with_steps(merged(spec, override), steps)
     sink = RecordingSink()
     group = MultiAgentGroup(spec)
     t = time.perf_counter()
@@ -136,9 +156,16 @@ def summary(before: dict[str, float], after: dict[str, float], policy: str) -> d
     return out
 
 
-def run(seed: int, root: Path, *, sft_steps: int | None = None, steps: int | None = None) -> list[dict]:
+def run(
+    seed: int,
+    root: Path,
+    *,
+    sft_steps: int | None = None,
+    steps: int | None = None,
+    override: dict[str, Any] | None = None,
+) -> list[dict]:
     base, sft_s = warm_start(root, seed, sft_steps)
-    spec, metrics, rl_s = co_train(root, base, seed, steps)
+    spec, metrics, rl_s = co_train(root, base, seed, steps, override)
     last = max(metrics)
     final = f"file://{root}/rl/step_{last:06d}"
     rows = []
@@ -233,6 +260,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sft-steps", type=int, default=None, help="override the warm start's steps")
     ap.add_argument("--steps", type=int, default=None, help="override the co-training job's steps")
     ap.add_argument("--out", default=None, help="keep checkpoints under this directory")
+    ap.add_argument(
+        "--override",
+        type=json.loads,
+        default=None,
+        help="a partial co-training spec (JSON) merged into the example's, e.g. the forced-block curriculum "
+        '\'{"environment": {"config": {"threat_openings": 0.5}}, '
+        '"multi_agent": {"eval_vs_rule": {"environment_config": {"threat_openings": 0}}}}\'',
+    )
     ap.add_argument("--references", action="store_true", help="first the fixed players' scores (no training)")
     args = ap.parse_args(argv)
     info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
@@ -246,7 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         out = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for seed in args.seeds:
-            got = run(seed, out / f"seed{seed}", sft_steps=args.sft_steps, steps=args.steps)
+            got = run(
+                seed, out / f"seed{seed}", sft_steps=args.sft_steps, steps=args.steps, override=args.override
+            )
             for r in got:
                 print(
                     f"seed {seed} {r['policy']}: "
