@@ -55,8 +55,8 @@ ALLOW_PATTERNS = [f"*{suffix}" for suffix in SAFE_SUFFIXES]
 
 
 class Fetcher(Protocol):
-    def list_files(self, repo_id: str, revision: str | None) -> list[str]:
-        """Every file the repository holds (nothing downloaded)."""
+    def list_files(self, repo_id: str, revision: str | None) -> dict[str, int]:
+        """Every file the repository holds, with its size in bytes (nothing downloaded)."""
         ...
 
     def fetch(self, repo_id: str, revision: str | None, dest: Path) -> None:
@@ -71,12 +71,14 @@ class HubFetcher:
     def __init__(self, endpoint: str | None = None) -> None:
         self.endpoint = endpoint
 
-    def list_files(self, repo_id: str, revision: str | None) -> list[str]:
+    def list_files(self, repo_id: str, revision: str | None) -> dict[str, int]:
         from huggingface_hub import HfApi  # lazy: only an import needs it
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.hf_api import RepoFile
 
         try:
-            return list(HfApi(endpoint=self.endpoint).list_repo_files(repo_id, revision=revision))
+            tree = HfApi(endpoint=self.endpoint).list_repo_tree(repo_id, revision=revision, recursive=True)
+            return {f.path: int(f.size) for f in tree if isinstance(f, RepoFile)}
         except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
             # The repository's answer, not the network's: a refusal, not a retry.
             raise DomainError(f"{repo_id}: {type(e).__name__} at {self.endpoint}", field="repo") from None
@@ -107,9 +109,10 @@ class MirrorFetcher:
             raise DomainError(f"{repo_id} is not in the mirror", field="repo")
         return src
 
-    def list_files(self, repo_id: str, revision: str | None) -> list[str]:
+    def list_files(self, repo_id: str, revision: str | None) -> dict[str, int]:
         src = self._src(repo_id, revision)
-        return sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+        files = sorted(p for p in src.rglob("*") if p.is_file())
+        return {p.relative_to(src).as_posix(): p.stat().st_size for p in files}
 
     def fetch(self, repo_id: str, revision: str | None, dest: Path) -> None:
         src = self._src(repo_id, revision)
@@ -155,6 +158,16 @@ def _source(repo_id: str, revision: str | None) -> str:
     return f"{repo_id}@{revision}" if revision else repo_id
 
 
+def _quota_check(organization: Organization, repo_id: str, total: int) -> None:
+    used = registry_bytes_used(organization)
+    if used + total > settings.REGISTRY_MAX_BYTES:
+        raise DomainError(
+            f"{repo_id} is {total} bytes; your organization's models and datasets may take "
+            f"{settings.REGISTRY_MAX_BYTES} bytes and {used} are in use (REGISTRY_MAX_BYTES)",
+            field="repo",
+        )
+
+
 def _fetch_checked(
     organization: Organization, repo_id: str, revision: str | None, fetcher: Fetcher
 ) -> tuple[Path, list[DeclaredFile], dict]:
@@ -168,6 +181,11 @@ def _fetch_checked(
             "registry takes safetensors only",
             field="repo",
         )
+    # what would be fetched, weighed before any byte is: a repository over the quota never fills the disk
+    listed_bytes = sum(
+        size for n, size in listed.items() if any(fnmatch.fnmatch(n, p) for p in ALLOW_PATTERNS)
+    )
+    _quota_check(organization, repo_id, listed_bytes)
     root = Path(tempfile.mkdtemp(prefix="otk-hub-"))
     try:
         fetcher.fetch(repo_id, revision, root)
@@ -176,7 +194,11 @@ def _fetch_checked(
             rel = path.relative_to(root).as_posix()
             if rel.startswith(".") or "/." in rel:  # huggingface_hub's own bookkeeping (.cache/)
                 continue
-            files.append(DeclaredFile(rel, path.stat().st_size, sha256(path.read_bytes()).hexdigest()))
+            h = sha256()
+            with path.open("rb") as fh:  # in blocks: a weights file may be many GB
+                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(block)
+            files.append(DeclaredFile(rel, path.stat().st_size, h.hexdigest()))
         if is_adapter(f.path for f in files):
             raise DomainError(f"{repo_id} is an adapter: push it with its base instead", field="repo")
         try:
@@ -184,14 +206,7 @@ def _fetch_checked(
             info = contents_check(root, files)
         except ModelFilesError as e:
             raise DomainError(f"{repo_id}: {e}", field="repo") from None
-        total = sum(f.size for f in files)
-        used = registry_bytes_used(organization)
-        if used + total > settings.REGISTRY_MAX_BYTES:
-            raise DomainError(
-                f"{repo_id} is {total} bytes; your organization's models and datasets may take "
-                f"{settings.REGISTRY_MAX_BYTES} bytes and {used} are in use (REGISTRY_MAX_BYTES)",
-                field="repo",
-            )
+        _quota_check(organization, repo_id, sum(f.size for f in files))
         staged = Path(tempfile.mkdtemp(prefix="otk-hub-stage-"))
         for f in files:  # only the checked files, without the fetcher's bookkeeping
             (staged / f.path).parent.mkdir(parents=True, exist_ok=True)

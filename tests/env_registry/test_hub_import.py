@@ -97,4 +97,28 @@ def test_a_mirror_revision_never_leads_out_of_the_repository_through_a_symlink(m
     assert not (tmp_path / "dest").exists()
     (root / "tiny-org" / "tiny-llm" / "main").mkdir()  # a revision that is a directory of the repository
     (root / "tiny-org" / "tiny-llm" / "main" / "config.json").write_text("{}")
-    assert fetcher.list_files("tiny-org/tiny-llm", "main") == ["config.json"]
+    assert fetcher.list_files("tiny-org/tiny-llm", "main") == {"config.json": 2}
+
+
+def test_a_repo_over_the_quota_is_refused_before_any_byte_is_fetched(acme, mirror, settings, tmp_path):
+    root, files = mirror
+    fetched = []
+
+    class Watched(MirrorFetcher):
+        def fetch(self, repo_id, revision, dest):
+            fetched.append(repo_id)
+            super().fetch(repo_id, revision, dest)
+
+    # what would be fetched: the model's files, not the pickle or the code, which are never fetched
+    wanted = sum(len(data) for data in files.values())
+    settings.REGISTRY_MAX_BYTES = wanted - 1
+    with pytest.raises(DomainError, match=rf"tiny-org/tiny-llm is {wanted} bytes; .* \(REGISTRY_MAX_BYTES\)"):
+        model_import(
+            organization=acme, user=None, repo_id="tiny-org/tiny-llm", name="t", fetcher=Watched(root)
+        )
+    assert fetched == [] and ModelVersion.objects.count() == 0
+    settings.REGISTRY_MAX_BYTES = wanted
+    version = model_import(
+        organization=acme, user=None, repo_id="tiny-org/tiny-llm", name="t", fetcher=Watched(root)
+    )
+    assert fetched == ["tiny-org/tiny-llm"] and version.size_bytes == wanted
