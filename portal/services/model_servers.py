@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -52,8 +52,10 @@ SPEC_VERSION = 1
 ACTOR = Actor.system("tinker")
 # The key names gpu_runtime/model_server/serve.py and api/tinker/queue.py use (neither can be imported here).
 OPS_PREFIX = "tinker:ops:"
-# After a base's model-server job failed, the next one is queued this long after at the earliest.
-FAILED_RETRY_AFTER_S = 300.0
+# After a base's model-server job failed, the next one is queued this long after at the earliest, doubled
+# for each further failure of the last hour (a server failing at every start), at most FAILED_RETRY_MAX_S.
+FAILED_RETRY_AFTER_S = 30.0
+FAILED_RETRY_MAX_S = 1800.0
 
 
 def ops_key(base_model: str) -> str:
@@ -76,6 +78,11 @@ def platform_org() -> Organization:
     )
     Quota.objects.get_or_create(organization=org, defaults=settings.DEFAULT_QUOTA)
     return org
+
+
+def failed_retry_after_s(failures: int) -> float:
+    """How long after a failed model-server job the next is queued, with `failures` in the last hour."""
+    return min(FAILED_RETRY_AFTER_S * 2 ** max(failures - 1, 0), FAILED_RETRY_MAX_S)
 
 
 def model_server_spec(base_model: str) -> dict[str, Any]:
@@ -103,22 +110,19 @@ def live_server_job(base_model: str) -> Job | None:
 def model_server_ensure(base_model: str) -> tuple[Job, bool]:
     """The live model-server job of the base model, queued now if there is none; (job, created). Safe
     to call from any number of processes at once: the unique constraint lets one create it, the others find
-    it. Within `FAILED_RETRY_AFTER_S` of the base's last job failing (its re-queues used up, or a server
-    that cannot start) none is queued and that job is returned: a server failing at every start would
-    otherwise be queued again at every call and supervisor pass, without end."""
+    it. Within `failed_retry_after_s` of the base's last job failing (a server that crashed or cannot
+    start) none is queued and that job is returned: such a server would otherwise be queued again at every
+    call and supervisor pass, without end."""
     job = live_server_job(base_model)
     if job is not None:
         return job, False
-    last = (
-        Job.objects.filter(kind=MODEL_SERVER_KIND, name=job_name(base_model)).order_by("-created_at").first()
-    )
-    if (
-        last is not None
-        and last.state == JobState.FAILED.value
-        and last.finished_at is not None
-        and (timezone.now() - last.finished_at).total_seconds() < FAILED_RETRY_AFTER_S
-    ):
-        return last, False
+    jobs = Job.objects.filter(kind=MODEL_SERVER_KIND, name=job_name(base_model))
+    last = jobs.order_by("-created_at").first()
+    if last is not None and last.state == JobState.FAILED.value and last.finished_at is not None:
+        now = timezone.now()
+        failures = jobs.filter(state=JobState.FAILED.value, finished_at__gte=now - timedelta(hours=1)).count()
+        if (now - last.finished_at).total_seconds() < failed_retry_after_s(failures):
+            return last, False
     org = platform_org()
     try:
         with transaction.atomic():

@@ -79,19 +79,26 @@ def test_the_supervisor_queues_a_server_for_a_waiting_queue(base, settings):
     assert Job.objects.filter(kind=MODEL_SERVER_KIND, name=f"model server {base}").count() == 1
 
 
-def test_a_failed_server_is_not_queued_again_at_once(base):
-    """A server that fails at every start (its re-queues used up) is queued again only after
-    FAILED_RETRY_AFTER_S, not at the next call or supervisor pass: that loop would never end."""
+def test_a_failed_server_is_queued_again_after_a_growing_wait(base):
+    """A server that fails (crashes, cannot start) is queued again only FAILED_RETRY_AFTER_S (30 s) after,
+    not at the next call or supervisor pass (that loop would never end); each further failure within the
+    hour doubles the wait."""
     client = queue.client()
     client.rpush(queue.ops_key(base), json.dumps({"op": "x"}))
-    job, created = model_server_ensure(base)
-    assert created
-    Job.objects.filter(pk=job.pk).update(state="failed", finished_at=timezone.now())
-    assert model_server_ensure(base) == (job, False)
+    first, created = model_server_ensure(base)
+    assert created and FAILED_RETRY_AFTER_S == 30
+    Job.objects.filter(pk=first.pk).update(state="failed", finished_at=timezone.now())
+    assert model_server_ensure(base) == (first, False)
     assert base not in model_servers_reconcile(client)
     queue.enqueue(base, {"op": "x"})
-    assert Job.objects.filter(kind=MODEL_SERVER_KIND, name=job.name).count() == 1
-    earlier = timezone.now() - timedelta(seconds=FAILED_RETRY_AFTER_S + 1)
-    Job.objects.filter(pk=job.pk).update(finished_at=earlier)
+    assert Job.objects.filter(kind=MODEL_SERVER_KIND, name=first.name).count() == 1
+    Job.objects.filter(pk=first.pk).update(finished_at=timezone.now() - timedelta(seconds=31))
     assert base in model_servers_reconcile(client)
-    assert Job.objects.filter(kind=MODEL_SERVER_KIND, name=job.name, state="queued").count() == 1
+    second = Job.objects.get(kind=MODEL_SERVER_KIND, name=first.name, state="queued")
+    # It failed too: two failures in the hour, 60 s.
+    ago_31 = timezone.now() - timedelta(seconds=31)
+    Job.objects.filter(pk=second.pk).update(state="failed", finished_at=ago_31)
+    assert base not in model_servers_reconcile(client)
+    Job.objects.filter(pk=second.pk).update(finished_at=timezone.now() - timedelta(seconds=61))
+    assert base in model_servers_reconcile(client)
+    assert Job.objects.filter(kind=MODEL_SERVER_KIND, name=first.name).count() == 3
