@@ -18,6 +18,7 @@ version `invalid` with the reason and no file stored.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
 import shutil
@@ -321,6 +322,14 @@ def model_import_run(version_id: int, *, fetcher: Fetcher | None = None) -> Mode
         raise
     try:
         storage.store().publish_dir(staged, version.uri)
+    except Exception as e:  # the store's failure: nothing of it stays, and the task's retry imports again
+        with contextlib.suppress(Exception):
+            storage.store().remove_dir(version.uri)
+        ModelVersion.objects.filter(pk=version.pk).update(
+            validation_error=f"not imported yet: {type(e).__name__}: {e}"[:2000],
+            info={**version.info, "import": IMPORT_QUEUED},
+        )
+        raise
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     updated = ModelVersion.objects.filter(pk=version.pk, status=ValidationStatus.PENDING).update(

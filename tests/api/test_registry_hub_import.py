@@ -108,3 +108,29 @@ def test_requests_refused_at_once_store_nothing(as_alice, mirror, settings):
     assert start(as_alice, "tiny-org/tiny-llm", "Bad Name").status_code == 400
     assert RegisteredModel.objects.count() == 0 and ModelVersion.objects.count() == 0
     assert stored_files(mirror / "objects") == []
+
+
+def test_a_store_failure_while_publishing_leaves_the_import_queued_for_the_retry(
+    as_alice, mirror, monkeypatch
+):
+    from opentinker.storage import ObjectStore
+
+    publish = ObjectStore.publish_dir
+
+    def half_then_fail(self, local, uri, **kw):  # the store fails after some files went in
+        (mirror / "objects/orgs/acme/models/tiny/1").mkdir(parents=True)
+        (mirror / "objects/orgs/acme/models/tiny/1/config.json").write_text("{}")
+        raise OSError("the store went away")
+
+    assert start(as_alice, "tiny-org/tiny-llm", "tiny").status_code == 202
+    pk = ModelVersion.objects.get().pk
+    monkeypatch.setattr(ObjectStore, "publish_dir", half_then_fail)
+    with pytest.raises(OSError, match="the store went away"):
+        model_import_run(pk)  # the task raises: Celery retries it (autoretry_for OSError)
+    version = ModelVersion.objects.get(pk=pk)
+    assert (version.status, version.info["import"], version.files) == ("pending", "queued", [])
+    assert version.validation_error == "not imported yet: OSError: the store went away"
+    assert stored_files(mirror / "objects") == []
+    monkeypatch.setattr(ObjectStore, "publish_dir", publish)
+    version = model_import_run(pk)  # the retry
+    assert version is not None and (version.status, version.info["import"]) == ("valid", "done")
