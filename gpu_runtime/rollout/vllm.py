@@ -196,8 +196,8 @@ class VLLMEngine(RolloutEngine):
         idle = _IDLE.setdefault(self._shape, [])
         if idle:
             self.llm = idle.pop()
-            for adapter_id in self.llm.llm_engine.list_loras():  # the previous owner's
-                self.llm.llm_engine.remove_lora(adapter_id)
+            for adapter_id in self.llm.llm_engine.list_loras() if self.lora is not None else ():
+                self.llm.llm_engine.remove_lora(adapter_id)  # the previous owner's (close() removes it too)
             self._load_full(model.state_dict())  # also drops the previous owner's cached prefixes
         else:
             self.llm = _start_llm(model, max_num_seqs, dict(llm_kwargs))
