@@ -86,10 +86,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         from gpu_runtime.ranks import follow  # torch: after the line above, not before
 
-        code = follow(args.rank, args.world_size, args.master)
-        # Its work is done and its groups destroyed: leave without the interpreter's teardown of torch's
-        # native state, which aborted a rank once in ~30 runs (SIGABRT, commit 27e2625) and would be said in
-        # the job's log as a rank that ended badly after the job.
+        try:
+            code = follow(args.rank, args.world_size, args.master)
+        except BaseException:  # its own error: exit 1 (the job fails), not a teardown signal (re-queued)
+            traceback.print_exc()
+            code = 1
+        # Leave without the interpreter's teardown of torch's native state, which aborted a rank once in ~30
+        # runs (SIGABRT, commit 27e2625): after the job it would be said in the job's log as a rank that
+        # ended badly; after an error, rank 0 would take the signal for a lost rank and re-queue the job.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
