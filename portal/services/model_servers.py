@@ -56,6 +56,7 @@ OPS_PREFIX = "tinker:ops:"
 # for each further failure of the last hour (a server failing at every start), at most FAILED_RETRY_MAX_S.
 FAILED_RETRY_AFTER_S = 30.0
 FAILED_RETRY_MAX_S = 1800.0
+PLATFORM_GPU_HOURS = 10_000_000  # Quota.gpu_hours_per_month's maximum: no monthly bound
 
 
 def ops_key(base_model: str) -> str:
@@ -76,7 +77,11 @@ def platform_org() -> Organization:
     org, _ = Organization.objects.get_or_create(
         slug=PLATFORM_ORG, defaults={"name": "OpenTinker", "is_platform": True}
     )
-    Quota.objects.get_or_create(organization=org, defaults=settings.DEFAULT_QUOTA)
+    # No monthly GPU-hours bound (a model server runs for days; tenants are metered per call), as migration
+    # 0011 gives the quota env_registry's migration created.
+    Quota.objects.get_or_create(
+        organization=org, defaults={**settings.DEFAULT_QUOTA, "gpu_hours_per_month": PLATFORM_GPU_HOURS}
+    )
     return org
 
 

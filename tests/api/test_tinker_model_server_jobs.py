@@ -102,3 +102,26 @@ def test_a_failed_server_is_queued_again_after_a_growing_wait(base):
     Job.objects.filter(pk=second.pk).update(finished_at=timezone.now() - timedelta(seconds=61))
     assert base in model_servers_reconcile(client)
     assert Job.objects.filter(kind=MODEL_SERVER_KIND, name=first.name).count() == 3
+
+
+def test_the_platforms_monthly_gpu_hours_do_not_stop_its_model_servers(base, settings):
+    """The platform organization's quota, as its migrations leave it: a model server on one GPU is admitted
+    (env_registry 0002 gave it zeros: it waited for ever) whatever GPU-hours it used this month (a server runs
+    for days; a monthly budget would stop every model server until the month ends)."""
+    from portal.models import ComputePool, UsageRecord
+    from portal.services.model_servers import platform_org
+    from portal.services.scheduler import schedule_pass
+    from portal.services.usage import month_start
+
+    settings.OPENTINKER_TINKER_SERVER_GPUS = 1
+    settings.OPENTINKER_TINKER_POOL = ""
+    ComputePool.objects.create(
+        name="gpu-ms", total_gpus=1, gpus_by_type={"H100": 1}, cpus=8, health=ComputePool.Health.HEALTHY
+    )
+    org = platform_org()
+    assert (org.quota.max_gpus, org.quota.gpu_hours_per_month) == (1, 10_000_000)
+    month = month_start(timezone.now())
+    UsageRecord.objects.create(organization=org, month=month, gpu_seconds=500 * 3600)  # 500 GPU-hours
+    job, created = model_server_ensure(base)
+    assert created and job.gpus == 1
+    assert job.pk in schedule_pass().admitted
