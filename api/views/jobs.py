@@ -115,7 +115,7 @@ def _datetime(value):
 # to what the page shows, so a hit is the page the database holds now. Per process, least recently used out.
 _PAGES: OrderedDict[tuple, list] = OrderedDict()
 _PAGES_LOCK = threading.Lock()
-MAX_PAGES = 256
+MAX_PAGES = 64  # at most 200 jobs a page, ~1.5 kB each: ~20 MB per process at worst
 
 
 def _unfiltered_page(view, request, organization) -> Response:
