@@ -233,14 +233,22 @@ def upload_multipart_start(upload: Upload, *, index: int) -> dict[str, Any]:
             entry["multipart"] = {"id": storage.store().multipart_create(uri), "part_bytes": part_bytes}
             locked.save(update_fields=["files", "updated_at"])
         multipart = entry["multipart"]
-    count = -(-entry["size"] // multipart["part_bytes"])
+    step = multipart["part_bytes"]
+    count = -(-entry["size"] // step)
     expires = int(settings.OBJECT_STORE_LINK_SECONDS)
     store = storage.store()
+    # each link takes exactly its part's bytes (the last part the rest): the parts in flight never hold more
+    # than the declared size counted against REGISTRY_MAX_BYTES
     return {
-        "part_bytes": multipart["part_bytes"],
+        "part_bytes": step,
         "expires_in": expires,
         "parts": [
-            {"number": n, "url": store.multipart_part_url(uri, multipart["id"], n, expires=expires)}
+            {
+                "number": n,
+                "url": store.multipart_part_url(
+                    uri, multipart["id"], n, expires=expires, size=min(step, entry["size"] - (n - 1) * step)
+                ),
+            }
             for n in range(1, count + 1)
         ],
     }

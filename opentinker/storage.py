@@ -215,11 +215,23 @@ class ObjectStore:
         bucket, key = self._s3_only(uri)
         return str(self.s3().create_multipart_upload(Bucket=bucket, Key=key)["UploadId"])
 
-    def multipart_part_url(self, uri: str, upload_id: str, number: int, *, expires: int) -> str:
-        """A link that PUTs part `number` (1-based) of the multipart upload, without credentials."""
+    def multipart_part_url(
+        self, uri: str, upload_id: str, number: int, *, expires: int, size: int | None = None
+    ) -> str:
+        """A link that PUTs part `number` (1-based) of the multipart upload, without credentials; with `size`
+        the part's length is signed (SigV4 signs the Content-Length header), so the store takes a part of
+        exactly that many bytes and nothing bigger."""
+        import boto3  # lazy, as in s3()
+        from botocore.config import Config
+
         bucket, key = self._s3_only(uri)
-        params = {"Bucket": bucket, "Key": key, "UploadId": upload_id, "PartNumber": number}
-        return str(self.s3().generate_presigned_url("upload_part", Params=params, ExpiresIn=expires))
+        params: dict[str, Any] = {"Bucket": bucket, "Key": key, "UploadId": upload_id, "PartNumber": number}
+        client = self.s3()
+        if size is not None:
+            params["ContentLength"] = size
+            config = Config(signature_version="s3v4")  # a SigV2 link signs no length
+            client = boto3.client("s3", endpoint_url=self.endpoint_url or None, config=config)
+        return str(client.generate_presigned_url("upload_part", Params=params, ExpiresIn=expires))
 
     def multipart_complete(self, uri: str, upload_id: str, parts: list[tuple[int, str]]) -> None:
         """Put the parts (number, ETag) together into the object."""

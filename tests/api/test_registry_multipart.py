@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import httpx
 import pytest
@@ -157,3 +158,41 @@ def test_a_file_store_offers_no_multipart_and_takes_full_size_chunks(as_bob, set
         assert resp.status_code == 200, resp.content
     resp = as_bob.post(f"{V1}/org/uploads/{upload['id']}/complete")
     assert resp.status_code == 201 and resp.json()["dataset"]["num_rows"] == 1500, resp.content
+
+
+def signed_for(url: str, length: int) -> bool:
+    """Whether a SigV4 presigned PUT link is good for a body of `length` bytes: its signature recomputed as
+    S3 checks it, with that Content-Length (False when the link signs no length)."""
+    import hmac
+    from urllib.parse import parse_qsl, quote, urlsplit
+
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    if "content-length" not in query.get("X-Amz-SignedHeaders", "").split(";"):
+        return False
+    signature = query.pop("X-Amz-Signature")
+    canonical_query = "&".join(
+        f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(query.items())
+    )
+    canonical = (
+        f"PUT\n{parts.path}\n{canonical_query}\ncontent-length:{length}\nhost:{parts.netloc}\n\n"
+        f"{query['X-Amz-SignedHeaders']}\nUNSIGNED-PAYLOAD"
+    )
+    scope = query["X-Amz-Credential"].split("/", 1)[1]
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    to_sign = f"AWS4-HMAC-SHA256\n{query['X-Amz-Date']}\n{scope}\n{digest}"
+    key = ("AWS4" + os.environ["AWS_SECRET_ACCESS_KEY"]).encode()  # the s3_store fixture's
+    for piece in scope.split("/"):
+        key = hmac.new(key, piece.encode(), hashlib.sha256).digest()
+    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest() == signature
+
+
+def test_each_part_link_takes_exactly_its_parts_bytes(as_bob, s3):
+    # an unbounded link let a client park up to 5 GiB per part in the store, far past the declared size
+    # that REGISTRY_MAX_BYTES counted, until the upload was aborted or abandoned
+    data = b"x" * (11 * MiB + 3)
+    upload = start(as_bob, "dataset", "big", {"big.jsonl": data}).json()
+    links = as_bob.post(f"{V1}/org/uploads/{upload['id']}/files/0/multipart").json()
+    assert [p["number"] for p in links["parts"]] == [1, 2, 3]
+    for part, size in zip(links["parts"], [5 * MiB, 5 * MiB, MiB + 3], strict=True):
+        assert signed_for(part["url"], size) and not signed_for(part["url"], size + 1)
