@@ -64,7 +64,10 @@ def start_admitted() -> Allocation:
 def on_demand(platform, settings, monkeypatch, tmp_path):
     settings.OPENTINKER_TINKER_AUTOSTART = True
     settings.OPENTINKER_TINKER_IDLE_EXIT_S = IDLE_S
-    settings.OPENTINKER_TINKER_LEASE_TTL_S = 2  # the restarted server waits this long for the killed one's
+    # The restarted server waits up to this long for the killed one's lease (mostly hidden by its start-up);
+    # a live server renews it every third: with a TTL of 2 s, its lease thread left unscheduled for 1.3 s on
+    # a loaded box would let it lapse (the server exits 3, the job fails).
+    settings.OPENTINKER_TINKER_LEASE_TTL_S = 6
     settings.OPENTINKER_RUNTIME_COMMAND = None  # the real `python -m gpu_runtime run`
     settings.OPENTINKER_JOBS_DIR = str(tmp_path / "jobs")
     settings.INGEST_BASE_URL = platform
