@@ -358,10 +358,12 @@ def job_promote_view(request, job_id):
     """Copy one of the job's checkpoints into the organization's model registry (as the API does)."""
     job = job_get(request.organization, job_id)
     require_scope(request, Scope.ENVS_WRITE, "promote checkpoints into the model registry")
+    raw_step = request.POST.get("step", "").strip()
     try:
-        step = int(request.POST.get("step", ""))
-    except ValueError:
-        step = None
+        step = int(raw_step) if raw_step else None  # none given: the latest
+    except ValueError:  # never another checkpoint than the one asked for
+        messages.error(request, f"step {raw_step[:20]!r} is not a checkpoint's step number")
+        return redirect("job_detail", job_id=job.pk)
     try:
         version = model_promote(
             organization=request.organization,

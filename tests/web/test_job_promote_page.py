@@ -40,3 +40,16 @@ def test_the_job_page_promotes_a_checkpoint(alice, bob, charlie, acme, globex, s
     assert r.status_code == 403 and "cannot promote checkpoints into the model registry" in r.content.decode()
     assert signed_in(charlie).post(f"/jobs/{job.pk}/promote/", {"name": "x"}).status_code == 404
     assert ModelVersion.objects.count() == 1
+
+
+def test_a_step_that_is_not_a_number_promotes_nothing(alice, acme, settings, tmp_path):
+    settings.OBJECT_STORE_URL = f"file://{tmp_path / 'objects'}"
+    settings.ENV_VALIDATION_MODE = "celery"
+    job, _ = job_submit(organization=acme, spec=example_rl_spec(), actor=Actor.for_request(alice))
+    write_checkpoint(tmp_path / "objects", job, 3, {**tiny_model_files(), **RUNTIME_FILES})
+    r = signed_in(alice).post(f"/jobs/{job.pk}/promote/", {"step": "3x", "name": "trained"}, follow=True)
+    assert "step &#x27;3x&#x27; is not a checkpoint&#x27;s step number" in r.content.decode()
+    assert ModelVersion.objects.count() == 0  # not the latest checkpoint instead
+    r = signed_in(alice).post(f"/jobs/{job.pk}/promote/", {"name": "trained"}, follow=True)
+    assert "Promoted the checkpoint as acme/trained@1 (pending)." in r.content.decode()
+    assert ModelVersion.objects.get().info["source"] == f"job:{job.pk}@3"
