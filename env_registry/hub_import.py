@@ -283,6 +283,18 @@ def model_import_request(
     return version
 
 
+def _refused(version: ModelVersion, e: DomainError) -> ModelVersion:
+    ModelVersion.objects.filter(pk=version.pk).update(
+        status=ValidationStatus.INVALID,
+        size_bytes=0,
+        validation_error=str(e)[:2000],
+        validated_at=timezone.now(),
+        info={**version.info, "import": IMPORT_REFUSED},
+    )
+    version.refresh_from_db()
+    return version
+
+
 def model_import_run(version_id: int, *, fetcher: Fetcher | None = None) -> ModelVersion | None:
     """Fetch, check and store a reserved import (the Celery task); acts only on a queued one, so a task
     delivered twice imports once. A refusal makes the version `invalid` with the reason, storing no file; an
@@ -306,14 +318,7 @@ def model_import_run(version_id: int, *, fetcher: Fetcher | None = None) -> Mode
     try:
         staged, files, info = _fetch_checked(organization, repo_id, revision, fetcher or configured_fetcher())
     except DomainError as e:
-        ModelVersion.objects.filter(pk=version.pk).update(
-            status=ValidationStatus.INVALID,
-            validation_error=str(e)[:2000],
-            validated_at=timezone.now(),
-            info={**version.info, "import": IMPORT_REFUSED},
-        )
-        version.refresh_from_db()
-        return version
+        return _refused(version, e)
     except Exception as e:
         ModelVersion.objects.filter(pk=version.pk).update(
             validation_error=f"not imported yet: {type(e).__name__}: {e}"[:2000],
@@ -321,11 +326,22 @@ def model_import_run(version_id: int, *, fetcher: Fetcher | None = None) -> Mode
         )
         raise
     try:
+        with transaction.atomic():
+            # an organization's imports take their bytes one at a time (the version's size, counted by
+            # registry_bytes_used from now on), so two running at once cannot both take the last free bytes
+            Organization.objects.select_for_update().get(pk=organization.pk)
+            _quota_check(organization, repo_id, sum(f.size for f in files))
+            ModelVersion.objects.filter(pk=version.pk).update(size_bytes=sum(f.size for f in files))
+    except DomainError as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        return _refused(version, e)
+    try:
         storage.store().publish_dir(staged, version.uri)
     except Exception as e:  # the store's failure: nothing of it stays, and the task's retry imports again
         with contextlib.suppress(Exception):
             storage.store().remove_dir(version.uri)
         ModelVersion.objects.filter(pk=version.pk).update(
+            size_bytes=0,
             validation_error=f"not imported yet: {type(e).__name__}: {e}"[:2000],
             info={**version.info, "import": IMPORT_QUEUED},
         )

@@ -134,3 +134,36 @@ def test_a_store_failure_while_publishing_leaves_the_import_queued_for_the_retry
     monkeypatch.setattr(ObjectStore, "publish_dir", publish)
     version = model_import_run(pk)  # the retry
     assert version is not None and (version.status, version.info["import"]) == ("valid", "done")
+
+
+def test_two_imports_running_at_once_cannot_both_take_the_last_free_bytes(
+    as_alice, mirror, monkeypatch, settings
+):
+    from opentinker.storage import ObjectStore
+
+    size = sum(len(data) for data in tiny_model_files().values())
+    settings.REGISTRY_MAX_BYTES = size + size // 2  # room for one import
+    assert start(as_alice, "tiny-org/tiny-llm", "one").status_code == 202
+    assert start(as_alice, "tiny-org/tiny-llm", "two").status_code == 202
+    one, two = ModelVersion.objects.order_by("pk").values_list("pk", flat=True)
+    publish, runs = ObjectStore.publish_dir, []
+
+    def the_other_runs_meanwhile(self, local, uri, **kw):  # two's task runs while one's files go in
+        if not runs:
+            runs.append(None)  # once: two's own publishing does not start it again
+            runs[0] = model_import_run(two)
+        publish(self, local, uri, **kw)
+
+    monkeypatch.setattr(ObjectStore, "publish_dir", the_other_runs_meanwhile)
+    first = model_import_run(one)
+    assert first is not None and (first.info["import"], first.size_bytes) == ("done", size)
+    second = runs[0]
+    assert second is not None and (second.status, second.info["import"], second.size_bytes) == (
+        "invalid",
+        "refused",
+        0,
+    )
+    assert second.validation_error.startswith(f"tiny-org/tiny-llm is {size} bytes;")
+    assert stored_files(mirror / "objects") == sorted(
+        f"orgs/acme/models/one/1/{n}" for n in tiny_model_files()
+    )
