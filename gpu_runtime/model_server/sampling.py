@@ -283,11 +283,17 @@ class AdapterSampler:
         """How many tokens reach the end of the first stop string in the decoded text (None: none occurs)."""
         if not stops or not any(s in self.tokenizer.decode(ids) for s in stops):
             return None
-        for k in range(1, len(ids) + 1):
-            text = self.tokenizer.decode(ids[:k])
+        # the shortest prefix whose text holds a stop string, by bisection (a prefix's text is a prefix of a
+        # longer one's): a scan decoded every prefix, O(n^2) tokens for a stop near the end of a long sample
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            text = self.tokenizer.decode(ids[:mid])
             if any(s in text for s in stops):
-                return k
-        return None
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     # ---- prompt log-probs ----
 

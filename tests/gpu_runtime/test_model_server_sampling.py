@@ -151,3 +151,24 @@ def test_a_call_that_fails_the_batched_pass_fails_alone_and_the_others_get_their
         got, ref = outcomes[mid].unwrap(), alone[mid]
         assert isinstance(got, SampleResult) and isinstance(ref, SampleResult)
         assert [q.tokens for q in got.sequences] == [q.tokens for q in ref.sequences]
+
+
+def test_a_stop_string_late_in_a_long_sample_is_found_in_a_few_decodes():
+    s = ModelServer("tiny-qwen2")
+    tok = s.sampler.tokenizer
+    ids = tok.encode("one two " * 600 + "the end. more words after it")
+    stop_at = len(tok.encode("one two " * 600 + "the end."))
+    decoded = []
+    decode = tok.decode
+
+    def counted(token_ids, **kw):
+        decoded.append(len(token_ids))
+        return decode(token_ids, **kw)
+
+    tok.decode = counted  # type: ignore[method-assign]
+    cut = s.sampler._stop_string_end(ids, ["end."])
+    assert cut == stop_at and "end." in decode(ids[:cut]) and "end." not in decode(ids[: cut - 1])
+    # a scan of every prefix decoded ~n^2/2 tokens; bisection a whole text and ~log2(n) prefixes
+    assert len(decoded) <= 2 + len(ids).bit_length()
+    assert s.sampler._stop_string_end(ids, ["not there"]) is None
+    assert s.sampler._stop_string_end(ids, ["one"]) == len(tok.encode("one"))
