@@ -46,7 +46,7 @@ from env_registry.models import ModelVersion, RegisteredModel, ValidationStatus
 from env_registry.selectors import NAME_RE
 from env_registry.uploads import registry_bytes_used
 from portal import storage
-from portal.errors import DomainError
+from portal.errors import DomainError, QuotaExceeded
 from portal.models import Organization
 from portal.services.enqueue import enqueue
 
@@ -247,6 +247,9 @@ def model_import(
 # --- through the API: a reserved version, filled by a Celery task -----------------------------------------
 
 IMPORT_QUEUED, IMPORT_FETCHING, IMPORT_DONE, IMPORT_REFUSED = "queued", "fetching", "done", "refused"
+# Imports queued or running per organization: each is a pending version and a task that may fetch up to the
+# organization's free bytes onto a worker's disk.
+MAX_IMPORTS_IN_FLIGHT = 4
 
 
 def model_import_request(
@@ -264,6 +267,19 @@ def model_import_request(
         )
     source = _source(repo_id, revision)
     with transaction.atomic():
+        # an organization's requests one at a time, so two cannot both pass the cap on imports in flight
+        Organization.objects.select_for_update().get(pk=organization.pk)
+        in_flight = ModelVersion.objects.filter(
+            model__organization=organization,
+            status=ValidationStatus.PENDING,
+            info__import__in=[IMPORT_QUEUED, IMPORT_FETCHING],
+        ).count()
+        if in_flight >= MAX_IMPORTS_IN_FLIGHT:
+            raise QuotaExceeded(
+                f"your organization has {in_flight} imports queued or running (at most "
+                f"{MAX_IMPORTS_IN_FLIGHT}): wait for them to finish",
+                field="repo",
+            )
         model, _ = RegisteredModel.objects.get_or_create(
             organization=organization, name=name, defaults={"description": f"imported from {source}"}
         )

@@ -167,3 +167,19 @@ def test_two_imports_running_at_once_cannot_both_take_the_last_free_bytes(
     assert stored_files(mirror / "objects") == sorted(
         f"orgs/acme/models/one/1/{n}" for n in tiny_model_files()
     )
+
+
+def test_at_most_four_imports_of_an_organization_are_in_flight(as_alice, as_charlie, mirror):
+    for i in range(4):
+        assert start(as_alice, "tiny-org/tiny-llm", f"m{i}").status_code == 202
+    resp = start(as_alice, "tiny-org/tiny-llm", "m4")
+    assert resp.status_code == 429
+    assert error_of(resp) == (
+        "your organization has 4 imports queued or running (at most 4): wait for them to finish"
+    )
+    assert ModelVersion.objects.count() == 4
+    resp = start(as_charlie, "tiny-org/tiny-llm", "m0")  # globex's imports are counted apart
+    assert resp.status_code == 202 and resp.json()["ref"] == "globex/m0@1"
+    first = ModelVersion.objects.filter(model__organization__slug="acme").order_by("pk").first()
+    assert first is not None and model_import_run(first.pk).info["import"] == "done"  # one finished
+    assert start(as_alice, "tiny-org/tiny-llm", "m4").status_code == 202
