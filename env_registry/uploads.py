@@ -57,6 +57,7 @@ SHA256_RE = r"^[0-9a-f]{64}$"
 MULTIPART_PART_BYTES = 64 * 1024 * 1024
 MULTIPART_MAX_PART_BYTES = 5 * 1024**3
 MULTIPART_MAX_PARTS = 1000
+SIGV4_MAX_EXPIRES = 7 * 24 * 3600  # S3 refuses a SigV4 link that lives longer (the part links are SigV4)
 
 
 def _chunks_prefix(upload: Upload) -> str:
@@ -235,7 +236,7 @@ def upload_multipart_start(upload: Upload, *, index: int) -> dict[str, Any]:
         multipart = entry["multipart"]
     step = multipart["part_bytes"]
     count = -(-entry["size"] // step)
-    expires = int(settings.OBJECT_STORE_LINK_SECONDS)
+    expires = min(int(settings.OBJECT_STORE_LINK_SECONDS), SIGV4_MAX_EXPIRES)
     store = storage.store()
     # each link takes exactly its part's bytes (the last part the rest): the parts in flight never hold more
     # than the declared size counted against REGISTRY_MAX_BYTES

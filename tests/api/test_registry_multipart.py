@@ -187,7 +187,7 @@ def signed_for(url: str, length: int) -> bool:
     return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest() == signature
 
 
-def test_each_part_link_takes_exactly_its_parts_bytes(as_bob, s3):
+def test_each_part_link_takes_exactly_its_parts_bytes(as_bob, s3, settings):
     # an unbounded link let a client park up to 5 GiB per part in the store, far past the declared size
     # that REGISTRY_MAX_BYTES counted, until the upload was aborted or abandoned
     data = b"x" * (11 * MiB + 3)
@@ -196,3 +196,6 @@ def test_each_part_link_takes_exactly_its_parts_bytes(as_bob, s3):
     assert [p["number"] for p in links["parts"]] == [1, 2, 3]
     for part, size in zip(links["parts"], [5 * MiB, 5 * MiB, MiB + 3], strict=True):
         assert signed_for(part["url"], size) and not signed_for(part["url"], size + 1)
+    settings.OBJECT_STORE_LINK_SECONDS = 30 * 24 * 3600  # longer than S3 takes for a SigV4 link: a week
+    links = as_bob.post(f"{V1}/org/uploads/{upload['id']}/files/0/multipart").json()
+    assert links["expires_in"] == 7 * 24 * 3600 and "X-Amz-Expires=604800&" in links["parts"][0]["url"]
