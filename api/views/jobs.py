@@ -6,6 +6,7 @@ import json
 import threading
 from collections import OrderedDict
 
+import orjson
 import pydantic
 from django.db import connection
 from django.http import FileResponse, HttpResponseRedirect
@@ -113,9 +114,12 @@ def _datetime(value):
 # Pages of unfiltered job lists, serialized, by (organization id, limit, offset, count, version): a page is
 # the same for every member allowed to list jobs, and the version (job_list_version) changes with any write
 # to what the page shows, so a hit is the page the database holds now. Per process, least recently used out.
-_PAGES: OrderedDict[tuple, list] = OrderedDict()
+# Bounded in bytes too (a page's JSON): a spec's environment config is free-form up to the request body
+# limit, so 200 jobs can make a page of ~50 MB, and MAX_PAGES of those would exhaust a web process's memory.
+_PAGES: OrderedDict[tuple, tuple[list, int]] = OrderedDict()
 _PAGES_LOCK = threading.Lock()
-MAX_PAGES = 64  # at most 200 jobs a page, ~1.5 kB each: ~20 MB per process at worst
+MAX_PAGES = 64  # at most 200 jobs a page, ~1.5 kB each with a usual spec
+MAX_PAGE_BYTES = 16 * 1024 * 1024  # the stored pages' JSON together (a few times that in objects)
 
 
 def _unfiltered_page(view, request, organization) -> Response:
@@ -126,17 +130,29 @@ def _unfiltered_page(view, request, organization) -> Response:
     paginator.count, version = job_list_version(organization)
     key = (organization.pk, paginator.limit, paginator.offset, paginator.count, version)
     with _PAGES_LOCK:
-        results = _PAGES.get(key)
-        if results is not None:
+        stored = _PAGES.get(key)
+        if stored is not None:
             _PAGES.move_to_end(key)
-    if results is None:
-        page = job_list(organization)[paginator.offset : paginator.offset + paginator.limit]
-        results = list(JobOutputSerializer(page, many=True).data)
-        with _PAGES_LOCK:
-            _PAGES[key] = results
-            while len(_PAGES) > MAX_PAGES:
-                _PAGES.popitem(last=False)
+    if stored is not None:
+        return paginator.get_paginated_response(stored[0])
+    page = job_list(organization)[paginator.offset : paginator.offset + paginator.limit]
+    results = list(JobOutputSerializer(page, many=True).data)
+    try:
+        size = len(orjson.dumps(results))
+    except orjson.JSONEncodeError:  # only DRF's encoder writes it (api/renderers.py): not measured, not kept
+        size = MAX_PAGE_BYTES + 1
+    if size <= MAX_PAGE_BYTES:
+        _store(key, results, size)
     return paginator.get_paginated_response(results)
+
+
+def _store(key: tuple, results: list, size: int) -> None:
+    with _PAGES_LOCK:
+        _PAGES.pop(key, None)
+        _PAGES[key] = (results, size)
+        total = sum(stored_size for _, stored_size in _PAGES.values())  # at most MAX_PAGES + 1 of them
+        while len(_PAGES) > MAX_PAGES or total > MAX_PAGE_BYTES:
+            total -= _PAGES.popitem(last=False)[1][1]
 
 
 class JobListApi(APIView):

@@ -100,3 +100,21 @@ def test_inside_a_transaction_nothing_is_stored(as_alice):
     _submit(as_alice, "x")
     assert [j["name"] for j in _page(as_alice)["results"]] == ["x"]
     assert job_views._PAGES == {}
+
+
+def test_stored_pages_are_bounded_in_bytes_not_only_in_number(as_alice, monkeypatch):
+    # A spec's environment config is free-form up to the body limit: 200 such jobs make a ~50 MB page, and
+    # 64 stored pages (offsets 0..63) would hold gigabytes in every web process.
+    monkeypatch.setattr(job_views, "MAX_PAGE_BYTES", 100_000)
+    for name in ("x", "y", "z"):
+        spec = {**SPEC, "name": name, "environment": {**SPEC["environment"], "config": {"pad": "p" * 40_000}}}
+        assert as_alice.post("/api/v1/jobs", spec, format="json").status_code == 201
+    for offset in (0, 1, 2):
+        page = as_alice.get(f"/api/v1/jobs?limit=1&offset={offset}").json()
+        assert [j["name"] for j in page["results"]] == [["z", "y", "x"][offset]]
+    assert len(job_views._PAGES) == 2  # the least recently used one out
+    assert [key[2] for key in job_views._PAGES] == [1, 2]
+    whole = as_alice.get("/api/v1/jobs?limit=3").json()  # over the bound by itself: served, not stored
+    assert [j["name"] for j in whole["results"]] == ["z", "y", "x"]
+    assert [key[2] for key in job_views._PAGES] == [1, 2]
+    assert len(whole["results"][0]["spec"]["environment"]["config"]["pad"]) == 40_000
