@@ -124,14 +124,15 @@ def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, 
     if dist.is_initialized():
         # vLLM would take this process group for its own world (and a trainer's group is not its size)
         raise RuntimeError("VLLMEngine runs in-process: start it in a process without a process group")
-    workdir = tempfile.mkdtemp(prefix="opentinker-vllm-")  # lives as long as the LLM: the process
     # vLLM loads a model directory: the config and weights (no tokenizer: prompts arrive as ids and outputs
-    # are not detokenized).
-    model.save_pretrained(workdir, safe_serialization=True)
+    # are not detokenized). Read at start-up only (later weights arrive by RPC), so it is removed once the
+    # engine has started or failed to: a copy of the model would otherwise stay on disk past the process.
+    workdir = tempfile.mkdtemp(prefix="opentinker-vllm-")
     set_num_threads = torch.set_num_threads
     rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     set_aside = _set_aside_unprobeable_globals()
     try:
+        model.save_pretrained(workdir, safe_serialization=True)
         return LLM(
             model=workdir,
             skip_tokenizer_init=True,
@@ -146,6 +147,7 @@ def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, 
             **llm_kwargs,
         )
     finally:
+        shutil.rmtree(workdir, ignore_errors=True)
         for module, attr, value in set_aside:
             setattr(module, attr, value)
         # vLLM's world of one (gloo) stays alive for vLLM, but is no longer this process's default group: a

@@ -77,6 +77,25 @@ def test_engine_start_leaves_the_process_as_it_was(engine):
     assert all(k not in os.environ or os.environ[k] == env[k] for k in CHILD_ENV if k in env)
 
 
+def test_engine_start_leaves_no_model_copy_on_disk(base, reference, tmp_path, monkeypatch):
+    # vLLM starts from a model directory written to a temporary folder: a full copy of the weights, which
+    # nothing removed (a job's /tmp grew by a model per engine start, for good), nor when the start failed.
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(TypeError):  # refused by vLLM's engine arguments, after the folder was written
+        VLLMEngine(base, max_num_seqs=5, not_an_engine_option=1)
+    assert list(tmp_path.iterdir()) == []
+    e = VLLMEngine(base, max_num_seqs=3)  # a shape no other test starts: a fresh engine
+    try:  # (vLLM's own vllm_dist_* rendezvous file stays: an empty file)
+        assert [p for p in tmp_path.iterdir() if p.name.startswith("opentinker-")] == []
+        e.load_weights(base.state_dict())  # loads weights and samples without its start-up folder
+        sp = _greedy(8)
+        assert e.generate(PROMPTS, sp).token_ids == reference.generate(PROMPTS, sp).token_ids
+    finally:
+        e.close()
+
+
 def test_starts_beside_a_context_bound_proxy_in_a_module(base):
     # flask's current_app (a werkzeug LocalProxy; a tracking library may import flask) raises RuntimeError,
     # not AttributeError, when vLLM's kernel registration probes module globals: the start sets it aside.
