@@ -14,6 +14,7 @@ from django.db import connection
 from api.views import jobs as job_views
 from opentinker.spec import example_rl_spec
 from portal.models import Job
+from portal.selectors import jobs as job_selectors
 from tests.conftest import client_for
 
 # Committed writes, as in production: inside a test's transaction every write has the same transaction id,
@@ -118,3 +119,18 @@ def test_stored_pages_are_bounded_in_bytes_not_only_in_number(as_alice, monkeypa
     assert [j["name"] for j in whole["results"]] == ["z", "y", "x"]
     assert [key[2] for key in job_views._PAGES] == [1, 2]
     assert len(whole["results"][0]["spec"]["environment"]["config"]["pad"]) == 40_000
+
+
+def test_many_jobs_get_no_version_scan(as_alice, monkeypatch, django_assert_num_queries):
+    # Versioning reads every job row of the organization (~40 ms for 50,000): above VERSIONED_MAX_JOBS only
+    # the count (from the index) and the page are read, and nothing is stored.
+    monkeypatch.setattr(job_selectors, "VERSIONED_MAX_JOBS", 2)
+    ids = [_submit(as_alice, name) for name in ("x", "y", "z")]
+    for _ in range(2):
+        with django_assert_num_queries(AUTH_QUERIES + 2):
+            page = _page(as_alice)
+        assert page["count"] == 3 and [j["name"] for j in page["results"]] == ["z", "y", "x"]
+    assert job_views._PAGES == {}
+    Job.objects.filter(pk=ids[0]).delete()
+    assert [j["name"] for j in _page(as_alice)["results"]] == ["z", "y"]
+    assert len(job_views._PAGES) == 1  # two jobs: versioned and stored again
