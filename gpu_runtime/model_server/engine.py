@@ -325,8 +325,9 @@ class ModelServer:
                 err = exc if isinstance(exc, ModelServerError) else None
                 err = err or ModelServerError(repr(exc), category="server")
                 outcomes[(m.model_id, seq_id)] = Outcome(m.model_id, seq_id, error=err)
+        own: list[float] | None = None
         if ready:
-            results = self._sample_pass([(adapter, op) for _, _, op, adapter in ready])
+            results, own = self._sample_pass([(adapter, op) for _, _, op, adapter in ready])
             for (m, seq_id, op, _), r in zip(ready, results, strict=True):
                 if isinstance(r, ModelServerError):
                     outcomes[(m.model_id, seq_id)] = Outcome(m.model_id, seq_id, error=r)
@@ -335,6 +336,11 @@ class ModelServer:
                     outcomes[(m.model_id, seq_id)] = Outcome(m.model_id, seq_id, result=r, tokens=tokens)
         elapsed = time.perf_counter() - start
         done = [outcomes[(m.model_id, seq_id)] for m, seq_id, _ in calls]
+        if own is not None:  # the batched pass failed: each call pays its own pass, none the failed one
+            for (m, seq_id, _, _), seconds in zip(ready, own, strict=True):
+                o = outcomes[(m.model_id, seq_id)]
+                o.seconds = seconds if o.error is None else 0.0
+            return done
         total = sum(o.tokens for o in done)
         for o in done:
             o.seconds = elapsed * o.tokens / total if total else elapsed / len(done)
@@ -342,17 +348,24 @@ class ModelServer:
 
     def _sample_pass(
         self, calls: list[tuple[LoraAdapter | None, Sample]]
-    ) -> list[SampleResult | ModelServerError]:
+    ) -> tuple[list[SampleResult | ModelServerError], list[float] | None]:
         """sample_many over `calls`; a pass that fails as a whole (out of memory, ...) is run again one call
-        at a time, so only the calls that fail alone fail (a call never gets another's outcome)."""
+        at a time, so only the calls that fail alone fail (a call never gets another's outcome). Also, after
+        such a failure, the seconds of each call's own pass (None: one pass served them all)."""
         try:
-            return self.sampler.sample_many(calls)
+            return self.sampler.sample_many(calls), None
         except Exception as exc:
             if len(calls) == 1:
-                return [ModelServerError(f"sample failed: {exc!r}", category="server")]
+                return [ModelServerError(f"sample failed: {exc!r}", category="server")], None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # what the failed pass held
-        return [r for call in calls for r in self._sample_pass([call])]
+        results: list[SampleResult | ModelServerError] = []
+        seconds: list[float] = []
+        for call in calls:
+            start = time.perf_counter()
+            results += self._sample_pass([call])[0]
+            seconds.append(time.perf_counter() - start)
+        return results, seconds
 
     def _run_single(self, m: _Model, seq_id: int, op: Operation) -> Outcome:
         try:

@@ -127,14 +127,23 @@ def test_a_sample_pass_is_bounded_by_its_padded_size_not_the_calls_sum():
     assert all(o.error is None for o in first + second) and s.pending() == 0
 
 
-def test_a_call_that_fails_the_batched_pass_fails_alone_and_the_others_get_their_own_outcomes():
+def test_a_call_that_fails_the_batched_pass_fails_alone_and_the_others_get_their_own_outcomes(monkeypatch):
+    import time
+
+    from gpu_runtime.model_server import engine
+
     s = _server()
     s.create_sampler("base")
     decode = s.sampler._decode
     poison = [99, 98, 97]
+    lost = [0.0]  # the failed pass's (fake) hour, on the engine's clock
+    clock = time.perf_counter
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock() + lost[0])
 
     def failing(calls):  # as an out-of-memory would: the whole pass raises when the poison call is in it
         if any(c.prompt == poison for c in calls):
+            if len(calls) > 1:
+                lost[0] += 3600.0  # a long pass that fails at its end
             raise RuntimeError("CUDA out of memory (simulated)")
         return decode(calls)
 
@@ -151,6 +160,9 @@ def test_a_call_that_fails_the_batched_pass_fails_alone_and_the_others_get_their
         got, ref = outcomes[mid].unwrap(), alone[mid]
         assert isinstance(got, SampleResult) and isinstance(ref, SampleResult)
         assert [q.tokens for q in got.sequences] == [q.tokens for q in ref.sequences]
+        assert outcomes[mid].seconds > 0
+    # each metered by its own pass: none of the failed pass's hour is charged to a or base
+    assert outcomes["a"].seconds + outcomes["base"].seconds < 3600 and b.seconds == 0
 
 
 def test_a_stop_string_late_in_a_long_sample_is_found_in_a_few_decodes():
