@@ -35,8 +35,8 @@ class RolloutEngine(ABC):
     ) -> GenerateResult:
         """`seeds`: one sampling seed per prompt (non-negative, < 2**63). An engine that seeds per request
         (our decode loop, vLLM) draws a prompt's tokens from its seed alone, whatever else is in the batch;
-        None: the engine draws the seeds from torch's global RNG. HFEngine samples batch-wise and ignores
-        them."""
+        None: the engine draws the seeds from torch's global RNG. HFEngine samples batch-wise, from a seed
+        hashed from the whole batch's seeds."""
 
     @abstractmethod
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:

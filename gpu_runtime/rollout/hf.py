@@ -5,12 +5,15 @@
 the sampler draws from a truncated distribution, so these log-probs are not exactly the sampler's: the gap
 metric shows it and truncated importance sampling (`tis_cap`) corrects for it.
 
-Sampling is batch-wise from torch's global RNG (`generate` has no per-row generators): per-request `seeds` are
-ignored, so a prompt's tokens depend on the batch it was sampled in (unlike our decode loop and vLLM).
+Sampling is batch-wise (`generate` has no per-row generators): with per-request `seeds`, a batch samples from
+torch's RNG seeded by a hash of its requests' seeds (and forked: the global state is left as it was), else
+from the global RNG. A prompt's tokens thus depend on the batch it was sampled in (unlike our decode loop and
+vLLM), but rollout workers that seed the global RNG alike (a step's parts) do not draw the same noise.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Literal
 
@@ -50,7 +53,16 @@ class HFEngine(RolloutEngine):
     ) -> GenerateResult:
         out = GenerateResult([], [], [])
         for i in range(0, len(prompts), self.max_batch):
-            part = self._generate(prompts[i : i + self.max_batch], sampling)
+            chunk = prompts[i : i + self.max_batch]
+            if seeds is None or sampling.greedy:
+                part = self._generate(chunk, sampling)
+            else:
+                key = repr(("hf-batch", list(seeds[i : i + self.max_batch]))).encode()
+                seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+                cuda = [torch.device(self.device)] if torch.device(self.device).type == "cuda" else []
+                with torch.random.fork_rng(devices=cuda):
+                    torch.manual_seed(seed)
+                    part = self._generate(chunk, sampling)
             out.token_ids += part.token_ids
             out.logprobs += part.logprobs
             out.finished += part.finished

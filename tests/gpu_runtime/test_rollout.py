@@ -70,6 +70,21 @@ def test_generation_stops_at_the_stop_id_and_is_seeded(engine):
         assert all(t % 2 == 1 for t in ids[:-1])
 
 
+def test_hf_engine_samples_a_batch_from_its_requests_seeds(engine):
+    # HFEngine samples batch-wise: its noise comes from the batch's seeds (the collector's per-request ones),
+    # not from torch's global RNG, which every rollout worker of a step seeds alike (same step seed): two
+    # workers' parts would otherwise draw the very same noise row for row.
+    sp = SamplingParams(max_new_tokens=12, temperature=5.0)
+    prompts = [[1, 2, 3]] * 4
+    torch.manual_seed(3)
+    a = engine.generate(prompts, sp, [11, 12, 13, 14])
+    torch.manual_seed(3)
+    b = engine.generate(prompts, sp, [21, 22, 23, 24])  # another part of the step, same global state
+    c = engine.generate(prompts, sp, [11, 12, 13, 14])  # other global state, same requests
+    assert a.token_ids != b.token_ids
+    assert c.token_ids == a.token_ids
+
+
 def test_load_weights_is_strict(engine):
     with pytest.raises(RuntimeError):
         engine.load_weights({"nope": torch.zeros(1)})
