@@ -23,11 +23,10 @@ import time
 from collections.abc import Callable
 
 import redis
-from django.conf import settings
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from rest_framework import throttling
 from rest_framework.settings import api_settings
+
+from portal.services import throttle
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +48,7 @@ def _count():
     if _script is None:
         with _lock:
             if _script is None:
-                _client = redis.Redis.from_url(
-                    settings.REDIS_URL,
-                    socket_timeout=2,
-                    socket_connect_timeout=2,
-                    retry=Retry(NoBackoff(), 0),
-                )
+                _client = throttle.redis_client()
                 _script = _client.register_script(_COUNT)
     return _client, _script
 

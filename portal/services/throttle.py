@@ -49,7 +49,8 @@ class Throttled(DomainError):
         self.retry_after = max(1, int(retry_after + 0.999))
 
 
-def _redis() -> redis.Redis:
+def redis_client() -> redis.Redis:
+    """The process's Valkey client for rate limits (this guard's and the API's, api/throttling.py)."""
     global _client
     if _client is None:
         with _client_lock:
@@ -88,7 +89,7 @@ def _take(keys: list[tuple[str, int]], window: float) -> tuple[_Attempt, float]:
     taken back, so refused attempts never lengthen a lock)."""
     now = clock()
     member = f"{now:.6f}:{uuid.uuid4().hex[:8]}"
-    pipe = _redis().pipeline(transaction=True)
+    pipe = redis_client().pipeline(transaction=True)
     for key, _ in keys:
         pipe.zremrangebyscore(key, "-inf", now - window)
         pipe.zadd(key, {member: now})
@@ -107,7 +108,7 @@ def _take(keys: list[tuple[str, int]], window: float) -> tuple[_Attempt, float]:
 
 
 def _forget(attempt: _Attempt) -> None:
-    pipe = _redis().pipeline(transaction=True)
+    pipe = redis_client().pipeline(transaction=True)
     for key in attempt.keys:
         pipe.zrem(key, attempt.member)
     pipe.execute()
@@ -150,7 +151,7 @@ def signin_end(attempt: _Attempt | None, *, succeeded: bool) -> None:
         return
     try:
         _forget(attempt)
-        _redis().delete(attempt.keys[0])
+        redis_client().delete(attempt.keys[0])
     except redis.RedisError as exc:
         logger.warning("sign-in throttle unavailable (%s)", exc)
 
@@ -173,7 +174,7 @@ def signup_check(ip: str | None) -> None:
 
 def throttle_reset() -> None:
     """Forget every count (tests start from none; an operator may use it to lift every lock at once)."""
-    client = _redis()
+    client = redis_client()
     keys = list(client.scan_iter(match=f"{PREFIX}*", count=1000))
     if keys:
         client.delete(*keys)
