@@ -198,9 +198,15 @@ class VLLMEngine(RolloutEngine):
         idle = _IDLE.setdefault(self._shape, [])
         if idle:
             self.llm = idle.pop()
-            for adapter_id in self.llm.llm_engine.list_loras() if self.lora is not None else ():
-                self.llm.llm_engine.remove_lora(adapter_id)  # the previous owner's (close() removes it too)
-            self._load_full(model.state_dict())  # also drops the previous owner's cached prefixes
+            try:
+                for adapter_id in self.llm.llm_engine.list_loras() if self.lora is not None else ():
+                    self.llm.llm_engine.remove_lora(adapter_id)  # the previous owner's (close() too)
+                self._load_full(model.state_dict())  # also drops the previous owner's cached prefixes
+            except BaseException:
+                # Back to the idle list, never dropped: its shutdown would tear down the vLLM state that
+                # every other engine in this process shares (see `_IDLE`).
+                idle.append(self.llm)
+                raise
         else:
             self.llm = _start_llm(model, max_num_seqs, dict(llm_kwargs))
         self._release = weakref.finalize(self, idle.append, self.llm)
