@@ -16,7 +16,6 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
 
 import pytest
 import tinker
@@ -30,20 +29,13 @@ from portal.models import MODEL_SERVER_KIND, Allocation, ComputePool, Job
 from portal.services.scheduler import schedule_pass
 from tests.api import tinker_live
 from tests.api.tinker_live import BASE_MODEL, WAIT, datum, post
+from tests.workers.test_local_driver import wait_for
 from workers.supervisor import launch
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.timeout(600)]
 platform = tinker_live.platform
 DATA = [datum([ord(c) % 200 + 3 for c in "the cat sat on the mat."])]
 IDLE_S = 6  # the server's idle exit: long enough for the test's gaps between calls on a loaded box
-
-
-def wait_for(what: str, check: Callable[[], object]) -> object:
-    deadline = time.monotonic() + WAIT
-    while not (got := check()):
-        assert time.monotonic() < deadline, f"still waiting for {what}"
-        time.sleep(0.2)  # polling a row the runner writes; the deadline is only a hang guard
-    return got
 
 
 def server_job() -> Job:
@@ -106,7 +98,7 @@ def test_a_training_client_starts_a_model_server_which_is_restarted_and_stops_wh
     )
 
     # The call queued a model-server job of the platform organization; the SDK waits meanwhile.
-    job = wait_for("the model-server job", lambda: Job.objects.filter(kind=MODEL_SERVER_KIND).first())
+    job = wait_for(lambda: Job.objects.filter(kind=MODEL_SERVER_KIND).first(), WAIT, "the model-server job")
     assert isinstance(job, Job)
     assert (job.organization.slug, job.organization.is_platform) == ("opentinker", True)
     assert (job.state, job.name, job.gpus) == ("queued", f"model server {BASE_MODEL}", 0)
@@ -135,7 +127,7 @@ def test_a_training_client_starts_a_model_server_which_is_restarted_and_stops_wh
 
     # Killed: the runner reports the signal, the job is re-queued (lost) and started again.
     os.killpg(int(first.runtime_handle), signal.SIGKILL)
-    wait_for("the re-queue", lambda: server_job().state == JobState.QUEUED)
+    wait_for(lambda: server_job().state == JobState.QUEUED, WAIT, "the re-queue")
     assert server_job().attempt == 1
     assert Allocation.objects.get(pk=first.pk).release_reason.startswith("lost: runtime killed by signal 9")
     second = start_admitted()
@@ -150,7 +142,7 @@ def test_a_training_client_starts_a_model_server_which_is_restarted_and_stops_wh
     )  # the same seed, the same fresh adapter, the same loss
 
     # No more calls: the server exits after IDLE_S, the job succeeds, its capacity is free again.
-    wait_for("the idle exit", lambda: server_job().state == JobState.SUCCEEDED)
+    wait_for(lambda: server_job().state == JobState.SUCCEEDED, WAIT, "the idle exit")
     done = Allocation.objects.get(pk=second.pk)
     assert done.released_at is not None and done.release_reason == "succeeded" and done.exit_code == 0
     assert not Allocation.objects.filter(released_at__isnull=True).exists()

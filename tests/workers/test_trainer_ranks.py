@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import psutil
@@ -27,6 +26,7 @@ from portal.services.jobs import job_cancel, job_submit
 from portal.services.scheduler import schedule_pass
 from tests.api.test_stream import uvicorn_url  # noqa: F401 (fixture)
 from tests.workers.conftest import make_pool
+from tests.workers.test_local_driver import wait_for
 from workers.supervisor import launch
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.timeout(400)]
@@ -65,14 +65,8 @@ def sft_spec(org_slug: str, ranks: int, *, steps: int = 2, name: str = "ranks") 
     )
 
 
-def wait_for(predicate, timeout: float = 240.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+WAIT = 240.0  # seconds, only against a hang: a job of a few steps on a loaded 2-core box
+ENDED = ("succeeded", "failed")
 
 
 def group_processes(pgid: int) -> list[psutil.Process]:
@@ -143,7 +137,7 @@ def test_two_ranks_end_with_the_parameters_of_one(
         for alloc in Allocation.objects.filter(released_at__isnull=True):
             assert launch(alloc.pk) == "launched"
         for job in (one, two):
-            wait_for(lambda j=job: sdk.jobs.get(j.id).state.value in ("succeeded", "failed"), what="the end")
+            wait_for(lambda j=job: sdk.jobs.get(j.id).state.value in ENDED, timeout=WAIT, what="the end")
             current = sdk.jobs.get(job.id)
             assert current.state.value == "succeeded", f"{current.state_reason}\n{logs(job.id)[-3000:]}"
     assert "trainer ranks: 2, processes of this machine" in logs(two.id)
@@ -184,11 +178,11 @@ def test_a_dead_rank_requeues_the_job_and_a_cancel_leaves_no_rank(real_runtime, 
     job = _submit(acme, sft_spec("acme", 2, steps=500, name="long"))
     alloc = start(job.pk)
     pgid = int(alloc.runtime_handle)
-    (follower,) = wait_for(lambda: follower_ranks(pgid), what="rank 1's process")
+    (follower,) = wait_for(lambda: follower_ranks(pgid), timeout=WAIT, what="rank 1's process")
     # Mid-training: a step's metric came from rank 0 after both ranks trained it.
-    wait_for(lambda: Metric.objects.filter(job=job, name="loss").exists(), what="a step")
+    wait_for(lambda: Metric.objects.filter(job=job, name="loss").exists(), timeout=WAIT, what="a step")
     follower.send_signal(signal.SIGKILL)
-    wait_for(lambda: Job.objects.get(pk=job.pk).state == "queued", what="the re-queue")
+    wait_for(lambda: Job.objects.get(pk=job.pk).state == "queued", timeout=WAIT, what="the re-queue")
     job.refresh_from_db()
     assert (job.attempt, job.state_reason) == (1, "runtime killed by signal 9")
     assert "job failed: trainer rank 1 was killed by signal 9" in logs(job.pk)
@@ -196,7 +190,7 @@ def test_a_dead_rank_requeues_the_job_and_a_cancel_leaves_no_rank(real_runtime, 
 
     alloc = start(job.pk)  # the second attempt
     pgid = int(alloc.runtime_handle)
-    wait_for(lambda: follower_ranks(pgid), what="rank 1's process")
+    wait_for(lambda: follower_ranks(pgid), timeout=WAIT, what="rank 1's process")
     job_cancel(job=Job.objects.get(pk=job.pk), actor=Actor.system("test"))
-    wait_for(lambda: Job.objects.get(pk=job.pk).state == "cancelled", what="the cancel")
+    wait_for(lambda: Job.objects.get(pk=job.pk).state == "cancelled", timeout=WAIT, what="the cancel")
     wait_for(lambda: not group_processes(pgid), timeout=60, what="no process of the second attempt")
