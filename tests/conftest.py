@@ -16,6 +16,7 @@ from rest_framework.test import APIClient
 from portal.models import Membership, Role
 from portal.services.orgs import organization_create
 from portal.services.tokens import token_create
+from tests.ray_session import ray_job_api, ray_session  # noqa: F401 (the session's one Ray cluster)
 
 ALL_SCOPES = ["jobs:read", "jobs:write", "envs:read", "envs:write", "org:admin"]
 
