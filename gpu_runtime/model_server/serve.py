@@ -74,6 +74,7 @@ from gpu_runtime.model_server.types import (
     SaveState,
     SaveStateResult,
 )
+from gpu_runtime.model_server.valkey import ValkeyTimeouts, valkey_client
 
 log = logging.getLogger(__name__)
 DRAIN_BATCH = 256
@@ -537,6 +538,7 @@ def serve(
     idle_exit_s: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
     lease_lost: Callable[[], bool] = lambda: False,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> str:
     """Run until `should_stop()` or, with `idle_exit_s`, until no operation came for that long and nothing
     waits; then park the training clients (ModelServer.park: with a spill_uri, the next server takes them
@@ -550,19 +552,28 @@ def serve(
             log.error("lost the base model's lease (another model server took over): stopping")
             why = "lease lost"
             break
-        outcomes: list[WireOutcome] = []
-        for msg in transport.drain():
-            outcomes += loop.handle(msg)
-        outcomes += loop.step()
-        if outcomes:
-            transport.post(outcomes)
+        try:
+            outcomes: list[WireOutcome] = []
+            for msg in transport.drain():
+                outcomes += loop.handle(msg)
+            outcomes += loop.step()
+            if outcomes:
+                transport.post(outcomes)
+                last_work = clock()
+                continue
+            if lease_lost():
+                continue  # taken over while it waited: take nothing more
+            msgs = transport.wait(idle_wait)  # nothing could run: block until an operation arrives
+            for msg in msgs:
+                transport.post(loop.handle(msg))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Valkey did not answer within the socket timeout (valkey.py): the connection is dropped and the
+            # next command opens a new one. The lease keeper, failing too, stops the server once a whole TTL
+            # has passed without a renewal; until then, try again (an idle time does not count meanwhile).
+            log.warning("Valkey did not answer (%r): trying again", exc)
             last_work = clock()
+            sleep(min(idle_wait, 1.0))
             continue
-        if lease_lost():
-            continue  # taken over while it waited: take nothing more
-        msgs = transport.wait(idle_wait)  # nothing could run: block until an operation arrives
-        for msg in msgs:
-            transport.post(loop.handle(msg))
         if msgs or loop.server.pending():
             last_work = clock()
         elif idle_exit_s and clock() - last_work >= idle_exit_s:
@@ -605,8 +616,10 @@ def main(args: Any) -> int:
     server = ModelServer(
         args.base_model, device=args.device, dtype=dtype, seed=args.seed, spill_uri=args.spill_uri or None
     )
+    # Timeouts on every socket, fitted to the lease (valkey.py): a silent Valkey never hangs the server.
+    timeouts = ValkeyTimeouts.for_lease(args.lease_ttl_s)
     transport = Transport(
-        redis.Redis.from_url(args.queue_url), args.base_model, http_poster(args.ingest_url, token)
+        valkey_client(args.queue_url, timeouts), args.base_model, http_poster(args.ingest_url, token)
     )
     lease = Lease(transport.queue, args.base_model, f"{socket.gethostname()}:{os.getpid()}", args.lease_ttl_s)
     try:
@@ -624,6 +637,7 @@ def main(args: Any) -> int:
             ServeLoop(server),
             transport,
             should_stop=lambda: bool(stopping) or expiring(),
+            idle_wait=timeouts.blocking_s,
             idle_exit_s=args.idle_exit_s,
             lease_lost=keeper.lost.is_set,
         )

@@ -1,0 +1,118 @@
+"""The model server's Valkey client never hangs (gpu_runtime/model_server/valkey.py): its timeouts fit the
+lease TTL (a read gives up within a third of it) and its blocking pop is shorter than its socket timeout, so
+an idle queue on the real Valkey the tests start is not an error. Against a Valkey that stops answering (a TCP
+listener on loopback that accepts and never replies: a half-open connection), a call fails with a timeout
+instead of hanging, the lease keeper declares the lease lost within about a TTL, and the serve loop, instead
+of hanging in its blocking pop, stops with "lease lost"."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from django.conf import settings
+
+from gpu_runtime.model_server.engine import ModelServer
+from gpu_runtime.model_server.serve import Lease, LeaseKeeper, ServeLoop, Transport, ops_key, serve
+from gpu_runtime.model_server.valkey import READ_MAX_S, ValkeyTimeouts, valkey_client
+
+TTL_S = 1.5  # reads give up after 0.5 s, the blocking pop after 0.25 s
+HANG_S = 60  # only against a hang: what the test would otherwise wait on forever
+
+
+@pytest.fixture
+def silent_valkey() -> Iterator[str]:
+    """A loopback listener that accepts connections and never answers (nor closes them)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    stop.set()
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+def in_thread(fn):
+    """fn() on a thread, its outcome or exception back here; a hang fails the test after HANG_S."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(fn).result(timeout=HANG_S)
+    finally:
+        pool.shutdown(wait=False)  # a hung call's thread is left behind, not waited for
+
+
+def test_the_timeouts_fit_the_lease_and_the_blocking_pop_is_shorter_than_a_read():
+    for ttl in (0.3, TTL_S, 6, 60, 3600):
+        t = ValkeyTimeouts.for_lease(ttl)
+        assert 0 < t.blocking_s < t.read_s <= ttl / 3 and t.read_s <= READ_MAX_S
+        assert 0 < t.connect_s <= t.read_s and t.health_check_s == t.read_s
+    assert ValkeyTimeouts.for_lease(60) == ValkeyTimeouts(5.0, 10.0, 10.0, 1.0)  # the default lease
+    assert ValkeyTimeouts.for_lease(6) == ValkeyTimeouts(2.0, 2.0, 2.0, 1.0)
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="must be positive"):
+            ValkeyTimeouts.for_lease(bad)
+
+
+def test_on_the_real_valkey_an_idle_blocking_pop_is_not_a_timeout():
+    t = ValkeyTimeouts.for_lease(TTL_S)
+    client = valkey_client(settings.REDIS_URL, t)
+    base = f"test-timeouts-{uuid.uuid4().hex[:8]}"
+    transport = Transport(client, base, lambda outcomes: None)
+    assert transport.wait(t.blocking_s) == []  # Valkey answered nil before the socket gave up
+    client.rpush(ops_key(base), '{"op": "optim_step", "model_id": "m"}')
+    assert transport.wait(t.blocking_s) == [{"op": "optim_step", "model_id": "m"}]
+    # Why the pop must be shorter: one as long as a read is cut off by the socket timeout.
+    with pytest.raises(redis.TimeoutError):
+        transport.wait(t.read_s * 2)
+    client.delete(ops_key(base), transport.claimed)
+
+
+def test_a_valkey_that_stops_answering_fails_each_call_instead_of_hanging(silent_valkey):
+    t = ValkeyTimeouts.for_lease(TTL_S)
+    client = valkey_client(silent_valkey, t)
+    lease = Lease(client, "tiny-qwen2", "holder", ttl_s=TTL_S)
+    transport = Transport(client, "tiny-qwen2", lambda outcomes: None)
+    for call in (client.ping, lease.renew, transport.drain, lambda: transport.wait(t.blocking_s)):
+        with pytest.raises(redis.TimeoutError):
+            in_thread(call)
+
+
+def test_the_lease_keeper_and_the_serve_loop_stop_on_a_silent_valkey(silent_valkey):
+    t = ValkeyTimeouts.for_lease(TTL_S)
+    client = valkey_client(silent_valkey, t)
+    keeper = LeaseKeeper(Lease(client, "tiny-qwen2", "holder", ttl_s=TTL_S)).start()
+    transport = Transport(client, "tiny-qwen2", lambda outcomes: None)
+    loop = ServeLoop(ModelServer("tiny-qwen2"))
+    try:
+        why = in_thread(
+            lambda: serve(
+                loop,
+                transport,
+                idle_wait=t.blocking_s,
+                should_stop=lambda: False,
+                lease_lost=keeper.lost.is_set,
+            )
+        )
+    finally:
+        keeper.stop()
+    assert why == "lease lost"
+    assert keeper.lost.is_set() and keeper.why.startswith("could not renew the lease for 1.5 s"), keeper.why
