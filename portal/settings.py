@@ -280,6 +280,8 @@ OPENTINKER_TINKER_AUTOSTART = env.bool("OPENTINKER_TINKER_AUTOSTART", True)
 OPENTINKER_TINKER_IDLE_EXIT_S = env.seconds("OPENTINKER_TINKER_IDLE_EXIT_S", 600, finite=True)
 OPENTINKER_TINKER_SERVER_GPUS = env.int("OPENTINKER_TINKER_SERVER_GPUS", 0, minimum=0, maximum=64)
 OPENTINKER_TINKER_POOL = env.str("OPENTINKER_TINKER_POOL", "")
+# Who serves a model server's sample / compute_logprobs: our decode loop, or vLLM's multi-LoRA (GPUs)
+OPENTINKER_TINKER_SAMPLER = env.choice("OPENTINKER_TINKER_SAMPLER", "decode", ("decode", "vllm"))
 OPENTINKER_TINKER_LEASE_TTL_S = env.seconds("OPENTINKER_TINKER_LEASE_TTL_S", 60, finite=True, positive=True)
 # Job tokens live this long (0: the job's max_hours plus an hour); a bootstrap token (single-use, it fetches
 # the job token and the environment secret on a Ray cluster) this long, never forever.

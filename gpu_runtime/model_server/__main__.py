@@ -20,6 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
+        "--sampler",
+        default="decode",
+        choices=["decode", "vllm"],
+        help="who serves sample / compute_logprobs: our decode loop, or vLLM's multi-LoRA (the vllm extra)",
+    )
+    run.add_argument(
         "--spill-uri",
         default="",
         help="file:// or s3:// prefix where a stopping server parks its training clients for the next one",

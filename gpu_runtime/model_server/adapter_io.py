@@ -54,16 +54,7 @@ def save_adapter(
     staging = Path(tempfile.mkdtemp(prefix="otk-adapter-"))
     try:
         params = adapter.named_parameters()
-        save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, str(staging / WEIGHTS))
-        PeftLoraConfig(
-            r=adapter.config.rank,
-            lora_alpha=adapter.alpha,
-            lora_dropout=0.0,
-            bias="none",
-            task_type="CAUSAL_LM",
-            target_modules=sorted({name.rsplit(".", 1)[-1] for name in adapter.pairs}),
-            base_model_name_or_path=base_model,
-        ).save_pretrained(str(staging))
+        write_peft(adapter, staging, base_model=base_model)
         if optimizer:
             save_file(_optimizer_tensors(adapter), str(staging / OPTIMIZER))
         if grads and adapter.has_grad():
@@ -87,6 +78,21 @@ def save_adapter(
         storage.publish_dir(staging, uri)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_peft(adapter: LoraAdapter, directory: Path, *, base_model: str) -> None:
+    """The adapter's PEFT files (`adapter_config.json`, `adapter_model.safetensors`) into `directory`."""
+    params = adapter.named_parameters()
+    save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, str(directory / WEIGHTS))
+    PeftLoraConfig(
+        r=adapter.config.rank,
+        lora_alpha=adapter.alpha,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=sorted({name.rsplit(".", 1)[-1] for name in adapter.pairs}),
+        base_model_name_or_path=base_model,
+    ).save_pretrained(str(directory))
 
 
 def load_adapter(host: MultiLoraModel, uri: str, *, optimizer: bool, grads: bool = False) -> LoraAdapter:

@@ -7,7 +7,9 @@ model's calls run in seq_id order and a retried (model_id, seq_id) is answered f
 (and those queued right behind them) run together: ONE forward and ONE backward over all their rows, each
 row routed to its model's adapter (`lora`). Likewise the `sample` calls at the heads of the queues (and those
 right behind them), whatever adapter each names, decode together in ONE batched loop with per-row adapter
-routing (`sampling`). Other calls run one by one.
+routing (`sampling`); with `sampler="vllm"` they go to one vLLM engine with multi-LoRA instead, each request
+with its adapter's LoRA (`vllm_sampling`; `max_lora_rank`: the largest rank vLLM serves, 64 unless given).
+Other calls run one by one.
 
 Models come in two kinds: training clients (`create_model`, `create_model_from_state`: an adapter with AdamW
 state and a gradient accumulator) and samplers (`create_sampler`: the base, or a saved adapter, frozen).
@@ -17,11 +19,13 @@ with their Adam state and pending gradients, when their next call runs.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -55,7 +59,11 @@ from gpu_runtime.model_server.types import (
 )
 from gpu_runtime.models import load_model
 
+if TYPE_CHECKING:
+    from gpu_runtime.model_server.vllm_sampling import VLLMSampler
+
 DEFAULT_BATCH_TOKENS = 65536
+SAMPLERS = ("decode", "vllm")  # who serves sample / compute_logprobs: our decode loop, or vLLM's multi-LoRA
 
 
 def _padded_sample_size(rows: int, width: int, steps: int, op: Sample) -> tuple[int, int, int]:
@@ -117,14 +125,38 @@ class ModelServer:
         spill_uri: str | None = None,
         max_resident: int | None = None,
         max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        sampler: str = "decode",
+        max_lora_rank: int | None = None,
     ) -> None:
         if max_resident is not None and spill_uri is None:
             raise ValueError("max_resident needs a spill_uri to evict adapters to")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
         loaded = load_model(base_model, seed=seed, dtype=dtype)
         self.base_model, self.seed = base_model, seed
         self.tokenizer = loaded.tokenizer
+        vllm_model = None
+        if sampler == "vllm":  # vLLM starts from the plain base, before its linears are wrapped
+            vllm_model = copy.deepcopy(loaded.model)
         self.host = MultiLoraModel(loaded.model.to(device))
-        self.sampler = AdapterSampler(self.host, self.tokenizer)  # puts the model in eval mode: no dropout
+        # the decode loop: the default sampler, and the vLLM one's checks and fallback
+        self.decoder = AdapterSampler(self.host, self.tokenizer)  # puts the model in eval mode: no dropout
+        self.sampler: AdapterSampler | VLLMSampler = self.decoder
+        if vllm_model is not None:
+            from gpu_runtime.model_server.vllm_sampling import (
+                DEFAULT_MAX_LORA_RANK,
+                DEFAULT_MAX_LORAS,
+                VLLMSampler,
+            )
+
+            self.sampler = VLLMSampler(
+                vllm_model,
+                self.decoder,
+                base_model=base_model,
+                max_loras=min(max_resident or DEFAULT_MAX_LORAS, DEFAULT_MAX_LORAS * 8),
+                max_lora_rank=max_lora_rank or DEFAULT_MAX_LORA_RANK,
+            )
+            del vllm_model
         self.vocab_size: int = self.host.model.config.vocab_size
         self.spill_uri = spill_uri
         self.max_resident = max_resident

@@ -614,7 +614,12 @@ def main(args: Any) -> int:
         raise SystemExit("OPENTINKER_MODEL_SERVER_TOKEN is not set (the platform's model-server token)")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     server = ModelServer(
-        args.base_model, device=args.device, dtype=dtype, seed=args.seed, spill_uri=args.spill_uri or None
+        args.base_model,
+        device=args.device,
+        dtype=dtype,
+        seed=args.seed,
+        spill_uri=args.spill_uri or None,
+        sampler=getattr(args, "sampler", "decode"),
     )
     # Timeouts on every socket, fitted to the lease (valkey.py): a silent Valkey never hangs the server.
     timeouts = ValkeyTimeouts.for_lease(args.lease_ttl_s)
@@ -681,6 +686,7 @@ def serve_spec(spec: dict[str, Any]) -> int:
         dtype=str(conf.get("dtype") or "float32"),
         seed=int(conf.get("seed") or 0),
         spill_uri=str(conf.get("spill_uri") or ""),
+        sampler=str(conf.get("sampler") or "decode"),
         idle_exit_s=float(conf.get("idle_exit_s") or 0.0),
         lease_ttl_s=ttl,
         # The job was re-queued after its server died: that server's lease outlives it by up to its TTL.

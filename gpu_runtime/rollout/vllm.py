@@ -171,6 +171,8 @@ class VLLMEngine(RolloutEngine):
     """`model`: the policy (a transformers causal LM, on CPU) whose config and weights vLLM starts from.
     `lora`: the job's LoRA settings (rank, alpha, target_modules) to serve the adapter as a vLLM adapter
     (`load_weights` then takes the adapter's PEFT state dict); None: full weights, LoRA merged by the trainer.
+    `enable_lora=True` (with max_loras, max_lora_rank) and no `lora`: many adapters, which the caller adds to
+    and removes from `llm` itself (the model server's vLLM sampler); a reused engine comes without them.
     `close()` (or garbage collection) hands the vLLM engine to the next `VLLMEngine` of the same shape."""
 
     def __init__(
@@ -199,7 +201,7 @@ class VLLMEngine(RolloutEngine):
         if idle:
             self.llm = idle.pop()
             try:
-                for adapter_id in self.llm.llm_engine.list_loras() if self.lora is not None else ():
+                for adapter_id in self.llm.llm_engine.list_loras() if llm_kwargs.get("enable_lora") else ():
                     self.llm.llm_engine.remove_lora(adapter_id)  # the previous owner's (close() too)
                 self._load_full(model.state_dict())  # also drops the previous owner's cached prefixes
             except BaseException:

@@ -99,6 +99,7 @@ def model_server_spec(base_model: str) -> dict[str, Any]:
             "base_model": base_model,
             "idle_exit_s": float(settings.OPENTINKER_TINKER_IDLE_EXIT_S),
             "lease_ttl_s": float(settings.OPENTINKER_TINKER_LEASE_TTL_S),
+            "sampler": settings.OPENTINKER_TINKER_SAMPLER,
             # Parked training clients (idle exit, SIGTERM) of every organization: the platform's prefix.
             "spill_uri": f"{storage.organization_prefix(PLATFORM_ORG)}/tinker/spill",
         },
