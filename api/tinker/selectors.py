@@ -243,3 +243,12 @@ def queue_depths(bases: list[str]) -> dict[str, int]:
         return dict(zip(bases, (int(n) for n in pipe.execute()), strict=True))
     except redis.RedisError:  # the console renders while Valkey is down: the count reads "unknown"
         return {}
+
+
+def base_model_has_live_session(base_model: str, since: datetime) -> bool:
+    """Whether an unfinished session of any organization, heartbeating since `since`, has a training client or
+    sampler on `base_model` (its client may call again: a lost model server for the base is restarted;
+    registered with portal/services/model_servers.py at start-up)."""
+    return TinkerModel.objects.filter(
+        base_model=base_model, session__finished_at__isnull=True, session__last_heartbeat_at__gte=since
+    ).exists()

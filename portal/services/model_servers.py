@@ -22,17 +22,24 @@ The life of one:
    driver with `model_server_env` (the model-server token, Valkey and the Tinker ingest URL); `"kind":
    "tinker"` in the spec makes the runtime a model server (gpu_runtime/model_server/serve.py `serve_spec`).
 3. It exits 0 after `OPENTINKER_TINKER_IDLE_EXIT_S` without work (parking its training clients): the job
-   succeeds and its allocation is released. Killed, it is re-queued as lost and started again; the new one
-   waits for the dead one's lease, fails the calls that were in flight, and serves the rest.
+   succeeds and its allocation is released. Killed (or its node, runner or Ray cluster lost), it is re-queued
+   as lost and started again only if something needs it (`model_server_demand`: operations queued, calls it
+   had in flight, or a live session with a training client or sampler on its base); the new one waits for
+   the dead one's lease, fails the calls that were in flight, and serves the rest. With nothing needing it,
+   the job ends `succeeded` as after an idle exit (not `failed`, which would hold back the next start) and
+   the next Tinker call starts a fresh server.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
+import redis
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -57,10 +64,17 @@ OPS_PREFIX = "tinker:ops:"
 FAILED_RETRY_AFTER_S = 30.0
 FAILED_RETRY_MAX_S = 1800.0
 PLATFORM_GPU_HOURS = 10_000_000  # Quota.gpu_hours_per_month's maximum: no monthly bound
+# A session is live while its heartbeat is this recent (the SDK beats every 10 s): its client may call again.
+LIVE_SESSION_S = 60.0
+VALKEY_TIMEOUT_S = 5.0  # a supervisor pass asking Valkey never hangs on it
 
 
 def ops_key(base_model: str) -> str:
     return f"{OPS_PREFIX}{base_model}"
+
+
+def claimed_key(base_model: str) -> str:
+    return f"tinker:claimed:{base_model}"
 
 
 def lease_key(base_model: str) -> str:
@@ -185,6 +199,56 @@ def model_servers_reconcile(client: Any) -> list[str]:
         if created:
             started.append(base)
     return started
+
+
+# Whether a base model has a live session (heartbeating since the given time, not finished, with a training
+# client or sampler on it). The Tinker API app owns sessions and registers this at start-up
+# (api/tinker/apps.py): the domain cannot import it.
+LiveSessions = Callable[[str, datetime], bool]
+_live_sessions: LiveSessions | None = None
+
+
+def register_live_sessions(check: LiveSessions) -> None:
+    global _live_sessions
+    _live_sessions = check
+
+
+@cache
+def _valkey(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=VALKEY_TIMEOUT_S, socket_connect_timeout=VALKEY_TIMEOUT_S)
+
+
+def model_server_demand(base_model: str, client: Any = None) -> str:
+    """Why the base model needs a model server now, or "" when nothing does: a lost server is restarted only
+    then (`model_server_lost`). Unknown (Valkey not answering, no session check registered) counts as
+    needed: a needless restart only idles out, a missing one strands calls."""
+    client = client or _valkey(settings.REDIS_URL)
+    try:
+        if client.llen(ops_key(base_model)):
+            return "operations are queued"
+        if client.llen(claimed_key(base_model)):
+            return "calls were in flight (the restarted server fails them clearly)"
+    except redis.RedisError as exc:
+        log.warning("model-server demand for %s: Valkey did not answer (%r)", base_model, exc)
+        return "Valkey did not answer"
+    if _live_sessions is None:
+        return "live sessions unknown"
+    if _live_sessions(base_model, timezone.now() - timedelta(seconds=LIVE_SESSION_S)):
+        return "a session is live"
+    return ""
+
+
+def model_server_lost_unneeded(job: Job) -> str:
+    """For a lost model-server job: "" when it should be restarted (re-queued), else why it ends instead."""
+    if job.kind != MODEL_SERVER_KIND:
+        return ""
+    base = str((job.spec.get("model_server") or {}).get("base_model") or "")
+    if not base or model_server_demand(base):
+        return ""
+    return (
+        f"not restarted: no Tinker call waits and no session is live for {base} "
+        "(the next call starts a model server)"
+    )
 
 
 @dataclass(frozen=True)

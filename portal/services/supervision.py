@@ -24,6 +24,7 @@ from portal.services import live
 from portal.services.audit import audit_record
 from portal.services.enqueue import enqueue
 from portal.services.jobs import job_event_add, job_transition
+from portal.services.model_servers import model_server_lost_unneeded
 from portal.services.usage import allocation_account
 
 S = JobState
@@ -90,7 +91,8 @@ def job_requeue(*, job: Job, why: str, reason: str, actor: Actor = SYSTEM) -> Jo
     """Give the job's capacity back and queue it again (it resumes from its last checkpoint).
 
     ``why`` is ``lost`` (worker, node or runtime died: counts against the retry limit, then the job fails)
-    or ``preempted`` (borrowed capacity reclaimed, or an admin's preemption: never counts).
+    or ``preempted`` (borrowed capacity reclaimed, or an admin's preemption: never counts). A lost Tinker
+    model server with nothing needing it ends instead (portal/services/model_servers.py).
     """
     with transaction.atomic():
         job = Job.objects.select_for_update().get(pk=job.pk)
@@ -102,6 +104,15 @@ def job_requeue(*, job: Job, why: str, reason: str, actor: Actor = SYSTEM) -> Jo
             return job
         if state is S.CANCELLING:
             return job_transition(job=job, to=S.CANCELLED, actor=actor, reason=f"cancelled ({reason})")
+        if why == "lost" and state is S.RUNNING and (unneeded := model_server_lost_unneeded(job)):
+            # A Tinker model server nobody needs now: restarting it would only idle out.
+            return job_transition(
+                job=job,
+                to=S.SUCCEEDED,
+                actor=actor,
+                reason=f"{reason}; {unneeded}",
+                data={"lost": True, "restarted": False},
+            )
         if why == "lost" and _lost_retries(job) >= max_lost_retries():
             return job_transition(
                 job=job,
