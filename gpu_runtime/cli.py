@@ -192,8 +192,6 @@ def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> 
                 address = os.environ.get("RAY_ADDRESS")
                 ray.init(address=address, **({} if address else {"num_cpus": 2}), log_to_driver=False)
         if multi_agent:  # games through the coordinator, one parameter set per trained policy
-            if spec.resources.rollout_workers > 1:
-                raise ValueError("resources.rollout_workers > 1 is not supported for multi-agent jobs yet")
             group = games = MultiAgentGroup(spec, use_ray=use_ray, world_size=world_size)
             controller = MultiAgentController(spec, sink, games, prefix)
         else:

@@ -9,15 +9,16 @@ policies each keep their own parameter set, optimizer and trainer ranks; a `rule
 rule-based player. Without `multi_agent`, a multi-agent environment is self-play with the job's model.
 
 Each trained policy is driven by a plain `Controller` over a view of its own ranks, fed the samples its roles
-produced in the step's games, so the policy update is exactly the single-agent code path. One rollout worker
-holds every policy's engine and runs the games, batched across games (`gpu_runtime.rollout.games`).
+produced in the step's games, so the policy update is exactly the single-agent code path. A rollout worker
+holds every policy's engine and runs the games, batched across games (`gpu_runtime.rollout.games`); with
+`resources.rollout_workers` N, N workers play the step's games in parts (`gpu_runtime.multiagent_pool`),
+every policy's new weights go to each of them, and the statistics are pooled by game and move counts.
 A checkpoint is one step directory with a subdirectory per policy (HF layout or PEFT adapter each).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,8 +32,10 @@ from gpu_runtime.batch import Sample
 from gpu_runtime.controller import Controller, JobLoop, derive_seed, reward_metrics
 from gpu_runtime.env_packages import PackageEnvFactory
 from gpu_runtime.envs import env_factory
+from gpu_runtime.game_stats import Tally, game_tally, policy_game_tally, versus_rule_metrics
 from gpu_runtime.groups import LocalGroup, RayGroup, WorkerGroup, blocking
 from gpu_runtime.models import load_model, torch_dtype
+from gpu_runtime.multiagent_pool import MultiAgentRolloutPool
 from gpu_runtime.phases import PhaseTimer
 from gpu_runtime.rollout.base import SamplingParams
 from gpu_runtime.rollout.collector import episode_to_sample
@@ -41,7 +44,7 @@ from gpu_runtime.sink import Sink
 from gpu_runtime.workers import configure_threads, job_device, rollout_engine
 from opentinker.env.codec import HFChatCodec
 from opentinker.env.multiagent import MultiAgentEnvironment, MultiAgentEpisode, MultiAgentProtocol
-from opentinker.env.protocol import Budget, StopReason
+from opentinker.env.protocol import Budget
 from opentinker.spec import JobSpec, MultiAgentSpec, PolicySpec
 
 # Per-policy copies of these training metrics go under `policy/<name>/`; the top-level value is their mean.
@@ -165,57 +168,15 @@ def resolve(spec: JobSpec) -> MultiAgentSetup:
 
 
 def game_stats(games: list[MultiAgentEpisode], roles: list[str]) -> dict[str, float]:
-    """Per-role statistics of finished games: mean reward, win rate, illegal-move rate (moves the environment
-    answered with an `illegal` entry in its info, over the role's moves; roles with generated moves only),
-    and the draw rate (a finished game whose info says `winner: None`)."""
-    ok = [game for game in games if not game.failed]
-    stats = {"episodes/failed": float(len(games) - len(ok)), "episodes/total": float(len(games))}
-    for reason in sorted({game.error or "" for game in games if game.failed})[:5]:
-        print(f"game failed: {reason}", file=sys.stderr, flush=True)  # the job's log keeps why
-    if not ok:
-        return stats
-    stats["game/rounds/mean"] = sum(game.rounds for game in ok) / len(ok)
-    stats["game/draw_rate"] = sum(
-        game.stop_reason is StopReason.DONE and "winner" in game.info and game.info["winner"] is None
-        for game in ok
-    ) / len(ok)
-    for role in roles:
-        stats[f"reward/{role}/mean"] = sum(game.per_role[role].reward for game in ok) / len(ok)
-        stats[f"game/{role}/win_rate"] = sum(game.info.get("winner") == role for game in ok) / len(ok)
-        turns = [t for game in ok for t in game.per_role[role].turns]
-        if turns:
-            stats[f"game/{role}/illegal_rate"] = sum(bool(t.info.get("illegal")) for t in turns) / len(turns)
-        # Board games mark the moves that had to block (`must_block`): the share that did is the skill that
-        # separates a random legal player from the rule player.
-        must = [t for t in turns if t.info.get("must_block")]
-        if must:
-            stats[f"game/{role}/block_rate"] = sum(bool(t.info.get("blocked")) for t in must) / len(must)
-    return stats
+    """Per-role statistics of finished games (`gpu_runtime.game_stats.game_tally`) as metrics."""
+    return game_tally(games, roles).values()
 
 
 def policy_game_stats(
     games: list[MultiAgentEpisode], seatings: list[dict[str, str | None]], policies: list[str]
 ) -> dict[str, float]:
-    """Per trained policy, over the roles it played: `policy/<name>/win_rate` (of its games) and
-    `policy/<name>/illegal_rate` (of its moves)."""
-    stats: dict[str, float] = {}
-    for policy in policies:
-        played = [
-            (game, role)
-            for game, seating in zip(games, seatings, strict=True)
-            if not game.failed
-            for role, p in seating.items()
-            if p == policy
-        ]
-        if not played:
-            continue
-        stats[f"policy/{policy}/win_rate"] = sum(g.info.get("winner") == r for g, r in played) / len(played)
-        turns = [t for g, r in played for t in g.per_role[r].turns]
-        if turns:
-            stats[f"policy/{policy}/illegal_rate"] = sum(bool(t.info.get("illegal")) for t in turns) / len(
-                turns
-            )
-    return stats
+    """Per trained policy, over the roles it played: `policy/<name>/win_rate` and `.../illegal_rate`."""
+    return policy_game_tally(games, seatings, policies).values()
 
 
 class MultiAgentRolloutWorker:
@@ -260,12 +221,13 @@ class MultiAgentRolloutWorker:
         fallback = next(iter(self.policy_codecs.values()))
         return {r: self.policy_codecs[p] if p else fallback for r, p in role_policy.items()}
 
-    def seatings(self, group_ids: list[int]) -> list[dict[str, str | None]]:
+    def seatings(self, group_ids: list[int], first_group: int = 0) -> list[dict[str, str | None]]:
         """Who plays each role in each game, per game group (a group id's order of first appearance): the
         job's mapping; with `rotate_roles` that mapping rotated by one from each policy-vs-policy group to
         the next, so each policy plays every role; with `rule_mix`, that share of the groups (evenly spread)
         seats one trained policy against the rule-based player in every other role, cycling through every
-        (policy, role) pair."""
+        (policy, role) pair. `first_group`: the step-wide index of the first group (a rollout worker's part
+        of the step), so every part seats its groups as one worker seats the whole step."""
         ma = self.setup.mapping
         base = self.setup.role_policy
         roles, trained = list(base), self.setup.trained
@@ -274,7 +236,7 @@ class MultiAgentRolloutWorker:
         ]
         per_group: list[dict[str, str | None]] = []
         vs_policy = vs_rule = 0
-        for j in range(len(dict.fromkeys(group_ids))):
+        for j in range(first_group + len(dict.fromkeys(group_ids))):
             if int((j + 1) * ma.rule_mix) > int(j * ma.rule_mix):
                 policy, seat = trained[vs_rule % len(trained)], roles[(vs_rule // len(trained)) % len(roles)]
                 per_group.append({r: policy if r == seat else None for r in roles})
@@ -282,42 +244,63 @@ class MultiAgentRolloutWorker:
             else:
                 per_group.append(rotated[vs_policy % len(roles)] if ma.rotate_roles else base)
                 vs_policy += 1
-        index = {g: i for i, g in enumerate(dict.fromkeys(group_ids))}
+        index = {g: first_group + i for i, g in enumerate(dict.fromkeys(group_ids))}
         return [per_group[index[g]] for g in group_ids]
 
     def collect(
         self, seeds: list[int], group_ids: list[int], torch_seed: int, greedy: bool = False
     ) -> tuple[dict[str, list[Sample]], dict[str, float]]:
         """Samples per trained policy (one per game and role it plays) and per-role game statistics."""
+        per_policy, tally = self.collect_part(seeds, group_ids, torch_seed, greedy)
+        return per_policy, tally.values()
+
+    def collect_part(
+        self,
+        seeds: list[int],
+        group_ids: list[int],
+        torch_seed: int,
+        greedy: bool = False,
+        first: int = 0,
+        first_group: int = 0,
+    ) -> tuple[dict[str, list[Sample]], Tally]:
+        """`collect` of a part of the step, its statistics as a tally (`gpu_runtime.game_stats`) for the
+        pool to add up. `first`, `first_group`: the step-wide index of the part's first game and group: each
+        request samples with a seed of (torch_seed, game index, request), games keep their step-wide index
+        and groups their seating, so the tokens and seats do not depend on the split."""
         torch.manual_seed(torch_seed)  # sampling depends only on (job seed, step): resume is exact
         a = self.spec.algorithm
         sampling = SamplingParams(
             max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, greedy=greedy
         )
-        seatings = self.seatings(group_ids)
+        seatings = self.seatings(group_ids, first_group)
         codecs = [self._codecs(m) for m in seatings]
-        games = run_games(self.make_env, self.protocol, codecs, self.engines, seatings, sampling, seeds)
+        engines = self.engines
+        games = run_games(self.make_env, self.protocol, codecs, engines, seatings, sampling, seeds, first)
         per_policy: dict[str, list[Sample]] = {p: [] for p in self.setup.trained}
         for i, (game, g, seating) in enumerate(zip(games, group_ids, seatings, strict=True)):
             if not game.failed:
                 for role, ep in game.per_role.items():
                     policy = seating[role]
                     if policy is not None:
-                        per_policy[policy].append(episode_to_sample(ep, g, game=i))
-        stats = game_stats(games, list(self.setup.role_policy))
+                        per_policy[policy].append(episode_to_sample(ep, g, game=first + i))
+        tally = game_tally(games, list(self.setup.role_policy))
         if self.setup.mapping.rotate_roles or self.setup.mapping.rule_mix:  # roles no longer name policies
-            stats.update(policy_game_stats(games, seatings, self.setup.trained))
-        return per_policy, stats
+            tally.merge(policy_game_tally(games, seatings, self.setup.trained))
+        return per_policy, tally
 
     def versus_rule(self, seeds: list[int]) -> dict[str, float]:
         """Greedy games of every trained policy in every role against the rule-based player (all other
         roles): `vs_rule/<policy>/<role>/...` statistics, and per policy their mean over its roles."""
+        return versus_rule_metrics(self.versus_rule_part(seeds))
+
+    def versus_rule_part(self, seeds: list[int], first: int = 0) -> dict[tuple[str, str], Tally]:
+        """The rule-player evaluation's games on these seeds (a part of them: `first` is the index of the
+        first), tallied per (policy, role) for the pool to add up."""
         a = self.spec.algorithm
         sampling = SamplingParams(max_new_tokens=a.max_new_tokens, greedy=True)
         roles = list(self.setup.role_policy)
-        out: dict[str, float] = {}
+        out: dict[tuple[str, str], Tally] = {}
         for policy in self.setup.trained:
-            per_role: dict[str, dict[str, float]] = {}
             for role in roles:
                 seating = {r: (policy if r == role else None) for r in roles}
                 games = run_games(
@@ -328,23 +311,9 @@ class MultiAgentRolloutWorker:
                     seating,
                     sampling,
                     seeds,
+                    first,
                 )
-                stats = game_stats(games, roles)
-                win = stats.get(f"game/{role}/win_rate", 0.0)
-                per_role[role] = {
-                    "win_rate": win,
-                    "win_or_draw": win + stats.get("game/draw_rate", 0.0),
-                    "illegal_rate": stats.get(f"game/{role}/illegal_rate", 0.0),
-                    "reward": stats.get(f"reward/{role}/mean", 0.0),
-                    "failed": stats["episodes/failed"] / len(games),
-                }
-                if f"game/{role}/block_rate" in stats:
-                    per_role[role]["block_rate"] = stats[f"game/{role}/block_rate"]
-            for role, values in per_role.items():
-                for k, v in values.items():
-                    out[f"vs_rule/{policy}/{role}/{k}"] = v
-            for k in ("win_rate", "win_or_draw", "illegal_rate", "reward"):
-                out[f"vs_rule/{policy}/{k}"] = sum(v[k] for v in per_role.values()) / len(per_role)
+                out[policy, role] = game_tally(games, roles)
         return out
 
     def load_weights(self, policy: str, state_dict: dict[str, torch.Tensor]) -> None:
@@ -352,17 +321,21 @@ class MultiAgentRolloutWorker:
 
 
 class MultiAgentGroup:
-    """Trainer ranks per trained policy (in process, or Ray actors in a placement group per policy) and one
-    rollout worker holding every policy's engine. In process everything shares the job's device; with Ray
-    on GPUs each policy's ranks take `world_size` GPUs and the rollout worker one more."""
+    """Trainer ranks per trained policy (in process, or Ray actors in a placement group per policy) and the
+    rollout workers (`resources.rollout_workers`), each holding every policy's engine; several are one
+    `MultiAgentRolloutPool`. In process everything shares the job's device (several workers play their
+    parts in turn: parity tests); with Ray on GPUs each policy's ranks take `world_size` GPUs and each
+    rollout worker one more."""
 
     def __init__(self, spec: JobSpec, *, use_ray: bool = False, world_size: int = 1) -> None:
         self.setup = resolve(spec)
         self.world_size = world_size
         self.ray: Any = None
-        self.rollout_actor: Any = None
+        self.rollout_actors: list[Any] = []
         js = spec.model_dump_json()
+        n = spec.resources.rollout_workers
         self.ranks: dict[str, WorkerGroup]
+        self.rollout: MultiAgentRolloutWorker | MultiAgentRolloutPool
         if use_ray:
             import ray
 
@@ -371,25 +344,31 @@ class MultiAgentGroup:
                 p: RayGroup(self.setup.specs[p], world_size, rollout=False) for p in self.setup.trained
             }
             gpu = spec.resources.gpus > 0
-            self.rollout_actor = (
-                ray.remote(MultiAgentRolloutWorker)
-                .options(num_cpus=0, num_gpus=1 if gpu else 0)  # CPU: shares the nodes cores, like the ranks
-                .remote(js)
+            # CPU: the workers share the nodes' cores, like the ranks; `spread`: across nodes, best effort.
+            options: dict[str, Any] = {"num_cpus": 0, "num_gpus": 1 if gpu else 0}
+            if spec.resources.placement == "spread":
+                options["scheduling_strategy"] = "SPREAD"
+            actor_cls = ray.remote(MultiAgentRolloutWorker).options(**options)
+            self.rollout_actors = [actor_cls.remote(js) for _ in range(n)]
+            self.rollout = (
+                blocking(ray, self.rollout_actors[0], MultiAgentRolloutWorker)
+                if n == 1
+                else MultiAgentRolloutPool(self.rollout_actors, ray)
             )
-            self.rollout = blocking(ray, self.rollout_actor, MultiAgentRolloutWorker)
         else:
             if world_size != 1:
                 raise ValueError("more than one trainer rank per policy needs Ray")
             self.ranks = {p: LocalGroup(self.setup.specs[p], rollout=False) for p in self.setup.trained}
-            self.rollout = MultiAgentRolloutWorker(js)
+            workers = [MultiAgentRolloutWorker(js) for _ in range(n)]
+            self.rollout = workers[0] if n == 1 else MultiAgentRolloutPool(workers)
 
     def shutdown(self) -> None:
         try:
             for g in self.ranks.values():
                 g.shutdown()
         finally:
-            if self.ray is not None:
-                self.ray.kill(self.rollout_actor)
+            for actor in self.rollout_actors:
+                self.ray.kill(actor)
 
 
 class _PolicyRollout:

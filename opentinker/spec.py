@@ -655,6 +655,16 @@ class JobSpec(_Strict):
         rollout = info.data.get("rollout")
         if v is not None and rollout is not None and rollout.vllm_lora == "adapter":
             raise ValueError("rollout.vllm_lora adapter is for single-policy jobs; multi-agent ones merge")
+        res = info.data.get("resources")
+        if v is not None and res is not None and res.rollout_workers > 1 and res.gpus > 0:
+            # gpu_runtime.multiagent: each trained policy's ranks take a GPU each, each rollout worker one
+            need = len(v.trained) * res.trainer_ranks + res.rollout_workers
+            if res.gpus < need:
+                raise ValueError(
+                    f"rollout_workers ({res.rollout_workers}) of a multi-agent job on GPUs need a GPU each "
+                    f"besides each trained policy's trainer ranks ({len(v.trained)} x {res.trainer_ranks}): "
+                    f"resources.gpus must be at least {need}, not {res.gpus}"
+                )
         return v
 
     @field_validator("rollout")

@@ -44,15 +44,17 @@ def run_games(
     role_policy: Mapping[str, str | None] | Sequence[Mapping[str, str | None]],
     sampling: SamplingParams,
     seeds: list[int],
+    first: int = 0,
 ) -> list[MultiAgentEpisode]:
     """One game per seed; `role_policy` maps each role to the engine name playing it (None: the environment's
     rule-based player); `codecs` is per role. Either may be one mapping for every game or a list with one per
-    game (games with different seatings, batched together). Results in the order of `seeds`."""
+    game (games with different seatings, batched together). Results in the order of `seeds`. `first`: the
+    step-wide index of the first game (a rollout worker's part of a step; per-request sampling seeds)."""
     per_game = [role_policy] * len(seeds) if isinstance(role_policy, Mapping) else list(role_policy)
     game_codecs = [codecs] * len(seeds) if isinstance(codecs, Mapping) else list(codecs)
     if not len(per_game) == len(game_codecs) == len(seeds):
         raise ValueError("role_policy and codecs lists need one entry per seed")
-    batcher = _Batcher(engines, sampling, len(seeds))
+    batcher = _Batcher(engines, sampling, len(seeds), first)
 
     def one(index: int) -> MultiAgentEpisode:
         try:

@@ -243,3 +243,51 @@ def test_ray_actors_run_the_same_two_policy_step_as_in_process(warm_start, ray_s
             assert remote[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
     (ck,) = by_type(lines, "checkpoint").values()
     assert {"px/model.safetensors", "po/model.safetensors"} <= {f["name"] for f in ck["files"]}
+
+
+def scaled(spec: JobSpec, workers: int) -> JobSpec:
+    body = spec.model_dump(mode="json")
+    body["resources"]["rollout_workers"] = workers
+    return JobSpec.model_validate(body)
+
+
+@pytest.mark.slow
+def test_two_rollout_workers_train_both_policies_as_one_worker_does(warm_start, tmp_path):
+    """Issue 14 item 3 for multi-agent jobs: a step's games split over 2 in-process rollout workers (groups 2
+    and 1: an uneven split), each with both policies' engines, sampled at T = 1, end with the parameters and
+    metrics of 1 worker. Covers the per-request seeds (step-wide game index), the seats of a part's groups
+    (rotate_roles and rule_mix: the third group is against the rule player), both policies' syncs to both
+    workers (step 2 samples with step 1's weights everywhere), per-role rates pooled by game and move counts,
+    and the rule-player evaluation split over the workers (3 games: 2 and 1)."""
+    ma = json.loads(json.dumps(TWO_POLICIES).replace("WARM", warm_start))
+    ma.update(rotate_roles=True, rule_mix=0.34, eval_vs_rule={"games": 3, "every_steps": 2})
+    body = job(warm_start, ma, steps=2).model_dump(mode="json")
+    body["algorithm"]["batch_size"] = 3
+    spec = JobSpec.model_validate(body)
+    assert spec.algorithm.temperature == 1.0 and spec.algorithm.top_p == 1.0  # sampled: the seeds matter
+    one, two = run(spec, f"file://{tmp_path}/one"), run(scaled(spec, 2), f"file://{tmp_path}/two")
+
+    m1, m2 = by_type(one, "metrics"), by_type(two, "metrics")
+    assert sorted(m1) == sorted(m2) == [0, 1, 2]  # step 0: the evaluation before any update
+    assert {"policy/px/win_rate", "eval/vs_rule/po/o/win_rate", "game/o/illegal_rate"} <= m1[2].keys()
+    assert m1[2]["episodes/total"] == 12.0 and m1[2]["episodes/failed"] == 0.0
+    for step, values in m1.items():
+        assert m2[step].keys() == values.keys(), step
+        for k, v in values.items():
+            if isinstance(v, float) and not k.startswith(NOT_COMPARED):
+                assert m2[step][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (step, k)
+    # The step-2 log-prob gap: each worker's engines sampled with the trainers' weights of step 1.
+    assert m2[2]["policy/px/logprob_gap"] < 1e-4 and m2[2]["policy/po/logprob_gap"] < 1e-4
+    # Rollout records: the same games (their step-wide indices, texts, rewards), picked alike.
+    r1, r2 = by_type(one, "rollouts"), by_type(two, "rollouts")
+    assert sorted(r1) == [1, 2] and r2 == r1
+
+    last1, last2 = (by_type(x, "checkpoint")[2]["uri"] for x in (one, two))
+    warm = weights(warm_start)
+    for p in ("px", "po"):
+        a, b = weights(last1, p), weights(last2, p)
+        assert a.keys() == b.keys()
+        if p == "px":
+            assert changed(warm, a) > 0  # trained, so an unsynced or differently fed worker would show
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=5e-5, atol=1e-7, msg=f"{p} {k}")
