@@ -1,10 +1,15 @@
 """The production web server: `python deploy/web.py [--port 8000] [--workers N]`.
 
 uvicorn with several worker processes (default: `WEB_CONCURRENCY`, else two per core: a request spends much
-of its time waiting on PostgreSQL and Valkey, so one process per core leaves the CPU idle), each with its own
-pool of database connections (`DB_POOL_MAX_SIZE`, default 8 here: under ASGI every request runs in a thread of
-its own, so without a pool each request opens and closes a PostgreSQL connection). The live stream (SSE) is an
-async generator on the event loop, so open streams hold no thread and no connection between events.
+of its time waiting on PostgreSQL and Valkey, so one process per core leaves the CPU idle), each serving
+`portal.asgi_split:application`: a plain request (every sync view: the API, the pages, the admin) runs
+through Django's WSGI handler on one of the worker's threads, as many as its pool of database connections
+holds (`DB_POOL_MAX_SIZE`, default 8 here), each borrowing a connection while its request runs. The async
+routes (the live stream, an async generator; Tinker's long-polled `retrieve_future`, an async view) run on
+the event loop through Django's ASGI handler, so an open stream or a held poll holds no thread and no
+connection while it waits. Django's ASGI handler would run every sync request on a new thread of its own,
+hopping between the loop and it at every sync/async boundary of the middleware chain: about as much of the
+worker's CPU as the view itself (README "Performance").
 
 With `PROMETHEUS_MULTIPROC_DIR` set, the directory is emptied before the workers start (prometheus_client's
 multiprocess mode needs a clean directory per start). uvicorn's supervisor restarts a worker that dies but has
@@ -23,6 +28,8 @@ import sys
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# Sync views on a thread pool, async views on the loop (portal/asgi_split.py).
+APPLICATION = "portal.asgi_split:application"
 DEFAULT_POOL = "8"
 # A process trusts a token it authenticated for this long: revocations reach every worker within it.
 DEFAULT_AUTH_CACHE = "2"
@@ -37,7 +44,7 @@ def command(host: str, port: int, workers: int, log_level: str = "warning") -> l
         sys.executable,
         "-m",
         "uvicorn",
-        "portal.asgi:application",
+        APPLICATION,
         "--host",
         host,
         "--port",

@@ -27,6 +27,7 @@ PACKAGES = PYPROJECT["root_packages"]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 # portal's modules that may reach up (they wire the apps in) and the pages; everything else is the domain.
 PORTAL_WIRING = {"portal.settings", "portal.urls", "portal.asgi", "portal.wsgi", "portal.apps", "portal.web"}
+PORTAL_WIRING.add("portal.asgi_split")  # the production server's application (it serves portal.asgi's too)
 
 
 def _contract(contract_id: str) -> dict:

@@ -105,6 +105,9 @@ class Cursor:
 
 class JobStreamApi(APIView):
     read_scope = Scope.JOBS_READ
+    # Its response is an async generator that may wait for hours: the production server keeps this route on
+    # the event loop, where an open stream holds no thread (portal/asgi_split.py).
+    asgi_only = True
 
     def perform_content_negotiation(self, request, force=False):
         # Errors are JSON whatever the Accept header says (EventSource sends Accept: text/event-stream).

@@ -1,0 +1,160 @@
+"""The production ASGI application: async views on the event loop, every other request through Django's WSGI
+handler on a fixed pool of threads (deploy/web.py serves `portal.asgi_split:application`).
+
+Why: Django's ASGI handler runs a sync view in a new thread per request (a `ThreadSensitiveContext` per
+request gets its own one-thread executor) and hops between the event loop and that thread at every sync/async
+boundary of the middleware chain; measured under load, that costs the worker about as much CPU as the view
+itself (README "Performance"). Django's WSGI handler runs the same middleware and views in one call on a
+thread that lives on, with its database connection from the process's pool, so a plain API request costs one
+hand-off from the loop to a pool thread and one back.
+
+Which requests stay on the loop: those whose view is async (a coroutine function, or a class-based view
+whose handlers are async: Tinker's long-polled `retrieve_future`), and those whose view sets
+`asgi_only = True` (the live stream, a sync view that answers an async generator). Neither may hold a thread
+while it waits; every other route may, for as long as its request runs. Anything that is not an HTTP request
+(lifespan, websocket) goes to Django's ASGI handler as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction
+from django.conf import settings
+from django.core.asgi import get_asgi_application
+from django.core.wsgi import get_wsgi_application
+from django.urls import Resolver404, get_resolver
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+
+# How many requests of one process run their sync views at once without a pool (the demo's settings); with
+# one, as many threads as pooled connections (DB_POOL_MAX_SIZE): a thread holds one while its request runs.
+THREADS_WITHOUT_POOL = 8
+# A request body up to this size stays in memory, a larger one goes to a temporary file (as Django's handler).
+BODY_MEMORY = 1024 * 1024
+
+
+def _wants_loop(path: str, resolver: Any) -> bool:
+    try:
+        match = resolver.resolve(path)
+    except Resolver404:
+        return False  # Django's 404 page is a plain response
+    func = match.func
+    view_class = getattr(func, "view_class", None) or getattr(func, "cls", None)
+    if getattr(func, "asgi_only", False) or getattr(view_class, "asgi_only", False):
+        return True
+    if iscoroutinefunction(func):
+        return True
+    return bool(view_class is not None and getattr(view_class, "view_is_async", False))
+
+
+def _environ(scope: dict[str, Any], body: Any) -> dict[str, Any]:
+    root = scope.get("root_path", "")
+    path = scope["path"]
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    server = scope.get("server") or ("localhost", 80)
+    client = scope.get("client") or ("", 0)
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": scope["method"],
+        # WSGI carries the path as the latin-1 reading of its bytes; Django decodes it back as UTF-8.
+        "SCRIPT_NAME": root.encode().decode("latin-1"),
+        "PATH_INFO": path.encode().decode("latin-1"),
+        "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
+        "SERVER_NAME": str(server[0]),
+        "SERVER_PORT": str(server[1] if server[1] is not None else 80),
+        "SERVER_PROTOCOL": "HTTP/" + scope.get("http_version", "1.1"),
+        "REMOTE_ADDR": client[0],
+        "REMOTE_PORT": str(client[1]),
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scope.get("scheme", "http"),
+        "wsgi.input": body,
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+    }
+    for raw_name, raw_value in scope.get("headers", ()):
+        name = raw_name.decode("latin-1").upper().replace("-", "_")
+        value = raw_value.decode("latin-1")
+        key = name if name in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + name
+        environ[key] = environ[key] + "," + value if key in environ else value
+    return environ
+
+
+class SplitApplication:
+    """HTTP requests for sync views to Django's WSGI handler on a thread pool, the rest to its ASGI one."""
+
+    def __init__(self, threads: int = 0) -> None:
+        self.asgi = get_asgi_application()
+        self.wsgi = get_wsgi_application()
+        self.resolver = get_resolver()
+        threads = threads or settings.DB_POOL_MAX_SIZE or THREADS_WITHOUT_POOL
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or _wants_loop(scope["path"], self.resolver):
+            await self.asgi(scope, receive, send)
+            return
+        body = tempfile.SpooledTemporaryFile(max_size=BODY_MEMORY, mode="w+b")  # noqa: SIM115 (closed below)
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # the client left before its request was complete: nothing to answer
+                body.write(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            body.seek(0)
+            loop = asyncio.get_running_loop()
+            done = await loop.run_in_executor(self.pool, self._run, _environ(scope, body), send, loop)
+            if done is not None:
+                status, headers, content = done
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": content})
+        finally:
+            body.close()
+
+    def _run(self, environ, send, loop):
+        """On a pool thread: the whole WSGI call, the response's close() included (it ends the request for
+        Django: signals, the database connection back to the pool). A plain response comes back whole, to be
+        sent from the loop; a streaming one is sent from here, chunk by chunk, each send awaited."""
+        started: list[Any] = []
+
+        def start_response(status, headers, exc_info=None):
+            started[:] = [
+                int(status.split(" ", 1)[0]),
+                [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            ]
+
+        result = self.wsgi(environ, start_response)
+        try:
+            if not getattr(result, "streaming", False):
+                return started[0], started[1], b"".join(result)
+
+            def push(message):
+                asyncio.run_coroutine_threadsafe(send(message), loop).result()
+
+            push({"type": "http.response.start", "status": started[0], "headers": started[1]})
+            for chunk in result:
+                if chunk:
+                    push({"type": "http.response.body", "body": chunk, "more_body": True})
+            push({"type": "http.response.body", "body": b""})
+            return None
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+
+
+application = SplitApplication()
+
+# The web server refuses to start without the pages' built scripts and styles (see portal/web/checks.py).
+from portal.web.checks import require_bundle  # noqa: E402 (needs the settings configured above)
+
+require_bundle()

@@ -1,0 +1,88 @@
+"""portal/asgi_split.py, the production server's application: sync views through Django's WSGI handler on a
+thread pool, async views (the live stream, Tinker's long-polled retrieve_future) on the event loop."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+
+from opentinker.spec import example_rl_spec
+from portal.asgi_split import SplitApplication, _wants_loop
+from tests.loopback_asgi import serving
+
+SPEC = example_rl_spec().model_dump(mode="json")
+
+
+def test_only_async_routes_stay_on_the_loop():
+    from django.urls import get_resolver
+
+    resolver = get_resolver()
+    assert _wants_loop("/api/v1/jobs/abc/stream", resolver)  # asgi_only: an async generator
+    assert _wants_loop("/tinker/api/v1/retrieve_future", resolver)  # an async view
+    for path in ("/api/v1/jobs", "/api/v1/jobs/abc", "/healthz", "/tinker/api/v1/forward_backward", "/nope/"):
+        assert not _wants_loop(path, resolver), path
+
+
+@pytest.fixture
+def app():
+    split = SplitApplication(threads=2)
+    seen: list[tuple[str, str]] = []  # (handler, path)
+    asgi, wsgi = split.asgi, split.wsgi
+
+    async def asgi_spy(scope, receive, send):
+        if scope["type"] == "http":  # not the server's lifespan messages
+            seen.append(("asgi", scope["path"]))
+        await asgi(scope, receive, send)
+
+    def wsgi_spy(environ, start_response):
+        seen.append(("wsgi", environ["PATH_INFO"]))
+        assert threading.current_thread().name.startswith("wsgi")  # a pool thread, not the loop's
+        return wsgi(environ, start_response)
+
+    split.asgi, split.wsgi = asgi_spy, wsgi_spy
+    split.seen = seen
+    yield split
+    split.pool.shutdown(wait=True)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_api_answers_the_same_through_the_wsgi_path(app, alice, acme, make_token):
+    headers = {"Authorization": f"Bearer {make_token(alice, acme)}"}
+    with serving(app) as base, httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+        # A body in the request (a job submitted), then read back: list, detail, a query string, a 404.
+        created = http.post("/api/v1/jobs", json={**SPEC, "name": "through-wsgi"})
+        assert created.status_code == 201, created.text
+        job_id = created.json()["id"]
+        page = http.get("/api/v1/jobs", params={"limit": 1})
+        assert page.status_code == 200 and page.headers["content-type"].startswith("application/json")
+        assert [j["id"] for j in page.json()["results"]] == [job_id]
+        assert http.get(f"/api/v1/jobs/{job_id}").json()["name"] == "through-wsgi"
+        assert http.get("/api/v1/jobs/00000000-0000-0000-0000-000000000000").status_code == 404
+        bad = http.post("/api/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert bad.status_code == 400
+        # A streaming response (the audit export, a sync generator) is sent chunk by chunk from the thread.
+        export = http.get("/api/v1/org/audit/export", params={"as": "jsonl"})
+        assert export.status_code == 200, export.text
+        lines = export.content.splitlines()
+        assert lines, export.content
+        assert all(json.loads(line)["organization"] == "acme" for line in lines), export.content[:300]
+        assert http.get("/api/v1/jobs", headers={"Authorization": "Bearer otk_nope_nope"}).status_code == 401
+    assert {h for h, _ in app.seen} == {"wsgi"}
+    assert ("wsgi", f"/api/v1/jobs/{job_id}") in app.seen
+
+
+@pytest.mark.django_db(transaction=True)
+def test_async_routes_go_to_the_asgi_handler(app, alice, acme, make_token):
+    headers = {"Authorization": f"Bearer {make_token(alice, acme)}"}
+    with serving(app) as base, httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+        job_id = http.post("/api/v1/jobs", json={**SPEC, "name": "s"}).json()["id"]
+        # HEAD answers at once (no stream), through the same view and so through the same handler.
+        assert http.head(f"/api/v1/jobs/{job_id}/stream").status_code == 200
+        r = http.post("/tinker/api/v1/retrieve_future", json={"request_id": "nope"})
+        assert r.status_code in (400, 401, 403, 404), r.text  # answered by the async view, not held
+    assert ("asgi", f"/api/v1/jobs/{job_id}/stream") in app.seen
+    assert ("asgi", "/tinker/api/v1/retrieve_future") in app.seen
+    assert ("wsgi", f"/api/v1/jobs/{job_id}/stream") not in app.seen
