@@ -8,6 +8,7 @@ from django.conf import settings
 from django.http import JsonResponse
 
 from env_registry import uploads
+from portal.async_middleware import DualMiddleware
 
 BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 # Environment package uploads (multipart) have their own, larger limit: the archive's plus the form's
@@ -32,7 +33,7 @@ def _error(status: int, code: str, message: str) -> JsonResponse:
     return JsonResponse({"error": {"code": code, "message": message, "fields": {}}}, status=status)
 
 
-class ApiRequestGuardMiddleware:
+class ApiRequestGuardMiddleware(DualMiddleware):
     """Refuse malformed API requests before anything reads them.
 
     404 for paths holding NUL characters, 413 for bodies over API_MAX_BODY_BYTES, 411 for bodies of unknown
@@ -43,26 +44,33 @@ class ApiRequestGuardMiddleware:
     clients (our SDK, curl, browsers) always send Content-Length for JSON, so the API requires it.
     """
 
-    def __init__(self, get_response):
-        self.get_response = get_response
+    def call(self, request):
+        refused = refusal(request)
+        return refused if refused is not None else self.get_response(request)
 
-    def __call__(self, request):
-        if request.path.startswith("/api/") and "\x00" in request.path:
-            # PostgreSQL cannot even compare a string holding NUL; no object's id or name contains one.
-            return _error(404, "not_found", "not found")
-        if request.path.startswith("/api/") and request.method in BODY_METHODS:
-            limit = body_limit(request)
-            length = request.META.get("CONTENT_LENGTH")
-            if not length:
-                if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
-                    return _error(411, "length_required", "send the body with a Content-Length header")
-            else:
-                try:
-                    size = int(length)
-                except ValueError:
-                    return _error(400, "parse_error", "Content-Length is not a number")
-                if size > limit:
-                    return _error(
-                        413, "payload_too_large", f"request body is {size} bytes; the limit is {limit} bytes"
-                    )
-        return self.get_response(request)
+    async def __acall__(self, request):
+        refused = refusal(request)
+        return refused if refused is not None else await self.get_response(request)
+
+
+def refusal(request) -> JsonResponse | None:
+    """The error answer for a request the API refuses before reading it; None for one it lets through."""
+    if request.path.startswith("/api/") and "\x00" in request.path:
+        # PostgreSQL cannot even compare a string holding NUL; no object's id or name contains one.
+        return _error(404, "not_found", "not found")
+    if request.path.startswith("/api/") and request.method in BODY_METHODS:
+        limit = body_limit(request)
+        length = request.META.get("CONTENT_LENGTH")
+        if not length:
+            if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+                return _error(411, "length_required", "send the body with a Content-Length header")
+        else:
+            try:
+                size = int(length)
+            except ValueError:
+                return _error(400, "parse_error", "Content-Length is not a number")
+            if size > limit:
+                return _error(
+                    413, "payload_too_large", f"request body is {size} bytes; the limit is {limit} bytes"
+                )
+    return None

@@ -98,18 +98,22 @@ INSTALLED_APPS = [
     "api.tinker",
 ]
 
+# Every one async-capable without a thread hop (portal/async_middleware.py): under ASGI the chain runs on the
+# event loop, a sync view costs one hop and an async view (the Tinker API's long poll) none. Django's own and
+# WhiteNoise's appear as their portal.async_middleware subclasses; a sync-only middleware added here would put
+# the chain back in a thread (tests/portal/test_async_middleware.py fails then).
 MIDDLEWARE = [
     "portal.observability.middleware.RequestObservabilityMiddleware",  # request id, per-route metrics
-    "django.middleware.security.SecurityMiddleware",
+    "portal.async_middleware.AsyncSecurityMiddleware",
     "api.middleware.ApiRequestGuardMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "portal.async_middleware.AsyncWhiteNoiseMiddleware",
+    "portal.async_middleware.AsyncSessionMiddleware",
+    "portal.async_middleware.AsyncCommonMiddleware",
+    "portal.async_middleware.AsyncCsrfViewMiddleware",
+    "portal.async_middleware.AsyncAuthenticationMiddleware",
     "portal.middleware.AuditContextMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "portal.async_middleware.AsyncMessageMiddleware",
+    "portal.async_middleware.AsyncXFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"

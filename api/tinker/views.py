@@ -3,9 +3,11 @@
 Plain Django views rather than DRF: the SDK, not our REST conventions, fixes the wire (a `"type"` field in
 JSON bodies, a protobuf body for `forward_backward`, protobuf results, `X-API-Key: tml-...`). Every call
 but `retrieve_future` is short and synchronous; `retrieve_future` is async and holds the poll open on a
-Valkey channel until the outcome is written or `TINKER_POLL_HOLD_SECONDS` (settings) pass. It does not yet
-spare a thread: the project's synchronous middlewares (settings.MIDDLEWARE) make Django adapt the chain, so a
-held poll still occupies a worker thread of the ASGI server's pool for its hold.
+Valkey channel until the outcome is written or `TINKER_POLL_HOLD_SECONDS` (settings) pass. Every middleware
+is async-capable (portal/async_middleware.py), so under ASGI the poll waits on the event loop; its two short
+queries run in the request's own thread (Django gives each ASGI request one, parked while the poll waits:
+it is not a slot of a shared pool), and the database connection is given back before the hold, so held
+polls do not take the process's pool of connections (DB_POOL_MAX_SIZE) from other requests.
 
 Errors: 401 for a bad key, 404 for anything of another organization (the SDK stops at once on 404), 400
 for a request the SDK sent wrong. A failed call is a 200 `{"error", "category"}` from `retrieve_future`.
@@ -23,6 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
@@ -476,9 +479,15 @@ def _lookup(request: HttpRequest) -> tuple[Membership, str]:
     return membership, str(_json(request)["request_id"])
 
 
-def _future_of(membership: Membership, future_id: str) -> TinkerFuture:
+def _future_of(membership: Membership, future_id: str, *, release: bool = False) -> TinkerFuture:
     pk = services.uuid_or_none(future_id)
-    future = TinkerFuture.objects.filter(organization=membership.organization, pk=pk).first()
+    try:
+        future = TinkerFuture.objects.filter(organization=membership.organization, pk=pk).first()
+    finally:
+        if release and not connection.in_atomic_block:
+            # Before a hold: the connection goes back to the pool (or is closed) rather than idling for up to
+            # TINKER_POLL_HOLD_SECONDS; enough held polls would otherwise take every pooled connection.
+            connection.close()
     if future is None:
         raise NotFound("no such future")
     return future
@@ -496,7 +505,7 @@ async def retrieve_future(request: HttpRequest) -> HttpResponse:
                 # Subscribed (confirmed) before reading the row: an outcome written in between still wakes
                 # this poll.
                 await subscribe(pubsub, queue.done_channel(future_id), hold)
-                future = await sync_to_async(_future_of)(membership, future_id)
+                future = await sync_to_async(_future_of)(membership, future_id, release=True)
                 if future.state == TinkerFuture.State.PENDING:
                     await _wait(pubsub, hold)
                     future = await sync_to_async(_future_of)(membership, future_id)

@@ -12,6 +12,7 @@ import re
 import time
 import uuid
 
+from portal.async_middleware import DualMiddleware
 from portal.observability import context, metrics
 
 HEADER = "X-Request-ID"
@@ -27,32 +28,41 @@ def request_id_of(request) -> str:
     return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
-class RequestObservabilityMiddleware:
-    def __init__(self, get_response):
-        self.get_response = get_response
-
-    def __call__(self, request):
-        started = time.perf_counter()
-        request_id = request_id_of(request)
-        request.request_id = request_id
+class RequestObservabilityMiddleware(DualMiddleware):
+    def call(self, request):
+        started, request_id = self._begin(request)
         with context.scope(request_id=request_id):
-            response = self.get_response(request)
-            seconds = time.perf_counter() - started
-            match = getattr(request, "resolver_match", None)
-            route = match.route if match is not None and match.route else metrics.UNMATCHED_ROUTE
-            metrics.observe_request(route, request.method, response.status_code, seconds)
-            response[HEADER] = request_id
-            if access_log.isEnabledFor(logging.INFO):
-                access_log.info(
-                    "%s %s %s",
-                    request.method,
-                    route,
-                    response.status_code,
-                    extra={
-                        "method": request.method,
-                        "route": route,
-                        "status": response.status_code,
-                        "duration_ms": round(seconds * 1000, 2),
-                    },
-                )
+            return self._end(request, self.get_response(request), request_id, started)
+
+    async def __acall__(self, request):
+        started, request_id = self._begin(request)
+        with context.scope(request_id=request_id):
+            return self._end(request, await self.get_response(request), request_id, started)
+
+    @staticmethod
+    def _begin(request) -> tuple[float, str]:
+        started = time.perf_counter()
+        request.request_id = request_id_of(request)
+        return started, request.request_id
+
+    @staticmethod
+    def _end(request, response, request_id: str, started: float):
+        seconds = time.perf_counter() - started
+        match = getattr(request, "resolver_match", None)
+        route = match.route if match is not None and match.route else metrics.UNMATCHED_ROUTE
+        metrics.observe_request(route, request.method, response.status_code, seconds)
+        response[HEADER] = request_id
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %s %s",
+                request.method,
+                route,
+                response.status_code,
+                extra={
+                    "method": request.method,
+                    "route": route,
+                    "status": response.status_code,
+                    "duration_ms": round(seconds * 1000, 2),
+                },
+            )
         return response
