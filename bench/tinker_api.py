@@ -5,13 +5,15 @@ multi-LoRA batching do).
 
     python bench/tinker_api.py [--device cpu|cuda] [--preset tiny-qwen2] [--tenants 1,4,8] [--datums 4]
                                [--tokens 64] [--rank 16] [--rounds 5] [--threads N] [--only train|sample]
-                               [--samples 4] [--prompt 16] [--new 32]
+                               [--samples 4] [--prompt 16] [--new 32] [--sampler decode|vllm]
 
 forward_backward: a round is each tenant's forward_backward (`--datums` sequences of `--tokens` random
 tokens, cross_entropy) and optim_step; tokens/s counts every tenant's tokens. sample: a round is each
 tenant's `sample` call (`--samples` sequences of `--new` tokens, no stop, temperature 1, seeded, from a
 `--prompt`-token prompt of its own): one batched decode loop for all tenants vs one call at a time; tokens/s
-counts sampled tokens. The median of `--rounds` after one warm-up round. The API's own overhead per call
+counts sampled tokens; `--sampler vllm` adds a column: the same calls served by the model server's vLLM
+sampler (OPENTINKER_TINKER_SAMPLER=vllm: one generate call, each request with its tenant's LoRA). The median
+of `--rounds` after one warm-up round. The API's own overhead per call
 (protobuf, queue, long-poll): bench/tinker_api_overhead.py.
 """
 
@@ -74,11 +76,14 @@ def _sample_round(server: ModelServer, calls: dict[str, Sample], seq: int, batch
     return time.perf_counter() - start
 
 
-def _servers(args: argparse.Namespace, n: int) -> tuple[ModelServer, list[str]]:
-    server = ModelServer(args.preset, device=args.device, dtype=torch_dtype("auto", device=args.device))
+def _servers(
+    args: argparse.Namespace, n: int, sampler: str = "decode", unembed: bool = True
+) -> tuple[ModelServer, list[str]]:
+    dtype = torch_dtype("auto", device=args.device)
+    server = ModelServer(args.preset, device=args.device, dtype=dtype, sampler=sampler)
     tenants = [f"t{i}" for i in range(n)]
     for i, t in enumerate(tenants):
-        server.create_model(t, LoraConfig(rank=args.rank, seed=i))
+        server.create_model(t, LoraConfig(rank=args.rank, seed=i, train_unembed=unembed))
     return server, tenants
 
 
@@ -100,6 +105,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4, help="sample: sequences per call")
     p.add_argument("--prompt", type=int, default=16, help="sample: prompt tokens")
     p.add_argument("--new", type=int, default=32, help="sample: tokens sampled per sequence")
+    p.add_argument(
+        "--sampler",
+        choices=["decode", "vllm"],
+        default="decode",
+        help="sample: vllm adds a column, the model server's vLLM multi-LoRA sampler (the vllm extra)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,20 +132,31 @@ def main() -> None:
                 rates[batched] = n * args.datums * args.tokens / statistics.median(times)
             print(_row(n, rates))
     if args.only != "train":
+        vllm = args.sampler == "vllm"
         shape = f"{args.samples} x {args.new} tokens from a {args.prompt}-token prompt"
-        print(f"\nsample, {shape} per tenant and round")
-        print("| tenants | one adapter at a time (sampled tokens/s) | batched across adapters | speed-up |")
-        print("|---:|---:|---:|---:|")
+        # vLLM takes no LoRA on a tied lm_head (tiny-qwen2's): with the vllm column, no adapter has one
+        note = ", adapters without lm_head (vLLM serves them all)" if vllm else ""
+        print(f"\nsample, {shape} per tenant and round{note}")
+        head = "| tenants | one adapter at a time (sampled tokens/s) | batched across adapters | speed-up |"
+        print(head + (" vLLM multi-LoRA, one generate call | vLLM vs batched |" if vllm else ""))
+        print("|---:|---:|---:|---:|" + ("---:|---:|" if vllm else ""))
         for n in tenant_counts:
+            prompts = torch.randint(0, 256, (n, args.prompt), generator=gen).tolist()
+            params = SamplingParams(max_tokens=args.new, seed=1, stop=[])
             rates = {}
-            for batched in (False, True):
-                server, tenants = _servers(args, n)
-                prompts = torch.randint(0, 256, (n, args.prompt), generator=gen).tolist()
-                params = SamplingParams(max_tokens=args.new, seed=1, stop=[])
+            runs = [("decode", False), ("decode", True)] + ([("vllm", True)] if vllm else [])
+            for sampler, batched in runs:
+                server, tenants = _servers(args, n, sampler, unembed=not vllm)
                 calls = {t: Sample(prompts[i], args.samples, params) for i, t in enumerate(tenants)}
                 times = [_sample_round(server, calls, r + 1, batched) for r in range(args.rounds + 1)][1:]
-                rates[batched] = n * args.samples * args.new / statistics.median(times)
-            print(_row(n, rates))
+                rates[(sampler, batched)] = n * args.samples * args.new / statistics.median(times)
+                if sampler == "vllm":
+                    server.sampler.close()  # its vLLM engine parked for the next server (no new start-up)
+            row = _row(n, {False: rates[("decode", False)], True: rates[("decode", True)]})
+            if vllm:
+                v, b = rates[("vllm", True)], rates[("decode", True)]
+                row += f" {v:,.0f} | {v / b:.2f}x |"
+            print(row)
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ class VLLMSampler:
                         max_tokens=call.max_new,
                         temperature=0.0 if call.greedy else call.temperature,
                         top_p=1.0 if call.greedy else call.top_p,
-                        top_k=0 if call.greedy else call.top_k,
+                        top_k=0 if call.greedy or call.top_k >= self.decoder.vocab else call.top_k,
                         stop_token_ids=list(call.stop_ids),
                         ignore_eos=True,  # only the call's stop ids end a sample, as in the decode loop
                         logprobs=0,

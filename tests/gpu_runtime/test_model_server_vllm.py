@@ -136,6 +136,11 @@ def test_stop_ids_and_max_tokens_as_the_decode_loop(servers):
         g, w = got[mid].sequences[0], want[mid].sequences[0]
         assert (g.tokens, g.stop_reason) == (w.tokens, w.stop_reason)
     assert got["b"].sequences[0].stop_reason == "stop" and got["base"].sequences[0].tokens == []
+    # top_k 1 at a high temperature: the greedy tokens (the call's top_k reaches vLLM)
+    top1 = Sample(PROMPTS["c"], 2, SamplingParams(max_tokens=6, temperature=1.5, top_k=1, seed=3, stop=[]))
+    greedy = Sample(PROMPTS["c"], 1, SamplingParams(max_tokens=6, temperature=0, stop=[]))
+    t1, g = _sample_all(vs, {"c": top1})["c"], _sample_all(vs, {"c": greedy})["c"]
+    assert all(q.tokens == g.sequences[0].tokens for q in t1.sequences)
 
 
 def test_new_weights_after_optim_step_and_save_get_a_new_vllm_adapter(servers, tmp_path):
@@ -190,3 +195,8 @@ def test_an_evicted_and_reloaded_adapter_samples_identically(servers):
         assert [q.tokens for q in a.sequences] == [q.tokens for q in b.sequences]
         for x, y in zip(a.sequences, b.sequences, strict=True):
             torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+
+
+def test_an_unknown_sampler_is_refused_clearly():
+    with pytest.raises(ValueError, match="sampler must be one of decode, vllm"):
+        ModelServer("tiny-qwen2", sampler="hf")
