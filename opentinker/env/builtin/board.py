@@ -237,7 +237,11 @@ class KInARow(MultiAgentEnvironment):
     def _tactics(self, role: str, r: int, c: int) -> dict[str, bool]:
         """Whether `role` had to block (no win of its own, the opponent one move from a line) and, if so,
         whether a move to (r, c) blocks: `{"must_block": True, "blocked": ...}`, else {}. Per-move
-        diagnostics (`game/<role>/block_rate`) and the `block_reward`'s trigger."""
+        diagnostics (`game/<role>/block_rate`) and the `block_reward`'s trigger. The last move a `move_limit`
+        allows is never one: the game ends on it as a draw, so no missed block can be punished (in a tactics
+        puzzle, the non-mover's answer would otherwise count as half the puzzles' blocks, none decisive)."""
+        if self.move_limit and self.moves + 1 - self.opened >= self.move_limit:
+            return {}
         free = [(rr, cc) for rr in range(self.n) for cc in range(self.n) if self.board[rr][cc] == "."]
         them = self.mark(self.other(role))
         if any(self.wins(rr, cc, self.mark(role)) for rr, cc in free):

@@ -171,3 +171,22 @@ def test_a_move_limit_ends_the_game_as_a_draw_that_many_moves_past_the_opening()
         assert not long.step({long.active_roles()[0]: long.rule_based_action(long.active_roles()[0])}).done
     with pytest.raises(ValueError, match="move_limit"):
         TicTacToeEnv(move_limit=10)
+
+
+def test_the_last_move_a_move_limit_allows_is_no_forced_block():
+    # In a tactics puzzle the opponent's answer ends the game as a draw: a threat it faces can never be
+    # punished, so it must not count as a forced block (block_rate) nor earn block_reward.
+    found = 0
+    for seed in range(200):
+        env = TicTacToeEnv(prompt_style="compact", threat_openings=1.0, move_limit=2, block_reward=0.5)
+        env.reset(seed)
+        mover = env.active_roles()[0]
+        assert env.step({mover: env.rule_based_action(mover)}).info["must_block"]  # the decisive move
+        other = env.other(mover)
+        free = [(r, c) for r in range(3) for c in range(3) if env.board[r][c] == "."]
+        if not any(env.wins(r, c, env.mark(mover)) for r, c in free):
+            continue  # the answer faces no threat
+        found += 1
+        last = env.step({other: env.rule_based_action(other)})
+        assert last.done and "must_block" not in last.info and last.rewards.get(other, 0.0) in (0.0, 1.0)
+    assert found >= 10  # the precondition: answers facing a threat are common
