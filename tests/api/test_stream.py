@@ -52,8 +52,11 @@ def uvicorn_url(django_db_setup) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def running_uvicorn(*extra_args: str, **extra_env: str) -> Iterator[str]:
-    """A uvicorn server on the test database, with more arguments and environment variables for it."""
+def running_uvicorn(
+    *extra_args: str, app: str = "portal.asgi:application", **extra_env: str
+) -> Iterator[str]:
+    """A uvicorn server on the test database, with more arguments and environment variables for it (and
+    another application: the production server's is portal.asgi_split:application)."""
     db = connection.settings_dict
     port = _free_port()
     env = {
@@ -67,7 +70,7 @@ def running_uvicorn(*extra_args: str, **extra_env: str) -> Iterator[str]:
     }
     proc = subprocess.Popen(
         [
-            *(sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1"),
+            *(sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"),
             *("--port", str(port), "--lifespan", "off", "--log-level", "info", "--no-access-log"),
             *extra_args,
         ],

@@ -35,7 +35,10 @@ HOLD = 40  # seconds (the setting's maximum); every answer below is expected lon
 ANSWER = 30  # the clients' read timeout: a poll that only ends with its hold fails the test
 
 
-def test_held_polls_leave_the_worker_to_other_requests(alice, acme, make_token):
+# Django's ASGI handler (the demo's server), and the production server's split application (sync views on a
+# pool of DB_POOL_MAX_SIZE threads through the WSGI handler, the held polls on the loop: they share the pool).
+@pytest.mark.parametrize("app", ["portal.asgi:application", "portal.asgi_split:application"])
+def test_held_polls_leave_the_worker_to_other_requests(alice, acme, make_token, app):
     session = TinkerSession.objects.create(organization=acme, created_by=alice)
     model = TinkerModel.objects.create(
         pk=f"{session.pk}:train:0", organization=acme, session=session, kind="train", base_model=BASE
@@ -49,7 +52,7 @@ def test_held_polls_leave_the_worker_to_other_requests(alice, acme, make_token):
     channels = [queue.done_channel(str(f.pk)) for f in futures]
     valkey = redis.Redis.from_url(settings.REDIS_URL)
     env = {"DB_POOL_MAX_SIZE": str(POOL), "DB_CONN_MAX_AGE": "0", "TINKER_POLL_HOLD_SECONDS": str(HOLD)}
-    with running_uvicorn(**env) as url, ThreadPoolExecutor(POLLS) as pool:
+    with running_uvicorn(app=app, **env) as url, ThreadPoolExecutor(POLLS) as pool:
 
         def poll(future: TinkerFuture) -> httpx.Response:
             return httpx.post(

@@ -14,9 +14,10 @@ import asyncio
 import json
 
 import pytest
-from asgiref.sync import AsyncToSync, SyncToAsync
+from asgiref.sync import AsyncToSync, SyncToAsync, sync_to_async
 from django.contrib.staticfiles import finders
 from django.core.handlers.asgi import ASGIHandler
+from django.db import connection
 from django.http import JsonResponse
 from django.test import AsyncClient, Client
 from django.urls import path
@@ -174,3 +175,30 @@ def test_pages_and_probes_get_the_same_headers(path_):
     _same(sync, asynchronous)
     assert sync["X-Request-ID"] == asynchronous["X-Request-ID"] == "same-1"
     assert sync["X-Content-Type-Options"] == "nosniff" and sync["X-Frame-Options"] == "DENY"
+
+
+def _call(client, method: str, path_: str, **kwargs):
+    r = getattr(client, method)(path_, **kwargs)
+    return asyncio.run(r) if asyncio.iscoroutine(r) else r
+
+
+@pytest.mark.django_db(transaction=True)  # the async handler's thread has its own database connection
+@pytest.mark.parametrize("handler", ["sync", "async"])
+def test_a_login_goes_through_csrf_and_the_session_on_both_handlers(alice, acme, handler):
+    """The hooks that may do I/O (the CSRF check of a form post, saving the session) on both paths."""
+    client = (Client if handler == "sync" else AsyncClient)(enforce_csrf_checks=True)
+    try:
+        page = _call(client, "get", "/accounts/login/")
+        assert page.status_code == 200 and "csrftoken" in page.cookies
+        form = {"username": "alice", "password": "correct-horse-battery"}
+        assert _call(client, "post", "/accounts/login/", data=form).status_code == 403  # no CSRF token
+        form["csrfmiddlewaretoken"] = page.cookies["csrftoken"].value
+        login = _call(client, "post", "/accounts/login/", data=form)
+        assert login.status_code == 302 and "sessionid" in login.cookies
+        home = _call(client, "get", "/")
+        assert home.status_code == 200 and b"acme" in home.content.lower()
+    finally:
+        # The test AsyncClient runs sync code on asgiref's one shared thread, whose connection would outlive
+        # the test (and block the test database's teardown).
+        if handler == "async":
+            asyncio.run(sync_to_async(lambda: connection.close())())
