@@ -6,7 +6,9 @@ the same cluster through its Job Submission API (the dashboard). Starting Ray co
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 
 import pytest
 
@@ -35,7 +37,17 @@ def ray_session():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     node = {"num_cpus": 2, "object_store_memory": 80_000_000}
     port = _free_port()
-    head = {**node, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+    # A temp dir of its own (short: Ray's socket paths have a length limit): Ray jobs find their cluster
+    # through `<temp dir>/ray_current_cluster` ("auto"), which in the shared /tmp/ray names the cluster
+    # started last on this machine, another test session's while two run at once.
+    temp = tempfile.mkdtemp(prefix="otrs-", dir="/tmp")
+    head = {
+        **node,
+        "include_dashboard": True,
+        "dashboard_host": "127.0.0.1",
+        "dashboard_port": port,
+        "temp_dir": temp,
+    }
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         cluster.add_node(**node, num_gpus=0)
@@ -47,6 +59,7 @@ def ray_session():
         _dashboard.clear()
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
         if saved is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
@@ -57,10 +70,17 @@ def ray_session():
 def ray_job_api(ray_session) -> str:
     """The session cluster's Job Submission API (its dashboard's URL): a `ray` pool's `ray_address`."""
     import httpx
+    from ray.job_submission import JobSubmissionClient
 
     from tests.workers.ray_cluster import wait_for
 
     url = _dashboard["url"]
-    # The dashboard may still be starting when the nodes are up.
+    # The dashboard may still be starting when the nodes are up, and then refuse submissions for a while
+    # ("No available agent to submit job"): a no-op job accepted and run says it takes them now.
     wait_for(lambda: httpx.get(f"{url}/api/version", timeout=5).status_code == 200, 60, "the Ray Job API")
+    client = JobSubmissionClient(url)
+    noop = {"entrypoint": "true", "entrypoint_num_cpus": 0}
+    probe = wait_for(lambda: client.submit_job(**noop), 120, "a Ray job agent")
+    done = {"SUCCEEDED", "FAILED", "STOPPED"}
+    wait_for(lambda: str(client.get_job_status(probe)) in done, 120, "the Ray Job API's probe job")
     return url
