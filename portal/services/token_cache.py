@@ -1,8 +1,7 @@
 """A short per-process memo of API token authentication (`API_AUTH_CACHE_SECONDS`, README "Running in
 production").
 
-Authenticating a token costs a query (the token, its user, organization and membership) and a hash, most of a
-list request's CPU besides the page itself. Within one
+Authenticating a token costs two queries, most of a list request's CPU besides the page itself. Within one
 process a token seen in the last few seconds is trusted again without them. Safety:
 
 - the key is a digest of the whole token, so only the exact secret that authenticated hits an entry;

@@ -7,7 +7,6 @@ import secrets
 from datetime import datetime, timedelta
 
 from django.db import transaction
-from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
 from portal.errors import DomainError, Forbidden
@@ -21,8 +20,6 @@ MAX_TOKENS_PER_USER = 100
 MAX_EXPIRY_DAYS = 366
 # last_used_at is a hint, not an audit log: writing it at most once a minute keeps reads cheap.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
-# Membership's columns besides its organization and user, read with the token (token_authenticate).
-_MEMBERSHIP_FIELDS = ("id", "role", "created_at")
 
 
 def token_create(
@@ -77,17 +74,7 @@ def token_authenticate(raw: str, *, now: datetime | None = None) -> tuple[ApiTok
     m = TOKEN_RE.match(raw)
     if not m:
         return None
-    # One query: the token with its user and organization, and its owner's membership in that organization
-    # (at most one: uniq_membership) read alongside by subqueries on that unique index.
-    owner = Membership.objects.filter(
-        organization_id=OuterRef("organization_id"), user_id=OuterRef("user_id")
-    )
-    token = (
-        ApiToken.objects.select_related("user", "organization")
-        .annotate(**{f"_membership_{f}": Subquery(owner.values(f)[:1]) for f in _MEMBERSHIP_FIELDS})
-        .filter(lookup=m["lookup"])
-        .first()
-    )
+    token = ApiToken.objects.select_related("user", "organization").filter(lookup=m["lookup"]).first()
     # Hash even when the lookup is unknown, so timing does not tell which lookups exist.
     if token is None:
         secret_matches(m["secret"], "0" * 64)
@@ -99,16 +86,13 @@ def token_authenticate(raw: str, *, now: datetime | None = None) -> tuple[ApiTok
         return None
     if not token.user.is_active:
         return None
-    if token._membership_id is None:
+    # By ids, with the token's own user and organization attached: one query for the membership, none later
+    # when the request reads membership.organization or membership.user (the API's hot path).
+    membership = Membership.objects.filter(
+        organization_id=token.organization_id, user_id=token.user_id
+    ).first()
+    if membership is None:
         return None
-    # A model instance as the ORM would load it, with the token's own user and organization attached: no query
-    # later when the request reads membership.organization or membership.user (the API's hot path).
-    membership = Membership.from_db(
-        token._state.db,
-        ["id", "organization_id", "user_id", *_MEMBERSHIP_FIELDS[1:]],
-        [token._membership_id, token.organization_id, token.user_id]
-        + [getattr(token, f"_membership_{f}") for f in _MEMBERSHIP_FIELDS[1:]],
-    )
     membership.organization, membership.user = token.organization, token.user
     newest = current_pepper_id()
     if token.pepper_id != newest:

@@ -22,7 +22,7 @@ from tests.conftest import client_for
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("builtin_envs")]
 
 SPEC = example_rl_spec().model_dump(mode="json")
-AUTH_QUERIES = 1  # tests/api/test_api_hot_path.py
+AUTH_QUERIES = 2  # tests/api/test_api_hot_path.py
 LIST = "/api/v1/jobs?limit=20"
 
 
