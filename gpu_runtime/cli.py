@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -170,10 +171,11 @@ def merge_lora(args: argparse.Namespace) -> int:
 
 def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> int:
     from gpu_runtime.controller import EXIT_FAILED, Controller, JobLoop
-    from gpu_runtime.groups import LocalGroup, RayGroup, WorkerGroup
+    from gpu_runtime.groups import LocalGroup, RankLost, RayGroup, WorkerGroup
     from gpu_runtime.multiagent import MultiAgentController, MultiAgentGroup, is_multi_agent
 
     started = time.monotonic()
+    lost = False
     group: WorkerGroup | MultiAgentGroup | None = None
     controller: JobLoop
     try:
@@ -198,6 +200,12 @@ def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> 
             ranks: WorkerGroup
             if use_ray:
                 group = ranks = RayGroup(spec, world_size)
+                if world_size > 1:  # in the job's log: where the ranks run and where they met
+                    where = "; ".join(
+                        f"rank {r} on {p['address']} (node {p['node_id'][:12]}, pid {p['pid']})"
+                        for r, p in enumerate(ranks.placed)
+                    )
+                    print(f"trainer ranks met at {ranks.master}: {where}", file=sys.stderr, flush=True)
             elif spawn:
                 from gpu_runtime.ranks import SpawnedGroup
 
@@ -207,6 +215,13 @@ def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> 
             controller = Controller(spec, sink, ranks, prefix)
         result = controller.run(resume=resume, start_time=started)
         return result.exit_code
+    except RankLost as e:
+        # Lost like a killed runtime (no outcome reported): once the others are stopped, this process ends
+        # by SIGKILL, which the platform re-queues, as rank 0 of spawned ranks does (gpu_runtime/ranks.py).
+        lost = True
+        sink.log(traceback.format_exc())
+        print(f"job failed: {e}", file=sys.stderr, flush=True)  # last on stderr: the runner keeps it
+        return EXIT_FAILED
     except Exception as e:
         sink.log(traceback.format_exc())
         sink.event("failed", error=f"{type(e).__name__}: {e}")
@@ -214,9 +229,13 @@ def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> 
         print(f"job failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     finally:
-        if group is not None:
-            group.shutdown()
-        sink.close()
+        try:
+            if group is not None:
+                group.shutdown()
+            sink.close()
+        finally:
+            if lost:
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from gpu_runtime.algorithms import LossNorm
 from gpu_runtime.batch import Sample
 from gpu_runtime.envs import REMOTE_SECRET_VAR, egress_env
 from gpu_runtime.rollout_pool import RolloutPool
-from gpu_runtime.workers import RankWorker, RolloutWorker
+from gpu_runtime.workers import RankWorker, RolloutWorker, open_store
 from opentinker.spec import JobSpec
 
 T = TypeVar("T")
@@ -138,11 +138,52 @@ class LocalGroup(WorkerGroup):
         return [method(w, *args) for w, args in zip(self.ranks, per_rank, strict=True)]
 
 
+class RankLost(RuntimeError):
+    """A trainer rank's process is gone (killed, or its node lost): the job is lost like a killed runtime,
+    and the platform re-queues it (`gpu_runtime.cli.run_job`), as for a dead spawned rank (`ranks.py`)."""
+
+
+class RayRank(RankWorker):
+    """A trainer rank as a Ray actor, started in two calls: rank 0 first `listen`s (opens the rendezvous store
+    on its node, on a port the OS gives it as it binds, and answers `host:port`), then every rank `join`s
+    the process group there. A rendezvous port found free first and bound later could be taken between."""
+
+    def __init__(self, spec_json: str, rank: int, world_size: int) -> None:
+        self._args = (spec_json, rank, world_size)
+        self._store: Any = None
+
+    def listen(self) -> str:
+        import ray
+
+        host = ray.util.get_node_ip_address()  # this node's address as the cluster knows it
+        self._store = open_store(host, self._args[2])
+        return f"{host}:{self._store.port}"
+
+    def join(self, master: str | None) -> dict[str, Any]:
+        """Join the process group at `master` and build the trainer; where this rank runs."""
+        import ray
+
+        self._start(*self._args, master, self._store)
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "address": ray.util.get_node_ip_address(), "pid": os.getpid()}
+
+
+def _rank_failure(ray: Any, rank: int, error: Exception) -> Exception:
+    """What a rank's failed call means for the job: its process gone (an actor error: killed, out of memory,
+    node lost) is `RankLost`; an exception it raised fails the job with that exception."""
+    if isinstance(error, ray.exceptions.RayActorError):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return RankLost(f"trainer rank {rank} was lost: {first[:300]}")
+    return error
+
+
 class RayGroup(WorkerGroup):
     """Trainer ranks and the rollout workers as Ray actors in one placement group (`gpu_runtime.placement`:
     a bundle per rank, then one per rollout worker; `resources.placement` packs them on few nodes or spreads
-    them across nodes). The ranks meet at rank 0's node address. Several rollout workers
-    (`resources.rollout_workers`) are one `Rollout` to the controller (`gpu_runtime.rollout_pool`)."""
+    them across nodes). The ranks meet at rank 0's node address and the port its store listens on
+    (`RayRank`). Several rollout workers (`resources.rollout_workers`) are one `Rollout` to the controller
+    (`gpu_runtime.rollout_pool`). A rank that fails a call ends the job at once (`RankLost` when its process
+    is gone), however long the others would wait in a collective for it."""
 
     def __init__(self, spec: JobSpec, world_size: int, *, rollout: bool = True) -> None:
         # rollout=False: trainer ranks only (a multi-agent job's policies share one rollout worker).
@@ -183,36 +224,75 @@ class RayGroup(WorkerGroup):
             )
 
         js = spec.model_dump_json()
-        # A process group only when RankWorker makes one (several ranks, or NCCL on a GPU).
-        needs_master = world_size > 1 or res.gpus > 0
-        self.master = placement.rendezvous(ray, strategy(0)) if needs_master else None
-        rank_cls = ray.remote(RankWorker)
+        rank_cls = ray.remote(RayRank)
+        worker_cls = ray.remote(RolloutWorker)
         half = 0.5 if plan.colocate else 1.0
+        self._failed = False  # a call failed: the ranks may be inside a collective, not to be left in order
         self.ranks = [
-            rank_cls.options(**opts(r, half if r == 0 else 1.0)).remote(js, r, world_size, self.master)
+            rank_cls.options(**opts(r, half if r == 0 else 1.0)).remote(js, r, world_size)
             for r in range(world_size)
         ]
-        worker_cls = ray.remote(RolloutWorker)
         self.rollout_actors = [
             worker_cls.options(**opts(plan.worker_bundle(world_size, i), half))
             # An argument, not the actor's runtime_env (readable through the cluster's API like the job's).
             .remote(js, os.environ.get(REMOTE_SECRET_VAR), egress_env())
             for i in range(n_workers)
         ]
+        try:
+            # A process group only when RankWorker makes one (several ranks, or NCCL on a GPU).
+            needs_master = world_size > 1 or res.gpus > 0
+            self.master: str | None = self._wait([self.ranks[0].listen.remote()])[0] if needs_master else None
+        except BaseException:
+            self._failed = True
+            self.shutdown()
+            raise
+        # Awaited at the first call (or `placed`): meanwhile the ranks build their trainers while the caller
+        # goes on (a multi-agent job starts the next policy's ranks).
+        self._joining: list[Any] | None = [a.join.remote(self.master) for a in self.ranks]
+        self._placed: list[dict[str, Any]] = []
         self.rollout = RolloutPool(ray, self.rollout_actors) if self.rollout_actors else None
 
+    @property
+    def placed(self) -> list[dict[str, Any]]:
+        """Where each rank runs (node id, node address, pid), once they joined: the job's log says it."""
+        if self._joining is not None:  # an actor runs its calls in order: this only raises a failed join
+            joining, self._joining = self._joining, None
+            self._placed = self._wait(joining)
+        return self._placed
+
     def _on_ranks(self, method: Callable[..., T], per_rank: Sequence[tuple[Any, ...]]) -> list[T]:
+        self.placed  # noqa: B018 (every rank joined; else the join's failure, not a later call's)
         # Every rank's call is sent before any result is awaited: the ranks meet in the same collectives.
         refs = [
             getattr(a, method.__name__).remote(*args) for a, args in zip(self.ranks, per_rank, strict=True)
         ]
-        return cast(list[T], self.ray.get(refs))
+        return cast(list[T], self._wait(refs))
+
+    def _wait(self, refs: list[Any]) -> list[Any]:
+        """The results of one call on ranks 0..len(refs)-1. The first to fail ends the wait at once: the
+        others may be waiting for it in a collective (gloo's timeout: 30 minutes)."""
+        ray = self.ray
+        index = {ref: r for r, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        pending = list(refs)
+        while pending:
+            (ready,), pending = ray.wait(pending, num_returns=1)
+            try:
+                results[index[ready]] = ray.get(ready)
+            except Exception as e:
+                self._failed = True
+                failure = _rank_failure(ray, index[ready], e)
+                if failure is e:
+                    raise
+                raise failure from e
+        return results
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
         try:
-            self.leave_process_group()
+            if not self._failed:  # after a failed call the others may be inside its collective: killed
+                self.leave_process_group()
         finally:
             for a in [*self.ranks, *self.rollout_actors]:
                 self.ray.kill(a)

@@ -6,16 +6,14 @@
   what the shared cluster has free) evenly.
 - **Strategy**: spec `resources.placement`: `pack` (as few nodes as fit) or `spread` (across nodes, best
   effort: Ray's SPREAD places bundles round-robin over the nodes that have room).
-- **Rendezvous**: the trainer ranks meet at rank 0's node address and a port free there, found by a task run
-  in rank 0's bundle (the driver may be on another machine, so it can neither know that address nor probe
-  that port). Kept out of `gpu_runtime.workers` so the task's process imports only this light module.
+- **Rendezvous**: the trainer ranks meet at rank 0's node address and a port its rendezvous store already
+  listens on (`gpu_runtime.groups.RayRank`): the driver may be on another machine, so it can neither know
+  that address nor probe a port there.
 """
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
-from typing import Any
 
 STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
 
@@ -47,19 +45,3 @@ def plan(*, gpus: int, world_size: int, rollout_workers: int, cpus: float) -> Pl
     # A bundle needs some CPU to be placed: never an empty one, however many actors share the job's CPUs.
     cpu = max(cpus / n, 0.01)
     return Plan([{"CPU": cpu} for _ in range(n)], False)
-
-
-def node_endpoint() -> tuple[str, int]:
-    """This node's address as Ray knows it, and a TCP port free on it now (run on rank 0's node)."""
-    import ray
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = int(s.getsockname()[1])
-    return str(ray.util.get_node_ip_address()), port
-
-
-def rendezvous(ray: Any, strategy: Any) -> str:
-    """`host:port` for the trainer ranks' process group: rank 0's node (the bundle `strategy` names)."""
-    host, port = ray.get(ray.remote(node_endpoint).options(num_cpus=0, scheduling_strategy=strategy).remote())
-    return f"{host}:{port}"

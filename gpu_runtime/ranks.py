@@ -2,8 +2,9 @@
 
 The job's runtime process is rank 0: it runs the controller, the rollout worker and rank 0's `RankWorker`,
 and starts ranks 1..N-1 as `python -m gpu_runtime rank` children (the spec on their stdin, never in a file or
-a process listing). They meet at `127.0.0.1` and a port free here (`MASTER_ADDR`/`MASTER_PORT`), in a gloo
-process group on CPU or NCCL on GPUs (rank r sees the r-th of the GPUs this process was given). Each call the
+a process listing). They meet at `127.0.0.1` and the port rank 0's store already listens on (`open_store`:
+bound before the followers learn it, so nothing can take it between), in a gloo process group on CPU or
+NCCL on GPUs (rank r sees the r-th of the GPUs this process was given). Each call the
 controller makes on the ranks goes to them over a gloo group of its own (`scatter_object_list`: each rank's
 arguments; `gather_object`: their results), so a follower does exactly what rank 0 does, in the same order.
 
@@ -33,8 +34,8 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from gpu_runtime.groups import WorkerGroup, free_port
-from gpu_runtime.workers import RankWorker, RolloutWorker
+from gpu_runtime.groups import WorkerGroup
+from gpu_runtime.workers import RankWorker, RolloutWorker, open_store
 from opentinker.spec import JobSpec
 
 T = TypeVar("T")
@@ -69,7 +70,9 @@ class SpawnedGroup(WorkerGroup):
         self.world_size = world_size
         self._closing = False
         self._in_call = False
-        master = f"127.0.0.1:{free_port()}"
+        # Rank 0 (this process) listens first, on a port the OS gives it: the followers learn a held port.
+        store = open_store("127.0.0.1", world_size)
+        master = f"127.0.0.1:{store.port}"
         js = spec.model_dump_json()
         self.procs: list[subprocess.Popen[bytes]] = []
         try:
@@ -84,7 +87,7 @@ class SpawnedGroup(WorkerGroup):
                 self.procs.append(proc)
             for r, proc in enumerate(self.procs, 1):
                 threading.Thread(target=self._watch, args=(r, proc), daemon=True, name=f"rank-{r}").start()
-            self.worker = RankWorker(js, 0, world_size, master)
+            self.worker = RankWorker(js, 0, world_size, master, store)
             self.ctrl = dist.new_group(backend="gloo", timeout=_control_timeout(spec))
         except BaseException:
             self._kill()

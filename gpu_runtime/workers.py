@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from gpu_runtime.algorithms import LossNorm
 from gpu_runtime.batch import Sample
@@ -76,19 +77,50 @@ def rollout_engine(
     return HFEngine(model, pad_id=pad_id, device=device)
 
 
+def open_store(host: str, world_size: int) -> dist.TCPStore:
+    """Rank 0's rendezvous store, listening on a port the OS gives it as it binds (port 0): the port the
+    followers are told is already held here, so nothing can take it between its choice and the bind (a port
+    picked free first and bound later, as torchrun's `MASTER_PORT` picking does, can be taken meanwhile).
+    It listens on every interface of this node; `host` is the address the followers reach it at."""
+    # As long as followers may take to join through it: the process group's default, not the store's 300 s.
+    return dist.TCPStore(
+        host, 0, world_size, is_master=True, timeout=default_pg_timeout, wait_for_workers=False
+    )
+
+
 class RankWorker:
     """One trainer rank. With a `master` address (Ray and multi-process launches) it joins a process group:
     gloo on CPU when there are several ranks; NCCL on GPU, even for one rank, so a single-GPU job runs the
-    same FSDP2 code path as a multi-GPU one. In-process (`LocalGroup`, no master) it never does."""
+    same FSDP2 code path as a multi-GPU one. In-process (`LocalGroup`, no master) it never does. Rank 0 passes
+    the `store` it opened at `master` (`open_store`); the followers connect to it."""
 
-    def __init__(self, spec_json: str, rank: int = 0, world_size: int = 1, master: str | None = None) -> None:
+    def __init__(
+        self,
+        spec_json: str,
+        rank: int = 0,
+        world_size: int = 1,
+        master: str | None = None,
+        store: dist.Store | None = None,
+    ) -> None:
+        self._start(spec_json, rank, world_size, master, store)
+
+    def _start(
+        self, spec_json: str, rank: int, world_size: int, master: str | None, store: dist.Store | None
+    ) -> None:
         spec = JobSpec.model_validate_json(spec_json)
         device = job_device(spec)
         if master is not None and (world_size > 1 or device == "cuda") and not dist.is_initialized():
+            backend = "nccl" if device == "cuda" else "gloo"
             addr, port = master.rsplit(":", 1)
             os.environ.update(MASTER_ADDR=addr, MASTER_PORT=port)
-            backend = "nccl" if device == "cuda" else "gloo"
-            dist.init_process_group(backend, rank=rank, world_size=world_size)
+            if store is None:
+                # A follower connects to rank 0's store. (Rank 0 without one binds `port` here, the old way:
+                # tests that pick a port themselves.) Every rank passes a store, so all see the same keys:
+                # `env://` would prefix them ("default_pg/"), a store passed in is used as it is.
+                store = dist.TCPStore(
+                    addr, int(port), world_size, is_master=rank == 0, timeout=default_pg_timeout
+                )
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         elif world_size > 1 and not dist.is_initialized():
             raise ValueError("several trainer ranks need a master address")
         from gpu_runtime.trainer import Trainer  # after the process group exists: Trainer shards on init

@@ -83,6 +83,13 @@ def entrypoint_resources(spec: dict[str, Any], alloc: Allocation) -> dict[str, f
     return {"entrypoint_num_cpus": 0, "entrypoint_num_gpus": alloc.gpus}
 
 
+def entrypoint(spec_path: Path) -> str:
+    """The Ray job's shell command. `exec`: Ray runs it through `/bin/sh -c`, and a shell that waits for the
+    runtime turns its death by a signal into exit code 128 + n, a failure; exec'd, the runtime is Ray's child
+    and a kill shows as one (negative exit code): the job is re-queued as lost, as on a local pool."""
+    return "exec " + shlex.join([*ray_runtime_command(), spec_path.name])
+
+
 def submission_id(alloc: Allocation) -> str:
     return f"otk-{alloc.job_id}-{alloc.attempt}"
 
@@ -144,7 +151,7 @@ class RayDriver(Driver):
             env_vars["CUDA_VISIBLE_DEVICES"] = ""
         try:
             self.client.submit_job(
-                entrypoint=shlex.join([*ray_runtime_command(), spec_path.name]),
+                entrypoint=entrypoint(spec_path),
                 submission_id=sid,
                 runtime_env={"working_dir": str(work_dir), "env_vars": env_vars},
                 **entrypoint_resources(json.loads(spec_path.read_text()), alloc),
