@@ -1,0 +1,229 @@
+"""Can the tic-tac-toe warm start learn to block, by RL or SFT, within a job's worth of examples? (issue 11)
+
+    .venv/bin/python bench/block_efficiency.py file:///ckpt/sft/step_000320 rl --lr 3e-4 [--lora] [--steps 32]
+    .venv/bin/python bench/block_efficiency.py file:///ckpt/sft/step_000320 sft --lr 1e-3
+    .venv/bin/python bench/block_efficiency.py file:///ckpt/sft/step_000320 onegroup
+
+Positions are the tactics puzzles of the multi-agent example (`threat_openings: 1, move_limit: 2`: the mover
+must block at exactly one cell), prompted exactly as the rule player's recorded conversations are
+(`gpu_runtime.data.board_sft`). Everything trains through the platform's `Trainer.train_minibatch` with the
+example's policy settings (alice: full fine-tuning; `--lora`: bob's adapter), in process, no rollout engine:
+
+- `rl`: a contextual bandit with exact credit. Each step samples 8 answers (temperature 1, whole vocabulary)
+  on each of 8 new positions; reward 0 for the block, -1 for anything else (the opponent wins, or illegal);
+  GRPO advantages per position, one update on the move token and its end-of-turn token.
+- `sft`: the block as the label, 64 new positions per step (the same number of examples per update).
+- `onegroup`: the mechanism check: the warm start's p(block) spread over held-out positions (and the share
+  of groups of 8 expected to have no variance), then one group with known rewards (3 blocks, 5 misses) and
+  one update, for alice and for bob: the change of log p(block) and of the misses.
+
+Prints one JSON line per evaluation: greedy block and legal rates on 256 held-out positions, and the greedy
+block rate on the first 64 training positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from gpu_runtime.algorithms.advantages import grpo_advantages
+from gpu_runtime.algorithms.losses import LossNorm
+from gpu_runtime.algorithms.registry import algorithm
+from gpu_runtime.batch import Sample
+from gpu_runtime.data.board_sft import board_conversation
+from gpu_runtime.data.sft import _render
+from gpu_runtime.multiagent import resolve
+from gpu_runtime.trainer import Trainer
+from opentinker.env.builtin import BUILTINS
+from opentinker.spec import JobSpec, example_multiagent_spec
+
+CONFIG = {"opening": 2, "prompt_style": "compact", "threat_openings": 1, "move_limit": 2}
+POSITIONS, GROUP = 8, 8  # RL: positions per step, samples per position; SFT: POSITIONS * GROUP examples
+Position = tuple[list[int], int, set[int]]  # prompt ids, the block cell (0-8), the free cells
+
+
+def policy(base: str, name: str, lr: float | None, steps: int) -> JobSpec:
+    spec = example_multiagent_spec(base)
+    spec = spec.model_copy(update={"algorithm": spec.algorithm.model_copy(update={"steps": steps})})
+    js = resolve(spec).specs[name]
+    if lr is None:
+        return js
+    return js.model_copy(update={"algorithm": js.algorithm.model_copy(update={"learning_rate": lr})})
+
+
+def position(tok: Any, seed: int) -> Position | None:
+    """The mover's prompt of a puzzle with exactly one block cell and no win of its own, else None."""
+    env = BUILTINS["tic-tac-toe"](**CONFIG)
+    env.reset(seed)
+    mover = env.active_roles()[0]
+    me, them = env.mark(mover), env.mark(env.other(mover))
+    free = [(r, c) for r in range(3) for c in range(3) if env.board[r][c] == "."]
+    wins = [(r, c) for r, c in free if env.wins(r, c, them)]
+    if any(env.wins(r, c, me) for r, c in free) or len(wins) != 1:
+        return None
+    conv = board_conversation("tic-tac-toe", seed, mover, noise=0.0, rng=random.Random(0), **CONFIG)  # noqa: S311
+    k = next(i for i, m in enumerate(conv) if m["role"] == "assistant")
+    block = wins[0][0] * 3 + wins[0][1]
+    assert conv[k]["content"].strip() == str(block + 1)  # the rule player's recorded answer is the block
+    return _render(tok, conv[:k], generation_prompt=True), block, {r * 3 + c for r, c in free}
+
+
+def positions(tok: Any, seed: int, n: int) -> list[Position]:
+    rng = random.Random(seed)  # noqa: S311 (reproducible positions)
+    out: list[Position] = []
+    while len(out) < n:
+        p = position(tok, rng.randrange(2**31))
+        if p:
+            out.append(p)
+    return out
+
+
+class Probe:
+    def __init__(self, trainer: Trainer) -> None:
+        self.t = trainer
+        tok = trainer.tokenizer
+        self.eos = tok.eos_token_id
+        self.digits = [tok.convert_tokens_to_ids(str(d)) for d in range(1, 10)]
+
+    @torch.no_grad()
+    def logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        """The first answer token's logits after each prompt."""
+        self.t.model.eval()
+        out = [self.t.model(input_ids=torch.tensor([p])).logits[0, -1].float() for p in prompts]
+        self.t.model.train()
+        return torch.stack(out)
+
+    def evaluate(self, pos: list[Position]) -> tuple[float, float]:
+        """Greedy block rate and legal rate."""
+        best = self.logits([p[0] for p in pos]).argmax(-1).tolist()
+        block = sum(a == self.digits[p[1]] for a, p in zip(best, pos, strict=True)) / len(pos)
+        legal = sum(a in self.digits and self.digits.index(a) in p[2] for a, p in zip(best, pos, strict=True))
+        return block, legal / len(pos)
+
+    def sample(self, prompt: list[int], token: int, advantage: float, group: int) -> Sample:
+        ids = [*prompt, token, self.eos]
+        mask = [0] * len(prompt) + [1, 1]
+        n = len(ids)
+        return Sample(ids, mask, [0.0] * n, [0.0] * n, 0.0, group, advantages=[advantage * m for m in mask])
+
+
+def update(t: Trainer, samples: list[Sample]) -> dict[str, float]:
+    norm = LossNorm(tokens=sum(s.n_generated for s in samples), seqs=len(samples), norm_len=4)
+    return t.train_minibatch(samples, norm, 1)
+
+
+def train(args: argparse.Namespace) -> None:
+    t = Trainer(policy(args.base, "bob" if args.lora else "alice", args.lr, args.steps))
+    torch.manual_seed(args.seed)  # the RL answers' sampling
+    if args.mode == "sft":
+        t.cfg = dataclasses.replace(t.cfg, loss="sft")
+    probe = Probe(t)
+    held = positions(t.tokenizer, 12345, 256)
+    per_step = POSITIONS * (GROUP if args.mode == "sft" else 1)
+    stream = positions(t.tokenizer, 777, per_step * args.steps)
+    cpu0, norms = time.process_time(), []
+
+    def report(step: int) -> None:
+        block, legal = probe.evaluate(held)
+        row = {"mode": args.mode, "lr": args.lr, "lora": args.lora, "decisions": step * POSITIONS * GROUP}
+        row |= {"block": block, "legal": legal, "train_block": probe.evaluate(stream[:64])[0]}
+        if norms:
+            row |= {
+                "grad_norm_mean": round(sum(norms) / len(norms), 3),
+                "cpu_s": round(time.process_time() - cpu0),
+            }
+        print(json.dumps(row), flush=True)
+
+    report(0)
+    for step in range(1, args.steps + 1):
+        batch = stream[(step - 1) * per_step : step * per_step]
+        samples: list[Sample] = []
+        if args.mode == "rl":
+            probs = torch.softmax(probe.logits([p[0] for p in batch]), -1)
+            drawn = [
+                (i, d) for i in range(len(batch)) for d in torch.multinomial(probs[i], GROUP, True).tolist()
+            ]
+            rewards = torch.tensor([0.0 if d == probe.digits[batch[i][1]] else -1.0 for i, d in drawn])
+            adv = grpo_advantages(rewards.double(), torch.tensor([i for i, _ in drawn])).tolist()
+            samples = [probe.sample(batch[i][0], d, a, i) for (i, d), a in zip(drawn, adv, strict=True)]
+        else:
+            samples = [probe.sample(p[0], probe.digits[p[1]], 0.0, i) for i, p in enumerate(batch)]
+        norms.append(update(t, samples)["grad_norm"])
+        if step in (4, 8, 16, 32, 64, 128) or step == args.steps:
+            report(step)
+
+
+def one_group(args: argparse.Namespace) -> None:
+    for name in ("alice", "bob"):
+        js = policy(args.base, name, None, 20)
+        t = Trainer(js)
+        probe = Probe(t)
+        held = positions(t.tokenizer, 12345, 256)
+        if name == "alice":
+            lg = probe.logits([p[0] for p in held])
+            pb = torch.softmax(lg, -1)[
+                torch.arange(len(held)), torch.tensor([probe.digits[p[1]] for p in held])
+            ]
+            silent = float(((1 - pb) ** GROUP + pb**GROUP).mean())
+            low, high = float((pb < 0.05).float().mean()), float((pb > 0.95).float().mean())
+            print(
+                f"held-out p(block): mean {float(pb.mean()):.3f}, < 0.05 on {low:.2f}, > 0.95 on {high:.2f}; "
+                f"groups of {GROUP} without variance: {silent:.2f}"
+            )
+        prompt, block, free = held[0]
+        misses = sorted(free - {block})[:3]
+        answers = [block] * 3 + [misses[i % len(misses)] for i in range(5)]
+        samples = []
+        for d in answers:
+            s = probe.sample(prompt, probe.digits[d], 0.0, 7)
+            s.token_rewards[-1] = 0.0 if d == block else -1.0  # the game's outcome on the last token
+            samples.append(s)
+        algorithm("grpo").advantages(samples, js.algorithm)  # the platform's estimator
+
+        before = _logp(probe, prompt, [block, *misses])
+        out = update(t, samples)
+        after = _logp(probe, prompt, [block, *misses])
+        masked = [
+            t.tokenizer.decode([i]) for i, m in zip(samples[0].token_ids, samples[0].mask, strict=True) if m
+        ]
+        print(
+            f"{name}: advantages {sorted({round(s.advantages[-1], 3) for s in samples})} on {masked}; "
+            "grad norm "
+            f"before clipping {out['grad_norm']:.3f} (max {js.algorithm.max_grad_norm}), lr {out['lr']}, "
+            f"clipped tokens {out['clip']:.0f}; d log p(block) {after[block] - before[block]:+.3f} "
+            f"(p {math.exp(before[block]):.4f} -> {math.exp(after[block]):.4f}), misses "
+            f"{[round(after[d] - before[d], 3) for d in misses]}"
+        )
+
+
+def _logp(probe: Probe, prompt: list[int], cells: list[int]) -> dict[int, float]:
+    lp = torch.log_softmax(probe.logits([prompt])[0], -1)
+    return {d: float(lp[probe.digits[d]]) for d in cells}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("base", help="the warm start (file:// URI of the SFT checkpoint)")
+    ap.add_argument("mode", choices=("rl", "sft", "onegroup"))
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lora", action="store_true", help="bob's LoRA adapter instead of alice's full weights")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (rl)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    one_group(args) if args.mode == "onegroup" else train(args)
+
+
+if __name__ == "__main__":
+    main()
