@@ -164,14 +164,21 @@ def _frame(cursor: Cursor, kind: str, data: bytes | str) -> bytes:
 def _db(fn):
     """Run a query off the event loop, in asgiref's shared pool. Not thread_sensitive: that would run it in
     the request's own thread, whose connection then stays open as long as the stream (one per viewer); the
-    pool's few threads keep a connection each, shared by every viewer."""
+    pool's few threads keep a connection each, shared by every viewer. With a pool of connections
+    (DB_POOL_MAX_SIZE) a thread gives its connection back after each query instead: the loop's executor has
+    up to min(32, cores + 4) threads, more than the pool holds, and a thread never hands back a connection it
+    keeps (the other requests of the process would wait for the pool, then fail)."""
 
     def run(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
-        except (InterfaceError, OperationalError):
-            connection.close()  # the database dropped it (restart): once more, on a new connection
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except (InterfaceError, OperationalError):
+                connection.close()  # the database dropped it (restart): once more, on a new connection
+                return fn(*args, **kwargs)
+        finally:
+            if settings.DB_POOL_MAX_SIZE:
+                connection.close()  # back to the pool
 
     return sync_to_async(run, thread_sensitive=False)
 
