@@ -15,8 +15,9 @@ sample: vLLM's own EOS handling is off) and stop strings (the sample cut after t
 vLLM runs without a tokenizer), a seed per call (its `num_samples` requests get seeds drawn from it; none:
 from torch's global RNG). vLLM draws its own noise, so seeded samples are reproducible here but not the
 decode loop's tokens; greedy tokens and log-probs are the same. Reported log-probs: the sampled token's
-under softmax(z / T) (T = 1 when greedy), as the decode loop's when the call does not truncate; with top_k or
-top_p < 1 vLLM reports the truncated (renormalised) distribution's. Prompt log-probs are vLLM's raw ones.
+under softmax(z / T), untruncated (T = 1 when greedy), as the decode loop reports them: vLLM's own for a
+call that does not truncate; for one with top_k or top_p < 1 (vLLM reports the truncated distribution's)
+from a forward of the host model over its samples. Prompt log-probs are vLLM's (raw logits, T = 1).
 
 Adapters vLLM cannot serve (rank above `max_lora_rank`, or modules it refuses: a LoRA on a tied `lm_head`)
 sample in the decode loop instead, in the same pass.
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 
 from gpu_runtime.model_server import adapter_io
+from gpu_runtime.model_server.logprobs import token_logprobs
 from gpu_runtime.model_server.lora import LoraAdapter
 from gpu_runtime.model_server.sampling import MAX_ROWS, AdapterSampler
 from gpu_runtime.model_server.types import ModelServerError, Sample, SampledSequence, SampleResult
@@ -49,6 +51,7 @@ DEFAULT_MAX_LORAS = 8
 DEFAULT_MAX_LORA_RANK = 64  # vLLM reserves max_loras x this rank per layer on the device: not MAX_RANK
 MAX_LORAS = 256
 MAX_SEED = 2**31 - 1
+ROWS_PER_FORWARD = 32  # samples per log-prob forward of a truncating call (its logits: rows x length x vocab)
 
 
 @dataclass
@@ -218,6 +221,7 @@ class VLLMSampler:
                 if cut is not None:
                     ids, lps, finished = ids[:cut], lps[:cut], True
                 seqs.setdefault(i, []).append(SampledSequence(ids, lps, "stop" if finished else "length"))
+            self._untruncated_logprobs(calls, seqs)
             for i, s in seqs.items():
                 results[i] = SampleResult(s)
         want = [
@@ -234,6 +238,32 @@ class VLLMSampler:
                 result.prompt_logprobs = lps
         assert all(r is not None for r in results)
         return [r for r in results if r is not None]
+
+    def _untruncated_logprobs(
+        self, calls: Sequence[tuple[LoraAdapter | None, Sample]], seqs: dict[int, list[SampledSequence]]
+    ) -> None:
+        """vLLM reports a truncating call's (top_k, top_p < 1) log-probs under the truncated distribution;
+        the decode loop reports softmax(z / T)'s, untruncated. Those calls' samples get theirs from one
+        forward of the host model (with the same adapters), in chunks of ROWS_PER_FORWARD samples."""
+        rows: list[tuple[SampledSequence, LoraAdapter | None, list[int], float]] = []
+        for i, samples in seqs.items():
+            adapter, req = calls[i]
+            sp = req.sampling_params
+            if sp.temperature == 0 or not (0 < sp.top_k < self.decoder.vocab or sp.top_p < 1):
+                continue
+            rows += [(q, adapter, [int(t) for t in req.prompt], sp.temperature) for q in samples if q.tokens]
+        for at in range(0, len(rows), ROWS_PER_FORWARD):
+            chunk = rows[at : at + ROWS_PER_FORWARD]
+            seq = [p + q.tokens for q, _, p, _ in chunk]
+            lps = token_logprobs(
+                self.decoder.host,
+                [s[:-1] for s in seq],
+                [torch.tensor(s[1:]) for s in seq],
+                [a for _, a, _, _ in chunk],
+                [t for _, _, _, t in chunk],
+            )
+            for (q, _, _, _), lp in zip(chunk, lps, strict=True):
+                q.logprobs = lp[-len(q.tokens) :].tolist()
 
     def sample(self, adapter: LoraAdapter | None, req: Sample) -> SampleResult:
         out = self.sample_many([(adapter, req)])[0]

@@ -25,6 +25,7 @@ from gpu_runtime.model_server import (
     SamplingParams,
     SaveState,
 )
+from gpu_runtime.model_server.lora import route_rows
 from gpu_runtime.rollout.vllm import vllm_available
 from tests.gpu_runtime.test_model_server import ADAM, CONFIGS, _ce, _next, _warm_up
 
@@ -61,12 +62,14 @@ def _sample_all(s: ModelServer, calls: dict[str, Sample]) -> dict[str, SampleRes
     return {o.model_id: o.unwrap() for o in done}  # type: ignore[misc]
 
 
-def _trainer_logprobs(s: ModelServer, mid: str, prompt: list[int], tokens: list[int]) -> list[float]:
-    """The sampled tokens' log-probs as the trainer computes them (a forward of the decode server)."""
-    seq = prompt + tokens
-    r = s.call(mid, _next(s, mid), ComputeLogprobs(seq))
-    assert isinstance(r, ComputeLogprobsResult)
-    return r.logprobs[len(prompt) :]
+def _trainer_logprobs(s: ModelServer, mid: str, prompt: list[int], tokens: list[int], t: float) -> list:
+    """The sampled tokens' log-probs under softmax(z / t), untruncated, from a plain forward of the decode
+    server's model with the adapter routed (not the samplers' code)."""
+    adapter = s._adapter(s.models[mid])
+    with torch.no_grad(), s.host.router.use(route_rows([adapter], s.host.device)):
+        z = s.host.model(input_ids=torch.tensor([prompt + tokens])).logits[0].float() / t
+    lp = z.log_softmax(-1)[len(prompt) - 1 : -1]
+    return lp.gather(-1, torch.tensor(tokens).unsqueeze(-1)).squeeze(-1).tolist()
 
 
 def test_greedy_of_base_and_two_adapters_in_one_vllm_call_equals_the_decode_loop(servers):
@@ -101,16 +104,22 @@ def test_greedy_of_base_and_two_adapters_in_one_vllm_call_equals_the_decode_loop
 
 
 def test_sampled_logprobs_equal_the_trainers_and_seeds_reproduce(servers):
+    """Log-probs of softmax(z / T), untruncated, as the decode loop reports them: at T = 1, at another T, and
+    for a call that truncates (top_k, top_p: vLLM's own would be of the truncated distribution)."""
     vs, ds = servers
-    params = SamplingParams(max_tokens=10, temperature=1.0, seed=7, stop=[])
-    calls = {mid: Sample(p, 3, params) for mid, p in PROMPTS.items()}
+    setups = {
+        "b": SamplingParams(max_tokens=10, temperature=1.0, seed=7, stop=[]),
+        "c": SamplingParams(max_tokens=10, temperature=0.7, seed=8, stop=[]),
+        "base": SamplingParams(max_tokens=10, temperature=0.8, top_k=20, top_p=0.9, seed=9, stop=[]),
+    }
+    calls = {mid: Sample(PROMPTS[mid], 3, sp) for mid, sp in setups.items()}
     got = _sample_all(vs, calls)
     again = _sample_all(vs, calls)
     for mid, r in got.items():
         assert [q.tokens for q in r.sequences] == [q.tokens for q in again[mid].sequences]
         assert len({tuple(q.tokens) for q in r.sequences}) > 1  # each sample its own draws
         for q in r.sequences:
-            ref = _trainer_logprobs(ds, mid, PROMPTS[mid], q.tokens)
+            ref = _trainer_logprobs(ds, mid, PROMPTS[mid], q.tokens, setups[mid].temperature)
             torch.testing.assert_close(torch.tensor(q.logprobs), torch.tensor(ref), atol=1e-4, rtol=0)
     # compute_logprobs through vLLM: the trainer's too
     seq = PROMPTS["b"] + got["b"].sequences[0].tokens
