@@ -29,6 +29,7 @@ from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.common import CommonMiddleware
 from django.middleware.csrf import CsrfViewMiddleware
 from django.middleware.security import SecurityMiddleware
+from django.utils.deprecation import MiddlewareMixin
 from django.utils.module_loading import import_string
 from whitenoise.middleware import WhiteNoiseMiddleware
 
@@ -116,22 +117,25 @@ class AsyncMessageMiddleware(InlineHooks, MessageMiddleware):
 
 class AsyncCsrfViewMiddleware(InlineHooks, CsrfViewMiddleware):
     """The token check of an unsafe request reads the form body (maybe a spooled file): in a thread. Safe
-    methods and exempt views (the API's) are decided inline."""
+    methods and exempt views (the API's) are decided inline. With CSRF_USE_SESSIONS (the token in the
+    session, which reading may load), every hook goes to a thread, as Django's own middleware does."""
 
     def __init__(self, get_response):
         super().__init__(get_response)
-        if iscoroutinefunction(self):
+        if iscoroutinefunction(self) and not settings.CSRF_USE_SESSIONS:
             # Django takes process_view from the instance and sends a sync one to a thread.
             self.process_view = self._aprocess_view
+
+    async def __acall__(self, request):
+        if settings.CSRF_USE_SESSIONS:
+            return await MiddlewareMixin.__acall__(self, request)
+        return await super().__acall__(request)
 
     async def _aprocess_view(self, request, callback, callback_args, callback_kwargs):
         check = super().process_view
         if request.method in SAFE_METHODS or getattr(callback, "csrf_exempt", False):
             return check(request, callback, callback_args, callback_kwargs)
         return await sync_to_async(check)(request, callback, callback_args, callback_kwargs)
-
-    def response_needs_thread(self, request, response) -> bool:
-        return settings.CSRF_USE_SESSIONS  # the token lives in the session then
 
 
 class AsyncWhiteNoiseMiddleware(WhiteNoiseMiddleware):

@@ -2,7 +2,9 @@
 
 Authentication, scope (jobs:read) and tenancy are those of every job read (an outsider gets 404): the view is
 a plain DRF view that checks them and answers with a streaming response whose body is an async generator,
-which uvicorn (ASGI) serves from its event loop, holding no thread while the stream waits.
+which uvicorn (ASGI) serves from its event loop: no thread works for the stream while it waits (Django's ASGI
+handler keeps each request's own thread parked until the request ends, a stream included: an idle thread per
+viewer, no slot of a pool, no database connection).
 
 Events (``event:`` names; ``data:`` is one line of JSON):
     metrics  {"points": [{"step", "name", "value"}]}      new metric points; "replay": true when read from the
