@@ -47,6 +47,7 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -456,7 +457,33 @@ class Transport:
             pipe = self.queue.pipeline(transaction=False)
             for r in done:
                 pipe.lrem(self.claimed, 1, cast(str, r))  # the exact bytes claimed
-            pipe.execute()
+            try:
+                pipe.execute()
+            except redis.RedisError:
+                # Answered but maybe still claimed: released at the next post, never taken as unknown
+                # by `adopt` (which would run them again).
+                self.loose = done + self.loose
+                raise
+
+    def adopt(self) -> list[dict[str, Any]]:
+        """After a Valkey error: the operations this server claimed without getting the reply (the claim or
+        blocking move ran in Valkey, its answer was lost to a timeout), taken from the claimed list. Without
+        this they would sit there, never run, until the next server fails them; and a training client's
+        later calls would wait for the lost one's seq_id. The list is this server's alone (the lease; recover
+        cleared a predecessor's), so what it holds beyond the claims known here (in flight, or answered and
+        not yet released) was claimed and never seen."""
+        raw: Any = self.queue.lrange(self.claimed, 0, -1)
+        known = Counter(r for copies in self.inflight.values() for r in copies)
+        known.update(self.loose)
+        unseen = []
+        for r in raw:
+            if known[r] > 0:
+                known[r] -= 1
+            else:
+                unseen.append(r)
+        if unseen:
+            log.warning("taking %d operations claimed while Valkey did not answer", len(unseen))
+        return self._claimed(unseen)
 
     def recover(self) -> int:
         """At start-up: fail the futures a dead predecessor had claimed, then clear its claimed list.
@@ -547,6 +574,7 @@ def serve(
     Returns why it stopped: "stopped", "idle" or "lease lost"."""
     last_work = clock()
     why = "stopped"
+    unsure = False  # a Valkey call failed: a claim may have run without its reply reaching us
     while not should_stop():
         if lease_lost():
             log.error("lost the base model's lease (another model server took over): stopping")
@@ -554,6 +582,12 @@ def serve(
             break
         try:
             outcomes: list[WireOutcome] = []
+            if unsure:
+                adopted: list[WireOutcome] = []
+                for msg in transport.adopt():
+                    adopted += loop.handle(msg)
+                unsure = False
+                transport.post(adopted)
             for msg in transport.drain():
                 outcomes += loop.handle(msg)
             outcomes += loop.step()
@@ -571,6 +605,7 @@ def serve(
             # next command opens a new one. The lease keeper, failing too, stops the server once a whole TTL
             # has passed without a renewal; until then, try again (an idle time does not count meanwhile).
             log.warning("Valkey did not answer (%r): trying again", exc)
+            unsure = True
             last_work = clock()
             sleep(min(idle_wait, 1.0))
             continue

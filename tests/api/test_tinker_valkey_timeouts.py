@@ -8,6 +8,7 @@ of hanging in its blocking pop, stops with "lease lost"."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import socket
 import threading
 import uuid
@@ -116,3 +117,63 @@ def test_the_lease_keeper_and_the_serve_loop_stop_on_a_silent_valkey(silent_valk
         keeper.stop()
     assert why == "lease lost"
     assert keeper.lost.is_set() and keeper.why.startswith("could not renew the lease for 1.5 s"), keeper.why
+
+
+class ReplyLost(Transport):
+    """The claim runs in Valkey, but its reply is lost to a timeout the first `lose` times (a slow Valkey or
+    a network blip longer than the socket timeout): what the server sees is a TimeoutError."""
+
+    def __init__(self, *args, lose: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lose = lose
+
+    def drain(self):
+        got = super().drain()
+        if got and self.lose:
+            self.lose -= 1
+            self.inflight.clear()  # what _claimed noted from the reply the server never got
+            self.loose.clear()
+            raise redis.TimeoutError("Timeout reading from socket")
+        return got
+
+
+def test_an_operation_claimed_when_the_reply_was_lost_is_still_run_once():
+    client = valkey_client(settings.REDIS_URL, ValkeyTimeouts.for_lease(TTL_S))
+    base = f"test-timeouts-{uuid.uuid4().hex[:8]}"
+    posted: list[dict] = []
+    transport = ReplyLost(client, base, posted.extend)
+    create = {"op": "create_model", "future": "f1", "model_id": "m1", "lora_config": {"rank": 4}}
+    client.rpush(ops_key(base), json.dumps(create))
+    loop = ServeLoop(ModelServer("tiny-qwen2"))
+    passes = [0]
+
+    def done() -> bool:
+        passes[0] += 1
+        return bool(posted) or passes[0] > 20  # a hang guard: without adopting, f1 is never answered
+
+    try:
+        serve(loop, transport, idle_wait=0.05, should_stop=done, sleep=lambda s: None)
+        assert transport.lose == 0  # the reply was lost once (the precondition)
+        assert posted == [{"future": "f1", "result": {}}]  # run, answered once
+        assert client.llen(transport.claimed) == 0 and "m1" in loop.server.models
+    finally:
+        client.delete(ops_key(base), transport.claimed)
+
+
+def test_answered_operations_whose_release_failed_are_not_taken_again(silent_valkey):
+    client = valkey_client(settings.REDIS_URL, ValkeyTimeouts.for_lease(TTL_S))
+    base = f"test-timeouts-{uuid.uuid4().hex[:8]}"
+    posted: list[dict] = []
+    transport = Transport(client, base, posted.extend)
+    try:
+        client.rpush(ops_key(base), json.dumps({"op": "optim_step", "future": "f1", "model_id": "m"}))
+        assert [m["future"] for m in transport.drain()] == ["f1"]
+        transport.queue = valkey_client(silent_valkey, ValkeyTimeouts.for_lease(TTL_S))
+        with pytest.raises(redis.TimeoutError):  # posted, but its claimed copy could not be released
+            in_thread(lambda: transport.post([{"future": "f1", "result": {}}]))
+        transport.queue = client
+        assert transport.adopt() == []  # answered already: not run a second time
+        transport.post([])
+        assert client.llen(transport.claimed) == 0  # released at the next post
+    finally:
+        client.delete(ops_key(base), transport.claimed)
