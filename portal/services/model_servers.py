@@ -233,9 +233,15 @@ def model_server_demand(base_model: str, client: Any = None) -> str:
         return "Valkey did not answer"
     if _live_sessions is None:
         return "live sessions unknown"
-    if _live_sessions(base_model, timezone.now() - timedelta(seconds=LIVE_SESSION_S)):
-        return "a session is live"
-    return ""
+    try:
+        # A savepoint: the caller (job_requeue) holds the job's row lock in its transaction, which a failed
+        # query would otherwise abort, failing the whole requeue and the supervisor's pass with it.
+        with transaction.atomic():
+            live = _live_sessions(base_model, timezone.now() - timedelta(seconds=LIVE_SESSION_S))
+    except Exception:
+        log.exception("model-server demand for %s: the live-session check failed", base_model)
+        return "live sessions unknown (the check failed)"
+    return "a session is live" if live else ""
 
 
 def model_server_lost_unneeded(job: Job) -> str:

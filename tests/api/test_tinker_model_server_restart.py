@@ -13,11 +13,13 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from api.tinker import queue
 from api.tinker.models import TinkerModel, TinkerSession
 from portal.models import Allocation, Job
+from portal.services import model_servers
 from portal.services.model_servers import LIVE_SESSION_S, model_server_ensure
 from portal.services.scheduler import schedule_pass
 from portal.services.supervision import job_launched, job_process_exited
@@ -95,3 +97,17 @@ def test_a_lost_server_is_restarted_while_a_session_is_live_or_work_waits(base, 
     assert job is not None and (job.state, job.attempt) == ("queued", 1), job.state_reason
     assert Allocation.objects.get(pk=alloc.pk).release_reason == "lost: runtime killed by signal 9"
     assert model_server_ensure(base) == (job, False)  # the same job starts again
+
+
+def test_a_session_check_that_fails_counts_as_needed(base, monkeypatch):
+    def failing(base_model, since):
+        with connection.cursor() as cursor:  # a query that fails inside the requeue's transaction
+            cursor.execute("SELECT 1 / 0")
+        return False
+
+    monkeypatch.setattr(model_servers, "_live_sessions", failing)
+    job, alloc = running_server(base)
+
+    job = job_process_exited(allocation_id=alloc.pk, exit_code=-9)
+    assert job is not None and (job.state, job.attempt) == ("queued", 1), job.state_reason
+    assert Allocation.objects.get(pk=alloc.pk).release_reason == "lost: runtime killed by signal 9"
