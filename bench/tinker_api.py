@@ -143,18 +143,17 @@ def main() -> None:
         for n in tenant_counts:
             prompts = torch.randint(0, 256, (n, args.prompt), generator=gen).tolist()
             params = SamplingParams(max_tokens=args.new, seed=1, stop=[])
-            rates = {}
+            sample_rates: dict[tuple[str, bool], float] = {}
             runs = [("decode", False), ("decode", True)] + ([("vllm", True)] if vllm else [])
             for sampler, batched in runs:
                 server, tenants = _servers(args, n, sampler, unembed=not vllm)
                 calls = {t: Sample(prompts[i], args.samples, params) for i, t in enumerate(tenants)}
                 times = [_sample_round(server, calls, r + 1, batched) for r in range(args.rounds + 1)][1:]
-                rates[(sampler, batched)] = n * args.samples * args.new / statistics.median(times)
-                if sampler == "vllm":
-                    server.sampler.close()  # its vLLM engine parked for the next server (no new start-up)
-            row = _row(n, {False: rates[("decode", False)], True: rates[("decode", True)]})
+                sample_rates[(sampler, batched)] = n * args.samples * args.new / statistics.median(times)
+                server.close()  # a vLLM engine is parked for the next server (no second start-up)
+            row = _row(n, {False: sample_rates[("decode", False)], True: sample_rates[("decode", True)]})
             if vllm:
-                v, b = rates[("vllm", True)], rates[("decode", True)]
+                v, b = sample_rates[("vllm", True)], sample_rates[("decode", True)]
                 row += f" {v:,.0f} | {v / b:.2f}x |"
             print(row)
 

@@ -164,6 +164,13 @@ class ModelServer:
         self.models: dict[str, _Model] = {}
         self._clock = itertools.count(1)
 
+    def close(self) -> None:
+        """Hand the vLLM sampler's engine back (parked for the next server in this process); the decode
+        loop holds nothing to release."""
+        if not isinstance(self.sampler, AdapterSampler):
+            self.sampler.close()
+            self.sampler = self.decoder
+
     # ---- models (session-level calls in Tinker: not seq-ordered) ----
 
     def create_model(self, model_id: str, lora_config: LoraConfig, *, first_seq_id: int = 1) -> ModelInfo:

@@ -51,7 +51,7 @@ def servers(tmp_path_factory):
         s.create_sampler("base")
         out.append(s)
     yield out
-    out[0].sampler.close()
+    out[0].close()
 
 
 def _sample_all(s: ModelServer, calls: dict[str, Sample]) -> dict[str, SampleResult]:
