@@ -428,7 +428,8 @@ class ResourcesSpec(_Strict):
         ge=1,
         le=256,
         description="Data-parallel rollout engines (Ray actors, each with its own GPU or CPU share); a "
-        "step's prompts are split among them in whole groups. More than 1 runs the job's workers on Ray.",
+        "step's prompts (multi-agent jobs: its games, every worker holding each trained policy's engine) are "
+        "split among them in whole groups. More than 1 runs the job's workers on Ray.",
     )
     trainer_ranks: int = Field(
         1,

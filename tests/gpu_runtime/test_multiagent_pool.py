@@ -76,6 +76,10 @@ def test_two_workers_play_the_games_one_worker_plays():
             p: [(s.token_ids, s.group_id, s.role, s.trace.game) for s in ss] for p, ss in per_policy.items()
         }
 
+    def tokens(per_policy):
+        return {p: [s.token_ids for s in v] for p, v in per_policy.items()}
+
+    assert tokens(two) == tokens(one)  # the per-request seeds of the step-wide game index
     assert view(two) == view(one)
     assert one["alice"][0].token_ids != one["alice"][1].token_ids  # sampled: a group's games differ
     assert two_stats == pytest.approx(one_stats)
