@@ -88,9 +88,13 @@ def token_authenticate(raw: str, *, now: datetime | None = None) -> tuple[ApiTok
         return None
     # By ids, with the token's own user and organization attached: one query for the membership, none later
     # when the request reads membership.organization or membership.user (the API's hot path).
-    membership = Membership.objects.filter(
-        organization_id=token.organization_id, user_id=token.user_id
-    ).first()
+    # Unordered (at most one row: uniq_membership): Membership's default ordering would join the organization
+    # to sort by its slug, half of this query's CPU.
+    membership = (
+        Membership.objects.filter(organization_id=token.organization_id, user_id=token.user_id)
+        .order_by()
+        .first()
+    )
     if membership is None:
         return None
     membership.organization, membership.user = token.organization, token.user

@@ -115,6 +115,62 @@ def test_the_auth_cache_needs_the_exact_secret_and_checks_expiry(as_alice, alice
     wrong = secret[:-1] + ("A" if secret[-1] != "A" else "B")
     assert client_for(wrong).get("/api/v1/jobs?limit=20").status_code == 401
     ApiToken.objects.filter(user=alice).update(expires_at="2020-01-01T00:00:00Z")
-    for _until, token, _membership in auth_cache._entries.values():  # as another process would have seen it
+    for entry in auth_cache._entries.values():  # as another process would have seen it
+        token = entry[2]
         token.expires_at = ApiToken.objects.get(pk=token.pk).expires_at
     assert as_alice.get("/api/v1/jobs?limit=20").status_code == 401
+
+
+def _later(auth_cache, monkeypatch, seconds: float) -> None:
+    later = auth_cache.time.monotonic() + seconds
+    monkeypatch.setattr(auth_cache.time, "monotonic", lambda: later)
+
+
+@pytest.fixture
+def short_auth_cache(auth_cache, settings):
+    settings.API_AUTH_CACHE_SECONDS = 2  # the production server's
+    return auth_cache
+
+
+def test_an_unchanged_token_is_trusted_again_for_one_query(
+    as_alice, jobs, short_auth_cache, monkeypatch, django_assert_num_queries
+):
+    assert as_alice.get("/api/v1/jobs?limit=20").status_code == 200  # authenticates, remembers
+    _later(short_auth_cache, monkeypatch, 3)  # the entry has ended
+    with django_assert_num_queries(1 + 1):  # the row versions, then the page; no authentication
+        assert as_alice.get("/api/v1/jobs?limit=20").status_code == 200
+    with django_assert_num_queries(1):  # trusted again for another 2 s
+        assert as_alice.get("/api/v1/jobs?limit=20").status_code == 200
+    _later(short_auth_cache, monkeypatch, 61)  # a full authentication at least once a minute (last_used_at)
+    with django_assert_num_queries(1 + AUTH_QUERIES + 1):
+        assert as_alice.get("/api/v1/jobs?limit=20").status_code == 200
+
+
+@pytest.mark.parametrize("change", ["revoke", "deactivate", "remove", "demote", "rename org"])
+def test_any_change_made_elsewhere_applies_when_the_entry_ends(
+    as_alice, alice, acme, jobs, short_auth_cache, monkeypatch, django_assert_num_queries, change
+):
+    assert as_alice.get("/api/v1/jobs?limit=20").status_code == 200
+    # Another process writes (update() and delete() of querysets send no signal to this process's cache).
+    mine = Membership.objects.filter(user=alice, organization=acme)
+    if change == "revoke":
+        ApiToken.objects.filter(user=alice).update(revoked_at="2020-01-01T00:00:00Z")
+    elif change == "deactivate":
+        type(alice).objects.filter(pk=alice.pk).update(is_active=False)
+    elif change == "remove":
+        mine._raw_delete(mine.db)  # delete() would signal this process's cache
+    elif change == "demote":
+        mine.update(role="viewer")
+    else:
+        type(acme).objects.filter(pk=acme.pk).update(name="Acme Renamed")
+    assert as_alice.get("/api/v1/jobs?limit=20").status_code == 200  # its entry still holds...
+    _later(short_auth_cache, monkeypatch, 3)  # ...until it ends: the versions differ, a full authentication
+    if change == "demote":
+        assert as_alice.post("/api/v1/jobs", {**SPEC, "name": "y"}, format="json").status_code == 403
+    elif change == "rename org":
+        with django_assert_num_queries(1 + AUTH_QUERIES + 1):
+            assert as_alice.get("/api/v1/jobs?limit=20").status_code == 200
+        entry = next(iter(short_auth_cache._entries.values()))
+        assert entry[2].organization.name == "Acme Renamed"
+    else:
+        assert as_alice.get("/api/v1/jobs?limit=20").status_code == 401
