@@ -616,7 +616,10 @@ def serve(
             why = "idle"
             break
     parked = loop.server.park()
-    transport.post([])  # releases what is claimed and answered
+    try:
+        transport.post([])  # releases what is claimed and answered
+    except redis.RedisError as exc:  # Valkey away (the lease lost to it): the copies hold no future
+        log.warning("could not release the answered operations (%r)", exc)
     log.info("stopped (%s); parked %d training clients", why, len(parked))
     return why
 
@@ -683,7 +686,10 @@ def main(args: Any) -> int:
         )
     finally:
         keeper.stop()
-        lease.release()
+        try:
+            lease.release()
+        except redis.RedisError as exc:  # it lapses after its TTL; a crash here would fail the job
+            log.warning("could not release the lease (%r): it lapses in %g s", exc, args.lease_ttl_s)
     if why == "lease lost":
         print(f"model server for {args.base_model} stopped: {keeper.why}", file=sys.stderr, flush=True)
         return LEASE_LOST_EXIT

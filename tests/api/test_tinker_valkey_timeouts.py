@@ -8,6 +8,7 @@ of hanging in its blocking pop, stops with "lease lost"."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import socket
 import threading
@@ -177,3 +178,121 @@ def test_answered_operations_whose_release_failed_are_not_taken_again(silent_val
         assert client.llen(transport.claimed) == 0  # released at the next post
     finally:
         client.delete(ops_key(base), transport.claimed)
+
+
+class IdleModel:
+    """What `serve` asks of a model server that never gets a call."""
+
+    def pending(self) -> bool:
+        return False
+
+    def step(self) -> list:
+        return []
+
+    def park(self) -> list[str]:
+        return []
+
+
+@pytest.fixture
+def valkey_proxy() -> Iterator[tuple[str, threading.Event]]:
+    """A loopback TCP proxy to the real Valkey that goes silent (forwards nothing more, closes nothing) once
+    its event is set: Valkey's host lost in the middle of a run."""
+    upstream = redis.connection.parse_url(settings.REDIS_URL)
+    silent, stop = threading.Event(), threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    socks: list[socket.socket] = [listener]
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        while not stop.is_set():
+            try:
+                data = src.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            if not silent.is_set():
+                with contextlib.suppress(OSError):
+                    dst.sendall(data)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            up = socket.create_connection((upstream.get("host", "127.0.0.1"), upstream.get("port", 6379)))
+            for s in (conn, up):
+                s.settimeout(0.2)
+                socks.append(s)
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"redis://127.0.0.1:{listener.getsockname()[1]}/{upstream.get('db', 0)}", silent
+    stop.set()
+    for s in socks:
+        s.close()
+
+
+@pytest.mark.timeout(HANG_S)
+def test_a_server_whose_valkey_goes_silent_exits_3_saying_why(valkey_proxy, monkeypatch, capsys):
+    """The lease lost to a silent Valkey: the server stops with LEASE_LOST_EXIT and the keeper's reason (the
+    RUNBOOK's "exit 3"), not with a traceback from releasing a lease it cannot reach."""
+    import argparse
+
+    from gpu_runtime.model_server.serve import LEASE_LOST_EXIT, lease_key, main
+    from tests.workers.test_local_driver import wait_for
+
+    url, silent = valkey_proxy
+    base = f"test-timeouts-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("OPENTINKER_MODEL_SERVER_TOKEN", "otm_test")
+    monkeypatch.setattr("gpu_runtime.model_server.serve.ModelServer", lambda *a, **k: IdleModel())
+    args = argparse.Namespace(
+        base_model=base,
+        queue_url=url,
+        ingest_url="http://127.0.0.1:9/never-posted",
+        device="cpu",
+        dtype="float32",
+        seed=0,
+        spill_uri="",
+        idle_exit_s=0.0,
+        lease_ttl_s=TTL_S,
+    )
+    real = redis.Redis.from_url(settings.REDIS_URL)
+
+    def silence_once_serving() -> None:
+        wait_for(lambda: real.exists(lease_key(base)), HANG_S, "the server's lease")
+        silent.set()
+
+    # main() on this thread (it sets a signal handler); Valkey goes silent once it serves.
+    threading.Thread(target=silence_once_serving, daemon=True).start()
+    try:
+        assert main(args) == LEASE_LOST_EXIT
+    finally:
+        real.delete(lease_key(base))
+    assert f"model server for {base} stopped: could not renew the lease" in capsys.readouterr().err
+
+
+def test_the_serve_loop_stops_on_a_silent_valkey_with_answered_copies_to_release(silent_valkey):
+    t = ValkeyTimeouts.for_lease(TTL_S)
+    client = valkey_client(silent_valkey, t)
+    transport = Transport(client, "tiny-qwen2", lambda outcomes: None)
+    transport.loose = [b'{"op": "create_sampler", "model_id": "s"}']  # answered, not yet released
+    lost = iter([False, True])
+    why = in_thread(
+        lambda: serve(
+            ServeLoop(IdleModel()),
+            transport,
+            idle_wait=t.blocking_s,
+            should_stop=lambda: False,
+            lease_lost=lambda: next(lost, True),
+        )
+    )
+    assert why == "lease lost"
