@@ -229,9 +229,13 @@ def test_ray_actors_run_the_same_two_policy_step_as_in_process(warm_start, ray_s
     spec = job(warm_start, ma, steps=1)
     local = by_type(run(spec, None), "metrics")[1]
     out = io.StringIO()
-    group = MultiAgentGroup(spec, use_ray=True)  # trainer actors per policy + one rollout actor
+    # Trainer actors per policy + two rollout actors, one game group each (issue 14 item 3): the Ray
+    # path of the multi-agent pool (the weights through the object store, the parts' calls all at once).
+    two = scaled(spec, 2)
+    group = MultiAgentGroup(two, use_ray=True)
     try:
-        result = MultiAgentController(spec, JsonlSink(out), group, f"file://{tmp_path}").run()
+        assert len(group.rollout_actors) == 2
+        result = MultiAgentController(two, JsonlSink(out), group, f"file://{tmp_path}").run()
     finally:
         group.shutdown()
     assert result.exit_code == EXIT_OK
@@ -239,7 +243,9 @@ def test_ray_actors_run_the_same_two_policy_step_as_in_process(warm_start, ray_s
     remote = by_type(lines, "metrics")[1]
     assert remote.keys() == local.keys()
     for k, v in local.items():
-        if isinstance(v, float) and not k.startswith(NOT_COMPARED):
+        if k.endswith("logprob_gap"):  # float noise of the engines' forward, whose batches differ: ~4e-7
+            assert remote[k] < 1e-5 and v < 1e-5, (k, remote[k], v)
+        elif isinstance(v, float) and not k.startswith(NOT_COMPARED):
             assert remote[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
     (ck,) = by_type(lines, "checkpoint").values()
     assert {"px/model.safetensors", "po/model.safetensors"} <= {f["name"] for f in ck["files"]}
@@ -289,5 +295,7 @@ def test_two_rollout_workers_train_both_policies_as_one_worker_does(warm_start, 
         assert a.keys() == b.keys()
         if p == "px":
             assert changed(warm, a) > 0  # trained, so an unsynced or differently fed worker would show
+        worst = max(float(((b[k] - a[k]).abs() / a[k].abs().clamp_min(1e-3)).max()) for k in a)
+        print(f"{p}: {len(a)} tensors, 2 workers vs 1: largest relative difference {worst:.3g}")
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=5e-5, atol=1e-7, msg=f"{p} {k}")
