@@ -202,3 +202,19 @@ def test_a_login_goes_through_csrf_and_the_session_on_both_handlers(alice, acme,
         # the test (and block the test database's teardown).
         if handler == "async":
             asyncio.run(sync_to_async(lambda: connection.close())())
+
+
+def test_the_deploy_checks_find_the_subclasses(settings):
+    """Django's security checks look for its middlewares by dotted path, through private helpers that
+    portal/apps.py replaces (deploy_checks_see_subclasses): none is reported missing, and the checks gated
+    on each still run. Fails if a Django upgrade renames or drops a helper the patch replaces."""
+    from django.core import checks
+
+    settings.SECURE_HSTS_SECONDS = 0  # W004, gated on SecurityMiddleware
+    settings.SESSION_COOKIE_SECURE = False  # W012 (app and middleware), gated on SessionMiddleware
+    settings.CSRF_COOKIE_SECURE = False  # W016, gated on CsrfViewMiddleware
+    settings.X_FRAME_OPTIONS = "SAMEORIGIN"  # W019, gated on XFrameOptionsMiddleware
+    found = checks.run_checks(tags=[checks.Tags.security], include_deployment_checks=True)
+    ids = {m.id for m in found}
+    assert not ids & {"security.W001", "security.W002", "security.W003"}, ids  # "... is not in MIDDLEWARE"
+    assert {"security.W004", "security.W012", "security.W016", "security.W019"} <= ids, ids
