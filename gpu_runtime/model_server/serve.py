@@ -225,6 +225,12 @@ local items = redis.call('LPOP', KEYS[1], ARGV[1])
 if items then redis.call('RPUSH', KEYS[2], unpack(items)) end
 return items or {}
 """
+# The claimed list, but only while the caller still holds the base model's lease (ARGV[1]; "" for any): once
+# taken over, the list holds the new server's claims, which it runs itself.
+ADOPT_SCRIPT = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return {} end
+return redis.call('LRANGE', KEYS[1], 0, -1)
+"""
 LOST_IN_FLIGHT = (
     "the model server restarted while this call was in flight (taken from the queue, not finished); it may "
     "have partly run, so it was not re-run. Training state not saved with save_state is lost: resume from "
@@ -422,7 +428,10 @@ class Transport:
     ) -> None:
         self.queue, self.poster = queue, post
         self.key, self.claimed = ops_key(base_model), claimed_key(base_model)
+        self.lease_key = lease_key(base_model)
+        self.holder = ""  # this server's lease holder id, once it has one (main): `adopt` checks it
         self.claim = queue.register_script(CLAIM_SCRIPT)
+        self._adopt = queue.register_script(ADOPT_SCRIPT)
         self.inflight: dict[str, list[bytes]] = {}  # future -> its claimed raw messages (a retry adds a copy)
         self.loose: list[bytes] = []  # claimed messages without a future: released at the next post
 
@@ -469,10 +478,10 @@ class Transport:
         """After a Valkey error: the operations this server claimed without getting the reply (the claim or
         blocking move ran in Valkey, its answer was lost to a timeout), taken from the claimed list. Without
         this they would sit there, never run, until the next server fails them; and a training client's
-        later calls would wait for the lost one's seq_id. The list is this server's alone (the lease; recover
-        cleared a predecessor's), so what it holds beyond the claims known here (in flight, or answered and
-        not yet released) was claimed and never seen."""
-        raw: Any = self.queue.lrange(self.claimed, 0, -1)
+        later calls would wait for the lost one's seq_id. The list is this server's alone while it holds the
+        lease (`holder`; recover cleared a predecessor's), so what it holds beyond the claims known here (in
+        flight, or answered and not yet released) was claimed and never seen. Taken over: nothing."""
+        raw: Any = self._adopt(keys=[self.claimed, self.lease_key], args=[self.holder])
         known = Counter(r for copies in self.inflight.values() for r in copies)
         known.update(self.loose)
         unseen = []
@@ -665,6 +674,7 @@ def main(args: Any) -> int:
         valkey_client(args.queue_url, timeouts), args.base_model, http_poster(args.ingest_url, token)
     )
     lease = Lease(transport.queue, args.base_model, f"{socket.gethostname()}:{os.getpid()}", args.lease_ttl_s)
+    transport.holder = lease.holder
     try:
         take_base(lease, transport, wait_s=getattr(args, "lease_wait_s", 0.0))
     except LeaseHeld as exc:

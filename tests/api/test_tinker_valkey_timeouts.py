@@ -20,7 +20,7 @@ import redis
 from django.conf import settings
 
 from gpu_runtime.model_server.engine import ModelServer
-from gpu_runtime.model_server.serve import Lease, LeaseKeeper, ServeLoop, Transport, ops_key, serve
+from gpu_runtime.model_server.serve import Lease, LeaseKeeper, ServeLoop, Transport, lease_key, ops_key, serve
 from gpu_runtime.model_server.valkey import READ_MAX_S, ValkeyTimeouts, valkey_client
 
 TTL_S = 1.5  # reads give up after 0.5 s, the blocking pop after 0.25 s
@@ -247,7 +247,7 @@ def test_a_server_whose_valkey_goes_silent_exits_3_saying_why(valkey_proxy, monk
     RUNBOOK's "exit 3"), not with a traceback from releasing a lease it cannot reach."""
     import argparse
 
-    from gpu_runtime.model_server.serve import LEASE_LOST_EXIT, lease_key, main
+    from gpu_runtime.model_server.serve import LEASE_LOST_EXIT, main
     from tests.workers.test_local_driver import wait_for
 
     url, silent = valkey_proxy
@@ -296,3 +296,21 @@ def test_the_serve_loop_stops_on_a_silent_valkey_with_answered_copies_to_release
         )
     )
     assert why == "lease lost"
+
+
+def test_a_server_taken_over_adopts_nothing_of_the_new_servers_claims():
+    client = valkey_client(settings.REDIS_URL, ValkeyTimeouts.for_lease(TTL_S))
+    base = f"test-timeouts-{uuid.uuid4().hex[:8]}"
+    transport = Transport(client, base, lambda outcomes: None)
+    transport.holder = "old"
+    op = {"op": "optim_step", "future": "f1", "model_id": "m"}
+    try:
+        client.rpush(transport.claimed, json.dumps(op))  # claimed, its reply never seen
+        client.set(lease_key(base), "new")  # ...or claimed by the server that took the base model over
+        assert transport.adopt() == [] and client.llen(transport.claimed) == 1
+        client.delete(lease_key(base))  # lapsed: not this server's either
+        assert transport.adopt() == []
+        client.set(lease_key(base), "old")  # still held: the claim is this server's
+        assert transport.adopt() == [op] and list(transport.inflight) == ["f1"]
+    finally:
+        client.delete(ops_key(base), transport.claimed, lease_key(base))
