@@ -131,6 +131,9 @@ def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, 
     set_num_threads = torch.set_num_threads
     rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     set_aside = _set_aside_unprobeable_globals()
+    # save_pretrained writes `architectures` into the model's config: put back, since the idle engines'
+    # key (`_IDLE`) holds the config, and the model's next engine must find this one there.
+    architectures = model.config.architectures
     try:
         model.save_pretrained(workdir, safe_serialization=True)
         return LLM(
@@ -147,6 +150,7 @@ def _start_llm(model: torch.nn.Module, max_num_seqs: int, llm_kwargs: dict[str, 
             **llm_kwargs,
         )
     finally:
+        model.config.architectures = architectures
         shutil.rmtree(workdir, ignore_errors=True)
         for module, attr, value in set_aside:
             setattr(module, attr, value)

@@ -107,22 +107,27 @@ def test_starts_beside_a_context_bound_proxy_in_a_module(base):
     assert flask.current_app is proxy
 
 
-def test_a_failed_reuse_hands_the_idle_engine_back(base, monkeypatch):
+def test_a_failed_reuse_hands_the_idle_engine_back(monkeypatch):
     # A vLLM engine dropped instead of parked is shut down when collected, and its shutdown tears down the
     # parallel state every other in-process engine shares ("pipeline model parallel group is not
     # initialized" in the next engine's generate): a reuse that fails must park it again.
+    # A model and a shape (max_num_seqs 6) of its own, whatever ran before: a real start, parked at close,
+    # which the model's next engine finds (it did not when the start left `architectures` in the config).
     from gpu_runtime.rollout import vllm as vllm_module
 
-    VLLMEngine(base, max_num_seqs=7).close()  # the shape of the proxy test: started once, now idle
-    shape = next(k for k, v in vllm_module._IDLE.items() if k.endswith("|7|[]") and v)
+    model = _model(seed=6)
+    first = VLLMEngine(model, max_num_seqs=6)
+    shape = first._shape
+    first.close()
     parked = list(vllm_module._IDLE[shape])
+    assert len(parked) == 1
 
     def refuse(self, state_dict):
         raise RuntimeError("refused by the test")
 
     monkeypatch.setattr(VLLMEngine, "_load_full", refuse)
     with pytest.raises(RuntimeError, match="refused by the test"):
-        VLLMEngine(base, max_num_seqs=7)
+        VLLMEngine(model, max_num_seqs=6)
     assert vllm_module._IDLE[shape] == parked
 
 
