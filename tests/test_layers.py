@@ -179,6 +179,7 @@ def test_every_portal_module_is_classified():
 LOCAL_IMPORTS_ALLOWED = {
     "api.apps": "AppConfig.ready: models are importable only once the app registry is ready",
     "env_registry.apps": "AppConfig.ready: registers the registry's resolver",
+    "api.tinker.apps": "AppConfig.ready: registers the live-session check (selectors need the app registry)",
     "portal.apps": "AppConfig.ready: the pages' start-up checks",
     "workers.runner": "a standalone process: Django is set up first, then the models are imported",
     "api.schema": "DRF imports it by name from its settings while loading its views; the views come after",
