@@ -3,6 +3,7 @@ thread pool, async views (the live stream, Tinker's long-polled retrieve_future)
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 
@@ -86,3 +87,29 @@ def test_async_routes_go_to_the_asgi_handler(app, alice, acme, make_token):
     assert ("asgi", f"/api/v1/jobs/{job_id}/stream") in app.seen
     assert ("asgi", "/tinker/api/v1/retrieve_future") in app.seen
     assert ("wsgi", f"/api/v1/jobs/{job_id}/stream") not in app.seen
+
+
+def _scope(path="/api/v1/jobs", headers=(), root_path=""):
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "root_path": root_path,
+        "query_string": b"",
+        "headers": list(headers),
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 5000),
+    }
+
+
+def test_a_header_name_with_an_underscore_is_dropped_as_django_asgi_does():
+    from portal.asgi_split import _environ
+
+    # The proxy's X-Forwarded-Proto says http; a client's X_Forwarded_Proto must not read as the same header
+    # (joined first, "https,http" would pass SECURE_PROXY_SSL_HEADER's check of the first value).
+    environ = _environ(
+        _scope(headers=[(b"x_forwarded_proto", b"https"), (b"x-forwarded-proto", b"http"), (b"x_a", b"1")]),
+        io.BytesIO(),
+    )
+    assert environ["HTTP_X_FORWARDED_PROTO"] == "http"
+    assert "HTTP_X_A" not in environ
