@@ -81,8 +81,8 @@ def _environ(scope: dict[str, Any], body: Any) -> dict[str, Any]:
     }
     for raw_name, raw_value in scope.get("headers", ()):
         if b"_" in raw_name:
-            # As Django's ASGI handler: `X_Forwarded_Proto` would read as X-Forwarded-Proto (HTTP_X_FORWARDED_PROTO),
-            # a client's spoof of what the proxy sets (SECURE_PROXY_SSL_HEADER, X-Forwarded-For for the audit).
+            # As Django's ASGI handler: `X_Forwarded_Proto` would read as X-Forwarded-Proto, a client's spoof
+            # of what the proxy sets (SECURE_PROXY_SSL_HEADER; X-Forwarded-For for the audit's address).
             continue
         name = raw_name.decode("latin-1").upper().replace("-", "_")
         value = raw_value.decode("latin-1")
