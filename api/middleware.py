@@ -61,10 +61,11 @@ def refusal(request) -> JsonResponse | None:
     if request.path.startswith("/api/") and request.method in BODY_METHODS:
         limit = body_limit(request)
         length = request.META.get("CONTENT_LENGTH")
-        if not length:
-            if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
-                return _error(411, "length_required", "send the body with a Content-Length header")
-        else:
+        # Transfer-Encoding first: the production server's WSGI path (portal.asgi_split) gives a chunked body
+        # the length it read.
+        if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+            return _error(411, "length_required", "send the body with a Content-Length header")
+        if length:
             try:
                 size = int(length)
             except ValueError:

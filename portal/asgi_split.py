@@ -53,7 +53,8 @@ def _wants_loop(path: str, resolver: Any) -> bool:
     return bool(view_class is not None and getattr(view_class, "view_is_async", False))
 
 
-def _environ(scope: dict[str, Any], body: Any) -> dict[str, Any]:
+def _environ(scope: dict[str, Any], body: Any, size: int = 0) -> dict[str, Any]:
+    """The WSGI environ of an HTTP scope whose whole body (`size` bytes) is in the file `body`."""
     root = scope.get("root_path", "")
     path = scope["path"]
     if root and path.startswith(root):
@@ -88,6 +89,11 @@ def _environ(scope: dict[str, Any], body: Any) -> dict[str, Any]:
         value = raw_value.decode("latin-1")
         key = name if name in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + name
         environ[key] = environ[key] + "," + value if key in environ else value
+    if size and "CONTENT_LENGTH" not in environ:
+        # A chunked body has no Content-Length, and Django's WSGI request reads exactly CONTENT_LENGTH bytes
+        # (none without it); the whole body is here, so its length is known. The API still refuses chunked
+        # bodies (411, api.middleware: it looks at Transfer-Encoding first).
+        environ["CONTENT_LENGTH"] = str(size)
     return environ
 
 
@@ -106,17 +112,18 @@ class SplitApplication:
             await self.asgi(scope, receive, send)
             return
         body = tempfile.SpooledTemporaryFile(max_size=BODY_MEMORY, mode="w+b")  # noqa: SIM115 (closed below)
+        size = 0
         try:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     return  # the client left before its request was complete: nothing to answer
-                body.write(message.get("body", b""))
+                size += body.write(message.get("body", b""))
                 if not message.get("more_body", False):
                     break
             body.seek(0)
             loop = asyncio.get_running_loop()
-            done = await loop.run_in_executor(self.pool, self._run, _environ(scope, body), send, loop)
+            done = await loop.run_in_executor(self.pool, self._run, _environ(scope, body, size), send, loop)
             if done is not None:
                 status, headers, content = done
                 await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -113,3 +113,31 @@ def test_a_header_name_with_an_underscore_is_dropped_as_django_asgi_does():
     )
     assert environ["HTTP_X_FORWARDED_PROTO"] == "http"
     assert "HTTP_X_A" not in environ
+
+
+def test_a_chunked_body_reaches_the_view_through_the_wsgi_path():
+    from django.core.handlers.wsgi import WSGIRequest
+
+    split = SplitApplication(threads=1)
+    django_wsgi = split.wsgi
+
+    def echo(environ, start_response):  # what Django's request reads of the body, before any view
+        if not environ["PATH_INFO"].startswith("/api/"):
+            start_response("200 OK", [("Content-Type", "application/octet-stream")])
+            return [WSGIRequest(environ).body]
+        return django_wsgi(environ, start_response)
+
+    split.wsgi = echo
+    sent = b"x" * 5000 + b"end"
+    try:
+        with serving(split) as base, httpx.Client(base_url=base, timeout=60) as http:
+            # An iterator body goes out chunked (no Content-Length): the request must carry all of it.
+            r = http.post("/tinker/api/v1/create_session", content=iter([sent[:2500], sent[2500:]]))
+            assert r.request.headers.get("transfer-encoding") == "chunked" and r.content == sent
+            # The API still refuses a chunked body by its header (411), as on Django's ASGI handler.
+            refused = http.post(
+                "/api/v1/jobs", content=iter([b"{}"]), headers={"Content-Type": "application/json"}
+            )
+            assert refused.status_code == 411 and refused.json()["error"]["code"] == "length_required"
+    finally:
+        split.pool.shutdown(wait=True)
