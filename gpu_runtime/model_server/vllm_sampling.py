@@ -61,6 +61,7 @@ class _Loaded:
     request: Any  # vllm.lora.request.LoRARequest
     steps: int
     removed: bool = False
+    on_gone: Any = None  # weakref.finalize queueing it for removal once its adapter is collected
 
 
 class VLLMSampler:
@@ -129,17 +130,19 @@ class VLLMSampler:
             self._remove(loaded)
         n = next(vllm_engine._ADAPTER_IDS)  # process-wide: idle vLLM engines move between owners
         path = Path(self._dir.name) / str(n)
-        path.mkdir()
-        adapter_io.write_peft(adapter, path, base_model=self.base_model)
         request = LoRARequest(f"opentinker-tinker-{n}", n, str(path))
         try:
+            path.mkdir()
+            adapter_io.write_peft(adapter, path, base_model=self.base_model)
             self.engine.llm.llm_engine.add_lora(request)
-        except Exception:
-            shutil.rmtree(path, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)  # a half-written version (disk full) too
             raise
         loaded = _Loaded(request, adapter.steps)
         self._loaded[adapter] = loaded
-        weakref.finalize(adapter, self._stale.append, loaded)  # not removed here: GC may run inside vLLM
+        # Not removed by the finalizer itself: GC may run inside vLLM. Detached once this version is removed
+        # (a new step): otherwise every version of a long-lived adapter would keep one until it is collected.
+        loaded.on_gone = weakref.finalize(adapter, self._stale.append, loaded)
         return request
 
     def loaded_ids(self) -> set[int]:
@@ -149,6 +152,8 @@ class VLLMSampler:
         if loaded.removed:
             return
         loaded.removed = True
+        if loaded.on_gone is not None:
+            loaded.on_gone.detach()
         self.engine.llm.llm_engine.remove_lora(loaded.request.lora_int_id)
         shutil.rmtree(loaded.request.lora_path, ignore_errors=True)
 

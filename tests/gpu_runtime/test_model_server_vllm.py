@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import gc
 import math
+import os
+import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +27,7 @@ from gpu_runtime.model_server import (
     SampleResult,
     SamplingParams,
     SaveState,
+    adapter_io,
 )
 from gpu_runtime.model_server.lora import route_rows
 from gpu_runtime.rollout.vllm import vllm_available
@@ -51,7 +55,9 @@ def servers(tmp_path_factory):
         s.create_sampler("base")
         out.append(s)
     yield out
+    versions = out[0].sampler._dir.name
     out[0].close()
+    assert not os.path.exists(versions)  # the adapters' PEFT copies are removed with the sampler
 
 
 def _sample_all(s: ModelServer, calls: dict[str, Sample]) -> dict[str, SampleResult]:
@@ -209,3 +215,43 @@ def test_an_evicted_and_reloaded_adapter_samples_identically(servers):
 def test_an_unknown_sampler_is_refused_clearly():
     with pytest.raises(ValueError, match="sampler must be one of decode, vllm"):
         ModelServer("tiny-qwen2", sampler="hf")
+
+
+def test_each_new_version_replaces_the_last_in_vllm_and_on_disk(servers, monkeypatch):
+    """Last in the module: it trains "c" on the vLLM server alone. A stepped adapter's previous version is
+    removed from vLLM and its PEFT copy from disk; only the served version waits for the adapter's end (each
+    version kept a finalizer until then: one per step of a long run). A version whose write fails leaves
+    nothing on disk."""
+    vs, _ = servers
+    sampler = vs.sampler
+    greedy = Sample(PROMPTS["c"], 1, GREEDY)
+    versions = []
+    for _ in range(3):
+        vs.call("c", _next(vs, "c"), ForwardBackward([_ce([*PROMPTS["c"], 7, 8])], "cross_entropy"))
+        vs.call("c", _next(vs, "c"), OptimStep(ADAM))
+        vs.call("c", _next(vs, "c"), greedy)
+        versions.append(sampler.lora_request(vs.models["c"].adapter))
+    assert len({v.lora_int_id for v in versions}) == 3  # precondition: three versions were served
+    assert [Path(v.lora_path).exists() for v in versions] == [False, False, True]
+    assert [v.lora_int_id in sampler.loaded_ids() for v in versions] == [False, False, True]
+
+    def half_written(adapter, path, **kwargs):
+        (path / "adapter_model.safetensors").write_bytes(b"partial")
+        raise OSError("disk full (the test)")
+
+    before = sorted(os.listdir(sampler._dir.name))
+    vs.call("c", _next(vs, "c"), ForwardBackward([_ce([*PROMPTS["c"], 7, 8])], "cross_entropy"))
+    vs.call("c", _next(vs, "c"), OptimStep(ADAM))
+    monkeypatch.setattr(adapter_io, "write_peft", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        sampler.lora_request(vs.models["c"].adapter)
+    monkeypatch.undo()
+    assert sorted(os.listdir(sampler._dir.name)) == [n for n in before if n != str(versions[-1].lora_int_id)]
+
+    adapter = weakref.ref(vs.models["c"].adapter)
+    vs.evict("c")
+    gc.collect()
+    assert adapter() is None  # precondition: the evicted adapter was collected
+    assert len(sampler._stale) <= 1  # its end queues its last version only, not one per step
+    vs.call("c", _next(vs, "c"), greedy)  # swept at the next call
+    assert sampler._stale == [] and versions[-1].lora_int_id not in sampler.loaded_ids()
