@@ -4,16 +4,19 @@ A rate (win rate, illegal-move rate, mean reward...) is a sum over games (or mov
 rollout worker tallies its own games (`game_tally`, `policy_game_tally`, the rule-player evaluation's per
 (policy, role) tallies); the pool adds the tallies (`Tally.merge`) and divides once (`Tally.values`): a
 pooled rate weighs every game or move alike, whichever worker played it. (A mean of the workers' means would
-weigh a game by 1 / its worker's game count: wrong as soon as the split is uneven.)
+weigh a game by 1 / its worker's game count: wrong as soon as the split is uneven.) A tally also carries why
+its failed games failed (`errors`): the job's process logs them and the failure policy names them, where a
+worker's own stderr (a Ray actor's) never reaches the job's log.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from opentinker.env.multiagent import MultiAgentEpisode
 from opentinker.env.protocol import StopReason
+
+MAX_ERRORS = 5  # distinct failure reasons kept per tally (merged ones included)
 
 
 @dataclass
@@ -22,6 +25,7 @@ class Tally:
 
     sums: dict[str, float] = field(default_factory=dict)
     counts: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # why failed games failed: a few distinct reasons
 
     def rate(self, key: str, hits: float, n: int) -> None:
         """`hits` over `n` games or moves; nothing when n is 0 (the rate is then left out, not 0)."""
@@ -38,6 +42,7 @@ class Tally:
                 self.rate(k, v, int(other.counts[k]))
             else:
                 self.total(k, v)
+        self.errors = sorted({*self.errors, *other.errors})[:MAX_ERRORS]
         return self
 
     def values(self) -> dict[str, float]:
@@ -59,8 +64,7 @@ def game_tally(games: list[MultiAgentEpisode], roles: list[str]) -> Tally:
     t = Tally()
     t.total("episodes/failed", len(games) - len(ok))
     t.total("episodes/total", len(games))
-    for reason in sorted({game.error or "" for game in games if game.failed})[:5]:
-        print(f"game failed: {reason}", file=sys.stderr, flush=True)  # the job's log keeps why
+    t.errors = sorted({game.error or "" for game in games if game.failed})[:MAX_ERRORS]
     n = len(ok)
     t.rate("game/rounds/mean", sum(game.rounds for game in ok), n)
     drawn = sum(

@@ -19,6 +19,7 @@ A checkpoint is one step directory with a subdirectory per policy (HF layout or 
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -177,6 +178,12 @@ def policy_game_stats(
 ) -> dict[str, float]:
     """Per trained policy, over the roles it played: `policy/<name>/win_rate` and `.../illegal_rate`."""
     return policy_game_tally(games, seatings, policies).values()
+
+
+def _logged(errors: list[str]) -> list[str]:
+    for reason in errors:  # a few distinct reasons (`game_stats.MAX_ERRORS`)
+        print(f"game failed: {reason}", file=sys.stderr, flush=True)  # the job's log keeps why
+    return errors
 
 
 class MultiAgentRolloutWorker:
@@ -451,6 +458,19 @@ class MultiAgentController(JobLoop):
             ctl.records_rollouts = False  # this controller records whole games (`_rl_step`)
         roles = self.setup.role_policy.items()
         self.base_of = {role: self.setup.specs[p].model.base for role, p in roles if p is not None}
+        self._errors: list[str] = []  # why the last collection's failed games failed
+
+    def _play(
+        self, seeds: list[int], group_ids: list[int], torch_seed: int, greedy: bool = False
+    ) -> tuple[dict[str, list[Sample]], dict[str, float]]:
+        """The games, on the rollout worker or pool; why failed games failed is logged here, in the job's
+        process (a Ray worker's stderr never reaches the job's log), and kept for the failure policy."""
+        per_policy, tally = self.group.rollout.collect_part(seeds, group_ids, torch_seed, greedy)
+        self._errors = _logged(tally.errors)
+        return per_policy, tally.values()
+
+    def episode_errors(self) -> list[str]:
+        return list(self._errors)
 
     def sync_weights(self) -> None:
         for ctl in self.policies.values():
@@ -475,7 +495,9 @@ class MultiAgentController(JobLoop):
         timer = PhaseTimer()
         with timer.phase("eval"):
             seeds = [derive_seed(self.spec.seed, -8, i) for i in range(n)]
-            stats = self.group.rollout.versus_rule(seeds)
+            tallies = self.group.rollout.versus_rule_part(seeds)
+            _logged(sorted({e for t in tallies.values() for e in t.errors}))
+            stats = versus_rule_metrics(tallies)
         return {**{f"eval/{k}": v for k, v in stats.items()}, **timer.times}
 
     def _rl_step(self, step: int) -> dict[str, float]:
@@ -486,9 +508,7 @@ class MultiAgentController(JobLoop):
         with timer.phase("rollout"):
             group_ids = [derive_seed(self.spec.seed, step, g) for g in range(a.batch_size)]
             seeds = [g for g in group_ids for _ in range(a.group_size)]  # a group = one game seed, k games
-            per_policy, stats = self.group.rollout.collect(
-                seeds, seeds, derive_seed(self.spec.seed, step, -1)
-            )
+            per_policy, stats = self._play(seeds, seeds, derive_seed(self.spec.seed, step, -1))
         samples = [s for p in self.setup.trained for s in per_policy[p]]
         with timer.phase("rollout_log"):
             self.record_rollouts(step, samples, self.base_of)
@@ -517,7 +537,7 @@ class MultiAgentController(JobLoop):
     def evaluate(self, n: int, *, step: int = 0) -> dict[str, float]:
         """Greedy games on held-out seeds: per-role reward means and win rates."""
         seeds = [derive_seed(self.spec.seed, -7, i) for i in range(n)]
-        _, stats = self.group.rollout.collect(seeds, list(range(n)), 0, True)
+        _, stats = self._play(seeds, list(range(n)), 0, True)
         return {f"eval/{k}": v for k, v in stats.items()}
 
     # ---- checkpoints: one step directory, a subdirectory per trained policy --------------------------------

@@ -11,6 +11,8 @@ engine per trained policy and plays its part of the step's games.
   back as tallies (`gpu_runtime.game_stats`), added up and divided once, so rates weigh each game or move
   alike however unevenly the games were split.
 - `versus_rule` splits the evaluation's seeds likewise and adds up its per (policy, role) tallies.
+- `collect_part` and `versus_rule_part` answer as a worker's do (tallies, failure reasons included): the
+  controller calls those of a pool or of a lone worker alike, and logs why games failed in the job's process.
 - `load_weights(policy, ...)`: the policy's new weights to every worker (into Ray's object store once),
   returning when every worker has them.
 """
@@ -56,14 +58,27 @@ class MultiAgentRolloutPool:
     def collect(
         self, seeds: list[int], group_ids: list[int], torch_seed: int, greedy: bool = False
     ) -> tuple[dict[str, list[Sample]], dict[str, float]]:
+        per_policy, tally = self.collect_part(seeds, group_ids, torch_seed, greedy)
+        return per_policy, tally.values()
+
+    def collect_part(
+        self,
+        seeds: list[int],
+        group_ids: list[int],
+        torch_seed: int,
+        greedy: bool = False,
+        first: int = 0,
+        first_group: int = 0,
+    ) -> tuple[dict[str, list[Sample]], Tally]:
+        """As the worker's `collect_part`: every worker's part, their tallies added (failure reasons too)."""
         if len(seeds) != len(group_ids):
             raise ValueError(f"{len(seeds)} seeds but {len(group_ids)} group ids")
         calls = []
         for w, p in zip(self.workers, split_groups(group_ids, len(self.workers)), strict=True):
             if len(p):
-                first_group = len(dict.fromkeys(group_ids[: p.start]))  # as the worker indexes groups
+                before = len(dict.fromkeys(group_ids[: p.start]))  # as the worker indexes groups
                 ids = [group_ids[i] for i in p]
-                args = ([seeds[i] for i in p], ids, torch_seed, greedy, p.start, first_group)
+                args = ([seeds[i] for i in p], ids, torch_seed, greedy, first + p.start, first_group + before)
                 calls.append((w, "collect_part", args))
         per_policy: dict[str, list[Sample]] = {}
         tallies: list[Tally] = []
@@ -71,11 +86,14 @@ class MultiAgentRolloutPool:
             for policy, samples in part.items():
                 per_policy.setdefault(policy, []).extend(samples)
             tallies.append(tally)
-        return per_policy, merged(tallies).values()
+        return per_policy, merged(tallies)
 
     def versus_rule(self, seeds: list[int]) -> dict[str, float]:
+        return versus_rule_metrics(self.versus_rule_part(seeds))
+
+    def versus_rule_part(self, seeds: list[int], first: int = 0) -> dict[tuple[str, str], Tally]:
         calls = [
-            (w, "versus_rule_part", ([seeds[i] for i in p], p.start))
+            (w, "versus_rule_part", ([seeds[i] for i in p], first + p.start))
             for w, p in zip(self.workers, split_evenly(len(seeds), len(self.workers)), strict=True)
             if len(p)
         ]
@@ -83,7 +101,7 @@ class MultiAgentRolloutPool:
         for part in self._each(calls):
             for key, tally in part.items():
                 total.setdefault(key, Tally()).merge(tally)
-        return versus_rule_metrics(total)
+        return total
 
     def load_weights(self, policy: str, state_dict: dict[str, torch.Tensor]) -> None:
         ref = state_dict if self.ray is None else self.ray.put(state_dict)

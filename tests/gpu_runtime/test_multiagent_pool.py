@@ -103,3 +103,36 @@ def test_rollout_workers_of_a_multi_agent_job_validated_at_submission():
     body["resources"].update(gpus=0, rollout_workers=3)  # more workers than the step's game groups
     with pytest.raises(ValueError, match=r"rollout_workers \(3\) must not exceed the step's groups \(2\)"):
         JobSpec.model_validate(body)
+
+
+def test_why_games_failed_reaches_the_job_from_every_worker(capsys):
+    """A worker's stderr (a Ray actor's) never reaches the job's log: the reasons come back with the
+    tallies, merged over the parts, and the job's process logs them and names them when the failure
+    policy stops the job (here an eval job whose every game failed, on two workers failing differently)."""
+    from types import SimpleNamespace
+
+    from gpu_runtime.failure_policy import FailureWatch
+    from gpu_runtime.multiagent import MultiAgentController, resolve
+    from gpu_runtime.sink import JsonlSink
+
+    job = spec()
+    workers = [MultiAgentRolloutWorker(job.model_dump_json()) for _ in range(2)]
+    for k, w in enumerate(workers):
+
+        def down(k=k):
+            raise ConnectionError(f"game server {k} unreachable")
+
+        w.make_env = down
+    setup = resolve(job)
+    group = SimpleNamespace(
+        setup=setup,
+        ranks={p: SimpleNamespace(world_size=1) for p in setup.trained},
+        rollout=MultiAgentRolloutPool(workers),
+    )
+    controller = MultiAgentController(job, JsonlSink(), group, None)  # type: ignore[arg-type]
+    m = controller.evaluate(4)
+    assert m["eval/episodes/failed"] == m["eval/episodes/total"] == 4.0  # the precondition
+    reason = FailureWatch(job, controller.episode_errors).after_eval(m)
+    assert reason is not None and "game server 0 unreachable" in reason and "game server 1" in reason
+    logged = [line for line in capsys.readouterr().err.splitlines() if line.startswith("game failed")]
+    assert len(logged) == 2 and all("unreachable" in line for line in logged)
