@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 from asgiref.sync import AsyncToSync, SyncToAsync, sync_to_async
@@ -183,18 +184,29 @@ def _call(client, method: str, path_: str, **kwargs):
 
 
 @pytest.mark.django_db(transaction=True)  # the async handler's thread has its own database connection
+@pytest.mark.parametrize("csrf_store", ["cookie", "session"])
 @pytest.mark.parametrize("handler", ["sync", "async"])
-def test_a_login_goes_through_csrf_and_the_session_on_both_handlers(alice, acme, handler):
-    """The hooks that may do I/O (the CSRF check of a form post, saving the session) on both paths."""
+def test_a_login_goes_through_csrf_and_the_session_on_both_handlers(
+    alice, acme, settings, handler, csrf_store
+):
+    """The hooks that may do I/O (the CSRF check of a form post, saving the session) on both paths; with
+    CSRF_USE_SESSIONS the CSRF hooks read the session (a query): on the async path they must not run on the
+    loop (SynchronousOnlyOperation). The login rotates the CSRF token (a new cookie, or a new session
+    value)."""
+    settings.CSRF_USE_SESSIONS = csrf_store == "session"
     client = (Client if handler == "sync" else AsyncClient)(enforce_csrf_checks=True)
     try:
         page = _call(client, "get", "/accounts/login/")
-        assert page.status_code == 200 and "csrftoken" in page.cookies
+        assert page.status_code == 200 and ("csrftoken" in page.cookies) == (csrf_store == "cookie")
         form = {"username": "alice", "password": "correct-horse-battery"}
         assert _call(client, "post", "/accounts/login/", data=form).status_code == 403  # no CSRF token
-        form["csrfmiddlewaretoken"] = page.cookies["csrftoken"].value
+        token = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', page.content)
+        assert token is not None
+        form["csrfmiddlewaretoken"] = token.group(1).decode()
         login = _call(client, "post", "/accounts/login/", data=form)
         assert login.status_code == 302 and "sessionid" in login.cookies
+        if csrf_store == "cookie":  # rotated at login
+            assert login.cookies["csrftoken"].value not in ("", page.cookies["csrftoken"].value)
         home = _call(client, "get", "/")
         assert home.status_code == 200 and b"acme" in home.content.lower()
     finally:
