@@ -21,6 +21,7 @@ import asyncio
 import os
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -113,6 +114,7 @@ class SplitApplication:
             return
         body = tempfile.SpooledTemporaryFile(max_size=BODY_MEMORY, mode="w+b")  # noqa: SIM115 (closed below)
         size = 0
+        watch = None
         try:
             while True:
                 message = await receive()
@@ -123,15 +125,25 @@ class SplitApplication:
                     break
             body.seek(0)
             loop = asyncio.get_running_loop()
-            done = await loop.run_in_executor(self.pool, self._run, _environ(scope, body, size), send, loop)
+            # After the whole body, receive() answers only when the client leaves (or the response is done).
+            # uvicorn drops what is sent to a closed connection without an error, so a streaming response
+            # (the audit export, a download) would run to its end on a pool thread, holding it and its
+            # database connection: the thread stops at the next chunk instead, as Django's ASGI handler does.
+            gone = threading.Event()
+            watch = asyncio.ensure_future(receive())
+            watch.add_done_callback(lambda _task: gone.set())
+            environ = _environ(scope, body, size)
+            done = await loop.run_in_executor(self.pool, self._run, environ, send, loop, gone)
             if done is not None:
                 status, headers, content = done
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": content})
         finally:
+            if watch is not None:
+                watch.cancel()
             body.close()
 
-    def _run(self, environ, send, loop):
+    def _run(self, environ, send, loop, gone=None):
         """On a pool thread: the whole WSGI call, the response's close() included (it ends the request for
         Django: signals, the database connection back to the pool). A plain response comes back whole, to be
         sent from the loop; a streaming one is sent from here, chunk by chunk, each send awaited."""
@@ -153,9 +165,12 @@ class SplitApplication:
 
             push({"type": "http.response.start", "status": started[0], "headers": started[1]})
             for chunk in result:
+                if gone is not None and gone.is_set():
+                    break  # the client left: close() below ends the response's iterator
                 if chunk:
                     push({"type": "http.response.body", "body": chunk, "more_body": True})
-            push({"type": "http.response.body", "body": b""})
+            else:
+                push({"type": "http.response.body", "body": b""})
             return None
         finally:
             close = getattr(result, "close", None)

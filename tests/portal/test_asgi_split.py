@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 from opentinker.spec import example_rl_spec
 from portal.asgi_split import SplitApplication, _wants_loop
 from tests.loopback_asgi import serving
+from tests.workers.test_local_driver import wait_for
 
 SPEC = example_rl_spec().model_dump(mode="json")
 
@@ -140,4 +142,45 @@ def test_a_chunked_body_reaches_the_view_through_the_wsgi_path():
             )
             assert refused.status_code == 411 and refused.json()["error"]["code"] == "length_required"
     finally:
+        split.pool.shutdown(wait=True)
+
+
+class _Endless:
+    """A streaming WSGI response that yields until closed (or the test ends), counting its chunks."""
+
+    streaming = True
+
+    def __init__(self):
+        self.chunks, self.closed, self.stop = 0, threading.Event(), threading.Event()
+
+    def __iter__(self):
+        while not (self.closed.is_set() or self.stop.is_set()):
+            self.chunks += 1
+            yield b"x" * 1024
+
+    def close(self):
+        self.closed.set()
+
+
+def test_a_streaming_response_ends_when_its_client_leaves():
+    split = SplitApplication(threads=1)
+    response = _Endless()
+
+    def endless(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return response
+
+    split.wsgi = endless
+    try:
+        with serving(split) as base:
+            port = int(base.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(b"GET /api/v1/org/audit/export HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # streaming has begun
+            # The client is gone: the pool thread stops at the next chunk and closes the response (Django's
+            # request_finished: its database connection back to the pool), rather than streaming on forever.
+            wait_for(response.closed.is_set, timeout=30, what="the response closed after the disconnect")
+            assert not response.stop.is_set()
+    finally:
+        response.stop.set()
         split.pool.shutdown(wait=True)
