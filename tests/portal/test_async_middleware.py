@@ -178,6 +178,20 @@ def test_pages_and_probes_get_the_same_headers(path_):
     assert sync["X-Content-Type-Options"] == "nosniff" and sync["X-Frame-Options"] == "DENY"
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("path_", "location"),
+    [("/accounts/login", "/accounts/login/"), ("/accounts/login/", "https://testserver/accounts/login/")],
+)
+def test_redirects_of_the_middlewares_alike(settings, path_, location):
+    """CommonMiddleware's APPEND_SLASH (a known path without its slash) and SecurityMiddleware's HTTPS
+    redirect, decided inline on the async path, answer as on the sync one."""
+    settings.SECURE_SSL_REDIRECT = path_.endswith("/")
+    sync, asynchronous = _both("get", path_)
+    assert sync.status_code == 301 and sync["Location"] == location
+    _same(sync, asynchronous)
+
+
 def _call(client, method: str, path_: str, **kwargs):
     r = getattr(client, method)(path_, **kwargs)
     return asyncio.run(r) if asyncio.iscoroutine(r) else r
