@@ -54,12 +54,17 @@ def _wants_loop(path: str, resolver: Any) -> bool:
     return bool(view_class is not None and getattr(view_class, "view_is_async", False))
 
 
+def _path_info(scope: dict[str, Any]) -> str:
+    """The path below the root path (uvicorn's --root-path): what Django's URLconf resolves. ASGI's `path`
+    includes the root path."""
+    root, path = scope.get("root_path", ""), scope["path"]
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def _environ(scope: dict[str, Any], body: Any, size: int = 0) -> dict[str, Any]:
     """The WSGI environ of an HTTP scope whose whole body (`size` bytes) is in the file `body`."""
     root = scope.get("root_path", "")
-    path = scope["path"]
-    if root and path.startswith(root):
-        path = path[len(root) :]
+    path = _path_info(scope)
     server = scope.get("server") or ("localhost", 80)
     client = scope.get("client") or ("", 0)
     environ: dict[str, Any] = {
@@ -109,7 +114,7 @@ class SplitApplication:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or _wants_loop(scope["path"], self.resolver):
+        if scope["type"] != "http" or _wants_loop(_path_info(scope), self.resolver):
             await self.asgi(scope, receive, send)
             return
         body = tempfile.SpooledTemporaryFile(max_size=BODY_MEMORY, mode="w+b")  # noqa: SIM115 (closed below)

@@ -3,6 +3,7 @@ thread pool, async views (the live stream, Tinker's long-polled retrieve_future)
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import socket
@@ -184,3 +185,21 @@ def test_a_streaming_response_ends_when_its_client_leaves():
     finally:
         response.stop.set()
         split.pool.shutdown(wait=True)
+
+
+def test_under_a_root_path_the_stream_still_stays_on_the_loop(app):
+    """Served under a prefix (uvicorn --root-path /ot), ASGI's path includes it; the route is the rest."""
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(_message):
+        pass
+
+    async def asgi_spy(scope, _receive, _send):
+        app.seen.append(("asgi", scope["path"]))
+
+    app.asgi = asgi_spy  # answers nothing: which handler gets the request is all this test asks
+    scope = {**_scope(path="/ot/api/v1/jobs/abc/stream", root_path="/ot"), "method": "GET"}
+    asyncio.run(app(scope, receive, send))
+    assert app.seen == [("asgi", "/ot/api/v1/jobs/abc/stream")]
