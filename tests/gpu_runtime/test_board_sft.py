@@ -19,7 +19,9 @@ from opentinker.spec import EXAMPLE_MULTIAGENT_ENV_CONFIG
 CONFIG = EXAMPLE_MULTIAGENT_ENV_CONFIG
 
 
-@pytest.mark.parametrize("config", [CONFIG, {}], ids=["compact", "default"])
+@pytest.mark.parametrize(
+    "config", [CONFIG, {**CONFIG, "prompt_style": "lines"}, {}], ids=["compact", "lines", "default"]
+)
 @pytest.mark.parametrize("student", ["x", "o"])
 def test_a_conversation_is_the_token_sequence_a_rollout_of_the_same_game_holds(config, student):
     import random

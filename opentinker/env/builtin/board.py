@@ -28,7 +28,9 @@ bottom right, in reading order), then a line with the free cells' digits, under 
 message and under ``illegal`` after an illegal move. A move is then one digit (``row col`` is still read); the
 rule-based player answers with the digit. No digit occurs in the chat template (unlike letters), and the last
 line puts a legal move at the same distance from the answer in every position, which is what a tiny model
-picks up first. A game is ~150 tokens per role instead of ~650.
+picks up first. A game is ~150 tokens per role instead of ~650. ``"lines"`` is ``"compact"`` with one more
+line before the free cells: the board's 8 lines (rows, columns, diagonals) as 3-character strings
+(``XX3 456 789 X47 X58 369 X59 357``), so a threat is three adjacent tokens, not three cells on three rows.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from opentinker.env.multiagent import MultiAgentEnvironment, MultiStepResult
 
 DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))  # horizontal, vertical, diagonal, anti-diagonal
 _MOVE_RE = re.compile(r"\d+")
-_PROMPT_STYLES = ("default", "compact")
+_PROMPT_STYLES = ("default", "compact", "lines")
+_DIGIT_STYLES = ("compact", "lines")  # free cells named by digits, a move is one digit (3x3 boards)
 _CELLS = "123456789"  # compact style: cell names in reading order (3x3 boards)
 
 
@@ -73,7 +76,7 @@ class KInARow(MultiAgentEnvironment):
         self.prompt_style = str(config.get("prompt_style", "default"))
         if self.prompt_style not in _PROMPT_STYLES:
             raise ValueError(f"prompt_style must be one of {list(_PROMPT_STYLES)}")
-        if self.prompt_style == "compact" and self.n != 3:
+        if self.prompt_style in _DIGIT_STYLES and self.n != 3:
             raise ValueError("the compact prompt style names cells with one digit each: size 3 only")
         self.board: list[list[str]] = []
         self.illegal: dict[str, int] = {}
@@ -82,7 +85,7 @@ class KInARow(MultiAgentEnvironment):
 
     @property
     def system_prompt(self) -> str:  # type: ignore[override]
-        if self.prompt_style == "compact":
+        if self.prompt_style in _DIGIT_STYLES:
             return ""
         return (
             f"You play {self.name} on a {self.n}x{self.n} board: get {self.k} in a row (across, down or "
@@ -90,16 +93,26 @@ class KInARow(MultiAgentEnvironment):
         )
 
     def render(self) -> str:
-        if self.prompt_style == "compact":
+        if self.prompt_style in _DIGIT_STYLES:
             rows = [
                 "".join(_CELLS[r * self.n + c] if cell == "." else cell for c, cell in enumerate(row))
                 for r, row in enumerate(self.board)
             ]
             free = "".join(ch for row in rows for ch in row if ch in _CELLS)
+            if self.prompt_style == "lines":
+                return "\n".join([*rows, self._lines(rows), free])
             return "\n".join([*rows, free])
         head = "   " + " ".join(f"{c + 1:>2}" for c in range(self.n))
         rows = [f"{r + 1:>2} " + " ".join(f"{cell:>2}" for cell in row) for r, row in enumerate(self.board)]
         return "\n".join([head, *rows])
+
+    @staticmethod
+    def _lines(rows: list[str]) -> str:
+        """The 8 lines of a 3x3 board as 3-character strings (rows, columns, diagonals): a threat is a string
+        with two of one mark and a digit, the cell to take, within 3 adjacent tokens."""
+        cols = ["".join(row[c] for row in rows) for c in range(3)]
+        diags = ["".join(rows[i][i] for i in range(3)), "".join(rows[i][2 - i] for i in range(3))]
+        return " ".join([*rows, *cols, *diags])
 
     def mark(self, role: str) -> str:
         return role.upper()
@@ -116,7 +129,7 @@ class KInARow(MultiAgentEnvironment):
         self.opened = self.moves
         mover = self.active_roles()[0]
         other = self.other(mover)
-        if self.prompt_style == "compact":
+        if self.prompt_style in _DIGIT_STYLES:
             return {
                 mover: Observation(f"{self.mark(mover)}\n{self.render()}"),
                 other: Observation(self.mark(other)),
@@ -172,7 +185,7 @@ class KInARow(MultiAgentEnvironment):
 
     def parse_move(self, action: str) -> tuple[int, int] | str:
         nums = _MOVE_RE.findall(action)
-        if self.prompt_style == "compact" and len(nums) == 1 and len(nums[0]) == 1 and nums[0] != "0":
+        if self.prompt_style in _DIGIT_STYLES and len(nums) == 1 and len(nums[0]) == 1 and nums[0] != "0":
             r, c = divmod(int(nums[0]) - 1, self.n)  # a cell's digit
             nums = [str(r + 1), str(c + 1)]
         if len(nums) < 2:
@@ -210,7 +223,7 @@ class KInARow(MultiAgentEnvironment):
                 return MultiStepResult(
                     {}, {role: -1.0, opp: 1.0}, True, {**info, "winner": opp, "forfeit": role}
                 )
-            if self.prompt_style == "compact":
+            if self.prompt_style in _DIGIT_STYLES:
                 obs = Observation(f"illegal\n{self.render()}")
             else:
                 obs = Observation(f"Illegal move: {move}. Try again.\n{self.render()}\nYour move:")
@@ -228,7 +241,7 @@ class KInARow(MultiAgentEnvironment):
         if self.move_limit and self.moves - self.opened >= self.move_limit:  # a puzzle's end: no result
             return MultiStepResult({}, {role: bonus, opp: 0.0}, True, {**info, "winner": None, "limit": True})
         self.advance()
-        if self.prompt_style == "compact":
+        if self.prompt_style in _DIGIT_STYLES:
             text = self.render()
         else:
             text = f"{self.mark(role)} played {r + 1} {c + 1}.\n{self.render()}\nYour move:"
@@ -273,6 +286,6 @@ class KInARow(MultiAgentEnvironment):
                 )
                 if best is None or key > best:
                     best, best_cell = key, (r, c)
-        if self.prompt_style == "compact":
+        if self.prompt_style in _DIGIT_STYLES:
             return _CELLS[best_cell[0] * self.n + best_cell[1]]
         return f"{best_cell[0] + 1} {best_cell[1] + 1}"

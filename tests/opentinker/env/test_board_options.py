@@ -68,6 +68,20 @@ def test_compact_prompt_names_free_cells_by_digit_lists_them_and_reads_a_digit_a
     assert env.rule_based_action("x") in "12346789" and len(env.rule_based_action("x")) == 1
 
 
+def test_lines_prompt_adds_the_eight_lines_before_the_free_cells_and_reads_a_digit_as_a_move():
+    env = TicTacToeEnv(prompt_style="lines")
+    assert env.system_prompt == ""
+    assert env.reset(0)["x"].text == "X\n123\n456\n789\n123 456 789 147 258 369 159 357\n123456789"
+    env.step({"x": "1"})
+    env.step({"o": "5"})
+    r = env.step({"x": "2"})  # X threatens 3 along the top row (and O's 5 sits on both diagonals)
+    assert r.info["move"] == [1, 2]
+    assert r.observations["o"].text == "XX3\n4O6\n789\nXX3 4O6 789 X47 XO8 369 XO9 3O7\n346789"
+    assert env.step({"o": "0"}).info["illegal"] and env.rule_based_action("o") == "3"  # the block, one digit
+    with pytest.raises(ValueError, match="size 3"):
+        GomokuEnv(prompt_style="lines")
+
+
 def test_a_compact_game_against_the_rule_player_is_short():
     codec = ByteCodec()
     env = TicTacToeEnv(prompt_style="compact", opening=2)
