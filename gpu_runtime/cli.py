@@ -192,7 +192,10 @@ def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> 
 
             if not ray.is_initialized():
                 address = os.environ.get("RAY_ADDRESS")
-                ray.init(address=address, **({} if address else {"num_cpus": 2}), log_to_driver=False)
+                # A local Ray (no RAY_ADDRESS) serves this machine only: on loopback. Ray turns 127.0.0.1
+                # into the machine's network address, any other 127/8 address it keeps.
+                local = {"num_cpus": 2, "_node_ip_address": "127.0.0.2"}
+                ray.init(address=address, **({} if address else local), log_to_driver=False)
         if multi_agent:  # games through the coordinator, one parameter set per trained policy
             group = games = MultiAgentGroup(spec, use_ray=use_ray, world_size=world_size)
             controller = MultiAgentController(spec, sink, games, prefix)

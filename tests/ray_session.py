@@ -20,6 +20,7 @@ def _free_port() -> int:
 
 
 _dashboard: dict[str, str] = {}
+LOOPBACK_NODE_IP = "127.0.0.2"
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +36,9 @@ def ray_session():
     # then refuses the second node: a loopback-only test cluster goes without.
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    node = {"num_cpus": 2, "object_store_memory": 80_000_000}
+    # Loopback only: Ray turns 127.0.0.1 (and "localhost") into the machine's network address, any other
+    # 127/8 address it keeps, so every node, the GCS and the object transfers stay on the loopback device.
+    node = {"num_cpus": 2, "object_store_memory": 80_000_000, "node_ip_address": LOOPBACK_NODE_IP}
     port = _free_port()
     # A temp dir of its own (short: Ray's socket paths have a length limit): Ray jobs find their cluster
     # through `<temp dir>/ray_current_cluster` ("auto"), which in the shared /tmp/ray names the cluster

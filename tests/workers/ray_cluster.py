@@ -45,7 +45,7 @@ class RayCluster:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.gcs_port}"
+        return f"127.0.0.2:{self.gcs_port}"
 
     @property
     def dashboard_url(self) -> str:
@@ -108,7 +108,7 @@ def start_cluster(cpus_per_node: int = 1, nodes: int = 2) -> RayCluster:
     common = [
         f"--num-cpus={cpus_per_node}",
         "--num-gpus=0",
-        "--node-ip-address=127.0.0.1",
+        "--node-ip-address=127.0.0.2",  # Ray would turn 127.0.0.1 into the network address
         f"--temp-dir={temp}",
         "--object-store-memory=80000000",
         "--disable-usage-stats",
