@@ -276,3 +276,23 @@ def test_install_migrations_and_the_runbook_agree_on_no_wait():
     install = install[: install.index("\n", install.index("--set host="))]
     assert "--wait" not in install and "--atomic" not in install
     assert "no --wait on install" in runbook and "Hence no\n`--wait` on `helm install`" in runbook
+
+
+@pytest.mark.parametrize(
+    ("web", "workers"),
+    [
+        ({}, "1"),
+        ({"resources": {"requests": {"cpu": "2"}}}, "2"),
+        ({"resources": {"requests": {"cpu": "1500m"}}}, "2"),
+        ({"resources": {"requests": {"cpu": "250m"}}}, "1"),
+        ({"workers": 3}, "3"),
+    ],
+)
+def test_web_runs_one_worker_per_requested_cpu_unless_told(web, workers):
+    """deploy/web.py's rule (one uvicorn process per core) sized by the pod's CPU request: in a container
+    os.cpu_count() is the node's, so the chart sets WEB_CONCURRENCY; web.workers overrides it."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["web"]
+    values["resources"] = {**values["resources"], **web.pop("resources", {})}
+    (container,) = containers(by_kind(render(None, web={**values, **web}), "Deployment")["ot-opentinker-web"])
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["WEB_CONCURRENCY"] == workers

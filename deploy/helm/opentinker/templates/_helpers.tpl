@@ -102,3 +102,18 @@ env:
   - {name: AWS_ENDPOINT_URL, value: {{ $.Values.objectStore.endpoint | quote }}}
 {{- end }}
 {{- end -}}
+
+{{/* uvicorn processes per web pod: web.workers, else one per requested CPU, rounded up (deploy/web.py's rule
+of one per core; in a container os.cpu_count() counts the node's cores, not the pod's share). */}}
+{{- define "ot.webWorkers" -}}
+{{- if .Values.web.workers -}}
+{{- .Values.web.workers -}}
+{{- else -}}
+{{- $cpu := toString .Values.web.resources.requests.cpu -}}
+{{- if hasSuffix "m" $cpu -}}
+{{- max 1 (div (add (trimSuffix "m" $cpu | atoi) 999) 1000) -}}
+{{- else -}}
+{{- max 1 (ceil (float64 $cpu) | int) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
