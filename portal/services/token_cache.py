@@ -35,6 +35,10 @@ from portal.services.tokens import LAST_USED_RESOLUTION, TOKEN_RE, token_authent
 MAX_ENTRIES = 10_000  # a bound on memory; filling it simply starts over
 # secret digest -> (trusted until, full authentication no later than, token, membership, row versions)
 _entries: dict[bytes, tuple[float, float, ApiToken, Membership, tuple | None]] = {}
+# Counts forget_all() calls. The production server runs a process's requests on several threads: one that read
+# the rows before another thread's revocation cleared the entries must not store what it read after the clear
+# (the revocation would wait for the entry's end instead of applying at once in this process).
+_generation = 0
 
 
 def _versions(lookup: str) -> tuple | None:
@@ -60,6 +64,7 @@ def token_authenticate_cached(raw: str) -> tuple[ApiToken, Membership] | None:
     if not ttl:
         return token_authenticate(raw)
     key = hashlib.sha256(raw.encode()).digest()
+    generation = _generation  # before anything is read
     now = time.monotonic()
     hit = _entries.get(key)
     fresh: tuple | None = None
@@ -69,7 +74,7 @@ def token_authenticate_cached(raw: str) -> tuple[ApiToken, Membership] | None:
             fresh = _versions(token.lookup)
             if fresh == versions and now < full_by:
                 until = now + ttl  # nothing it was made from has changed: trusted again
-                _entries[key] = (until, full_by, token, membership, versions)
+                _remember(generation, key, (until, full_by, token, membership, versions))
         if until > now and (token.expires_at is None or token.expires_at > timezone.now()):
             return token, membership
     if fresh is None:
@@ -81,11 +86,21 @@ def token_authenticate_cached(raw: str) -> tuple[ApiToken, Membership] | None:
         return None
     if len(_entries) >= MAX_ENTRIES:
         _entries.clear()
-    _entries[key] = (now + ttl, now + LAST_USED_RESOLUTION.total_seconds(), *found, fresh)
+    _remember(generation, key, (now + ttl, now + LAST_USED_RESOLUTION.total_seconds(), *found, fresh))
     return found
 
 
+def _remember(generation: int, key: bytes, entry: tuple) -> None:
+    _entries[key] = entry
+    if _generation != generation:
+        # A write in this process forgot the entries since this request read its rows (checked after the
+        # store, so a clear between the check and the store cannot be missed).
+        _entries.pop(key, None)
+
+
 def forget_all(**_kwargs: object) -> None:
+    global _generation
+    _generation += 1
     _entries.clear()
 
 

@@ -96,6 +96,27 @@ def test_with_the_auth_cache_a_demotion_applies_at_once(as_alice, alice, acme, j
     assert as_alice.post("/api/v1/jobs", {**SPEC, "name": "y"}, format="json").status_code == 403
 
 
+def test_a_revocation_on_another_thread_during_an_authentication_applies_at_once(
+    as_alice, alice, acme, jobs, auth_cache, monkeypatch
+):
+    """The production server runs a process's requests on several threads: a revocation in this process that
+    lands while another request authenticates (its rows already read) must not leave that request's entry."""
+    from portal.services.tokens import token_revoke
+
+    authenticate = auth_cache.token_authenticate
+
+    def revoked_meanwhile(raw):
+        found = authenticate(raw)  # read before the revocation: the token was live
+        membership = Membership.objects.select_related("user").get(user=alice, organization=acme)
+        token_revoke(by=membership, token=ApiToken.objects.get(user=alice), manage_all=False)
+        return found
+
+    monkeypatch.setattr(auth_cache, "token_authenticate", revoked_meanwhile)
+    assert as_alice.get("/api/v1/jobs?limit=20").status_code == 200  # authenticated before the revocation
+    monkeypatch.setattr(auth_cache, "token_authenticate", authenticate)
+    assert as_alice.get("/api/v1/jobs?limit=20").status_code == 401
+
+
 def test_a_change_made_elsewhere_applies_when_the_entry_ends(as_alice, alice, jobs, auth_cache, monkeypatch):
     assert as_alice.get("/api/v1/jobs?limit=20").status_code == 200
     # Another process revokes (here: an update() that sends no signal): this process trusts its entry...
