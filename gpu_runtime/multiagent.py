@@ -341,15 +341,18 @@ class MultiAgentGroup:
         self.rollout_actors: list[Any] = []
         js = spec.model_dump_json()
         n = spec.resources.rollout_workers
-        self.ranks: dict[str, WorkerGroup]
+        self.ranks: dict[str, WorkerGroup] = {}
         self.rollout: MultiAgentRolloutWorker | MultiAgentRolloutPool
         if use_ray:
             import ray
 
             self.ray = ray
-            self.ranks = {
-                p: RayGroup(self.setup.specs[p], world_size, rollout=False) for p in self.setup.trained
-            }
+            try:  # a policy's placement that fails (or times out) stops the policies already placed
+                for p in self.setup.trained:
+                    self.ranks[p] = RayGroup(self.setup.specs[p], world_size, rollout=False)
+            except BaseException:
+                self.shutdown()
+                raise
             gpu = spec.resources.gpus > 0
             # CPU: the workers share the nodes' cores, like the ranks; `spread`: across nodes, best effort.
             options: dict[str, Any] = {"num_cpus": 0, "num_gpus": 1 if gpu else 0}
@@ -370,12 +373,22 @@ class MultiAgentGroup:
             self.rollout = workers[0] if n == 1 else MultiAgentRolloutPool(workers)
 
     def shutdown(self) -> None:
-        try:
-            for g in self.ranks.values():
+        """Every policy's ranks and every rollout actor, even when one of them fails to stop (a policy's rank
+        lost unnoticed fails its group's goodbye): the first error is raised once all are stopped. A policy
+        left running would hold its placement group in a shared cluster."""
+        errors: list[BaseException] = []
+        for g in self.ranks.values():
+            try:
                 g.shutdown()
-        finally:
-            for actor in self.rollout_actors:
+            except Exception as e:
+                errors.append(e)
+        for actor in self.rollout_actors:
+            try:
                 self.ray.kill(actor)
+            except Exception as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 class _PolicyRollout:

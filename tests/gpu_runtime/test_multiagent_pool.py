@@ -4,6 +4,8 @@ train both policies as 1 does) is in test_multiagent_jobs.py, beside its warm st
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from gpu_runtime.game_stats import Tally, game_tally, merged, policy_game_tally, versus_rule_metrics
@@ -109,8 +111,6 @@ def test_why_games_failed_reaches_the_job_from_every_worker(capsys):
     """A worker's stderr (a Ray actor's) never reaches the job's log: the reasons come back with the
     tallies, merged over the parts, and the job's process logs them and names them when the failure
     policy stops the job (here an eval job whose every game failed, on two workers failing differently)."""
-    from types import SimpleNamespace
-
     from gpu_runtime.failure_policy import FailureWatch
     from gpu_runtime.multiagent import MultiAgentController, resolve
     from gpu_runtime.sink import JsonlSink
@@ -136,3 +136,41 @@ def test_why_games_failed_reaches_the_job_from_every_worker(capsys):
     assert reason is not None and "game server 0 unreachable" in reason and "game server 1" in reason
     logged = [line for line in capsys.readouterr().err.splitlines() if line.startswith("game failed")]
     assert len(logged) == 2 and all("unreachable" in line for line in logged)
+
+
+def test_every_policy_group_is_stopped_when_one_fails_to(monkeypatch):
+    """A policy whose placement fails stops the policies placed before it; a group that fails to stop (a rank
+    lost unnoticed) does not leave the next policy's ranks and placement group, or the rollout actors,
+    running in the shared cluster."""
+    import gpu_runtime.multiagent as ma
+
+    stopped: list[str] = []
+
+    class Ranks:  # a policy's RayGroup
+        def __init__(self, spec, world_size, rollout=True):
+            if stopped or len(placed) == 1:
+                raise RuntimeError("the cluster could not place the second policy within 120 s")
+            self.name = f"ranks {len(placed)}"
+            placed.append(self)
+
+        def shutdown(self):
+            stopped.append(self.name)
+            if self.name == "ranks 0" and len(placed) == 2:
+                raise RuntimeError("trainer rank 0 was lost")
+
+    placed: list[Ranks] = []
+    monkeypatch.setattr(ma, "RayGroup", Ranks)
+    with pytest.raises(RuntimeError, match="could not place the second policy"):
+        ma.MultiAgentGroup(spec(), use_ray=True)  # two trained policies
+    assert stopped == ["ranks 0"]
+
+    group = ma.MultiAgentGroup.__new__(ma.MultiAgentGroup)
+    stopped.clear()
+    group.ranks = {"alice": placed[0], "bob": Ranks.__new__(Ranks)}
+    group.ranks["bob"].name = "ranks 1"
+    placed.append(group.ranks["bob"])
+    group.ray = SimpleNamespace(kill=lambda actor: stopped.append(actor))
+    group.rollout_actors = ["worker 0", "worker 1"]
+    with pytest.raises(RuntimeError, match="was lost"):
+        group.shutdown()
+    assert stopped == ["ranks 0", "ranks 1", "worker 0", "worker 1"]
