@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,22 @@ def entrypoint_resources(spec: dict[str, Any], alloc: Allocation) -> dict[str, f
     return {"entrypoint_num_cpus": 0, "entrypoint_num_gpus": alloc.gpus}
 
 
+# A `NAME=value` word: to the shell, an environment assignment when it leads the command.
+_ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
+
+
 def entrypoint(spec_path: Path) -> str:
     """The Ray job's shell command. `exec`: Ray runs it through `/bin/sh -c`, and a shell that waits for the
     runtime turns its death by a signal into exit code 128 + n, a failure; exec'd, the runtime is Ray's child
-    and a kill shows as one (negative exit code): the job is re-queued as lost, as on a local pool."""
-    return "exec " + shlex.join([*ray_runtime_command(), spec_path.name])
+    and a kill shows as one (negative exit code): the job is re-queued as lost, as on a local pool.
+    `NAME=value` words leading the configured command stay environment assignments, before `exec` (after
+    it, the shell would look for a program named `NAME=value`)."""
+    words = [*ray_runtime_command(), spec_path.name]
+    assignments: list[str] = []
+    while len(words) > 1 and (m := _ASSIGNMENT.fullmatch(words[0])):
+        assignments.append(f"{m[1]}={shlex.quote(m[2])}")
+        words.pop(0)
+    return " ".join([*assignments, "exec", shlex.join(words)])
 
 
 def submission_id(alloc: Allocation) -> str:
