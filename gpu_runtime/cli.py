@@ -233,9 +233,11 @@ def run_job(spec, sink, prefix, *, resume=None, use_ray=False, world_size=1) -> 
         return EXIT_FAILED
     finally:
         try:
-            if group is not None:
-                group.shutdown()
-            sink.close()
+            try:
+                if group is not None:
+                    group.shutdown()
+            finally:  # a shutdown that raises must not cost the platform the job's final event
+                sink.close()
         finally:
             if lost:
                 os.kill(os.getpid(), signal.SIGKILL)
