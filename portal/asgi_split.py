@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction
@@ -61,6 +62,22 @@ def _path_info(scope: dict[str, Any]) -> str:
     includes the root path."""
     root, path = scope.get("root_path", ""), scope["path"]
     return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _refused_unread(scope: dict[str, Any]) -> bool:
+    """Whether the API's guard refuses this request by its declared length (413): then its body is not read.
+    Django's handlers read a whole body before any middleware sees the request, so a request declaring
+    gigabytes would be written to a temporary file first; the guard answers it from the headers alone."""
+    declared = next((value for name, value in scope.get("headers", ()) if name == b"content-length"), b"")
+    if not declared.isdigit() or int(declared) <= settings.API_MAX_BODY_BYTES:
+        return False  # the common case: nothing more to look at
+    root = scope.get("root_path", "")
+    request = SimpleNamespace(
+        path=root + _path_info(scope),
+        method=scope["method"].upper(),
+        META={"CONTENT_LENGTH": declared.decode("latin-1")},
+    )
+    return refusal(request) is not None
 
 
 def _environ(scope: dict[str, Any], body: Any, size: int = 0) -> dict[str, Any]:
@@ -123,7 +140,7 @@ class SplitApplication:
         size = 0
         watch = None
         try:
-            while True:
+            while not _refused_unread(scope):
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     return  # the client left before its request was complete: nothing to answer
@@ -191,6 +208,9 @@ class SplitApplication:
 
 
 application = SplitApplication()
+
+# The API's guard, read by _refused_unread (its module needs the apps that SplitApplication() has loaded).
+from api.middleware import refusal  # noqa: E402
 
 # The web server refuses to start without the pages' built scripts and styles (see portal/web/checks.py).
 from portal.web.checks import require_bundle  # noqa: E402 (needs the settings configured above)

@@ -238,3 +238,25 @@ def test_a_file_download_goes_out_in_the_asgi_handlers_chunks(tmp_path):
     assert b"".join(chunks) == path.read_bytes()
     # One hop from the pool thread to the loop per chunk: Django's 64 KiB, not FileResponse's own 4 KiB.
     assert len(chunks) == path.stat().st_size // ASGIHandler.chunk_size
+
+
+def test_a_body_the_api_refuses_by_its_length_is_not_read_first():
+    """Django's handlers read a whole body before any middleware: a request declaring 1 GiB would be
+    written to a temporary file before the guard's 413. The split application lets the guard answer first."""
+    split = SplitApplication(threads=1)
+    try:
+        with serving(split) as base:
+            port = int(base.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                head = b"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                sock.sendall(head + b"Content-Length: %d\r\n\r\n{" % (1 << 30))  # and no more of the body
+                answer = b""
+                while not answer.endswith(b"\r\n0\r\n\r\n"):  # a chunked answer ends so
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413"), answer
+        assert b'"code": "payload_too_large"' in answer, answer
+    finally:
+        split.pool.shutdown(wait=True)
