@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar, cast
@@ -27,6 +28,10 @@ from gpu_runtime.workers import RankWorker, RolloutWorker, open_store
 from opentinker.spec import JobSpec
 
 T = TypeVar("T")
+# After a rank's error, how long the other ranks' calls are watched for a rank's death: a peer killed inside a
+# collective shows at the survivors at once as a gloo error ("Connection closed by peer"), before Ray reports
+# the dead actor; the job is then lost (re-queued), not failed. A rank's own error costs this much delay.
+LOSS_GRACE_S = 15.0
 
 
 def free_port() -> int:
@@ -282,10 +287,28 @@ class RayGroup(WorkerGroup):
             except Exception as e:
                 self._failed = True
                 failure = _rank_failure(ray, index[ready], e)
+                if failure is e:  # caused by a peer that died under it? Then that death is the news.
+                    failure = self._lost_meanwhile(pending, index) or e
                 if failure is e:
                     raise
                 raise failure from e
         return results
+
+    def _lost_meanwhile(self, pending: list[Any], index: dict[Any, int]) -> RankLost | None:
+        """A rank lost among the calls still `pending`, as Ray reports it within `LOSS_GRACE_S`."""
+        ray = self.ray
+        deadline = time.monotonic() + LOSS_GRACE_S
+        while pending and (left := deadline - time.monotonic()) > 0:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                break
+            try:
+                ray.get(ready[0])
+            except Exception as e:
+                lost = _rank_failure(ray, index[ready[0]], e)
+                if isinstance(lost, RankLost):
+                    return lost
+        return None
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group

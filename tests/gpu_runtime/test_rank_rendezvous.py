@@ -45,10 +45,10 @@ class _FakeRay:
 
     exceptions = ray.exceptions
 
-    def wait(self, refs, num_returns=1):
+    def wait(self, refs, num_returns=1, timeout=None):
         ready = [r for r in refs if r.outcome is not None][:num_returns]
-        assert ready, "waited on ranks that will never answer"
-        return ready, [r for r in refs if r not in ready]
+        assert ready or timeout is not None, "waited on ranks that will never answer"
+        return ready, [r for r in refs if r not in ready]  # with a timeout: as if it ran out
 
     def get(self, ref):
         assert ref.outcome is not None, "blocked on a rank that will never answer"
@@ -80,3 +80,14 @@ def test_an_error_in_a_rank_fails_the_job_with_that_error():
     ok = _group()
     assert ok._wait([_Ref(0, {"loss": 1.0}), _Ref(1, {"loss": 2.0})]) == [{"loss": 1.0}, {"loss": 2.0}]
     assert not ok._failed
+
+
+def test_a_rank_whose_peer_died_under_it_in_a_collective_reports_the_loss_not_its_own_error():
+    # Rank 1 is killed inside a collective: rank 0's gloo fails at once ("Connection closed by peer"), and
+    # that error can come back before Ray reports rank 1's actor dead. The job is lost (re-queued), not
+    # failed.
+    group = _group()
+    gloo = RuntimeError("[gloo] Connection closed by peer [127.0.0.2]:41235")
+    with pytest.raises(RankLost, match="trainer rank 1 was lost") as raised:
+        group._wait([_Ref(0, gloo), _Ref(1, ray.exceptions.ActorDiedError())])
+    assert raised.value.__cause__ is gloo and group._failed
