@@ -15,7 +15,6 @@ import concurrent.futures
 import contextlib
 import json
 import sys
-import time
 
 import pytest
 import tinker
@@ -29,9 +28,9 @@ from portal.services.pools import pool_create
 from portal.services.scheduler import schedule_pass
 from tests.api import tinker_live
 from tests.api.tinker_live import BASE_MODEL, WAIT, datum
-from tests.workers.test_local_driver import wait_for
+from tests.workers.test_local_driver import supervised, wait_for
 from workers.drivers.ray import RayDriver, submission_id
-from workers.supervisor import launch, pools_refresh, supervise
+from workers.supervisor import launch, pools_refresh
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.timeout(600)]
 platform = tinker_live.platform
@@ -41,19 +40,6 @@ IDLE_S = 6  # the server's idle exit: long enough for the test's gaps between ca
 
 def server_job() -> Job:
     return Job.objects.get(kind=MODEL_SERVER_KIND)
-
-
-def supervised(predicate):
-    """`predicate` with the beat's supervisor pass (which follows a Ray job) at most once a second."""
-    last = [0.0]
-
-    def check():
-        if time.monotonic() - last[0] >= 1.0:
-            supervise()
-            last[0] = time.monotonic()
-        return predicate()
-
-    return check
 
 
 @pytest.fixture

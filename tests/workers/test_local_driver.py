@@ -32,6 +32,20 @@ def wait_for(predicate, timeout=30.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def supervised(predicate):
+    """`predicate` with the beat's supervisor pass (which follows a pool's runtimes) at most once a second:
+    for `wait_for` on what only a supervisor pass brings about (a Ray job's end, its heartbeat, log copy)."""
+    last = [0.0]
+
+    def check():
+        if time.monotonic() - last[0] >= 1.0:
+            supervise()
+            last[0] = time.monotonic()
+        return predicate()
+
+    return check
+
+
 def state(job) -> str:
     return Job.objects.get(pk=job.pk).state
 

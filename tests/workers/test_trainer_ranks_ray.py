@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import sys
-import time
 
 import psutil
 import pytest
@@ -30,29 +29,16 @@ from portal.services.pools import pool_create
 from portal.services.scheduler import schedule_pass
 from tests.api.test_stream import uvicorn_url  # noqa: F401 (fixture)
 from tests.workers import test_trainer_ranks as local
-from tests.workers.test_local_driver import wait_for
+from tests.workers.test_local_driver import supervised, wait_for
 from tests.workers.test_trainer_ranks import ENDED, WAIT, final_weights, logs, sft_spec
 from workers.drivers.ray import RayDriver
-from workers.supervisor import launch, pools_refresh, supervise
+from workers.supervisor import launch, pools_refresh
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.timeout(400)]
 
 POOL = "ray-ranks"
 MET = re.compile(r"trainer ranks met at (\S+):(\d+): (.*)")
 PLACED = re.compile(r"rank (\d+) on (\S+) \(node (\w+), pid (\d+)\)")
-
-
-def supervised(predicate):
-    """`predicate` with the beat's supervisor pass (which follows a Ray job) at most once a second."""
-    last = [0.0]
-
-    def check():
-        if time.monotonic() - last[0] >= 1.0:
-            supervise()
-            last[0] = time.monotonic()
-        return predicate()
-
-    return check
 
 
 @pytest.fixture
