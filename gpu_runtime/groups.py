@@ -190,8 +190,12 @@ class RayGroup(WorkerGroup):
     (`gpu_runtime.rollout_pool`). A rank that fails a call ends the job at once (`RankLost` when its process
     is gone), however long the others would wait in a collective for it."""
 
-    def __init__(self, spec: JobSpec, world_size: int, *, rollout: bool = True) -> None:
+    def __init__(
+        self, spec: JobSpec, world_size: int, *, rollout: bool = True, cpus: float | None = None
+    ) -> None:
         # rollout=False: trainer ranks only (a multi-agent job's policies share one rollout worker).
+        # cpus: this group's share of the job's admitted CPUs (a multi-agent job's policy: the job's CPUs
+        # split between its trained policies), else all of `resources.cpus`.
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -206,7 +210,7 @@ class RayGroup(WorkerGroup):
             rollout_workers=n_workers,
             # The job's admitted CPUs, not what the shared cluster has free (others' share). The Ray driver's
             # entrypoint (this process) holds only a token share then (workers/drivers/ray.py).
-            cpus=res.cpus,
+            cpus=res.cpus if cpus is None else cpus,
         )
         bundles = plan.bundles
         self.pg = placement_group(bundles, strategy=placement.STRATEGIES[res.placement])

@@ -347,9 +347,12 @@ class MultiAgentGroup:
             import ray
 
             self.ray = ray
+            # On CPUs the policies' placement groups split the job's admitted CPUs: each reserving all of
+            # them asked the shared cluster for (trained policies) x what the scheduler admitted.
+            share = spec.resources.cpus / len(self.setup.trained)
             try:  # a policy's placement that fails (or times out) stops the policies already placed
                 for p in self.setup.trained:
-                    self.ranks[p] = RayGroup(self.setup.specs[p], world_size, rollout=False)
+                    self.ranks[p] = RayGroup(self.setup.specs[p], world_size, rollout=False, cpus=share)
             except BaseException:
                 self.shutdown()
                 raise

@@ -147,7 +147,7 @@ def test_every_policy_group_is_stopped_when_one_fails_to(monkeypatch):
     stopped: list[str] = []
 
     class Ranks:  # a policy's RayGroup
-        def __init__(self, spec, world_size, rollout=True):
+        def __init__(self, spec, world_size, rollout=True, cpus=None):
             if stopped or len(placed) == 1:
                 raise RuntimeError("the cluster could not place the second policy within 120 s")
             self.name = f"ranks {len(placed)}"
@@ -174,3 +174,26 @@ def test_every_policy_group_is_stopped_when_one_fails_to(monkeypatch):
     with pytest.raises(RuntimeError, match="was lost"):
         group.shutdown()
     assert stopped == ["ranks 0", "ranks 1", "worker 0", "worker 1"]
+
+
+def test_the_policies_ray_groups_split_the_jobs_cpus(monkeypatch):
+    """Each trained policy's placement group reserves its share of the admitted CPUs, not all of them (two
+    policies asked the shared cluster for twice what the scheduler admitted)."""
+    import gpu_runtime.multiagent as ma
+
+    asked: list[float] = []
+
+    class Ranks:  # a policy's RayGroup; the second stops the construction before any actor starts
+        def __init__(self, spec, world_size, rollout=True, cpus=None):
+            asked.append(spec.resources.cpus if cpus is None else cpus)
+            if len(asked) == 2:
+                raise RuntimeError("stop here")
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(ma, "RayGroup", Ranks)
+    job = JobSpec.model_validate({**spec().model_dump(), "resources": {"cpus": 3}})
+    with pytest.raises(RuntimeError, match="stop here"):
+        ma.MultiAgentGroup(job, use_ray=True)  # two trained policies
+    assert asked == [1.5, 1.5]
