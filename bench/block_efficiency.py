@@ -211,7 +211,7 @@ def fit(args: argparse.Namespace) -> None:
                         for j, p in enumerate(order[i : i + batch])
                     ],
                 )
-        if epoch in (0, 1, 2, 4, 8, 16, 32) or epoch == args.epochs:
+        if epoch in (0, 1, 2, 4, 8, 16, 32, 48) or epoch == args.epochs:
             train_block, train_legal = probe.evaluate(train_set)
             block, legal = probe.evaluate(held)
             row = {"mode": "fit", "lr": args.lr, "lora": args.lora, "style": CONFIG["prompt_style"]}
