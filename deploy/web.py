@@ -1,21 +1,28 @@
 """The production web server: `python deploy/web.py [--port 8000] [--workers N]`.
 
-uvicorn with several worker processes (default: `WEB_CONCURRENCY`, else one per core: a worker's threads
-overlap its requests' waits on PostgreSQL and Valkey, and more processes than cores cost CPU per request:
-measured on 2 cores, 4 workers 3.3 ms against 2 workers' 2.6), each serving
+A small supervisor and N uvicorn worker processes (default: `WEB_CONCURRENCY`, else one per core: a worker's
+threads overlap its requests' waits on PostgreSQL and Valkey, and more processes than cores cost CPU per
+request: measured on 2 cores, 4 workers 3.3 ms against 2 workers' 2.6), each serving
 `portal.asgi_split:application`: a plain request (every sync view: the API, the pages, the admin) runs
 through Django's WSGI handler on one of the worker's threads, as many as its pool of database connections
 holds (`DB_POOL_MAX_SIZE`, default 8 here), each borrowing a connection while its request runs. The async
-routes (the live stream, an async generator; Tinker's long-polled `retrieve_future`, an async view) run on
-the event loop through Django's ASGI handler, so an open stream or a held poll holds no thread and no
-connection while it waits. Django's ASGI handler would run every sync request on a new thread of its own,
-hopping between the loop and it at every sync/async boundary of the middleware chain: about as much of the
-worker's CPU as the view itself (README "Performance").
+routes (the live stream, an async generator; Tinker's long-polled `retrieve_future`) run on the event loop
+through Django's ASGI handler, so an open stream or a held poll holds no thread and no connection while it
+waits.
+
+Each worker accepts from a listening socket of its own, all bound to the same port with `SO_REUSEPORT`, so
+the kernel spreads new connections evenly over the workers. With one socket shared by every worker (uvicorn's
+`--workers`), the worker that last woke accepts nearly every connection (measured: 97 of 100 keep-alive
+clients on one of 2 workers, 97 of 100 on one of 4): clients that keep their connections (programs, the
+ingress' upstream pool) all landed on one process and its one core, and its garbage collections stalled them
+all at once. The supervisor opens the sockets before any worker starts, so a connection that arrives while its
+worker (re)starts waits in that socket's queue instead of being refused. A worker that dies is restarted on
+its socket; workers that keep dying at start stop the server (a broken release fails visibly, not in a loop).
+SIGTERM or SIGINT stops the workers gracefully (30 s to finish their requests) and then the supervisor.
 
 With `PROMETHEUS_MULTIPROC_DIR` set, the directory is emptied before the workers start (prometheus_client's
-multiprocess mode needs a clean directory per start). uvicorn's supervisor restarts a worker that dies but has
-no hook to call `multiprocess.mark_process_dead`, so a dead worker's live-stream gauge lingers until the next
-restart of the server (README "Observability").
+multiprocess mode needs a clean directory per start), and a dead worker's files are marked dead, so its
+live-stream gauge does not linger (README "Observability").
 
 Imports no Django: the settings are read by each worker, from the same environment as every other process.
 """
@@ -23,9 +30,17 @@ Imports no Django: the settings are read by each worker, from the same environme
 from __future__ import annotations
 
 import argparse
+import ctypes
+import logging
+import logging.config
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -34,6 +49,14 @@ APPLICATION = "portal.asgi_split:application"
 DEFAULT_POOL = "8"
 # A process trusts a token it authenticated for this long: revocations reach every worker within it.
 DEFAULT_AUTH_CACHE = "2"
+BACKLOG = 2048
+GRACEFUL_SECONDS = 30
+# A worker that exits sooner than this after its start counts as failing at start; this many in a row (of
+# any workers) and the server stops instead of restarting them for ever.
+QUICK_EXIT_SECONDS = 10.0
+QUICK_EXITS_TO_GIVE_UP = 5
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's own supervisor logged its lines here
 
 
 def default_workers() -> int:
@@ -41,32 +64,11 @@ def default_workers() -> int:
 
 
 def command(host: str, port: int, workers: int, log_level: str = "warning") -> list[str]:
+    """The command line that starts the production server (the supervisor and its workers)."""
     return [
         sys.executable,
-        "-m",
-        "uvicorn",
-        APPLICATION,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--log-level",
-        log_level,
-        "--no-access-log",  # the platform's own access line (opentinker.access) carries the request id
-        "--lifespan",
-        "off",  # Django has no lifespan handlers
-        # Named, not left to uvicorn's "auto": a missing package fails the start instead of silently costing
-        # the pure-Python parser's and asyncio loop's CPU on every request (README "Performance").
-        "--loop",
-        "uvloop",
-        "--http",
-        "httptools",
-        "--backlog",
-        "2048",
-        "--timeout-graceful-shutdown",
-        "30",
+        str(BASE_DIR / "deploy" / "web.py"),
+        *("--host", host, "--port", str(port), "--workers", str(workers), "--log-level", log_level),
     ]
 
 
@@ -82,19 +84,170 @@ def environment(base: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """One worker's socket: bound to (host, port) beside the other workers' (SO_REUSEPORT), listening."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(fd: int, log_level: str) -> None:
+    """A worker: uvicorn serving the application on the inherited listening socket `fd`."""
+    _die_with_parent()
+    sys.path.insert(0, str(BASE_DIR))  # the application's packages (run as a script, sys.path has deploy/)
+    import uvicorn
+
+    config = uvicorn.Config(
+        APPLICATION,
+        log_level=log_level,
+        access_log=False,  # the platform's own access line (opentinker.access) carries the request id
+        lifespan="off",  # Django has no lifespan handlers
+        # Named, not left to uvicorn's "auto": a missing package fails the start instead of silently costing
+        # the pure-Python parser's and asyncio loop's CPU on every request (README "Performance").
+        loop="uvloop",
+        http="httptools",
+        backlog=BACKLOG,
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+    )
+    uvicorn.Server(config).run(sockets=[socket.socket(fileno=fd)])
+
+
+def _die_with_parent() -> None:
+    """A worker gets SIGTERM when its supervisor dies, however it died (Linux; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class Worker:
+    sock: socket.socket
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, sockets: list[socket.socket], log_level: str, env: dict[str, str]) -> None:
+        self.workers = [Worker(sock) for sock in sockets]
+        self.log_level = log_level
+        self.env = env
+        self.stopping = False
+        self.quick_exits = 0
+
+    def start(self, worker: Worker) -> None:
+        fd = worker.sock.fileno()
+        script = str(BASE_DIR / "deploy" / "web.py")
+        worker.proc = subprocess.Popen(
+            [sys.executable, script, "--serve-fd", str(fd), "--log-level", self.log_level],
+            cwd=BASE_DIR,
+            env=self.env,
+            pass_fds=(fd,),
+            # Its own process group: a terminal's Ctrl+C reaches the supervisor alone, which stops each worker
+            # with one SIGTERM (a second signal would make uvicorn drop its open requests).
+            process_group=0,
+        )
+        worker.started = time.monotonic()
+
+    def stop(self, signum: int, _frame: object) -> None:
+        if not self.stopping:
+            log.info("Received %s, stopping the workers.", signal.Signals(signum).name)
+        self.stopping = True
+
+    def run(self) -> int:
+        for worker in self.workers:
+            self.start(worker)
+        while not self.stopping:
+            time.sleep(0.5)
+            for worker in self.workers:
+                code = worker.proc.poll() if worker.proc is not None else None
+                if code is None or self.stopping:
+                    continue
+                self._mark_dead(worker.proc.pid)
+                quick = time.monotonic() - worker.started < QUICK_EXIT_SECONDS
+                self.quick_exits = self.quick_exits + 1 if quick else 0
+                if self.quick_exits >= QUICK_EXITS_TO_GIVE_UP:
+                    log.error("Workers keep exiting at start (the last with code %s): stopping.", code)
+                    self.shutdown()
+                    return 1
+                log.warning("Worker [%s] exited with code %s: restarting it.", worker.proc.pid, code)
+                self.start(worker)
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        running = [w.proc for w in self.workers if w.proc is not None and w.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + GRACEFUL_SECONDS + 5
+        for proc in running:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for worker in self.workers:
+            worker.sock.close()
+
+    def _mark_dead(self, pid: int) -> None:
+        if self.env.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid, self.env["PROMETHEUS_MULTIPROC_DIR"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python deploy/web.py", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="0.0.0.0")  # noqa: S104 (a server in a container listens on all)
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--workers", type=int, default=default_workers())
-    args = parser.parse_args(argv)
-    env = environment(dict(os.environ))
-    os.chdir(BASE_DIR)
-    # The server replaces this process: signals from the container runtime reach uvicorn's supervisor.
     # uvicorn's own lines (a worker started or died) follow LOG_LEVEL when it is set; warnings otherwise.
-    log_level = env.get("LOG_LEVEL", "warning").lower()
-    os.execve(sys.executable, command(args.host, args.port, args.workers, log_level), env)  # noqa: S606
-    return 0  # not reached
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "warning").lower())
+    parser.add_argument("--serve-fd", type=int, help=argparse.SUPPRESS)  # a worker, started by the supervisor
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    os.chdir(BASE_DIR)
+    if args.serve_fd is not None:
+        serve(args.serve_fd, args.log_level)
+        return 0
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    logging.config.dictConfig(LOGGING_CONFIG)
+    log.setLevel(args.log_level.upper())
+    env = environment(dict(os.environ))
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(args.workers):
+            sockets.append(listening_socket(args.host, args.port))
+            args.port = sockets[0].getsockname()[1]  # --port 0: the port the first socket was given, for all
+    except OSError as exc:
+        log.error("Cannot listen on %s:%s: %s", args.host, args.port, exc)
+        for sock in sockets:
+            sock.close()
+        return 1
+    supervisor = Supervisor(sockets, args.log_level, env)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, supervisor.stop)
+    scheme_host = f"[{args.host}]" if ":" in args.host else args.host
+    log.info(
+        "Uvicorn running on http://%s:%d with %d workers, a socket each (Press CTRL+C to quit)",
+        scheme_host,
+        args.port,
+        args.workers,
+    )
+    return supervisor.run()
 
 
 if __name__ == "__main__":
