@@ -7,8 +7,9 @@ migrates, and seeds one organization with --jobs jobs and one member (and token,
 the per-user rate limit applies as it would to that many programs. Then, for each server in turn, on loopback:
 
 - demo: the command `make demo` runs (one uvicorn process, settings' defaults: no connection reuse);
-- production: `deploy/web.py`, exactly as production starts it (--workers uvicorn processes, a socket each, serving
-  portal.asgi_split: sync views through Django's WSGI handler on a thread pool, a psycopg pool per process);
+- production: `deploy/web.py`, exactly as production starts it (--workers uvicorn processes, a socket each,
+  serving portal.asgi_split: sync views through Django's WSGI handler on a thread pool, a psycopg pool per
+  process);
 
 it drives the API with --clients concurrent clients (asyncio + aiohttp, one keep-alive connection each), every
 client looping: `GET /api/v1/jobs?limit=20` three times out of four, `GET /api/v1/jobs/<id>` otherwise, then
