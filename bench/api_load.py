@@ -16,7 +16,8 @@ client looping: `GET /api/v1/jobs?limit=20` three times out of four, `GET /api/v
 a think time uniform in [0.5, 1.5] x --think. Two phases per server: with think time (latency at that load),
 then without (saturation throughput). Requests/s and latency percentiles count the --duration seconds after a
 --warmup; errors are non-200 answers and failed requests. The load generator shares the machine's cores with
-the servers and the databases, as it would in a single-host test: its own CPU per request is the last column.
+the servers and the databases, as it would in a single-host test: its own CPU per request is a column, and
+the last says how the clients' connections sat on the server's processes in the middle of the think phase.
 Each request is a full HTTP/1.1 request on the client's connection, its whole body read and its status
 checked, whichever client runs it; aiohttp (the default since 2026-12-07; `--client httpx` was the only one
 before) spends less of the shared cores on the generator than httpx, so more is left to the server measured.
@@ -39,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,7 @@ class Phase:
     seconds: float = 0.0
     client_cpu: float = 0.0  # the load generator's own CPU seconds over the whole phase (warmup included)
     warmup: float = 0.0
+    spread: list[int] = field(default_factory=list)  # the clients' connections on each server process
 
     def row(self) -> tuple[str, ...]:
         lat = sorted(self.latencies)
@@ -68,7 +71,8 @@ class Phase:
             return f"{lat[min(len(lat) - 1, int(q * len(lat)))] * 1000:.0f}" if lat else "-"
 
         rate = (len(lat) + self.errors) / self.seconds if self.seconds else 0.0
-        return (f"{rate:.0f}", pct(0.50), pct(0.95), pct(0.99), str(self.errors), self.client_ms())
+        spread = " / ".join(map(str, self.spread)) or "-"
+        return (f"{rate:.0f}", pct(0.50), pct(0.95), pct(0.99), str(self.errors), self.client_ms(), spread)
 
     def client_ms(self) -> str:
         # Requests of the warmup are not counted: estimate them at the measured rate.
@@ -194,6 +198,25 @@ def _wait_up(base: str, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"{base} did not answer")
 
 
+def _connections(pid: int, port: int) -> list[int]:
+    """Clients' connections held by each process of the server (the process itself, or its workers)."""
+    import psutil
+
+    top = psutil.Process(pid)
+    procs = top.children() or [top]
+    return sorted(
+        sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port for c in p.net_connections("tcp"))
+        for p in procs
+    )
+
+
+def _count_later(delay: float, pid: int, port: int) -> tuple[threading.Timer, list[int]]:
+    spread: list[int] = []
+    timer = threading.Timer(delay, lambda: spread.extend(_connections(pid, port)))
+    timer.start()
+    return timer, spread
+
+
 def _servers(port: int, workers: list[int]) -> dict[str, list[str]]:
     demo = [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1"]
     demo += ["--port", str(port), "--log-level", "warning"]  # as devstack/demo.py starts it
@@ -267,9 +290,13 @@ def main() -> int:
             try:
                 _wait_up(base, server)
                 print(f"{name}: {args.clients} clients, think {args.think:g} s ...", flush=True)
+                # Mid-phase: how the clients' keep-alive connections sit on the server's processes.
+                count, spread = _count_later(args.warmup + args.duration / 2, server.pid, port)
                 paced = asyncio.run(
                     _drive(base, tokens, job_ids, args.think, args.warmup, args.duration, args.client)
                 )
+                count.cancel()
+                paced.spread = spread
                 print(f"{name}: {args.clients} clients, no think time ...", flush=True)
                 flat = asyncio.run(
                     _drive(base, tokens, job_ids, 0.0, args.warmup, args.duration, args.client)
@@ -287,7 +314,10 @@ def main() -> int:
 
 
 def _table(results: dict[str, tuple[Phase, Phase]], args: argparse.Namespace) -> None:
-    head = ("server", "phase", "requests/s", "p50 ms", "p95 ms", "p99 ms", "errors", "client CPU ms/req")
+    head = (
+        *("server", "phase", "requests/s", "p50 ms", "p95 ms", "p99 ms", "errors", "client CPU ms/req"),
+        "connections per process",
+    )
     rows = []
     for name, (paced, flat) in results.items():
         rows.append((name, f"think {args.think:g} s", *paced.row()))
