@@ -84,20 +84,32 @@ def environment(base: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """One worker's socket: bound to (host, port) beside the other workers' (SO_REUSEPORT), listening."""
+def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` sockets listening on (host, port) side by side (SO_REUSEPORT); OSError if the port is taken.
+
+    SO_REUSEPORT would also let these join another server's sockets on the port (a second start, an old
+    release still running) and silently split the traffic with it: a plain bind first makes that an error,
+    as a port in use is for any server."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]  # --port 0: a free port, then the same one for every socket
+    sockets: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-        sock.set_inheritable(True)
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(BACKLOG)
+            sock.set_inheritable(True)
     except BaseException:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise
-    return sock
+    return sockets
 
 
 def serve(fd: int, log_level: str) -> None:
@@ -212,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--workers", type=int, default=default_workers())
     # uvicorn's own lines (a worker started or died) follow LOG_LEVEL when it is set; warnings otherwise.
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "warning").lower())
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("LOG_LEVEL", "warning").lower(),
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
+    )
     parser.add_argument("--serve-fd", type=int, help=argparse.SUPPRESS)  # a worker, started by the supervisor
     args = parser.parse_args(argv)
     if args.workers < 1:
@@ -227,25 +243,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.config.dictConfig(LOGGING_CONFIG)
     log.setLevel(args.log_level.upper())
     env = environment(dict(os.environ))
-    sockets: list[socket.socket] = []
+    # Elsewhere than on Linux, SO_REUSEPORT does not spread connections (on macOS the last socket bound gets
+    # them all): there the workers share one socket, as with uvicorn's --workers.
+    own = args.workers if sys.platform == "linux" else 1
     try:
-        for _ in range(args.workers):
-            sockets.append(listening_socket(args.host, args.port))
-            args.port = sockets[0].getsockname()[1]  # --port 0: the port the first socket was given, for all
+        sockets = listening_sockets(args.host, args.port, own)
     except OSError as exc:
         log.error("Cannot listen on %s:%s: %s", args.host, args.port, exc)
-        for sock in sockets:
-            sock.close()
         return 1
+    sockets += sockets[-1:] * (args.workers - own)
     supervisor = Supervisor(sockets, args.log_level, env)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, supervisor.stop)
-    scheme_host = f"[{args.host}]" if ":" in args.host else args.host
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    port = sockets[0].getsockname()[1]
     log.info(
-        "Uvicorn running on http://%s:%d with %d workers, a socket each (Press CTRL+C to quit)",
-        scheme_host,
-        args.port,
-        args.workers,
+        "Uvicorn running on http://%s:%d with %d workers, %d listening sockets (Press CTRL+C to quit)",
+        *(host, port, args.workers, own),
     )
     return supervisor.run()
 

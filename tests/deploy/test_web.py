@@ -204,3 +204,23 @@ def test_a_worker_freezes_what_its_startup_left_out_of_the_collectors_reach():
     )
     before, frozen, tracked = map(int, out.stdout.split())
     assert before == 0 and frozen > 50_000 and tracked < frozen / 2, out.stdout
+
+
+def test_a_port_in_use_is_refused_even_by_another_reuseport_server(tmp_path):
+    """SO_REUSEPORT lets sockets share a port: a second server (or an old release still running) must not
+    silently split the traffic with the first one; it fails to start like any server on a taken port."""
+    from deploy.web import listening_sockets
+
+    first = listening_sockets("127.0.0.1", 0, 2)  # what a running deploy/web.py holds
+    port = first[0].getsockname()[1]
+    try:
+        with pytest.raises(OSError):
+            listening_sockets("127.0.0.1", port, 2)
+        second = subprocess.run(
+            command("127.0.0.1", port, 2), cwd=BASE, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert second.returncode == 1 and f"Cannot listen on 127.0.0.1:{port}" in second.stderr
+        assert "Address already in use" in second.stderr
+    finally:
+        for sock in first:
+            sock.close()
