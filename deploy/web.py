@@ -18,7 +18,8 @@ ingress' upstream pool) all landed on one process and its one core, and its garb
 all at once. The supervisor opens the sockets before any worker starts, so a connection that arrives while its
 worker (re)starts waits in that socket's queue instead of being refused. A worker that dies is restarted on
 its socket; workers that keep dying at start stop the server (a broken release fails visibly, not in a loop).
-SIGTERM or SIGINT stops the workers gracefully (30 s to finish their requests) and then the supervisor.
+SIGTERM or SIGINT stops the workers gracefully (30 s to finish their requests; a new connection is refused
+from then on) and then the supervisor. With LOG_FORMAT=json the supervisor's lines are JSON objects too.
 
 With `PROMETHEUS_MULTIPROC_DIR` set, the directory is emptied before the workers start (prometheus_client's
 multiprocess mode needs a clean directory per start), and a dead worker's files are marked dead, so its
@@ -30,6 +31,7 @@ Imports no Django: the settings are read by each worker, from the same environme
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import logging
 import logging.config
@@ -42,6 +44,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 # Sync views on a thread pool, async views on the loop (portal/asgi_split.py).
@@ -112,9 +115,21 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     return sockets
 
 
-def serve(fd: int, log_level: str) -> None:
+def logging_config(log_format: str) -> dict[str, Any]:
+    """The supervisor's logging: uvicorn's (it logged these lines before), one JSON object per line like every
+    other process with LOG_FORMAT=json (portal.observability.logs imports no Django)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    if log_format == "json":
+        sys.path.insert(0, str(BASE_DIR))
+        config["formatters"]["default"] = {"()": "portal.observability.logs.JsonFormatter"}
+    return config
+
+
+def serve(fd: int, log_level: str, supervisor: int | None = None) -> None:
     """A worker: uvicorn serving the application on the inherited listening socket `fd`."""
-    _die_with_parent()
+    _die_with_parent(supervisor)
     sys.path.insert(0, str(BASE_DIR))  # the application's packages (run as a script, sys.path has deploy/)
     import uvicorn
 
@@ -133,13 +148,17 @@ def serve(fd: int, log_level: str) -> None:
     uvicorn.Server(config).run(sockets=[socket.socket(fileno=fd)])
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(supervisor: int | None) -> None:
     """A worker gets SIGTERM when its supervisor dies, however it died (Linux; elsewhere a no-op)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    # The request only covers a death after it: a supervisor that died while this Python started would leave
+    # the worker serving on its own (holding the port, so that no new server could start).
+    if supervisor is not None and os.getppid() != supervisor:
+        sys.exit(f"The supervisor [{supervisor}] exited before this worker started: exiting.")
 
 
 @dataclass
@@ -160,8 +179,9 @@ class Supervisor:
     def start(self, worker: Worker) -> None:
         fd = worker.sock.fileno()
         script = str(BASE_DIR / "deploy" / "web.py")
+        args = ("--serve-fd", str(fd), "--log-level", self.log_level, "--supervisor", str(os.getpid()))
         worker.proc = subprocess.Popen(
-            [sys.executable, script, "--serve-fd", str(fd), "--log-level", self.log_level],
+            [sys.executable, script, *args],
             cwd=BASE_DIR,
             env=self.env,
             pass_fds=(fd,),
@@ -201,6 +221,11 @@ class Supervisor:
         running = [w.proc for w in self.workers if w.proc is not None and w.proc.poll() is None]
         for proc in running:
             proc.send_signal(signal.SIGTERM)
+        # Each worker closes its copy of its socket at once (uvicorn stops accepting); with these closed too,
+        # a new connection is refused (a proxy tries another server) instead of waiting, never accepted, for
+        # the workers' last requests (up to 30 s: an open live stream) and then being reset.
+        for worker in self.workers:
+            worker.sock.close()
         deadline = time.monotonic() + GRACEFUL_SECONDS + 5
         for proc in running:
             try:
@@ -208,8 +233,6 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for worker in self.workers:
-            worker.sock.close()
 
     def _mark_dead(self, pid: int) -> None:
         if self.env.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -230,17 +253,16 @@ def main(argv: list[str] | None = None) -> int:
         choices=("critical", "error", "warning", "info", "debug", "trace"),
     )
     parser.add_argument("--serve-fd", type=int, help=argparse.SUPPRESS)  # a worker, started by the supervisor
+    parser.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)  # the worker's supervisor's pid
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     os.chdir(BASE_DIR)
     if args.serve_fd is not None:
-        serve(args.serve_fd, args.log_level)
+        serve(args.serve_fd, args.log_level, args.supervisor)
         return 0
 
-    from uvicorn.config import LOGGING_CONFIG
-
-    logging.config.dictConfig(LOGGING_CONFIG)
+    logging.config.dictConfig(logging_config(os.environ.get("LOG_FORMAT", "text")))
     log.setLevel(args.log_level.upper())
     env = environment(dict(os.environ))
     # Elsewhere than on Linux, SO_REUSEPORT does not spread connections (on macOS the last socket bound gets

@@ -3,10 +3,12 @@ with a pool of database connections, serve the API; every worker refuses a revok
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -224,3 +226,90 @@ def test_a_port_in_use_is_refused_even_by_another_reuseport_server(tmp_path):
     finally:
         for sock in first:
             sock.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_whose_supervisor_died_before_it_asked_to_die_with_it_exits(tmp_path):
+    """PR_SET_PDEATHSIG is set by the worker itself, once its Python has started: a supervisor that dies in
+    between (killed during a restart) would leave the worker serving on its own, holding the port, so that no
+    new deploy/web.py can start. Here the supervisor exits right after starting the worker."""
+    pid_file = tmp_path / "worker.pid"
+    parent = (
+        "import os, socket, sys; sys.path.insert(0, '.'); from deploy.web import Supervisor\n"
+        "sock = socket.socket(); sock.bind(('127.0.0.1', 0)); sock.listen(); sock.set_inheritable(True)\n"
+        "supervisor = Supervisor([sock], 'info', dict(os.environ)); supervisor.start(supervisor.workers[0])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(supervisor.workers[0].proc.pid)); os._exit(0)\n"
+    )
+    env = {**os.environ, "DATABASE_URL": _database_url()}  # a worker that would start and serve
+    with (tmp_path / "worker.log").open("wb") as log:
+        subprocess.run([sys.executable, "-c", parent], cwd=BASE, env=env, stdout=log, stderr=log, check=True)
+    worker = psutil.Process(int(pid_file.read_text()))
+
+    def gone() -> bool:
+        try:
+            return worker.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    try:
+        wait_for(gone, timeout=60, what="the orphaned worker to exit")
+    finally:
+        if not gone():
+            worker.kill()
+    assert b"supervisor" in (tmp_path / "worker.log").read_bytes()
+
+
+def test_on_sigterm_the_port_refuses_new_connections_while_workers_finish(tmp_path):
+    """A connection the kernel queues once the workers stopped accepting is never served: it would wait for
+    the graceful shutdown (up to 30 s, e.g. while a live stream is open) and then be reset. Refused at once,
+    a client or proxy tries another server."""
+    from deploy.web import Supervisor, listening_sockets
+
+    sockets = listening_sockets("127.0.0.1", 0, 2)
+    port = sockets[0].getsockname()[1]
+    supervisor = Supervisor(sockets, "warning", dict(os.environ))
+    # Workers finishing their requests: SIGTERM is ignored until the test closes their input. (A real worker
+    # closes its copy of the listening socket at once; these never had one.)
+    finishing = "import signal, sys\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(flush=True)\n"
+    finishing += "sys.stdin.read()"
+    for worker in supervisor.workers:
+        worker.proc = subprocess.Popen(
+            [sys.executable, "-c", finishing], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        worker.proc.stdout.readline()
+    socket.create_connection(("127.0.0.1", port), timeout=10).close()  # the kernel queues it: accepted
+    stopping = threading.Thread(target=supervisor.shutdown)
+    stopping.start()
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    try:
+        wait_for(refused, timeout=20, what="the port to refuse new connections")
+    finally:
+        for worker in supervisor.workers:
+            worker.proc.stdin.close()
+        stopping.join(60)
+    assert not stopping.is_alive() and all(w.proc.returncode == 0 for w in supervisor.workers)
+
+
+def test_the_supervisors_lines_follow_log_format_json(tmp_path):
+    """With LOG_FORMAT=json every line is a JSON object (README "Logs"): the supervisor's too, and they are
+    the ones an operator alerts on (a port taken, workers restarted, workers failing at start)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "LOG_FORMAT": "json"}
+        out = subprocess.run(
+            command("127.0.0.1", port, 2), cwd=BASE, env=env, capture_output=True, text=True, timeout=120
+        )
+    assert out.returncode == 1
+    (line,) = out.stderr.splitlines()
+    record = json.loads(line)
+    assert record["level"] == "ERROR" and record["logger"] == "uvicorn.error", record
+    assert record["message"].startswith(f"Cannot listen on 127.0.0.1:{port}: "), record
