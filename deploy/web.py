@@ -264,7 +264,6 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.config.dictConfig(logging_config(os.environ.get("LOG_FORMAT", "text")))
     log.setLevel(args.log_level.upper())
-    env = environment(dict(os.environ))
     # Elsewhere than on Linux, SO_REUSEPORT does not spread connections (on macOS the last socket bound gets
     # them all): there the workers share one socket, as with uvicorn's --workers.
     own = args.workers if sys.platform == "linux" else 1
@@ -274,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("Cannot listen on %s:%s: %s", args.host, args.port, exc)
         return 1
     sockets += sockets[-1:] * (args.workers - own)
+    # Only now that the port is this server's: refused, it must not empty the metrics directory of the server
+    # that holds the port (another deploy/web.py on this host, or in this container).
+    env = environment(dict(os.environ))
     supervisor = Supervisor(sockets, args.log_level, env)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, supervisor.stop)

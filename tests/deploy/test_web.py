@@ -314,3 +314,22 @@ def test_the_supervisors_lines_follow_log_format_json(tmp_path):
     record = json.loads(line)
     assert record["level"] == "ERROR" and record["logger"] == "uvicorn.error", record
     assert record["message"].startswith(f"Cannot listen on 127.0.0.1:{port}: "), record
+
+
+def test_a_server_refused_the_port_leaves_the_running_ones_metrics_alone(tmp_path):
+    """The metrics directory is emptied for the workers about to start: a second deploy/web.py on the same
+    host (an operator's try in the running container) must not wipe the files the running workers write."""
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    live = prom / "counter_123.db"  # a running worker's
+    live.write_bytes(b"counts")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom)}
+        out = subprocess.run(
+            command("127.0.0.1", port, 2), cwd=BASE, env=env, capture_output=True, text=True, timeout=120
+        )
+    assert out.returncode == 1 and "Cannot listen on" in out.stderr
+    assert live.read_bytes() == b"counts"
