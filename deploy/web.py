@@ -198,7 +198,8 @@ class Supervisor:
 
     def run(self) -> int:
         for worker in self.workers:
-            self.start(worker)
+            if not self.stopping:
+                self.start(worker)
         while not self.stopping:
             time.sleep(0.5)
             for worker in self.workers:
@@ -262,6 +263,18 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve_fd, args.log_level, args.supervisor)
         return 0
 
+    # First of all: as a container's PID 1 a signal without a handler is dropped, so a SIGTERM in the start-up
+    # would be lost and `docker stop` or Kubernetes would wait out their grace period to kill.
+    requested: list[int] = []
+    supervisors: list[Supervisor] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        requested.append(signum)
+        for supervisor in supervisors:
+            supervisor.stop(signum, frame)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
     logging.config.dictConfig(logging_config(os.environ.get("LOG_FORMAT", "text")))
     log.setLevel(args.log_level.upper())
     # Elsewhere than on Linux, SO_REUSEPORT does not spread connections (on macOS the last socket bound gets
@@ -277,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     # that holds the port (another deploy/web.py on this host, or in this container).
     env = environment(dict(os.environ))
     supervisor = Supervisor(sockets, args.log_level, env)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, supervisor.stop)
+    supervisors.append(supervisor)
+    if requested:  # before the supervisor was there to hear it
+        supervisor.stop(requested[0], None)
     host = f"[{args.host}]" if ":" in args.host else args.host
     port = sockets[0].getsockname()[1]
     log.info(

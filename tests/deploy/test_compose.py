@@ -157,3 +157,16 @@ def test_the_compose_settings_pass_the_deploy_check(role):
     assert env["ALLOWED_HOSTS"].split(",")[0] == "opentinker.example.com"  # the image's HEALTHCHECK's Host
     assert r.returncode == 0, r.stderr + r.stdout
     assert re.findall(r"\(security\.\w+\)", r.stderr + r.stdout) == ["(security.W008)"], r.stderr + r.stdout
+
+
+def test_stop_grace_periods_cover_the_graceful_shutdowns():
+    """Docker kills a service 10 s after SIGTERM unless told otherwise: the web server's workers get 30 s to
+    finish their requests, a Celery worker finishes its tasks (as the Helm chart's grace periods allow)."""
+    from deploy.web import GRACEFUL_SECONDS
+
+    services = compose()["services"]
+    helm = DEPLOY / "helm" / "opentinker" / "templates"
+    for role in ("web", "worker"):
+        grace = re.search(r"terminationGracePeriodSeconds: (\d+)", (helm / f"{role}.yaml").read_text())
+        assert services[role]["stop_grace_period"] == f"{grace.group(1)}s", role
+    assert int(services["web"]["stop_grace_period"].rstrip("s")) >= GRACEFUL_SECONDS + 5

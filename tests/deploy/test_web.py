@@ -333,3 +333,25 @@ def test_a_server_refused_the_port_leaves_the_running_ones_metrics_alone(tmp_pat
         )
     assert out.returncode == 1 and "Cannot listen on" in out.stderr
     assert live.read_bytes() == b"counts"
+
+
+def test_a_sigterm_during_start_up_stops_the_server_before_any_worker_starts(tmp_path):
+    """As a container's PID 1 a signal without a handler is dropped: the handlers come first, and a SIGTERM
+    that arrives while the sockets are being opened stops the server cleanly (0), no worker started."""
+    port = _free_port()
+    probe = (
+        "import os, signal, sys; sys.path.insert(0, '.'); from deploy import web\n"
+        "real = web.listening_sockets\n"
+        "def opening(*args):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # delivered before the supervisor exists\n"
+        "    return real(*args)\n"
+        "web.listening_sockets = opening\n"
+        f"args = ['--host', '127.0.0.1', '--port', '{port}', '--workers', '2', '--log-level', 'info']\n"
+        "sys.exit(web.main(args))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=BASE, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Received SIGTERM, stopping the workers." in done.stderr
+    assert "Started server process" not in done.stderr
