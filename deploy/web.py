@@ -31,6 +31,7 @@ Imports no Django: the settings are read by each worker, from the same environme
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import logging
@@ -58,6 +59,11 @@ GRACEFUL_SECONDS = 30
 # any workers) and the server stops instead of restarting them for ever.
 QUICK_EXIT_SECONDS = 10.0
 QUICK_EXITS_TO_GIVE_UP = 5
+# A serving worker's event loop writes a heartbeat every second; one silent for this long (WEB_WORKER_TIMEOUT)
+# is hung and is killed, then restarted: its socket's connections would otherwise wait on it for ever. A
+# starting worker (Django's imports) gets STARTUP_GRACE_SECONDS more before its first beat.
+DEFAULT_WORKER_TIMEOUT = 30.0
+STARTUP_GRACE_SECONDS = 60.0
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own supervisor logged its lines here
 
@@ -127,11 +133,22 @@ def logging_config(log_format: str) -> dict[str, Any]:
     return config
 
 
-def serve(fd: int, log_level: str, supervisor: int | None = None) -> None:
-    """A worker: uvicorn serving the application on the inherited listening socket `fd`."""
+def serve(fd: int, log_level: str, supervisor: int | None = None, heartbeat: int | None = None) -> None:
+    """A worker: uvicorn serving the application on the inherited listening socket `fd`, beating on the pipe
+    `heartbeat` once a second from its event loop."""
     _die_with_parent(supervisor)
     sys.path.insert(0, str(BASE_DIR))  # the application's packages (run as a script, sys.path has deploy/)
     import uvicorn
+
+    class Server(uvicorn.Server):
+        async def on_tick(self, counter: int) -> bool:  # uvicorn calls it every 0.1 s from the loop
+            if heartbeat is not None and counter % 10 == 0:
+                with contextlib.suppress(BlockingIOError, BrokenPipeError):  # full: the supervisor is behind
+                    os.write(heartbeat, b".")
+            return await super().on_tick(counter)
+
+    if heartbeat is not None:
+        os.set_blocking(heartbeat, False)
 
     config = uvicorn.Config(
         APPLICATION,
@@ -145,7 +162,7 @@ def serve(fd: int, log_level: str, supervisor: int | None = None) -> None:
         backlog=BACKLOG,
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
     )
-    uvicorn.Server(config).run(sockets=[socket.socket(fileno=fd)])
+    Server(config).run(sockets=[socket.socket(fileno=fd)])
 
 
 def _die_with_parent(supervisor: int | None) -> None:
@@ -166,6 +183,25 @@ class Worker:
     sock: socket.socket
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
+    heartbeat: int | None = None  # the read end of the worker's heartbeat pipe
+    last_beat: float | None = None
+
+    def beating(self, now: float, timeout: float) -> bool:
+        """Reads the worker's beats; False once it has been silent too long (hung, or never started)."""
+        got = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.heartbeat, 4096) if self.heartbeat is not None else b"":
+                got += chunk
+        if got:
+            self.last_beat = now
+        if self.last_beat is None:
+            return now - self.started < timeout + STARTUP_GRACE_SECONDS
+        return now - self.last_beat < timeout
+
+    def close_heartbeat(self) -> None:
+        if self.heartbeat is not None:
+            os.close(self.heartbeat)
+            self.heartbeat = None
 
 
 class Supervisor:
@@ -175,20 +211,28 @@ class Supervisor:
         self.env = env
         self.stopping = False
         self.quick_exits = 0
+        self.timeout = float(env.get("WEB_WORKER_TIMEOUT") or DEFAULT_WORKER_TIMEOUT)
 
     def start(self, worker: Worker) -> None:
         fd = worker.sock.fileno()
+        worker.close_heartbeat()
+        beat_read, beat_write = os.pipe()
+        os.set_blocking(beat_read, False)
         script = str(BASE_DIR / "deploy" / "web.py")
         args = ("--serve-fd", str(fd), "--log-level", self.log_level, "--supervisor", str(os.getpid()))
-        worker.proc = subprocess.Popen(
-            [sys.executable, script, *args],
-            cwd=BASE_DIR,
-            env=self.env,
-            pass_fds=(fd,),
-            # Its own process group: a terminal's Ctrl+C reaches the supervisor alone, which stops each worker
-            # with one SIGTERM (a second signal would make uvicorn drop its open requests).
-            process_group=0,
-        )
+        try:
+            worker.proc = subprocess.Popen(
+                [sys.executable, script, *args, "--heartbeat-fd", str(beat_write)],
+                cwd=BASE_DIR,
+                env=self.env,
+                pass_fds=(fd, beat_write),
+                # Its own process group: a terminal's Ctrl+C reaches the supervisor alone, which stops each
+                # worker with one SIGTERM (a second signal would make uvicorn drop its open requests).
+                process_group=0,
+            )
+        finally:
+            os.close(beat_write)
+        worker.heartbeat, worker.last_beat = beat_read, None
         worker.started = time.monotonic()
 
     def stop(self, signum: int, _frame: object) -> None:
@@ -204,6 +248,12 @@ class Supervisor:
             time.sleep(0.5)
             for worker in self.workers:
                 code = worker.proc.poll() if worker.proc is not None else None
+                if code is None and not self.stopping and not worker.beating(time.monotonic(), self.timeout):
+                    log.error(
+                        "Worker [%s] has been silent for %g s: killing it.", worker.proc.pid, self.timeout
+                    )
+                    worker.proc.kill()
+                    code = worker.proc.wait()
                 if code is None or self.stopping:
                     continue
                 self._mark_dead(worker.proc.pid)
@@ -227,6 +277,7 @@ class Supervisor:
         # the workers' last requests (up to 30 s: an open live stream) and then being reset.
         for worker in self.workers:
             worker.sock.close()
+            worker.close_heartbeat()
         deadline = time.monotonic() + GRACEFUL_SECONDS + 5
         for proc in running:
             try:
@@ -255,12 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--serve-fd", type=int, help=argparse.SUPPRESS)  # a worker, started by the supervisor
     parser.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)  # the worker's supervisor's pid
+    parser.add_argument("--heartbeat-fd", type=int, help=argparse.SUPPRESS)  # the worker's heartbeat pipe
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     os.chdir(BASE_DIR)
     if args.serve_fd is not None:
-        serve(args.serve_fd, args.log_level, args.supervisor)
+        serve(args.serve_fd, args.log_level, args.supervisor, args.heartbeat_fd)
         return 0
 
     # First of all: as a container's PID 1 a signal without a handler is dropped, so a SIGTERM in the start-up

@@ -355,3 +355,31 @@ def test_a_sigterm_during_start_up_stops_the_server_before_any_worker_starts(tmp
     assert done.returncode == 0, done.stderr
     assert "Received SIGTERM, stopping the workers." in done.stderr
     assert "Started server process" not in done.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_hung_worker_is_killed_and_replaced(tmp_path):
+    """A worker whose event loop stops beating (here: stopped) is killed and restarted on its socket, as
+    uvicorn's own supervisor did; its socket's connections would otherwise wait on it for ever."""
+    server, port = _start(tmp_path, 2, WEB_WORKER_TIMEOUT="2")
+    log = (tmp_path / "server.log").open("wb")
+    try:
+        wait_listening(server, sink=log, workers=2, port=port)
+        first = {w.pid for w in _workers(server)}
+        hung = psutil.Process(min(first))
+        hung.suspend()  # SIGSTOP: alive, silent
+
+        def replaced() -> set[int] | None:
+            pids = {w.pid for w in _workers(server) if w.status() != psutil.STATUS_ZOMBIE}
+            return pids if hung.pid not in pids and len(pids) == 2 else None
+
+        wait_for(replaced, timeout=120, what=f"worker {hung.pid} killed and replaced")
+        for _ in range(12):  # the new worker's socket included
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=60).status_code == 200
+    finally:
+        assert _stop(server) == 0
+        log.close()
+    assert (
+        f"Worker [{hung.pid}] has been silent for 2 s: killing it.".encode()
+        in (tmp_path / "server.log").read_bytes()
+    )
