@@ -17,7 +17,8 @@ clients on one of 2 workers, 97 of 100 on one of 4): clients that keep their con
 ingress' upstream pool) all landed on one process and its one core, and its garbage collections stalled them
 all at once. The supervisor opens the sockets before any worker starts, so a connection that arrives while its
 worker (re)starts waits in that socket's queue instead of being refused. A worker that dies is restarted on
-its socket; workers that keep dying at start stop the server (a broken release fails visibly, not in a loop).
+its socket, and one whose event loop stops beating (hung) is killed and restarted; workers that keep dying
+at start stop the server (a broken release fails visibly, not in a loop).
 SIGTERM or SIGINT stops the workers gracefully (30 s to finish their requests; a new connection is refused
 from then on) and then the supervisor. With LOG_FORMAT=json the supervisor's lines are JSON objects too.
 
@@ -205,13 +206,19 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, sockets: list[socket.socket], log_level: str, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        log_level: str,
+        env: dict[str, str],
+        timeout: float = DEFAULT_WORKER_TIMEOUT,
+    ) -> None:
         self.workers = [Worker(sock) for sock in sockets]
         self.log_level = log_level
         self.env = env
         self.stopping = False
         self.quick_exits = 0
-        self.timeout = float(env.get("WEB_WORKER_TIMEOUT") or DEFAULT_WORKER_TIMEOUT)
+        self.timeout = timeout
 
     def start(self, worker: Worker) -> None:
         fd = worker.sock.fileno()
@@ -304,12 +311,20 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("LOG_LEVEL", "warning").lower(),
         choices=("critical", "error", "warning", "info", "debug", "trace"),
     )
+    parser.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=os.environ.get("WEB_WORKER_TIMEOUT") or str(DEFAULT_WORKER_TIMEOUT),
+        help="seconds a worker's event loop may stay silent before it is killed and restarted",
+    )
     parser.add_argument("--serve-fd", type=int, help=argparse.SUPPRESS)  # a worker, started by the supervisor
     parser.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)  # the worker's supervisor's pid
     parser.add_argument("--heartbeat-fd", type=int, help=argparse.SUPPRESS)  # the worker's heartbeat pipe
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if not args.worker_timeout > 0:
+        parser.error("--worker-timeout (WEB_WORKER_TIMEOUT) must be a positive number of seconds")
     os.chdir(BASE_DIR)
     if args.serve_fd is not None:
         serve(args.serve_fd, args.log_level, args.supervisor, args.heartbeat_fd)
@@ -341,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     # Only now that the port is this server's: refused, it must not empty the metrics directory of the server
     # that holds the port (another deploy/web.py on this host, or in this container).
     env = environment(dict(os.environ))
-    supervisor = Supervisor(sockets, args.log_level, env)
+    supervisor = Supervisor(sockets, args.log_level, env, args.worker_timeout)
     supervisors.append(supervisor)
     if requested:  # before the supervisor was there to hear it
         supervisor.stop(requested[0], None)
