@@ -20,7 +20,8 @@ worker (re)starts waits in that socket's queue instead of being refused. A worke
 its socket, and one whose event loop stops beating (hung) is killed and restarted; workers that keep dying
 at start stop the server (a broken release fails visibly, not in a loop).
 SIGTERM or SIGINT stops the workers gracefully (30 s to finish their requests; a new connection is refused
-from then on) and then the supervisor. With LOG_FORMAT=json the supervisor's lines are JSON objects too.
+from then on) and then the supervisor. SIGHUP replaces the workers one at a time, each new one serving before
+its old one is stopped. With LOG_FORMAT=json the supervisor's lines are JSON objects too.
 
 With `PROMETHEUS_MULTIPROC_DIR` set, the directory is emptied before the workers start (prometheus_client's
 multiprocess mode needs a clean directory per start), and a dead worker's files are marked dead, so its
@@ -186,6 +187,9 @@ class Worker:
     started: float = 0.0
     heartbeat: int | None = None  # the read end of the worker's heartbeat pipe
     last_beat: float | None = None
+    replacing: subprocess.Popen[bytes] | None = (
+        None  # a reload: the old process, serving until this one beats
+    )
 
     def beating(self, now: float, timeout: float) -> bool:
         """Reads the worker's beats; False once it has been silent too long (hung, or never started)."""
@@ -219,6 +223,8 @@ class Supervisor:
         self.stopping = False
         self.quick_exits = 0
         self.timeout = timeout
+        self.reloads: list[Worker] = []  # SIGHUP: the workers still to replace, one at a time
+        self.draining: list[subprocess.Popen[bytes]] = []  # replaced processes finishing their requests
 
     def start(self, worker: Worker) -> None:
         fd = worker.sock.fileno()
@@ -247,6 +253,32 @@ class Supervisor:
             log.info("Received %s, stopping the workers.", signal.Signals(signum).name)
         self.stopping = True
 
+    def reload(self, _signum: int, _frame: object) -> None:
+        """SIGHUP: replace every worker, one at a time, each new one serving before its old one stops (the
+        code and settings on disk now, without a dropped connection)."""
+        if not self.stopping:
+            log.info("Received SIGHUP, replacing the workers one by one.")
+            self.reloads = list(self.workers)
+
+    def _reload_step(self) -> None:
+        busy = next((w for w in self.workers if w.replacing is not None), None)
+        if busy is not None:
+            if busy.last_beat is None:
+                return  # the new process is not serving yet: the old one goes on
+            log.info("Worker [%s] replaced by [%s].", busy.replacing.pid, busy.proc.pid)
+            busy.replacing.send_signal(signal.SIGTERM)  # it stops accepting, finishes its requests, exits
+            self.draining.append(busy.replacing)
+            busy.replacing = None
+        if self.reloads:
+            worker = self.reloads.pop(0)
+            worker.replacing = worker.proc
+            self.start(worker)  # both accept from the socket until the old one is told to stop
+
+    def _reap_drained(self) -> None:
+        for proc in [p for p in self.draining if p.poll() is not None]:
+            self.draining.remove(proc)
+            self._mark_dead(proc.pid)
+
     def run(self) -> int:
         for worker in self.workers:
             if not self.stopping:
@@ -272,11 +304,14 @@ class Supervisor:
                     return 1
                 log.warning("Worker [%s] exited with code %s: restarting it.", worker.proc.pid, code)
                 self.start(worker)
+            self._reload_step()
+            self._reap_drained()
         self.shutdown()
         return 0
 
     def shutdown(self) -> None:
-        running = [w.proc for w in self.workers if w.proc is not None and w.proc.poll() is None]
+        procs = [w.proc for w in self.workers] + [w.replacing for w in self.workers] + self.draining
+        running = [p for p in procs if p is not None and p.poll() is None]
         for proc in running:
             proc.send_signal(signal.SIGTERM)
         # Each worker closes its copy of its socket at once (uvicorn stops accepting); with these closed too,
@@ -340,8 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         for supervisor in supervisors:
             supervisor.stop(signum, frame)
 
+    def on_hangup(signum: int, frame: object) -> None:
+        for supervisor in supervisors:  # none yet: the workers about to start load the code on disk anyway
+            supervisor.reload(signum, frame)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     logging.config.dictConfig(logging_config(os.environ.get("LOG_FORMAT", "text")))
     log.setLevel(args.log_level.upper())
     # Elsewhere than on Linux, SO_REUSEPORT does not spread connections (on macOS the last socket bound gets

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -383,3 +384,29 @@ def test_a_hung_worker_is_killed_and_replaced(tmp_path):
         f"Worker [{hung.pid}] has been silent for 2 s: killing it.".encode()
         in (tmp_path / "server.log").read_bytes()
     )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sighup_replaces_every_worker_without_a_failed_request(tmp_path):
+    """A reload (the code and settings on disk now): each new worker serves before its old one stops, so the
+    requests made meanwhile, each on a new connection, all succeed."""
+    server, port = _start(tmp_path, 2)
+    log = (tmp_path / "server.log").open("wb")
+    try:
+        wait_listening(server, sink=log, workers=2, port=port)
+        first = {w.pid for w in _workers(server)}
+        server.send_signal(signal.SIGHUP)
+        answers = []
+
+        def replaced() -> bool:
+            answers.append(httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=60).status_code)
+            pids = {w.pid for w in _workers(server) if w.status() != psutil.STATUS_ZOMBIE}
+            return len(pids) == 2 and not pids & first
+
+        wait_for(replaced, timeout=120, what="both workers replaced")
+        assert answers and set(answers) == {200}, answers
+    finally:
+        assert _stop(server) == 0
+        log.close()
+    text = (tmp_path / "server.log").read_bytes()
+    assert text.count(b"replaced by") == 2 and b"exited with code" not in text
