@@ -187,9 +187,8 @@ class Worker:
     started: float = 0.0
     heartbeat: int | None = None  # the read end of the worker's heartbeat pipe
     last_beat: float | None = None
-    replacing: subprocess.Popen[bytes] | None = (
-        None  # a reload: the old process, serving until this one beats
-    )
+    # During a reload (SIGHUP): the old process, serving until `proc` beats.
+    replacing: subprocess.Popen[bytes] | None = None
 
     def beating(self, now: float, timeout: float) -> bool:
         """Reads the worker's beats; False once it has been silent too long (hung, or never started)."""
