@@ -31,6 +31,11 @@ line puts a legal move at the same distance from the answer in every position, w
 picks up first. A game is ~150 tokens per role instead of ~650. ``"lines"`` is ``"compact"`` with one more
 line before the free cells: the board's 8 lines (rows, columns, diagonals) as 3-character strings
 (``XX3 456 789 X47 X58 369 X59 357``), so a threat is three adjacent tokens, not three cells on three rows.
+``"mover"`` (3x3) shows the board from the side of the role it is for, as one line of 9 cells in reading
+order: ``m`` its own stones, ``t`` the opponent's, ``.`` free (``m.t.m..t.``), no digits and no list of free
+cells; a move is still the digit naming the cell. Why: on the tactics puzzles, `tiny-qwen2` given these 9
+cells as a bare prompt learns to block on positions it never saw (0.86 after 48 epochs of SFT on 448), given
+the compact board it memorises (~0.3 held out; README "Multi-agent jobs"). Untried yet inside a job's chat.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ from opentinker.env.multiagent import MultiAgentEnvironment, MultiStepResult
 
 DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))  # horizontal, vertical, diagonal, anti-diagonal
 _MOVE_RE = re.compile(r"\d+")
-_PROMPT_STYLES = ("default", "compact", "lines")
-_DIGIT_STYLES = ("compact", "lines")  # free cells named by digits, a move is one digit (3x3 boards)
+_PROMPT_STYLES = ("default", "compact", "lines", "mover")
+_DIGIT_STYLES = ("compact", "lines", "mover")  # a move is one digit naming its cell (3x3 boards)
 _CELLS = "123456789"  # compact style: cell names in reading order (3x3 boards)
 
 
@@ -92,7 +97,14 @@ class KInARow(MultiAgentEnvironment):
             "diagonally). Answer with your move as `row col` (1-based), nothing else."
         )
 
-    def render(self) -> str:
+    def render(self, viewer: str | None = None) -> str:
+        """The board as `viewer` (the role the observation is for) is shown it."""
+        if self.prompt_style == "mover":
+            assert viewer is not None, "the mover style shows the board from one role's side"
+            me = self.mark(viewer)
+            return "".join(
+                "." if cell == "." else "m" if cell == me else "t" for row in self.board for cell in row
+            )
         if self.prompt_style in _DIGIT_STYLES:
             rows = [
                 "".join(_CELLS[r * self.n + c] if cell == "." else cell for c, cell in enumerate(row))
@@ -129,6 +141,8 @@ class KInARow(MultiAgentEnvironment):
         self.opened = self.moves
         mover = self.active_roles()[0]
         other = self.other(mover)
+        if self.prompt_style == "mover":
+            return {mover: Observation(self.render(mover)), other: Observation(self.mark(other))}
         if self.prompt_style in _DIGIT_STYLES:
             return {
                 mover: Observation(f"{self.mark(mover)}\n{self.render()}"),
@@ -224,7 +238,7 @@ class KInARow(MultiAgentEnvironment):
                     {}, {role: -1.0, opp: 1.0}, True, {**info, "winner": opp, "forfeit": role}
                 )
             if self.prompt_style in _DIGIT_STYLES:
-                obs = Observation(f"illegal\n{self.render()}")
+                obs = Observation(f"illegal\n{self.render(role)}")
             else:
                 obs = Observation(f"Illegal move: {move}. Try again.\n{self.render()}\nYour move:")
             return MultiStepResult({role: obs}, {role: -self.illegal_penalty}, False, info)
@@ -242,7 +256,7 @@ class KInARow(MultiAgentEnvironment):
             return MultiStepResult({}, {role: bonus, opp: 0.0}, True, {**info, "winner": None, "limit": True})
         self.advance()
         if self.prompt_style in _DIGIT_STYLES:
-            text = self.render()
+            text = self.render(opp)
         else:
             text = f"{self.mark(role)} played {r + 1} {c + 1}.\n{self.render()}\nYour move:"
         return MultiStepResult({opp: Observation(text)}, {role: bonus} if bonus else {}, False, info)

@@ -204,3 +204,22 @@ def test_the_last_move_a_move_limit_allows_is_no_forced_block():
         last = env.step({other: env.rule_based_action(other)})
         assert last.done and "must_block" not in last.info and last.rewards.get(other, 0.0) in (0.0, 1.0)
     assert found >= 10  # the precondition: answers facing a threat are common
+
+
+def test_mover_prompt_shows_the_board_from_its_roles_side_and_reads_a_digit_as_a_move():
+    env = TicTacToeEnv(prompt_style="mover")
+    assert env.system_prompt == ""
+    first = env.reset(0)
+    assert first["x"].text == "........." and first["o"].text == "O"
+    r = env.step({"x": "1"})
+    assert r.observations["o"].text == "t........"  # X's stone is the opponent's, seen by O
+    r = env.step({"o": "5"})
+    assert r.observations["x"].text == "m...t...."  # and its own, seen by X
+    r = env.step({"x": "2"})  # X threatens 3 along the top row
+    assert r.observations["o"].text == "tt..m...."
+    r = env.step({"o": "1"})  # taken
+    assert r.info["illegal"] == "1 1 is taken" and r.observations["o"].text == "illegal\ntt..m...."
+    assert env.rule_based_action("o") == "3"  # the block, one digit
+    assert env.step({"o": "3"}).info == {"move": [1, 3], "player": "o", "must_block": True, "blocked": True}
+    with pytest.raises(ValueError, match="size 3"):
+        GomokuEnv(prompt_style="mover")
