@@ -75,9 +75,13 @@ def with_steps(js: JobSpec, steps: int | None) -> JobSpec:
     return js.model_copy(update={"algorithm": js.algorithm.model_copy(update={"steps": steps})})
 
 
-def warm_start(root: Path, seed: int, sft_steps: int | None = None) -> tuple[str, float]:
-    """Stage 1: the SFT data and job; returns the checkpoint URI and the job's wall time."""
-    data = write_board_sft(root / "moves.jsonl", SFT_CONVERSATIONS, seed=0, **EXAMPLE_MULTIAGENT_ENV_CONFIG)
+def warm_start(
+    root: Path, seed: int, sft_steps: int | None = None, sft_config: dict[str, Any] | None = None
+) -> tuple[str, float]:
+    """Stage 1: the SFT data (the example's environment config, `sft_config` over it) and job; returns the
+    checkpoint URI and the job's wall time."""
+    config = {**EXAMPLE_MULTIAGENT_ENV_CONFIG, **(sft_config or {})}
+    data = write_board_sft(root / "moves.jsonl", SFT_CONVERSATIONS, seed=0, **config)
     sft = example_multiagent_sft_spec(f"file://{data}")
     sft = with_steps(sft.model_copy(update={"seed": seed}), sft_steps)
     t = time.perf_counter()
@@ -163,8 +167,9 @@ def run(
     sft_steps: int | None = None,
     steps: int | None = None,
     override: dict[str, Any] | None = None,
+    sft_config: dict[str, Any] | None = None,
 ) -> list[dict]:
-    base, sft_s = warm_start(root, seed, sft_steps)
+    base, sft_s = warm_start(root, seed, sft_steps, sft_config)
     spec, metrics, rl_s = co_train(root, base, seed, steps, override)
     last = max(metrics)
     final = f"file://{root}/rl/step_{last:06d}"
@@ -268,6 +273,13 @@ def main(argv: list[str] | None = None) -> None:
         '\'{"environment": {"config": {"threat_openings": 0.5}}, '
         '"multi_agent": {"eval_vs_rule": {"environment_config": {"threat_openings": 0}}}}\'',
     )
+    ap.add_argument(
+        "--sft-config",
+        type=json.loads,
+        default=None,
+        help="environment config (JSON) over the example's for the warm start's data, e.g. a prompt style "
+        'that --override gives the co-training job too: \'{"prompt_style": "mover"}\'',
+    )
     ap.add_argument("--references", action="store_true", help="first the fixed players' scores (no training)")
     args = ap.parse_args(argv)
     info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
@@ -282,7 +294,12 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for seed in args.seeds:
             got = run(
-                seed, out / f"seed{seed}", sft_steps=args.sft_steps, steps=args.steps, override=args.override
+                seed,
+                out / f"seed{seed}",
+                sft_steps=args.sft_steps,
+                steps=args.steps,
+                override=args.override,
+                sft_config=args.sft_config,
             )
             for r in got:
                 print(
