@@ -51,6 +51,10 @@ def ray_session():
         "dashboard_port": port,
         "temp_dir": temp,
     }
+    # Ray's test cluster also writes the head's address to the default temp dir's `ray_current_cluster`,
+    # whatever temp dir the node has, and fails where that directory does not exist (a machine that never ran
+    # Ray: a fresh CI machine).
+    os.makedirs(os.path.dirname(ray._private.utils.get_ray_address_file(None)), exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         cluster.add_node(**node, num_gpus=0)

@@ -112,7 +112,11 @@ def test_batched_forward_backward_across_adapters_equals_each_adapter_alone():
         assert got_g.keys() == ref_g.keys() and got_g
         assert any(g.abs().max() > 1e-6 for g in got_g.values())
         for k in ref_g:
-            torch.testing.assert_close(got_g[k], ref_g[k], rtol=1e-4, atol=1e-6)
+            # Batched and alone sum in different orders: an element near zero may differ by ~1e-6 (seen on
+            # Intel Xeon with AVX-512), so the bound follows the tensor's scale; a mixed-up adapter or row
+            # would be off by the gradients' own size.
+            scale = float(ref_g[k].abs().max())
+            torch.testing.assert_close(got_g[k], ref_g[k], rtol=1e-4, atol=max(1e-6, 1e-4 * scale))
 
 
 def test_rows_in_any_order_and_rows_without_adapter_are_routed_right():
