@@ -198,7 +198,7 @@ def _wait_up(base: str, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"{base} did not answer")
 
 
-def _connections(pid: int, port: int) -> list[int]:
+def connections_per_process(pid: int, port: int) -> list[int]:
     """Clients' connections held by each process of the server (the process itself, or its workers)."""
     import psutil
 
@@ -212,7 +212,7 @@ def _connections(pid: int, port: int) -> list[int]:
 
 def _count_later(delay: float, pid: int, port: int) -> tuple[threading.Timer, list[int]]:
     spread: list[int] = []
-    timer = threading.Timer(delay, lambda: spread.extend(_connections(pid, port)))
+    timer = threading.Timer(delay, lambda: spread.extend(connections_per_process(pid, port)))
     timer.start()
     return timer, spread
 

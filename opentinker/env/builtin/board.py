@@ -33,9 +33,10 @@ line before the free cells: the board's 8 lines (rows, columns, diagonals) as 3-
 (``XX3 456 789 X47 X58 369 X59 357``), so a threat is three adjacent tokens, not three cells on three rows.
 ``"mover"`` (3x3) shows the board from the side of the role it is for, as one line of 9 cells in reading
 order: ``m`` its own stones, ``t`` the opponent's, ``.`` free (``m.t.m..t.``), no digits and no list of free
-cells; a move is still the digit naming the cell. Why: on the tactics puzzles, `tiny-qwen2` given these 9
-cells as a bare prompt learns to block on positions it never saw (0.86 after 48 epochs of SFT on 448), given
-the compact board it memorises (~0.3 held out; README "Multi-agent jobs"). Untried yet inside a job's chat.
+cells; a move is still the digit naming the cell. Why: on the tactics puzzles, in the chat, `tiny-qwen2`
+learns from this board to block on positions it never saw (0.84 after 48 epochs of SFT on 448), from the
+compact one it memorises (~0.3 held out); without digits to copy, legal moves take a longer warm start
+(README "Multi-agent jobs").
 """
 
 from __future__ import annotations
