@@ -400,7 +400,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (rl), shuffling seed (fit)")
     ap.add_argument(
-        "--style", default="compact", choices=("compact", "lines", "mover"), help="the board's prompt_style"
+        "--style",
+        default="compact",
+        choices=("compact", "lines", "mover", "mover-digits"),
+        help="the board's prompt_style",
     )
     ap.add_argument(
         "--render",

@@ -21,8 +21,14 @@ CONFIG = EXAMPLE_MULTIAGENT_ENV_CONFIG
 
 @pytest.mark.parametrize(
     "config",
-    [CONFIG, {**CONFIG, "prompt_style": "lines"}, {**CONFIG, "prompt_style": "mover"}, {}],
-    ids=["compact", "lines", "mover", "default"],
+    [
+        CONFIG,
+        {**CONFIG, "prompt_style": "lines"},
+        {**CONFIG, "prompt_style": "mover"},
+        {**CONFIG, "prompt_style": "mover-digits"},
+        {},
+    ],
+    ids=["compact", "lines", "mover", "mover-digits", "default"],
 )
 @pytest.mark.parametrize("student", ["x", "o"])
 def test_a_conversation_is_the_token_sequence_a_rollout_of_the_same_game_holds(config, student):

@@ -36,7 +36,10 @@ order: ``m`` its own stones, ``t`` the opponent's, ``.`` free (``m.t.m..t.``), n
 cells; a move is still the digit naming the cell. Why: on the tactics puzzles, in the chat, `tiny-qwen2`
 learns from this board to block on positions it never saw (0.84 after 48 epochs of SFT on 448), from the
 compact one it memorises (~0.3 held out); without digits to copy, legal moves take a longer warm start
-(README "Multi-agent jobs").
+(README "Multi-agent jobs"). ``"mover-digits"`` is ``"mover"`` with each free cell shown as its digit
+(``m2t4m67t9``): a legal move is a digit copied from the board, and the opponent's threat is still two
+``t`` and a digit in a line. On the same puzzles it is legal after 4 epochs (0.99 held out; ``"mover"``
+0.84 after 16) and blocks 0.76 held out after 16 (``"mover"`` 0.42).
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ from opentinker.env.multiagent import MultiAgentEnvironment, MultiStepResult
 
 DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))  # horizontal, vertical, diagonal, anti-diagonal
 _MOVE_RE = re.compile(r"\d+")
-_PROMPT_STYLES = ("default", "compact", "lines", "mover")
-_DIGIT_STYLES = ("compact", "lines", "mover")  # a move is one digit naming its cell (3x3 boards)
+_PROMPT_STYLES = ("default", "compact", "lines", "mover", "mover-digits")
+_DIGIT_STYLES = ("compact", "lines", "mover", "mover-digits")  # a move: one digit naming its cell (3x3)
+_MOVER_STYLES = ("mover", "mover-digits")  # the board from the observing role's side
 _CELLS = "123456789"  # compact style: cell names in reading order (3x3 boards)
 
 
@@ -100,11 +104,14 @@ class KInARow(MultiAgentEnvironment):
 
     def render(self, viewer: str | None = None) -> str:
         """The board as `viewer` (the role the observation is for) is shown it."""
-        if self.prompt_style == "mover":
+        if self.prompt_style in _MOVER_STYLES:
             assert viewer is not None, "the mover style shows the board from one role's side"
             me = self.mark(viewer)
+            free = "." if self.prompt_style == "mover" else None
             return "".join(
-                "." if cell == "." else "m" if cell == me else "t" for row in self.board for cell in row
+                (free or _CELLS[r * self.n + c]) if cell == "." else "m" if cell == me else "t"
+                for r, row in enumerate(self.board)
+                for c, cell in enumerate(row)
             )
         if self.prompt_style in _DIGIT_STYLES:
             rows = [
@@ -142,7 +149,7 @@ class KInARow(MultiAgentEnvironment):
         self.opened = self.moves
         mover = self.active_roles()[0]
         other = self.other(mover)
-        if self.prompt_style == "mover":
+        if self.prompt_style in _MOVER_STYLES:
             return {mover: Observation(self.render(mover)), other: Observation(self.mark(other))}
         if self.prompt_style in _DIGIT_STYLES:
             return {

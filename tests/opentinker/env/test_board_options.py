@@ -223,3 +223,22 @@ def test_mover_prompt_shows_the_board_from_its_roles_side_and_reads_a_digit_as_a
     assert env.step({"o": "3"}).info == {"move": [1, 3], "player": "o", "must_block": True, "blocked": True}
     with pytest.raises(ValueError, match="size 3"):
         GomokuEnv(prompt_style="mover")
+
+
+def test_mover_digits_prompt_names_each_free_cell_by_its_digit_from_its_roles_side():
+    env = TicTacToeEnv(prompt_style="mover-digits")
+    assert env.system_prompt == ""
+    first = env.reset(0)
+    assert first["x"].text == "123456789" and first["o"].text == "O"
+    r = env.step({"x": "1"})
+    assert r.observations["o"].text == "t23456789"  # X's stone is the opponent's, seen by O
+    r = env.step({"o": "5"})
+    assert r.observations["x"].text == "m234t6789"
+    r = env.step({"x": "2"})  # X threatens 3 along the top row
+    assert r.observations["o"].text == "tt34m6789"
+    r = env.step({"o": "1"})  # taken
+    assert r.info["illegal"] == "1 1 is taken" and r.observations["o"].text == "illegal\ntt34m6789"
+    assert env.rule_based_action("o") == "3"  # the block: the digit shown in the cell it takes
+    assert env.step({"o": "3"}).info["blocked"]
+    with pytest.raises(ValueError, match="size 3"):
+        GomokuEnv(prompt_style="mover-digits")
