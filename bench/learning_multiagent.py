@@ -7,7 +7,7 @@ Each run is the README's multi-agent example, in process, through the same contr
 `python -m gpu_runtime run`: the board-game SFT data (`gpu_runtime.data.board_sft`, data seed 0),
 `example_multiagent_sft_spec` with the run's seed, then `example_multiagent_spec` from its checkpoint:
 `alice` (full fine-tuning) and `bob` (LoRA) co-trained against each other in both seats, each evaluated in the
-job against the rule-based player in both seats (greedy, held-out openings) before the first update and at
+job against the rule-based player in both seats (greedy, held-out seeds) before the first update and at
 the end.
 
 The table, per seed and policy: illegal-move rate, the share of forced blocks made (moves where the rule
@@ -17,7 +17,7 @@ trained parameter set moved (alice: the norm of its weights' change from the war
 LoRA update, scale * B @ A, summed over the adapted matrices); wall time of the SFT and co-training jobs
 (the in-job evaluations included).
 
-`--references` prints, first, what fixed players score on the same held-out openings and the same metric
+`--references` prints, first, what fixed players score on the same openings and the same metric
 (win-or-draw against the rule player, mean over both seats): a random legal player, one that takes a winning
 move when it has one, one that also blocks the opponent's, and the rule player itself. It shows which skill
 the bar asks a policy to learn: blocking alone carries a random player from ~0.15 to ~0.85.
@@ -201,7 +201,7 @@ def _reference_move(player: str, env: KInARow, role: str, rng: random.Random) ->
 
 
 def reference_win_or_draw(player: str, seed: int, games: int) -> dict[str, float]:
-    """A fixed player's win-or-draw rate against the rule player in each seat, on the held-out openings the
+    """A fixed player's win-or-draw rate against the rule player in each seat, on the openings the
     co-training job evaluates on (its seed's), and the mean over seats."""
     rng = random.Random(seed)  # noqa: S311 (a reproducible random player)
     seeds = [derive_seed(seed, -8, i) for i in range(games)]
