@@ -206,39 +206,28 @@ def test_the_last_move_a_move_limit_allows_is_no_forced_block():
     assert found >= 10  # the precondition: answers facing a threat are common
 
 
-def test_mover_prompt_shows_the_board_from_its_roles_side_and_reads_a_digit_as_a_move():
-    env = TicTacToeEnv(prompt_style="mover")
+@pytest.mark.parametrize(
+    ("style", "boards"),
+    [
+        ("mover", [".........", "t........", "m...t....", "tt..m...."]),
+        # Each free cell shows the digit that names it: a legal move can be copied off the board.
+        ("mover-digits", ["123456789", "t23456789", "m234t6789", "tt34m6789"]),
+    ],
+)
+def test_mover_prompts_show_the_board_from_its_roles_side_and_read_a_digit_as_a_move(style, boards):
+    env = TicTacToeEnv(prompt_style=style)
     assert env.system_prompt == ""
     first = env.reset(0)
-    assert first["x"].text == "........." and first["o"].text == "O"
+    assert first["x"].text == boards[0] and first["o"].text == "O"
     r = env.step({"x": "1"})
-    assert r.observations["o"].text == "t........"  # X's stone is the opponent's, seen by O
+    assert r.observations["o"].text == boards[1]  # X's stone is the opponent's, seen by O
     r = env.step({"o": "5"})
-    assert r.observations["x"].text == "m...t...."  # and its own, seen by X
+    assert r.observations["x"].text == boards[2]  # and its own, seen by X
     r = env.step({"x": "2"})  # X threatens 3 along the top row
-    assert r.observations["o"].text == "tt..m...."
+    assert r.observations["o"].text == boards[3]
     r = env.step({"o": "1"})  # taken
-    assert r.info["illegal"] == "1 1 is taken" and r.observations["o"].text == "illegal\ntt..m...."
+    assert r.info["illegal"] == "1 1 is taken" and r.observations["o"].text == f"illegal\n{boards[3]}"
     assert env.rule_based_action("o") == "3"  # the block, one digit
     assert env.step({"o": "3"}).info == {"move": [1, 3], "player": "o", "must_block": True, "blocked": True}
     with pytest.raises(ValueError, match="size 3"):
-        GomokuEnv(prompt_style="mover")
-
-
-def test_mover_digits_prompt_names_each_free_cell_by_its_digit_from_its_roles_side():
-    env = TicTacToeEnv(prompt_style="mover-digits")
-    assert env.system_prompt == ""
-    first = env.reset(0)
-    assert first["x"].text == "123456789" and first["o"].text == "O"
-    r = env.step({"x": "1"})
-    assert r.observations["o"].text == "t23456789"  # X's stone is the opponent's, seen by O
-    r = env.step({"o": "5"})
-    assert r.observations["x"].text == "m234t6789"
-    r = env.step({"x": "2"})  # X threatens 3 along the top row
-    assert r.observations["o"].text == "tt34m6789"
-    r = env.step({"o": "1"})  # taken
-    assert r.info["illegal"] == "1 1 is taken" and r.observations["o"].text == "illegal\ntt34m6789"
-    assert env.rule_based_action("o") == "3"  # the block: the digit shown in the cell it takes
-    assert env.step({"o": "3"}).info["blocked"]
-    with pytest.raises(ValueError, match="size 3"):
-        GomokuEnv(prompt_style="mover-digits")
+        GomokuEnv(prompt_style=style)
