@@ -59,6 +59,7 @@ from gpu_runtime.data.sft import _render
 from gpu_runtime.multiagent import resolve
 from gpu_runtime.trainer import Trainer
 from opentinker.env.builtin import BUILTINS
+from opentinker.env.builtin.board import DIGIT_STYLES
 from opentinker.spec import JobSpec, example_multiagent_spec
 
 CONFIG = {"opening": 2, "prompt_style": "compact", "threat_openings": 1, "move_limit": 2}
@@ -402,7 +403,7 @@ def main() -> None:
     ap.add_argument(
         "--style",
         default="compact",
-        choices=("compact", "lines", "mover", "mover-digits"),
+        choices=DIGIT_STYLES,  # the puzzles' recorded answer is the block's digit
         help="the board's prompt_style",
     )
     ap.add_argument(

@@ -54,7 +54,7 @@ from opentinker.env.multiagent import MultiAgentEnvironment, MultiStepResult
 DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))  # horizontal, vertical, diagonal, anti-diagonal
 _MOVE_RE = re.compile(r"\d+")
 _PROMPT_STYLES = ("default", "compact", "lines", "mover", "mover-digits")
-_DIGIT_STYLES = ("compact", "lines", "mover", "mover-digits")  # a move: one digit naming its cell (3x3)
+DIGIT_STYLES = ("compact", "lines", "mover", "mover-digits")  # a move: one digit naming its cell (3x3)
 _MOVER_STYLES = ("mover", "mover-digits")  # the board from the observing role's side
 _CELLS = "123456789"  # the digit styles: cell names in reading order (3x3 boards)
 
@@ -86,7 +86,7 @@ class KInARow(MultiAgentEnvironment):
         self.prompt_style = str(config.get("prompt_style", "default"))
         if self.prompt_style not in _PROMPT_STYLES:
             raise ValueError(f"prompt_style must be one of {list(_PROMPT_STYLES)}")
-        if self.prompt_style in _DIGIT_STYLES and self.n != 3:
+        if self.prompt_style in DIGIT_STYLES and self.n != 3:
             raise ValueError("the compact prompt style names cells with one digit each: size 3 only")
         self.board: list[list[str]] = []
         self.illegal: dict[str, int] = {}
@@ -95,7 +95,7 @@ class KInARow(MultiAgentEnvironment):
 
     @property
     def system_prompt(self) -> str:  # type: ignore[override]
-        if self.prompt_style in _DIGIT_STYLES:
+        if self.prompt_style in DIGIT_STYLES:
             return ""
         return (
             f"You play {self.name} on a {self.n}x{self.n} board: get {self.k} in a row (across, down or "
@@ -107,13 +107,10 @@ class KInARow(MultiAgentEnvironment):
         if self.prompt_style in _MOVER_STYLES:
             assert viewer is not None, "the mover style shows the board from one role's side"
             me = self.mark(viewer)
-            free = "." if self.prompt_style == "mover" else None
-            return "".join(
-                (free or _CELLS[r * self.n + c]) if cell == "." else "m" if cell == me else "t"
-                for r, row in enumerate(self.board)
-                for c, cell in enumerate(row)
-            )
-        if self.prompt_style in _DIGIT_STYLES:
+            free = "." * len(_CELLS) if self.prompt_style == "mover" else _CELLS  # a free cell's face
+            cells = [cell for row in self.board for cell in row]
+            return "".join(free[i] if c == "." else "m" if c == me else "t" for i, c in enumerate(cells))
+        if self.prompt_style in DIGIT_STYLES:
             rows = [
                 "".join(_CELLS[r * self.n + c] if cell == "." else cell for c, cell in enumerate(row))
                 for r, row in enumerate(self.board)
@@ -151,7 +148,7 @@ class KInARow(MultiAgentEnvironment):
         other = self.other(mover)
         if self.prompt_style in _MOVER_STYLES:
             return {mover: Observation(self.render(mover)), other: Observation(self.mark(other))}
-        if self.prompt_style in _DIGIT_STYLES:
+        if self.prompt_style in DIGIT_STYLES:
             return {
                 mover: Observation(f"{self.mark(mover)}\n{self.render()}"),
                 other: Observation(self.mark(other)),
@@ -207,7 +204,7 @@ class KInARow(MultiAgentEnvironment):
 
     def parse_move(self, action: str) -> tuple[int, int] | str:
         nums = _MOVE_RE.findall(action)
-        if self.prompt_style in _DIGIT_STYLES and len(nums) == 1 and len(nums[0]) == 1 and nums[0] != "0":
+        if self.prompt_style in DIGIT_STYLES and len(nums) == 1 and len(nums[0]) == 1 and nums[0] != "0":
             r, c = divmod(int(nums[0]) - 1, self.n)  # a cell's digit
             nums = [str(r + 1), str(c + 1)]
         if len(nums) < 2:
@@ -245,7 +242,7 @@ class KInARow(MultiAgentEnvironment):
                 return MultiStepResult(
                     {}, {role: -1.0, opp: 1.0}, True, {**info, "winner": opp, "forfeit": role}
                 )
-            if self.prompt_style in _DIGIT_STYLES:
+            if self.prompt_style in DIGIT_STYLES:
                 obs = Observation(f"illegal\n{self.render(role)}")
             else:
                 obs = Observation(f"Illegal move: {move}. Try again.\n{self.render()}\nYour move:")
@@ -263,7 +260,7 @@ class KInARow(MultiAgentEnvironment):
         if self.move_limit and self.moves - self.opened >= self.move_limit:  # a puzzle's end: no result
             return MultiStepResult({}, {role: bonus, opp: 0.0}, True, {**info, "winner": None, "limit": True})
         self.advance()
-        if self.prompt_style in _DIGIT_STYLES:
+        if self.prompt_style in DIGIT_STYLES:
             text = self.render(opp)
         else:
             text = f"{self.mark(role)} played {r + 1} {c + 1}.\n{self.render()}\nYour move:"
@@ -308,6 +305,6 @@ class KInARow(MultiAgentEnvironment):
                 )
                 if best is None or key > best:
                     best, best_cell = key, (r, c)
-        if self.prompt_style in _DIGIT_STYLES:
+        if self.prompt_style in DIGIT_STYLES:
             return _CELLS[best_cell[0] * self.n + best_cell[1]]
         return f"{best_cell[0] + 1} {best_cell[1] + 1}"
